@@ -1,0 +1,33 @@
+"""mm-embed-trl: trainers that turn multimodal LLMs into universal multimodal embedding models.
+
+Public names are imported lazily so `import mm_embed_trl` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "MultimodalEmbeddingConfig": "mm_embed_trl.modeling",
+    "MultimodalEmbeddingModel": "mm_embed_trl.modeling",
+    "EmbeddingCollator": "mm_embed_trl.data.collators",
+    "EmbeddingTrainingArguments": "mm_embed_trl.trainers.base",
+    "EmbeddingTrainer": "mm_embed_trl.trainers.base",
+    "HardNegContrastiveConfig": "mm_embed_trl.trainers.hardneg_config",
+    "HardNegContrastiveTrainer": "mm_embed_trl.trainers.hardneg_trainer",
+    "DistillEmbedConfig": "mm_embed_trl.trainers.distill_config",
+    "DistillEmbedTrainer": "mm_embed_trl.trainers.distill_trainer",
+    "RetrievalEvaluator": "mm_embed_trl.evaluation",
+    "get_tiny_backbone": "mm_embed_trl.tiny",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mm_embed_trl' has no attribute {name!r}")

@@ -1,0 +1,272 @@
+"""Rows → processor outputs, one processor call per side, and the row-chunking GradCache needs.
+
+The collator turns a list of MMEB-schema rows into::
+
+    {"query": enc, "positive": enc, "negative": enc (only with explicit negatives), "num_negatives": K,
+     "positive_ids": (B,) int64, "negative_ids": (B*K,) int64}
+
+Each ``enc`` is the output of ONE processor call over that side's inputs (left padded, with
+``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids`` as the backbone expects), plus ``image_counts``
+(images per row) so :func:`split_batch` can cut it into row chunks without re-running the processor.
+``*_ids`` are content hashes of the targets (text + image identity): equal ids mean identical targets, which
+the contrastive loss must never use as negatives of each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .images import load_image
+from .schema import (
+    NEG_IMAGE,
+    NEG_TEXT,
+    POS_IMAGE,
+    POS_TEXT,
+    QUERY_IMAGE,
+    QUERY_TEXT,
+    EmbeddingInput,
+    is_missing,
+)
+from .templates import PromptTemplate, get_template
+
+# Tensors indexed by row / by image in processor outputs. Anything else is refused by split_batch rather than
+# silently mis-sliced.
+ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "position_ids", "image_counts")
+IMAGE_KEYS = ("image_grid_thw", "image_sizes")
+
+
+def _describe_row(row: dict, index: int) -> str:
+    row_id = row.get("id", row.get("idx"))
+    text = str(row.get(QUERY_TEXT) or "")[:60]
+    return f"row {index}" + (f" (id={row_id})" if row_id is not None else "") + (f" [qry={text!r}]" if text else "")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _content_id(text: str | None, image_value: Any, image: Any) -> int:
+    """A stable 63-bit id of a target's content: identical (text, image) pairs share it."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((text or "").strip().encode("utf-8"))
+    h.update(b"\x00")
+    if image is not None:
+        if isinstance(image_value, str):  # the path identifies the image; no need to hash pixels
+            h.update(image_value.encode("utf-8"))
+        elif isinstance(image_value, dict) and image_value.get("path"):
+            h.update(str(image_value["path"]).encode("utf-8"))
+        else:
+            h.update(image.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class EmbeddingCollator:
+    """Collate MMEB-schema rows into per-side processor outputs.
+
+    Args:
+        processor: the backbone's processor (`AutoProcessor`) or, for text-only LMs, its tokenizer.
+        template: prompt template name or object (see `mm_embed_trl.data.templates`).
+        image_root: directory that relative image paths are resolved against.
+        max_length: maximum number of text tokens kept from each input's raw text (the prompt template and image
+            tokens are never cut, so the pooled end-of-prompt token is always present).
+        num_negatives: use exactly this many explicit negatives per row (rows with fewer are an error); `None`
+            uses however many the rows carry (all rows must carry the same number); `0` ignores them.
+    """
+
+    def __init__(
+        self,
+        processor,
+        template: str | PromptTemplate = "unime",
+        *,
+        image_root: str | os.PathLike | None = None,
+        max_length: int | None = None,
+        num_negatives: int | None = None,
+    ):
+        self.processor = processor
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.image_root = image_root
+        self.max_length = max_length
+        self.num_negatives = num_negatives
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.is_multimodal = hasattr(processor, "image_processor")
+
+    # ------------------------------------------------------------------ one side
+    def encode_inputs(self, inputs: Sequence[EmbeddingInput], side: str = "query"):
+        """One processor call over `inputs`: template → chat template → tokenize (+ image processing)."""
+        if not inputs:
+            raise ValueError("encode_inputs got an empty list of inputs.")
+        images = [x.image for x in inputs if x.image is not None]
+        if images and not self.is_multimodal:
+            raise ValueError(
+                f"{len(images)} input(s) carry an image but the processor ({type(self.processor).__name__}) is "
+                "text-only. Use a vision-language backbone's AutoProcessor, or drop the image columns."
+            )
+        if self.max_length is not None:
+            inputs = self._truncate_texts(inputs)
+        conversations = [self.template.build_messages(x, side) for x in inputs]
+        texts = self._render(conversations, inputs, side)
+        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt", "padding_side": "left"}
+        if images:
+            kwargs["images"] = images
+        if not self.is_multimodal:
+            kwargs["return_token_type_ids"] = False
+        enc = self.processor(text=texts, **kwargs)
+        enc = dict(enc)
+        enc.pop("token_type_ids", None)  # BERT-style tokenizers; decoder backbones do not take them
+        enc["image_counts"] = torch.tensor([int(x.image is not None) for x in inputs], dtype=torch.long)
+        return enc
+
+    def _render(self, conversations, inputs, side) -> list[str]:
+        if self.is_multimodal:
+            return self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        if getattr(self.tokenizer, "chat_template", None):
+            flat = [
+                [{"role": m["role"], "content": "".join(c.get("text", "") for c in m["content"])} for m in conv]
+                for conv in conversations
+            ]
+            return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+        return [self.template.format_text(x, side) for x in inputs]
+
+    def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
+        texts = [x.text or "" for x in inputs]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+        too_long = [i for i, (t, x) in enumerate(zip(ids, inputs)) if x.text and len(t) >= self.max_length]
+        if not too_long:
+            return list(inputs)
+        out = list(inputs)
+        decoded = self.tokenizer.batch_decode([ids[i] for i in too_long], skip_special_tokens=False)
+        for i, text in zip(too_long, decoded):
+            out[i] = EmbeddingInput(text=text, image=inputs[i].image)
+        return out
+
+    # ------------------------------------------------------------------ rows
+    def _side_input(self, row: dict, index: int, text_col: str, image_col: str) -> EmbeddingInput:
+        text, image_value = row.get(text_col), row.get(image_col)
+        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
+        if is_missing(text) and image is None:
+            raise ValueError(
+                f"{_describe_row(row, index)}: {text_col!r} is empty and {image_col!r} has no image, so there is "
+                f"nothing to embed. Fill in the text or the image, or filter such rows out of the dataset."
+            )
+        return EmbeddingInput(text=text, image=image)
+
+    def _row_negatives(self, row: dict, index: int) -> list[tuple[Any, Any]]:
+        texts, images = _as_list(row.get(NEG_TEXT)), _as_list(row.get(NEG_IMAGE))
+        n = max(len(texts), len(images))
+        # A single value next to a list applies to every negative (MMEB writes "" for "no image").
+        texts = texts * n if len(texts) == 1 else texts or [""] * n
+        images = images * n if len(images) == 1 else images or [""] * n
+        if len(texts) != n or len(images) != n:
+            raise ValueError(
+                f"{_describe_row(row, index)}: {NEG_TEXT!r} has {len(texts)} entries but {NEG_IMAGE!r} has "
+                f"{len(images)}; give one image value (or '') per negative text."
+            )
+        return list(zip(texts, images))
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        if len(rows) == 0:
+            raise ValueError("The collator got an empty batch.")
+        queries, positives, positive_ids = [], [], []
+        for i, row in enumerate(rows):
+            for col in (QUERY_TEXT, POS_TEXT):
+                if col not in row:
+                    raise KeyError(
+                        f"{_describe_row(row, i)} has no column {col!r}; rows need the MMEB training schema "
+                        f"({QUERY_TEXT}, {QUERY_IMAGE}, {POS_TEXT}, {POS_IMAGE}[, {NEG_TEXT}, {NEG_IMAGE}])."
+                    )
+            q = self._side_input(row, i, QUERY_TEXT, QUERY_IMAGE)
+            p = self._side_input(row, i, POS_TEXT, POS_IMAGE)
+            queries.append(q)
+            positives.append(p)
+            positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image))
+        batch = {
+            "query": self.encode_inputs(queries, side="query"),
+            "positive": self.encode_inputs(positives, side="document"),
+            "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
+            "num_negatives": 0,
+        }
+        if self.num_negatives == 0:
+            return batch
+        per_row = [self._row_negatives(row, i) for i, row in enumerate(rows)]
+        counts = [len(n) for n in per_row]
+        k = self.num_negatives if self.num_negatives is not None else counts[0]
+        bad = [i for i, c in enumerate(counts) if (c < k if self.num_negatives is not None else c != k)]
+        if bad:
+            detail = ", ".join(f"{_describe_row(rows[i], i)} has {counts[i]}" for i in bad[:5])
+            raise ValueError(
+                f"Rows in a batch must carry the same number of explicit negatives ({k} expected): {detail}. "
+                "Pad or trim neg_text/neg_image_path in preprocessing, or set num_negatives to a count every "
+                "row has (0 ignores explicit negatives)."
+            )
+        if k == 0:
+            return batch
+        negatives, negative_ids = [], []
+        for i, (row, negs) in enumerate(zip(rows, per_row)):
+            for j, (text, image_value) in enumerate(negs[:k]):
+                image = load_image(
+                    image_value, self.image_root, where=f"{_describe_row(row, i)}, column {NEG_IMAGE!r}[{j}]"
+                )
+                if is_missing(text) and image is None:
+                    raise ValueError(
+                        f"{_describe_row(row, i)}: negative #{j} has neither text nor image. Remove it or fill it in."
+                    )
+                negatives.append(EmbeddingInput(text=text, image=image))
+                negative_ids.append(_content_id(text, image_value, image))
+        batch["negative"] = self.encode_inputs(negatives, side="document")
+        batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
+        batch["num_negatives"] = k
+        return batch
+
+
+def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
+    """Cut one side's processor output into chunks of at most `chunk_size` rows, without re-processing.
+
+    Row tensors are sliced by row; per-image tensors (`image_grid_thw`, `image_sizes`) by the images those rows
+    own (`image_counts`); `pixel_values` by image, or, for Qwen-style flattened patches, by each image's patch
+    count (the product of its `image_grid_thw`). Model outputs on the chunks equal those on the whole batch.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    batch_size = int(enc["input_ids"].shape[0])
+    if batch_size <= chunk_size:
+        return [enc]
+    unknown = [k for k in enc if k not in ROW_KEYS + IMAGE_KEYS + ("pixel_values",)]
+    if unknown:
+        raise ValueError(f"split_batch does not know how to cut {unknown}; extend ROW_KEYS/IMAGE_KEYS.")
+    counts = enc.get("image_counts")
+    if counts is None:
+        if "pixel_values" in enc:
+            raise ValueError("split_batch needs `image_counts` (added by EmbeddingCollator) to cut image tensors.")
+        counts = torch.zeros(batch_size, dtype=torch.long)
+    image_bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+    patch_bounds = None
+    if "pixel_values" in enc and "image_grid_thw" in enc:
+        patches = enc["image_grid_thw"].prod(dim=-1)
+        patch_bounds = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
+    chunks = []
+    for start in range(0, batch_size, chunk_size):
+        stop = min(start + chunk_size, batch_size)
+        img_lo, img_hi = image_bounds[start], image_bounds[stop]
+        chunk = {}
+        for key, value in enc.items():
+            if key in ROW_KEYS:
+                chunk[key] = value[start:stop]
+            elif key in IMAGE_KEYS:
+                chunk[key] = value[img_lo:img_hi]
+            elif key == "pixel_values":
+                if patch_bounds is not None:
+                    chunk[key] = value[patch_bounds[img_lo] : patch_bounds[img_hi]]
+                else:
+                    chunk[key] = value[img_lo:img_hi]
+        if img_hi == img_lo:  # a text-only chunk: the backbone must not see empty image tensors
+            for key in IMAGE_KEYS + ("pixel_values",):
+                chunk.pop(key, None)
+        chunks.append(chunk)
+    return chunks

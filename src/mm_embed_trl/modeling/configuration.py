@@ -1,0 +1,62 @@
+"""Configuration of :class:`~mm_embed_trl.modeling.MultimodalEmbeddingModel`."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .pooling import POOLING_MODES
+
+ENCODER_KINDS = ("base", "generative")
+
+
+class MultimodalEmbeddingConfig(PreTrainedConfig):
+    r"""
+    Wraps the config of any vision-language (or text-only) backbone and says how to read an embedding off it.
+
+    Args:
+        encoder_config (`dict` or `PreTrainedConfig`):
+            The backbone's config (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, any causal LM...).
+        encoder_kind (`str`, defaults to `"base"`):
+            `"base"` instantiates the backbone with `AutoModel` (no LM head: the lightest for pure embedding
+            training); `"generative"` with `AutoModelForImageTextToText` / `AutoModelForCausalLM`, needed when the
+            model must also generate (UME-R1).
+        pooling (`str`, defaults to `"last_token"`): one of `last_token`, `mean`, `special_token`.
+        pooling_token (`str`, *optional*): the token whose last occurrence is pooled (`"<disc_emb>"`).
+        pooling_token_id (`int`, *optional*): its id; filled in from the tokenizer when the model is built.
+        normalize (`bool`, defaults to `True`): L2-normalise embeddings (similarity = dot product = cosine).
+        embedding_dim (`int`, *optional*): keep only the first `embedding_dim` features (Matryoshka-style).
+        prompt_template (`str`, defaults to `"unime"`): name of the prompt template used to build inputs
+            (see `mm_embed_trl.data.templates`).
+        lora_config (`dict`, *optional*): the PEFT `LoraConfig` (as a dict) of adapters that are part of the
+            saved weights (intermediate checkpoints); `None` for merged / full-weight models.
+    """
+
+    model_type = "mm_embedding"
+    sub_configs_defaults = {"encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    encoder_kind: str = "base"
+    pooling: str = "last_token"
+    pooling_token: str | None = None
+    pooling_token_id: int | None = None
+    normalize: bool = True
+    embedding_dim: int | None = None
+    prompt_template: str = "unime"
+    lora_config: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING_MODES}.")
+        if self.encoder_kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder_kind={self.encoder_kind!r} is not one of {ENCODER_KINDS}.")
+        if self.pooling == "special_token" and self.pooling_token is None and self.pooling_token_id is None:
+            raise ValueError("pooling='special_token' needs `pooling_token` (e.g. '<disc_emb>') or `pooling_token_id`.")
+
+    @property
+    def hidden_size(self) -> int:
+        """Hidden size of the backbone's language model (the raw embedding width)."""
+        enc = self.encoder_config
+        text = getattr(enc, "text_config", None) or enc
+        return int(text.hidden_size)

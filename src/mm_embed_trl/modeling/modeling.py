@@ -1,0 +1,413 @@
+"""`MultimodalEmbeddingModel`: any vision-language (or text) backbone + pooling → one normalised vector per input."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from .configuration import MultimodalEmbeddingConfig
+from .pooling import finalize_embeddings, pool, special_token_indices
+
+logger = logging.getLogger(__name__)
+
+# Keys the collator adds for bookkeeping (GradCache splitting); never passed to the backbone.
+METADATA_KEYS = ("image_counts",)
+
+# Options of the wrapper that `from_pretrained` accepts next to the usual transformers kwargs.
+WRAPPER_OPTIONS = (
+    "encoder_kind",
+    "pooling",
+    "pooling_token",
+    "pooling_token_id",
+    "normalize",
+    "embedding_dim",
+    "prompt_template",
+)
+
+# LoRA targets. "language_model" keeps adapters out of the vision tower (Qwen2.5-VL's vision MLP also has
+# gate/up/down_proj, so a plain name list would catch it); "all" adapts every linear projection.
+_PROJ = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = {
+    "language_model": rf"^(?!.*(visual|vision_tower|vision_model|multi_modal_projector|merger)).*\.{_PROJ}$",
+    "all": rf".*\.({_PROJ[1:-1]}|qkv|proj|fc1|fc2|linear_fc1|linear_fc2|linear_1|linear_2)$",
+}
+
+
+@dataclass
+class EmbeddingOutput(ModelOutput):
+    """Output of :class:`MultimodalEmbeddingModel`.
+
+    Args:
+        embeddings: (batch, dim) pooled embeddings, L2-normalised when `config.normalize`.
+        last_hidden_state: (batch, seq, hidden), only when `output_hidden_states=True` was asked.
+        token_found: (batch,) bool, for special-token pooling: whether the row contained the token.
+    """
+
+    embeddings: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    token_found: torch.Tensor | None = None
+
+
+def _is_vision_language(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def _encoder_auto_class(config, kind: str):
+    if kind == "base":
+        return AutoModel
+    return AutoModelForImageTextToText if _is_vision_language(config) else AutoModelForCausalLM
+
+
+def _unsupported_backbone_error(name: str, config, err: Exception | None = None) -> ValueError:
+    return ValueError(
+        f"Cannot wrap {name!r} (model_type={getattr(config, 'model_type', '?')!r}) as an embedding backbone: "
+        f"{err or 'it exposes no text hidden size'}. Supported: decoder LLMs and vision-language models loadable "
+        "with AutoModel / AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, Qwen2, "
+        "Llama, ...). Pass a model id or directory of such a backbone, or a saved MultimodalEmbeddingModel."
+    )
+
+
+class MultimodalEmbeddingModel(PreTrainedModel):
+    r"""A universal multimodal embedding model on top of a (multimodal) LLM.
+
+    The backbone runs on the processor outputs of a batch; the embedding is the last-layer hidden state at the
+    pooled position (last token of the prompt for UniME, `<disc_emb>`/`<gen_emb>` for UME-R1), optionally truncated
+    and L2-normalised.
+
+    Example:
+    ```python
+    >>> from mm_embed_trl import MultimodalEmbeddingModel
+    >>> model = MultimodalEmbeddingModel.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")  # wraps a plain backbone
+    >>> emb = model.encode(["a red circle", image, (image, "What colour is the shape?")])
+    >>> model.save_pretrained("out")  # reloads bit-identically with MultimodalEmbeddingModel.from_pretrained("out")
+    ```
+    """
+
+    config_class = MultimodalEmbeddingConfig
+    base_model_prefix = "encoder"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False
+
+    def __init__(self, config: MultimodalEmbeddingConfig, encoder: PreTrainedModel | None = None):
+        super().__init__(config)
+        if encoder is None:
+            auto_cls = _encoder_auto_class(config.encoder_config, config.encoder_kind)
+            try:
+                encoder = auto_cls.from_config(config.encoder_config)
+            except (ValueError, KeyError) as err:
+                raise _unsupported_backbone_error("encoder_config", config.encoder_config, err) from err
+        self.encoder = encoder
+        if config.lora_config is not None:
+            # A checkpoint saved mid-training with live adapters: rebuild the same structure so its keys load.
+            self._wrap_with_lora(config.lora_config)
+        # The processor is not a module: it travels alongside (save_pretrained writes it next to the weights).
+        self.processor = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction / loading
+    def _init_weights(self, module):
+        # Every parameter belongs to the backbone, whose own init already ran (or whose weights are loaded).
+        pass
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | os.PathLike | PreTrainedModel,
+        *,
+        processor: Any = None,
+        load_processor: bool = True,
+        **kwargs,
+    ) -> MultimodalEmbeddingModel:
+        """Wrap a plain backbone (hub id, directory, or an instantiated model) with embedding pooling."""
+        options = {k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs}
+        encoder_kind = options.get("encoder_kind", "base")
+        if isinstance(backbone, PreTrainedModel):
+            encoder, name = backbone, getattr(backbone.config, "_name_or_path", type(backbone).__name__)
+            if hasattr(encoder, "lm_head"):
+                options.setdefault("encoder_kind", "generative")
+        else:
+            name = str(backbone)
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
+            backbone_config = AutoConfig.from_pretrained(name, **hub_kwargs)
+            auto_cls = _encoder_auto_class(backbone_config, encoder_kind)
+            try:
+                encoder = auto_cls.from_pretrained(name, **kwargs)
+            except ValueError as err:
+                if "Unrecognized configuration class" in str(err):
+                    raise _unsupported_backbone_error(name, backbone_config, err) from err
+                raise
+        encoder_config = encoder.config
+        text_config = getattr(encoder_config, "text_config", None) or encoder_config
+        if getattr(text_config, "hidden_size", None) is None:
+            raise _unsupported_backbone_error(name, encoder_config)
+        attn_implementation = encoder_config._attn_implementation
+        config = MultimodalEmbeddingConfig(encoder_config=encoder_config, **options)
+        model = cls(config, encoder=encoder)
+        if attn_implementation is not None:
+            # Wrapping re-resolves the sub-config's attention; keep what the backbone was loaded with.
+            model.set_attn_implementation(attn_implementation)
+        model.config._name_or_path = name
+        if processor is None and load_processor and not isinstance(backbone, PreTrainedModel):
+            processor = load_processor_for(name, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
+        if processor is not None:
+            model.set_processor(processor)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MultimodalEmbeddingModel:
+        """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory).
+
+        Wrapper options (`pooling`, `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`,
+        `encoder_kind`) may be given as keyword arguments; other keyword arguments go to transformers
+        (`dtype`, `attn_implementation`, `revision`, `token`, ...). The processor saved next to the weights is
+        attached as `model.processor` (pass `load_processor=False` to skip).
+        """
+        load_processor = kwargs.pop("load_processor", True)
+        processor = kwargs.pop("processor", None)
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
+            try:
+                found = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            except (OSError, ValueError) as err:
+                raise OSError(
+                    f"{pretrained_model_name_or_path!r} is neither a saved MultimodalEmbeddingModel nor a backbone "
+                    f"transformers can load ({err}). Pass a hub model id or a directory with a config.json."
+                ) from err
+            if found.model_type != cls.config_class.model_type:
+                return cls.from_backbone(
+                    pretrained_model_name_or_path, processor=processor, load_processor=load_processor, **kwargs
+                )
+        options = {k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs}
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        for key, value in options.items():
+            setattr(model.config, key, value)
+        if processor is None and load_processor:
+            processor = load_processor_for(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
+            )
+        if processor is not None:
+            model.set_processor(processor)
+        return model
+
+    def set_processor(self, processor) -> None:
+        """Attach the processor (or tokenizer) used by `encode`; resolves `pooling_token_id` from its vocabulary."""
+        self.processor = processor
+        token = self.config.pooling_token
+        if token is not None:
+            tokenizer = getattr(processor, "tokenizer", processor)
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"pooling_token {token!r} is not in the tokenizer's vocabulary. Add it first, e.g. "
+                    f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})` and "
+                    "`model.encoder.resize_token_embeddings(len(tokenizer))`."
+                )
+            self.config.pooling_token_id = int(token_id)
+
+    def save_pretrained(self, save_directory, *args, save_processor: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if save_processor and self.processor is not None and kwargs.get("is_main_process", True):
+            self.processor.save_pretrained(save_directory)
+
+    # ------------------------------------------------------------------ LoRA
+    def _wrap_with_lora(self, lora_config) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if isinstance(lora_config, dict):
+            lora_config = LoraConfig(**lora_config)
+        self.encoder = get_peft_model(self.encoder, lora_config)
+
+    def add_lora(self, peft_config=None, *, target: str = "language_model", **lora_kwargs) -> None:
+        """Add LoRA adapters to the backbone (in place); the rest of the backbone is frozen.
+
+        Args:
+            peft_config: a `peft.LoraConfig` (e.g. from `trl.get_peft_config(model_args)`). Its `target_modules`
+                is replaced by the `target` preset unless it names modules explicitly other than "all-linear".
+            target: "language_model" (default; vision tower and projector untouched) or "all".
+            lora_kwargs: used to build a `LoraConfig` when `peft_config` is None (r, lora_alpha, lora_dropout...).
+        """
+        from peft import LoraConfig
+
+        if self.has_lora:
+            raise ValueError("The model already has LoRA adapters; call merge_lora() first to stack a new set.")
+        if target not in LORA_TARGETS:
+            raise ValueError(f"Unknown LoRA target {target!r}; choose one of {sorted(LORA_TARGETS)}.")
+        if peft_config is None:
+            peft_config = LoraConfig(**{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, **lora_kwargs})
+        targets = peft_config.target_modules
+        if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
+            peft_config.target_modules = LORA_TARGETS[target]
+        self._wrap_with_lora(peft_config)
+        config_dict = peft_config.to_dict()
+        config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config_dict.items()}
+        for key in ("peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision"):
+            config_dict.pop(key, None)
+        self.config.lora_config = config_dict
+
+    @property
+    def has_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.encoder, PeftModel)
+
+    def merge_lora(self) -> None:
+        """Merge LoRA adapters into the backbone weights (the saved model is then a plain full-weight model)."""
+        if self.has_lora:
+            self.encoder = self.encoder.merge_and_unload()
+            self.config.lora_config = None
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The backbone without PEFT wrapping (LoRA layers, if any, stay injected in it)."""
+        enc = self.encoder
+        return enc.get_base_model() if hasattr(enc, "get_base_model") else enc
+
+    def _hidden_state_module(self) -> torch.nn.Module:
+        base = self.backbone
+        # Generative backbones (…ForConditionalGeneration / …ForCausalLM): skip the LM head, its vocab-sized
+        # logits are not needed for embeddings.
+        return base.model if hasattr(base, "lm_head") and hasattr(base, "model") else base
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **backbone_inputs,
+    ) -> EmbeddingOutput:
+        for key in METADATA_KEYS:
+            backbone_inputs.pop(key, None)
+        if attention_mask is None:
+            raise ValueError("MultimodalEmbeddingModel needs an attention_mask to find the pooled position.")
+        outputs = self._hidden_state_module()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
+        )
+        hidden = outputs.last_hidden_state
+        token_found = None
+        if self.config.pooling == "special_token":
+            _, token_found = special_token_indices(input_ids, self.config.pooling_token_id, attention_mask)
+        pooled = pool(
+            hidden,
+            attention_mask,
+            mode=self.config.pooling,
+            input_ids=input_ids,
+            token_id=self.config.pooling_token_id,
+        )
+        embeddings = finalize_embeddings(pooled, dim=self.config.embedding_dim, normalize=self.config.normalize)
+        return EmbeddingOutput(
+            embeddings=embeddings,
+            last_hidden_state=hidden if output_hidden_states else None,
+            token_found=token_found,
+        )
+
+    # ------------------------------------------------------------------ inference
+    def make_collator(self, **kwargs):
+        """The collator `encode` uses: this model's processor and prompt template."""
+        from ..data.collators import EmbeddingCollator
+
+        if self.processor is None:
+            raise ValueError(
+                "This model has no processor attached: load it with from_pretrained (which loads the processor "
+                "saved next to the weights) or call model.set_processor(AutoProcessor.from_pretrained(...))."
+            )
+        kwargs.setdefault("template", self.config.prompt_template)
+        return EmbeddingCollator(self.processor, **kwargs)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        inputs: Sequence[Any] | Any,
+        *,
+        side: str = "query",
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+        image_root: str | os.PathLike | None = None,
+        max_length: int | None = None,
+        convert_to_numpy: bool = False,
+    ):
+        """Embed texts, images, (image, text) pairs or {"text", "image"} dicts; returns a (N, D) float32 CPU tensor.
+
+        `side` picks the prompt side of the template ("query" or "document"). Images may be PIL images, paths
+        (relative to `image_root`) or `datasets.Image` values. A progress bar shows for more than 8 batches unless
+        `show_progress_bar` says otherwise.
+        """
+        from tqdm.auto import tqdm
+
+        from ..data.schema import to_embedding_input
+
+        single = not isinstance(inputs, (list, tuple)) or (
+            isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], str)
+        )
+        if single:
+            inputs = [inputs]
+        items = [to_embedding_input(x, index=i, image_root=image_root) for i, x in enumerate(inputs)]
+        collator = self.make_collator(max_length=max_length)
+        batches = range(0, len(items), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 8
+        was_training = self.training
+        self.eval()
+        chunks: list[torch.Tensor] = []
+        try:
+            for start in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
+                enc = collator.encode_inputs(items[start : start + batch_size], side=side)
+                enc = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in enc.items()}
+                chunks.append(self(**enc).embeddings.float().cpu())
+        finally:
+            self.train(was_training)
+        out = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_size)
+        if single:
+            out = out[0]
+        return out.numpy() if convert_to_numpy else out
+
+    @property
+    def embedding_size(self) -> int:
+        return self.config.embedding_dim or self.config.hidden_size
+
+
+def load_processor_for(name_or_path, **kwargs):
+    """The processor of a backbone (AutoProcessor, falling back to AutoTokenizer); None when there is none."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            processor = loader.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            logger.debug("%s could not load from %s: %s", loader.__name__, name_or_path, err)
+            continue
+        return processor
+    logger.warning("No processor or tokenizer found at %s; call model.set_processor(...) before encode().", name_or_path)
+    return None
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModel` resolve `model_type="mm_embedding"` in this process."""
+    try:
+        AutoConfig.register(MultimodalEmbeddingConfig.model_type, MultimodalEmbeddingConfig)
+    except ValueError:  # already registered
+        pass
+    try:
+        AutoModel.register(MultimodalEmbeddingConfig, MultimodalEmbeddingModel)
+    except ValueError:
+        pass
+

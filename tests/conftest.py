@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny offline backbones and the generated shapes data, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Everything the library caches (tiny backbones, generated data) goes to one per-session folder; subprocess
+    tests inherit it through the environment."""
+    if "MM_EMBED_TRL_CACHE" not in os.environ:
+        os.environ["MM_EMBED_TRL_CACHE"] = str(tmp_path_factory.mktemp("mm_embed_trl_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(_session_cache):
+    """tiny_backbone(family) -> path of a tiny random backbone directory (built once per session)."""
+    from mm_embed_trl.tiny import get_tiny_backbone
+
+    return lambda family="qwen2_vl": str(get_tiny_backbone(family))
+
+
+@pytest.fixture(scope="session")
+def shapes_data(_session_cache):
+    from mm_embed_trl.data.generated import make_shapes_dataset
+
+    return make_shapes_dataset(num_train=256, num_eval=64, seed=0, num_negatives=2)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_model(tiny_backbone):
+    from mm_embed_trl.modeling import MultimodalEmbeddingModel
+
+    return MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))

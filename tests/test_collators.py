@@ -1,0 +1,134 @@
+"""EmbeddingCollator: one processor call per side, MMEB rows, negatives, content ids, chunk splitting, bad rows."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from mm_embed_trl.data.collators import EmbeddingCollator, split_batch
+from mm_embed_trl.data.images import ImageLoadError
+
+
+@pytest.fixture(scope="module")
+def collator(qwen2_vl_model, shapes_data):
+    return EmbeddingCollator(qwen2_vl_model.processor, "unime", image_root=str(shapes_data.image_root))
+
+
+def _rows(shapes_data, n=6, split="train"):
+    return [shapes_data[split][i] for i in range(n)]
+
+
+def test_collates_generated_rows_with_one_processor_call_per_side(collator, shapes_data):
+    rows = _rows(shapes_data, 8)
+    with mock.patch.object(collator, "processor", wraps=collator.processor) as spy:
+        batch = collator(rows)
+    assert spy.call_count == 3  # query, positive, negative sides
+    assert batch["num_negatives"] == 2
+    q, p, n = batch["query"], batch["positive"], batch["negative"]
+    assert q["input_ids"].shape[0] == p["input_ids"].shape[0] == 8 and n["input_ids"].shape[0] == 16
+    # left padding: every row ends with an attended token
+    assert bool((q["attention_mask"][:, -1] == 1).all())
+    # every image row got its image tokens, marked in mm_token_type_ids, matching image_grid_thw (2x2 merge)
+    tok = collator.tokenizer
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    expected_rows = torch.tensor([bool(r["qry_image_path"]) for r in rows])
+    assert torch.equal(q["image_counts"].bool(), expected_rows)
+    n_pad = (q["input_ids"] == image_pad).sum(-1)
+    assert torch.equal(n_pad > 0, expected_rows)
+    assert int(n_pad.sum()) == int(q["image_grid_thw"].prod(-1).sum()) // 4
+    assert torch.equal(q["mm_token_type_ids"].bool(), q["input_ids"] == image_pad)
+
+
+def test_mixed_text_and_image_batch(collator):
+    rows = [
+        {"qry": "Find a caption", "qry_image_path": "", "pos_text": "a red circle", "pos_image_path": ""},
+        {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": None, "pos_text": "x", "pos_image_path": ""},
+    ]
+    # second query has placeholder text but no image: it must embed as text, not fail
+    batch = collator(rows)
+    assert "pixel_values" not in batch["query"]
+    assert batch["num_negatives"] == 0
+
+
+def test_identical_targets_share_content_ids(collator, shapes_data):
+    row = dict(shapes_data["train"][0])
+    other = dict(shapes_data["train"][1])
+    batch = collator([row, dict(row), other])
+    ids = batch["positive_ids"].tolist()
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_split_batch_gives_the_same_embeddings(qwen2_vl_model, collator, shapes_data):
+    text_row = {"qry": "text only", "qry_image_path": "", "pos_text": "t", "pos_image_path": "",
+                "neg_text": ["u", "v"], "neg_image_path": ["", ""]}
+    rows = _rows(shapes_data, 7) + [text_row]
+    batch = collator(rows)
+    for side in ("query", "positive", "negative"):
+        enc = batch[side]
+        whole = qwen2_vl_model(**enc).embeddings
+        chunks = split_batch(enc, 3)
+        assert len(chunks) == -(-enc["input_ids"].shape[0] // 3)
+        parts = torch.cat([qwen2_vl_model(**c).embeddings for c in chunks])
+        torch.testing.assert_close(parts, whole, atol=2e-5, rtol=1e-4)
+
+
+def test_split_batch_refuses_unknown_keys():
+    enc = {"input_ids": torch.zeros(4, 2), "mystery": torch.zeros(4)}
+    with pytest.raises(ValueError, match="mystery"):
+        split_batch(enc, 2)
+
+
+def test_negative_count_mismatch_names_the_rows(collator, shapes_data):
+    rows = [dict(r) for r in _rows(shapes_data, 3)]
+    rows[1]["neg_text"] = rows[1]["neg_text"][:1]
+    rows[1]["neg_image_path"] = rows[1]["neg_image_path"][:1]
+    with pytest.raises(ValueError, match=r"same number of explicit negatives.*row 1 .*has 1"):
+        collator(rows)
+
+
+def test_empty_text_and_no_image_names_the_row(collator):
+    rows = [
+        {"qry": "fine", "qry_image_path": "", "pos_text": "ok", "pos_image_path": ""},
+        {"id": "abc", "qry": "  ", "qry_image_path": "", "pos_text": "ok", "pos_image_path": ""},
+    ]
+    with pytest.raises(ValueError, match=r"row 1 \(id=abc\).*'qry' is empty"):
+        collator(rows)
+
+
+def test_missing_image_names_row_and_path(collator):
+    rows = [{"qry": "<|image_1|> x", "qry_image_path": "images/nope.png", "pos_text": "ok", "pos_image_path": ""}]
+    with pytest.raises(ImageLoadError, match=r"row 0.*qry_image_path.*nope\.png"):
+        collator(rows)
+
+
+def test_missing_columns_is_a_clear_error(collator):
+    with pytest.raises(KeyError, match="MMEB training schema"):
+        collator([{"query": "x", "positive": "y"}])
+
+
+def test_text_only_processor_refuses_images(tiny_backbone):
+    from transformers import AutoTokenizer
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+    from PIL import Image
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone("text"))
+    col = EmbeddingCollator(tok, "unime")
+    enc = col.encode_inputs([EmbeddingInput(text="hello there"), EmbeddingInput(text="a")])
+    assert enc["input_ids"].shape[0] == 2 and "token_type_ids" not in enc
+    with pytest.raises(ValueError, match="text-only"):
+        col.encode_inputs([EmbeddingInput(image=Image.new("RGB", (8, 8)))])
+
+
+def test_max_length_truncates_text_but_keeps_the_prompt(qwen2_vl_model):
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    col = EmbeddingCollator(qwen2_vl_model.processor, "unime", max_length=4)
+    long = EmbeddingInput(text="red green blue yellow purple orange circle square triangle " * 5)
+    enc = col.encode_inputs([long])
+    full = EmbeddingCollator(qwen2_vl_model.processor, "unime").encode_inputs([long])
+    assert enc["input_ids"].shape[1] < full["input_ids"].shape[1]
+    # the prompt's end (the pooled position) is untouched
+    assert torch.equal(enc["input_ids"][0, -6:], full["input_ids"][0, -6:])

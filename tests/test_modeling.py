@@ -1,0 +1,192 @@
+"""MultimodalEmbeddingModel: wrapping every tiny family, exact save/load round trip, pooling, LoRA, bad backbones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_embed_trl.modeling import MultimodalEmbeddingConfig, MultimodalEmbeddingModel
+from mm_embed_trl.modeling.pooling import finalize_embeddings, last_token_indices, pool, special_token_indices
+from mm_embed_trl.tiny import TINY_FAMILIES
+
+VLM_FAMILIES = [f for f in TINY_FAMILIES if f != "text"]
+
+
+def _image(color=(255, 0, 0), size=64):
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    img.paste(color, (8, 8, size // 2, size // 2))
+    return img
+
+
+def _mixed_inputs(family):
+    if family == "text":
+        return ["a red circle on the left", "two blue squares", "hello"]
+    return ["a red circle on the left", _image(), (_image((0, 0, 255)), "What colour is the shape?"),
+            {"text": "Find the picture", "image": _image((0, 255, 0))}]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_wrap_save_reload_bit_identical(family, tiny_backbone, tmp_path):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family))
+    assert model.processor is not None
+    inputs = _mixed_inputs(family)
+    emb = model.encode(inputs, batch_size=2)
+    assert emb.shape == (len(inputs), model.config.hidden_size)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(inputs)))
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == "mm_embedding"
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "saved").iterdir())
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.encode(inputs, batch_size=2), emb)
+    # also through the Auto classes
+    from transformers import AutoModel
+
+    auto = AutoModel.from_pretrained(tmp_path / "saved")
+    assert isinstance(auto, MultimodalEmbeddingModel)
+
+
+def test_encode_is_batch_independent(qwen2_vl_model):
+    """Padding (left) and batch composition must not change an input's embedding."""
+    inputs = _mixed_inputs("qwen2_vl")
+    together = qwen2_vl_model.encode(inputs, batch_size=len(inputs))
+    alone = torch.stack([qwen2_vl_model.encode([x])[0] for x in inputs])
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_last_token_pooling_under_left_and_right_padding():
+    hidden = torch.randn(2, 5, 3)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert last_token_indices(left).tolist() == [4, 4]
+    assert last_token_indices(right).tolist() == [2, 4]
+    torch.testing.assert_close(pool(hidden, right, mode="last_token"), torch.stack([hidden[0, 2], hidden[1, 4]]))
+
+
+def test_right_padded_forward_matches_left_padded(qwen2_vl_model):
+    collator = qwen2_vl_model.make_collator()
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    enc = collator.encode_inputs([EmbeddingInput(text="a short one"), EmbeddingInput(text="a much longer text " * 3)])
+    left = qwen2_vl_model(**enc).embeddings
+    # re-pad on the right by rolling each row's padding to its end
+    pad = (enc["attention_mask"] == 0).sum(-1)
+    right = {k: v.clone() for k, v in enc.items() if torch.is_tensor(v)}
+    for i, n in enumerate(pad.tolist()):
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if key in right:
+                right[key][i] = torch.roll(enc[key][i], -n)
+    torch.testing.assert_close(qwen2_vl_model(**right).embeddings, left, atol=1e-5, rtol=1e-4)
+
+
+def test_special_token_and_mean_pooling():
+    hidden = torch.arange(2 * 4 * 2, dtype=torch.float).view(2, 4, 2)
+    ids = torch.tensor([[5, 9, 5, 1], [1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    idx, found = special_token_indices(ids, 5, mask)
+    assert idx.tolist() == [2, 3] and found.tolist() == [True, False]  # last occurrence; fallback = last token
+    out = pool(hidden, mask, mode="special_token", input_ids=ids, token_id=5)
+    torch.testing.assert_close(out, torch.stack([hidden[0, 2], hidden[1, 3]]))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, mask, mode="mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        pool(hidden, mask, mode="max")
+
+
+def test_truncation_then_normalisation():
+    x = torch.tensor([[3.0, 4.0, 12.0]])
+    torch.testing.assert_close(finalize_embeddings(x, dim=2), torch.tensor([[0.6, 0.8]]))
+    with pytest.raises(ValueError, match="exceeds"):
+        finalize_embeddings(x, dim=4)
+
+
+def test_wrapper_options_from_pretrained(tiny_backbone):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), embedding_dim=16, pooling="mean")
+    assert model.encode(["hello"]).shape == (1, 16)
+    assert model.config.pooling == "mean"
+
+
+def test_special_token_pooling_needs_token_in_vocab(tiny_backbone):
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        MultimodalEmbeddingModel.from_pretrained(
+            tiny_backbone("qwen2_vl"), pooling="special_token", pooling_token="<definitely_not_a_token>"
+        )
+
+
+def test_lora_language_model_only_roundtrip_and_merge(tiny_backbone, tmp_path):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("visual" in n for n in trainable), "LoRA must stay out of the vision tower by default"
+    # make the adapters non-trivial
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    inputs = _mixed_inputs("qwen2_vl")
+    with_lora = model.encode(inputs)
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.has_lora
+    torch.testing.assert_close(reloaded.encode(inputs), with_lora, atol=1e-6, rtol=1e-5)
+    model.merge_lora()
+    assert not model.has_lora and model.config.lora_config is None
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model.encode(inputs), with_lora, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_all_targets_reach_vision(tiny_backbone):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.add_lora(target="all", r=2)
+    assert any("visual" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_activation_checkpointing_same_gradients(tiny_backbone):
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.train()
+    collator = model.make_collator()
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    enc = collator.encode_inputs([EmbeddingInput(text="red circle", image=_image()), EmbeddingInput(text="blue")])
+
+    def grads():
+        model.zero_grad()
+        model(**enc).embeddings[:, :5].sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_unwrappable_backbone_is_a_clear_error(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(tmp_path / "resnet")
+    with pytest.raises(ValueError, match="Cannot wrap .*resnet"):
+        MultimodalEmbeddingModel.from_pretrained(tmp_path / "resnet")
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
+    with pytest.raises(OSError, match="neither a saved MultimodalEmbeddingModel nor a backbone"):
+        MultimodalEmbeddingModel.from_pretrained(tmp_path / "weird")
+
+
+def test_encode_without_processor_is_a_clear_error(tiny_backbone):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), load_processor=False)
+    with pytest.raises(ValueError, match="no processor attached"):
+        model.encode(["hello"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="pooling"):
+        MultimodalEmbeddingConfig(pooling="max")
+    with pytest.raises(ValueError, match="pooling_token"):
+        MultimodalEmbeddingConfig(pooling="special_token")
