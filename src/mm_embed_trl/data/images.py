@@ -1,0 +1,202 @@
+"""Load one image from whatever a dataset row holds, with an error that says which row and how to fix it.
+
+An image value (see ``docs/DESIGN.md``) is one of:
+
+* ``None`` or ``""`` (MMEB's "no image") -> ``None``;
+* a path: absolute, relative to ``image_root``, or (as a fallback) relative to the working directory;
+* a ``PIL.Image.Image`` (also what a decoded ``datasets.Image`` column yields);
+* an undecoded ``datasets.Image`` value ``{"bytes": b"..." | None, "path": "..." | None}``;
+* raw encoded bytes (``bytes`` / ``bytearray`` / ``memoryview``);
+* a ``numpy`` array ``(H, W)`` / ``(H, W, C)`` of pixels.
+
+Every image is fully decoded here (``Image.load()``), so a corrupt or truncated file fails with a clear
+:class:`ImageLoadError` at load time rather than deep inside a processor call, and no file handle stays
+open (important with many dataloader workers).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .schema import is_missing
+
+__all__ = ["ImageLoadError", "load_image", "load_images", "resolve_image_path"]
+
+
+class ImageLoadError(ValueError):
+    """An image value could not be turned into a ``PIL.Image``. The message names the row/column and the fix."""
+
+
+def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """Return ``(resolved, tried)``: the first existing candidate for ``path`` and every candidate tried.
+
+    Candidates, in order: ``path`` itself when absolute; otherwise ``image_root / path`` (when an
+    ``image_root`` is given) and then ``path`` relative to the working directory. When nothing exists,
+    ``resolved`` is the first candidate (the one an error message should name).
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_absolute():
+        tried = [p]
+    else:
+        tried = []
+        if image_root is not None and os.fspath(image_root) != "":
+            tried.append(Path(os.path.expanduser(os.fspath(image_root))) / p)
+        tried.append(Path.cwd() / p)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate, tried
+    return tried[0], tried
+
+
+def _finish(image: Image.Image, convert_rgb: bool) -> Image.Image:
+    """Decode pixels now and convert to RGB (palette images with transparency go through RGBA first)."""
+    image.load()
+    if convert_rgb and image.mode != "RGB":
+        # Converting a "P" image whose transparency is given in bytes straight to RGB makes PIL warn;
+        # going through RGBA yields the same RGB pixels without the warning.
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        image = image.convert("RGB")
+    return image
+
+
+def _decode_bytes(data: bytes, *, convert_rgb: bool, where: str, origin: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # Inside the ``with`` so the result owns its pixels after the file object is closed.
+            out = _finish(img, convert_rgb)
+            return out if out is not img else img.copy()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
+        raise ImageLoadError(
+            f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). "
+            "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt."
+        ) from err
+
+
+def _load_path(
+    value: str | os.PathLike, image_root: str | os.PathLike | None, *, convert_rgb: bool, where: str
+) -> Image.Image:
+    text = os.fspath(value)
+    if text.startswith(("http://", "https://")):
+        raise ImageLoadError(
+            f"{where}: image value {text!r} is a URL; mm-embed-trl does not download images. "
+            "Download the images first and pass local paths (relative to --image_root)."
+        )
+    resolved, tried = resolve_image_path(text, image_root)
+    if not resolved.is_file():
+        tried_text = ", ".join(f"'{t}'" for t in tried)
+        if image_root is None:
+            hint = (
+                "No image_root was given, so relative paths are resolved against the working directory "
+                f"('{Path.cwd()}'); pass --image_root (image_root=...) pointing at the folder the dataset's "
+                "image paths are relative to."
+            )
+        else:
+            hint = (
+                f"Check that image_root ('{image_root}', set by --image_root) is the folder the dataset's image "
+                "paths are relative to, and that the file exists."
+            )
+        raise ImageLoadError(f"{where}: image file not found: {text!r} (tried {tried_text}). {hint}")
+    try:
+        with Image.open(resolved) as img:
+            out = _finish(img, convert_rgb)
+            # ``img`` is closed when the ``with`` ends; hand back an independent copy when unconverted.
+            return out if out is not img else img.copy()
+    except Exception as err:
+        raise ImageLoadError(
+            f"{where}: could not read the image file '{resolved}' ({type(err).__name__}: {err}). "
+            "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt."
+        ) from err
+
+
+def load_image(
+    value: Any,
+    image_root: str | os.PathLike | None = None,
+    *,
+    where: str = "image",
+    convert_rgb: bool = True,
+) -> Image.Image | None:
+    """Turn an image value from a dataset row or a user into a fully loaded ``PIL.Image`` (or ``None``).
+
+    Args:
+        value: ``None``/``""`` (no image), a path, a ``PIL.Image``, a ``datasets.Image`` dict
+            ``{"bytes", "path"}``, raw encoded bytes, or a numpy pixel array.
+        image_root: Folder that relative paths are relative to (MMEB stores paths relative to its image
+            folder). Relative paths are also tried against the working directory.
+        where: Names the value in error messages, e.g. ``"row 12, column 'qry_image_path'"``.
+        convert_rgb: Convert to 3-channel RGB (what every vision processor expects).
+
+    Returns:
+        The image with pixels loaded (no open file handle), or ``None`` when ``value`` means "no image".
+
+    Raises:
+        ImageLoadError: the file is missing or not a readable image; the message names ``where``, the
+            path(s) tried and ``image_root``.
+        TypeError: ``value`` has an unsupported type.
+    """
+    if is_missing(value):
+        return None
+    if isinstance(value, Image.Image):
+        try:
+            return _finish(value, convert_rgb)
+        except Exception as err:
+            raise ImageLoadError(
+                f"{where}: the PIL image could not be decoded ({type(err).__name__}: {err}). "
+                "Check that the underlying file is a valid, complete image."
+            ) from err
+    if isinstance(value, (str, os.PathLike)):
+        return _load_path(value, image_root, convert_rgb=convert_rgb, where=where)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            return None
+        return _decode_bytes(bytes(value), convert_rgb=convert_rgb, where=where, origin="given as bytes")
+    if isinstance(value, dict):
+        unknown = set(value) - {"bytes", "path"}
+        if unknown:
+            raise TypeError(
+                f"{where}: an image dict must look like a datasets.Image value {{'bytes': ..., 'path': ...}}; "
+                f"got unknown keys {sorted(unknown)}."
+            )
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None and len(data) > 0:
+            # datasets keeps ``path`` for information only when bytes are present (e.g. the original name).
+            origin = f"stored as bytes (original path {path!r})" if path else "stored as bytes"
+            return _decode_bytes(bytes(data), convert_rgb=convert_rgb, where=where, origin=origin)
+        if is_missing(path):
+            return None  # {"bytes": None, "path": None} is datasets' spelling of "no image"
+        return _load_path(path, image_root, convert_rgb=convert_rgb, where=where)
+    try:  # numpy is a hard dependency of datasets/torch; imported lazily to keep this module light
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if np is not None and isinstance(value, np.ndarray):
+        try:
+            return _finish(Image.fromarray(value), convert_rgb)
+        except Exception as err:
+            raise ImageLoadError(
+                f"{where}: cannot make an image from a numpy array of shape {value.shape} and dtype {value.dtype} "
+                f"({err}); pass uint8 pixels shaped (H, W) or (H, W, 3|4)."
+            ) from err
+    raise TypeError(
+        f"{where}: unsupported image value of type {type(value).__name__}; pass a file path, a PIL.Image, "
+        "a datasets.Image dict {'bytes': ..., 'path': ...}, encoded bytes, or ''/None for no image."
+    )
+
+
+def load_images(
+    values: Iterable[Any],
+    image_root: str | os.PathLike | None = None,
+    *,
+    where_prefix: str = "image",
+    convert_rgb: bool = True,
+) -> list[Image.Image | None]:
+    """:func:`load_image` over a list; item ``i`` is reported as ``f"{where_prefix} #{i}"`` in errors."""
+    return [
+        load_image(v, image_root, where=f"{where_prefix} #{i}", convert_rgb=convert_rgb) for i, v in enumerate(values)
+    ]

@@ -1,0 +1,253 @@
+"""Prompt templates: the one place that decides what text wraps an input before the chat template.
+
+A :class:`PromptTemplate` turns an :class:`~mm_embed_trl.data.schema.EmbeddingInput` into chat messages
+``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}]``. The collator
+then applies the processor's chat template (with ``add_generation_prompt=True``), so the last prompt
+token - the one pooled for UniME-style embeddings - follows the template's instruction.
+
+Built-in templates (``available_templates()``):
+
+* ``"unime"``  - UniME / E5-V "in one word" prompts: ``<image>\\nSummary above image in one word:`` and
+  ``<sent>\\nSummary above sentence in one word:``; an MMEB instruction + image becomes
+  ``<image>\\n{instruction}\\nSummary above image in one word:``.
+* ``"mmeb"``   - VLM2Vec / MMEB style: the row text as is (the task instruction is part of the data), the
+  image item first.
+* ``"ume_r1"`` - UME-R1: ``{input}\\n<disc_emb>\\nRepresent the above input ... <gen_emb> tag ...``
+  (wording as in the public UME-R1 code, ``qwen_module.py``).
+* ``"plain"``  - the text as is, no instruction (text LMs, baselines).
+
+Register your own with :func:`register_template`; all behaviour lives in dataclass fields.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .schema import EmbeddingInput
+
+__all__ = [
+    "DISC_EMB_TOKEN",
+    "GEN_EMB_TOKEN",
+    "IMAGE_PLACEHOLDER_PATTERN",
+    "PromptTemplate",
+    "UME_R1_INSTRUCTION",
+    "UNIME_IMAGE_SUMMARY",
+    "UNIME_TEXT_SUMMARY",
+    "available_templates",
+    "get_template",
+    "normalize_side",
+    "register_template",
+    "strip_image_placeholders",
+]
+
+DISC_EMB_TOKEN = "<disc_emb>"
+GEN_EMB_TOKEN = "<gen_emb>"
+
+UNIME_IMAGE_SUMMARY = "Summary above image in one word:"
+UNIME_TEXT_SUMMARY = "Summary above sentence in one word:"
+# Verbatim from the public UME-R1 code (src/r1-train/.../vlm_modules/qwen_module.py), one line.
+UME_R1_INSTRUCTION = (
+    "Represent the above input text, images, videos, or any combination of the three as embeddings. "
+    "First output the thinking process in <think> </think> tags and then summarize the entire input in a word "
+    "or sentence. Finally, use the <gen_emb> tag to represent the entire input."
+)
+
+# Image placeholders that datasets / model families put in the text: MMEB's "<|image_1|>", LLaVA's
+# "<image>", Phi/Llama's "<|image|>", and an already-expanded Qwen-VL block. The image position is
+# carried by the {"type": "image"} content item instead, so the chat template inserts the right tokens.
+IMAGE_PLACEHOLDER_PATTERN: re.Pattern[str] = re.compile(
+    r"<\|vision_start\|>(?:<\|image_pad\|>)*<\|vision_end\|>"  # expanded Qwen-VL image block
+    r"|<\|image(?:_\d+)?\|>"  # <|image|>, <|image_1|>
+    r"|<image(?:_\d+)?>"  # <image>, <image_1>
+    r"|<\|image_pad\|>"
+)
+_PLACEHOLDER_WITH_SPACE = re.compile(r"[ \t]*(?:" + IMAGE_PLACEHOLDER_PATTERN.pattern + r")[ \t]*")
+_SPACE_AROUND_NEWLINE = re.compile(r"[ \t]*\n[ \t]*")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+_TEXT_FIELD = "{text}"
+_DOCUMENT_ALIASES = {"document", "positive", "negative", "target", "candidate", "doc", "pos", "neg", "tgt"}
+
+
+def strip_image_placeholders(text: str | None) -> str:
+    """Remove image placeholders from ``text`` and tidy the whitespace they leave behind.
+
+    Text without placeholders is only stripped at both ends (its inner whitespace is the user's).
+    """
+    if text is None:
+        return ""
+    if IMAGE_PLACEHOLDER_PATTERN.search(text) is None:
+        return text.strip()
+    text = _PLACEHOLDER_WITH_SPACE.sub(" ", text)
+    text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+    text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def normalize_side(side: str) -> str:
+    """Map a side name to ``"query"`` or ``"document"`` (``positive``/``negative``/``target`` are documents)."""
+    key = side.lower()
+    if key in ("query", "qry", "q"):
+        return "query"
+    if key in _DOCUMENT_ALIASES:
+        return "document"
+    raise ValueError(f"Unknown side {side!r}; use 'query' or 'document' (or 'positive'/'negative'/'target').")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How an input's text is wrapped, per modality and per side. Formats use the literal field ``{text}``.
+
+    Attributes:
+        name: Registry name.
+        description: One line for docs and error messages.
+        text_format: Text-only input; must contain ``{text}``.
+        image_format: Image-only input (text that follows/precedes the image); must not contain ``{text}``.
+            ``""`` means the content is just the image.
+        image_text_format: Image + text input; must contain ``{text}``.
+        query_instruction: Prepended to the query side's text part (e.g. ``"Instruct: ...\\nQuery: "``).
+        document_instruction: Prepended to the document side's text part.
+        image_first: Put the image item before the text item (every published recipe here does).
+        image_separator: Starts the text item when it directly follows the image item; ``"\\n"``
+            reproduces the published ``<image>\\n...`` prompts.
+        system_prompt: Optional system message; ``None`` leaves the processor's chat-template default.
+
+    ``{text}`` is substituted with ``str.replace``, so braces in data or instructions need no escaping.
+    """
+
+    name: str
+    description: str = ""
+    text_format: str = _TEXT_FIELD
+    image_format: str = ""
+    image_text_format: str = _TEXT_FIELD
+    query_instruction: str = ""
+    document_instruction: str = ""
+    image_first: bool = True
+    image_separator: str = "\n"
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("PromptTemplate needs a non-empty name.")
+        for field_name in ("text_format", "image_text_format"):
+            if _TEXT_FIELD not in getattr(self, field_name):
+                raise ValueError(
+                    f"PromptTemplate {self.name!r}: {field_name}={getattr(self, field_name)!r} must contain "
+                    f"'{_TEXT_FIELD}' where the input text goes."
+                )
+        if _TEXT_FIELD in self.image_format:
+            raise ValueError(
+                f"PromptTemplate {self.name!r}: image_format is used for image-only inputs (no text), so it "
+                f"cannot contain '{_TEXT_FIELD}'; got {self.image_format!r}."
+            )
+
+    def instruction(self, side: str) -> str:
+        """The side's instruction prefix (``""`` when none)."""
+        return self.query_instruction if normalize_side(side) == "query" else self.document_instruction
+
+    def format_text(self, inp: EmbeddingInput, side: str = "query") -> str:
+        """The text item for ``inp`` (image placeholders removed; no image tokens). May be ``""``.
+
+        Raises:
+            ValueError: the input has no image and its text is empty once placeholders are removed
+                (a row whose text says ``<|image_1|>`` but whose image column is empty).
+        """
+        text = strip_image_placeholders(inp.text)
+        has_image = inp.image is not None
+        if not has_image and not text:
+            raise ValueError(
+                f"Input text {inp.text!r} holds only an image placeholder but the input has no image; check "
+                "that the row's image column is filled (and image_root points at the images)."
+            )
+        if has_image and text:
+            body = self.image_text_format.replace(_TEXT_FIELD, text)
+        elif has_image:
+            body = self.image_format
+        else:
+            body = self.text_format.replace(_TEXT_FIELD, text)
+        return self.instruction(side) + body
+
+    def build_messages(self, inp: EmbeddingInput, side: str = "query") -> list[dict]:
+        """Chat messages for ``inp``: an ``{"type": "image"}`` item iff ``inp.image`` is set, then the text."""
+        text = self.format_text(inp, side)
+        content: list[dict] = []
+        if inp.image is not None and self.image_first:
+            content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": self.image_separator + text})
+        else:
+            if text:
+                content.append({"type": "text", "text": text})
+            if inp.image is not None:
+                content.append({"type": "image"})
+        messages: list[dict] = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+
+_REGISTRY: dict[str, PromptTemplate] = {}
+
+
+def register_template(template: PromptTemplate, *, overwrite: bool = False) -> None:
+    """Make ``template`` available to :func:`get_template` (and to ``--template`` on the CLI) by its name."""
+    if not isinstance(template, PromptTemplate):
+        raise TypeError(f"register_template expects a PromptTemplate, got {type(template).__name__}.")
+    if template.name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"A prompt template named {template.name!r} is already registered; pick another name or pass "
+            "overwrite=True to replace it."
+        )
+    _REGISTRY[template.name] = template
+
+
+def available_templates() -> list[str]:
+    """Names of the registered templates, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_template(name: str | PromptTemplate) -> PromptTemplate:
+    """The registered template called ``name`` (a ``PromptTemplate`` passes through unchanged)."""
+    if isinstance(name, PromptTemplate):
+        return name
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown prompt template {name!r}. Known templates: {', '.join(available_templates())}. "
+            "To add one, call mm_embed_trl.data.templates.register_template(PromptTemplate(name=..., "
+            "text_format='{text}', image_format=..., image_text_format='{text}', ...))."
+        ) from None
+
+
+_UME_R1_SUFFIX = f"\n{DISC_EMB_TOKEN}\n{UME_R1_INSTRUCTION}"
+
+for _template in (
+    PromptTemplate(
+        name="unime",
+        description="UniME / E5-V 'in one word' summary prompts (image, sentence, instruction + image).",
+        text_format=f"{{text}}\n{UNIME_TEXT_SUMMARY}",
+        image_format=UNIME_IMAGE_SUMMARY,
+        image_text_format=f"{{text}}\n{UNIME_IMAGE_SUMMARY}",
+    ),
+    PromptTemplate(
+        name="mmeb",
+        description="VLM2Vec / MMEB: the row text as is (instruction included in the data), image first.",
+    ),
+    PromptTemplate(
+        name="ume_r1",
+        description="UME-R1: input, then <disc_emb> and the reasoning instruction ending with <gen_emb>.",
+        text_format="{text}" + _UME_R1_SUFFIX,
+        image_format=_UME_R1_SUFFIX.lstrip("\n"),  # the image item + separator already supply the newline
+        image_text_format="{text}" + _UME_R1_SUFFIX,
+    ),
+    PromptTemplate(
+        name="plain",
+        description="The text as is, no instruction and no separator (text LMs, baselines).",
+        image_separator="",
+    ),
+):
+    register_template(_template)
+del _template
