@@ -1,0 +1,18 @@
+"""Retrieval metrics, evaluators (shared-corpus retrieval, MMEB per-query candidates) and a Trainer callback."""
+
+from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, RetrievalEvaluator
+from .metrics import candidate_list_metrics, mmeb_precision_at_1, retrieval_metrics, similarity_spearman
+from .mmeb import MMEB_EVAL_COLUMNS, load_mmeb_eval, validate_mmeb_eval_rows
+
+__all__ = [
+    "EmbeddingEvalCallback",
+    "MMEBEvaluator",
+    "MMEB_EVAL_COLUMNS",
+    "RetrievalEvaluator",
+    "candidate_list_metrics",
+    "load_mmeb_eval",
+    "mmeb_precision_at_1",
+    "retrieval_metrics",
+    "similarity_spearman",
+    "validate_mmeb_eval_rows",
+]
