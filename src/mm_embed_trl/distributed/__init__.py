@@ -1,0 +1,26 @@
+"""Cross-rank gathering with local gradients, the matching loss scale, and GradCache."""
+
+from .gather import (
+    distributed_loss_scale,
+    gather_no_grad,
+    gather_sizes,
+    gather_with_grad,
+    is_distributed,
+    rank,
+    world_size,
+)
+from .grad_cache import CacheHandle, GradCache, RandContext, split_into_chunks
+
+__all__ = [
+    "CacheHandle",
+    "GradCache",
+    "RandContext",
+    "distributed_loss_scale",
+    "gather_no_grad",
+    "gather_sizes",
+    "gather_with_grad",
+    "is_distributed",
+    "rank",
+    "split_into_chunks",
+    "world_size",
+]

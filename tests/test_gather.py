@@ -1,0 +1,158 @@
+"""Cross-rank gathering: single-process identities, and the N×B ≡ 1×N·B proof with 2 real DDP processes.
+
+The 2-process part launches ``tests/dist_scripts/gather_equivalence.py`` once with
+``torchrun --standalone --nproc_per_node 2`` (gloo on CPU) and compares each rank's results with a
+single process on the full, uneven (3 + 5 rows) global batch. Those tests are marked ``slow`` (the project's
+marker for multi-process runs; about 10-20 s on 2 cores, mostly two ``import torch``); CI still runs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_embed_trl.distributed import (
+    distributed_loss_scale,
+    gather_no_grad,
+    gather_sizes,
+    gather_with_grad,
+    is_distributed,
+    rank,
+    world_size,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "gather_equivalence.py"
+ATOL = 1e-5
+
+
+def test_single_process_identities():
+    assert not is_distributed()
+    assert world_size() == 1 and rank() == 0 and distributed_loss_scale() == 1.0
+    t = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(t) is t
+    out, offset = gather_with_grad(t, return_offset=True)
+    assert out is t and offset == 0
+    g = gather_no_grad(t)
+    assert not g.requires_grad and torch.equal(g, t)
+    assert gather_sizes(3) == [3]
+
+
+def _load_script_module():
+    spec = importlib.util.spec_from_file_location("gather_equivalence", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gather_equivalence")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks, _load_script_module()
+
+
+@pytest.fixture(scope="module")
+def single_process(two_process_run):
+    """The definition: one process, no DDP, no gather, the full global batch."""
+    _, ge = two_process_run
+    prob = ge.build_problem()
+    total = sum(ge.RANK_SIZES)
+
+    model = copy.deepcopy(prob["model"])
+    out = model(torch.cat([prob["xq"], prob["xp"], prob["xn"].reshape(-1, ge.IN_DIM)]))
+    hardneg = ge.hardneg_loss(out[:total], out[total : 2 * total], out[2 * total :], prob["ids"])
+    hardneg.backward()
+    hardneg_grads = [p.grad.clone() for p in model.parameters()]
+
+    model = copy.deepcopy(prob["model"])
+    distill = ge.distill_loss(model(prob["xq"]), prob["teacher"])
+    distill.backward()
+    distill_grads = [p.grad.clone() for p in model.parameters()]
+    return {
+        "hardneg": (hardneg.item(), hardneg_grads),
+        "distill": (distill.item(), distill_grads),
+    }
+
+
+def assert_grads_close(got, want, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a is not None, f"{what}: parameter {i} got no gradient"
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5, msg=lambda m, i=i: f"{what}, parameter {i}: {m}")
+
+
+@pytest.mark.slow
+def test_gather_uneven_sizes_offsets_and_local_autograd(two_process_run):
+    ranks, ge = two_process_run
+    for r, res in enumerate(ranks):
+        g = res["gather"]
+        assert res["world_size"] == 2 and res["scale"] == 2.0
+        assert g["offset"] == sum(ge.RANK_SIZES[:r]) and g["shape"] == (8, 3)
+        # rank 0's 3 rows of 1s, then rank 1's 5 rows of 2s, in rank order on every rank
+        assert torch.equal(g["values"], torch.cat([torch.full((3, 3), 1.0), torch.full((5, 3), 2.0)]))
+        # the local slice carries autograd: d(sum)/d(local) = 1 everywhere
+        assert torch.equal(g["local_grad"], torch.ones(ge.RANK_SIZES[r], 3))
+        assert torch.equal(g["ids"], ge.build_problem()["ids"])
+        assert g["bools"].dtype == torch.bool and torch.equal(g["bools"], ge.build_problem()["ids"] % 2 == 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["hardneg", "distill"])
+def test_two_processes_match_one_process_on_the_global_batch(two_process_run, single_process, scenario):
+    ranks, _ = two_process_run
+    want_loss, want_grads = single_process[scenario]
+    for r, res in enumerate(ranks):
+        assert res[scenario]["loss"] == pytest.approx(want_loss, rel=1e-6), f"rank {r} loss"
+        assert_grads_close(res[scenario]["grads"], want_grads, f"{scenario} rank {r}")
+
+
+@pytest.mark.slow
+def test_the_trap_gathering_without_the_local_slice_changes_gradients(two_process_run, single_process):
+    """Proves the equivalence test can fail: all_gather without putting the local slice back (UniME's bug)."""
+    ranks, _ = two_process_run
+    want_loss, want_grads = single_process["hardneg"]
+    res = ranks[0]["naive_gather"]
+    assert res["loss"] == pytest.approx(want_loss, rel=1e-6)  # same value...
+    assert max((a - b).abs().max().item() for a, b in zip(res["grads"], want_grads)) > 1e-2  # ...wrong gradient
+
+
+@pytest.mark.slow
+def test_gradcache_under_ddp_matches_and_all_reduces_once(two_process_run, single_process):
+    ranks, _ = two_process_run
+    want_loss, want_grads = single_process["hardneg"]
+    buckets = ranks[0]["hardneg"]["allreduce"]  # all-reduces of one plain DDP step
+    assert buckets >= 1
+    for r, res in enumerate(ranks):
+        gc = res["gradcache_hardneg"]
+        assert gc["loss"] == pytest.approx(want_loss, rel=1e-6)
+        assert_grads_close(gc["grads"], want_grads, f"GradCache rank {r}")
+        # 3 sides × 2-3 chunks were re-run, yet DDP synchronised once (the last chunk)
+        assert gc["allreduce"] == buckets
+
+        acc = res["gradcache_no_sync"]
+        assert acc["allreduce_inside_no_sync"] == 0 and acc["allreduce_after"] == buckets
+        assert_grads_close(acc["grads"], [2 * g for g in want_grads], f"accumulated GradCache rank {r}")
+
+        for it, step in enumerate(res["gradcache_static_graph"]):
+            assert_grads_close(step["grads"], want_grads, f"static-graph GradCache rank {r} iteration {it}")
+        assert res["gradcache_static_graph"][1]["allreduce"] == buckets
+
+        unused = res["gradcache_find_unused"]
+        n = len(want_grads)
+        assert_grads_close(unused["grads"][:n], want_grads, f"find_unused GradCache rank {r}")
+        assert all(g is None for g in unused["grads"][n:])  # the unused parameter stays untouched
