@@ -54,9 +54,11 @@ class EmbeddingOutput(ModelOutput):
         embeddings: (batch, dim) pooled embeddings, L2-normalised when `config.normalize`.
         last_hidden_state: (batch, seq, hidden), only when `output_hidden_states=True` was asked.
         token_found: (batch,) bool, for special-token pooling: whether the row contained the token.
+        embeddings_per_batch: one embeddings tensor per input batch when called with `batches=[...]`.
     """
 
     embeddings: torch.Tensor | None = None
+    embeddings_per_batch: tuple[torch.Tensor, ...] | None = None
     last_hidden_state: torch.Tensor | None = None
     token_found: torch.Tensor | None = None
 
@@ -289,6 +291,25 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         return self.backbone.get_input_embeddings()
 
     def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        batches: Sequence[dict[str, Any]] | None = None,
+        **backbone_inputs,
+    ) -> EmbeddingOutput:
+        """Embed one processed batch, or several (`batches=[enc_query, enc_target, ...]`) in ONE call.
+
+        Several sides in one call matter under DDP: every forward of a DDP module re-arms its reducer, so a query
+        forward and a target forward followed by one backward mark shared parameters ready twice (and break
+        `find_unused_parameters`). One call that embeds every side keeps DDP to one forward per backward.
+        """
+        if batches is not None:
+            outputs = [self._embed(**enc) for enc in batches]
+            return EmbeddingOutput(embeddings_per_batch=tuple(o.embeddings for o in outputs))
+        return self._embed(input_ids, attention_mask, output_hidden_states, **backbone_inputs)
+
+    def _embed(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,

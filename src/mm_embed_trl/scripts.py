@@ -1,0 +1,127 @@
+"""What every `examples/train_*.py` shares: script arguments, the built-in defaults (tiny backbone + generated data
+when nothing is named), model/data resolution and the before/after retrieval report. Examples stay thin:
+parse → build → train → evaluate → export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingScriptArguments:
+    """Data and run options of the example scripts (model options come from TRL's `ModelConfig`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local parquet/jsonl file or save_to_disk dir in the MMEB-train schema. "
+            "Default: the built-in generated shapes dataset."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. an MMEB subset)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(
+        default=None, metadata={"help": "Held-out split in the same schema, used for retrieval evaluation."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=512, metadata={"help": "Evaluate on at most N held-out rows."})
+    tiny_family: str = field(
+        default="qwen2_vl",
+        metadata={"help": "Built-in tiny backbone used when no --model_name_or_path is given."},
+    )
+    generated_train_size: int = field(default=1024, metadata={"help": "Rows of generated training data."})
+    generated_eval_size: int = field(default=192, metadata={"help": "Rows of generated held-out data."})
+    generated_num_negatives: int = field(
+        default=0, metadata={"help": "Explicit hard negatives per generated row (compositional near-misses)."}
+    )
+    seed_data: int = field(default=0, metadata={"help": "Seed of the generated dataset."})
+    evaluate_before_training: bool = field(default=True, metadata={"help": "Report retrieval before training too."})
+
+
+def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
+    """(model id/path, whether it is the built-in tiny backbone)."""
+    if model_args.model_name_or_path:
+        return model_args.model_name_or_path, False
+    from .tiny import get_tiny_backbone
+
+    path = get_tiny_backbone(script_args.tiny_family)
+    print(
+        f"[mm-embed-trl] No --model_name_or_path given: using the built-in tiny random {script_args.tiny_family} "
+        f"backbone at {path} (a CPU demo; pass e.g. --model_name_or_path Qwen/Qwen2-VL-2B-Instruct for real runs)."
+    )
+    return str(path), True
+
+
+def model_init_kwargs(model_args) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"revision": model_args.model_revision}
+    if model_args.dtype not in (None, "auto"):
+        import torch
+
+        kwargs["dtype"] = getattr(torch, model_args.dtype)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if getattr(model_args, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
+def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
+    """(train dataset, eval dataset or None, image_root)."""
+    from .data.loading import check_training_columns, load_rows_dataset
+
+    if script_args.dataset_name is None:
+        from .data.generated import make_shapes_dataset
+
+        data = make_shapes_dataset(
+            num_train=script_args.generated_train_size,
+            num_eval=script_args.generated_eval_size,
+            seed=script_args.seed_data,
+            num_negatives=script_args.generated_num_negatives,
+        )
+        image_root = training_args.image_root or str(data.image_root)
+        print(
+            f"[mm-embed-trl] No --dataset_name given: using the built-in generated shapes dataset "
+            f"({len(data['train'])} train / {len(data['eval'])} held-out rows, images under {image_root})."
+        )
+        train, evaluation = data["train"], data["eval"]
+    else:
+        image_root = training_args.image_root
+        train = load_rows_dataset(
+            script_args.dataset_name, config=script_args.dataset_config, split=script_args.dataset_train_split
+        )
+        evaluation = None
+        if script_args.dataset_eval_split:
+            evaluation = load_rows_dataset(
+                script_args.dataset_name, config=script_args.dataset_config, split=script_args.dataset_eval_split
+            )
+    check_training_columns(train, name="the training dataset")
+    if script_args.max_train_samples is not None:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if evaluation is not None and script_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
+    return train, evaluation, image_root
+
+
+def write_report(output_dir: str, report: dict[str, Any]) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "retrieval_report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    return path
+
+
+def format_comparison(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    keys = [k for k in after if k.split("_")[-1].startswith(("recall@", "mrr", "ndcg@", "precision@", "spearman"))]
+    keys = keys or list(after)
+    lines = [f"{'metric':<28}{'before':>10}{'after':>10}"]
+    for key in keys:
+        b = before.get(key) if before else None
+        lines.append(f"{key:<28}{(f'{b:.4f}' if b is not None else '-'):>10}{after[key]:>10.4f}")
+    return "\n".join(lines)

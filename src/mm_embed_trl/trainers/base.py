@@ -1,0 +1,341 @@
+"""Machinery every embedding trainer shares: model/LoRA set-up, per-side embedding (with GradCache), cross-rank
+gradient scaling, non-finite-loss stop, atomic checkpoints, metric logging and the final inference export.
+
+Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only implement `compute_embedding_loss`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..distributed import GradCache, distributed_loss_scale
+from ..modeling import MultimodalEmbeddingModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingTrainingArguments(TrainingArguments):
+    r"""Arguments shared by every embedding trainer (on top of `transformers.TrainingArguments`).
+
+    Parameters:
+        model_init_kwargs (`dict`, *optional*): kwargs for `MultimodalEmbeddingModel.from_pretrained` when the
+            trainer gets a model id/path (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
+        prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
+        image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
+        max_length (`int`, *optional*): max text tokens kept per input (prompt and image tokens are never cut).
+        num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
+        gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
+            graph in chunks, the loss is computed on the full (global) batch, then each chunk is re-run with graph
+            and back-propagated with the cached embedding gradients: same gradients, memory bounded by the chunk.
+        gather_across_devices (`bool`, defaults to `True`): use every rank's targets as negatives.
+        lora_target (`str`, defaults to `"language_model"`): where LoRA adapters go (`"language_model"` or `"all"`).
+        freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector.
+        save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write a
+            sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged).
+    """
+
+    model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "kwargs for MultimodalEmbeddingModel.from_pretrained (dict or JSON string)."}
+    )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "Prompt template name (unime, mmeb, ume_r1, plain); default: the model's."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Max text tokens kept per input; prompt and image tokens are never cut."}
+    )
+    num_negatives: int | None = field(
+        default=None,
+        metadata={"help": "Explicit negatives per row (None: as many as rows carry; 0: ignore neg_* columns)."},
+    )
+    gradient_cache_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "GradCache chunk size: large batches with memory bounded by the chunk (None: off)."},
+    )
+    gather_across_devices: bool = field(
+        default=True, metadata={"help": "All-gather embeddings so every rank's targets are negatives."}
+    )
+    lora_target: str = field(
+        default="language_model", metadata={"help": "LoRA placement: 'language_model' (vision untouched) or 'all'."}
+    )
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Freeze the vision encoder and multimodal projector."}
+    )
+    save_sentence_transformers: bool = field(
+        default=True,
+        metadata={"help": "Also export <output_dir>/sentence_transformers at the end (LoRA merged)."},
+    )
+    # transformers' default would drop the raw MMEB columns our collator needs.
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the embedding collator reads raw dataset columns."}
+    )
+    # Mixed image/text batches leave the vision tower unused on some steps.
+    ddp_find_unused_parameters: bool | None = field(
+        default=True, metadata={"help": "DDP: allow parameters without gradient in a step (text-only batches)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        if isinstance(self.model_init_kwargs, str):
+            import json
+
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
+            raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
+        super().__post_init__()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss turns NaN/inf: training stops before the bad gradients touch any weight."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass, multiplies the gradient in the backward pass (keeps logged losses honest)."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class EmbeddingTrainer(Trainer):
+    """Base class of the embedding trainers. Subclasses implement :meth:`compute_embedding_loss`.
+
+    Args:
+        model: a `MultimodalEmbeddingModel`, or a hub id / directory (a saved model or a plain backbone).
+        args: an `EmbeddingTrainingArguments` subclass instance.
+        processing_class: the processor; defaults to the one saved with the model.
+        peft_config: a `peft.LoraConfig` (e.g. `trl.get_peft_config(model_args)`) to train adapters only.
+        evaluators: retrieval evaluators run by an `EmbeddingEvalCallback` at each evaluation (and, with
+            `evaluate_before_training=True` on the callback, before training).
+    """
+
+    _tag_names = ["mm-embed-trl"]
+
+    def __init__(
+        self,
+        model: MultimodalEmbeddingModel | str,
+        args: EmbeddingTrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        callbacks=None,
+        peft_config=None,
+        evaluators=None,
+        **kwargs,
+    ):
+        if isinstance(model, (str, os.PathLike)):
+            model = MultimodalEmbeddingModel.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if not isinstance(model, MultimodalEmbeddingModel):
+            raise TypeError(
+                f"{type(self).__name__} trains a MultimodalEmbeddingModel; got {type(model).__name__}. Wrap a "
+                "backbone with MultimodalEmbeddingModel.from_pretrained(<id or dir>) or pass its id/path."
+            )
+        if args.prompt_template is not None:
+            model.config.prompt_template = args.prompt_template
+        if processing_class is None:
+            processing_class = model.processor
+        elif model.processor is None:
+            model.set_processor(processing_class)
+        if processing_class is None:
+            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        if args.freeze_vision_tower:
+            freeze_vision_tower(model)
+        if peft_config is not None:
+            model.add_lora(peft_config, target=args.lora_target)
+        if args.gradient_checkpointing and model.has_lora:
+            # Reentrant checkpointing needs an input that requires grad when only adapters train.
+            model.backbone.enable_input_require_grads()
+        if data_collator is None:
+            data_collator = self.default_collator(model, processing_class, args)
+        self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        callbacks = list(callbacks or [])
+        eval_callback = None
+        if evaluators:
+            from ..evaluation import EmbeddingEvalCallback
+
+            eval_callback = EmbeddingEvalCallback(evaluators)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        if eval_callback is not None:
+            eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def default_collator(self, model, processing_class, args):
+        from ..data.collators import EmbeddingCollator
+
+        return EmbeddingCollator(
+            processing_class,
+            template=model.config.prompt_template,
+            image_root=args.image_root,
+            max_length=args.max_length,
+            num_negatives=args.num_negatives,
+        )
+
+    def compute_embedding_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (loss over the global batch, metrics to log). Embed all sides with ONE :meth:`embed` call."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    def embed(self, model, *encs: dict[str, Any]) -> list[torch.Tensor]:
+        """Embed each processed side (`enc`) of the batch; returns one tensor per side.
+
+        Without GradCache all sides go through ONE model call (DDP arms its reducer once per forward). Under
+        GradCache each side is embedded chunk-wise without graph and recorded for the re-forward in backward.
+        """
+        if self.grad_cache is not None and model.training and torch.is_grad_enabled():
+            from ..data.collators import split_batch
+
+            out = []
+            for enc in encs:
+                chunks = split_batch(enc, self.grad_cache.chunk_size)
+                embeddings, handle = self.grad_cache.embed(lambda chunk: model(**chunk).embeddings, chunks)
+                self._cache_handles.append(handle)
+                out.append(embeddings)
+            return out
+        if len(encs) == 1:
+            return [model(**encs[0]).embeddings]
+        return list(model(batches=list(encs)).embeddings_per_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._cache_handles: list = []
+        loss, metrics = self.compute_embedding_loss(model, inputs)
+        self._check_finite(loss, inputs)
+        mode = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(float(value))
+        if model.training and torch.is_grad_enabled():
+            # The loss spans the global batch but only this rank's slice carries gradient; DDP averages over ranks,
+            # so scale the gradient (not the logged value) by the world size to match single-process training.
+            scale = distributed_loss_scale() if self.args.gather_across_devices else 1.0
+            if scale != 1.0:
+                loss = _ScaleGrad.apply(loss, scale)
+            if self._cache_handles:
+                loss = self.grad_cache.attach(loss, self._cache_handles, model=model)
+        self._cache_handles = []
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor, inputs) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        last = None
+        if self.args.output_dir and os.path.isdir(self.args.output_dir):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.args.output_dir)
+        raise NonFiniteLossError(
+            f"The loss became {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
+            "training stopped before these gradients reached any weight. "
+            + (f"Last good checkpoint: {last}. " if last else "No checkpoint was written yet. ")
+            + "Try a lower learning rate, bf16 instead of fp16, a larger temperature, or inspect this batch's rows."
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # transformers computes no loss for a label-free model: compute ours.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        metrics = self._metrics[mode]
+        averaged = {}
+        for key, values in metrics.items():
+            if values:
+                value = torch.tensor(values, dtype=torch.float64, device=self.args.device).mean()
+                averaged[key] = self.accelerator.reduce(value, reduction="mean").item()
+        metrics.clear()
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{prefix + k: v for k, v in averaged.items()}}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model, trial):
+        """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        staging_root = os.path.join(run_dir, ".staging")
+        original_get_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original_get_output_dir
+        self.accelerator.wait_for_everyone()
+        staged = os.path.join(staging_root, os.path.basename(final))
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_for_inference(self, output_dir: str | None = None) -> str:
+        """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
+        and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
+
+        The trainer's `save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) first; merging and exporting
+        then work from that complete copy on disk, so they are correct whatever the parallelism.
+        """
+        output_dir = output_dir or self.args.output_dir
+        self.save_model(output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            saved = MultimodalEmbeddingModel.from_pretrained(output_dir)
+            if saved.has_lora:
+                saved.merge_lora()
+                saved.save_pretrained(output_dir)
+            if self.args.save_sentence_transformers:
+                from ..export import save_for_inference
+
+                save_for_inference(saved, output_dir)
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+
+def freeze_vision_tower(model: MultimodalEmbeddingModel) -> int:
+    """Freeze vision encoder + projector parameters; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.backbone.named_parameters():
+        if any(part in name for part in ("visual", "vision_tower", "vision_model", "multi_modal_projector")):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+

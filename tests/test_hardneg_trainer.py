@@ -1,0 +1,210 @@
+"""HardNegContrastiveTrainer: same gradients across 1/N processes and with GradCache, learning, bad input."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
+from mm_embed_trl.trainers import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_SCRIPT = ROOT / "tests" / "dist_scripts" / "hardneg_trainer_step.py"
+
+
+def _config(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        temperature=0.05,
+        num_hard_negatives=3,
+    )
+    defaults.update(kw)
+    return HardNegContrastiveConfig(**defaults)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _one_step_grads(model_path, rows, config):
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(model_path)
+    trainer = HardNegContrastiveTrainer(model=model, args=config)
+    model.train()
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator(rows)))
+    trainer.accelerator.backward(loss)
+    return loss.item(), _grads(model), trainer
+
+
+@pytest.mark.parametrize("variant", ["plain", "lora+checkpointing"])
+def test_grad_cache_gives_the_same_gradients(variant, tiny_backbone, shapes_data, tmp_path):
+    rows = [shapes_data["train"][i] for i in range(8)]
+    extra = {}
+    if variant != "plain":
+        extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for chunk in (None, 3):
+        config = _config(tmp_path, image_root=str(shapes_data.image_root), gradient_cache_chunk_size=chunk, **extra)
+        torch.manual_seed(0)
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+        peft = None
+        if variant != "plain":
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+        trainer = HardNegContrastiveTrainer(model=model, args=config, peft_config=peft)
+        if extra:
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer.model.train()
+        # record the largest batch that ran WITH a graph: GradCache must keep it to the chunk size
+        biggest = []
+        handle = trainer.model.register_forward_pre_hook(
+            lambda m, a, kw: biggest.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() and "input_ids" in kw else None,
+            with_kwargs=True,
+        )
+        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(rows)))
+        trainer.accelerator.backward(loss)
+        handle.remove()
+        results.append((loss.item(), _grads(trainer.model), max(biggest) if biggest else 0))
+    (loss_plain, g_plain, _), (loss_cached, g_cached, biggest_cached) = results
+    assert biggest_cached <= 3, "GradCache ran a forward with graph on more rows than the chunk"
+    assert loss_cached == pytest.approx(loss_plain, abs=1e-6)
+    assert g_plain.keys() == g_cached.keys() and len(g_plain) > 0
+    if variant != "plain":
+        assert all("lora_" in k for k in g_plain)
+    for name in g_plain:
+        torch.testing.assert_close(g_cached[name], g_plain[name], atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    """N processes x B rows == 1 process x N*B rows: loss and every parameter gradient (DDP on gloo), with and
+    without GradCache, with explicit negatives and a planted duplicate target."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    runs = {
+        "single": [sys.executable, str(STEP_SCRIPT)],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(STEP_SCRIPT)],
+    }
+    outputs = {}
+    for name, cmd, extra in (
+        ("single", runs["single"], []),
+        ("ddp", runs["ddp"], []),
+        ("ddp_gradcache", runs["ddp"], ["--chunk", "2"]),
+    ):
+        out = tmp_path / f"{name}.pt"
+        proc = subprocess.run(
+            cmd + [str(out), "--negatives", "1"] + extra, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        outputs[name] = torch.load(out)
+    ref = outputs["single"]
+    assert ref["world"] == 1 and outputs["ddp"]["world"] == 2
+    for name in ("ddp", "ddp_gradcache"):
+        got = outputs[name]
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+        assert got["grads"].keys() == ref["grads"].keys()
+        for key in ref["grads"]:
+            torch.testing.assert_close(got["grads"][key], ref["grads"][key], atol=5e-6, rtol=1e-4)
+
+
+def test_logs_loss_diagnostics(tiny_backbone, shapes_data, tmp_path):
+    rows = [shapes_data["train"][i] for i in range(8)]
+    config = _config(tmp_path, image_root=str(shapes_data.image_root))
+    _, _, trainer = _one_step_grads(tiny_backbone("qwen2_vl"), rows, config)
+    logged = {}
+    trainer.callback_handler.on_log = lambda args, state, control, logs: logged.update(logs) or control
+    trainer.log({"loss": 1.0})
+    for key in ("filtered_fraction", "mean_pos_sim", "mean_neg_sim", "accuracy"):
+        assert key in logged, key
+
+
+def test_batch_of_one_without_negatives_is_a_clear_error(tiny_backbone, shapes_data, tmp_path):
+    rows = [shapes_data["train"][0]]
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), num_negatives=0)
+    with pytest.raises(ValueError, match="no negatives to contrast"):
+        _one_step_grads(tiny_backbone("qwen2_vl"), rows, config)
+
+
+def test_every_candidate_filtered_is_a_clear_error(tiny_backbone, shapes_data, tmp_path):
+    rows = [shapes_data["train"][i] for i in range(4)]
+    # a margin of -5 drops every candidate (cosines lie in [-1, 1])
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), false_negative_margin=-5.0, num_negatives=0)
+    with pytest.raises(ValueError, match="every candidate of every query was excluded"):
+        _one_step_grads(tiny_backbone("qwen2_vl"), rows, config)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_backbone, shapes_data, tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonAfter(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:  # after checkpoint-2 was written, before step 3
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "embed_tokens" in n).fill_(float("nan"))
+
+    train = shapes_data["train"].select(range(32))
+    config = _config(
+        tmp_path, image_root=str(shapes_data.image_root), save_strategy="steps", save_steps=2, max_steps=4,
+        per_device_train_batch_size=8, num_negatives=0,
+    )
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=train, callbacks=[PoisonAfter()])
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*Last good checkpoint: .*checkpoint-2"):
+        trainer.train()
+    out = Path(config.output_dir)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert not (out / ".staging").exists()
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out / "checkpoint-2")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_checkpoints_are_complete_and_atomic(tiny_backbone, shapes_data, tmp_path, monkeypatch):
+    train = shapes_data["train"].select(range(16))
+    config = _config(
+        tmp_path, image_root=str(shapes_data.image_root), save_strategy="steps", save_steps=1, max_steps=2,
+        num_negatives=0, save_total_limit=1,
+    )
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=train)
+    # a crash while the checkpoint is being written must not leave a checkpoint-N folder behind
+    original = trainer._save_optimizer_and_scheduler
+    calls = {"n": 0}
+
+    def crash_on_second(output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    out = Path(config.output_dir)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    assert (out / "checkpoint-1" / "model.safetensors").exists()
+    assert (out / "checkpoint-1" / "optimizer.pt").exists()
+
+
+def test_recipes_parse_with_trl_parser():
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments
+
+    for recipe in sorted(glob.glob(str(ROOT / "recipes" / "hardneg_*.yaml"))):
+        parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
+        script, args, model = parser.parse_args_and_config(["--config", recipe, "--output_dir", "/tmp/x", "--bf16", "false"])
+        assert args.temperature > 0 and args.output_dir == "/tmp/x"  # the command line overrides the recipe
+        if "tiny" not in recipe:
+            assert model.model_name_or_path and model.use_peft and args.num_hard_negatives == 8
+            assert args.false_negative_margin == 0.1 and args.temperature == 0.02
