@@ -1,0 +1,12 @@
+from .base import EmbeddingTrainer, EmbeddingTrainingArguments, NonFiniteLossError, freeze_vision_tower
+from .hardneg_config import HardNegContrastiveConfig
+from .hardneg_trainer import HardNegContrastiveTrainer
+
+__all__ = [
+    "EmbeddingTrainer",
+    "EmbeddingTrainingArguments",
+    "HardNegContrastiveConfig",
+    "HardNegContrastiveTrainer",
+    "NonFiniteLossError",
+    "freeze_vision_tower",
+]
