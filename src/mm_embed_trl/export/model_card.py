@@ -1,0 +1,674 @@
+"""Model cards for exported embedding models, built from what a training run actually produced.
+
+:func:`collect_card_metadata` gathers plain, JSON-able metadata from the model (backbone, pooling, prompt template,
+dimension), the run's ``TrainingArguments`` (a hyper-parameter subset), its evaluation results (before / after
+training) and the training method (UniME stage 1 / 2, UME-R1 SFT / RL, with citations).
+:func:`render_model_card` renders it with the Jinja template ``model_cards/mm_embedding_model_card.md`` into a
+README whose YAML front matter is built by ``huggingface_hub.ModelCardData`` (``library_name``, ``pipeline_tag``,
+``tags``, ``base_model``, ``datasets``, ``license`` and a ``model-index`` when there are metrics), with usage snippets
+for sentence-transformers, plain transformers and mm-embed-trl that use the right prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_TEMPLATE_PATH",
+    "METHODS",
+    "PAPERS",
+    "collect_card_metadata",
+    "hyperparameters_from_args",
+    "normalize_eval_results",
+    "render_model_card",
+    "resolve_method",
+]
+
+# src/mm_embed_trl/export/model_card.py -> repository root / model_cards
+DEFAULT_TEMPLATE_PATH = pathlib.Path(__file__).resolve().parents[3] / "model_cards" / "mm_embedding_model_card.md"
+_TEMPLATE_ENV = "MM_EMBED_TRL_MODEL_CARD_TEMPLATE"
+
+PAPERS: dict[str, dict[str, str]] = {
+    "unime": {
+        "name": "UniME",
+        "title": "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
+        "arxiv": "2504.17432",
+        "url": "https://arxiv.org/abs/2504.17432",
+        "bibtex": (
+            "@article{gu2025unime,\n"
+            "  title   = {Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs},\n"
+            "  author  = {Gu, Tiancheng and Yang, Kaicheng and Feng, Ziyong and Wang, Xingjun and Zhang, Yanzhao and\n"
+            "             Long, Dingkun and Chen, Yingda and Cai, Weidong and Deng, Jiankang},\n"
+            "  journal = {arXiv preprint arXiv:2504.17432},\n"
+            "  year    = {2025}\n"
+            "}"
+        ),
+    },
+    "ume_r1": {
+        "name": "UME-R1",
+        "title": "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings",
+        "arxiv": "2511.00405",
+        "url": "https://arxiv.org/abs/2511.00405",
+        "bibtex": (
+            "@article{lan2025umer1,\n"
+            "  title   = {UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings},\n"
+            "  author  = {Lan, Zhibin and Niu, Liqiang and Meng, Fandong and Zhou, Jie and Su, Jinsong},\n"
+            "  journal = {arXiv preprint arXiv:2511.00405},\n"
+            "  year    = {2025}\n"
+            "}"
+        ),
+    },
+}
+
+# method key -> description. `paper` refers to PAPERS.
+METHODS: dict[str, dict[str, str | None]] = {
+    "unime_stage1": {
+        "title": "UniME stage 1: textual discriminative knowledge distillation",
+        "short": "UniME stage 1",
+        "paper": "unime",
+        "trainer": "DistillEmbedTrainer",
+        "description": (
+            "The language model of the backbone (vision tower frozen) is trained on text only to match the in-batch "
+            "similarity distribution of a strong text-embedding teacher whose embeddings were computed offline: "
+            "KL(teacher || student) between the softmax of the n x n cosine-similarity matrices of a batch."
+        ),
+    },
+    "unime_stage2": {
+        "title": "UniME stage 2: hard-negative enhanced instruction tuning",
+        "short": "UniME stage 2",
+        "paper": "unime",
+        "trainer": "HardNegContrastiveTrainer",
+        "description": (
+            "Contrastive instruction tuning on (query, target) pairs: for each query, candidates more similar than "
+            "its positive plus a margin are dropped as likely false negatives, the k most similar remaining "
+            "candidates (gathered from every device) are kept as hard negatives, and InfoNCE is taken over the "
+            "positive and these hard negatives."
+        ),
+    },
+    "ume_r1_sft": {
+        "title": "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings",
+        "short": "UME-R1 SFT",
+        "paper": "ume_r1",
+        "trainer": "EmbeddingSFTTrainer",
+        "description": (
+            "Cold-start supervised fine-tuning: the model learns to write a reasoning and a summary ending in "
+            "<gen_emb>, with InfoNCE on the <disc_emb> (discriminative) and <gen_emb> (generative) embeddings plus "
+            "cross-entropy on the reasoning of both sides."
+        ),
+    },
+    "ume_r1_rl": {
+        "title": "UME-R1 stage 2: reinforcement learning with a retrieval reward",
+        "short": "UME-R1 RL",
+        "paper": "ume_r1",
+        "trainer": "EmbeddingGRPOTrainer",
+        "description": (
+            "GRPO on rollouts of both sides of each pair: the reward of a rollout is its format score plus the "
+            "ranking of its generative embedding against all target rollouts times the similarity gap between its "
+            "own target and the others."
+        ),
+    },
+    "none": {
+        "title": "no embedding training (the backbone wrapped with pooling)",
+        "short": "untrained baseline",
+        "paper": None,
+        "trainer": None,
+        "description": (
+            "The backbone was wrapped with pooling and prompts but not trained as an embedding model; use it as a "
+            "baseline."
+        ),
+    },
+}
+
+_METHOD_ALIASES = {
+    "unime1": "unime_stage1",
+    "unime_1": "unime_stage1",
+    "distill": "unime_stage1",
+    "distillembed": "unime_stage1",
+    "distillembedconfig": "unime_stage1",
+    "distillembedtrainer": "unime_stage1",
+    "unime2": "unime_stage2",
+    "unime_2": "unime_stage2",
+    "hardneg": "unime_stage2",
+    "hardnegcontrastive": "unime_stage2",
+    "hardnegcontrastiveconfig": "unime_stage2",
+    "hardnegcontrastivetrainer": "unime_stage2",
+    "sft": "ume_r1_sft",
+    "embeddingsft": "ume_r1_sft",
+    "embeddingsftconfig": "ume_r1_sft",
+    "embeddingsfttrainer": "ume_r1_sft",
+    "ume_r1_stage1": "ume_r1_sft",
+    "grpo": "ume_r1_rl",
+    "embeddinggrpo": "ume_r1_rl",
+    "embeddinggrpoconfig": "ume_r1_rl",
+    "embeddinggrpotrainer": "ume_r1_rl",
+    "ume_r1_stage2": "ume_r1_rl",
+    "baseline": "none",
+    "untrained": "none",
+}
+
+# TrainingArguments fields worth showing (in this order) when present; method-specific fields of a subclass are
+# added automatically.
+_HPARAM_KEYS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "fp16",
+    "seed",
+)
+# Bookkeeping fields of config subclasses that say nothing about the training recipe.
+_HPARAM_SKIP = re.compile(
+    r"(^|_)(dir|path|paths|root|token|hub|logging|report|push|save|eval|output|run_name|resume|cache|"
+    r"dataloader|ddp|fsdp|deepspeed|tpu|debug|log|verbos|device|num_proc|num_workers)(_|$)"
+)
+_RUNTIME_METRIC = re.compile(r"(runtime|per_second|^epoch$|^step$|samples|^loss$)")
+# "<evaluator name>_<metric>" as written by mm_embed_trl's evaluators (e.g. "heldout_recall@1").
+_PREFIXED_METRIC = re.compile(
+    r"^(?P<dataset>.+?)_(?P<metric>(?:accuracy|precision|recall|mrr|ndcg|map)(?:@\d+)?|spearman\w*|mmeb\w*)$"
+)
+
+
+def resolve_method(method: str | None, training_args: Any = None) -> str:
+    """The canonical method key (see :data:`METHODS`) from a name/alias, or from the training-args class."""
+    candidates = []
+    if method is not None:
+        candidates.append(str(method))
+    elif training_args is not None and not isinstance(training_args, Mapping):
+        candidates.append(type(training_args).__name__)
+    for name in candidates:
+        key = name.strip().lower().replace("-", "_").replace(" ", "_")
+        if key in METHODS:
+            return key
+        if key in _METHOD_ALIASES:
+            return _METHOD_ALIASES[key]
+        if key.replace("_", "") in _METHOD_ALIASES:
+            return _METHOD_ALIASES[key.replace("_", "")]
+        if method is not None:
+            raise ValueError(
+                f"Unknown training method {method!r}; use one of {sorted(METHODS)} (aliases: distill, hardneg, sft, "
+                "grpo, baseline)."
+            )
+    return "none"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON/YAML-friendly version of a hyper-parameter value (enums -> their value, others -> str)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "value") and isinstance(value.value, (str, int, float)):  # enums (lr_scheduler_type, ...)
+        return value.value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    return str(value)
+
+
+def hyperparameters_from_args(training_args: Any) -> dict[str, Any]:
+    """The recipe-relevant subset of ``TrainingArguments.to_dict()`` (or of a plain dict of them).
+
+    Standard fields in :data:`_HPARAM_KEYS` come first, then the fields a method config adds over
+    ``transformers.TrainingArguments`` (temperature, number of hard negatives, ...), skipping bookkeeping
+    (paths, logging, hub, evaluation schedule) and unset values. ``total_train_batch_size`` is added when known.
+    """
+    if training_args is None:
+        return {}
+    if isinstance(training_args, Mapping):
+        values = dict(training_args)
+        extra_names = [k for k in values if k not in _HPARAM_KEYS]
+    elif hasattr(training_args, "to_dict"):
+        values = training_args.to_dict()
+        from transformers import TrainingArguments
+
+        base = {f.name for f in dataclasses.fields(TrainingArguments)}
+        extra_names = [f.name for f in dataclasses.fields(training_args) if f.name not in base]
+    else:
+        raise TypeError(
+            f"training_args must be a transformers TrainingArguments (or subclass) or a dict, got "
+            f"{type(training_args).__name__}."
+        )
+    out: dict[str, Any] = {}
+    for key in _HPARAM_KEYS:
+        value = values.get(key)
+        if value is None or (key == "max_steps" and value is not None and value <= 0):
+            continue
+        if key in ("warmup_ratio", "warmup_steps") and not value:
+            continue
+        if key in ("bf16", "fp16") and not value:
+            continue
+        out[key] = _plain(value)
+    for key in extra_names:
+        value = values.get(key)
+        if value is None or value == "" or _HPARAM_SKIP.search(key) or isinstance(value, Mapping):
+            continue
+        out[key] = _plain(value)
+    per_device = values.get("per_device_train_batch_size")
+    if isinstance(per_device, int):
+        world = getattr(training_args, "world_size", None) if not isinstance(training_args, Mapping) else None
+        world = world or values.get("world_size") or 1
+        out["total_train_batch_size"] = per_device * int(values.get("gradient_accumulation_steps") or 1) * int(world)
+    return out
+
+
+def _metric_name(name: str) -> str:
+    return name.removeprefix("eval_")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def normalize_eval_results(eval_results: Any, dataset_name: str | None = None) -> list[dict[str, Any]]:
+    """Turn evaluation results into rows ``{"dataset", "metric", "before", "after"}`` (values may be ``None``).
+
+    Accepted forms:
+
+    * ``{"before": {metric: value}, "after": {metric: value}}`` (one dataset, named ``dataset_name``);
+    * ``{dataset: {"before": {...}, "after": {...}}, ...}``;
+    * ``{metric: value}`` (after training only; Trainer-style ``eval_`` prefixes are removed and runtime
+      fields such as ``eval_runtime`` dropped);
+    * a list of row dicts with ``metric`` and ``after`` and/or ``before`` (and optionally ``dataset``).
+
+    Without an explicit dataset, a metric named ``<evaluator>_<metric>`` (``heldout_recall@1``, as mm-embed-trl's
+    evaluators write them) is attributed to dataset ``<evaluator>``; otherwise to ``dataset_name`` or
+    ``"evaluation set"``.
+    """
+    if eval_results is None:
+        return []
+    default = dataset_name or "evaluation set"
+    rows: list[dict[str, Any]] = []
+
+    def add(dataset: str, before: Mapping | None, after: Mapping | None, named: bool = False) -> None:
+        names = list(dict.fromkeys(list((before or {}).keys()) + list((after or {}).keys())))
+        for raw in names:
+            metric = _metric_name(str(raw))
+            if _RUNTIME_METRIC.search(metric):
+                continue
+            row_dataset = dataset
+            prefixed = _PREFIXED_METRIC.match(metric)
+            if prefixed and not named and dataset_name is None:
+                # The evaluator's name is the dataset the numbers belong to.
+                row_dataset, metric = prefixed["dataset"], prefixed["metric"]
+            b, a = (before or {}).get(raw), (after or {}).get(raw)
+            for label, value in (("before", b), ("after", a)):
+                if value is not None and not _is_number(value):
+                    raise ValueError(f"eval_results[{dataset!r}][{label}][{raw!r}] = {value!r} is not a finite number.")
+            rows.append({"dataset": row_dataset, "metric": metric, "before": b, "after": a})
+
+    if isinstance(eval_results, Mapping):
+        keys = set(eval_results)
+        if keys and keys <= {"before", "after"}:
+            add(default, eval_results.get("before"), eval_results.get("after"))
+        elif eval_results and all(isinstance(v, Mapping) for v in eval_results.values()):
+            for dataset, value in eval_results.items():
+                if set(value) <= {"before", "after"}:
+                    add(str(dataset), value.get("before"), value.get("after"), named=True)
+                else:
+                    add(str(dataset), None, value, named=True)
+        else:
+            add(default, None, eval_results)
+    elif isinstance(eval_results, Sequence) and not isinstance(eval_results, str):
+        for i, row in enumerate(eval_results):
+            if not isinstance(row, Mapping) or "metric" not in row or not ({"before", "after"} & set(row)):
+                raise ValueError(
+                    f"eval_results[{i}] must be a dict with 'metric' and 'after' and/or 'before'; got {row!r}."
+                )
+            add(
+                str(row.get("dataset", default)),
+                {row["metric"]: row.get("before")},
+                {row["metric"]: row.get("after")},
+                named="dataset" in row,
+            )
+    else:
+        raise TypeError(f"eval_results must be a dict or a list of dicts, got {type(eval_results).__name__}.")
+    return rows
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` when it looks like a Hub model id (``org/name``) and is not a local path."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return None
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+
+
+def collect_card_metadata(
+    model: Any,
+    training_args: Any = None,
+    eval_results: Any = None,
+    method: str | None = None,
+    dataset_name: str | Sequence[str] | None = None,
+    *,
+    export_info: Mapping[str, Any] | None = None,
+    sentence_transformers_subdir: str | None = None,
+) -> dict[str, Any]:
+    """Metadata for :func:`render_model_card` from a real run.
+
+    Args:
+        model: the ``MultimodalEmbeddingModel`` (or the directory of a saved one).
+        training_args: the run's ``TrainingArguments`` (any subclass) or a dict of them.
+        eval_results: evaluation results, see :func:`normalize_eval_results`.
+        method: ``"unime_stage1"``, ``"unime_stage2"``, ``"ume_r1_sft"``, ``"ume_r1_rl"`` or ``"none"`` (aliases
+            ``distill``, ``hardneg``, ``sft``, ``grpo``); inferred from the class of ``training_args`` when omitted.
+        dataset_name: the training dataset id(s) (Hub ids go into the YAML ``datasets``).
+        export_info: what the sentence-transformers export recorded (prompts, pooling); set by the exporter.
+        sentence_transformers_subdir: set when the card describes a ``save_for_inference`` directory whose ST
+            export lives in that subfolder.
+
+    Returns:
+        A dict of plain values; override any of them (``license``, ``model_name``, ``repo_id``, ``language``,
+        ``tags``, ``base_model``) before rendering.
+    """
+    from .. import __version__
+    from ..data.templates import get_template
+
+    if isinstance(model, (str, os.PathLike)):
+        from .sentence_transformers import load_model_for_export
+
+        model = load_model_for_export(model)
+    config = model.config
+    encoder_config = config.encoder_config
+    base_name = getattr(encoder_config, "_name_or_path", "") or getattr(config, "_name_or_path", "") or ""
+    base_model = _hub_id(base_name)
+    base_display = base_model or (pathlib.Path(base_name).name if base_name else encoder_config.model_type)
+    method_key = resolve_method(method, training_args)
+    info = METHODS[method_key]
+    paper = PAPERS.get(info["paper"]) if info["paper"] else None
+    datasets = [dataset_name] if isinstance(dataset_name, str) else [str(d) for d in (dataset_name or [])]
+    template = get_template(config.prompt_template)
+    processor = model.processor
+    multimodal = processor is not None and hasattr(processor, "image_processor")
+    export_info = dict(export_info or {})
+    prompts = dict(
+        export_info.get("prompts") or {"query": template.query_instruction, "document": template.document_instruction}
+    )
+    dim = int(config.embedding_dim or config.hidden_size)
+    family = encoder_config.model_type
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mm-embed-trl", family]
+    if multimodal:
+        tags += ["multimodal-embedding", "image-text-retrieval"]
+    if paper is not None:
+        tags.append(paper["name"].lower())
+    return {
+        "model_name": f"{base_display.split('/')[-1]} multimodal embedding ({info['short']})",
+        "repo_id": None,
+        "model_reference": None,
+        "base_model": base_model,
+        "base_model_display": base_display,
+        "backbone_type": family,
+        "backbone_class": type(model.backbone).__name__,
+        "method": method_key,
+        "method_title": info["title"],
+        "method_description": info["description"],
+        "trainer": info["trainer"],
+        "paper": dict(paper) if paper else None,
+        "datasets": datasets,
+        "hyperparameters": hyperparameters_from_args(training_args),
+        "eval_results": normalize_eval_results(eval_results),
+        "prompt_template": template.name,
+        "prompt_formats": {
+            "text": template.text_format,
+            "image": template.image_format,
+            "image_text": template.image_text_format,
+            "image_separator": template.image_separator,
+            "image_first": template.image_first,
+            "system_prompt": template.system_prompt,
+        },
+        "prompts": prompts,
+        "pooling": config.pooling,
+        "pooling_token": export_info.get("pooling_token", config.pooling_token),
+        "normalize": bool(config.normalize),
+        "embedding_dim": dim,
+        "hidden_size": int(config.hidden_size),
+        "truncated": config.embedding_dim is not None,
+        "modalities": ["text", "image", "image+text"] if multimodal else ["text"],
+        "multimodal": multimodal,
+        "license": None,
+        "language": None,
+        "tags": tags,
+        "library_version": __version__,
+        "sentence_transformers_subdir": sentence_transformers_subdir,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- snippets
+def _model_ref(metadata: Mapping[str, Any]) -> str:
+    ref = metadata.get("repo_id") or metadata.get("model_reference")
+    if not ref:
+        raise ValueError(
+            "The model card needs `repo_id` (the Hub id the model will be pushed to) or `model_reference` (a local "
+            "path) for its usage snippets; pass it in model_card_data."
+        )
+    return str(ref)
+
+
+def _st_usage(metadata: Mapping[str, Any]) -> str:
+    ref = _model_ref(metadata)
+    sub = metadata.get("sentence_transformers_subdir")
+    if sub:
+        # SentenceTransformer cannot load a subfolder of a Hub repo: fetch the repo (no-op for a local folder).
+        header = (
+            "import os\n\n"
+            "from huggingface_hub import snapshot_download\n"
+            + ("from PIL import Image\n" if metadata["multimodal"] else "")
+            + "from sentence_transformers import SentenceTransformer\n\n"
+            f'model_dir = "{ref}"\n'
+            "if not os.path.isdir(model_dir):  # a Hub repo id: download it first\n"
+            "    model_dir = snapshot_download(model_dir)\n"
+            f'model = SentenceTransformer(os.path.join(model_dir, "{sub}"))  # no trust_remote_code needed\n'
+        )
+    else:
+        header = (
+            ("from PIL import Image\n" if metadata["multimodal"] else "")
+            + "from sentence_transformers import SentenceTransformer\n\n"
+            f'model = SentenceTransformer("{ref}")  # no trust_remote_code needed\n'
+        )
+    if metadata["multimodal"]:
+        return (
+            header + 'red = Image.new("RGB", (64, 64), "red")\n'
+            "queries = model.encode_query(\n"
+            '    ["A red square.", {"image": red, "text": "What colour is this picture?"}]\n'
+            ")\n"
+            'documents = model.encode_document([red, "A blue circle."])\n'
+            "print(model.similarity(queries, documents))"
+        )
+    return (
+        header + 'queries = model.encode_query(["A red square."])\n'
+        'documents = model.encode_document(["Something red and square.", "A blue circle."])\n'
+        "print(model.similarity(queries, documents))"
+    )
+
+
+def _transformers_usage(metadata: Mapping[str, Any]) -> str:
+    ref = _model_ref(metadata)
+    sub = metadata.get("sentence_transformers_subdir")
+    load_args = f'"{ref}", subfolder="{sub}"' if sub else f'"{ref}"'
+    if metadata["pooling"] == "mean":
+        pool = (
+            '    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
+            "    emb = (hidden * mask).sum(1) / mask.sum(1)  # mean over the prompt tokens\n"
+        )
+    else:
+        what = (
+            f"the last {metadata['pooling_token']} (the template ends the prompt there)"
+            if metadata["pooling"] == "special_token"
+            else "the end of the prompt"
+        )
+        pool = f"    emb = hidden[:, -1]  # left padding: the last position is {what}\n"
+    if metadata["truncated"]:
+        pool += f"    emb = emb[:, :{metadata['embedding_dim']}]\n"
+    if metadata["normalize"]:
+        pool += "    emb = torch.nn.functional.normalize(emb.float(), dim=-1)\n"
+    if metadata["multimodal"]:
+        loader, kind = "AutoProcessor", "processor"
+        query = '[{"type": "text", "text": "A red square."}]'
+        doc = '[{"type": "image", "image": Image.new("RGB", (64, 64), "red")}]'
+        imports = "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+    else:
+        loader, kind = "AutoTokenizer", "tokenizer"
+        query = '"A red square."'
+        doc = '"Something red and square."'
+        imports = "import torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
+    return (
+        imports + f"{kind} = {loader}.from_pretrained({load_args})\n"
+        f"model = AutoModel.from_pretrained({load_args}).eval()\n\n\n"
+        'def embed(contents, task="query"):\n'
+        "    # The saved chat template wraps each input in the embedding prompt; `task` picks the query / document\n"
+        "    # instruction and the generation prompt is always added.\n"
+        '    messages = [[{"role": "user", "content": content}] for content in contents]\n'
+        f"    batch = {kind}.apply_chat_template(\n"
+        '        messages, tokenize=True, return_dict=True, padding=True, return_tensors="pt", task=task\n'
+        "    )\n"
+        "    with torch.no_grad():\n"
+        "        hidden = model(**batch).last_hidden_state\n" + pool + "    return emb\n\n\n"
+        f"queries = embed([{query}])\n"
+        f'documents = embed([{doc}], task="document")\n'
+        "print(queries @ documents.T)"
+    )
+
+
+def _mm_embed_trl_usage(metadata: Mapping[str, Any]) -> str | None:
+    if not metadata.get("sentence_transformers_subdir"):
+        return None
+    ref = _model_ref(metadata)
+    return (
+        "from mm_embed_trl import MultimodalEmbeddingModel\n\n"
+        f'model = MultimodalEmbeddingModel.from_pretrained("{ref}")\n'
+        'queries = model.encode(["A red square."], side="query")\n'
+        'documents = model.encode(["Something red and square."], side="document")\n'
+        "print(queries @ documents.T)"
+    )
+
+
+def _prompt_examples(metadata: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The text item of the user message for each input kind (before the chat template), query side."""
+    formats = metadata["prompt_formats"]
+    instruction = metadata["prompts"].get("query", "")
+    rows = [{"input": "text", "content": instruction + formats["text"].replace("{text}", "<text>")}]
+    if metadata["multimodal"]:
+        image_text = instruction + formats["image"]
+        both = instruction + formats["image_text"].replace("{text}", "<text>")
+        sep = formats["image_separator"] if formats["image_first"] else ""
+        img = "<image>" if formats["image_first"] else ""
+        tail = "" if formats["image_first"] else "<image>"
+        rows.append({"input": "image", "content": img + (sep + image_text if image_text else "") + tail})
+        rows.append({"input": "image + text", "content": img + sep + both + tail})
+    return rows
+
+
+def _resolve_template_path(template_path: str | os.PathLike | None) -> pathlib.Path:
+    candidates = (
+        [template_path] if template_path is not None else [os.environ.get(_TEMPLATE_ENV), DEFAULT_TEMPLATE_PATH]
+    )
+    for candidate in candidates:
+        if candidate and pathlib.Path(candidate).is_file():
+            return pathlib.Path(candidate)
+    raise FileNotFoundError(
+        f"Model card template not found (looked at {[str(c) for c in candidates if c]}). Pass template_path=... or "
+        f"set ${_TEMPLATE_ENV} to model_cards/mm_embedding_model_card.md of the mm-embed-trl repository."
+    )
+
+
+def _card_data(metadata: Mapping[str, Any]):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    eval_results = []
+    for row in metadata.get("eval_results") or []:
+        if row.get("after") is None:
+            continue
+        dataset = row["dataset"]
+        eval_results.append(
+            EvalResult(
+                task_type="information-retrieval",
+                task_name="Information Retrieval",
+                dataset_type=dataset if _hub_id(dataset) else re.sub(r"[^\w.-]+", "-", dataset).strip("-") or "eval",
+                dataset_name=dataset,
+                metric_type=row["metric"],
+                metric_name=row["metric"],
+                metric_value=float(row["after"]),
+            )
+        )
+    datasets = [d for d in metadata.get("datasets") or [] if _hub_id(d)]
+    return ModelCardData(
+        language=metadata.get("language"),
+        license=metadata.get("license"),
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=list(dict.fromkeys(metadata.get("tags") or [])),
+        base_model=metadata.get("base_model"),
+        datasets=datasets or None,
+        model_name=metadata["model_name"],
+        eval_results=eval_results or None,
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathLike | None = None) -> str:
+    """Render the README.md (YAML front matter + markdown) for ``metadata`` from :func:`collect_card_metadata`.
+
+    The template is rendered with ``StrictUndefined``, so a variable the metadata lacks is an error instead of a
+    silently blank field; the front matter comes from ``huggingface_hub.ModelCardData`` and is parsed back by
+    ``huggingface_hub.ModelCard`` as a check.
+    """
+    import jinja2
+    from huggingface_hub import ModelCard
+
+    path = _resolve_template_path(template_path)
+    card_data = _card_data(metadata)
+    rows = []
+    for row in metadata.get("eval_results") or []:
+        before, after = row.get("before"), row.get("after")
+        delta = after - before if before is not None and after is not None else None
+        rows.append(
+            {
+                **row,
+                "before_str": _fmt(before),
+                "after_str": _fmt(after),
+                "delta_str": _fmt(delta) if delta is None else f"{delta:+.4g}",
+            }
+        )
+    context = dict(metadata)
+    context.update(
+        card_data=card_data.to_yaml(),
+        eval_rows=rows,
+        has_before=any(r.get("before") is not None for r in rows),
+        hyperparameter_rows=[(k, _fmt(v)) for k, v in (metadata.get("hyperparameters") or {}).items()],
+        st_usage=_st_usage(metadata),
+        transformers_usage=_transformers_usage(metadata),
+        mm_embed_trl_usage=_mm_embed_trl_usage(metadata),
+        prompt_examples=_prompt_examples(metadata),
+    )
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    try:
+        content = env.from_string(path.read_text(encoding="utf-8")).render(**context)
+    except jinja2.UndefinedError as err:
+        raise ValueError(f"Model card template {str(path)!r} uses a value the metadata lacks: {err}.") from err
+    content = content.strip() + "\n"
+    ModelCard(content)  # parses the YAML front matter: raises on a malformed header
+    return content

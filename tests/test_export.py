@@ -1,0 +1,438 @@
+"""sentence-transformers export: SentenceTransformer(dir) (no remote code) embeds exactly like model.encode.
+
+The reference is always `MultimodalEmbeddingModel.encode` of the same inputs and side; each test also checks that
+the thing being reproduced actually matters (a wrong prompt / pooling gives different vectors), so an export that
+ignored prompts could not pass.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_embed_trl.data.templates import PromptTemplate, get_template, register_template, strip_image_placeholders
+from mm_embed_trl.export import export_sentence_transformers, save_for_inference
+from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR, build_embedding_chat_template
+from mm_embed_trl.modeling import MultimodalEmbeddingModel
+from mm_embed_trl.tiny import TINY_FAMILIES
+
+ATOL = 1e-5
+
+
+def _image(color, size=64):
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    img.paste(color, (8, 8, size // 2, size // 2))
+    return img
+
+
+def _inputs(family: str) -> list:
+    if family == "text":
+        return ["a red circle on the left", "two blue squares", "<|image_1|> Represent   the given sentence"]
+    return [
+        "a red circle on the left",
+        _image((255, 0, 0)),
+        {"image": _image((0, 0, 255)), "text": "What colour is the shape?"},
+        # MMEB-style placeholder + odd whitespace, a non-square image: stripping and resizing must match too
+        {
+            "text": "<|image_1|>\n  Represent the given image with the following question: what is it?",
+            "image": _image((0, 200, 0), 48),
+        },
+    ]
+
+
+def _st(path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu")  # trust_remote_code defaults to False
+
+
+def _assert_same(st, model, inputs, *, prompts_differ=False):
+    for side, fn in (("query", st.encode_query), ("document", st.encode_document)):
+        ours = model.encode(inputs, side=side)
+        theirs = fn(inputs, convert_to_tensor=True, batch_size=3)
+        torch.testing.assert_close(theirs.float(), ours.float(), atol=ATOL, rtol=0)
+    # plain encode (no task, no prompt) embeds as a query, like model.encode's default side
+    torch.testing.assert_close(
+        st.encode(inputs, convert_to_tensor=True).float(), model.encode(inputs), atol=ATOL, rtol=0
+    )
+    if prompts_differ:
+        q, d = model.encode(inputs, side="query"), model.encode(inputs, side="document")
+        assert (q - d).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_export_reproduces_encode_on_every_family(family, tiny_backbone, export_dir):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family))
+    out = export_sentence_transformers(model, export_dir / family)
+    modules = json.loads((out / "modules.json").read_text())
+    # stock modules only, nothing that would need trust_remote_code
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    assert all(m["type"].startswith("sentence_transformers.") for m in modules)
+    assert not list(out.glob("*.py"))
+    assert (out / "model.safetensors").is_file() and not list(out.rglob("*.bin"))
+    st_config = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"] == {"query": "", "document": ""} and st_config["similarity_fn_name"] == "cosine"
+    st = _st(out)
+    assert st.get_embedding_dimension() == model.embedding_size
+    inputs = _inputs(family)
+    _assert_same(st, model, inputs)
+
+
+def test_stock_chat_template_would_not_match(tiny_backbone, export_dir):
+    """The equality above is not vacuous: ST on the plain backbone (stock chat template, no prompt) differs."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    path = tiny_backbone("qwen2_vl")
+    model = MultimodalEmbeddingModel.from_pretrained(path)
+    transformer = Transformer(path, unpad_inputs=False)
+    naive = SentenceTransformer(modules=[transformer, Pooling(64, pooling_mode="lasttoken"), Normalize()], device="cpu")
+    inputs = _inputs("qwen2_vl")
+    gap = (naive.encode(inputs, convert_to_tensor=True) - model.encode(inputs)).abs().amax(dim=1)
+    assert (gap > 1e-3).all(), gap
+
+
+def test_prompts_become_side_instructions(tiny_backbone, export_dir):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    prompts = {"query": "Find the picture that answers: ", "document": "Picture: ", "caption": "Caption this: "}
+    out = export_sentence_transformers(model, export_dir / "prompts", prompts=prompts, default_prompt_name="caption")
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"] == prompts
+    # The reference: the same model with a template whose side instructions are those prompts.
+    unime = get_template("unime")
+    fields = {k: getattr(unime, k) for k in ("text_format", "image_format", "image_text_format")}
+    register_template(
+        PromptTemplate(
+            name="test_export_prompts",
+            query_instruction=prompts["query"],
+            document_instruction=prompts["document"],
+            **fields,
+        ),
+        overwrite=True,
+    )
+    reference = MultimodalEmbeddingModel.from_pretrained(
+        tiny_backbone("qwen2_vl"), prompt_template="test_export_prompts"
+    )
+    st = _st(out)
+    inputs = _inputs("qwen2_vl")
+    for side, fn in (("query", st.encode_query), ("document", st.encode_document)):
+        torch.testing.assert_close(
+            fn(inputs, convert_to_tensor=True), reference.encode(inputs, side=side), atol=ATOL, rtol=0
+        )
+    # default_prompt_name="caption": plain encode uses that instruction (an ST prompt is the instruction)
+    register_template(
+        PromptTemplate(name="test_export_caption", query_instruction=prompts["caption"], **fields), overwrite=True
+    )
+    caption_ref = MultimodalEmbeddingModel.from_pretrained(
+        tiny_backbone("qwen2_vl"), prompt_template="test_export_caption"
+    )
+    torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True), caption_ref.encode(inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        st.encode(inputs, prompt=prompts["caption"], convert_to_tensor=True),
+        caption_ref.encode(inputs),
+        atol=ATOL,
+        rtol=0,
+    )
+    q, d = st.encode_query(inputs, convert_to_tensor=True), st.encode_document(inputs, convert_to_tensor=True)
+    assert (q - d).abs().amax(dim=1).min() > 1e-3  # the instructions change the vectors
+
+
+def test_custom_template_system_prompt_text_first_and_instructions(tiny_backbone, export_dir):
+    register_template(
+        PromptTemplate(
+            name="test_export_custom",
+            text_format="Text: {text}",
+            image_format="Describe the picture.",
+            image_text_format="Question: {text}",
+            query_instruction="Q> ",
+            document_instruction="D> ",
+            image_first=False,
+            image_separator=" ",
+            system_prompt="You turn inputs into vectors.",
+        ),
+        overwrite=True,
+    )
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), prompt_template="test_export_custom")
+    out = export_sentence_transformers(model, export_dir / "custom")
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"] == {
+        "query": "Q> ",
+        "document": "D> ",
+    }
+    _assert_same(_st(out), model, _inputs("qwen2_vl"), prompts_differ=True)
+
+
+def test_mean_pooling_truncation_and_unnormalised(tiny_backbone, export_dir):
+    path = tiny_backbone("qwen2_5_vl")
+    inputs = _inputs("qwen2_5_vl")
+    mean = MultimodalEmbeddingModel.from_pretrained(path, pooling="mean", embedding_dim=16)
+    out = export_sentence_transformers(mean, export_dir / "mean16")
+    types = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
+    assert types == ["Transformer", "Pooling", "Dense", "Normalize"]
+    st = _st(out)
+    assert st.get_embedding_dimension() == 16
+    _assert_same(st, mean, inputs)
+    # truncation happens before normalisation, as in the model (ST's truncate_dim would act after it)
+    torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True).norm(dim=-1), torch.ones(len(inputs)))
+
+    raw = MultimodalEmbeddingModel.from_pretrained(path, embedding_dim=16, normalize=False)
+    out = export_sentence_transformers(raw, export_dir / "raw16")
+    types = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
+    assert types == ["Transformer", "Pooling", "Dense"]
+    st = _st(out)
+    _assert_same(st, raw, inputs)
+    assert (st.encode(inputs, convert_to_tensor=True).norm(dim=-1) - 1).abs().max() > 1e-2
+
+
+def _with_ume_tokens(model):
+    tokenizer = model.processor.tokenizer
+    tokenizer.add_tokens(["<disc_emb>", "<gen_emb>"], special_tokens=True)
+    model.encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
+def test_special_token_pooling_is_exact_without_remote_code(tiny_backbone, export_dir):
+    """UME-R1 discriminative embedding: hidden state at <disc_emb>, which is followed by the instruction."""
+    path = tiny_backbone("qwen2_vl")
+    model = _with_ume_tokens(MultimodalEmbeddingModel.from_pretrained(path, prompt_template="ume_r1"))
+    model.config.pooling, model.config.pooling_token = "special_token", "<disc_emb>"
+    model.set_processor(model.processor)
+    out = export_sentence_transformers(model, export_dir / "ume_r1")
+    assert json.loads((out / EXPORT_INFO_FILE).read_text())["pooling_token"] == "<disc_emb>"
+    inputs = _inputs("qwen2_vl")
+    _assert_same(_st(out), model, inputs)
+    # ...and the position matters: the last prompt token gives another vector
+    model.config.pooling = "last_token"
+    last = model.encode(inputs)
+    model.config.pooling = "special_token"
+    assert ((model.encode(inputs) - last).abs().amax(dim=1) > 1e-3).all()
+
+
+def test_text_lm_without_chat_template(tiny_backbone, export_dir):
+    """A text LM without chat template: the collator tokenises format_text as is; so does the export."""
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
+    model.processor.chat_template = None
+    out = export_sentence_transformers(model, export_dir / "text_no_template")
+    _assert_same(_st(out), model, _inputs("text"))
+
+
+def test_lora_export_merges_a_copy(tiny_backbone, export_dir):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)  # non-zero adapters, so merging changes the weights
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = _inputs("qwen2_vl")
+    with_lora = model.encode(inputs)
+    out = export_sentence_transformers(model, export_dir / "lora")
+    assert model.has_lora and model.config.lora_config is not None  # the caller's model is untouched
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    weights = __import__("safetensors.torch", fromlist=["load_file"]).load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    torch.testing.assert_close(_st(out).encode_query(inputs, convert_to_tensor=True), with_lora, atol=ATOL, rtol=0)
+    # the adapters matter
+    base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    assert (base.encode(inputs) - with_lora).abs().max() > 1e-3
+
+
+def test_export_from_saved_checkpoint_and_save_for_inference(tiny_backbone, tmp_path):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    inputs = _inputs("qwen2_vl")
+    expected = model.encode(inputs)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_state.json").write_text("{}")  # other files of a run are kept
+    save_for_inference(model, run)
+    assert (run / "trainer_state.json").is_file() and (run / "README.md").is_file()
+    assert (run / ST_SUBDIR / "modules.json").is_file() and (run / ST_SUBDIR / "README.md").is_file()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    reloaded = MultimodalEmbeddingModel.from_pretrained(run)
+    torch.testing.assert_close(reloaded.encode(inputs), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_st(run / ST_SUBDIR).encode(inputs, convert_to_tensor=True), expected, atol=ATOL, rtol=0)
+    # the root card's snippets load the subfolder export (and the model itself), and run
+    root_card = (run / "README.md").read_text()
+    assert f'model_dir = "{run}"' in root_card and f'subfolder="{ST_SUBDIR}"' in root_card
+    for heading in ("sentence-transformers", "transformers", "mm-embed-trl"):
+        scope: dict = {"print": lambda *a, **k: None}
+        exec(_code_block(root_card, heading), scope)  # noqa: S102 - our own generated snippet
+        torch.testing.assert_close(
+            torch.as_tensor(scope["queries"])[0], model.encode("A red square."), atol=ATOL, rtol=0
+        )
+    # a saved checkpoint directory exports too
+    out = export_sentence_transformers(run, tmp_path / "from_dir")
+    torch.testing.assert_close(_st(out).encode(inputs, convert_to_tensor=True), expected, atol=ATOL, rtol=0)
+
+
+def test_save_for_inference_can_merge_in_place(tiny_backbone, tmp_path):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
+    model.add_lora(r=2, lora_alpha=4, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    inputs = _inputs("text")
+    expected = model.encode(inputs)
+    save_for_inference(model, tmp_path / "run", merge_lora=True)
+    assert not model.has_lora  # merged in place: no second copy of the weights
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lora_config"] is None
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "run")
+    torch.testing.assert_close(reloaded.encode(inputs), expected, atol=ATOL, rtol=0)
+    st = _st(tmp_path / "run" / ST_SUBDIR)
+    torch.testing.assert_close(st.encode(inputs, convert_to_tensor=True), expected, atol=ATOL, rtol=0)
+
+
+def _code_block(card: str, heading: str) -> str:
+    section = card.split(f"### {heading}", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "text"])
+def test_card_usage_snippets_run_and_agree(family, tiny_backbone, export_dir):
+    """The README's sentence-transformers and plain-transformers snippets run and give the model's vectors."""
+    model = MultimodalEmbeddingModel.from_pretrained(
+        tiny_backbone(family), pooling="mean" if family == "text" else "last_token"
+    )
+    out = export_sentence_transformers(model, export_dir / f"card_{family}")
+    card = (out / "README.md").read_text()
+    scope: dict = {"print": lambda *a, **k: None}
+    exec(_code_block(card, "transformers"), scope)  # noqa: S102 - our own generated snippet
+    st_scope: dict = {"print": lambda *a, **k: None}
+    exec(_code_block(card, "sentence-transformers"), st_scope)  # noqa: S102
+    if family == "text":
+        query, document = "A red square.", "Something red and square."
+    else:
+        query, document = "A red square.", Image.new("RGB", (64, 64), "red")
+    torch.testing.assert_close(scope["queries"], model.encode([query]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(scope["documents"], model.encode([document], side="document"), atol=ATOL, rtol=0)
+    assert st_scope["queries"].shape[1] == model.embedding_size
+
+
+def test_placeholder_stripping_template_matches_python():
+    """The Jinja re-implementation of strip_image_placeholders agrees with the regex version on random strings."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    chat_template = build_embedding_chat_template(
+        get_template("plain"), "{{ messages[0]['content'] }}", multimodal=False
+    )
+    pieces = [
+        "<|image_1|>",
+        "<|image|>",
+        "<image>",
+        "<image_12>",
+        "<|image_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        " ",
+        "\t",
+        "\n",
+        "\n",
+        "a",
+        "b c",
+        "<|image_",
+        "_3|>",
+        "<image",
+        ">",
+        "|>",
+        "_",
+        "7",
+        "\u0663",
+        "\u00b2",
+        "\r",
+    ]  # an Arabic-Indic digit (\d) and a superscript two (not \d)
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(700):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        expected = strip_image_placeholders(text)
+        if not expected:
+            continue  # an input with nothing left is refused by both (tested below)
+        rendered, _ = render_jinja_template(
+            [[{"role": "user", "content": [{"type": "text", "text": text}]}]], chat_template=chat_template
+        )
+        assert rendered[0] == expected, text
+        checked += 1
+    assert checked > 500
+    with pytest.raises(Exception, match="no image and its text is empty"):
+        render_jinja_template([[{"role": "user", "content": "<|image_1|> "}]], chat_template=chat_template)
+    with pytest.raises(Exception, match="private-use character U\\+E000"):
+        render_jinja_template([[{"role": "user", "content": "a \ue000 b"}]], chat_template=chat_template)
+
+
+def test_bad_messages_are_refused_clearly(tiny_backbone, export_dir):
+    out = export_sentence_transformers(
+        MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl")), export_dir / "bad"
+    )
+    st = _st(out)
+    two_images = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": _image((1, 2, 3))}, {"type": "image", "image": _image((3, 2, 1))}],
+        }
+    ]
+    with pytest.raises(Exception, match="at most one text and one image"):
+        st.encode([two_images])
+    with pytest.raises(Exception, match="one user message"):
+        st.encode([[{"role": "assistant", "content": [{"type": "text", "text": "hi"}]}]])
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_checkpoints_are_clear_errors(tiny_backbone, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_sentence_transformers(tmp_path / "missing", tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"not a trained model: it has no config\.json"):
+        export_sentence_transformers(empty, tmp_path / "out")
+    # a plain backbone is not a trained embedding model
+    with pytest.raises(ValueError, match=r"model_type='qwen2_vl', expected 'mm_embedding'.*pass that model instance"):
+        export_sentence_transformers(tiny_backbone("qwen2_vl"), tmp_path / "out")
+    # a saved model whose processor files are missing
+    saved = tmp_path / "saved"
+    MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl")).save_pretrained(saved, save_processor=False)
+    with pytest.raises(ValueError, match="no processor"):
+        export_sentence_transformers(saved, tmp_path / "out")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(saved / "config.json", no_weights / "config.json")
+    with pytest.raises(ValueError, match="no weights"):
+        export_sentence_transformers(no_weights, tmp_path / "out")
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), load_processor=False)
+    with pytest.raises(ValueError, match="no processor"):
+        export_sentence_transformers(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written by failed exports
+    with pytest.raises(TypeError, match="MultimodalEmbeddingModel or a directory"):
+        export_sentence_transformers(42, tmp_path / "out")
+
+
+def test_existing_output_dir_needs_overwrite(tiny_backbone, tmp_path):
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_sentence_transformers(model, out)
+    assert (out / "keep.txt").is_file()
+    export_sentence_transformers(model, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "modules.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directories left behind
+    with pytest.raises(ValueError, match="default_prompt_name='nope'"):
+        export_sentence_transformers(model, tmp_path / "other", default_prompt_name="nope")
