@@ -208,3 +208,25 @@ def test_recipes_parse_with_trl_parser():
         if "tiny" not in recipe:
             assert model.model_name_or_path and model.use_peft and args.num_hard_negatives == 8
             assert args.false_negative_margin == 0.1 and args.temperature == 0.02
+
+
+def test_it_learns_on_held_out_data(tiny_backbone, tmp_path):
+    """A short run on generated data raises retrieval on held-out compositions far above the untrained model."""
+    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.evaluation import RetrievalEvaluator
+
+    data = make_shapes_dataset(num_train=384, num_eval=64, seed=1)
+    evaluator = RetrievalEvaluator.from_rows(data["eval"], str(data.image_root), k_values=(1, 10), batch_size=64)
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    before = evaluator(model)
+    config = _config(
+        tmp_path, image_root=str(data.image_root), per_device_train_batch_size=32, num_train_epochs=5,
+        learning_rate=5e-4, num_hard_negatives=16, lr_scheduler_type="cosine", logging_steps=50, seed=0,
+    )
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=data["train"])
+    trainer.train()
+    after = evaluator(model)
+    # a short CPU run: the effect is modest but far outside noise (the full example reaches MRR ~0.15-0.18)
+    assert after["mrr"] > 2 * before["mrr"] and after["mrr"] > before["mrr"] + 0.03, (before, after)
+    assert after["recall@10"] > before["recall@10"], (before, after)

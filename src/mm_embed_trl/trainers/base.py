@@ -126,6 +126,7 @@ class EmbeddingTrainer(Trainer):
     """
 
     _tag_names = ["mm-embed-trl"]
+    method_name: str | None = None  # the model card's method key (e.g. "unime_stage2")
 
     def __init__(
         self,
@@ -307,7 +308,7 @@ class EmbeddingTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
-    def save_for_inference(self, output_dir: str | None = None) -> str:
+    def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
         """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
         and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
 
@@ -319,13 +320,14 @@ class EmbeddingTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             saved = MultimodalEmbeddingModel.from_pretrained(output_dir)
-            if saved.has_lora:
-                saved.merge_lora()
-                saved.save_pretrained(output_dir)
             if self.args.save_sentence_transformers:
                 from ..export import save_for_inference
 
-                save_for_inference(saved, output_dir)
+                card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
+                save_for_inference(saved, output_dir, merge_lora=True, model_card_data=card)
+            elif saved.has_lora:
+                saved.merge_lora()
+                saved.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
 

@@ -40,6 +40,7 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
     """
 
     _tag_names = ["mm-embed-trl", "unime", "contrastive", "hard-negatives"]
+    method_name = "unime_stage2"
 
     def __init__(self, model, args: HardNegContrastiveConfig | None = None, *pargs, **kwargs):
         if args is None:
