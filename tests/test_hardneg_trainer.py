@@ -210,6 +210,7 @@ def test_recipes_parse_with_trl_parser():
             assert args.false_negative_margin == 0.1 and args.temperature == 0.02
 
 
+@pytest.mark.slow
 def test_it_learns_on_held_out_data(tiny_backbone, tmp_path):
     """A short run on generated data raises retrieval on held-out compositions far above the untrained model."""
     from mm_embed_trl.data.generated import make_shapes_dataset
