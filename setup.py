@@ -16,10 +16,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # model_cards/ (repository root) ships inside the package as mm_embed_trl.model_cards
+    package_dir={"": "src", "mm_embed_trl.model_cards": "model_cards"},
+    packages=find_packages("src") + ["mm_embed_trl.model_cards"],
     include_package_data=True,
-    package_data={"mm_embed_trl": ["py.typed", "resources/*"]},
+    package_data={"mm_embed_trl.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

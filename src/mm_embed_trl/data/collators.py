@@ -111,8 +111,10 @@ class EmbeddingCollator:
         if self.max_length is not None:
             inputs = self._truncate_texts(inputs)
         conversations = [self.template.build_messages(x, side) for x in inputs]
-        texts = self._render(conversations, inputs, side)
+        texts, templated = self._render(conversations, inputs, side)
         kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt", "padding_side": "left"}
+        # A chat template already writes BOS & co. (Llama-3 style); tokenizing it with special tokens doubles them.
+        kwargs["add_special_tokens"] = not templated
         if images:
             kwargs["images"] = images
         if not self.is_multimodal:
@@ -123,16 +125,17 @@ class EmbeddingCollator:
         enc["image_counts"] = torch.tensor([int(x.image is not None) for x in inputs], dtype=torch.long)
         return enc
 
-    def _render(self, conversations, inputs, side) -> list[str]:
+    def _render(self, conversations, inputs, side) -> tuple[list[str], bool]:
+        """(prompt strings, whether a chat template rendered them)."""
         if self.is_multimodal:
-            return self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+            return self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False), True
         if getattr(self.tokenizer, "chat_template", None):
             flat = [
                 [{"role": m["role"], "content": "".join(c.get("text", "") for c in m["content"])} for m in conv]
                 for conv in conversations
             ]
-            return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
-        return [self.template.format_text(x, side) for x in inputs]
+            return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), True
+        return [self.template.format_text(x, side) for x in inputs], False
 
     def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
         texts = [x.text or "" for x in inputs]

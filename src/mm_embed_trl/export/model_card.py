@@ -30,8 +30,23 @@ __all__ = [
     "resolve_method",
 ]
 
-# src/mm_embed_trl/export/model_card.py -> repository root / model_cards
-DEFAULT_TEMPLATE_PATH = pathlib.Path(__file__).resolve().parents[3] / "model_cards" / "mm_embedding_model_card.md"
+
+
+def _default_template_path() -> pathlib.Path:
+    """The repository's `model_cards/` (a checkout), else the same folder shipped as `mm_embed_trl.model_cards`."""
+    # src/mm_embed_trl/export/model_card.py -> repository root / model_cards
+    in_repo = pathlib.Path(__file__).resolve().parents[3] / "model_cards" / "mm_embedding_model_card.md"
+    if in_repo.exists():
+        return in_repo
+    try:
+        import importlib.resources
+
+        return pathlib.Path(str(importlib.resources.files("mm_embed_trl.model_cards") / "mm_embedding_model_card.md"))
+    except (ModuleNotFoundError, TypeError):
+        return in_repo
+
+
+DEFAULT_TEMPLATE_PATH = _default_template_path()
 _TEMPLATE_ENV = "MM_EMBED_TRL_MODEL_CARD_TEMPLATE"
 
 PAPERS: dict[str, dict[str, str]] = {

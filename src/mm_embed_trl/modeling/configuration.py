@@ -54,9 +54,13 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
         if self.pooling == "special_token" and self.pooling_token is None and self.pooling_token_id is None:
             raise ValueError("pooling='special_token' needs `pooling_token` (e.g. '<disc_emb>') or `pooling_token_id`.")
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The backbone's text config: special-token ids, hidden size and the like live there."""
+        if self.encoder_config is None:
+            return super().get_text_config(decoder=decoder, encoder=encoder)
+        return self.encoder_config.get_text_config(decoder=decoder, encoder=encoder)
+
     @property
     def hidden_size(self) -> int:
         """Hidden size of the backbone's language model (the raw embedding width)."""
-        enc = self.encoder_config
-        text = getattr(enc, "text_config", None) or enc
-        return int(text.hidden_size)
+        return int(self.get_text_config().hidden_size)

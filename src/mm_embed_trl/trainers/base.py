@@ -228,10 +228,10 @@ class EmbeddingTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._cache_handles: list = []
         loss, metrics = self.compute_embedding_loss(model, inputs)
-        self._check_finite(loss, inputs)
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():
-            self._metrics[mode][key].append(float(value))
+            # kept as device tensors: converting here would sync host and device at every step
+            self._metrics[mode][key].append(value.detach() if torch.is_tensor(value) else torch.tensor(float(value)))
         if model.training and torch.is_grad_enabled():
             # The loss spans the global batch but only this rank's slice carries gradient; DDP averages over ranks,
             # so scale the gradient (not the logged value) by the world size to match single-process training.
@@ -243,7 +243,14 @@ class EmbeddingTrainer(Trainer):
         self._cache_handles = []
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
-    def _check_finite(self, loss: torch.Tensor, inputs) -> None:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One scalar sync per step, after backward and before the optimizer step: a non-finite loss never
+        # reaches the weights (nor, through them, a checkpoint).
+        self._check_finite(loss)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss.detach()).all():
             return
         last = None
@@ -271,7 +278,7 @@ class EmbeddingTrainer(Trainer):
         averaged = {}
         for key, values in metrics.items():
             if values:
-                value = torch.tensor(values, dtype=torch.float64, device=self.args.device).mean()
+                value = torch.stack([v.to(self.args.device, torch.float64) for v in values]).mean()
                 averaged[key] = self.accelerator.reduce(value, reduction="mean").item()
         metrics.clear()
         prefix = "eval_" if mode == "eval" else ""
