@@ -7,6 +7,7 @@ MMEB-train rows (TIGER-Lab/MMEB-train) are used unchanged: ``qry``, ``qry_image_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,20 +60,22 @@ class EmbeddingInput:
         return "image" if self.image is not None else "text"
 
 
-def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
-    """Convert a user-facing input (str, PIL image, (image, text) tuple, {"text", "image"} dict)."""
+def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
+    """Parse a user-facing input into (text or None, image value or None) without loading the image.
+
+    Accepts a str, a PIL image, an ``EmbeddingInput``, an (image, text) tuple (the image may be a path string; a
+    (text, image) tuple with a non-str image is accepted too), or a ``{"text": ..., "image": ...}`` dict. Empty
+    strings count as missing, as in MMEB rows.
+    """
     from PIL import Image
 
-    where = f"input #{index}" if index is not None else "input"
     if isinstance(value, EmbeddingInput):
-        return value
-    if isinstance(value, str):
-        if is_missing(value):
-            raise ValueError(f"{where} is an empty text; pass a non-empty string or an image.")
-        return EmbeddingInput(text=value)
-    if isinstance(value, Image.Image):
-        return EmbeddingInput(image=value.convert("RGB") if value.mode != "RGB" else value)
-    if isinstance(value, dict):
+        text, image = value.text, value.image
+    elif isinstance(value, str):
+        text, image = value, None
+    elif isinstance(value, Image.Image):
+        text, image = None, value
+    elif isinstance(value, Mapping):
         unknown = set(value) - {"text", "image"}
         if unknown:
             raise ValueError(f"{where} has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
@@ -86,10 +89,27 @@ def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any 
             f"{where} has unsupported type {type(value).__name__}; pass a str, a PIL.Image, "
             "an (image, text) tuple or a {'text': ..., 'image': ...} dict."
         )
+    text = None if is_missing(text) else text
+    image = None if is_missing(image) else image
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"{where} has a text of type {type(text).__name__}; texts must be str.")
+    if text is None and image is None:
+        raise ValueError(f"{where} has neither a text nor an image (an empty text?); give at least one.")
+    return text, image
+
+
+def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
+    """Convert a user-facing input (see :func:`split_input`) into an ``EmbeddingInput`` with its image loaded."""
+    from PIL import Image
+
+    where = f"input #{index}" if index is not None else "input"
+    if isinstance(value, EmbeddingInput):
+        return value
+    text, image = split_input(value, where=where)
     if image is not None and not isinstance(image, Image.Image):
         from .images import load_image
 
         image = load_image(image, image_root, where=where)
-    if is_missing(text) and image is None:
-        raise ValueError(f"{where} has neither a text nor an image; give at least one.")
+    elif image is not None and image.mode != "RGB":
+        image = image.convert("RGB")
     return EmbeddingInput(text=text, image=image)

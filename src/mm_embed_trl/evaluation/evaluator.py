@@ -29,8 +29,7 @@ from ..data.schema import (
     POS_TEXT,
     QUERY_IMAGE,
     QUERY_TEXT,
-    EmbeddingInput,
-    is_missing,
+    split_input,
 )
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, retrieval_metrics
 from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
@@ -54,42 +53,14 @@ class _Item(NamedTuple):
 
 
 def _split_input(value: Any, where: str) -> _Item:
-    """Parse a user input into (text, image value) without loading anything; mirrors ``to_embedding_input``."""
-    from PIL import Image
-
+    """Parse a user input into (text, image value) without loading anything (``schema.split_input``)."""
     if isinstance(value, _Item):
         return value
-    if isinstance(value, EmbeddingInput):
-        text, image = value.text, value.image
-    elif isinstance(value, str):
-        text, image = value, None
-    elif isinstance(value, Image.Image):
-        text, image = None, value
-    elif isinstance(value, Mapping):
-        unknown = set(value) - {"text", "image"}
-        if unknown:
-            raise ValueError(f"{where} has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
-        text, image = value.get("text"), value.get("image")
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        first, second = value
-        image, text = (first, second) if not isinstance(first, str) else (second, first)
-    else:
-        raise TypeError(
-            f"{where} has unsupported type {type(value).__name__}; pass a str, a PIL.Image, "
-            "an (image, text) tuple or a {'text': ..., 'image': ...} dict."
-        )
-    text = None if is_missing(text) else text
-    image = None if is_missing(image) else image
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"{where} has a text of type {type(text).__name__}; texts must be str.")
-    if text is None and image is None:
-        raise ValueError(f"{where} has neither a text nor an image; give at least one.")
-    return _Item(text, image)
+    return _Item(*split_input(value, where=where))
 
 
 def _row_item(text: Any, image: Any, where: str) -> _Item:
-    """(text, image) from named row columns. Not via a tuple: ``to_embedding_input`` reads a tuple whose first
-    element is a str as (text, image), so a (path, text) pair of strings would be swapped."""
+    """(text, image) from named row columns (a dict, so no tuple-order rule is involved)."""
     return _split_input({"text": text, "image": image}, where)
 
 
