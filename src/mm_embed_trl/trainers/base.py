@@ -183,6 +183,14 @@ class EmbeddingTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        if self.grad_cache is not None and self.is_deepspeed_enabled:
+            # Re-running chunks inside one engine.backward() trips ZeRO's "gradient computed twice" check (the
+            # failure Tevatron hit, its issue #206); refuse clearly instead of failing deep inside DeepSpeed.
+            raise ValueError(
+                "gradient_cache_chunk_size is not supported under DeepSpeed yet. Use DDP (recipes/accelerate/ddp.yaml)"
+                " with GradCache, or DeepSpeed with plain batches plus gradient accumulation and activation "
+                "checkpointing."
+            )
         if eval_callback is not None:
             eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
         if hasattr(self.model, "add_model_tags"):
