@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train clean
+.PHONY: install test test-fast train train-distill clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-fast: install
 # The main job: UniME stage-2 contrastive training of the tiny built-in backbone on generated data.
 train: install
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 examples/train_hardneg.py
+
+# UniME stage 1: distil the offline MiniLM teacher into the tiny backbone on a generated text corpus.
+train-distill: install
+	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 examples/train_distill.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

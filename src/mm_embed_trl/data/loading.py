@@ -18,7 +18,7 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
     import datasets
 
     path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     elif path.is_file():

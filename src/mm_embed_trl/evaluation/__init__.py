@@ -1,10 +1,13 @@
 """Retrieval metrics, evaluators (shared-corpus retrieval, MMEB per-query candidates) and a Trainer callback."""
 
+from .agreement import TeacherAgreementEvaluator, similarity_agreement
 from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, RetrievalEvaluator
 from .metrics import candidate_list_metrics, mmeb_precision_at_1, retrieval_metrics, similarity_spearman
 from .mmeb import MMEB_EVAL_COLUMNS, load_mmeb_eval, validate_mmeb_eval_rows
 
 __all__ = [
+    "TeacherAgreementEvaluator",
+    "similarity_agreement",
     "EmbeddingEvalCallback",
     "MMEBEvaluator",
     "MMEB_EVAL_COLUMNS",

@@ -10,3 +10,8 @@ __all__ = [
     "NonFiniteLossError",
     "freeze_vision_tower",
 ]
+
+from .distill_config import DistillEmbedConfig
+from .distill_trainer import DistillEmbedTrainer
+
+__all__ += ["DistillEmbedConfig", "DistillEmbedTrainer"]
