@@ -49,9 +49,12 @@ def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
     """(model id/path, whether it is the built-in tiny backbone)."""
     if model_args.model_name_or_path:
         return model_args.model_name_or_path, False
+    from accelerate import PartialState
+
     from .tiny import get_tiny_backbone
 
-    path = get_tiny_backbone(script_args.tiny_family)
+    with PartialState().main_process_first():  # build once, the other ranks reuse the cached copy
+        path = get_tiny_backbone(script_args.tiny_family)
     print(
         f"[mm-embed-trl] No --model_name_or_path given: using the built-in tiny random {script_args.tiny_family} "
         f"backbone at {path} (a CPU demo; pass e.g. --model_name_or_path Qwen/Qwen2-VL-2B-Instruct for real runs)."
@@ -79,12 +82,15 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     if script_args.dataset_name is None:
         from .data.generated import make_shapes_dataset
 
-        data = make_shapes_dataset(
-            num_train=script_args.generated_train_size,
-            num_eval=script_args.generated_eval_size,
-            seed=script_args.seed_data,
-            num_negatives=script_args.generated_num_negatives,
-        )
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():
+            data = make_shapes_dataset(
+                num_train=script_args.generated_train_size,
+                num_eval=script_args.generated_eval_size,
+                seed=script_args.seed_data,
+                num_negatives=script_args.generated_num_negatives,
+            )
         image_root = training_args.image_root or str(data.image_root)
         print(
             f"[mm-embed-trl] No --dataset_name given: using the built-in generated shapes dataset "

@@ -555,9 +555,15 @@ def _write_backbone(family: str, directory: pathlib.Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
+    # transformers writes weights only on rank 0 once torch.distributed is up; this private, per-process build
+    # directory must be complete on every rank (any rank may win the rename race in get_tiny_backbone).
+    model.should_save_on_this_rank = lambda is_main_process: True
     with _quiet_progress_bars():
         model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
+    missing = [name for name in ("config.json", "model.safetensors") if not (directory / name).exists()]
+    if missing:
+        raise RuntimeError(f"Building the tiny {family} backbone wrote no {missing} into {directory}.")
     marker = {
         "family": family,
         "seed": seed,

@@ -93,7 +93,18 @@ class EmbeddingTrainingArguments(TrainingArguments):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
+        if not self.use_cpu and not _has_accelerator():
+            # Without it accelerate's PartialState treats `accelerate launch --multi_gpu` / torchrun processes on a
+            # CPU-only machine as N independent single-process runs (each saving, none sharing negatives).
+            self.use_cpu = True
         super().__post_init__()
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 class NonFiniteLossError(FloatingPointError):
