@@ -24,28 +24,25 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.scripts import format_comparison, model_init_kwargs, resolve_model_path, write_report
+from mm_embed_trl.scripts import (
+    EmbeddingScriptArguments,
+    format_comparison,
+    load_named_splits,
+    model_init_kwargs,
+    resolve_model_path,
+    write_report,
+)
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
 
 
 @dataclass
-class DistillScriptArguments:
-    """Data, teacher and demo options of this script (model options come from TRL's `ModelConfig`)."""
+class DistillScriptArguments(EmbeddingScriptArguments):
+    """The shared script options plus the teacher's (model options come from TRL's `ModelConfig`).
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id, local parquet/jsonl/csv file or save_to_disk dir with a text column (and, ideally, the "
-            "teacher column from `python -m mm_embed_trl.teacher`). Default: the built-in generated text corpus."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
-    dataset_eval_split: str | None = field(
-        default=None, metadata={"help": "Held-out split for the student/teacher agreement report."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
-    max_eval_samples: int | None = field(default=512, metadata={"help": "Evaluate agreement on at most N texts."})
+    `--dataset_name` here names data with a text column (and ideally the teacher column written by
+    `python -m mm_embed_trl.teacher`); by default the built-in generated text corpus is used.
+    """
+
     teacher: str | None = field(
         default=None,
         metadata={
@@ -58,13 +55,8 @@ class DistillScriptArguments:
         default=None, metadata={"help": "Teacher embedding cache (default $MM_EMBED_TRL_CACHE/teacher)."}
     )
     teacher_trust_remote_code: bool = field(default=False, metadata={"help": "For teachers with custom code."})
-    tiny_family: str = field(
-        default="qwen2_vl", metadata={"help": "Built-in tiny backbone used when no --model_name_or_path is given."}
-    )
     generated_train_size: int = field(default=3000, metadata={"help": "Sentences of the generated training corpus."})
     generated_eval_size: int = field(default=300, metadata={"help": "Sentences of the generated held-out corpus."})
-    seed_data: int = field(default=0, metadata={"help": "Seed of the generated corpus."})
-    evaluate_before_training: bool = field(default=True, metadata={"help": "Report agreement before training too."})
 
 
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/distill_tiny_cpu.yaml holds the same.
@@ -103,20 +95,8 @@ def load_text_datasets(script_args, training_args):
             f"[mm-embed-trl] No --dataset_name given: using the built-in generated text corpus "
             f"({len(data['train'])} train / {len(data['eval'])} held-out sentences)."
         )
-        train, evaluation = data["train"], data["eval"]
-    else:
-        from mm_embed_trl.data.loading import load_rows_dataset
-
-        name, config = script_args.dataset_name, script_args.dataset_config
-        train = load_rows_dataset(name, config=config, split=script_args.dataset_train_split)
-        evaluation = None
-        if script_args.dataset_eval_split:
-            evaluation = load_rows_dataset(name, config=config, split=script_args.dataset_eval_split)
-    if script_args.max_train_samples is not None:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
-    if evaluation is not None and script_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+        return data["train"], data["eval"]
+    return load_named_splits(script_args)
 
 
 def add_teacher_embeddings(dataset, script_args, training_args, what: str):

@@ -77,12 +77,12 @@ def model_init_kwargs(model_args) -> dict[str, Any]:
 
 def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     """(train dataset, eval dataset or None, image_root)."""
-    from .data.loading import check_training_columns, load_rows_dataset
+    from .data.loading import check_training_columns
 
     if script_args.dataset_name is None:
-        from .data.generated import make_shapes_dataset
-
         from accelerate import PartialState
+
+        from .data.generated import make_shapes_dataset
 
         with PartialState().main_process_first():
             data = make_shapes_dataset(
@@ -99,20 +99,25 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
         train, evaluation = data["train"], data["eval"]
     else:
         image_root = training_args.image_root
-        train = load_rows_dataset(
-            script_args.dataset_name, config=script_args.dataset_config, split=script_args.dataset_train_split
-        )
-        evaluation = None
-        if script_args.dataset_eval_split:
-            evaluation = load_rows_dataset(
-                script_args.dataset_name, config=script_args.dataset_config, split=script_args.dataset_eval_split
-            )
+        train, evaluation = load_named_splits(script_args)
     check_training_columns(train, name="the training dataset")
+    return train, evaluation, image_root
+
+
+def load_named_splits(script_args) -> tuple[Any, Any]:
+    """(train, eval or None) of `--dataset_name` (hub id, file or save_to_disk dir), `max_*_samples` applied."""
+    from .data.loading import load_rows_dataset
+
+    name, config = script_args.dataset_name, script_args.dataset_config
+    train = load_rows_dataset(name, config=config, split=script_args.dataset_train_split)
+    evaluation = None
+    if script_args.dataset_eval_split:
+        evaluation = load_rows_dataset(name, config=config, split=script_args.dataset_eval_split)
     if script_args.max_train_samples is not None:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    return train, evaluation, image_root
+    return train, evaluation
 
 
 def write_report(output_dir: str, report: dict[str, Any]) -> str:
