@@ -29,6 +29,7 @@ from mm_embed_trl.scripts import (
     format_comparison,
     load_named_splits,
     model_init_kwargs,
+    parse_args,
     resolve_model_path,
     write_report,
 )
@@ -62,21 +63,13 @@ class DistillScriptArguments(EmbeddingScriptArguments):
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/distill_tiny_cpu.yaml holds the same.
 # A random student learns the teacher's global similarity structure faster at a softer temperature than the
 # paper's 0.02 (see DistillEmbedConfig.temperature).
-TINY_DEFAULTS = dict(
+TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no model is named
     output_dir="outputs/distill-tiny",
     num_train_epochs=3,
-    per_device_train_batch_size=64,
     learning_rate=1e-3,
-    warmup_steps=0.05,
-    lr_scheduler_type="cosine",
-    weight_decay=0.0,
     temperature=0.1,
     logging_steps=10,
-    save_strategy="no",
-    report_to="none",
-    dataloader_num_workers=0,
     dataloader_drop_last=True,
-    seed=0,
 )
 
 
@@ -121,8 +114,7 @@ def add_teacher_embeddings(dataset, script_args, training_args, what: str):
 
 def main():
     parser = TrlParser((DistillScriptArguments, DistillEmbedConfig, ModelConfig))
-    parser.set_defaults(**TINY_DEFAULTS)
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
 
     train_dataset, eval_dataset = load_text_datasets(script_args, training_args)
     # The teacher runs (and is released) before the student is even loaded.

@@ -20,34 +20,26 @@ from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
     format_comparison,
     model_init_kwargs,
+    parse_args,
     resolve_datasets,
     resolve_model_path,
     write_report,
 )
 
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/hardneg_tiny_cpu.yaml holds the same.
-TINY_DEFAULTS = dict(
+TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no model is named
     output_dir="outputs/hardneg-tiny",
-    num_train_epochs=8,
-    per_device_train_batch_size=64,
+    num_train_epochs=12,
     learning_rate=5e-4,
-    warmup_steps=0.05,
-    lr_scheduler_type="cosine",
-    weight_decay=0.0,
     temperature=0.05,
     num_hard_negatives=32,  # of 63 in-batch candidates: a random tiny model needs a wider net than k=8
     logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    dataloader_num_workers=0,
-    seed=0,
 )
 
 
 def main():
     parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
-    parser.set_defaults(**TINY_DEFAULTS)
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
 
     model_path, is_tiny = resolve_model_path(model_args, script_args)
     model = MultimodalEmbeddingModel.from_pretrained(

@@ -231,3 +231,27 @@ def test_it_learns_on_held_out_data(tiny_backbone, tmp_path):
     # a short CPU run: the effect is modest but far outside noise (the full example reaches MRR ~0.15-0.18)
     assert after["mrr"] > 2 * before["mrr"] and after["mrr"] > before["mrr"] + 0.03, (before, after)
     assert after["recall@10"] > before["recall@10"], (before, after)
+
+
+def test_demo_defaults_apply_only_to_the_tiny_run(monkeypatch):
+    import importlib.util
+
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, parse_args
+
+    spec = importlib.util.spec_from_file_location("train_hardneg", ROOT / "examples" / "train_hardneg.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    def parse(argv):
+        monkeypatch.setattr(sys, "argv", ["train_hardneg.py", *argv])
+        parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
+        return parse_args(parser, example.TINY_DEFAULTS)
+
+    _, tiny, _ = parse([])
+    assert tiny.learning_rate == 5e-4 and tiny.num_hard_negatives == 32 and tiny.report_to == []
+    _, real, _ = parse(["--model_name_or_path", "Qwen/Qwen2-VL-2B-Instruct", "--output_dir", "/tmp/r"])
+    assert real.learning_rate == 1e-4 and real.num_hard_negatives == 8 and real.temperature == 0.02
+    _, override, _ = parse(["--learning_rate", "3e-4"])  # the command line still wins over the demo defaults
+    assert override.learning_rate == 3e-4 and override.num_hard_negatives == 32

@@ -36,13 +36,39 @@ class EmbeddingScriptArguments:
         default="qwen2_vl",
         metadata={"help": "Built-in tiny backbone used when no --model_name_or_path is given."},
     )
-    generated_train_size: int = field(default=1024, metadata={"help": "Rows of generated training data."})
+    generated_train_size: int = field(default=2048, metadata={"help": "Rows of generated training data."})
     generated_eval_size: int = field(default=192, metadata={"help": "Rows of generated held-out data."})
     generated_num_negatives: int = field(
         default=0, metadata={"help": "Explicit hard negatives per generated row (compositional near-misses)."}
     )
     seed_data: int = field(default=0, metadata={"help": "Seed of the generated dataset."})
     evaluate_before_training: bool = field(default=True, metadata={"help": "Report retrieval before training too."})
+
+
+# Shared by the examples' CPU demos (a tiny random backbone trained from scratch on generated data).
+TINY_CPU_DEFAULTS = dict(
+    per_device_train_batch_size=64,
+    warmup_steps=0.05,
+    lr_scheduler_type="cosine",
+    weight_decay=0.0,
+    save_strategy="no",
+    report_to="none",
+    dataloader_num_workers=0,
+    seed=0,
+)
+
+
+def parse_args(parser, tiny_defaults: dict[str, Any]) -> tuple:
+    """Parse (script, training, model) arguments; the demo's `tiny_defaults` apply only to the built-in tiny run.
+
+    A run that names a model keeps the config class's paper defaults; in both cases a `--config` recipe and then
+    the command line override what they set.
+    """
+    parsed = parser.parse_args_and_config()
+    if any(getattr(a, "model_name_or_path", None) for a in parsed):
+        return parsed
+    parser.set_defaults(**{**TINY_CPU_DEFAULTS, **tiny_defaults})
+    return parser.parse_args_and_config()
 
 
 def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
