@@ -255,3 +255,24 @@ def test_demo_defaults_apply_only_to_the_tiny_run(monkeypatch):
     assert real.learning_rate == 1e-4 and real.num_hard_negatives == 8 and real.temperature == 0.02
     _, override, _ = parse(["--learning_rate", "3e-4"])  # the command line still wins over the demo defaults
     assert override.learning_rate == 3e-4 and override.num_hard_negatives == 32
+
+
+def test_lora_run_saves_merged_weights_loadable_both_ways(tiny_backbone, shapes_data, tmp_path):
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+
+    train = shapes_data["train"].select(range(16))
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), max_steps=2, num_negatives=0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=train, peft_config=peft)
+    trainer.train()
+    texts = ["a red circle on the left", "two blue squares"]
+    trained = trainer.model.encode(texts)  # with live adapters
+    out = Path(trainer.save_for_inference())
+    saved = MultimodalEmbeddingModel.from_pretrained(out)
+    assert not saved.has_lora and saved.config.lora_config is None
+    assert not any("lora_" in n for n, _ in saved.named_parameters())
+    torch.testing.assert_close(saved.encode(texts), trained, atol=1e-5, rtol=1e-4)
+    st = SentenceTransformer(str(out / "sentence_transformers"))
+    torch.testing.assert_close(torch.as_tensor(st.encode_query(texts)), trained, atol=1e-5, rtol=1e-4)

@@ -744,6 +744,7 @@ def save_for_inference(
     default_prompt_name: str | None = None,
     model_card_data: Mapping[str, Any] | None = None,
     merge_lora: bool = False,
+    write_model: bool = True,
 ) -> pathlib.Path:
     """Write the final artefacts of a training run: the model itself and a sentence-transformers export.
 
@@ -754,6 +755,8 @@ def save_for_inference(
     Args:
         merge_lora: merge LoRA adapters into ``model`` in place first (no extra copy of the weights in memory; the
             model is modified). Otherwise the adapters are saved as they are and the export merges a copy.
+        write_model: False when ``output_dir`` already holds exactly this model (a trainer's final save), so its
+            weights are not written a second time.
     """
     from ..modeling import MultimodalEmbeddingModel
     from .model_card import collect_card_metadata, render_model_card
@@ -766,9 +769,11 @@ def save_for_inference(
             "before saving, or the saved model cannot encode."
         )
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
-    if merge_lora:
+    if merge_lora and model.has_lora:
         model.merge_lora()
-    _save_model_files(model, output_dir)
+        write_model = True  # the merged weights differ from what is on disk
+    if write_model:
+        _save_model_files(model, output_dir)
     st_dir = export_sentence_transformers(
         model,
         output_dir / ST_SUBDIR,

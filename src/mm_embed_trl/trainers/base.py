@@ -350,7 +350,8 @@ class EmbeddingTrainer(Trainer):
                 from ..export import save_for_inference
 
                 card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
-                save_for_inference(saved, output_dir, merge_lora=True, model_card_data=card)
+                # the trainer just wrote these weights: only a LoRA merge makes save_for_inference write them again
+                save_for_inference(saved, output_dir, merge_lora=True, write_model=False, model_card_data=card)
             elif saved.has_lora:
                 saved.merge_lora()
                 saved.save_pretrained(output_dir)
