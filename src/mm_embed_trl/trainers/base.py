@@ -97,6 +97,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
             # Without it accelerate's PartialState treats `accelerate launch --multi_gpu` / torchrun processes on a
             # CPU-only machine as N independent single-process runs (each saving, none sharing negatives).
             self.use_cpu = True
+        if self.use_cpu:
+            self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
         super().__post_init__()
 
 
