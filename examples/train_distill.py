@@ -12,7 +12,7 @@ Real runs name a backbone, a text dataset (teacher embeddings precomputed, see b
 
     python -m mm_embed_trl.teacher --dataset sentences.parquet --teacher nvidia/NV-Embed-v2 --trust_remote_code \
         --output_dir data/nli_teacher
-    accelerate launch --config_file recipes/accelerate/zero2.yaml examples/train_distill.py \
+    accelerate launch --config_file recipes/accelerate/ddp.yaml examples/train_distill.py \
         --config recipes/distill_qwen2vl_2b.yaml --dataset_name data/nli_teacher
 
 A dataset without the teacher column gets it here, before training (`--teacher`, default the offline MiniLM); the
@@ -142,7 +142,9 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    before = evaluator(model) if (evaluator and script_args.evaluate_before_training) else None
+    before = None
+    if evaluator is not None and script_args.evaluate_before_training and trainer.is_world_process_zero():
+        before = evaluator(model)
     trainer.train()
     trainer.save_for_inference()
 

@@ -58,7 +58,9 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    before = evaluator(model) if (evaluator and script_args.evaluate_before_training) else None
+    before = None
+    if evaluator is not None and script_args.evaluate_before_training and trainer.is_world_process_zero():
+        before = evaluator(model)
     trainer.train()
 
     after = None

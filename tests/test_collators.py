@@ -132,3 +132,33 @@ def test_max_length_truncates_text_but_keeps_the_prompt(qwen2_vl_model):
     assert enc["input_ids"].shape[1] < full["input_ids"].shape[1]
     # the prompt's end (the pooled position) is untouched
     assert torch.equal(enc["input_ids"][0, -6:], full["input_ids"][0, -6:])
+
+
+def test_empty_negative_fields_mean_no_negatives(collator):
+    rows = [
+        {"qry": "q1", "qry_image_path": "", "pos_text": "a", "pos_image_path": "", "neg_text": "", "neg_image_path": ""},
+        {"qry": "q2", "qry_image_path": "", "pos_text": "b", "pos_image_path": "", "neg_text": None, "neg_image_path": ""},
+    ]
+    batch = collator(rows)
+    assert batch["num_negatives"] == 0 and "negative" not in batch
+    # one text negative per row with a scalar "" image field broadcast over the list
+    rows[0].update(neg_text=["x"], neg_image_path="")
+    rows[1].update(neg_text=["y"], neg_image_path="")
+    assert collator(rows)["num_negatives"] == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_split_batch_on_other_vision_families(family, tiny_backbone):
+    from PIL import Image
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+    from mm_embed_trl.modeling import MultimodalEmbeddingModel
+
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family))
+    images = [Image.new("RGB", (64, 48), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    inputs = [EmbeddingInput(text="red", image=images[0]), EmbeddingInput(text="text only"),
+              EmbeddingInput(image=images[1]), EmbeddingInput(text="blue", image=images[2]), EmbeddingInput(text="x")]
+    enc = model.make_collator().encode_inputs(inputs)
+    whole = model(**enc).embeddings
+    parts = torch.cat([model(**c).embeddings for c in split_batch(enc, 2)])
+    torch.testing.assert_close(parts, whole, atol=2e-5, rtol=1e-4)

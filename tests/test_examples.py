@@ -42,3 +42,18 @@ def test_train_hardneg_example_under_accelerate_with_two_processes(tmp_path):
     texts = ["a red circle on the left", "two blue squares"]
     torch.testing.assert_close(torch.as_tensor(st.encode_query(texts)), model.encode(texts), atol=1e-5, rtol=1e-4)
     assert "unime" in (out / "README.md").read_text().lower()
+
+
+def test_recipes_launch_gradcache_runs_on_ddp_only():
+    """GradCache is refused under DeepSpeed/FSDP, so a recipe that sets it must not tell users to launch so."""
+    import re
+
+    import yaml
+
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        text = recipe.read_text()
+        values = yaml.safe_load(text) or {}
+        launchers = re.findall(r"--config_file\s+(\S+)", text)
+        if values.get("gradient_cache_chunk_size"):
+            assert launchers, f"{recipe.name}: say how to launch it"
+            assert all(l.endswith("ddp.yaml") for l in launchers), f"{recipe.name} launches GradCache with {launchers}"

@@ -276,3 +276,34 @@ def test_lora_run_saves_merged_weights_loadable_both_ways(tiny_backbone, shapes_
     torch.testing.assert_close(saved.encode(texts), trained, atol=1e-5, rtol=1e-4)
     st = SentenceTransformer(str(out / "sentence_transformers"))
     torch.testing.assert_close(torch.as_tensor(st.encode_query(texts)), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_best_checkpoint_paths_point_at_final_folders(tiny_backbone, shapes_data, tmp_path):
+    import json
+
+    train = shapes_data["train"].select(range(16))
+    config = _config(
+        tmp_path, image_root=str(shapes_data.image_root), max_steps=2, num_negatives=0, save_strategy="steps",
+        save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="loss", greater_is_better=False,
+    )
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(
+        model=model, args=config, train_dataset=train, eval_dataset=shapes_data["eval"].select(range(8))
+    )
+    trainer.train()
+    out = Path(config.output_dir)
+    best = trainer.state.best_model_checkpoint
+    assert best and Path(best).parent == out and Path(best).is_dir(), best
+    for ckpt in out.glob("checkpoint-*"):
+        recorded = json.loads((ckpt / "trainer_state.json").read_text())["best_model_checkpoint"]
+        assert ".staging" not in recorded and Path(recorded).is_dir(), recorded
+
+
+def test_frozen_vision_with_lora_everywhere_is_a_clear_error(tiny_backbone, tmp_path):
+    from peft import LoraConfig
+
+    config = _config(tmp_path, freeze_vision_tower=True, lora_target="all")
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises(ValueError, match="contradicts lora_target='all'"):
+        HardNegContrastiveTrainer(model=model, args=config, peft_config=LoraConfig(r=2))

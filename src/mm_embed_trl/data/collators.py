@@ -31,25 +31,20 @@ from .schema import (
     QUERY_TEXT,
     EmbeddingInput,
     is_missing,
+    row_negatives,
 )
 from .templates import PromptTemplate, get_template
 
 # Tensors indexed by row / by image in processor outputs. Anything else is refused by split_batch rather than
 # silently mis-sliced.
 ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "position_ids", "image_counts")
-IMAGE_KEYS = ("image_grid_thw", "image_sizes")
+IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")  # batch_num_images: LLaVA-OV, 1 per image
 
 
 def _describe_row(row: dict, index: int) -> str:
     row_id = row.get("id", row.get("idx"))
     text = str(row.get(QUERY_TEXT) or "")[:60]
     return f"row {index}" + (f" (id={row_id})" if row_id is not None else "") + (f" [qry={text!r}]" if text else "")
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _content_id(text: str | None, image_value: Any, image: Any) -> int:
@@ -160,19 +155,6 @@ class EmbeddingCollator:
             )
         return EmbeddingInput(text=text, image=image)
 
-    def _row_negatives(self, row: dict, index: int) -> list[tuple[Any, Any]]:
-        texts, images = _as_list(row.get(NEG_TEXT)), _as_list(row.get(NEG_IMAGE))
-        n = max(len(texts), len(images))
-        # A single value next to a list applies to every negative (MMEB writes "" for "no image").
-        texts = texts * n if len(texts) == 1 else texts or [""] * n
-        images = images * n if len(images) == 1 else images or [""] * n
-        if len(texts) != n or len(images) != n:
-            raise ValueError(
-                f"{_describe_row(row, index)}: {NEG_TEXT!r} has {len(texts)} entries but {NEG_IMAGE!r} has "
-                f"{len(images)}; give one image value (or '') per negative text."
-            )
-        return list(zip(texts, images))
-
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         if len(rows) == 0:
             raise ValueError("The collator got an empty batch.")
@@ -197,7 +179,7 @@ class EmbeddingCollator:
         }
         if self.num_negatives == 0:
             return batch
-        per_row = [self._row_negatives(row, i) for i, row in enumerate(rows)]
+        per_row = [row_negatives(row, where=_describe_row(row, i)) for i, row in enumerate(rows)]
         counts = [len(n) for n in per_row]
         k = self.num_negatives if self.num_negatives is not None else counts[0]
         bad = [i for i, c in enumerate(counts) if (c < k if self.num_negatives is not None else c != k)]
@@ -216,10 +198,6 @@ class EmbeddingCollator:
                 image = load_image(
                     image_value, self.image_root, where=f"{_describe_row(row, i)}, column {NEG_IMAGE!r}[{j}]"
                 )
-                if is_missing(text) and image is None:
-                    raise ValueError(
-                        f"{_describe_row(row, i)}: negative #{j} has neither text nor image. Remove it or fill it in."
-                    )
                 negatives.append(EmbeddingInput(text=text, image=image))
                 negative_ids.append(_content_id(text, image_value, image))
         batch["negative"] = self.encode_inputs(negatives, side="document")

@@ -60,6 +60,31 @@ class EmbeddingInput:
         return "image" if self.image is not None else "text"
 
 
+def _as_list(value: Any) -> list:
+    if is_missing(value):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def row_negatives(row: Mapping, *, where: str = "row") -> list[tuple[Any, Any]]:
+    """The explicit negatives of an MMEB-train row as (text, image value) pairs.
+
+    ``neg_text`` / ``neg_image_path`` may each be a list or a single value; a single value next to a list applies
+    to every negative (MMEB writes ``""`` for "no image"); ``""``/None mean "none", and pairs with neither a text
+    nor an image are dropped, so a row with ``neg_text=""`` simply has no negatives.
+    """
+    texts, images = _as_list(row.get(NEG_TEXT)), _as_list(row.get(NEG_IMAGE))
+    n = max(len(texts), len(images))
+    texts = texts * n if len(texts) == 1 else texts or [None] * n
+    images = images * n if len(images) == 1 else images or [None] * n
+    if len(texts) != n or len(images) != n:
+        raise ValueError(
+            f"{where}: {NEG_TEXT!r} has {len(texts)} entries but {NEG_IMAGE!r} has {len(images)}; give one image "
+            "value ('' for none) per negative text."
+        )
+    return [(t, im) for t, im in zip(texts, images) if not (is_missing(t) and is_missing(im))]
+
+
 def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
     """Parse a user-facing input into (text or None, image value or None) without loading the image.
 

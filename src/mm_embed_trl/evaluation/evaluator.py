@@ -29,6 +29,7 @@ from ..data.schema import (
     POS_TEXT,
     QUERY_IMAGE,
     QUERY_TEXT,
+    row_negatives,
     split_input,
 )
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, retrieval_metrics
@@ -164,14 +165,6 @@ class _Deduper:
     def add_row(self, text: Any, image: Any, where: str) -> int:
         """Parse named row columns (text, image) and add them; ``where`` labels the input in errors."""
         return self.add(_row_item(text, image, where), where)
-
-
-def _as_list(value: Any) -> list:
-    if value is None or (isinstance(value, str) and value == ""):
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,15 +327,7 @@ class RetrievalEvaluator:
             p = corpus.add_row(row[POS_TEXT], row[POS_IMAGE], f"row {i} positive ({POS_TEXT}/{POS_IMAGE})")
             relevant.setdefault(q, set()).add(p)
             if include_negatives and (NEG_TEXT in row or NEG_IMAGE in row):
-                texts, images = _as_list(row.get(NEG_TEXT)), _as_list(row.get(NEG_IMAGE))
-                n = max(len(texts), len(images))
-                if texts and images and len(texts) != len(images):
-                    raise ValueError(
-                        f"row {i} has {len(texts)} '{NEG_TEXT}' but {len(images)} '{NEG_IMAGE}'; give one image "
-                        "value (\"\" for none) per negative text."
-                    )
-                texts, images = texts or [None] * n, images or [None] * n
-                for j, (t, im) in enumerate(zip(texts, images)):
+                for j, (t, im) in enumerate(row_negatives(row, where=f"row {i}")):
                     corpus.add_row(t, im, f"row {i} negative {j} ({NEG_TEXT}/{NEG_IMAGE})")
         if not queries.items:
             raise ValueError("from_rows got no rows.")

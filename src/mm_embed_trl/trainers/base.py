@@ -169,6 +169,11 @@ class EmbeddingTrainer(Trainer):
             model.set_processor(processing_class)
         if processing_class is None:
             raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        if args.freeze_vision_tower and peft_config is not None and args.lora_target == "all":
+            raise ValueError(
+                "freeze_vision_tower=True contradicts lora_target='all' (adapters in the vision tower would train); "
+                "use lora_target='language_model', or unfreeze the vision tower."
+            )
         if args.freeze_vision_tower:
             freeze_vision_tower(model)
         if peft_config is not None:
@@ -196,13 +201,21 @@ class EmbeddingTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        if self.grad_cache is not None and self.is_deepspeed_enabled:
+        if self.grad_cache is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # Re-running chunks inside one engine.backward() trips ZeRO's "gradient computed twice" check (the
-            # failure Tevatron hit, its issue #206); refuse clearly instead of failing deep inside DeepSpeed.
+            # failure Tevatron hit, its issue #206); FSDP's reduce-scatter hooks are unverified with it. Refuse
+            # clearly instead of failing deep inside the engine.
             raise ValueError(
-                "gradient_cache_chunk_size is not supported under DeepSpeed yet. Use DDP (recipes/accelerate/ddp.yaml)"
-                " with GradCache, or DeepSpeed with plain batches plus gradient accumulation and activation "
-                "checkpointing."
+                "gradient_cache_chunk_size is not supported under DeepSpeed or FSDP yet. Use DDP "
+                "(recipes/accelerate/ddp.yaml) with GradCache, or DeepSpeed/FSDP with plain batches plus gradient "
+                "accumulation and activation checkpointing."
+            )
+        if self.args.n_gpu > 1:
+            # torch.nn.DataParallel would scatter the per-side batches and Qwen's flattened pixel patches along dim 0
+            # (breaking their pairing with image_grid_thw) and gather no cross-device negatives.
+            raise ValueError(
+                f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported: launch one process per GPU "
+                "with `accelerate launch` or `torchrun`."
             )
         if eval_callback is not None:
             eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
@@ -308,33 +321,42 @@ class EmbeddingTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save_checkpoint(self, model, trial):
-        """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint."""
+        """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint.
+
+        The parent writes into `<run_dir>/.staging/checkpoint-N`; once every rank is done, the main process renames
+        it to `<run_dir>/checkpoint-N`, fixes the paths the parent recorded (best checkpoint, trainer_state.json),
+        rotates old checkpoints and only then starts a Hub push of the final folder.
+        """
+        from transformers.trainer_utils import rotate_checkpoints
+
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         staging_root = os.path.join(run_dir, ".staging")
-        original_get_output_dir = self._get_output_dir
+        original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
         self._get_output_dir = lambda trial=None: staging_root
+        self._push_from_checkpoint = lambda *args, **kwargs: None  # pushed below, from the final folder
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._get_output_dir = original_get_output_dir
+            self._get_output_dir, self._push_from_checkpoint = original_get_output_dir, original_push
         self.accelerator.wait_for_everyone()
-        staged = os.path.join(staging_root, os.path.basename(final))
         if self.args.should_save:
             if os.path.isdir(final):
                 shutil.rmtree(final)
-            os.replace(staged, final)
+            os.replace(os.path.join(staging_root, os.path.basename(final)), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
-            from transformers.trainer_utils import rotate_checkpoints
-
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint,
             )
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
 
     def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
         """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
