@@ -307,3 +307,26 @@ def test_frozen_vision_with_lora_everywhere_is_a_clear_error(tiny_backbone, tmp_
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     with pytest.raises(ValueError, match="contradicts lora_target='all'"):
         HardNegContrastiveTrainer(model=model, args=config, peft_config=LoraConfig(r=2))
+
+
+def test_image_pixel_budget_is_applied_and_saved(tiny_backbone, tmp_path):
+    from PIL import Image
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    big = [EmbeddingInput(text="a scene", image=Image.new("RGB", (200, 200), (255, 0, 0)))]
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    before = model.make_collator().encode_inputs(big)["image_grid_thw"]
+    config = _config(tmp_path, image_max_pixels=56 * 56, num_negatives=0)
+    trainer = HardNegContrastiveTrainer(model=model, args=config)
+    after = trainer.data_collator.encode_inputs(big)["image_grid_thw"]
+    assert int(after.prod(-1)) < int(before.prod(-1))  # fewer patches for the same image
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.processor.image_processor.size["longest_edge"] == 56 * 56
+    assert torch.equal(reloaded.make_collator().encode_inputs(big)["image_grid_thw"], after)  # inference alike
+    with pytest.raises(ValueError, match="below the processor's minimum"):
+        HardNegContrastiveTrainer(model=model, args=_config(tmp_path, image_max_pixels=100))
+    llava = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("llava_onevision"))
+    with pytest.raises(ValueError, match="fixed input resolution"):
+        HardNegContrastiveTrainer(model=llava, args=config)

@@ -200,3 +200,26 @@ def load_images(
     return [
         load_image(v, image_root, where=f"{where_prefix} #{i}", convert_rgb=convert_rgb) for i, v in enumerate(values)
     ]
+
+
+def set_image_pixel_budget(processor, max_pixels: int) -> None:
+    """Cap the pixels per image of a Qwen-VL-style processor (dynamic resolution): larger images are downscaled to
+    at most ``max_pixels`` before patching, e.g. ``336 * 336`` for UniME's setting.
+
+    The setting lives in the processor, so it is saved with the model and applies alike to training, ``encode``
+    and the sentence-transformers export. Processors with a fixed input resolution (LLaVA-OneVision's anyres
+    tiles, SigLIP) have no such budget: a clear error says so.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    has_budget = size is not None and "longest_edge" in size and hasattr(image_processor, "merge_size")
+    if not has_budget:
+        raise ValueError(
+            f"image_max_pixels applies to dynamic-resolution processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
+            f"{type(image_processor).__name__ if image_processor is not None else type(processor).__name__} "
+            "has a fixed input resolution. Leave image_max_pixels unset for this backbone."
+        )
+    min_pixels = size["shortest_edge"] if "shortest_edge" in size else None
+    if min_pixels is not None and max_pixels < min_pixels:
+        raise ValueError(f"image_max_pixels={max_pixels} is below the processor's minimum of {min_pixels} pixels.")
+    image_processor.size = {"longest_edge": int(max_pixels), "shortest_edge": min_pixels}

@@ -32,6 +32,7 @@ class EmbeddingTrainingArguments(TrainingArguments):
         prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
         image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
         max_length (`int`, *optional*): max text tokens kept per input (prompt and image tokens are never cut).
+        image_max_pixels (`int`, *optional*): pixel budget per image for dynamic-resolution (Qwen-VL) processors.
         num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
         gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
             graph in chunks, the loss is computed on the full (global) batch, then each chunk is re-run with graph
@@ -58,6 +59,13 @@ class EmbeddingTrainingArguments(TrainingArguments):
     num_negatives: int | None = field(
         default=None,
         metadata={"help": "Explicit negatives per row (None: as many as rows carry; 0: ignore neg_* columns)."},
+    )
+    image_max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel budget per image for dynamic-resolution processors (Qwen-VL family), e.g. 112896 = "
+            "336x336 as in UniME; saved with the processor so inference uses the same budget."
+        },
     )
     gradient_cache_chunk_size: int | None = field(
         default=None,
@@ -169,6 +177,10 @@ class EmbeddingTrainer(Trainer):
             model.set_processor(processing_class)
         if processing_class is None:
             raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        if args.image_max_pixels is not None:
+            from ..data.images import set_image_pixel_budget
+
+            set_image_pixel_budget(processing_class, args.image_max_pixels)
         if args.freeze_vision_tower and peft_config is not None and args.lora_target == "all":
             raise ValueError(
                 "freeze_vision_tower=True contradicts lora_target='all' (adapters in the vision tower would train); "
