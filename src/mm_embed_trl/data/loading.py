@@ -20,7 +20,12 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
-        ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise KeyError(f"{path} has no split {split!r} (it has {sorted(loaded)}); pass one of those.")
+            ds = loaded[split]
+        else:
+            ds = loaded
     elif path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:

@@ -130,6 +130,8 @@ def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any 
     where = f"input #{index}" if index is not None else "input"
     if isinstance(value, EmbeddingInput):
         return value
+    if isinstance(value, tuple):
+        where += " (read as an (image, text) pair; pass a list for a batch of texts)"
     text, image = split_input(value, where=where)
     if image is not None and not isinstance(image, Image.Image):
         from .images import load_image

@@ -39,9 +39,12 @@ WRAPPER_OPTIONS = (
 
 # LoRA targets. "language_model" keeps adapters out of the vision tower (Qwen2.5-VL's vision MLP also has
 # gate/up/down_proj, so a plain name list would catch it); "all" adapts every linear projection.
+# Parameter-name parts of the vision encoder and projector across Qwen-VL (visual.*, incl. its merger) and
+# LLaVA-OneVision (vision_tower, multi_modal_projector, image_newline).
+VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "image_newline")
 _PROJ = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_TARGETS = {
-    "language_model": rf"^(?!.*(visual|vision_tower|vision_model|multi_modal_projector|merger)).*\.{_PROJ}$",
+    "language_model": rf"^(?!.*({'|'.join(VISION_MODULE_NAMES)})).*\.{_PROJ}$",
     "all": rf".*\.({_PROJ[1:-1]}|qkv|proj|fc1|fc2|linear_fc1|linear_fc2|linear_1|linear_2)$",
 }
 

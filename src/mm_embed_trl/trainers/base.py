@@ -88,9 +88,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the embedding collator reads raw dataset columns."}
     )
-    # Mixed image/text batches leave the vision tower unused on some steps.
     ddp_find_unused_parameters: bool | None = field(
-        default=True, metadata={"help": "DDP: allow parameters without gradient in a step (text-only batches)."}
+        default=None,
+        metadata={
+            "help": "DDP: allow parameters without gradient in a step. Default: on exactly when the vision tower "
+            "trains (text-only steps leave it unused), off otherwise (it costs a graph traversal per forward)."
+        },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
@@ -193,6 +196,10 @@ class EmbeddingTrainer(Trainer):
         if args.gradient_checkpointing and model.has_lora:
             # Reentrant checkpointing needs an input that requires grad when only adapters train.
             model.backbone.enable_input_require_grads()
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = any(
+                p.requires_grad for n, p in model.backbone.named_parameters() if _is_vision_parameter(n)
+            )
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
@@ -399,8 +406,14 @@ def freeze_vision_tower(model: MultimodalEmbeddingModel) -> int:
     """Freeze vision encoder + projector parameters; returns how many tensors were frozen."""
     frozen = 0
     for name, param in model.backbone.named_parameters():
-        if any(part in name for part in ("visual", "vision_tower", "vision_model", "multi_modal_projector")):
+        if _is_vision_parameter(name):
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def _is_vision_parameter(name: str) -> bool:
+    from ..modeling.modeling import VISION_MODULE_NAMES
+
+    return any(part in name for part in VISION_MODULE_NAMES)
 
