@@ -172,3 +172,16 @@ def test_in_memory_encoded_pil_is_decoded_eagerly():
     Image.fromarray(_pixels(3)).save(buf, format="PNG")
     lazy = Image.open(io.BytesIO(buf.getvalue()))  # PIL opens lazily: pixels not read yet
     np.testing.assert_array_equal(np.asarray(load_image(lazy)), _pixels(3))
+
+
+def test_image_identity_is_cheap_for_paths_and_content_based_otherwise():
+    from PIL import Image
+
+    from mm_embed_trl.data.images import image_identity
+
+    assert image_identity("images/a.png") == image_identity({"path": "images/a.png", "bytes": b"ignored"})
+    assert image_identity("images/a.png") != image_identity("images/b.png")
+    assert image_identity(None) == image_identity("") == ""
+    red, red2, blue = (Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (255, 0, 0), (0, 0, 255)))
+    assert image_identity(red) == image_identity(red2) != image_identity(blue)
+    assert image_identity(b"\x01\x02") == image_identity({"bytes": b"\x01\x02"}) != image_identity(b"\x01")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .images import load_image
+from .images import image_identity, load_image
 from .schema import (
     NEG_IMAGE,
     NEG_TEXT,
@@ -52,13 +52,8 @@ def _content_id(text: str | None, image_value: Any, image: Any) -> int:
     h = hashlib.blake2b(digest_size=8)
     h.update((text or "").strip().encode("utf-8"))
     h.update(b"\x00")
-    if image is not None:
-        if isinstance(image_value, str):  # the path identifies the image; no need to hash pixels
-            h.update(image_value.encode("utf-8"))
-        elif isinstance(image_value, dict) and image_value.get("path"):
-            h.update(str(image_value["path"]).encode("utf-8"))
-        else:
-            h.update(image.tobytes())
+    if image is not None:  # the raw value: a path identifies the image without hashing its pixels
+        h.update(image_identity(image_value).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1
 
 

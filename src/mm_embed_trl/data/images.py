@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +223,27 @@ def set_image_pixel_budget(processor, max_pixels: int) -> None:
     if min_pixels is not None and max_pixels < min_pixels:
         raise ValueError(f"image_max_pixels={max_pixels} is below the processor's minimum of {min_pixels} pixels.")
     image_processor.size = {"longest_edge": int(max_pixels), "shortest_edge": min_pixels}
+
+
+def image_identity(value: Any) -> str:
+    """A cheap, stable identity of an image value, for de-duplicating inputs and masking identical targets.
+
+    Paths (and ``datasets.Image`` dicts with a path) are identified by the path, without reading pixels; raw bytes
+    and PIL images by a hash of their content; missing values by ``""``.
+    """
+    import hashlib
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    if isinstance(value, (str, os.PathLike)):
+        return f"path:{os.fspath(value)}"
+    if isinstance(value, Mapping):
+        if value.get("path"):
+            return f"path:{value['path']}"
+        if value.get("bytes") is not None:
+            return "bytes:" + hashlib.sha1(bytes(value["bytes"])).hexdigest()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.sha1(bytes(value)).hexdigest()
+    if isinstance(value, Image.Image):
+        return f"pil:{value.mode}:{value.size}:" + hashlib.sha1(value.tobytes()).hexdigest()
+    return f"object:{id(value)}"

@@ -8,7 +8,6 @@ a str, a PIL image, an ``(image, text)`` tuple or a ``{"text", "image"}`` dict. 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ from ..data.schema import (
     row_negatives,
     split_input,
 )
+from ..data.images import image_identity
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, retrieval_metrics
 from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
 
@@ -63,27 +63,6 @@ def _split_input(value: Any, where: str) -> _Item:
 def _row_item(text: Any, image: Any, where: str) -> _Item:
     """(text, image) from named row columns (a dict, so no tuple-order rule is involved)."""
     return _split_input({"text": text, "image": image}, where)
-
-
-def _image_key(image: Any) -> Any:
-    """A hashable identity for an image value, used to de-duplicate identical inputs."""
-    from PIL import Image
-
-    if image is None:
-        return None
-    if isinstance(image, str):
-        return ("path", image)
-    if isinstance(image, Image.Image):
-        # Content hash: two loads of the same picture are the same candidate.
-        return ("pil", image.mode, image.size, hashlib.sha1(image.tobytes()).hexdigest())
-    if isinstance(image, Mapping):
-        if image.get("path"):
-            return ("path", image["path"])
-        if image.get("bytes") is not None:
-            return ("bytes", hashlib.sha1(bytes(image["bytes"])).hexdigest())
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return ("bytes", hashlib.sha1(bytes(image)).hexdigest())
-    return ("object", id(image))
 
 
 def _materialize(item: _Item, image_root: str | None, where: str) -> Any:
@@ -154,7 +133,7 @@ class _Deduper:
         self._index: dict[Any, int] = {}
 
     def add(self, item: _Item, label: str) -> int:
-        key = (item.text, _image_key(item.image))
+        key = (item.text, image_identity(item.image))
         idx = self._index.get(key)
         if idx is None:
             idx = self._index[key] = len(self.items)
