@@ -71,7 +71,7 @@ def gather_sizes(
     local = torch.tensor([num_rows], dtype=torch.long, device=device)
     sizes = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(sizes, local, group=group)
-    return [int(s.item()) for s in sizes]
+    return torch.cat(sizes).tolist()  # one device-to-host copy, not one per rank
 
 
 def _all_gather_rows(t: Tensor, group: dist.ProcessGroup | None) -> tuple[list[Tensor], list[int]]:
