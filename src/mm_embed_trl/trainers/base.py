@@ -145,8 +145,8 @@ class EmbeddingTrainer(Trainer):
         args: an `EmbeddingTrainingArguments` subclass instance.
         processing_class: the processor; defaults to the one saved with the model.
         peft_config: a `peft.LoraConfig` (e.g. `trl.get_peft_config(model_args)`) to train adapters only.
-        evaluators: retrieval evaluators run by an `EmbeddingEvalCallback` at each evaluation (and, with
-            `evaluate_before_training=True` on the callback, before training).
+        evaluators: callables `evaluator(model) -> dict` (e.g. `RetrievalEvaluator`, `TeacherAgreementEvaluator`)
+            run by an `EmbeddingEvalCallback` at each evaluation and logged through the trainer.
     """
 
     _tag_names = ["mm-embed-trl"]
@@ -203,7 +203,7 @@ class EmbeddingTrainer(Trainer):
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
         eval_callback = None
         if evaluators:
