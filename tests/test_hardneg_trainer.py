@@ -330,3 +330,24 @@ def test_image_pixel_budget_is_applied_and_saved(tiny_backbone, tmp_path):
     llava = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("llava_onevision"))
     with pytest.raises(ValueError, match="fixed input resolution"):
         HardNegContrastiveTrainer(model=llava, args=config)
+
+
+def test_evaluators_are_logged_at_each_evaluation(tiny_backbone, shapes_data, tmp_path):
+    from mm_embed_trl.evaluation import RetrievalEvaluator
+
+    evaluator = RetrievalEvaluator.from_rows(
+        shapes_data["eval"].select(range(16)), str(shapes_data.image_root), name="heldout", k_values=(1,)
+    )
+    config = _config(
+        tmp_path, image_root=str(shapes_data.image_root), max_steps=2, num_negatives=0, eval_strategy="steps",
+        eval_steps=1,
+    )
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(
+        model=model, args=config, train_dataset=shapes_data["train"].select(range(16)),
+        eval_dataset=shapes_data["eval"].select(range(8)), evaluators=[evaluator],
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if any("heldout_recall@1" in k for k in entry)]
+    assert len(logged) == 2, trainer.state.log_history  # one per evaluation
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
