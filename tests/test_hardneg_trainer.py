@@ -351,3 +351,39 @@ def test_evaluators_are_logged_at_each_evaluation(tiny_backbone, shapes_data, tm
     logged = [entry for entry in trainer.state.log_history if any("heldout_recall@1" in k for k in entry)]
     assert len(logged) == 2, trainer.state.log_history  # one per evaluation
     assert any("eval_loss" in entry for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(use_lora, tiny_backbone, shapes_data, tmp_path):
+    from peft import LoraConfig
+
+    train = shapes_data["train"].select(range(32))
+
+    def run(out, max_steps, resume=None):
+        config = _config(
+            tmp_path, output_dir=str(tmp_path / out), image_root=str(shapes_data.image_root), max_steps=4,
+            num_negatives=0, save_strategy="steps", save_steps=2, seed=0, data_seed=0,
+        )
+        torch.manual_seed(0)
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+        peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False) if use_lora else None
+        trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=train, peft_config=peft)
+        if resume is None and max_steps < 4:
+            # stop after max_steps as if the run had been interrupted (checkpoint-2 is on disk)
+            from transformers import TrainerCallback
+
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step >= max_steps:
+                        control.should_training_stop = True
+
+            trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    full = run("full", 4)
+    run("interrupted", 2)
+    resumed = run("interrupted", 4, resume=str(tmp_path / "interrupted" / "checkpoint-2"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-5, rtol=1e-4)
