@@ -26,12 +26,11 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
-    format_comparison,
     load_named_splits,
     model_init_kwargs,
     parse_args,
     resolve_model_path,
-    write_report,
+    train_evaluate_save,
 )
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
 
@@ -142,22 +141,11 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    before = None
-    if evaluator is not None and script_args.evaluate_before_training and trainer.is_world_process_zero():
-        before = evaluator(model)
-    trainer.train()
-    trainer.save_for_inference()
-
-    if evaluator is not None and trainer.is_world_process_zero():
-        after = evaluator(trainer.accelerator.unwrap_model(trainer.model))
-        print(
-            "\nHeld-out student/teacher agreement (Spearman of pairwise cosine similarities; texts never seen in "
-            "training):"
-        )
-        print(format_comparison(before, after))
-        write_report(training_args.output_dir, {"before": before, "after": after})
-    if trainer.is_world_process_zero():
-        print(f"\nSaved to {training_args.output_dir} (+ sentence_transformers/ for SentenceTransformer(...)).")
+    title = "Held-out student/teacher agreement (Spearman of pairwise cosine similarities; texts never seen):"
+    dataset = script_args.dataset_name or "generated text corpus (mm_embed_trl.data.text_corpus)"
+    train_evaluate_save(
+        trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, Mu
 from mm_embed_trl.evaluation import RetrievalEvaluator
 from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
-    format_comparison,
     model_init_kwargs,
     parse_args,
     resolve_datasets,
     resolve_model_path,
-    write_report,
+    train_evaluate_save,
 )
 
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/hardneg_tiny_cpu.yaml holds the same.
@@ -58,21 +57,11 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    before = None
-    if evaluator is not None and script_args.evaluate_before_training and trainer.is_world_process_zero():
-        before = evaluator(model)
-    trainer.train()
-
-    after = None
-    if evaluator is not None and trainer.is_world_process_zero():
-        after = evaluator(trainer.accelerator.unwrap_model(trainer.model))
-        print("\nHeld-out retrieval (generated data never seen in training):" if is_tiny else "\nHeld-out retrieval:")
-        print(format_comparison(before, after))
-        write_report(training_args.output_dir, {"before": before, "after": after})
+    title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
     dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.data.generated)"
-    trainer.save_for_inference(model_card_data={"eval_results": {"before": before, "after": after}, "dataset_name": dataset})
-    if trainer.is_world_process_zero():
-        print(f"\nSaved to {training_args.output_dir} (+ sentence_transformers/ for SentenceTransformer(...)).")
+    train_evaluate_save(
+        trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
+    )
 
 
 if __name__ == "__main__":

@@ -146,6 +146,25 @@ def load_named_splits(script_args) -> tuple[Any, Any]:
     return train, evaluation
 
 
+def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, evaluate_before: bool = True) -> dict:
+    """The examples' common tail: evaluate (main process), train, evaluate again, print the comparison, write
+    `retrieval_report.json`, then save the model + sentence-transformers export with a card carrying the figures."""
+    main = trainer.is_world_process_zero()
+    before = evaluator(trainer.model) if (evaluator is not None and evaluate_before and main) else None
+    trainer.train()
+    after = None
+    if evaluator is not None and main:
+        after = evaluator(trainer.accelerator.unwrap_model(trainer.model))
+        print(f"\n{title}")
+        print(format_comparison(before, after))
+        write_report(trainer.args.output_dir, {"before": before, "after": after})
+    card = {"eval_results": {"before": before, "after": after}, "dataset_name": dataset_name}
+    trainer.save_for_inference(model_card_data=card)
+    if main:
+        print(f"\nSaved to {trainer.args.output_dir} (+ sentence_transformers/ for SentenceTransformer(...)).")
+    return {"before": before, "after": after}
+
+
 def write_report(output_dir: str, report: dict[str, Any]) -> str:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "retrieval_report.json")
