@@ -34,10 +34,11 @@ embedding "sides", autocast replay; ``tests/test_gather.py`` (2 real DDP process
 gradients with exactly one all-reduce per step (none inside an outer ``no_sync``), also with
 ``static_graph`` and ``find_unused_parameters``. Not exercised here: CUDA RNG replay (same code path as
 ``torch.utils.checkpoint``) and NCCL.
-By construction only: DeepSpeed. ZeRO-1/2 reduce gradients from parameter hooks, and re-running the
-model several times inside one backward computes each parameter's gradient once per chunk, which
-ZeRO's "gradient computed twice for this partition" check may reject (Tevatron's issue #206 is the same
-clash under ZeRO-3); use DDP with GradCache, or plain (no-GradCache) batches with DeepSpeed.
+DeepSpeed: re-running chunks inside ONE ``engine.backward`` clashes with ZeRO's per-backward gradient
+reduction (Tevatron's issue #206), so :meth:`GradCache.surrogate_losses` instead yields one surrogate per
+chunk for its own ``engine.backward`` (the trainer holds the accumulation boundary open until the last).
+Measured on DeepSpeed's CPU accelerator (``tests/test_deepspeed.py``): ZeRO-0/1 give the non-cached update;
+ZeRO-2 does not, and the trainer refuses it (ZeRO-3 does not run on CPU here).
 
 Caveats: the loss must be back-propagated with ``backward()`` (not ``torch.autograd.grad`` restricted
 to other inputs), once per :meth:`GradCache.embed` call; ``embed_fn`` must be deterministic given the RNG
@@ -389,8 +390,9 @@ class GradCache:
         return loss.detach()
 
     # ------------------------------------------------------------------ step 3
-    def _replay(self, handles: list[CacheHandle], grads: list[Tensor | None], model: Any) -> None:
-        """Re-embed every chunk with a graph and back-propagate its slice of the cached gradient."""
+    @staticmethod
+    def _jobs(handles: list[CacheHandle], grads: list[Tensor | None]) -> list[tuple[CacheHandle, int, Tensor]]:
+        """(handle, chunk index, that chunk's slice of the cached gradient) for every chunk to replay."""
         jobs: list[tuple[CacheHandle, int, Tensor]] = []
         for h, grad in zip(handles, grads):
             if h.consumed:
@@ -403,7 +405,28 @@ class GradCache:
                 continue
             for index, piece in enumerate(grad.split(h.chunk_sizes, dim=0)):
                 jobs.append((h, index, piece))
+        return jobs
 
+    def surrogate_losses(self, loss: Tensor, handles: CacheHandle | Sequence[CacheHandle]) -> Iterator[Tensor]:
+        """For engines that need one backward call per chunk (DeepSpeed ZeRO): yield, chunk by chunk, a scalar
+        ``(re-embedded chunk * its cached gradient).sum()`` whose backward puts exactly that chunk's share of
+        ``dloss/dparams`` into the parameters. The gradients w.r.t. the cached embeddings are computed first
+        (``loss`` must carry every scaling that should reach the parameters); only one chunk's graph is alive
+        at a time, as long as the caller back-propagates each surrogate before taking the next.
+        """
+        handles = [handles] if isinstance(handles, CacheHandle) else list(handles)
+        grads = torch.autograd.grad(loss, [h.embeddings for h in handles], allow_unused=True)
+        with torch.enable_grad():
+            for h, index, grad_piece in self._jobs(handles, list(grads)):
+                emb = self._reforward(h, index)
+                if emb.requires_grad:
+                    yield (emb * grad_piece.to(emb.dtype)).sum()
+        for h in handles:
+            h.chunks, h.rng_states, h.autocast_states = [], [], []
+
+    def _replay(self, handles: list[CacheHandle], grads: list[Tensor | None], model: Any) -> None:
+        """Re-embed every chunk with a graph and back-propagate its slice of the cached gradient."""
+        jobs = self._jobs(handles, grads)
         ddp = _unwrap_ddp_like(model)
         # Read now, not at attach time: gradient accumulation may wrap the backward in an outer no_sync.
         sync_wanted = ddp is not None and bool(ddp.require_backward_grad_sync)

@@ -203,6 +203,7 @@ class EmbeddingTrainer(Trainer):
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
+        self._deepspeed_cache = None
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
         eval_callback = None
@@ -220,14 +221,22 @@ class EmbeddingTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        if self.grad_cache is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            # Re-running chunks inside one engine.backward() trips ZeRO's "gradient computed twice" check (the
-            # failure Tevatron hit, its issue #206); FSDP's reduce-scatter hooks are unverified with it. Refuse
-            # clearly instead of failing deep inside the engine.
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        if self.grad_cache is not None and zero_stage is not None and zero_stage >= 2:
+            # Measured on CPU (tests/test_deepspeed.py): ZeRO-0/1 with one engine.backward per chunk give the
+            # non-cached gradients; ZeRO-2's per-micro-step gradient partitioning does not (stage 3 cannot run
+            # here). Refuse rather than train on wrong gradients.
             raise ValueError(
-                "gradient_cache_chunk_size is not supported under DeepSpeed or FSDP yet. Use DDP "
-                "(recipes/accelerate/ddp.yaml) with GradCache, or DeepSpeed/FSDP with plain batches plus gradient "
-                "accumulation and activation checkpointing."
+                f"gradient_cache_chunk_size under DeepSpeed ZeRO-{zero_stage} is not supported: its gradients were "
+                "measured to differ from the non-cached step. Use ZeRO-1 (or 0) or DDP with GradCache, or ZeRO-2/3 "
+                "with plain batches plus gradient accumulation and activation checkpointing."
+            )
+        if self.grad_cache is not None and self.is_fsdp_enabled:
+            # FSDP's reduce-scatter hooks with chunk re-runs inside one backward are unverified: refuse clearly.
+            raise ValueError(
+                "gradient_cache_chunk_size is not supported under FSDP yet. Use DDP (recipes/accelerate/ddp.yaml) or "
+                "DeepSpeed ZeRO (recipes/accelerate/zero2.yaml, zero3.yaml) with GradCache, or FSDP with plain "
+                "batches plus gradient accumulation and activation checkpointing."
             )
         if self.args.n_gpu > 1:
             # torch.nn.DataParallel would scatter the per-side batches and Qwen's flattened pixel patches along dim 0
@@ -291,17 +300,58 @@ class EmbeddingTrainer(Trainer):
             scale = distributed_loss_scale() if self.args.gather_across_devices else 1.0
             if scale != 1.0:
                 loss = _ScaleGrad.apply(loss, scale)
-            if self._cache_handles:
+            if self._cache_handles and self.is_deepspeed_enabled:
+                self._deepspeed_cache = (loss, self._cache_handles)  # replayed chunk by chunk in training_step
+            elif self._cache_handles:
                 loss = self.grad_cache.attach(loss, self._cache_handles, model=model)
         self._cache_handles = []
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.grad_cache is not None and self.is_deepspeed_enabled:
+            loss = self._deepspeed_grad_cache_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         # One scalar sync per step, after backward and before the optimizer step: a non-finite loss never
         # reaches the weights (nor, through them, a checkpoint).
         self._check_finite(loss)
         return loss
+
+    def _deepspeed_grad_cache_step(self, model, inputs) -> torch.Tensor:
+        """GradCache under DeepSpeed (ZeRO-0/1; ZeRO-2/3 are refused at construction).
+
+        ZeRO reduces (and partitions) gradients per `engine.backward` and rejects a parameter's gradient computed
+        twice inside one, which is where GradCache re-runs that live inside a single backward break (Tevatron's
+        issue #206). Here every chunk gets its own `engine.backward` with the accumulation boundary held open
+        until the last one, then one `engine.step()`: DeepSpeed's documented manual-accumulation pattern, the
+        same calls accelerate's DeepSpeed wrapper makes for one backward.
+        """
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self._deepspeed_cache = None
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        if self._deepspeed_cache is None:  # nothing cached (e.g. no trainable path): nothing to back-propagate
+            return loss.detach() / self.current_gradient_accumulation_steps
+        cached_loss, handles = self._deepspeed_cache
+        self._deepspeed_cache = None
+        # Under DeepSpeed the Trainer divides by the accumulation steps itself (scale_wrt_gas=False).
+        cached_loss = cached_loss / self.current_gradient_accumulation_steps
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        sync = self.accelerator.sync_gradients
+        # ZeRO reduces gradient buckets per backward and needs the same parameters in them on every rank; a
+        # text-only chunk leaves a trainable vision tower without gradient, so give it an explicit zero one.
+        vision = [p for n, p in model.named_parameters() if p.requires_grad and _is_vision_parameter(n)]
+        num_chunks = sum(len(h.chunk_sizes) for h in handles)
+        for index, surrogate in enumerate(self.grad_cache.surrogate_losses(cached_loss, handles)):
+            if vision:
+                surrogate = surrogate + 0.0 * sum(p.reshape(-1)[0] for p in vision)
+            engine.set_gradient_accumulation_boundary(is_boundary=sync and index == num_chunks - 1)
+            engine.backward(surrogate, scale_wrt_gas=False)
+        if sync:
+            engine.set_gradient_accumulation_boundary(is_boundary=True)
+            engine.step()
+        return loss.detach() / self.current_gradient_accumulation_steps
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss.detach()).all():
