@@ -44,8 +44,8 @@ def test_train_hardneg_example_under_accelerate_with_two_processes(tmp_path):
     assert "unime" in (out / "README.md").read_text().lower()
 
 
-def test_recipes_launch_gradcache_runs_on_ddp_only():
-    """GradCache runs on DDP and DeepSpeed ZeRO-1 only, so a recipe that sets it must not tell users otherwise."""
+def test_recipes_say_how_to_launch_them_with_shipped_launchers():
+    """A recipe that sets GradCache names an accelerate config that exists (every shipped one runs GradCache)."""
     import re
 
     import yaml
@@ -56,5 +56,5 @@ def test_recipes_launch_gradcache_runs_on_ddp_only():
         launchers = re.findall(r"--config_file\s+(\S+)", text)
         if values.get("gradient_cache_chunk_size"):
             assert launchers, f"{recipe.name}: say how to launch it"
-            ok = all(l.endswith(("ddp.yaml", "zero1.yaml")) for l in launchers)
-            assert ok, f"{recipe.name} launches GradCache with {launchers}"
+            missing = [l for l in launchers if not (ROOT / l).is_file()]
+            assert not missing, f"{recipe.name} launches with missing configs {missing}"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mm_embed_trl.modeling import MultimodalEmbeddingConfig, MultimodalEmbeddingModel
+from mm_embed_trl.modeling.modeling import VISION_MODULE_NAMES
 from mm_embed_trl.modeling.pooling import finalize_embeddings, last_token_indices, pool, special_token_indices
 from mm_embed_trl.tiny import TINY_FAMILIES
 
@@ -190,3 +191,73 @@ def test_config_validation():
         MultimodalEmbeddingConfig(pooling="max")
     with pytest.raises(ValueError, match="pooling_token"):
         MultimodalEmbeddingConfig(pooling="special_token")
+
+
+class _RecordBackward(torch.autograd.Function):
+    """Identity that notes when a gradient reaches a module output, as ZeRO-3's pre-backward hook does."""
+
+    @staticmethod
+    def forward(ctx, tensor, note):
+        ctx.note = note
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.note()
+        return grad, None
+
+
+def _module_call_order(model, inputs):
+    """Order of module forwards and of gradients reaching module outputs (each output tensor, any output type):
+    what ZeRO-3 and FSDP gather collectively, in that order. Also returns which parameters got a gradient."""
+    order, handles = [], []
+
+    def wrap(value, note):
+        if torch.is_tensor(value) and value.requires_grad:
+            return _RecordBackward.apply(value, note)
+        if isinstance(value, dict):  # ModelOutput included: replace its tensors in place
+            for key in list(value.keys()):
+                value[key] = wrap(value[key], note)
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(wrap(v, note) for v in value)
+        return value
+
+    for name, module in model.named_modules():
+        if name:
+            note = lambda name=name: order.append(("backward", name))  # noqa: E731
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(("forward", name))))
+            handles.append(module.register_forward_hook(lambda m, a, out, note=note: wrap(out, note)))
+    try:
+        model.zero_grad(set_to_none=True)
+        model(**inputs).embeddings.sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    return order, with_grad
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_tower_in_every_forward(family, tiny_backbone):
+    """Sharded training needs every rank to run the same modules in the same order (forward and backward): with
+    the option on, a text-only batch runs the vision tower on a blank image exactly where an image batch runs
+    it, its embeddings are unchanged, and the same parameters get a gradient (zero for the vision tower)."""
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family))
+    processor = model.processor
+    text_batch = dict(processor.tokenizer(["a red circle on the left", "two blue squares"], return_tensors="pt", padding=True))
+    image_batch = dict(processor(text=[f"{processor.image_token} a picture"], images=[_image()], return_tensors="pt"))
+    reference = model(**text_batch).embeddings.detach()
+    image_reference = model(**image_batch).embeddings.detach()
+    plain_order, _ = _module_call_order(model, text_batch)
+
+    model.run_vision_tower_in_every_forward()
+    torch.testing.assert_close(model(**text_batch).embeddings, reference, atol=0, rtol=0)
+    text_order, text_grads = _module_call_order(model, text_batch)
+    vision = [n for n in text_grads if any(k in n for k in VISION_MODULE_NAMES)]
+    assert vision and all(not model.get_parameter(n).grad.any() for n in vision)
+    torch.testing.assert_close(model(**image_batch).embeddings, image_reference, atol=0, rtol=0)
+    image_order, image_grads = _module_call_order(model, image_batch)
+    assert text_order == image_order
+    assert text_grads == image_grads
+    assert plain_order != text_order  # the recorder sees the difference the option removes

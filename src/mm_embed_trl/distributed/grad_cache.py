@@ -34,11 +34,10 @@ embedding "sides", autocast replay; ``tests/test_gather.py`` (2 real DDP process
 gradients with exactly one all-reduce per step (none inside an outer ``no_sync``), also with
 ``static_graph`` and ``find_unused_parameters``. Not exercised here: CUDA RNG replay (same code path as
 ``torch.utils.checkpoint``) and NCCL.
-DeepSpeed: re-running chunks inside ONE ``engine.backward`` clashes with ZeRO's per-backward gradient
-reduction (Tevatron's issue #206), so :meth:`GradCache.surrogate_losses` instead yields one surrogate per
-chunk for its own ``engine.backward`` (the trainer holds the accumulation boundary open until the last).
-Measured on DeepSpeed's CPU accelerator (``tests/test_deepspeed.py``): ZeRO-0/1 give the non-cached update;
-ZeRO-2 does not, and the trainer refuses it (ZeRO-3 does not run on CPU here).
+DeepSpeed and FSDP: re-running chunks inside ONE backward clashes with their per-backward gradient reduction
+(Tevatron's issue #206), so :meth:`GradCache.surrogate_losses` instead yields one surrogate per chunk for its
+own backward; the trainer reduces once per step (DeepSpeed's ``coalesce_grad_reduction``, FSDP's ``no_sync``).
+``tests/test_sharded.py`` checks ZeRO-1/2/3 and FSDP2 against the non-cached step on CPU.
 
 Caveats: the loss must be back-propagated with ``backward()`` (not ``torch.autograd.grad`` restricted
 to other inputs), once per :meth:`GradCache.embed` call; ``embed_fn`` must be deterministic given the RNG
@@ -56,19 +55,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._tensors import iter_tensors
+
 __all__ = ["CacheHandle", "GradCache", "RandContext", "split_into_chunks"]
-
-
-def _iter_tensors(obj: Any) -> Iterator[Tensor]:
-    """Yield the tensors inside ``obj`` (a tensor, a mapping such as a BatchEncoding, or a list/tuple)."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _iter_tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _iter_tensors(value)
 
 
 class RandContext:
@@ -83,7 +72,7 @@ class RandContext:
 
     def __init__(self, *objs: Any) -> None:
         self.cpu_state = torch.get_rng_state()
-        devices = {t.device.index for obj in objs for t in _iter_tensors(obj) if t.device.type == "cuda"}
+        devices = {t.device.index for obj in objs for t in iter_tensors(obj) if t.device.type == "cuda"}
         devices.discard(None)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             devices.add(torch.cuda.current_device())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from .._tensors import iter_tensors
 from .configuration import MultimodalEmbeddingConfig
 from .pooling import finalize_embeddings, pool, special_token_indices
 
@@ -123,6 +125,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             self._wrap_with_lora(config.lora_config)
         # The processor is not a module: it travels alongside (save_pretrained writes it next to the weights).
         self.processor = None
+        # Set by `run_vision_tower_in_every_forward` (sharded training): blank-image inputs for the vision tower.
+        self._blank_image_inputs: dict[str, torch.Tensor] | None = None
+        self._blank_image_pending = False
         self.post_init()
 
     # ------------------------------------------------------------------ construction / loading
@@ -277,6 +282,47 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             self.encoder = self.encoder.merge_and_unload()
             self.config.lora_config = None
 
+    # ------------------------------------------------------------------ sharded training
+    def run_vision_tower_in_every_forward(self, processor=None) -> None:
+        """Make every forward run the vision tower, text-only ones on a tiny blank image (its output times 0).
+
+        ZeRO-3 and FSDP all-gather each module's weights with collectives as it runs (forward and backward), so
+        every rank must run the same modules in the same order: a text-only batch on one rank while another has
+        images hangs both, and ZeRO-1/2 reduce mismatched gradient buckets. The blank image runs where real images
+        do, between the token embedding and the language model, and ``0 * its output`` joins the language model's
+        input embeddings there, so the backward visits the modules in the same order too. Results are unchanged;
+        a trainable vision tower gets an explicit zero gradient. A no-op for text-only backbones.
+        """
+        if not _is_vision_language(self.backbone.config) or self._blank_image_inputs is not None:
+            return
+        processor = processor if processor is not None else self.processor
+        image_processor = getattr(processor, "image_processor", None)
+        inner = self._hidden_state_module()
+        if image_processor is None or not hasattr(inner, "language_model"):
+            raise ValueError(
+                "run_vision_tower_in_every_forward needs the backbone's processor (with an image processor) and a "
+                f"backbone with a `language_model` ({type(inner).__name__})."
+            )
+        from PIL import Image
+
+        accepted = inspect.signature(inner.get_image_features).parameters
+        encoded = image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+        self._blank_image_inputs = {k: v for k, v in encoded.items() if k in accepted and torch.is_tensor(v)}
+        inner.language_model.register_forward_pre_hook(self._add_blank_image_features, with_kwargs=True)
+
+    def _add_blank_image_features(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if not self._blank_image_pending or embeds is None:
+            return None
+        self._blank_image_pending = False
+        inputs = {k: v.to(embeds.device) for k, v in self._blank_image_inputs.items()}
+        features = self._hidden_state_module().get_image_features(**inputs, return_dict=True)
+        # Exactly the outputs the backbone consumes for real images: each module output that receives a gradient
+        # triggers ZeRO-3's pre-backward fetch, so using more (e.g. last_hidden_state) would change the order.
+        used = (features.pooler_output, getattr(features, "deepstack_features", None))
+        zero = sum(t.float().sum() for t in iter_tensors(used) if t.is_floating_point()) * 0.0
+        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
+
     # ------------------------------------------------------------------ forward
     @property
     def backbone(self) -> PreTrainedModel:
@@ -323,9 +369,15 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             backbone_inputs.pop(key, None)
         if attention_mask is None:
             raise ValueError("MultimodalEmbeddingModel needs an attention_mask to find the pooled position.")
-        outputs = self._hidden_state_module()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
+        self._blank_image_pending = (
+            self._blank_image_inputs is not None and backbone_inputs.get("pixel_values") is None
         )
+        try:
+            outputs = self._hidden_state_module()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
+            )
+        finally:
+            self._blank_image_pending = False
         hidden = outputs.last_hidden_state
         token_found = None
         if self.config.pooling == "special_token":

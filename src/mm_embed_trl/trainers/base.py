@@ -6,6 +6,7 @@ Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -196,14 +197,13 @@ class EmbeddingTrainer(Trainer):
         if args.gradient_checkpointing and model.has_lora:
             # Reentrant checkpointing needs an input that requires grad when only adapters train.
             model.backbone.enable_input_require_grads()
+        vision_trains = any(p.requires_grad for n, p in model.backbone.named_parameters() if _is_vision_parameter(n))
         if args.ddp_find_unused_parameters is None:
-            args.ddp_find_unused_parameters = any(
-                p.requires_grad for n, p in model.backbone.named_parameters() if _is_vision_parameter(n)
-            )
+            args.ddp_find_unused_parameters = vision_trains
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
-        self._deepspeed_cache = None
+        self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
         eval_callback = None
@@ -221,23 +221,22 @@ class EmbeddingTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        self._coalesced_reduction = None  # open DeepSpeed coalesce_grad_reduction block (GradCache under ZeRO)
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
-        if self.grad_cache is not None and zero_stage is not None and zero_stage >= 2:
-            # Measured on CPU (tests/test_deepspeed.py): ZeRO-0/1 with one engine.backward per chunk give the
-            # non-cached gradients; ZeRO-2's per-micro-step gradient partitioning does not (stage 3 cannot run
-            # here). Refuse rather than train on wrong gradients.
+        if self.grad_cache is not None and zero_stage is not None and zero_stage >= 2 and not _can_coalesce():
+            # ZeRO-2/3 reduce and partition gradients inside every engine.backward; with one backward per chunk the
+            # result was measured wrong (tests/test_sharded.py). DeepSpeed's coalesce_grad_reduction is the fix.
             raise ValueError(
-                f"gradient_cache_chunk_size under DeepSpeed ZeRO-{zero_stage} is not supported: its gradients were "
-                "measured to differ from the non-cached step. Use ZeRO-1 (or 0) or DDP with GradCache, or ZeRO-2/3 "
-                "with plain batches plus gradient accumulation and activation checkpointing."
+                f"gradient_cache_chunk_size under DeepSpeed ZeRO-{zero_stage} needs DeepSpeed's "
+                "`engine.coalesce_grad_reduction` (present in 0.19.8), which this DeepSpeed lacks. Upgrade DeepSpeed, or "
+                "use ZeRO-1 / DDP with GradCache, or plain batches with gradient accumulation."
             )
-        if self.grad_cache is not None and self.is_fsdp_enabled:
-            # FSDP's reduce-scatter hooks with chunk re-runs inside one backward are unverified: refuse clearly.
-            raise ValueError(
-                "gradient_cache_chunk_size is not supported under FSDP yet. Use DDP (recipes/accelerate/ddp.yaml) or "
-                "DeepSpeed ZeRO (recipes/accelerate/zero2.yaml, zero3.yaml) with GradCache, or FSDP with plain "
-                "batches plus gradient accumulation and activation checkpointing."
-            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # Sharded weights are gathered collectively module by module (ZeRO-3, FSDP) and ZeRO reduces gradient
+            # buckets of the same parameters on every rank: a text-only batch on one rank must still run (and, when
+            # it trains, give a zero gradient to) the vision tower another rank runs on images.
+            if zero_stage == 3 or self.is_fsdp_enabled or vision_trains:
+                model.run_vision_tower_in_every_forward(self.processing_class)
         if self.args.n_gpu > 1:
             # torch.nn.DataParallel would scatter the per-side batches and Qwen's flattened pixel patches along dim 0
             # (breaking their pairing with image_grid_thw) and gather no cross-device negatives.
@@ -300,16 +299,16 @@ class EmbeddingTrainer(Trainer):
             scale = distributed_loss_scale() if self.args.gather_across_devices else 1.0
             if scale != 1.0:
                 loss = _ScaleGrad.apply(loss, scale)
-            if self._cache_handles and self.is_deepspeed_enabled:
-                self._deepspeed_cache = (loss, self._cache_handles)  # replayed chunk by chunk in training_step
+            if self._cache_handles and self._chunkwise_backward:
+                self._chunk_cache = (loss, self._cache_handles)  # replayed chunk by chunk in training_step
             elif self._cache_handles:
                 loss = self.grad_cache.attach(loss, self._cache_handles, model=model)
         self._cache_handles = []
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.grad_cache is not None and self.is_deepspeed_enabled:
-            loss = self._deepspeed_grad_cache_step(model, inputs)
+        if self.grad_cache is not None and self._chunkwise_backward:
+            loss = self._chunkwise_grad_cache_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
         # One scalar sync per step, after backward and before the optimizer step: a non-finite loss never
@@ -317,38 +316,55 @@ class EmbeddingTrainer(Trainer):
         self._check_finite(loss)
         return loss
 
-    def _deepspeed_grad_cache_step(self, model, inputs) -> torch.Tensor:
-        """GradCache under DeepSpeed (ZeRO-0/1; ZeRO-2/3 are refused at construction).
+    @property
+    def _chunkwise_backward(self) -> bool:
+        # Sharding engines hook their reduction into every backward; re-running chunks inside one backward (the
+        # DDP path) would reduce a parameter twice, so they get one backward call per chunk instead.
+        return self.is_deepspeed_enabled or self.is_fsdp_enabled
 
-        ZeRO reduces (and partitions) gradients per `engine.backward` and rejects a parameter's gradient computed
-        twice inside one, which is where GradCache re-runs that live inside a single backward break (Tevatron's
-        issue #206). Here every chunk gets its own `engine.backward` with the accumulation boundary held open
-        until the last one, then one `engine.step()`: DeepSpeed's documented manual-accumulation pattern, the
-        same calls accelerate's DeepSpeed wrapper makes for one backward.
+    def _chunkwise_grad_cache_step(self, model, inputs) -> torch.Tensor:
+        """GradCache under DeepSpeed ZeRO and FSDP: one backward per chunk, gradients reduced once per step.
+
+        ZeRO rejects a parameter's gradient computed twice inside one backward, which is where GradCache re-runs
+        inside a single backward break (Tevatron's issue #206), so every chunk gets its own backward.
+        - DeepSpeed ZeRO >= 1: every chunk (and micro-batch) of an accumulation window runs inside
+          `engine.coalesce_grad_reduction`; gradients stay local and are reduced once when the window closes,
+          then one `engine.step()`. ZeRO-2's own per-backward partitioning was measured to give wrong gradients
+          for this pattern. Without that block (ZeRO-0, or an older DeepSpeed under ZeRO-1) the accumulation
+          boundary is held open until the last chunk instead: DeepSpeed's manual-accumulation pattern.
+        - FSDP: every chunk but the step's last runs under `accelerator.no_sync` (FSDP2 keeps unsharded
+          gradients locally), the last one reduce-scatters; the Trainer then steps as usual.
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self._deepspeed_cache = None
+        self._chunk_cache = None
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        if self._deepspeed_cache is None:  # nothing cached (e.g. no trainable path): nothing to back-propagate
-            return loss.detach() / self.current_gradient_accumulation_steps
-        cached_loss, handles = self._deepspeed_cache
-        self._deepspeed_cache = None
-        # Under DeepSpeed the Trainer divides by the accumulation steps itself (scale_wrt_gas=False).
-        cached_loss = cached_loss / self.current_gradient_accumulation_steps
-        engine = self.accelerator.deepspeed_engine_wrapped.engine
         sync = self.accelerator.sync_gradients
-        # ZeRO reduces gradient buckets per backward and needs the same parameters in them on every rank; a
-        # text-only chunk leaves a trainable vision tower without gradient, so give it an explicit zero one.
-        vision = [p for n, p in model.named_parameters() if p.requires_grad and _is_vision_parameter(n)]
-        num_chunks = sum(len(h.chunk_sizes) for h in handles)
-        for index, surrogate in enumerate(self.grad_cache.surrogate_losses(cached_loss, handles)):
-            if vision:
-                surrogate = surrogate + 0.0 * sum(p.reshape(-1)[0] for p in vision)
-            engine.set_gradient_accumulation_boundary(is_boundary=sync and index == num_chunks - 1)
-            engine.backward(surrogate, scale_wrt_gas=False)
-        if sync:
+        engine = self.accelerator.deepspeed_engine_wrapped.engine if self.is_deepspeed_enabled else None
+        coalesce = engine is not None and engine.zero_optimization_stage() >= 1 and _can_coalesce()
+        if coalesce and self._coalesced_reduction is None:
+            self._coalesced_reduction = contextlib.ExitStack()
+            self._coalesced_reduction.enter_context(engine.coalesce_grad_reduction())
+        if self._chunk_cache is not None:
+            cached_loss, handles = self._chunk_cache
+            self._chunk_cache = None
+            # The Trainer's own backward would divide by the accumulation steps; do it here.
+            cached_loss = cached_loss / self.current_gradient_accumulation_steps
+            num_chunks = sum(len(h.chunk_sizes) for h in handles)
+            for index, surrogate in enumerate(self.grad_cache.surrogate_losses(cached_loss, handles)):
+                reduce_now = sync and index == num_chunks - 1
+                if engine is None:
+                    with contextlib.nullcontext() if reduce_now else self.accelerator.no_sync(model):
+                        self.accelerator.backward(surrogate)
+                    continue
+                if not coalesce:
+                    engine.set_gradient_accumulation_boundary(is_boundary=reduce_now)
+                engine.backward(surrogate, scale_wrt_gas=False)
+        if sync and engine is not None:
+            if self._coalesced_reduction is not None:
+                self._coalesced_reduction.close()  # the single reduction of every chunk of the window
+                self._coalesced_reduction = None
             engine.set_gradient_accumulation_boundary(is_boundary=True)
             engine.step()
         return loss.detach() / self.current_gradient_accumulation_steps
@@ -460,6 +476,15 @@ def freeze_vision_tower(model: MultimodalEmbeddingModel) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def _can_coalesce() -> bool:
+    """Whether the installed DeepSpeed can coalesce ZeRO's gradient reduction over several backward calls."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        return False
+    return hasattr(DeepSpeedEngine, "coalesce_grad_reduction")
 
 
 def _is_vision_parameter(name: str) -> bool:

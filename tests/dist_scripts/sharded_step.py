@@ -1,0 +1,112 @@
+"""One HardNegContrastiveTrainer optimizer step under DeepSpeed ZeRO (its CPU accelerator) or FSDP2 (gloo), with
+or without GradCache; rank 0 saves the resulting parameters. Run under ``torch.distributed.run --nproc_per_node 2``
+with ``DS_ACCELERATOR=cpu``: ``python sharded_step.py OUT.pt [--chunk N] [--stage 2 | --fsdp]``. The generated
+data mixes image and text-only queries, so chunks (and ranks) differ in modality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
+from mm_embed_trl.data.generated import make_shapes_dataset
+from mm_embed_trl.tiny import get_tiny_backbone
+
+
+def _force_fsdp_on_cpu():
+    """accelerate only enables FSDP on accelerators; FSDP2 itself runs on CPU with gloo, so switch it on here."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--chunk", type=int, default=0)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--zero_options", default="{}", help="extra zero_optimization entries, as JSON")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding instead of DeepSpeed")
+    parser.add_argument("--without_coalesce", action="store_true", help="act as a DeepSpeed without coalescing")
+    args = parser.parse_args()
+    if args.fsdp:
+        _force_fsdp_on_cpu()
+    if args.without_coalesce:
+        from deepspeed import DeepSpeedEngine
+
+        delattr(DeepSpeedEngine, "coalesce_grad_reduction")
+    data = make_shapes_dataset(num_train=64, num_eval=8, seed=3)
+    ds_config = {
+        "zero_optimization": {"stage": args.stage, **json.loads(args.zero_options)},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "zero_allow_untested_optimizer": True,
+    }
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")))
+    config = HardNegContrastiveConfig(
+        output_dir="/tmp/ds-gradcache-test",
+        per_device_train_batch_size=8,
+        # one step of AdamW with eps=1 and no decay moves each weight by ~lr * its gradient (linear, unlike Adam's
+        # sign-like first step), so equal parameters afterwards mean equal gradients
+        max_steps=1,
+        learning_rate=1e-2,
+        adam_epsilon=1.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        gradient_cache_chunk_size=args.chunk or None,
+        image_root=str(data.image_root),
+        num_negatives=0,
+        num_hard_negatives=3,
+        temperature=0.05,
+        deepspeed=None if args.fsdp else ds_config,
+        fsdp=args.fsdp,
+        fsdp_config={
+            "version": 2,
+            "reshard_after_forward": True,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"],
+        }
+        if args.fsdp
+        else None,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+    )
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=data["train"])
+    trainer.train()
+    # FSDP2 parameters are DTensor shards: gather them (a collective, so on every rank)
+    params = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in trainer.model.named_parameters()
+    }
+    if trainer.is_world_process_zero():
+        torch.save(
+            {
+                "params": params,
+                "loss": trainer.state.log_history[-1]["train_loss"],
+                "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "ddp",
+            },
+            args.out,
+        )
+
+
+if __name__ == "__main__":
+    main()
