@@ -294,6 +294,9 @@ class EmbeddingTrainer(Trainer):
             # kept as device tensors: converting here would sync host and device at every step
             self._metrics[mode][key].append(value.detach() if torch.is_tensor(value) else torch.tensor(float(value)))
         if model.training and torch.is_grad_enabled():
+            # One scalar sync per step, before any backward: a non-finite loss never reaches the weights (nor,
+            # through them, a checkpoint), also under DeepSpeed, whose backward already steps the optimizer.
+            self._check_finite(loss)
             # The loss spans the global batch but only this rank's slice carries gradient; DDP averages over ranks,
             # so scale the gradient (not the logged value) by the world size to match single-process training.
             scale = distributed_loss_scale() if self.args.gather_across_devices else 1.0
@@ -308,13 +311,8 @@ class EmbeddingTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.grad_cache is not None and self._chunkwise_backward:
-            loss = self._chunkwise_grad_cache_step(model, inputs)
-        else:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        # One scalar sync per step, after backward and before the optimizer step: a non-finite loss never
-        # reaches the weights (nor, through them, a checkpoint).
-        self._check_finite(loss)
-        return loss
+            return self._chunkwise_grad_cache_step(model, inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     @property
     def _chunkwise_backward(self) -> bool:
