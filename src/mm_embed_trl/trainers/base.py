@@ -151,6 +151,8 @@ class EmbeddingTrainer(Trainer):
     """
 
     _tag_names = ["mm-embed-trl"]
+    # True when no batch ever carries images (then ranks run the same modules without a blank-image forward).
+    _text_only_batches = False
     method_name: str | None = None  # the model card's method key (e.g. "unime_stage2")
 
     def __init__(
@@ -235,7 +237,7 @@ class EmbeddingTrainer(Trainer):
             # Sharded weights are gathered collectively module by module (ZeRO-3, FSDP) and ZeRO reduces gradient
             # buckets of the same parameters on every rank: a text-only batch on one rank must still run (and, when
             # it trains, give a zero gradient to) the vision tower another rank runs on images.
-            if zero_stage == 3 or self.is_fsdp_enabled or vision_trains:
+            if not self._text_only_batches and (zero_stage == 3 or self.is_fsdp_enabled or vision_trains):
                 model.run_vision_tower_in_every_forward(self.processing_class)
         if self.args.n_gpu > 1:
             # torch.nn.DataParallel would scatter the per-side batches and Qwen's flattened pixel patches along dim 0

@@ -346,6 +346,8 @@ class DistillEmbedTrainer(EmbeddingTrainer):
     """
 
     _tag_names = ["mm-embed-trl", "unime", "distillation", "text-distillation"]
+    # Every rank's batches are text-only, so sharded training needs no blank-image forward to stay in step.
+    _text_only_batches = True
 
     def __init__(
         self,
