@@ -14,19 +14,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_train_hardneg_example_under_accelerate_with_two_processes(tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["--multi_gpu", "--main_process_port", "29533"],
+        # the shipped ZeRO-3 config, on DeepSpeed's CPU accelerator: sharded weights, GradCache, mixed
+        # image/text chunks, evaluation on every rank, gathered save and export
+        ["--config_file", str(ROOT / "recipes" / "accelerate" / "zero3.yaml"), "--mixed_precision", "no",
+         "--main_process_port", "29534"],
+    ],
+    ids=["ddp", "zero3"],
+)
+def test_train_hardneg_example_under_accelerate_with_two_processes(tmp_path, launcher):
+    if "--config_file" in launcher:
+        pytest.importorskip("deepspeed")
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", "29533", str(ROOT / "examples" / "train_hardneg.py"),
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+        str(ROOT / "examples" / "train_hardneg.py"),
         "--output_dir", str(out), "--num_train_epochs", "1", "--generated_train_size", "128",
         "--generated_eval_size", "32", "--per_device_train_batch_size", "16", "--gradient_cache_chunk_size", "8",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
     assert "built-in tiny random qwen2_vl backbone" in log and "generated shapes dataset" in log
+    engine = "DeepSpeed ZeRO-3" if "--config_file" in launcher else "MULTI_CPU"
+    assert f"Training with {engine} on 2 process(es)" in log
     # negatives came from both ranks: 2 x 16 targets minus the positive
     assert "'num_valid_negatives': '31'" in log
     report = json.loads((out / "retrieval_report.json").read_text())

@@ -150,11 +150,29 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
     """The examples' common tail: evaluate (main process), train, evaluate again, print the comparison, write
     `retrieval_report.json`, then save the model + sentence-transformers export with a card carrying the figures."""
     main = trainer.is_world_process_zero()
-    before = evaluator(trainer.model) if (evaluator is not None and evaluate_before and main) else None
+    # Sharded weights (ZeRO-3, FSDP) are gathered collectively by every forward: there, every rank evaluates
+    # (the same rows, so the same collectives) and only the main process reports.
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    sharded = zero3 or trainer.is_fsdp_enabled
+    if main:
+        engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else (
+            "FSDP" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type.value)
+        )
+        print(f"[mm-embed-trl] Training with {engine} on {trainer.accelerator.num_processes} process(es).")
+    before = None
+    if evaluator is not None and evaluate_before and (main or zero3):
+        if zero3:  # loaded under zero.Init, before the engine exists: gather the weights for this evaluation
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+                before = evaluator(trainer.model)
+        else:
+            before = evaluator(trainer.model)
     trainer.train()
     after = None
+    if evaluator is not None and (main or sharded):
+        after = evaluator(trainer.model if sharded else trainer.accelerator.unwrap_model(trainer.model))
     if evaluator is not None and main:
-        after = evaluator(trainer.accelerator.unwrap_model(trainer.model))
         print(f"\n{title}")
         print(format_comparison(before, after))
         write_report(trainer.args.output_dir, {"before": before, "after": after})

@@ -454,16 +454,17 @@ class EmbeddingTrainer(Trainer):
         self.save_model(output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            saved = MultimodalEmbeddingModel.from_pretrained(output_dir)
-            if self.args.save_sentence_transformers:
-                from ..export import save_for_inference
+            with _without_zero3_init():  # plain, whole copies loaded on this process only
+                saved = MultimodalEmbeddingModel.from_pretrained(output_dir)
+                if self.args.save_sentence_transformers:
+                    from ..export import save_for_inference
 
-                card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
-                # the trainer just wrote these weights: only a LoRA merge makes save_for_inference write them again
-                save_for_inference(saved, output_dir, merge_lora=True, write_model=False, model_card_data=card)
-            elif saved.has_lora:
-                saved.merge_lora()
-                saved.save_pretrained(output_dir)
+                    card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
+                    # the trainer just wrote these weights: only a LoRA merge makes save_for_inference write them
+                    save_for_inference(saved, output_dir, merge_lora=True, write_model=False, model_card_data=card)
+                elif saved.has_lora:
+                    saved.merge_lora()
+                    saved.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
 
@@ -476,6 +477,24 @@ def freeze_vision_tower(model: MultimodalEmbeddingModel) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Load a model normally although ZeRO-3 is configured: transformers would otherwise partition it with
+    `deepspeed.zero.Init`, a collective that hangs when only the main process loads."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _can_coalesce() -> bool:
