@@ -152,12 +152,12 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
     main = trainer.is_world_process_zero()
     # Sharded weights (ZeRO-3, FSDP) are gathered collectively by every forward: there, every rank evaluates
     # (the same rows, so the same collectives) and only the main process reports.
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    sharded = zero3 or trainer.is_fsdp_enabled
+    zero3, sharded = trainer.zero_stage == 3, trainer.shards_weights
     if main:
-        engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else (
-            "FSDP" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type.value)
-        )
+        if trainer.zero_stage is not None:
+            engine = f"DeepSpeed ZeRO-{trainer.zero_stage}"
+        else:
+            engine = "FSDP" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type.value)
         print(f"[mm-embed-trl] Training with {engine} on {trainer.accelerator.num_processes} process(es).")
     before = None
     if evaluator is not None and evaluate_before and (main or zero3):

@@ -224,7 +224,7 @@ class EmbeddingTrainer(Trainer):
             **kwargs,
         )
         self._coalesced_reduction = None  # open DeepSpeed coalesce_grad_reduction block (GradCache under ZeRO)
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        zero_stage = self.zero_stage
         if self.grad_cache is not None and zero_stage is not None and zero_stage >= 2 and not _can_coalesce():
             # ZeRO-2/3 reduce and partition gradients inside every engine.backward; with one backward per chunk the
             # result was measured wrong (tests/test_sharded.py). DeepSpeed's coalesce_grad_reduction is the fix.
@@ -237,7 +237,7 @@ class EmbeddingTrainer(Trainer):
             # Sharded weights are gathered collectively module by module (ZeRO-3, FSDP) and ZeRO reduces gradient
             # buckets of the same parameters on every rank: a text-only batch on one rank must still run (and, when
             # it trains, give a zero gradient to) the vision tower another rank runs on images.
-            if not self._text_only_batches and (zero_stage == 3 or self.is_fsdp_enabled or vision_trains):
+            if not self._text_only_batches and (self.shards_weights or vision_trains):
                 model.run_vision_tower_in_every_forward(self.processing_class)
         if self.args.n_gpu > 1:
             # torch.nn.DataParallel would scatter the per-side batches and Qwen's flattened pixel patches along dim 0
@@ -317,6 +317,16 @@ class EmbeddingTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+        return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether weights are sharded across ranks (ZeRO-3, FSDP): every forward then gathers them collectively."""
+        return self.zero_stage == 3 or self.is_fsdp_enabled
+
+    @property
     def _chunkwise_backward(self) -> bool:
         # Sharding engines hook their reduction into every backward; re-running chunks inside one backward (the
         # DDP path) would reduce a parameter twice, so they get one backward call per chunk instead.
@@ -342,7 +352,7 @@ class EmbeddingTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         sync = self.accelerator.sync_gradients
         engine = self.accelerator.deepspeed_engine_wrapped.engine if self.is_deepspeed_enabled else None
-        coalesce = engine is not None and engine.zero_optimization_stage() >= 1 and _can_coalesce()
+        coalesce = engine is not None and self.zero_stage >= 1 and _can_coalesce()
         if coalesce and self._coalesced_reduction is None:
             self._coalesced_reduction = contextlib.ExitStack()
             self._coalesced_reduction.enter_context(engine.coalesce_grad_reduction())
