@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 
 from mm_embed_trl.data.collators import EmbeddingCollator, split_batch
 from mm_embed_trl.data.images import ImageLoadError
@@ -71,7 +72,8 @@ def test_split_batch_gives_the_same_embeddings(qwen2_vl_model, collator, shapes_
         chunks = split_batch(enc, 3)
         assert len(chunks) == -(-enc["input_ids"].shape[0] // 3)
         parts = torch.cat([qwen2_vl_model(**c).embeddings for c in chunks])
-        torch.testing.assert_close(parts, whole, atol=2e-5, rtol=1e-4)
+        # chunks of 3 rows instead of one batch: other padding and kernel shapes, rounding only
+        assert_close(parts, whole, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
 
 
 def test_split_batch_refuses_unknown_keys():
@@ -109,10 +111,10 @@ def test_missing_columns_is_a_clear_error(collator):
 
 
 def test_text_only_processor_refuses_images(tiny_backbone):
+    from PIL import Image
     from transformers import AutoTokenizer
 
     from mm_embed_trl.data.schema import EmbeddingInput
-    from PIL import Image
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone("text"))
     col = EmbeddingCollator(tok, "unime")
@@ -161,4 +163,4 @@ def test_split_batch_on_other_vision_families(family, tiny_backbone):
     enc = model.make_collator().encode_inputs(inputs)
     whole = model(**enc).embeddings
     parts = torch.cat([model(**c).embeddings for c in split_batch(enc, 2)])
-    torch.testing.assert_close(parts, whole, atol=2e-5, rtol=1e-4)
+    assert_close(parts, whole, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))

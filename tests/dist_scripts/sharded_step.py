@@ -54,7 +54,8 @@ def main():
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        # no "optimizer" block: the Trainer's torch AdamW is handed to DeepSpeed, whose own would first compile a
+        # C++ extension (about 90 s on a fresh 2-core machine)
         "zero_allow_untested_optimizer": True,
     }
     torch.manual_seed(0)
@@ -90,6 +91,8 @@ def main():
         seed=0,
         data_seed=0,
     )
+    # the model is loaded whole (before the config enables zero.Init): the starting point of every run
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=data["train"])
     trainer.train()
     # FSDP2 parameters are DTensor shards: gather them (a collective, so on every rank)
@@ -101,6 +104,7 @@ def main():
         torch.save(
             {
                 "params": params,
+                "initial": initial,
                 "loss": trainer.state.log_history[-1]["train_loss"],
                 "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "ddp",
             },

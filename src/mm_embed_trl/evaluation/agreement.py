@@ -22,8 +22,11 @@ def similarity_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[s
     n = student.shape[0]
     if n < 3:
         return {}
-    s = F.normalize(student.detach().float(), dim=-1)
-    t = F.normalize(teacher.detach().float().to(s.device), dim=-1)
+    # float64 (MPS has none): an untrained model's similarities crowd within ~1e-3 of each other, and float32
+    # rounding of each one would then move the correlation in its 5th digit. n x n is cheap in any precision.
+    dtype = torch.float32 if student.device.type == "mps" else torch.float64
+    s = F.normalize(student.detach().to(dtype), dim=-1)
+    t = F.normalize(teacher.detach().to(s.device, dtype), dim=-1)
     sim_s, sim_t = s @ s.T, t @ t.T
     iu = torch.triu_indices(n, n, offset=1, device=s.device)
     a, b = sim_s[iu[0], iu[1]], sim_t[iu[0], iu[1]]
