@@ -265,3 +265,43 @@ def test_similarity_spearman_edge_cases():
         similarity_spearman(a, torch.randn(6, 3))
     with pytest.raises(ValueError, match="at least 3"):
         similarity_spearman(a[:2], a[:2])
+
+
+# ------------------------------------------------------------------------------------ the `evaluate` metric module
+def test_evaluate_metric_loads_offline_and_matches_sentence_transformers(tmp_path, monkeypatch):
+    """evaluate.load(RETRIEVAL_METRIC_PATH) (no hub) gives sentence-transformers' numbers on a shared corpus."""
+    import evaluate
+
+    from mm_embed_trl.evaluation import RETRIEVAL_METRIC_PATH
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    q, c, relevant = _random_case(quantize=2, seed=7)  # ties included
+    metric = evaluate.load(RETRIEVAL_METRIC_PATH, cache_dir=str(tmp_path / "cache"))
+    scores = (q.double() @ c.double().T).tolist()
+    out = metric.compute(predictions=scores, references=[sorted(r) for r in relevant], k_values=list(KS))
+    expected = _st_metrics(q.double(), c.double(), relevant)
+    assert set(expected) <= set(out)
+    for key, value in expected.items():  # ratios of counts in float64
+        assert out[key] == pytest.approx(value, abs=1e-12), key
+    with pytest.raises(ValueError, match="candidates"):
+        metric.compute(predictions=[[0.1, 0.2], [0.3]], references=[[0], [0]])
+
+
+def test_evaluate_metric_candidate_lists_match_mmeb_precision(tmp_path, monkeypatch):
+    """The 'candidates' config: lists of different lengths, the correct one anywhere, VLM2Vec's tie rule."""
+    import evaluate
+
+    from mm_embed_trl.evaluation import RETRIEVAL_METRIC_PATH
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    g = torch.Generator().manual_seed(4)
+    lists = [torch.round(torch.rand(n, generator=g) * 4) / 4 for n in (3, 5, 2, 7, 4, 6)]  # many ties
+    correct = [1, 0, 1, 6, 2, 3]
+    metric = evaluate.load(RETRIEVAL_METRIC_PATH, "candidates", cache_dir=str(tmp_path / "cache"))
+    out = metric.compute(predictions=[x.tolist() for x in lists], references=correct, k_values=[1, 3])
+    ranks = [1 + int((x > x[i]).sum()) for x, i in zip(lists, correct)]  # by hand: 1 + #strictly higher
+    assert out["precision@1"] == pytest.approx(np.mean([r == 1 for r in ranks]), abs=1e-12)
+    assert out["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-12)
+    assert out["recall@3"] == pytest.approx(np.mean([r <= 3 for r in ranks]), abs=1e-12)
+    with pytest.raises(ValueError, match="query 1"):
+        metric.compute(predictions=[[0.1, 0.2], [0.3]], references=[0, 1])

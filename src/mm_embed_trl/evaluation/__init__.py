@@ -1,8 +1,16 @@
-"""Retrieval metrics, evaluators (shared-corpus retrieval, MMEB per-query candidates) and a Trainer callback."""
+"""Retrieval metrics (also as an `evaluate` metric: ``evaluate.load(RETRIEVAL_METRIC_PATH)``), evaluators (shared-corpus
+retrieval, MMEB per-query candidates) and a Trainer callback."""
 
 from .agreement import TeacherAgreementEvaluator, similarity_agreement
 from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, RetrievalEvaluator
-from .metrics import candidate_list_metrics, mmeb_precision_at_1, retrieval_metrics, similarity_spearman
+from .hf_metrics import RETRIEVAL_METRIC_PATH
+from .metrics import (
+    candidate_list_metrics,
+    mmeb_precision_at_1,
+    ranking_metrics,
+    retrieval_metrics,
+    similarity_spearman,
+)
 from .mmeb import MMEB_EVAL_COLUMNS, load_mmeb_eval, validate_mmeb_eval_rows
 
 __all__ = [
@@ -11,10 +19,12 @@ __all__ = [
     "EmbeddingEvalCallback",
     "MMEBEvaluator",
     "MMEB_EVAL_COLUMNS",
+    "RETRIEVAL_METRIC_PATH",
     "RetrievalEvaluator",
     "candidate_list_metrics",
     "load_mmeb_eval",
     "mmeb_precision_at_1",
+    "ranking_metrics",
     "retrieval_metrics",
     "similarity_spearman",
     "validate_mmeb_eval_rows",

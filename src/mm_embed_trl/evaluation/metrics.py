@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ranking_metrics",
     "retrieval_metrics",
     "candidate_list_metrics",
     "mmeb_precision_at_1",
@@ -158,17 +159,36 @@ def retrieval_metrics(
             f"query_embeddings have dimension {q.shape[1]} but corpus_embeddings have {c.shape[1]}; "
             "both sides must come from the same embedding space."
         )
-    if c.shape[0] == 0:
-        raise ValueError("corpus_embeddings is empty; retrieval needs at least one document.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    ks = _check_k_values(k_values)
     if normalize:
         q, c = F.normalize(q, dim=-1), F.normalize(c, dim=-1)
     c = c.to(q.dtype)
-    num_queries, num_docs = q.shape[0], c.shape[0]
+    return _ranking_metrics(lambda start, end: q[start:end] @ c.T, q.shape[0], c.shape[0], relevant, k_values,
+                            chunk_size, q.device)
+
+
+@torch.no_grad()
+def ranking_metrics(
+    scores: Tensor,
+    relevant: Sequence[Iterable[int]] | Tensor,
+    *,
+    k_values: Iterable[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` on precomputed scores: ``scores[q, j]`` is query q's score of corpus document j
+    (any similarity, higher is better). Same metrics, definitions and tie order."""
+    scores = _check_embeddings("scores", scores)
+    return _ranking_metrics(lambda start, end: scores[start:end], scores.shape[0], scores.shape[1], relevant,
+                            k_values, chunk_size, scores.device)
+
+
+def _ranking_metrics(score_rows, num_queries, num_docs, relevant, k_values, chunk_size, device) -> dict[str, float]:
+    """The metrics, with ``score_rows(start, end)`` giving the (end - start, N) scores of a chunk of queries."""
+    if num_docs == 0:
+        raise ValueError("The corpus is empty; retrieval needs at least one document.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    ks = _check_k_values(k_values)
     lookup = _RelevanceLookup(relevant, num_queries, num_docs)
-    device = q.device
 
     max_k = min(ks[-1], num_docs)
     positions = torch.arange(max_k, device=device, dtype=torch.float64)
@@ -187,7 +207,7 @@ def retrieval_metrics(
         keep = n_rel > 0
         if not bool(keep.any()):
             continue
-        scores = q[start:end] @ c.T  # (b, N)
+        scores = score_rows(start, end)  # (b, N)
         rel_mask = lookup.chunk(start, end, device)
         scores, rel_mask, n_rel = scores[keep], rel_mask[keep], n_rel[keep]
         num_evaluated += int(keep.sum())
