@@ -257,7 +257,7 @@ def test_misuse_is_reported():
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
     with pytest.raises(TypeError, match="must return a tensor"):
-        cache.embed(lambda chunk: {"emb": chunk}, xq)
+        cache.embed(lambda chunk: {"emb": chunk.tolist()}, xq)
     with pytest.raises(ValueError, match="split_batch"):
         split_into_chunks({"input_ids": torch.zeros(4, 3), "pixel_values": torch.zeros(9, 2)}, 2)
 
@@ -285,3 +285,55 @@ def test_rand_context_replays_and_restores_the_outer_stream():
     continued = torch.rand(3)
     assert torch.equal(first, replay)
     assert torch.equal(after_first, continued)  # the replay did not disturb the outer RNG
+
+
+def test_several_outputs_per_chunk_and_a_direct_loss_term():
+    """embed_fn returns (embedding a, embedding b, the chunk's summed squared activations as a (1,) tensor): one
+    re-forward per chunk back-propagates all three, equal to the plain backward of the same total loss."""
+    model, (xq, xp) = make_model(), make_data()
+    model.eval()  # no dropout: the plain reference runs whole batches, GradCache chunks
+
+    def outputs(x):
+        hidden = model(x)
+        return hidden[:, :3], hidden[:, 2:], (hidden**2).sum().view(1)
+
+    def total(a, b, penalty, p):
+        # two contrastive terms on two "embeddings" of one forward, plus a term on the parameters directly
+        return contrastive(a, p[:, :3]) + contrastive(b, p[:, 2:]) + 0.1 * penalty.sum() / len(a)
+
+    p_ref = model(xp)
+    total(*outputs(xq), p_ref).backward()
+    ref = [t.grad.clone() for t in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    cache = GradCache(chunk_size=3)
+    (a, b, penalty), hq = cache.embed(outputs, xq, name="query")
+    assert penalty.shape == (3,) and hq.output_sizes == [[3, 3, 2], [3, 3, 2], [1, 1, 1]]
+    p, hp = cache.embed(model, xp)
+    cache.attach(total(a, b, penalty, p), [hq, hp]).backward()
+    assert_same_gradients(ref, [t.grad for t in model.parameters()])
+
+    # dict outputs come back as a dict; surrogate losses (DeepSpeed / FSDP path) give the same gradients
+    model.zero_grad(set_to_none=True)
+    named, hq = cache.embed(lambda x: dict(zip("abc", outputs(x))), xq)
+    p, hp = cache.embed(model, xp)
+    flags = []
+    for surrogate, is_last in cache.surrogate_losses(total(named["a"], named["b"], named["c"], p), [hq, hp]):
+        surrogate.backward()
+        flags.append(is_last)
+    assert flags == [False] * 5 + [True]  # 3 + 3 chunks, the last one reduces
+    assert_same_gradients(ref, [t.grad for t in model.parameters()])
+
+
+def test_surrogates_end_with_a_reducing_backward_when_the_last_chunk_is_frozen():
+    """The chunk-wise path (DeepSpeed, FSDP) reduces at the surrogate flagged last; a batch whose last chunk has no
+    trainable path still ends with one (a zero-gradient replay of a trainable chunk), as the DDP replay does."""
+    model, (xq, xp) = make_model(), make_data()
+    model.eval()
+    frozen = nn.Linear(IN_DIM, EMB_DIM).requires_grad_(False)
+    cache = GradCache(chunk_size=4)
+    q, hq = cache.embed(model, xq)
+    p, hp = cache.embed(frozen, xp)  # the last handle's chunks reach no trainable parameter
+    items = list(cache.surrogate_losses(contrastive(q, p), [hq, hp]))
+    assert [is_last for _, is_last in items] == [False, False, True]
+    assert items[-1][0].detach().item() == 0.0 and items[-1][0].requires_grad

@@ -39,6 +39,13 @@ DeepSpeed and FSDP: re-running chunks inside ONE backward clashes with their per
 own backward; the trainer reduces once per step (DeepSpeed's ``coalesce_grad_reduction``, FSDP's ``no_sync``).
 ``tests/test_sharded.py`` checks ZeRO-1/2/3 and FSDP2 against the non-cached step on CPU.
 
+Several outputs per chunk: ``embed_fn`` may return a tuple (or dict) of tensors, e.g. two pooled embeddings of one
+forward (UME-R1's ``<disc_emb>`` and ``<gen_emb>``) and the chunk's summed language-model loss as a ``(1,)`` tensor.
+Each becomes its own cached leaf (concatenated over chunks along dim 0); the loss may use all of them, and the
+replay back-propagates every output of a chunk together, from one re-forward. A term that depends on the parameters
+directly (a chunk's cross-entropy) is thus cached like an embedding: the gradient w.r.t. its leaf carries every
+scaling of the loss, exactly as for the embeddings.
+
 Caveats: the loss must be back-propagated with ``backward()`` (not ``torch.autograd.grad`` restricted
 to other inputs), once per :meth:`GradCache.embed` call; ``embed_fn`` must be deterministic given the RNG
 state (no data-dependent randomness outside torch's generators).
@@ -160,16 +167,19 @@ def split_into_chunks(batch: Any, chunk_size: int) -> list[Any]:
 class CacheHandle:
     """What :meth:`GradCache.attach` needs to replay one :meth:`GradCache.embed` call.
 
-    ``embeddings`` is the leaf tensor returned by ``embed`` (the gradient w.r.t. it is the cache).
+    ``embeddings`` is what ``embed`` returned: one leaf tensor, or a tuple / dict of them when ``embed_fn`` returns
+    several outputs (the gradient w.r.t. the leaves is the cache). ``chunk_sizes`` are the rows of each chunk's first
+    output; ``output_sizes[k]`` those of output ``k``.
     """
 
-    embeddings: Tensor
-    embed_fn: Callable[[Any], Tensor]
+    embeddings: Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+    embed_fn: Callable[[Any], Any]
     chunks: list[Any]
     chunk_sizes: list[int]
     rng_states: list[RandContext]
     autocast_states: list[_AutocastState]
     name: str | None = None
+    output_sizes: list[list[int]] = field(default_factory=list)
     # Set once a backward has replayed this handle: a second replay would double-count gradients.
     consumed: bool = field(default=False)
     attached: bool = field(default=False)
@@ -177,6 +187,24 @@ class CacheHandle:
     @property
     def label(self) -> str:
         return repr(self.name) if self.name else f"at 0x{id(self):x}"
+
+    @property
+    def leaves(self) -> tuple[Tensor, ...]:
+        """The cached leaf tensors, in output order."""
+        return _flatten_outputs(self.embeddings)[0]
+
+
+def _flatten_outputs(out: Any) -> tuple[tuple[Tensor, ...], Callable[[Sequence[Tensor]], Any]]:
+    """(tensors, rebuild): an embed_fn output (a tensor, a tuple/list or a dict of tensors) as a flat tuple, and the
+    function that puts a flat sequence back into the same structure."""
+    if isinstance(out, Tensor):
+        return (out,), lambda flat: flat[0]
+    if isinstance(out, Mapping):
+        keys = list(out)
+        return tuple(out[k] for k in keys), lambda flat: dict(zip(keys, flat))
+    if isinstance(out, (tuple, list)):
+        return tuple(out), tuple
+    return (out,), lambda flat: flat[0]
 
 
 def _unwrap_ddp_like(model: Any) -> Any | None:
@@ -270,53 +298,63 @@ class GradCache:
         split = self.split_fn or split_into_chunks
         return list(split(batch, self.chunk_size))
 
-    def embed(
-        self, embed_fn: Callable[[Any], Tensor], chunks: Any, *, name: str | None = None
-    ) -> tuple[Tensor, CacheHandle]:
+    def embed(self, embed_fn: Callable[[Any], Any], chunks: Any, *, name: str | None = None) -> tuple[Any, CacheHandle]:
         """Embed every chunk without a graph; return the concatenated embeddings and a replay handle.
 
         Args:
-            embed_fn: ``embed_fn(chunk) -> Tensor (rows, ...)``; e.g. ``lambda enc: model(**enc).embeddings``.
+            embed_fn: ``embed_fn(chunk) -> Tensor (rows, ...)``; e.g. ``lambda enc: model(**enc).embeddings``. It may
+                return a tuple or dict of such tensors (several outputs of one forward; a per-chunk scalar as a
+                ``(1,)`` tensor), which are cached and returned in the same structure.
             chunks: a list/tuple of chunks (any objects ``embed_fn`` accepts), or a whole batch that is split
                 with ``chunk_size`` (see :func:`split_into_chunks`).
             name: optional label used in error messages (e.g. ``"query"``).
 
         Returns:
             ``(embeddings, handle)``. With grad mode on, ``embeddings`` is a detached leaf with
-            ``requires_grad=True``: compute the loss from it and pass ``handle`` to :meth:`attach`. With grad
-            mode off (evaluation), plain embeddings and an inert handle are returned.
+            ``requires_grad=True`` (a tuple / dict of them for several outputs): compute the loss from it and pass
+            ``handle`` to :meth:`attach`. With grad mode off (evaluation), plain embeddings and an inert handle are
+            returned.
         """
         chunk_list = self._chunks(chunks)
         if not chunk_list:
             raise ValueError(f"GradCache.embed got no chunks to embed (handle {name!r}).")
         track = torch.is_grad_enabled()
-        outputs, sizes, rng_states, autocast_states = [], [], [], []
+        outputs: list[tuple[Tensor, ...]] = []
+        rng_states, autocast_states = [], []
+        rebuild = None
         for index, chunk in enumerate(chunk_list):
             if track:
                 rng_states.append(RandContext(chunk))
                 autocast_states.append(_AutocastState())
             with torch.no_grad():
-                out = embed_fn(chunk)
-            if not isinstance(out, Tensor) or out.dim() == 0:
+                flat, rebuild = _flatten_outputs(embed_fn(chunk))
+            bad = [type(t).__name__ if not isinstance(t, Tensor) else "a 0-d tensor" for t in flat
+                   if not isinstance(t, Tensor) or t.dim() == 0]
+            if bad or (outputs and len(flat) != len(outputs[0])):
                 raise TypeError(
-                    f"GradCache embed_fn must return a tensor of shape (rows, ...); chunk {index} of {name!r} "
-                    f"gave {type(out).__name__}. Wrap the model call, e.g. lambda enc: model(**enc).embeddings."
+                    f"GradCache embed_fn must return a tensor of shape (rows, ...), or a tuple/dict of them (a "
+                    f"per-chunk scalar as shape (1,)), the same number for every chunk; chunk {index} of {name!r} "
+                    f"gave {bad or len(flat)}. Wrap the model call, e.g. lambda enc: model(**enc).embeddings."
                 )
-            outputs.append(out)
-            sizes.append(out.shape[0])
-        embeddings = torch.cat(outputs, dim=0).detach()
-        if track:
-            embeddings.requires_grad_(True)
+            outputs.append(flat)
+        leaves = []
+        for per_chunk in zip(*outputs):
+            leaf = torch.cat(per_chunk, dim=0).detach()
+            if track:
+                leaf.requires_grad_(True)
+            leaves.append(leaf)
+        output_sizes = [[t.shape[0] for t in per_chunk] for per_chunk in zip(*outputs)]
         handle = CacheHandle(
-            embeddings=embeddings,
+            embeddings=rebuild(leaves),
             embed_fn=embed_fn,
             chunks=chunk_list,
-            chunk_sizes=sizes,
+            chunk_sizes=output_sizes[0],
             rng_states=rng_states,
             autocast_states=autocast_states,
             name=name,
+            output_sizes=output_sizes,
         )
-        return embeddings, handle
+        return handle.embeddings, handle
 
     # ------------------------------------------------------------------ step 2
     def attach(self, loss: Tensor, handles: CacheHandle | Sequence[CacheHandle], *, model: Any = None) -> Tensor:
@@ -337,14 +375,14 @@ class GradCache:
             raise ValueError("GradCache.attach needs at least one handle.")
         if not loss.requires_grad:
             # Evaluation (no grad) or a loss that ignores the embeddings: nothing to replay.
-            if any(h.embeddings.requires_grad for h in handles) and torch.is_grad_enabled():
+            if any(leaf.requires_grad for h in handles for leaf in h.leaves) and torch.is_grad_enabled():
                 raise ValueError(
                     "GradCache.attach: the loss does not require grad although cached embeddings do; "
                     "was it computed from the embeddings returned by GradCache.embed?"
                 )
             return loss
         for h in handles:
-            if not h.embeddings.requires_grad:
+            if not all(leaf.requires_grad for leaf in h.leaves):
                 raise ValueError(
                     f"GradCache handle {h.label} was created with grad disabled (evaluation); it cannot be replayed."
                 )
@@ -352,8 +390,11 @@ class GradCache:
                 raise ValueError(
                     f"GradCache handle {h.label} is already attached to a loss: call embed() again for a new step."
                 )
-        reached = _leaves_reached(loss, [h.embeddings for h in handles])
-        missing = [h.label for h, ok in zip(handles, reached) if not ok]
+        # Every handle must feed the loss; a handle with several outputs needs only one of them to (a chunk's LM loss
+        # may be weighted 0, e.g. a discriminative-only run).
+        leaves = [leaf for h in handles for leaf in h.leaves]
+        reached = iter(_leaves_reached(loss, leaves))
+        missing = [h.label for h in handles if not any([next(reached) for _ in h.leaves])]
         if missing:
             raise ValueError(
                 f"GradCache.attach: the loss does not depend on the embeddings of handle(s) {', '.join(missing)}. "
@@ -368,9 +409,7 @@ class GradCache:
 
         # The hook lives on the embedding leaves (which die with this step), not on the loss: the gradient
         # reaching them already includes every later scaling of the loss, and the loss graph stays intact.
-        torch.autograd.graph.register_multi_grad_hook(
-            [h.embeddings for h in handles], on_embedding_grads, mode="all"
-        )
+        torch.autograd.graph.register_multi_grad_hook(leaves, on_embedding_grads, mode="all")
         return loss
 
     def backward(self, loss: Tensor, handles: CacheHandle | Sequence[CacheHandle], *, model: Any = None) -> Tensor:
@@ -380,41 +419,68 @@ class GradCache:
 
     # ------------------------------------------------------------------ step 3
     @staticmethod
-    def _jobs(handles: list[CacheHandle], grads: list[Tensor | None]) -> list[tuple[CacheHandle, int, Tensor]]:
-        """(handle, chunk index, that chunk's slice of the cached gradient) for every chunk to replay."""
-        jobs: list[tuple[CacheHandle, int, Tensor]] = []
-        for h, grad in zip(handles, grads):
+    def _jobs(handles: list[CacheHandle], grads: list[Tensor | None]) -> list[tuple[CacheHandle, int, list]]:
+        """(handle, chunk index, that chunk's slices of the cached gradients: one per output, None where the
+        backward did not reach that output) for every chunk to replay. ``grads`` is flat over the handles' leaves."""
+        jobs: list[tuple[CacheHandle, int, list]] = []
+        position = 0
+        for h in handles:
             if h.consumed:
                 raise RuntimeError(
                     f"GradCache handle {h.label} is being back-propagated a second time (backward with "
                     "retain_graph?); its chunks were already replayed. Call embed() again for a new step."
                 )
             h.consumed = True
-            if grad is None:  # not needed by this backward (e.g. backward(inputs=...)): nothing to do
+            own = grads[position : position + len(h.leaves)]
+            position += len(h.leaves)
+            if all(g is None for g in own):  # not needed by this backward (e.g. backward(inputs=...)): nothing to do
                 continue
-            for index, piece in enumerate(grad.split(h.chunk_sizes, dim=0)):
-                jobs.append((h, index, piece))
+            pieces = [
+                [None] * len(h.chunk_sizes) if g is None else list(g.split(sizes, dim=0))
+                for g, sizes in zip(own, h.output_sizes)
+            ]
+            for index in range(len(h.chunk_sizes)):
+                jobs.append((h, index, [p[index] for p in pieces]))
         return jobs
 
-    def surrogate_losses(self, loss: Tensor, handles: CacheHandle | Sequence[CacheHandle]) -> Iterator[Tensor]:
-        """For engines that need one backward call per chunk (DeepSpeed ZeRO): yield, chunk by chunk, a scalar
-        ``(re-embedded chunk * its cached gradient).sum()`` whose backward puts exactly that chunk's share of
-        ``dloss/dparams`` into the parameters. The gradients w.r.t. the cached embeddings are computed first
-        (``loss`` must carry every scaling that should reach the parameters); only one chunk's graph is alive
-        at a time, as long as the caller back-propagates each surrogate before taking the next.
+    @staticmethod
+    def _trainable(outputs: Sequence[Tensor], grad_pieces: Sequence[Tensor | None]) -> tuple[list, list]:
+        """The (output, gradient) pairs of a re-forward that reach trainable parameters."""
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, grad_pieces) if g is not None and o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def surrogate_losses(
+        self, loss: Tensor, handles: CacheHandle | Sequence[CacheHandle]
+    ) -> Iterator[tuple[Tensor, bool]]:
+        """For engines that need one backward call per chunk (DeepSpeed ZeRO, FSDP): yield, chunk by chunk,
+        ``(surrogate, is_last)``: a scalar ``sum(re-embedded outputs * their cached gradients)`` whose backward puts
+        exactly that chunk's share of ``dloss/dparams`` into the parameters, and whether it is the last one (the
+        backward that should reduce). The gradients w.r.t. the cached embeddings are computed first (``loss`` must
+        carry every scaling that should reach the parameters); only one chunk's graph is alive at a time, as long as
+        the caller back-propagates each surrogate before taking the next. Chunks with no trainable path are skipped;
+        when the batch's last chunk is one, a trainable chunk is replayed once more with a zero gradient as the last
+        surrogate, so the reduction still happens (the rule :meth:`attach`'s replay follows under DDP).
         """
         handles = [handles] if isinstance(handles, CacheHandle) else list(handles)
-        grads = torch.autograd.grad(loss, [h.embeddings for h in handles], allow_unused=True)
+        grads = torch.autograd.grad(loss, [leaf for h in handles for leaf in h.leaves], allow_unused=True)
+        jobs = self._jobs(handles, list(grads))
+        last_trainable: tuple[CacheHandle, int] | None = None
         with torch.enable_grad():
-            for h, index, grad_piece in self._jobs(handles, list(grads)):
-                emb = self._reforward(h, index)
-                if emb.requires_grad:
-                    yield (emb * grad_piece.to(emb.dtype)).sum()
+            for position, (h, index, grad_pieces) in enumerate(jobs):
+                outputs, grad_list = self._trainable(self._reforward(h, index), grad_pieces)
+                if not outputs:
+                    continue  # frozen path: no parameter to update
+                last_trainable = (h, index)
+                yield sum((o * g).sum() for o, g in zip(outputs, grad_list)), position == len(jobs) - 1
+            if jobs and last_trainable is not None and last_trainable != jobs[-1][:2]:
+                h, index = last_trainable
+                outputs = [o for o in self._reforward(h, index) if o.requires_grad]
+                yield sum((o * 0.0).sum() for o in outputs), True
         for h in handles:
             h.chunks, h.rng_states, h.autocast_states = [], [], []
 
     def _replay(self, handles: list[CacheHandle], grads: list[Tensor | None], model: Any) -> None:
-        """Re-embed every chunk with a graph and back-propagate its slice of the cached gradient."""
+        """Re-embed every chunk with a graph and back-propagate its slices of the cached gradients."""
         jobs = self._jobs(handles, grads)
         ddp = _unwrap_ddp_like(model)
         # Read now, not at attach time: gradient accumulation may wrap the backward in an outer no_sync.
@@ -422,21 +488,21 @@ class GradCache:
         synchronized = False
         last_trainable: tuple[CacheHandle, int] | None = None
         with torch.enable_grad():
-            for position, (h, index, grad_piece) in enumerate(jobs):
+            for position, (h, index, grad_pieces) in enumerate(jobs):
                 is_last = position == len(jobs) - 1
                 with _ddp_replay_context(ddp, synchronize=is_last and sync_wanted):
-                    emb = self._reforward(h, index)
-                    if not emb.requires_grad:
+                    outputs, grad_list = self._trainable(self._reforward(h, index), grad_pieces)
+                    if not outputs:
                         continue  # frozen path: no parameter to update
                     last_trainable = (h, index)
-                    torch.autograd.backward(emb, grad_piece.to(emb.dtype))
+                    torch.autograd.backward(outputs, grad_list)
                     synchronized = is_last and sync_wanted
             if sync_wanted and not synchronized and last_trainable is not None:
                 # The last chunk had nothing trainable, so DDP has not all-reduced yet: replay a trainable
                 # chunk with a zero gradient under synchronisation to flush the accumulated gradients.
                 h, index = last_trainable
-                emb = self._reforward(h, index)
-                torch.autograd.backward(emb, torch.zeros_like(emb))
+                outputs = [o for o in self._reforward(h, index) if o.requires_grad]
+                torch.autograd.backward(outputs, [torch.zeros_like(o) for o in outputs])
         # Free the inputs and RNG snapshots early; the handle cannot be replayed again anyway.
         for h in handles:
             h.chunks = []
@@ -444,13 +510,14 @@ class GradCache:
             h.autocast_states = []
 
     @staticmethod
-    def _reforward(h: CacheHandle, index: int) -> Tensor:
+    def _reforward(h: CacheHandle, index: int) -> tuple[Tensor, ...]:
         with h.rng_states[index], h.autocast_states[index].replay():
-            emb = h.embed_fn(h.chunks[index])
-        expected = (h.chunk_sizes[index], *h.embeddings.shape[1:])
-        if tuple(emb.shape) != expected:
+            outputs, _ = _flatten_outputs(h.embed_fn(h.chunks[index]))
+        got = [tuple(o.shape) for o in outputs]
+        expected = [(sizes[index], *leaf.shape[1:]) for sizes, leaf in zip(h.output_sizes, h.leaves)]
+        if got != expected:
             raise RuntimeError(
-                f"GradCache: re-embedding chunk {index} of handle {h.label} gave shape {tuple(emb.shape)}, "
+                f"GradCache: re-embedding chunk {index} of handle {h.label} gave shapes {got}, "
                 f"but the no-grad pass gave {expected}; embed_fn must be deterministic for a given chunk."
             )
-        return emb
+        return outputs

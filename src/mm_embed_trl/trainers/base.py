@@ -361,9 +361,8 @@ class EmbeddingTrainer(Trainer):
             self._chunk_cache = None
             # The Trainer's own backward would divide by the accumulation steps; do it here.
             cached_loss = cached_loss / self.current_gradient_accumulation_steps
-            num_chunks = sum(len(h.chunk_sizes) for h in handles)
-            for index, surrogate in enumerate(self.grad_cache.surrogate_losses(cached_loss, handles)):
-                reduce_now = sync and index == num_chunks - 1
+            for surrogate, is_last in self.grad_cache.surrogate_losses(cached_loss, handles):
+                reduce_now = sync and is_last
                 if engine is None:
                     with contextlib.nullcontext() if reduce_now else self.accelerator.no_sync(model):
                         self.accelerator.backward(surrogate)
