@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -51,21 +52,77 @@ LORA_TARGETS = {
 }
 
 
+# Supervised tokens whose logits are computed at once in the LM loss (x vocabulary x 4 bytes: 0.6 GB at 151k).
+LM_LOSS_CHUNK_TOKENS = 1024
+
+
+def _token_ce_sum(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(states).float()  # the cross-entropy of a large vocabulary in float32, as HF and UME-R1 do
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def _region_mask(attention_mask: torch.Tensor, region: str, completion_start) -> torch.Tensor:
+    """The attention mask restricted to the positions of ``region`` (see TokenPooling)."""
+    if region == "all":
+        return attention_mask
+    if completion_start is None:
+        raise ValueError(f"TokenPooling(region={region!r}) needs completion_start (the first completion position).")
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    start = torch.as_tensor(completion_start, device=attention_mask.device).reshape(-1, 1)
+    inside = positions >= start if region == "completion" else positions < start
+    return attention_mask.bool() & inside
+
+
+# Where a named token is looked for (see TokenPooling): the whole row, or the parts before / from `completion_start`.
+POOL_REGIONS = ("all", "prompt", "completion")
+
+
+@dataclass(frozen=True)
+class TokenPooling:
+    """Pool the hidden state at the LAST occurrence of ``token_id`` within ``region`` of each row.
+
+    ``region="completion"`` counts only positions ``>= completion_start`` (the prompt of UME-R1 holds a copy of
+    ``<gen_emb>`` in its instruction, which must never stand in for the one the model writes); ``"prompt"`` only those
+    before it. A row without the token there pools the region's last attended position (``token_found`` says which).
+    """
+
+    token_id: int
+    region: str = "all"
+
+    def __post_init__(self):
+        if self.region not in POOL_REGIONS:
+            raise ValueError(f"TokenPooling region {self.region!r} is not one of {POOL_REGIONS}.")
+
+
 @dataclass
 class EmbeddingOutput(ModelOutput):
     """Output of :class:`MultimodalEmbeddingModel`.
 
     Args:
+        loss: mean token cross-entropy of the language-model head on ``labels`` (when given).
         embeddings: (batch, dim) pooled embeddings, L2-normalised when `config.normalize`.
         last_hidden_state: (batch, seq, hidden), only when `output_hidden_states=True` was asked.
         token_found: (batch,) bool, for special-token pooling: whether the row contained the token.
         embeddings_per_batch: one embeddings tensor per input batch when called with `batches=[...]`.
+        named_embeddings: ``{name: (batch, dim)}`` for the ``pool_tokens`` asked (e.g. ``disc`` and ``gen``), from
+            the same forward, finalised like ``embeddings``.
+        named_token_found: ``{name: (batch,) bool}``: whether each row held that token in its region.
+        lm_loss_sum: the summed token cross-entropy (float32) of ``labels``; ``loss = lm_loss_sum / lm_num_tokens``.
+            Sums are what GradCache chunks and ranks add up exactly.
+        lm_num_tokens: the number of supervised tokens (``labels != -100`` after the shift).
+        outputs_per_batch: the whole output of each batch when called with `batches=[...]`.
     """
 
+    loss: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     embeddings_per_batch: tuple[torch.Tensor, ...] | None = None
     last_hidden_state: torch.Tensor | None = None
     token_found: torch.Tensor | None = None
+    named_embeddings: dict[str, torch.Tensor] | None = None
+    named_token_found: dict[str, torch.Tensor] | None = None
+    lm_loss_sum: torch.Tensor | None = None
+    lm_num_tokens: torch.Tensor | None = None
+    outputs_per_batch: tuple[EmbeddingOutput, ...] | None = None
 
 
 def _is_vision_language(config) -> bool:
@@ -345,6 +402,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         batches: Sequence[dict[str, Any]] | None = None,
+        pool_tokens: Mapping[str, int | TokenPooling] | None = None,
+        completion_start: torch.Tensor | int | None = None,
+        labels: torch.Tensor | None = None,
         **backbone_inputs,
     ) -> EmbeddingOutput:
         """Embed one processed batch, or several (`batches=[enc_query, enc_target, ...]`) in ONE call.
@@ -352,23 +412,52 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         Several sides in one call matter under DDP: every forward of a DDP module re-arms its reducer, so a query
         forward and a target forward followed by one backward mark shared parameters ready twice (and break
         `find_unused_parameters`). One call that embeds every side keeps DDP to one forward per backward.
+
+        Args:
+            pool_tokens: extra embeddings read off the same forward, ``{name: token id or TokenPooling}`` (UME-R1:
+                ``{"disc": TokenPooling(disc_id, "prompt"), "gen": TokenPooling(gen_id, "completion")}``); they come
+                back in ``named_embeddings``.
+            completion_start: (batch,) or a scalar: the first position of the completion (the assistant turn) of
+                each row; needed by ``"prompt"`` / ``"completion"`` regions.
+            labels: (batch, seq) token ids, ``-100`` where no loss applies: the language-model head's cross-entropy
+                on the next-token predictions (generative backbones, ``encoder_kind="generative"``), computed only at
+                supervised positions and in chunks of tokens, so the vocabulary-sized logits of a whole batch never
+                exist at once.
         """
         if batches is not None:
-            outputs = [self._embed(**enc) for enc in batches]
-            return EmbeddingOutput(embeddings_per_batch=tuple(o.embeddings for o in outputs))
-        return self._embed(input_ids, attention_mask, output_hidden_states, **backbone_inputs)
+            outputs = tuple(self._embed(**enc) for enc in batches)
+            return EmbeddingOutput(
+                embeddings_per_batch=tuple(o.embeddings for o in outputs), outputs_per_batch=outputs
+            )
+        return self._embed(
+            input_ids,
+            attention_mask,
+            output_hidden_states,
+            pool_tokens=pool_tokens,
+            completion_start=completion_start,
+            labels=labels,
+            **backbone_inputs,
+        )
 
     def _embed(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        pool_tokens: Mapping[str, int | TokenPooling] | None = None,
+        completion_start: torch.Tensor | int | None = None,
+        labels: torch.Tensor | None = None,
         **backbone_inputs,
     ) -> EmbeddingOutput:
         for key in METADATA_KEYS:
             backbone_inputs.pop(key, None)
         if attention_mask is None:
             raise ValueError("MultimodalEmbeddingModel needs an attention_mask to find the pooled position.")
+        if labels is not None and self.lm_head is None:
+            raise ValueError(
+                "labels were given, but this model has no language-model head: load the backbone with "
+                "encoder_kind='generative' (MultimodalEmbeddingModel.from_pretrained(..., encoder_kind='generative'))."
+            )
         self._blank_image_pending = (
             self._blank_image_inputs is not None and backbone_inputs.get("pixel_values") is None
         )
@@ -389,12 +478,62 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             input_ids=input_ids,
             token_id=self.config.pooling_token_id,
         )
-        embeddings = finalize_embeddings(pooled, dim=self.config.embedding_dim, normalize=self.config.normalize)
+        embeddings = self._finalize(pooled)
+        named, named_found = None, None
+        if pool_tokens:
+            named, named_found = {}, {}
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            for name, spec in pool_tokens.items():
+                spec = spec if isinstance(spec, TokenPooling) else TokenPooling(int(spec))
+                region = _region_mask(attention_mask, spec.region, completion_start)
+                index, named_found[name] = special_token_indices(input_ids, spec.token_id, region)
+                named[name] = self._finalize(hidden[rows, index])
+        loss = loss_sum = num_tokens = None
+        if labels is not None:
+            loss_sum, num_tokens = self._lm_loss_sum(hidden, labels)
+            loss = loss_sum / num_tokens.clamp_min(1)
         return EmbeddingOutput(
+            loss=loss,
             embeddings=embeddings,
             last_hidden_state=hidden if output_hidden_states else None,
             token_found=token_found,
+            named_embeddings=named,
+            named_token_found=named_found,
+            lm_loss_sum=loss_sum,
+            lm_num_tokens=num_tokens,
         )
+
+    def _finalize(self, pooled: torch.Tensor) -> torch.Tensor:
+        return finalize_embeddings(pooled, dim=self.config.embedding_dim, normalize=self.config.normalize)
+
+    @property
+    def lm_head(self) -> torch.nn.Module | None:
+        """The backbone's language-model head (generative backbones), else None."""
+        return getattr(self.backbone, "lm_head", None)
+
+    def _lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token cross-entropy at the supervised positions, their count), float32.
+
+        Only supervised positions go through the head, in chunks of LM_LOSS_CHUNK_TOKENS tokens under activation
+        checkpointing when grad is on: a chunk's logits (tokens x vocabulary) are recomputed in backward instead of
+        kept, so memory stays at one chunk of logits however long the completions are.
+        """
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        states = hidden[:, :-1][supervised]  # the position before each supervised token predicts it
+        targets = targets[supervised]
+        num_tokens = supervised.sum()
+        head = self.lm_head
+        if states.shape[0] == 0:
+            return hidden.sum() * 0.0, num_tokens  # keeps the graph connected (every rank runs the same backward)
+        checkpointed = torch.is_grad_enabled() and states.requires_grad
+        pieces = []
+        for chunk, chunk_targets in zip(states.split(LM_LOSS_CHUNK_TOKENS), targets.split(LM_LOSS_CHUNK_TOKENS)):
+            if checkpointed:
+                pieces.append(checkpoint(_token_ce_sum, head, chunk, chunk_targets, use_reentrant=False))
+            else:
+                pieces.append(_token_ce_sum(head, chunk, chunk_targets))
+        return torch.stack(pieces).sum(), num_tokens
 
     # ------------------------------------------------------------------ inference
     def make_collator(self, **kwargs):
