@@ -82,8 +82,8 @@ TINY_IMAGE_BACKWARD = dict(terms=128, depth=3 * 2 * (2 * 8 + 1))
 def assert_close(actual, expected, *, rtol: float, msg: str | None = None) -> None:
     """Normwise comparison: every entry within ``rtol · (|expected| + max|expected|)`` of ``expected``."""
     _check_rtol(rtol)
-    actual = torch.as_tensor(actual)
-    expected = torch.as_tensor(expected, dtype=actual.dtype, device=actual.device)
+    actual = torch.as_tensor(actual).detach()
+    expected = torch.as_tensor(expected, dtype=actual.dtype, device=actual.device).detach()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)
 

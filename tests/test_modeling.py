@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, rounding_rtol
+import torch.nn.functional as F
+from numerics import TINY_BACKWARD, TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 from PIL import Image
 
 from mm_embed_trl.modeling import MultimodalEmbeddingConfig, MultimodalEmbeddingModel
@@ -265,3 +266,56 @@ def test_vision_tower_in_every_forward(family, tiny_backbone):
     assert text_order == image_order
     assert text_grads == image_grads
     assert plain_order != text_order  # the recorder sees the difference the option removes
+
+
+def test_lm_loss_on_labels_equals_the_backbones_own_and_chunks_do_not_change_it(tiny_backbone, monkeypatch):
+    """labels= gives the backbone's HF cross-entropy (sum / count), in token chunks with the same gradients."""
+    import mm_embed_trl.modeling.modeling as modeling_module
+
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    tok = model.processor.tokenizer
+    enc = dict(tok(["hello world this is", "a b"], return_tensors="pt", padding=True, padding_side="left"))
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    labels[:, :2] = -100
+    out = model(**enc, labels=labels)
+    reference = model.backbone(**enc, labels=labels)
+    # the same float32 cross-entropy over a 1.3k vocabulary, summed in another order
+    assert_close(out.loss, reference.loss, rtol=rounding_rtol(terms=1400, depth=2))
+    assert int(out.lm_num_tokens) == int((labels[:, 1:] != -100).sum())
+    reference.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(modeling_module, "LM_LOSS_CHUNK_TOKENS", 2)  # checkpointed chunks of 2 tokens
+    model(**enc, labels=labels).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_close(got[name], want[name], rtol=rounding_rtol(**TINY_BACKWARD), msg=name)
+    base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))  # no LM head
+    with pytest.raises(ValueError, match="encoder_kind='generative'"):
+        base(**enc, labels=labels)
+
+
+def test_named_token_pooling_reads_the_last_occurrence_inside_its_region(qwen2_vl_model):
+    """A token in both the prompt and the completion: 'completion' pools the completion's copy, 'prompt' the
+    prompt's, 'all' the last; a row without it in the region falls back and is flagged, under left padding."""
+    from mm_embed_trl.modeling.modeling import TokenPooling
+
+    tok = qwen2_vl_model.processor.tokenizer
+    mark = tok.convert_tokens_to_ids("<|vision_end|>")
+    ids = torch.tensor([[0, 0, 5, mark, 6, 7, mark, 8], [0, 9, 5, mark, 6, 7, 8, 9]])
+    mask = (torch.arange(8) >= torch.tensor([[2], [1]])).long()
+    out = qwen2_vl_model(
+        input_ids=ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        completion_start=5,
+        pool_tokens={"c": TokenPooling(mark, "completion"), "p": TokenPooling(mark, "prompt"), "a": mark},
+    )
+    hidden = out.last_hidden_state
+    expect = {"c": [6, 7], "p": [3, 3], "a": [6, 3]}  # row 1 has no completion copy: its last position
+    for name, positions in expect.items():
+        rows = torch.stack([hidden[0, positions[0]], hidden[1, positions[1]]])
+        assert torch.equal(out.named_embeddings[name], F.normalize(rows, dim=-1)), name
+    assert out.named_token_found["c"].tolist() == [True, False] and out.named_token_found["p"].tolist() == [True, True]
