@@ -196,7 +196,7 @@ def test_schema_and_directions(small):
     assert set(small) == {"train", "eval"}
     assert len(small["train"]) == SMALL["num_train"] and len(small["eval"]) == SMALL["num_eval"]
     expected = {QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE, NEG_TEXT, NEG_IMAGE}
-    expected |= {"task", "caption", "image_path", "objects"}
+    expected |= {"task", "caption", "image_path", "objects", "qry_reasoning", "pos_reasoning"}
     for split in small.values():
         assert set(split.column_names) == expected
         for row in split:

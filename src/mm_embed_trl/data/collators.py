@@ -37,7 +37,16 @@ from .templates import PromptTemplate, get_template
 
 # Tensors indexed by row / by image in processor outputs. Anything else is refused by split_batch rather than
 # silently mis-sliced.
-ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "position_ids", "image_counts")
+ROW_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "position_ids",
+    "image_counts",
+    "labels",
+    "completion_start",
+)
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")  # batch_num_images: LLaVA-OV, 1 per image
 
 
@@ -213,7 +222,8 @@ def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
     batch_size = int(enc["input_ids"].shape[0])
     if batch_size <= chunk_size:
         return [enc]
-    unknown = [k for k in enc if k not in ROW_KEYS + IMAGE_KEYS + ("pixel_values",)]
+    # Non-tensor values (forward options such as pool_tokens) go to every chunk as they are.
+    unknown = [k for k, v in enc.items() if torch.is_tensor(v) and k not in ROW_KEYS + IMAGE_KEYS + ("pixel_values",)]
     if unknown:
         raise ValueError(f"split_batch does not know how to cut {unknown}; extend ROW_KEYS/IMAGE_KEYS.")
     counts = enc.get("image_counts")
@@ -241,6 +251,8 @@ def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
                     chunk[key] = value[patch_bounds[img_lo] : patch_bounds[img_hi]]
                 else:
                     chunk[key] = value[img_lo:img_hi]
+            elif not torch.is_tensor(value):
+                chunk[key] = value
         if img_hi == img_lo:  # a text-only chunk: the backbone must not see empty image tensors
             for key in IMAGE_KEYS + ("pixel_values",):
                 chunk.pop(key, None)

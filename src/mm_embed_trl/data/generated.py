@@ -50,8 +50,10 @@ from .schema import (
     NEG_IMAGE,
     NEG_TEXT,
     POS_IMAGE,
+    POS_REASONING,
     POS_TEXT,
     QUERY_IMAGE,
+    QUERY_REASONING,
     QUERY_TEXT,
 )
 
@@ -71,6 +73,7 @@ __all__ = [
     "hard_negatives",
     "load_shapes_dataset",
     "make_shapes_dataset",
+    "reasoning_target",
     "render_scene",
     "sample_scenes",
     "shapes_cache_dir",
@@ -78,7 +81,7 @@ __all__ = [
 ]
 
 # Bump when rendering, captions or row layout change: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: reasoning targets (qry_reasoning, pos_reasoning)
 INFO_FILE = "shapes_dataset.json"
 IMAGES_DIR = "images"
 
@@ -314,6 +317,24 @@ def hard_negatives(
     raise ValueError(f"Could not find {k} distinct negatives for {spec.caption!r}; ask for fewer negatives.")
 
 
+def reasoning_target(spec: SceneSpec, seen_as: str) -> str:
+    """A correct UME-R1 reasoning target for one side showing ``spec``: what the image shows (``seen_as="image"``)
+    or what the caption describes (``"text"``), then the caption as the answer, then ``<gen_emb>``.
+
+    ``"<think>The image shows two shapes: a red circle on the left and a blue square on the right.</think>"``
+    ``"<answer>a red circle on the left and a blue square on the right</answer><gen_emb>"``
+    """
+    from .reasoning import format_reasoning
+
+    n = len(spec.objects)
+    if spec.kind == "count":
+        what = f"{_NUMBER_WORDS[n]} identical shapes in a row"
+    else:
+        what = "one shape" if n == 1 else f"{_NUMBER_WORDS[n]} shapes"
+    verb = "The image shows" if seen_as == "image" else "The caption describes"
+    return format_reasoning(f"{verb} {what}: {spec.caption}.", spec.caption)
+
+
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         return [(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)]
@@ -397,6 +418,8 @@ def _features(num_negatives: int):
     if num_negatives > 0:
         columns[NEG_TEXT] = List(string)
         columns[NEG_IMAGE] = List(string)
+    columns[QUERY_REASONING] = string
+    columns[POS_REASONING] = string
     columns.update(
         task=string,
         caption=string,
@@ -436,6 +459,8 @@ def _build_rows(
                 row[NEG_TEXT] = [IMAGE_DOC_TEXT] * num_negatives
                 row[NEG_IMAGE] = [n.filename for n in negatives]
                 to_render.update((n.filename, n) for n in negatives)
+        image_side, text_side = reasoning_target(spec, "image"), reasoning_target(spec, "text")
+        row[QUERY_REASONING], row[POS_REASONING] = (image_side, text_side) if task == "i2t" else (text_side, image_side)
         row.update(task=task, caption=spec.caption, image_path=image, objects=spec.to_rows())
         for name, value in row.items():
             columns[name].append(value)

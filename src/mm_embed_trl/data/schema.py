@@ -1,7 +1,8 @@
 """The native row schema (MMEB train / eval) and the single-input type every component speaks.
 
 MMEB-train rows (TIGER-Lab/MMEB-train) are used unchanged: ``qry``, ``qry_image_path``, ``pos_text``,
-``pos_image_path`` and optional ``neg_text`` / ``neg_image_path``. MMEB-eval rows carry ``qry_text``,
+``pos_image_path`` and optional ``neg_text`` / ``neg_image_path``; UME-R1's reasoning SFT adds ``qry_reasoning`` and
+``pos_reasoning``, each side's assistant target ``<think>...</think><answer>...</answer><gen_emb>``. MMEB-eval rows carry ``qry_text``,
 ``qry_img_path``, ``tgt_text`` (list) and ``tgt_img_path`` (list), the first target being the correct one.
 """
 
@@ -18,8 +19,11 @@ POS_TEXT = "pos_text"
 POS_IMAGE = "pos_image_path"
 NEG_TEXT = "neg_text"
 NEG_IMAGE = "neg_image_path"
+# UME-R1 reasoning targets (the assistant turn of each side): "<think>...</think><answer>...</answer><gen_emb>"
+QUERY_REASONING = "qry_reasoning"
+POS_REASONING = "pos_reasoning"
 TRAIN_COLUMNS = (QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE)
-OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE)
+OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE, QUERY_REASONING, POS_REASONING)
 
 # MMEB-eval columns
 EVAL_QUERY_TEXT = "qry_text"

@@ -1,0 +1,263 @@
+"""UME-R1 reasoning rows: prompt + completion batches with labels on the completion only, and the SFT JSON converter.
+
+Each side of a row becomes one sequence laid out exactly as generation lays it out::
+
+    [pad ... pad | system + user turn (image, text, <disc_emb>, instruction) + assistant header | completion | pad ...]
+     left-padded prompt (one processor call, as for plain embedding)              right-padded completion
+
+The completion is the side's reasoning target ``<think>...</think><answer>...</answer><gen_emb>`` followed by the
+chat template's end of the assistant turn (``<|im_end|>\\n`` for Qwen). ``labels`` hold the completion's token ids
+(``-100`` on the prompt and on padding), ``completion_start`` the first completion position: the discriminative
+embedding is read at the last ``<disc_emb>`` before it, the generative one at the last ``<gen_emb>`` after it (the
+instruction in the prompt holds a ``<gen_emb>`` of its own, which must never count). Because
+:meth:`MultimodalEmbeddingModel.encode` builds its generative batches the same way after ``generate``
+(:func:`append_completions`), the teacher-forced state of training and the state read at inference are the same
+function of the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .collators import EmbeddingCollator, _content_id, _describe_row
+from .schema import POS_IMAGE, POS_REASONING, POS_TEXT, QUERY_IMAGE, QUERY_REASONING, QUERY_TEXT, is_missing
+from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, PromptTemplate
+
+__all__ = [
+    "ReasoningCollator",
+    "append_completions",
+    "embedding_token_ids",
+    "format_reasoning",
+    "load_ume_r1_sft_json",
+]
+
+# Stand-in assistant text used once per collator to learn what the chat template writes around an assistant turn.
+_PROBE = "<think>x</think><answer>y</answer>"
+
+
+def format_reasoning(think: str, answer: str) -> str:
+    """A reasoning target in UME-R1's format: ``<think>{think}</think><answer>{answer}</answer><gen_emb>``."""
+    return f"<think>{think}</think><answer>{answer}</answer>{GEN_EMB_TOKEN}"
+
+
+def embedding_token_ids(tokenizer, tokens: Sequence[str] = (DISC_EMB_TOKEN, GEN_EMB_TOKEN)) -> list[int]:
+    """The ids of UME-R1's embedding tokens, each one token of the vocabulary; a clear error otherwise."""
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if token_id is None or token_id == tokenizer.unk_token_id or pieces != [token_id]:
+            raise ValueError(
+                f"The tokenizer has no single token {token!r} (it encodes as {pieces}). Add UME-R1's tokens first: "
+                "mm_embed_trl.modeling.add_embedding_tokens(model, processor) (EmbeddingSFTTrainer does it)."
+            )
+        ids.append(int(token_id))
+    return ids
+
+
+def append_completions(
+    prompt: Mapping[str, Any], completions: Sequence[Sequence[int]], pad_token_id: int, *, with_labels: bool = False
+) -> dict[str, Any]:
+    """Left-padded prompt batch + right-padded completion ids -> one batch, as after ``generate``.
+
+    Adds ``completion_start`` (the prompt width: every completion starts there) and, with ``with_labels``, ``labels``
+    (the completion ids; ``-100`` on the prompt and padding). ``mm_token_type_ids`` is extended with zeros; image
+    tensors are kept as they are (the images sit in the prompt).
+    """
+    ids = prompt["input_ids"]
+    rows, width = ids.shape
+    if len(completions) != rows:
+        raise ValueError(f"{len(completions)} completions for {rows} prompts.")
+    longest = max((len(c) for c in completions), default=0)
+    tail = torch.full((rows, longest), pad_token_id, dtype=ids.dtype)
+    tail_mask = torch.zeros((rows, longest), dtype=prompt["attention_mask"].dtype)
+    lengths = torch.tensor([len(c) for c in completions])
+    filled = torch.arange(longest) < lengths[:, None]
+    if longest:
+        tail[filled] = torch.tensor([t for c in completions for t in c], dtype=ids.dtype)
+        tail_mask[filled] = 1
+    out = dict(prompt)
+    out["input_ids"] = torch.cat([ids, tail], dim=1)
+    out["attention_mask"] = torch.cat([prompt["attention_mask"], tail_mask], dim=1)
+    if "mm_token_type_ids" in prompt:
+        types = prompt["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros((rows, longest))], dim=1)
+    out["completion_start"] = torch.full((rows,), width, dtype=torch.long)
+    if with_labels:
+        labels = torch.full_like(out["input_ids"], -100)
+        labels[:, width:] = torch.where(filled, tail, torch.full_like(tail, -100))
+        out["labels"] = labels
+    return out
+
+
+class ReasoningCollator(EmbeddingCollator):
+    """UME-R1 reasoning SFT batches: per side, the embedding prompt and its reasoning target, labels on the target.
+
+    Returns ``{"query": enc, "positive": enc, "positive_ids": (B,)}`` where each ``enc`` is the prompt batch of
+    :meth:`EmbeddingCollator.encode_inputs` (one processor call, left padding; the ``ume_r1`` template puts
+    ``<disc_emb>`` and the instruction after the input) followed by the right-padded completion, with ``labels`` and
+    ``completion_start`` (see the module docstring). Rows need ``qry_reasoning`` and ``pos_reasoning``.
+
+    Args:
+        processor, template, image_root: as for :class:`EmbeddingCollator` (``template`` defaults to ``"ume_r1"``).
+        max_length: the longest sequence (prompt + completion, in tokens) a row may have. A row beyond it is an
+            error naming the row: cutting it would cut ``<gen_emb>`` off the target (UME-R1 truncates silently).
+        max_text_length: text tokens kept from each input's raw text (the prompt's instruction is never cut).
+        check_format: require each target to contain ``<gen_emb>``, and each prompt ``<disc_emb>``.
+    """
+
+    def __init__(
+        self,
+        processor,
+        template: str | PromptTemplate = "ume_r1",
+        *,
+        image_root: str | os.PathLike | None = None,
+        max_length: int | None = None,
+        max_text_length: int | None = None,
+        check_format: bool = True,
+    ):
+        super().__init__(processor, template, image_root=image_root, max_length=max_text_length, num_negatives=0)
+        self.max_sequence_length = max_length
+        self.check_format = check_format
+        self.disc_token_id, self.gen_token_id = embedding_token_ids(self.tokenizer)
+        self._turn_end = self._assistant_turn_end()
+
+    def _assistant_turn_end(self) -> str:
+        """What the chat template writes after an assistant message (``<|im_end|>\\n``), checked to be a pure suffix:
+        prompt-with-generation-prompt + message + this suffix must equal the rendered conversation."""
+        user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+        full = user + [{"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
+        if self.is_multimodal:
+            render = self.processor.apply_chat_template
+        else:
+            render = self.tokenizer.apply_chat_template
+            user = [{"role": "user", "content": "q"}]
+            full = user + [{"role": "assistant", "content": _PROBE}]
+        prompt = render(user, add_generation_prompt=True, tokenize=False)
+        whole = render(full, tokenize=False)
+        if not whole.startswith(prompt + _PROBE):
+            raise ValueError(
+                "The processor's chat template does not render an assistant turn as 'prompt with generation prompt + "
+                f"message + end of turn' (got {whole!r} for prompt {prompt!r}); reasoning SFT needs a template that "
+                "does, so that training sees the tokens generation produces."
+            )
+        return whole[len(prompt) + len(_PROBE) :]
+
+    def encode_side(self, inputs, targets: Sequence[str], side: str, labels_for: Sequence[str]) -> dict[str, Any]:
+        """One side: the prompt batch (one processor call) + the tokenized targets, with labels."""
+        prompt = self.encode_inputs(inputs, side=side)
+        completions = self.tokenizer([t + self._turn_end for t in targets], add_special_tokens=False)["input_ids"]
+        ids = prompt["input_ids"]
+        if self.check_format:
+            missing = [i for i, c in enumerate(completions) if self.gen_token_id not in c]
+            if missing:
+                raise ValueError(
+                    f"{labels_for[missing[0]]}: the reasoning target has no {GEN_EMB_TOKEN} "
+                    f"({targets[missing[0]][:80]!r}); UME-R1 targets read <think>...</think><answer>...</answer>"
+                    f"{GEN_EMB_TOKEN}. Fix the data, or build targets with mm_embed_trl.data.reasoning.format_reasoning."
+                )
+            no_disc = (~(ids == self.disc_token_id).any(dim=1)).nonzero().flatten().tolist()
+            if no_disc:
+                raise ValueError(
+                    f"{labels_for[no_disc[0]]}: the prompt has no {DISC_EMB_TOKEN}, so there is no discriminative "
+                    f"embedding to read; use the 'ume_r1' prompt template (or one whose formats contain {DISC_EMB_TOKEN})."
+                )
+        if self.max_sequence_length is not None:
+            prompt_lengths = prompt["attention_mask"].sum(dim=1).tolist()
+            over = [i for i, c in enumerate(completions) if prompt_lengths[i] + len(c) > self.max_sequence_length]
+            if over:
+                i = over[0]
+                raise ValueError(
+                    f"{labels_for[i]} needs {prompt_lengths[i] + len(completions[i])} tokens ({prompt_lengths[i]} of "
+                    f"prompt, {len(completions[i])} of reasoning target) but max_length is {self.max_sequence_length}; "
+                    f"cutting it would drop {GEN_EMB_TOKEN}. Raise max_length, shorten the reasoning, lower "
+                    "image_max_pixels, or filter the row out."
+                )
+        return append_completions(prompt, completions, self.tokenizer.pad_token_id, with_labels=True)
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        if len(rows) == 0:
+            raise ValueError("The collator got an empty batch.")
+        sides = {"query": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING), "positive": (POS_TEXT, POS_IMAGE, POS_REASONING)}
+        batch: dict[str, Any] = {}
+        positive_ids = []
+        for side, (text_col, image_col, target_col) in sides.items():
+            inputs, targets, labels = [], [], []
+            for i, row in enumerate(rows):
+                target = row.get(target_col)
+                where = f"{_describe_row(row, i)}, column {target_col!r}"
+                if not isinstance(target, str) or is_missing(target):
+                    raise ValueError(
+                        f"{where}: the reasoning target is {'missing' if target is None else repr(target)}; reasoning "
+                        f"SFT needs one per side ({QUERY_REASONING}, {POS_REASONING}: '<think>...</think><answer>..."
+                        f"</answer>{GEN_EMB_TOKEN}'). Fill it in or filter such rows out."
+                    )
+                inp = self._side_input(row, i, text_col, image_col)
+                inputs.append(inp)
+                targets.append(target)
+                labels.append(where)
+                if side == "positive":
+                    positive_ids.append(_content_id(inp.text, row.get(POS_IMAGE), inp.image))
+            batch[side] = self.encode_side(inputs, targets, "query" if side == "query" else "document", labels)
+        batch["positive_ids"] = torch.tensor(positive_ids, dtype=torch.long)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------- UME-R1's released data
+def load_ume_r1_sft_json(
+    path: str | os.PathLike,
+    *,
+    placeholder_images: Sequence[str] = ("blank.jpg",),
+):
+    """Rows in this library's schema from UME-R1's SFT annotation file (``UME-sft-train.json``).
+
+    That file holds a list of ``{"qry": side, "pos": side, "data_path": image folder?}`` records, each side
+    ``{"conversations": [{"from": "human", "value": "<image>...\\n{text}\\n<disc_emb>\\n{instruction}"},
+    {"from": "gpt", "value": "<think>...</think><answer>...<gen_emb>"}], "image": path (optional)}``. The user turn
+    is cut at its ``<disc_emb>`` (the ``ume_r1`` prompt template adds it and the instruction back), ``<image>``
+    placeholders are removed by the template, the gpt turn becomes the side's reasoning target as it is, and image
+    paths join ``data_path`` when the record has one. Text-only sides carry a blank placeholder image in UME-R1
+    (``images/blank.jpg``): a path whose file name is in ``placeholder_images`` becomes "no image". Sides with a
+    video are not supported by this library yet: such records raise an error naming them.
+    """
+    import datasets
+
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{'qry': ..., 'pos': ...}} records.")
+    columns: dict[str, list] = {c: [] for c in (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, POS_TEXT, POS_IMAGE,
+                                                POS_REASONING)}
+    names = {"qry": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING), "pos": (POS_TEXT, POS_IMAGE, POS_REASONING)}
+    for index, record in enumerate(records):
+        for key, (text_col, image_col, target_col) in names.items():
+            where = f"{path}: record {index}, side {key!r}"
+            side = record.get(key) if isinstance(record, Mapping) else None
+            if not isinstance(side, Mapping) or "conversations" not in side:
+                raise ValueError(f"{where}: expected {{'conversations': [...], 'image': ...}}, got {side!r:.120}.")
+            if side.get("video"):
+                raise ValueError(f"{where} holds a video ({side['video']!r}); videos are not supported yet.")
+            turns = {turn.get("from", turn.get("role")): turn.get("value", turn.get("content")) for turn in
+                     side["conversations"]}
+            user, target = turns.get("human", turns.get("user")), turns.get("gpt", turns.get("assistant"))
+            if not isinstance(user, str) or not isinstance(target, str):
+                raise ValueError(f"{where}: needs a human and a gpt turn, got {sorted(turns)}.")
+            text = user.split(DISC_EMB_TOKEN)[0].rstrip("\n")
+            image = side.get("image") or ""
+            if isinstance(image, list):
+                if len(image) > 1:
+                    raise ValueError(f"{where} holds {len(image)} images; one image per side is supported.")
+                image = image[0] if image else ""
+            if image and Path(image).name in placeholder_images:
+                image = ""
+            elif image and record.get("data_path"):
+                image = os.path.join(record["data_path"], image)
+            columns[text_col].append(text)
+            columns[image_col].append(image)
+            columns[target_col].append(target)
+    return datasets.Dataset.from_dict(columns)
