@@ -20,6 +20,8 @@ _EXPORTS = {
     "HardNegContrastiveTrainer": "mm_embed_trl.trainers.hardneg_trainer",
     "DistillEmbedConfig": "mm_embed_trl.trainers.distill_config",
     "DistillEmbedTrainer": "mm_embed_trl.trainers.distill_trainer",
+    "EmbeddingSFTConfig": "mm_embed_trl.trainers.sft_config",
+    "EmbeddingSFTTrainer": "mm_embed_trl.trainers.sft_trainer",
     "RetrievalEvaluator": "mm_embed_trl.evaluation",
     "get_tiny_backbone": "mm_embed_trl.tiny",
 }

@@ -28,6 +28,8 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
         embedding_dim (`int`, *optional*): keep only the first `embedding_dim` features (Matryoshka-style).
         prompt_template (`str`, defaults to `"unime"`): name of the prompt template used to build inputs
             (see `mm_embed_trl.data.templates`).
+        generative_pooling_token (`str`, *optional*): the token whose last occurrence in a *generated* completion is
+            the generative embedding (UME-R1's `"<gen_emb>"`); set for models that can `encode(mode="generative")`.
         lora_config (`dict`, *optional*): the PEFT `LoraConfig` (as a dict) of adapters that are part of the
             saved weights (intermediate checkpoints); `None` for merged / full-weight models.
     """
@@ -43,6 +45,7 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
     normalize: bool = True
     embedding_dim: int | None = None
     prompt_template: str = "unime"
+    generative_pooling_token: str | None = None
     lora_config: dict | None = None
 
     def __post_init__(self, **kwargs):

@@ -38,6 +38,7 @@ WRAPPER_OPTIONS = (
     "normalize",
     "embedding_dim",
     "prompt_template",
+    "generative_pooling_token",
 )
 
 # LoRA targets. "language_model" keeps adapters out of the vision tower (Qwen2.5-VL's vision MLP also has
@@ -45,6 +46,8 @@ WRAPPER_OPTIONS = (
 # Parameter-name parts of the vision encoder and projector across Qwen-VL (visual.*, incl. its merger) and
 # LLaVA-OneVision (vision_tower, multi_modal_projector, image_newline).
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "image_newline")
+# The projector part of those: Qwen-VL's merger (visual.merger, and Qwen3-VL's deepstack mergers), LLaVA's projector.
+VISION_PROJECTOR_NAMES = ("merger", "multi_modal_projector")
 _PROJ = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_TARGETS = {
     "language_model": rf"^(?!.*({'|'.join(VISION_MODULE_NAMES)})).*\.{_PROJ}$",
@@ -554,22 +557,49 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         inputs: Sequence[Any] | Any,
         *,
         side: str = "query",
+        mode: str = "discriminative",
         batch_size: int = 16,
         show_progress_bar: bool | None = None,
         image_root: str | os.PathLike | None = None,
         max_length: int | None = None,
         convert_to_numpy: bool = False,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        missing_token: str = "last_token",
+        return_reasoning: bool = False,
+        generate_fn=None,
+        generation_kwargs: dict[str, Any] | None = None,
     ):
         """Embed texts, images, (image, text) pairs or {"text", "image"} dicts; returns a (N, D) float32 CPU tensor.
 
         `side` picks the prompt side of the template ("query" or "document"). Images may be PIL images, paths
         (relative to `image_root`) or `datasets.Image` values. A progress bar shows for more than 8 batches unless
         `show_progress_bar` says otherwise.
+
+        Models trained for UME-R1 (``config.generative_pooling_token`` set) have three modes:
+
+        * ``"discriminative"`` (default): one forward, the state at ``<disc_emb>`` (the configured pooling);
+        * ``"generative"``: batched generation of a reasoning, then one prefill forward reading the state at the last
+          ``<gen_emb>`` the completion wrote (see :mod:`mm_embed_trl.modeling.generative`); ``missing_token``
+          (``"last_token"``, ``"discriminative"``, ``"error"``) decides for completions that never write it, and a
+          warning counts them. Greedy by default; ``do_sample``/``temperature``/``top_p`` sample, ``num_samples=k``
+          draws k completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also
+          returns the generated texts (a list, of lists with ``num_samples > 1``); ``generate_fn`` replaces the
+          generation phase (e.g. vLLM).
+        * ``"both"``: ``{"discriminative": ..., "generative": ...}`` from the same generation and forward.
         """
         from tqdm.auto import tqdm
 
         from ..data.schema import to_embedding_input
+        from .generative import MODES, apply_missing_token_policy, encode_generative_batch
 
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+        if num_samples < 1 or (num_samples > 1 and not do_sample):
+            raise ValueError(f"num_samples={num_samples} needs do_sample=True (greedy decoding gives one completion).")
         single = not isinstance(inputs, (list, tuple)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], str)
         )
@@ -579,25 +609,78 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         collator = self.make_collator(max_length=max_length)
         batches = range(0, len(items), batch_size)
         if show_progress_bar is None:
-            show_progress_bar = len(batches) > 8
+            show_progress_bar = len(batches) > 8 or (mode != "discriminative" and len(batches) > 1)
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **(generation_kwargs or {}))
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p)
         was_training = self.training
         self.eval()
-        chunks: list[torch.Tensor] = []
+        disc_chunks: list[torch.Tensor] = []
+        gen_chunks: list[torch.Tensor] = []
+        completions: list[list[int]] = []
+        missing = 0
         try:
             for start in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                 enc = collator.encode_inputs(items[start : start + batch_size], side=side)
                 enc = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in enc.items()}
-                chunks.append(self(**enc).embeddings.float().cpu())
+                if mode == "discriminative":
+                    disc_chunks.append(self(**enc).embeddings.float().cpu())
+                    continue
+                if num_samples > 1:  # k copies of each prompt, adjacent: row i*k + j is sample j of input i
+                    enc = _repeat_rows(enc, num_samples)
+                result = encode_generative_batch(self, enc, generation_kwargs=gen_kwargs, generate_fn=generate_fn)
+                missing += int((~result.found).sum())
+                gen_chunks.append(apply_missing_token_policy(result, missing_token).float().cpu())
+                disc_chunks.append(result.discriminative.float().cpu())
+                completions += result.completion_ids
         finally:
             self.train(was_training)
-        out = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_size)
-        if single:
-            out = out[0]
-        return out.numpy() if convert_to_numpy else out
+        if missing:
+            logger.warning(
+                "%d of %d generated completions never wrote %s; their generative embedding follows "
+                "missing_token=%r. Raise max_new_tokens, or check that the model was trained to end with it.",
+                missing, len(completions), self.config.generative_pooling_token, missing_token,
+            )
+
+        def finish(tensor: torch.Tensor):
+            tensor = tensor[0] if single else tensor
+            return tensor.numpy() if convert_to_numpy else tensor
+
+        empty = torch.empty(0, self.embedding_size)
+        disc = torch.cat(disc_chunks) if disc_chunks else empty
+        if mode == "discriminative":
+            return finish(disc)
+        gen = torch.cat(gen_chunks) if gen_chunks else empty
+        if num_samples > 1:  # one discriminative embedding per input; k generative ones
+            disc, gen = disc[::num_samples], gen.view(-1, num_samples, gen.shape[-1])
+        result = {"discriminative": finish(disc), "generative": finish(gen)} if mode == "both" else finish(gen)
+        if not return_reasoning:
+            return result
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        if num_samples > 1:
+            texts = [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
+        return result, (texts[0] if single else texts)
 
     @property
     def embedding_size(self) -> int:
         return self.config.embedding_dim or self.config.hidden_size
+
+
+def _repeat_rows(enc: dict[str, Any], times: int) -> dict[str, Any]:
+    """Each row of a processed batch ``times`` times in a row (images and their grids with it)."""
+    from ..data.collators import split_batch
+
+    rows = split_batch(enc, 1)
+    repeated = [row for row in rows for _ in range(times)]
+    out = {}
+    for key, value in enc.items():
+        if not torch.is_tensor(value):
+            out[key] = value
+            continue
+        pieces = [r[key] for r in repeated if key in r]
+        out[key] = torch.cat(pieces) if pieces else value
+    return out
 
 
 def load_processor_for(name_or_path, **kwargs):

@@ -15,3 +15,8 @@ from .distill_config import DistillEmbedConfig
 from .distill_trainer import DistillEmbedTrainer
 
 __all__ += ["DistillEmbedConfig", "DistillEmbedTrainer"]
+
+from .sft_config import EmbeddingSFTConfig
+from .sft_trainer import EmbeddingSFTTrainer
+
+__all__ += ["EmbeddingSFTConfig", "EmbeddingSFTTrainer"]

@@ -193,7 +193,7 @@ class EmbeddingTrainer(Trainer):
                 "use lora_target='language_model', or unfreeze the vision tower."
             )
         if args.freeze_vision_tower:
-            freeze_vision_tower(model)
+            freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
         if peft_config is not None:
             model.add_lora(peft_config, target=args.lora_target)
         if args.gradient_checkpointing and model.has_lora:
@@ -268,25 +268,29 @@ class EmbeddingTrainer(Trainer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared machinery
-    def embed(self, model, *encs: dict[str, Any]) -> list[torch.Tensor]:
-        """Embed each processed side (`enc`) of the batch; returns one tensor per side.
+    def embed(self, model, *encs: dict[str, Any], select=None) -> list[Any]:
+        """Embed each processed side (`enc`) of the batch; returns one result per side.
 
-        Without GradCache all sides go through ONE model call (DDP arms its reducer once per forward). Under
-        GradCache each side is embedded chunk-wise without graph and recorded for the re-forward in backward.
+        ``select(output)`` picks what a side yields from the model's `EmbeddingOutput` (default: ``embeddings``): a
+        tensor or a tuple of tensors with one row per input, or a per-call scalar as a ``(1,)`` tensor (e.g. the
+        summed LM loss). Without GradCache all sides go through ONE model call (DDP arms its reducer once per
+        forward). Under GradCache each side is embedded chunk-wise without graph and recorded for the re-forward in
+        backward; a ``(1,)`` output then comes back with one entry per chunk.
         """
+        select = select or (lambda output: output.embeddings)
         if self.grad_cache is not None and model.training and torch.is_grad_enabled():
             from ..data.collators import split_batch
 
             out = []
             for enc in encs:
                 chunks = split_batch(enc, self.grad_cache.chunk_size)
-                embeddings, handle = self.grad_cache.embed(lambda chunk: model(**chunk).embeddings, chunks)
+                embeddings, handle = self.grad_cache.embed(lambda chunk: select(model(**chunk)), chunks)
                 self._cache_handles.append(handle)
                 out.append(embeddings)
             return out
         if len(encs) == 1:
-            return [model(**encs[0]).embeddings]
-        return list(model(batches=list(encs)).embeddings_per_batch)
+            return [select(model(**encs[0]))]
+        return [select(output) for output in model(batches=list(encs)).outputs_per_batch]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._cache_handles: list = []
@@ -478,11 +482,14 @@ class EmbeddingTrainer(Trainer):
         return output_dir
 
 
-def freeze_vision_tower(model: MultimodalEmbeddingModel) -> int:
-    """Freeze vision encoder + projector parameters; returns how many tensors were frozen."""
+def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool = False) -> int:
+    """Freeze vision encoder + projector parameters (the projector stays trainable with ``keep_projector``); returns
+    how many tensors were frozen."""
+    from ..modeling.modeling import VISION_PROJECTOR_NAMES
+
     frozen = 0
     for name, param in model.backbone.named_parameters():
-        if _is_vision_parameter(name):
+        if _is_vision_parameter(name) and not (keep_projector and any(p in name for p in VISION_PROJECTOR_NAMES)):
             param.requires_grad_(False)
             frozen += 1
     return frozen

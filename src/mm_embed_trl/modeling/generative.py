@@ -1,0 +1,126 @@
+"""Generative embeddings (UME-R1): generate a reasoning, then read the state at its last ``<gen_emb>``.
+
+Two phases per batch, both batched:
+
+1. **Generate** from the left-padded prompt batch (greedy or sampled, ``max_new_tokens``): token ids only, no hidden
+   states kept (``generate(output_hidden_states=True)`` costs steps x layers x batch x hidden of memory, and TRL's and
+   vLLM's generation return none).
+2. **Prefill** once, without grad, over prompt + completion laid out as training lays it out
+   (:func:`mm_embed_trl.data.reasoning.append_completions`), and read the last-layer state at the last ``<gen_emb>``
+   *inside the completion* (the prompt's instruction holds a ``<gen_emb>`` of its own). The same forward gives the
+   discriminative embedding at ``<disc_emb>`` in the prompt, so ``mode="both"`` costs nothing more.
+
+A completion that never writes ``<gen_emb>`` follows ``missing_token``: ``"last_token"`` (UME-R1's fallback: the
+state at the completion's last token), ``"discriminative"`` (that row's discriminative embedding) or ``"error"``;
+every such row is counted in one warning per call.
+
+Generation can run elsewhere (e.g. vLLM): pass ``generate_fn(prompt_batch, generation_kwargs) -> list[list[int]]``
+returning each row's completion token ids; the prefill phase stays here (it needs the hidden states vLLM does not
+return). See ``docs/DESIGN.md`` ("Generative encode on vLLM").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("discriminative", "generative", "both")
+MISSING_TOKEN_POLICIES = ("last_token", "discriminative", "error")
+
+
+@dataclass
+class GenerativeBatch:
+    """One batch of generative encoding: the embeddings read after generation and what was generated."""
+
+    generative: torch.Tensor
+    discriminative: torch.Tensor
+    found: torch.Tensor  # (rows,) bool: the completion wrote <gen_emb>
+    completion_ids: list[list[int]]
+
+
+def stop_ids(model) -> set[int]:
+    """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
+    ids = set()
+    config = getattr(model.backbone, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids}
+
+
+def generate_completions(model, prompt: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[list[int]]:
+    """Each row's completion ids from ``model.backbone.generate`` on a left-padded prompt batch, cut after the first
+    stop token (which is kept, as TRL keeps it)."""
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    inputs = {k: v for k, v in prompt.items() if k != "image_counts"}
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, **generation_kwargs}
+    sequences = model.backbone.generate(**inputs, **kwargs)
+    new = sequences[:, prompt["input_ids"].shape[1] :].tolist()
+    stops = stop_ids(model)
+    completions = []
+    for row in new:
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+@torch.no_grad()
+def encode_generative_batch(
+    model,
+    prompt: dict[str, Any],
+    *,
+    generation_kwargs: dict[str, Any],
+    generate_fn: Callable[[dict[str, Any], dict[str, Any]], Sequence[Sequence[int]]] | None = None,
+) -> GenerativeBatch:
+    """Generate for one prompt batch, then one prefill forward reading the disc and gen embeddings."""
+    from ..data.reasoning import append_completions
+    from .modeling import TokenPooling
+
+    if model.lm_head is None:
+        raise ValueError(
+            "Generative embeddings need a backbone that can generate: load the model with encoder_kind='generative'."
+        )
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    gen_token = model.config.generative_pooling_token
+    disc_id = model.config.pooling_token_id
+    if gen_token is None or disc_id is None:
+        raise ValueError(
+            "This model has no generative embedding: config.generative_pooling_token (e.g. '<gen_emb>') and "
+            "special-token pooling at '<disc_emb>' are set by EmbeddingSFTTrainer (UME-R1 reasoning SFT)."
+        )
+    gen_id = tokenizer.convert_tokens_to_ids(gen_token)
+    completions = (generate_fn or (lambda p, kw: generate_completions(model, p, kw)))(prompt, generation_kwargs)
+    completions = [list(map(int, c)) for c in completions]
+    batch = append_completions(prompt, completions, tokenizer.pad_token_id)
+    pools = {"disc": TokenPooling(disc_id, "prompt"), "gen": TokenPooling(gen_id, "completion")}
+    out = model(**batch, pool_tokens=pools)
+    return GenerativeBatch(
+        generative=out.named_embeddings["gen"],
+        discriminative=out.named_embeddings["disc"],
+        found=out.named_token_found["gen"],
+        completion_ids=completions,
+    )
+
+
+def apply_missing_token_policy(batch: GenerativeBatch, policy: str) -> torch.Tensor:
+    """The generative embeddings with ``policy`` applied to rows whose completion lacks ``<gen_emb>``."""
+    if policy not in MISSING_TOKEN_POLICIES:
+        raise ValueError(f"missing_token={policy!r} is not one of {MISSING_TOKEN_POLICIES}.")
+    missing = ~batch.found
+    if not bool(missing.any()) or policy == "last_token":
+        return batch.generative
+    if policy == "error":
+        rows = missing.nonzero().flatten().tolist()
+        raise ValueError(
+            f"Completion(s) of batch row(s) {rows} never wrote the generative token; raise max_new_tokens, or pass "
+            "missing_token='last_token' / 'discriminative'."
+        )
+    return torch.where(missing[:, None], batch.discriminative, batch.generative)

@@ -1,0 +1,120 @@
+"""Configuration of :class:`EmbeddingSFTTrainer` (UME-R1 stage 1, reasoning SFT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import EmbeddingTrainingArguments
+
+
+@dataclass
+class EmbeddingSFTConfig(EmbeddingTrainingArguments):
+    r"""
+    Configuration for [`EmbeddingSFTTrainer`]: reasoning SFT that teaches a discriminative (``<disc_emb>``) and a
+    generative (``<gen_emb>``, after a written reasoning) embedding (UME-R1 stage 1, Lan et al. 2025,
+    arXiv 2511.00405). This class includes only the parameters specific to this stage; for the rest see
+    [`EmbeddingTrainingArguments`] and `transformers.TrainingArguments`. Defaults are UME-R1's (public code,
+    ``qwenvl/train/trainer.py`` and the README's recipe): per-device batch and steps come from the recipes.
+
+    loss = w_gen · InfoNCE(gen) + w_disc · InfoNCE(disc) + w_q · CE(query reasoning) + w_t · CE(target reasoning)
+    [+ w_align · InfoNCE(disc queries, gen targets)], the InfoNCE terms symmetric at logit scale 1/τ over the global
+    batch, the CE terms the token mean of each side over the global batch.
+
+    > Loss
+
+    Parameters:
+        temperature (`float`, defaults to `0.02`): τ of the symmetric InfoNCE (UME-R1: logit scale 50).
+        gen_contrastive_weight (`float`, defaults to `1.0`): weight of InfoNCE on the generative embeddings.
+        disc_contrastive_weight (`float`, defaults to `1.0`): weight of InfoNCE on the discriminative embeddings.
+        query_lm_weight (`float`, defaults to `1.0`): weight of the cross-entropy on the queries' reasoning.
+        target_lm_weight (`float`, defaults to `1.0`): weight of the cross-entropy on the targets' reasoning.
+        disc_gen_alignment_weight (`float`, defaults to `0.0`): weight of a symmetric InfoNCE between discriminative
+            query and generative target embeddings, which puts both kinds in one space: a corpus indexed once with
+            the (costly) generative embedding can then be searched with the cheap discriminative query embedding
+            (asked of UME-R1 in its issue #1; not in the paper).
+        discriminative_only (`bool`, defaults to `False`): train the discriminative embedding alone: no
+            reasoning, no generation, only ``disc_contrastive_weight`` (UME-R1's DUME variant, its issue #2); rows
+            need no reasoning columns then.
+        mask_duplicate_targets (`bool`, defaults to `True`): identical targets (shared labels) are never each
+            other's negatives (UME-R1 does not mask them).
+
+    > Data
+
+    Parameters:
+        max_sequence_length (`int`, defaults to `12288`): the longest prompt + reasoning in tokens (UME-R1's
+            `model_max_length`); a longer row is an error naming it, never silently cut (cutting would drop
+            ``<gen_emb>``).
+        prompt_template (`str`, defaults to `"ume_r1"`): the prompt with ``<disc_emb>`` and UME-R1's instruction.
+
+    > Model
+
+    Parameters:
+        freeze_vision_tower (`bool`, defaults to `True`): UME-R1 freezes the vision encoder (`--tune_mm_vision
+            False`) ...
+        train_vision_projector (`bool`, defaults to `True`): ... and trains the projector (merger,
+            `--tune_mm_mlp True`) with the language model.
+        learning_rate (`float`, defaults to `5e-5`): UME-R1's, cosine schedule with 3% warm-up, no weight decay.
+    """
+
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (UME-R1: logit scale 50)."})
+    gen_contrastive_weight: float = field(default=1.0, metadata={"help": "Weight of InfoNCE(gen)."})
+    disc_contrastive_weight: float = field(default=1.0, metadata={"help": "Weight of InfoNCE(disc)."})
+    query_lm_weight: float = field(default=1.0, metadata={"help": "Weight of the CE on the queries' reasoning."})
+    target_lm_weight: float = field(default=1.0, metadata={"help": "Weight of the CE on the targets' reasoning."})
+    disc_gen_alignment_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of InfoNCE(disc queries, gen targets): one space for both embeddings (0: off)."},
+    )
+    discriminative_only: bool = field(
+        default=False, metadata={"help": "Train <disc_emb> alone (UME-R1's DUME): no reasoning, no CE, no gen."}
+    )
+    mask_duplicate_targets: bool = field(
+        default=True, metadata={"help": "Identical targets are never negatives of each other."}
+    )
+    max_sequence_length: int | None = field(
+        default=12288,
+        metadata={"help": "Longest prompt + reasoning in tokens (UME-R1: 12288); longer rows are an error."},
+    )
+    prompt_template: str | None = field(
+        default="ume_r1", metadata={"help": "Prompt template (UME-R1's: input, <disc_emb>, instruction)."}
+    )
+    freeze_vision_tower: bool = field(
+        default=True, metadata={"help": "Freeze the vision encoder (UME-R1 does)."}
+    )
+    train_vision_projector: bool = field(
+        default=True, metadata={"help": "With a frozen vision tower, still train its projector/merger (UME-R1)."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "UME-R1 SFT: 5e-5."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "UME-R1 SFT: cosine."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "UME-R1 SFT: 3% warm-up."})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        weights = {
+            "gen_contrastive_weight": self.gen_contrastive_weight,
+            "disc_contrastive_weight": self.disc_contrastive_weight,
+            "query_lm_weight": self.query_lm_weight,
+            "target_lm_weight": self.target_lm_weight,
+            "disc_gen_alignment_weight": self.disc_gen_alignment_weight,
+        }
+        negative = [k for k, v in weights.items() if v < 0]
+        if negative:
+            raise ValueError(f"Loss weights must be >= 0: {negative}.")
+        if self.discriminative_only:
+            self.gen_contrastive_weight = self.query_lm_weight = self.target_lm_weight = 0.0
+            self.disc_gen_alignment_weight = 0.0
+        if not any(v > 0 for v in (self.gen_contrastive_weight, self.disc_contrastive_weight)):
+            raise ValueError("At least one of gen_contrastive_weight and disc_contrastive_weight must be > 0.")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be positive or None, got {self.max_sequence_length}.")
+        super().__post_init__()
+
+    @property
+    def needs_reasoning(self) -> bool:
+        """Whether batches carry the reasoning completions (anything but the discriminative-only variant)."""
+        return any(
+            w > 0
+            for w in (self.gen_contrastive_weight, self.query_lm_weight, self.target_lm_weight,
+                      self.disc_gen_alignment_weight)
+        )

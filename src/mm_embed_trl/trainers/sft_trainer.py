@@ -1,0 +1,158 @@
+"""`EmbeddingSFTTrainer`: UME-R1 stage 1, reasoning SFT with discriminative and generative embeddings."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
+from ..distributed import gather_no_grad, gather_with_grad
+from ..losses import hard_negative_infonce_loss
+from ..modeling import MultimodalEmbeddingModel
+from ..modeling.modeling import TokenPooling
+from .base import EmbeddingTrainer
+from .sft_config import EmbeddingSFTConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingSFTTrainer(EmbeddingTrainer):
+    r"""Reasoning SFT that teaches discriminative and generative embeddings (UME-R1 stage 1).
+
+    Each side of a (query, target) pair is prompted with UME-R1's instruction after a ``<disc_emb>`` token and
+    trained to write ``<think>reasoning</think><answer>summary</answer><gen_emb>``. ONE forward per side yields the
+    discriminative embedding (last-layer state at ``<disc_emb>``, in the prompt), the generative one (at the last
+    ``<gen_emb>`` of the completion, teacher-forced) and the language-model loss on the completion. The loss is
+
+        w_gen · InfoNCE(gen) + w_disc · InfoNCE(disc) + w_q · CE(query reasoning) + w_t · CE(target reasoning)
+
+    with symmetric InfoNCE at logit scale 1/τ = 50 over the **global** batch (every rank's targets, gathered with
+    the local gradient kept) and each CE the token mean over the global batch, so N processes x B rows train exactly
+    like 1 process x N·B rows. With GradCache (`gradient_cache_chunk_size`) the batch can be far larger than memory
+    allows: each chunk's two embeddings and its summed CE are cached from one no-grad forward and back-propagated
+    from one re-forward, with the same gradients (UME-R1 trained batch 1024 on 64 GPUs; this fits it on a few).
+
+    Options beyond the paper: `discriminative_only` (UME-R1's DUME variant: no reasoning, no generation) and
+    `disc_gen_alignment_weight` (one space for both embeddings: index a corpus with generative embeddings once, query
+    it with cheap discriminative ones). Before training, ``<disc_emb>`` and ``<gen_emb>`` are added to the tokenizer
+    as ordinary tokens (their input rows initialised as UME-R1 does), and the trained model encodes with
+    ``encode(mode="discriminative" | "generative" | "both")``.
+
+    Paper: Lan et al., "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings", arXiv 2511.00405.
+
+    Example:
+    ```python
+    from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
+    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.tiny import get_tiny_backbone
+
+    data = make_shapes_dataset()  # rows carry qry_reasoning / pos_reasoning
+    model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), encoder_kind="generative")
+    args = EmbeddingSFTConfig(output_dir="out", image_root=str(data.image_root))
+    trainer = EmbeddingSFTTrainer(model=model, args=args, train_dataset=data["train"])
+    trainer.train()
+    trainer.save_for_inference()
+    model.encode(["a red circle"], mode="generative")
+    ```
+    """
+
+    _tag_names = ["mm-embed-trl", "ume-r1", "reasoning", "generative-embedding"]
+    method_name = "ume_r1_sft"
+
+    def __init__(self, model, args: EmbeddingSFTConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            args = EmbeddingSFTConfig(output_dir="sft-output")
+        if not isinstance(args, EmbeddingSFTConfig):
+            raise TypeError(f"EmbeddingSFTTrainer needs an EmbeddingSFTConfig, got {type(args).__name__}.")
+        if isinstance(model, str) and args.needs_reasoning:
+            args.model_init_kwargs = {"encoder_kind": "generative", **(args.model_init_kwargs or {})}
+            model = MultimodalEmbeddingModel.from_pretrained(model, **args.model_init_kwargs)
+        if isinstance(model, MultimodalEmbeddingModel) and args.needs_reasoning and model.lm_head is None:
+            raise ValueError(
+                "Reasoning SFT trains the language-model head, but this model was loaded without one: use "
+                "MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'), or set "
+                "discriminative_only=True."
+            )
+        processor = kwargs.get("processing_class") or getattr(model, "processor", None)
+        if isinstance(model, MultimodalEmbeddingModel) and processor is not None:
+            prepare_embedding_tokens(model, processor)
+        super().__init__(model, args, *pargs, **kwargs)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self._disc_id, self._gen_id = tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+
+    def default_collator(self, model, processing_class, args):
+        if not args.needs_reasoning:
+            return super().default_collator(model, processing_class, args)
+        from ..data.reasoning import ReasoningCollator
+
+        return ReasoningCollator(
+            processing_class,
+            template=model.config.prompt_template,
+            image_root=args.image_root,
+            max_length=args.max_sequence_length,
+            max_text_length=args.max_length,
+        )
+
+    def compute_embedding_loss(self, model, inputs):
+        args: EmbeddingSFTConfig = self.args
+        reasoning = args.needs_reasoning
+        pools = {"disc": TokenPooling(self._disc_id, "prompt" if reasoning else "all")}
+        if reasoning:
+            pools["gen"] = TokenPooling(self._gen_id, "completion")
+
+        def select(out):
+            disc = out.named_embeddings["disc"]
+            if not reasoning:
+                return (disc,)
+            found = out.named_token_found["gen"].to(disc.dtype)
+            # per-call sums as (1,) tensors: GradCache caches them per chunk, gathers add them over ranks
+            return disc, out.named_embeddings["gen"], out.lm_loss_sum.view(1), out.lm_num_tokens.view(1).float(), found
+
+        sides = [{**inputs[side], "pool_tokens": pools} for side in ("query", "positive")]
+        query, target = self.embed(model, *sides, select=select)
+        positive_ids = gather_no_grad(inputs["positive_ids"]) if args.gather_across_devices else inputs["positive_ids"]
+        duplicates = positive_ids[:, None] == positive_ids[None, :] if args.mask_duplicate_targets else None
+        gather = gather_with_grad if args.gather_across_devices else (lambda t: t)
+        gather_counts = gather_no_grad if args.gather_across_devices else (lambda t: t)
+
+        def contrastive(q, t):
+            out = hard_negative_infonce_loss(
+                gather(q), gather(t), temperature=args.temperature, margin=None, top_k=None, symmetric=True,
+                candidate_duplicate_mask=duplicates,
+            )
+            return out.loss, out.logs["accuracy"]
+
+        metrics: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        disc_loss, metrics["disc_accuracy"] = contrastive(query[0], target[0])
+        metrics["disc_contrastive_loss"] = disc_loss.detach()
+        loss = loss + args.disc_contrastive_weight * disc_loss
+        if reasoning:
+            gen_loss, metrics["gen_accuracy"] = contrastive(query[1], target[1])
+            metrics["gen_contrastive_loss"] = gen_loss.detach()
+            loss = loss + args.gen_contrastive_weight * gen_loss
+            for name, side, weight in (("query", query, args.query_lm_weight), ("target", target, args.target_lm_weight)):
+                # the token mean over the global batch: every rank's summed CE over every rank's token count
+                lm = gather(side[2].sum().view(1)).sum() / gather_counts(side[3].sum().view(1)).sum().clamp_min(1)
+                metrics[f"{name}_lm_loss"] = lm.detach()
+                loss = loss + weight * lm
+            if args.disc_gen_alignment_weight > 0:
+                align, metrics["alignment_accuracy"] = contrastive(query[0], target[1])
+                metrics["alignment_loss"] = align.detach()
+                loss = loss + args.disc_gen_alignment_weight * align
+            metrics["gen_emb_found_rate"] = torch.cat([query[4], target[4]]).detach().mean()
+        return loss, metrics
+
+
+def prepare_embedding_tokens(model: MultimodalEmbeddingModel, processor) -> tuple[int, int]:
+    """Add UME-R1's ``<disc_emb>`` / ``<gen_emb>`` (idempotent) and make the model pool ``<disc_emb>`` by default,
+    with ``<gen_emb>`` as its generative token; returns (disc id, gen id)."""
+    from ..modeling.special_tokens import add_embedding_tokens
+
+    ids = add_embedding_tokens(model, processor)
+    model.config.pooling = "special_token"
+    model.config.pooling_token = DISC_EMB_TOKEN
+    model.config.generative_pooling_token = GEN_EMB_TOKEN
+    model.set_processor(processor)  # resolves pooling_token_id
+    return ids[DISC_EMB_TOKEN], ids[GEN_EMB_TOKEN]

@@ -1,0 +1,316 @@
+"""EmbeddingSFTTrainer (UME-R1 stage 1): tokens, loss and gradients against a hand-written reference, GradCache,
+1 vs 2 processes, teacher forcing equals generation, generative encode, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
+
+from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
+from mm_embed_trl.data.reasoning import ReasoningCollator, format_reasoning
+from mm_embed_trl.data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
+from mm_embed_trl.modeling import add_embedding_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+TAU = 0.05
+
+
+def _config(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=6,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        temperature=TAU,
+        disable_tqdm=True,
+        save_sentence_transformers=False,
+    )
+    defaults.update(kw)
+    return EmbeddingSFTConfig(**defaults)
+
+
+def _model(tiny_backbone):
+    torch.manual_seed(0)
+    return MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+
+
+# ---------------------------------------------------------------------------------------------------- tokens
+def test_embedding_tokens_are_ordinary_idempotent_initialised_and_saved(tiny_backbone, tmp_path):
+    model = _model(tiny_backbone)
+    tok = model.processor.tokenizer
+    before = len(tok)
+    rows_before = model.get_input_embeddings().weight.detach().clone()
+    ids = add_embedding_tokens(model, model.processor)
+    assert sorted(ids.values()) == [before, before + 1]  # new and contiguous
+    weight = model.get_input_embeddings().weight.detach()
+    # the tiny vocabulary has no <|object_ref_*|> source rows: both start at the mean of the old rows
+    for token_id in ids.values():
+        assert_close(weight[token_id], rows_before.mean(dim=0), rtol=rounding_rtol(terms=before))
+    assert torch.equal(weight[:before], rows_before)
+    text = f"x {DISC_EMB_TOKEN} y {GEN_EMB_TOKEN}"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text  # decoding keeps them
+    snapshot = model.get_input_embeddings().weight.detach().clone()
+    assert add_embedding_tokens(model, model.processor) == ids  # a second call changes nothing
+    assert len(tok) == before + 2 and torch.equal(model.get_input_embeddings().weight, snapshot)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.processor.tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN]) == list(ids.values())
+    assert torch.equal(reloaded.get_input_embeddings().weight, snapshot)
+
+
+def test_embedding_tokens_start_from_ume_r1s_source_rows(tiny_backbone):
+    model = _model(tiny_backbone)
+    tok = model.processor.tokenizer
+    sources = {DISC_EMB_TOKEN: "<|vision_start|>", GEN_EMB_TOKEN: "<|vision_end|>"}
+    ids = add_embedding_tokens(model, model.processor, init_from=sources)
+    weight = model.get_input_embeddings().weight
+    for token, source in sources.items():
+        assert torch.equal(weight[ids[token]], weight[tok.convert_tokens_to_ids(source)])
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+def _rows(shapes_data, n=6):
+    return [shapes_data["train"][i] for i in range(n)]
+
+
+def _reference_loss(model, batch, tau):
+    """UME-R1's objective by hand: per side one forward through the HF backbone with labels (its own CE), the
+    states at the prompt's <disc_emb> and the completion's last <gen_emb> read by Python loops, symmetric
+    cross-entropy on (q @ t.T) / tau for each embedding; the sum of the four terms."""
+    tok = model.processor.tokenizer
+    disc_id, gen_id = tok.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+    embeddings, ce = {}, {}
+    for side in ("query", "positive"):
+        enc = {k: v for k, v in batch[side].items() if k not in ("image_counts", "completion_start")}
+        out = model.backbone(**enc, output_hidden_states=True)
+        ce[side] = out.loss
+        hidden = out.hidden_states[-1]
+        start = int(batch[side]["completion_start"][0])
+        disc, gen = [], []
+        for i, ids in enumerate(enc["input_ids"].tolist()):
+            disc.append(hidden[i, max(j for j, t in enumerate(ids[:start]) if t == disc_id)])
+            gen.append(hidden[i, max(j for j, t in enumerate(ids) if t == gen_id and j >= start)])
+        embeddings[side] = (F.normalize(torch.stack(disc), dim=-1), F.normalize(torch.stack(gen), dim=-1))
+    labels = torch.arange(len(batch["positive_ids"]))
+
+    def clip(q, t):
+        logits = q @ t.T / tau
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    (qd, qg), (td, tg) = embeddings["query"], embeddings["positive"]
+    return clip(qg, tg) + clip(qd, td) + ce["query"] + ce["positive"]
+
+
+def test_loss_and_gradients_match_a_hand_written_reference(tiny_backbone, shapes_data, tmp_path):
+    model = _model(tiny_backbone)
+    trainer = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)))
+    batch = trainer._prepare_inputs(trainer.data_collator(_rows(shapes_data)))
+    assert len(set(batch["positive_ids"].tolist())) == 6  # no duplicate targets: the plain objective applies
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    model.zero_grad(set_to_none=True)
+    reference = _reference_loss(model, batch, TAU)
+    reference.backward()
+    # same function, other summation order: InfoNCE at 1/tau over image + text forwards
+    assert_loss_close(loss, reference, rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=1 / TAU))
+    grad_rtol = rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert_close(got[name], param.grad, rtol=grad_rtol, msg=name)
+    assert set(logged) >= {"disc_contrastive_loss", "gen_contrastive_loss", "query_lm_loss", "target_lm_loss",
+                           "disc_accuracy", "gen_accuracy", "gen_emb_found_rate"}
+    assert float(logged["gen_emb_found_rate"]) == 1.0
+    parts = sum(float(logged[k]) for k in ("disc_contrastive_loss", "gen_contrastive_loss", "query_lm_loss",
+                                           "target_lm_loss"))
+    assert_loss_close(parts, loss, rtol=rounding_rtol(terms=4))  # the logged parts add up to the loss (weights 1)
+    # the vision encoder is frozen, its merger trains (UME-R1's --tune_mm_vision False --tune_mm_mlp True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("merger" in n for n in trainable) and not any("visual.blocks" in n for n in trainable)
+
+
+@pytest.mark.parametrize("variant", ["plain", "alignment"])
+def test_grad_cache_gives_the_same_loss_and_gradients(variant, tiny_backbone, shapes_data, tmp_path):
+    extra = {"disc_gen_alignment_weight": 0.5} if variant == "alignment" else {}
+    results = []
+    for chunk in (None, 2):
+        model = _model(tiny_backbone)
+        config = _config(tmp_path, image_root=str(shapes_data.image_root), gradient_cache_chunk_size=chunk, **extra)
+        trainer = EmbeddingSFTTrainer(model=model, args=config)
+        model.train()
+        biggest = []
+
+        def record(module, args, kwargs):  # rows of every forward run with a graph
+            if torch.is_grad_enabled():
+                biggest.extend(enc["input_ids"].shape[0] for enc in kwargs.get("batches") or [kwargs])
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        loss = trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator(_rows(shapes_data))))
+        trainer.accelerator.backward(loss)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads, max(biggest)))
+    (loss_plain, plain, _), (loss_cached, cached, biggest_cached) = results
+    assert biggest_cached <= 2, "GradCache ran a forward with graph on more rows than the chunk"
+    assert_loss_close(loss_cached, loss_plain, rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=1 / TAU))
+    assert plain.keys() == cached.keys() and plain
+    for name in plain:
+        assert_close(cached[name], plain[name], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU), msg=name)
+
+
+_STEP_SCRIPT = """
+import sys, torch
+from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
+from mm_embed_trl.data.generated import make_shapes_dataset
+from mm_embed_trl.tiny import get_tiny_backbone
+
+out, chunk = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
+data = make_shapes_dataset(num_train=16, num_eval=0, seed=4)
+rows = [data["train"][i] for i in range(8)]
+torch.manual_seed(0)
+model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), encoder_kind="generative")
+config = EmbeddingSFTConfig(output_dir=out + ".trainer", temperature=0.05, gradient_cache_chunk_size=chunk,
+                            image_root=str(data.image_root), report_to="none", use_cpu=True)
+trainer = EmbeddingSFTTrainer(model=model, args=config)
+acc = trainer.accelerator
+bounds = [0, 8] if acc.num_processes == 1 else [0, 3, 8]  # uneven per-rank batches: 3 + 5
+batch = trainer.data_collator(rows[bounds[acc.process_index]: bounds[acc.process_index + 1]])
+wrapped = acc.prepare_model(trainer.model)
+wrapped.train()
+loss = trainer.compute_loss(wrapped, trainer._prepare_inputs(batch))
+acc.backward(loss)
+if acc.process_index == 0:
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss.item(), "grads": grads, "world": acc.num_processes}, out)
+acc.wait_for_everyone()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    """2 processes x (3 + 5) rows == 1 process x 8 rows: loss (contrastive over the gathered batch, CE the token mean
+    of the global batch) and every gradient, on DDP/gloo, with and without GradCache."""
+    script = tmp_path / "sft_step.py"
+    script.write_text(_STEP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    outputs = {}
+    for name, cmd in (
+        ("single", [sys.executable, str(script), str(tmp_path / "single.pt")]),
+        ("ddp", ddp + [str(tmp_path / "ddp.pt")]),
+        ("ddp_gradcache", ddp + [str(tmp_path / "ddp_gradcache.pt"), "2"]),
+    ):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        outputs[name] = torch.load(tmp_path / f"{name}.pt")
+    ref = outputs["single"]
+    assert ref["world"] == 1 and outputs["ddp"]["world"] == 2
+    for name in ("ddp", "ddp_gradcache"):
+        got = outputs[name]
+        assert_loss_close(got["loss"], ref["loss"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=1 / 0.05))
+        assert got["grads"].keys() == ref["grads"].keys() and ref["grads"]
+        for key in ref["grads"]:
+            assert_close(got["grads"][key], ref["grads"][key], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=20))
+
+
+# ---------------------------------------------------------------------------------------- generation vs training
+def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone, shapes_data, tmp_path):
+    """One target, three ways: the trainer's teacher-forced forward, encode(mode='generative') (generate, then one
+    prefill forward) and the hidden state generate() itself returns at the step that wrote <gen_emb>."""
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))  # adds the tokens, sets the generative pooling
+    model.eval()
+    tok = model.processor.tokenizer
+    target = format_reasoning("a red circle", "red circle")
+    forced = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    row = {"qry": "a red circle on the left", "qry_image_path": "", "pos_text": "x", "pos_image_path": "",
+           "qry_reasoning": target, "pos_reasoning": target}
+    batch = ReasoningCollator(model.processor)([row])["query"]
+    start = int(batch["completion_start"][0])
+
+    def force(batch_id, ids):  # generate exactly `forced`
+        step = ids.shape[-1] - start
+        return [forced[step]] if step < len(forced) else [tok.eos_token_id]
+
+    from mm_embed_trl.modeling.modeling import TokenPooling
+
+    gen_id = tok.convert_tokens_to_ids(GEN_EMB_TOKEN)
+    with torch.no_grad():
+        teacher_forced = model(**batch, pool_tokens={"gen": TokenPooling(gen_id, "completion")}).named_embeddings["gen"]
+        embedding, (text,) = model.encode([row["qry"]], mode="generative", return_reasoning=True, max_new_tokens=40,
+                                          generation_kwargs={"prefix_allowed_tokens_fn": force})
+        prompt = {k: v for k, v in batch.items() if k not in ("labels", "completion_start", "image_counts")}
+        prompt = {k: v[:, :start] for k, v in prompt.items()}
+        generated = model.backbone.generate(**prompt, max_new_tokens=40, do_sample=False,
+                                            prefix_allowed_tokens_fn=force, output_hidden_states=True,
+                                            return_dict_in_generate=True)
+    j = forced.index(gen_id)  # completion token j is fed at step j + 1; its last-layer state is that step's output
+    at_generate = F.normalize(generated.hidden_states[j + 1][-1][:, -1], dim=-1)
+    assert text == target  # the generated reasoning, <gen_emb> kept by decoding
+    fp32 = rounding_rtol(**TINY_IMAGE_FORWARD)
+    assert_close(embedding[0], teacher_forced[0], rtol=fp32)
+    assert_close(at_generate[0], teacher_forced[0], rtol=fp32)
+
+
+def test_generative_encode_modes_samples_and_the_missing_token_policy(tiny_backbone, tmp_path, caplog):
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    texts = ["a red circle", "two blue stars", "a green cross on the right"]
+    disc = model.encode(texts)
+    both = model.encode(texts, mode="both", max_new_tokens=6, batch_size=2)
+    assert_close(both["discriminative"], disc, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))  # disc is causal: same
+    with caplog.at_level("WARNING"):
+        gen = model.encode(texts, mode="generative", max_new_tokens=6)
+    assert "3 of 3 generated completions never wrote <gen_emb>" in caplog.text  # an untrained model never does
+    assert_close(gen, both["generative"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD))  # greedy: deterministic
+    as_disc = model.encode(texts, mode="generative", max_new_tokens=6, missing_token="discriminative")
+    assert_close(as_disc, disc, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    with pytest.raises(ValueError, match="never wrote the generative token"):
+        model.encode(texts, mode="generative", max_new_tokens=6, missing_token="error")
+    torch.manual_seed(0)
+    samples, reasoning = model.encode(texts, mode="generative", max_new_tokens=6, do_sample=True, num_samples=3,
+                                      return_reasoning=True)
+    assert samples.shape == (3, 3, 64) and len(reasoning) == 3 and all(len(r) == 3 for r in reasoning)
+    with pytest.raises(ValueError, match="needs do_sample=True"):
+        model.encode(texts, mode="generative", num_samples=2)
+    plain = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises(ValueError, match="encoder_kind='generative'"):
+        plain.encode(texts, mode="generative")
+
+
+# ----------------------------------------------------------------------------------------------------- options
+def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_path):
+    """UME-R1's DUME variant: plain embedding rows, <disc_emb> pooled, one contrastive term."""
+    model = _model(tiny_backbone)
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), discriminative_only=True)
+    assert (config.gen_contrastive_weight, config.query_lm_weight, config.target_lm_weight) == (0.0, 0.0, 0.0)
+    trainer = EmbeddingSFTTrainer(model=model, args=config)
+    rows = [{k: v for k, v in r.items() if "reasoning" not in k} for r in _rows(shapes_data)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    assert "labels" not in batch["query"]
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    assert torch.equal(loss.detach(), trainer._metrics["train"]["disc_contrastive_loss"][-1])
+
+
+def test_config_validation_and_a_model_without_lm_head(tiny_backbone, tmp_path):
+    for bad, match in [
+        (dict(temperature=0.0), "temperature must be positive"),
+        (dict(query_lm_weight=-1.0), "must be >= 0"),
+        (dict(gen_contrastive_weight=0.0, disc_contrastive_weight=0.0), "At least one"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _config(tmp_path, **bad)
+    base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises(ValueError, match="encoder_kind='generative'"):
+        EmbeddingSFTTrainer(model=base, args=_config(tmp_path))
