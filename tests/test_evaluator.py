@@ -408,3 +408,44 @@ def test_callback_with_named_evaluators_dict():
     out = cb.evaluate(model)
     assert set(out) == {f"{n}_{m}@1" for n in "ab" for m in
                         ("accuracy", "precision", "recall", "mrr", "ndcg", "map")} | {"a_mrr", "b_mrr"}
+
+
+class _TwoModeModel:
+    """encode() stand-in with planted disc / gen embeddings (mode="both"), and k samples per query."""
+
+    def __init__(self, disc, gen, samples=None):
+        self.disc, self.gen, self.samples = disc, gen, samples
+
+    def encode(self, inputs, side="query", mode="discriminative", num_samples=1, do_sample=False, **kwargs):
+        index = [int(str(x).split()[-1]) for x in inputs]
+        table = {"query": 0, "document": 1}[side]
+        if num_samples > 1:
+            return self.samples[index]
+        disc, gen = self.disc[table][index], self.gen[table][index]
+        return {"discriminative": disc, "generative": gen} if mode == "both" else gen
+
+
+def test_generative_modes_report_disc_gen_oracle_and_pass_at_k():
+    """4 queries, 4 documents (query i's relevant document is i). disc gets queries 0, 1 right, gen 1, 2: the
+    per-query oracle gets 0, 1, 2 (3/4 at recall@1); sampling query 3 three times, one sample finds document 3."""
+    eye = torch.eye(4)
+    docs = eye
+    disc_q = torch.stack([eye[0], eye[1], eye[3], eye[0]])  # right: 0, 1
+    gen_q = torch.stack([eye[2], eye[1], eye[2], eye[0]])  # right: 1, 2
+    queries, corpus = [f"query {i}" for i in range(4)], [f"document {i}" for i in range(4)]
+    model = _TwoModeModel((disc_q, docs), (gen_q, docs))
+    evaluator = RetrievalEvaluator(queries, corpus, [{i} for i in range(4)], name="toy", k_values=(1,),
+                                   encode_kwargs={"mode": "both"})
+    out = evaluator(model)
+    assert out["toy_disc_recall@1"] == pytest.approx(0.5)
+    assert out["toy_gen_recall@1"] == pytest.approx(0.5)
+    assert out["toy_oracle_recall@1"] == pytest.approx(0.75)
+    assert evaluator.primary_metric == "toy_gen_recall@1"
+    samples = torch.stack([gen_q, gen_q, gen_q], dim=1).clone()  # (4, 3, 4)
+    samples[3, 2] = eye[3]  # the third sample of query 3 is right
+    sampled = _TwoModeModel((disc_q, docs), (gen_q, docs), samples=samples)
+    pass_k = RetrievalEvaluator(queries, corpus, [{i} for i in range(4)], name="toy", k_values=(1,),
+                                encode_kwargs={"mode": "generative", "do_sample": True, "num_samples": 3})
+    out = pass_k(sampled)
+    assert out["toy_gen_recall@1"] == pytest.approx(0.5)  # sample 0 alone
+    assert out["toy_pass@3_recall@1"] == pytest.approx(0.75)

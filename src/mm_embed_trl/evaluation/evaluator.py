@@ -32,7 +32,7 @@ from ..data.schema import (
     split_input,
 )
 from ..data.images import image_identity
-from .metrics import _PER_K, _check_k_values, candidate_list_metrics, retrieval_metrics
+from .metrics import _PER_K, _check_k_values, candidate_list_metrics, ranking_metrics, retrieval_metrics
 from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
 
 __all__ = ["RetrievalEvaluator", "MMEBEvaluator", "EmbeddingEvalCallback"]
@@ -92,10 +92,13 @@ def _encode_items(
     block_size: int,
     what: str,
     labels: Sequence[str] | None = None,
-) -> Tensor:
+    encode_kwargs: Mapping[str, Any] | None = None,
+) -> Tensor | dict[str, Tensor]:
     """Embed ``items`` with ``model.encode`` in blocks of ``block_size`` (images decoded one block at a time).
 
     ``labels[i]`` names item i in image-loading errors (e.g. "row 12 query"); ``f"{what} #{i}"`` by default.
+    ``encode_kwargs`` go to ``encode`` (e.g. ``mode="both"``, which returns a dict: then so does this function;
+    ``num_samples=k`` gives (N, k, D)).
     """
     blocks = range(0, len(items), block_size)
     outer = blocks
@@ -112,16 +115,22 @@ def _encode_items(
             _materialize(item, image_root, labels[start + i] if labels is not None else f"{what} #{start + i}")
             for i, item in enumerate(block)
         ]
-        emb = model.encode(inputs, side=side, batch_size=batch_size, show_progress_bar=inner_progress)
-        emb = torch.as_tensor(emb)
-        if emb.ndim != 2 or emb.shape[0] != len(inputs):
-            raise ValueError(
-                f"model.encode returned shape {tuple(emb.shape)} for {len(inputs)} {what} inputs; "
-                "expected (num_inputs, dim)."
-            )
-        chunks.append(emb.detach().float().cpu())
+        out = model.encode(
+            inputs, side=side, batch_size=batch_size, show_progress_bar=inner_progress, **(encode_kwargs or {})
+        )
+        named = out if isinstance(out, Mapping) else {"": out}
+        for key, emb in named.items():
+            emb = torch.as_tensor(emb)
+            if emb.ndim not in (2, 3) or emb.shape[0] != len(inputs):
+                raise ValueError(
+                    f"model.encode returned shape {tuple(emb.shape)} for {len(inputs)} {what} inputs; "
+                    "expected (num_inputs, dim) (or (num_inputs, samples, dim))."
+                )
+            named[key] = emb.detach().float().cpu()
+        chunks.append(named)
     # Normalise defensively: the metrics use dot products as cosine similarities.
-    return F.normalize(torch.cat(chunks), dim=-1)
+    joined = {key: F.normalize(torch.cat([c[key] for c in chunks]), dim=-1) for key in chunks[0]}
+    return joined[""] if list(joined) == [""] else joined
 
 
 class _Deduper:
@@ -167,6 +176,10 @@ class RetrievalEvaluator:
         image_root: folder that relative image paths are resolved against.
         chunk_size: queries scored at once (memory bound of the metric computation).
         encode_block_size: inputs whose images are decoded and encoded per ``model.encode`` call.
+        encode_kwargs: passed to ``model.encode``. UME-R1 models: ``{"mode": "both", "max_new_tokens": 512}`` reports
+            ``disc_*``, ``gen_*`` and the per-query ``oracle_*`` from one generation per input; ``{"mode":
+            "generative", "do_sample": True, "num_samples": k}`` adds ``pass@k_*`` (queries sampled k times, the
+            corpus greedy). The full query x corpus score matrices are held for these.
     """
 
     greater_is_better = True
@@ -187,6 +200,7 @@ class RetrievalEvaluator:
         image_root: str | None = None,
         chunk_size: int = 1024,
         encode_block_size: int = 1024,
+        encode_kwargs: Mapping[str, Any] | None = None,
     ):
         if not queries:
             raise ValueError("RetrievalEvaluator needs at least one query.")
@@ -220,7 +234,11 @@ class RetrievalEvaluator:
         self.corpus_side = corpus_side
         self.show_progress_bar = show_progress_bar
         self.main_metric = main_metric
-        self.primary_metric = f"{name}_{main_metric}" if name else main_metric
+        self.encode_kwargs = dict(encode_kwargs or {})
+        mode = self.encode_kwargs.get("mode", "discriminative")
+        # UME-R1 modes report per embedding kind; the headline is the generative one
+        head = main_metric if mode == "discriminative" else f"gen_{main_metric}"
+        self.primary_metric = f"{name}_{head}" if name else head
         self.image_root = image_root
         self.chunk_size = chunk_size
         self.encode_block_size = encode_block_size
@@ -240,7 +258,7 @@ class RetrievalEvaluator:
         evaluator._query_labels, evaluator._corpus_labels = queries.labels, corpus.labels
         return evaluator
 
-    def _encode(self, model: Any, items: Sequence[_Item], side: str, what: str, labels: Sequence[str]) -> Tensor:
+    def _encode(self, model: Any, items: Sequence[_Item], side: str, what: str, labels: Sequence[str], **kwargs):
         return _encode_items(
             model,
             items,
@@ -251,6 +269,7 @@ class RetrievalEvaluator:
             block_size=self.encode_block_size,
             what=f"{self.name + ' ' if self.name else ''}{what}",
             labels=labels,
+            encode_kwargs={**self.encode_kwargs, **kwargs},
         )
 
     def compute_metrics(self, query_embeddings: Tensor, corpus_embeddings: Tensor) -> dict[str, float]:
@@ -260,12 +279,61 @@ class RetrievalEvaluator:
         )
         return {f"{self.name}_{k}" if self.name else k: v for k, v in metrics.items()}
 
+    def _prefixed(self, metrics: Mapping[str, float], mode: str) -> dict[str, float]:
+        parts = [p for p in (self.name, mode) if p]
+        return {"_".join(parts + [k]): v for k, v in metrics.items()}
+
+    def compute_generative_metrics(
+        self, queries: Mapping[str, Tensor], corpus: Mapping[str, Tensor]
+    ) -> dict[str, float]:
+        """Metrics of UME-R1's embeddings: ``disc_*`` and ``gen_*`` (each side embedded in that mode), ``oracle_*``
+        (per query the better of the two: an upper bound, not a method) and, for sampled query embeddings
+        (N, k, D), ``pass@k_*`` (per query the best of its k samples, against the greedy corpus)."""
+        ranking = dict(relevant=self.relevant, k_values=self.k_values, chunk_size=self.chunk_size)
+        scores: dict[str, Tensor] = {}
+        if "discriminative" in queries:
+            scores["disc"] = queries["discriminative"] @ corpus["discriminative"].T
+        gen_q = queries.get("generative")
+        samples = None
+        if gen_q is not None and gen_q.ndim == 3:  # k samples per query: score each, keep sample 0 as "the" query
+            samples = torch.einsum("qkd,nd->kqn", gen_q, corpus["generative"])
+            gen_q = gen_q[:, 0]
+        if gen_q is not None:
+            scores["gen"] = gen_q @ corpus["generative"].T
+        metrics: dict[str, float] = {}
+        for mode, matrix in scores.items():
+            metrics.update(self._prefixed(ranking_metrics(matrix, **ranking), mode))
+        if len(scores) == 2:
+            metrics.update(self._prefixed(ranking_metrics(self._best_of(list(scores.values())), **ranking), "oracle"))
+        if samples is not None:
+            best = self._best_of(list(samples))
+            metrics.update(self._prefixed(ranking_metrics(best, **ranking), f"pass@{samples.shape[0]}"))
+        return metrics
+
+    def _best_of(self, candidates: Sequence[Tensor]) -> Tensor:
+        """Per query, the score row (among ``candidates``) that ranks its best relevant document highest."""
+        relevant = torch.zeros_like(candidates[0], dtype=torch.bool)
+        for i, rel in enumerate(self.relevant):
+            relevant[i, list(rel)] = True
+        ranks = []
+        for scores in candidates:
+            best = scores.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)
+            ranks.append((scores > best).sum(dim=1))
+        choice = torch.stack(ranks).argmin(dim=0)  # ties: the first candidate
+        return torch.stack(list(candidates))[choice, torch.arange(len(choice))]
+
     @torch.no_grad()
     def __call__(self, model: Any) -> dict[str, float]:
         """Embed queries and corpus with ``model.encode`` and return the metrics."""
         query_emb = self._encode(model, self.queries, self.query_side, "queries", self._query_labels)
-        corpus_emb = self._encode(model, self.corpus, self.corpus_side, "corpus", self._corpus_labels)
-        metrics = self.compute_metrics(query_emb, corpus_emb)
+        # pass@k samples the queries; the corpus is embedded once, greedily
+        greedy = {"num_samples": 1, "do_sample": False} if self.encode_kwargs.get("num_samples", 1) > 1 else {}
+        corpus_emb = self._encode(model, self.corpus, self.corpus_side, "corpus", self._corpus_labels, **greedy)
+        if isinstance(query_emb, Mapping) or query_emb.ndim == 3:
+            named = (lambda e: e if isinstance(e, Mapping) else {"generative": e})
+            metrics = self.compute_generative_metrics(named(query_emb), named(corpus_emb))
+        else:
+            metrics = self.compute_metrics(query_emb, corpus_emb)
         logger.info(
             "%s: %d queries, %d documents, %s = %.4f",
             self.name or type(self).__name__,
