@@ -314,3 +314,45 @@ def test_config_validation_and_a_model_without_lm_head(tiny_backbone, tmp_path):
     base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     with pytest.raises(ValueError, match="encoder_kind='generative'"):
         EmbeddingSFTTrainer(model=base, args=_config(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- export and evaluation
+def test_generative_export_loads_with_remote_code_and_reproduces_encode(tiny_backbone, tmp_path):
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+
+    from mm_embed_trl.export.generative import export_generative_sentence_transformers
+
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    out = export_generative_sentence_transformers(model, tmp_path / "gen", generation={"max_new_tokens": 6})
+    inputs = ["a red circle", Image.new("RGB", (64, 64), "red"), {"image": Image.new("RGB", (64, 48)), "text": "x?"}]
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(str(out))  # custom code is never run without consent
+    st = SentenceTransformer(str(out), trust_remote_code=True)
+    rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
+    assert_close(torch.as_tensor(st.encode_query(inputs)), model.encode(inputs, mode="generative", max_new_tokens=6),
+                 rtol=rtol)
+    assert_close(torch.as_tensor(st.encode_document(inputs)),
+                 model.encode(inputs, side="document", mode="generative", max_new_tokens=6), rtol=rtol)
+    plain = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises(ValueError, match="no generative embedding"):
+        export_generative_sentence_transformers(plain, tmp_path / "nope")
+
+
+def test_reasoning_format_evaluator_counts_what_the_model_writes(tiny_backbone, tmp_path):
+    from mm_embed_trl.evaluation import ReasoningFormatEvaluator
+
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    tok = model.processor.tokenizer
+    good = tok(format_reasoning("a", "b"), add_special_tokens=False)["input_ids"]
+    bad = tok("<think>a</think> no tag", add_special_tokens=False)["input_ids"]
+
+    def fake_generate(prompt, kwargs):  # rows 0 and 2 follow the format
+        return [good if i % 2 == 0 else bad for i in range(prompt["input_ids"].shape[0])]
+
+    evaluator = ReasoningFormatEvaluator(["x", "y", "z"], name="toy")
+    original = model.encode
+    model.encode = lambda *a, **k: original(*a, **{**k, "generate_fn": fake_generate})
+    assert evaluator(model) == {"toy_format_rate": pytest.approx(2 / 3), "toy_gen_emb_rate": pytest.approx(2 / 3)}

@@ -192,7 +192,8 @@ def write_report(output_dir: str, report: dict[str, Any]) -> str:
 
 
 def format_comparison(before: dict[str, float] | None, after: dict[str, float]) -> str:
-    keys = [k for k in after if k.split("_")[-1].startswith(("recall@", "mrr", "ndcg@", "precision@", "spearman"))]
+    headline = ("recall@", "mrr", "ndcg@", "precision@", "spearman", "rate")
+    keys = [k for k in after if k.split("_")[-1].startswith(headline)]
     keys = keys or list(after)
     lines = [f"{'metric':<28}{'before':>10}{'after':>10}"]
     for key in keys:

@@ -26,6 +26,10 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
             ds = loaded[split]
         else:
             ds = loaded
+    elif path.is_file() and _is_ume_r1_sft_json(path):
+        from .reasoning import load_ume_r1_sft_json
+
+        ds = load_ume_r1_sft_json(path)
     elif path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -44,3 +48,12 @@ def check_training_columns(ds, *, name: str = "dataset") -> None:
             "qry_image_path, pos_text, pos_image_path (optional neg_text, neg_image_path); rename columns with "
             "`dataset.rename_column(old, new)`."
         )
+
+
+def _is_ume_r1_sft_json(path: Path) -> bool:
+    """A JSON list whose records hold ``{"qry": {"conversations": ...}}`` (UME-R1's released SFT annotations)."""
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[") and b'"qry"' in head and b'"conversations"' in head

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,17 @@ from .schema import POS_IMAGE, POS_REASONING, POS_TEXT, QUERY_IMAGE, QUERY_REASO
 from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, PromptTemplate
 
 __all__ = [
+    "UME_R1_FORMAT",
     "ReasoningCollator",
     "append_completions",
     "embedding_token_ids",
+    "follows_format",
     "format_reasoning",
     "load_ume_r1_sft_json",
 ]
+
+# UME-R1's format check (r1-train vlm_modules/qwen_module.py): a reasoning, a summary, then <gen_emb>.
+UME_R1_FORMAT = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*" + re.escape(GEN_EMB_TOKEN), re.DOTALL)
 
 # Stand-in assistant text used once per collator to learn what the chat template writes around an assistant turn.
 _PROBE = "<think>x</think><answer>y</answer>"
@@ -44,6 +50,11 @@ _PROBE = "<think>x</think><answer>y</answer>"
 def format_reasoning(think: str, answer: str) -> str:
     """A reasoning target in UME-R1's format: ``<think>{think}</think><answer>{answer}</answer><gen_emb>``."""
     return f"<think>{think}</think><answer>{answer}</answer>{GEN_EMB_TOKEN}"
+
+
+def follows_format(text: str) -> bool:
+    """Whether a completion follows UME-R1's format (``UME_R1_FORMAT`` found in it, as UME-R1's reward checks)."""
+    return UME_R1_FORMAT.search(text) is not None
 
 
 def embedding_token_ids(tokenizer, tokens: Sequence[str] = (DISC_EMB_TOKEN, GEN_EMB_TOKEN)) -> list[int]:

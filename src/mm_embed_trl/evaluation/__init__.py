@@ -2,7 +2,7 @@
 retrieval, MMEB per-query candidates) and a Trainer callback."""
 
 from .agreement import TeacherAgreementEvaluator, similarity_agreement
-from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, RetrievalEvaluator
+from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, ReasoningFormatEvaluator, RetrievalEvaluator
 from .hf_metrics import RETRIEVAL_METRIC_PATH
 from .metrics import (
     candidate_list_metrics,
@@ -20,6 +20,7 @@ __all__ = [
     "MMEBEvaluator",
     "MMEB_EVAL_COLUMNS",
     "RETRIEVAL_METRIC_PATH",
+    "ReasoningFormatEvaluator",
     "RetrievalEvaluator",
     "candidate_list_metrics",
     "load_mmeb_eval",

@@ -35,7 +35,7 @@ from ..data.images import image_identity
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, ranking_metrics, retrieval_metrics
 from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
 
-__all__ = ["RetrievalEvaluator", "MMEBEvaluator", "EmbeddingEvalCallback"]
+__all__ = ["RetrievalEvaluator", "MMEBEvaluator", "EmbeddingEvalCallback", "ReasoningFormatEvaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -727,3 +727,46 @@ class EmbeddingEvalCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.evaluate_on_train_end:
             self._run("train_end", state, model)
+
+
+class ReasoningFormatEvaluator:
+    """How often a UME-R1 model's own generations follow the format ``<think>...</think><answer>...<gen_emb>``.
+
+    Generates (greedily, ``model.encode(mode="generative", return_reasoning=True)``) for ``inputs`` and reports
+    ``{name}_format_rate`` (UME-R1's format check, :func:`mm_embed_trl.data.reasoning.follows_format`) and
+    ``{name}_gen_emb_rate`` (completions that wrote ``<gen_emb>`` at all).
+    """
+
+    greater_is_better = True
+
+    def __init__(self, inputs: Sequence[Any], *, name: str = "heldout", side: str = "query", image_root=None,
+                 batch_size: int = 32, max_new_tokens: int = 512):
+        if not inputs:
+            raise ValueError("ReasoningFormatEvaluator needs at least one input.")
+        self.items = [_split_input(x, f"input #{i}") for i, x in enumerate(inputs)]
+        self.name, self.side, self.image_root = name, side, image_root
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.primary_metric = f"{name}_format_rate"
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]], image_root=None, *, limit: int = 64, **kwargs):
+        """Queries (and positives) of MMEB-train rows, the first ``limit`` of them."""
+        inputs = []
+        for row in rows:
+            inputs.append(_row_item(row[QUERY_TEXT], row.get(QUERY_IMAGE), "query"))
+            if len(inputs) >= limit:
+                break
+        return cls(inputs, image_root=image_root, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, model: Any) -> dict[str, float]:
+        from ..data.reasoning import follows_format
+
+        inputs = [_materialize(item, self.image_root, f"input #{i}") for i, item in enumerate(self.items)]
+        _, texts = model.encode(inputs, side=self.side, mode="generative", batch_size=self.batch_size,
+                                max_new_tokens=self.max_new_tokens, return_reasoning=True, show_progress_bar=False)
+        gen_token = model.config.generative_pooling_token
+        return {
+            f"{self.name}_format_rate": sum(map(follows_format, texts)) / len(texts),
+            f"{self.name}_gen_emb_rate": sum(gen_token in t for t in texts) / len(texts),
+        }

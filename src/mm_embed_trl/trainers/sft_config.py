@@ -49,11 +49,17 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     > Model
 
     Parameters:
-        freeze_vision_tower (`bool`, defaults to `True`): UME-R1 freezes the vision encoder (`--tune_mm_vision
-            False`) ...
-        train_vision_projector (`bool`, defaults to `True`): ... and trains the projector (merger,
-            `--tune_mm_mlp True`) with the language model.
+        freeze_vision_tower (`bool`, defaults to `True`): freeze the vision encoder, as UME-R1 does
+            (`--tune_mm_vision False`).
+        train_vision_projector (`bool`, defaults to `True`): keep the projector (Qwen-VL's merger) trainable with
+            the language model, as UME-R1 does (`--tune_mm_mlp True`).
         learning_rate (`float`, defaults to `5e-5`): UME-R1's, cosine schedule with 3% warm-up, no weight decay.
+
+    > Evaluation
+
+    Parameters:
+        max_new_tokens (`int`, defaults to `512`): tokens generated per input for generative embeddings at
+            evaluation (UME-R1 allows 2048 at RL time).
     """
 
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (UME-R1: logit scale 50)."})
@@ -83,6 +89,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     )
     train_vision_projector: bool = field(
         default=True, metadata={"help": "With a frozen vision tower, still train its projector/merger (UME-R1)."}
+    )
+    max_new_tokens: int = field(
+        default=512, metadata={"help": "Tokens generated per input when evaluating generative embeddings."}
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "UME-R1 SFT: 5e-5."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "UME-R1 SFT: cosine."})
