@@ -74,3 +74,35 @@ def test_recipes_say_how_to_launch_them_with_shipped_launchers():
             assert launchers, f"{recipe.name}: say how to launch it"
             missing = [l for l in launchers if not (ROOT / l).is_file()]
             assert not missing, f"{recipe.name} launches with missing configs {missing}"
+
+
+@pytest.mark.slow
+def test_train_sft_reasoning_example_under_accelerate_with_two_processes(tmp_path):
+    """UME-R1 SFT end to end on 2 gloo processes (GradCache): disc/gen/oracle report, model + both ST exports."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", "29535",
+        "--num_processes", "2", str(ROOT / "examples" / "train_sft_reasoning.py"),
+        "--output_dir", str(out), "--num_train_epochs", "1", "--generated_train_size", "64",
+        "--generated_eval_size", "16", "--per_device_train_batch_size", "8", "--gradient_cache_chunk_size", "4",
+        "--max_new_tokens", "12",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Training with MULTI_CPU on 2 process(es)" in proc.stdout + proc.stderr
+    report = json.loads((out / "retrieval_report.json").read_text())
+    for key in ("heldout_disc_recall@1", "heldout_gen_recall@1", "heldout_oracle_recall@1", "heldout_format_rate"):
+        assert key in report["after"] and key in report["before"], key
+
+    import torch
+    from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
+    from sentence_transformers import SentenceTransformer
+
+    from mm_embed_trl import MultimodalEmbeddingModel
+
+    model = MultimodalEmbeddingModel.from_pretrained(out)
+    assert model.config.pooling_token == "<disc_emb>" and model.config.generative_pooling_token == "<gen_emb>"
+    texts = ["a red circle on the left", "two blue squares"]
+    st = SentenceTransformer(str(out / "sentence_transformers"))  # the discriminative export: no remote code
+    assert_close(torch.as_tensor(st.encode_query(texts)), model.encode(texts), rtol=rounding_rtol(**TINY_IMAGE_FORWARD))

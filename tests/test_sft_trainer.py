@@ -356,3 +356,22 @@ def test_reasoning_format_evaluator_counts_what_the_model_writes(tiny_backbone, 
     original = model.encode
     model.encode = lambda *a, **k: original(*a, **{**k, "generate_fn": fake_generate})
     assert evaluator(model) == {"toy_format_rate": pytest.approx(2 / 3), "toy_gen_emb_rate": pytest.approx(2 / 3)}
+
+
+def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments
+
+    recipes = sorted((ROOT / "recipes").glob("sft_reasoning_*.yaml"))
+    assert len(recipes) == 3
+    for recipe in recipes:
+        parser = TrlParser((EmbeddingScriptArguments, EmbeddingSFTConfig, ModelConfig))
+        _, args, model = parser.parse_args_and_config(
+            ["--config", str(recipe), "--output_dir", str(tmp_path), "--bf16", "false"]
+        )
+        assert args.output_dir == str(tmp_path)  # the command line overrides the recipe
+        if "tiny" not in recipe.name:
+            assert model.model_name_or_path.startswith("Qwen/Qwen2-VL-")
+            assert (args.learning_rate, args.temperature, args.warmup_ratio, args.max_steps) == (5e-5, 0.02, 0.03, 5000)
+            assert args.per_device_train_batch_size * (8 if "2b" in recipe.name else 16) == 1024

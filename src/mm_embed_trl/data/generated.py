@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 # Bump when rendering, captions or row layout change: it is part of the cache key.
-GENERATOR_VERSION = 2  # 2: reasoning targets (qry_reasoning, pos_reasoning)
+GENERATOR_VERSION = 3  # 2: reasoning targets (qry_reasoning, pos_reasoning); 3: shorter traces
 INFO_FILE = "shapes_dataset.json"
 IMAGES_DIR = "images"
 
@@ -321,8 +321,11 @@ def reasoning_target(spec: SceneSpec, seen_as: str) -> str:
     """A correct UME-R1 reasoning target for one side showing ``spec``: what the image shows (``seen_as="image"``)
     or what the caption describes (``"text"``), then the caption as the answer, then ``<gen_emb>``.
 
-    ``"<think>The image shows two shapes: a red circle on the left and a blue square on the right.</think>"``
+    ``"<think>The image shows two shapes.</think>"``
     ``"<answer>a red circle on the left and a blue square on the right</answer><gen_emb>"``
+
+    The trace states what kind of scene it is (how many shapes, in a row or not) and leaves the full description to
+    the answer, so a target stays short enough for the tiny demo model to learn to write it.
     """
     from .reasoning import format_reasoning
 
@@ -332,7 +335,7 @@ def reasoning_target(spec: SceneSpec, seen_as: str) -> str:
     else:
         what = "one shape" if n == 1 else f"{_NUMBER_WORDS[n]} shapes"
     verb = "The image shows" if seen_as == "image" else "The caption describes"
-    return format_reasoning(f"{verb} {what}: {spec.caption}.", spec.caption)
+    return format_reasoning(f"{verb} {what}.", spec.caption)
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

@@ -1,0 +1,115 @@
+"""Configuration of :class:`EmbeddingGRPOTrainer` (UME-R1 stage 2, RL with a retrieval reward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+RETRIEVAL_POOLS = ("micro_step", "generation_batch")
+MISSING_TOKEN_POLICIES = ("last_token", "zero")
+
+
+@dataclass
+class EmbeddingGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`EmbeddingGRPOTrainer`]: GRPO on both sides of (query, target) pairs with UME-R1's retrieval
+    reward (Lan et al. 2025, arXiv 2511.00405). This class includes only the parameters that are specific to the
+    embedding reward; for the GRPO ones (`num_generations`, `beta`, `epsilon`, `loss_type`, `use_vllm`, ...) see
+    `trl.GRPOConfig`, whose options all keep working. TRL's defaults differ from UME-R1's: the recipe
+    `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, β = 0.04, ε = 0.2 / ε_high = 0.28,
+    lr 1e-6, completions up to 2048 tokens, `loss_type="dr_grpo"`, `steps_per_generation=1`), and
+    :meth:`ume_r1` returns them as a config.
+
+    > Parameters that control the retrieval reward
+
+    Parameters:
+        retrieval_reward (`str`, defaults to `"ume_r1"`): `"ume_r1"` (rank x gap of each rollout's generative
+            embedding against the other side's rollouts of the pool), `"reciprocal_rank"`, or `"none"` (only the
+            reward functions passed to the trainer).
+        retrieval_reward_weight (`float`, defaults to `1.0`): its weight next to the other rewards (UME-R1 sums
+            format and retrieval rewards with weight 1).
+        format_reward_weight (`float`, defaults to `1.0`): weight of the default format reward (used when the
+            trainer gets no `reward_funcs`).
+        retrieval_pool (`str`, defaults to `"micro_step"`): which rollouts compete: those of one micro-step across
+            ranks (`per_device_train_batch_size x world` rows, UME-R1's pool) or the whole generation batch
+            (`x steps_per_generation`). The pool size sets the reward's scale.
+        mask_duplicate_targets (`bool`, defaults to `True`): rollouts of identical targets (shared labels) are never
+            negatives of each other (UME-R1 does not mask them).
+        missing_gen_token (`str`, defaults to `"last_token"`): the embedding of a completion that never writes
+            `<gen_emb>`: the state at its last token (UME-R1 silently reads the prompt's copy of the token instead;
+            here only the completion counts), or `"zero"` (a zero vector: its similarities, hence its retrieval
+            reward, are 0). Such completions are counted in `gen_emb_found_rate`.
+        embedding_batch_size (`int`, *optional*): rows per no-grad embedding forward (default: the per-device batch).
+        reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
+            re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
+            (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
+    """
+
+    retrieval_reward: str = field(
+        default="ume_r1",
+        metadata={"help": "Retrieval reward: ume_r1 (rank x gap), reciprocal_rank, or none.",
+                  "choices": ["ume_r1", "reciprocal_rank", "none"]},
+    )
+    retrieval_reward_weight: float = field(default=1.0, metadata={"help": "Weight of the retrieval reward."})
+    format_reward_weight: float = field(default=1.0, metadata={"help": "Weight of the default format reward."})
+    retrieval_pool: str = field(
+        default="micro_step",
+        metadata={"help": "Rollouts that compete: one micro-step across ranks (UME-R1) or the generation batch.",
+                  "choices": list(RETRIEVAL_POOLS)},
+    )
+    mask_duplicate_targets: bool = field(
+        default=True, metadata={"help": "Rollouts of identical targets are never each other's negatives."}
+    )
+    missing_gen_token: str = field(
+        default="last_token",
+        metadata={"help": "Embedding of a completion without <gen_emb>: last_token or zero.",
+                  "choices": list(MISSING_TOKEN_POLICIES)},
+    )
+    embedding_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows per no-grad embedding forward (default: the per-device batch)."}
+    )
+    reasoning_sensitivity_rows: int = field(
+        default=8, metadata={"help": "Completions re-embedded with an empty <think> per generation batch (0: off)."}
+    )
+    prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
+    image_root: str | None = field(
+        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
+    )
+
+    def __post_init__(self):
+        if self.retrieval_pool not in RETRIEVAL_POOLS:
+            raise ValueError(f"retrieval_pool must be one of {RETRIEVAL_POOLS}, got {self.retrieval_pool!r}.")
+        if self.missing_gen_token not in MISSING_TOKEN_POLICIES:
+            raise ValueError(f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}.")
+        if self.retrieval_reward not in ("ume_r1", "reciprocal_rank", "none"):
+            raise ValueError(f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}.")
+        if self.reasoning_sensitivity_rows < 0:
+            raise ValueError("reasoning_sensitivity_rows must be >= 0.")
+        super().__post_init__()
+        if self.generation_batch_size % (2 * self.num_generations) != 0:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size} = per_device_train_batch_size x processes x "
+                f"steps_per_generation) must hold whole pairs: a multiple of 2 x num_generations "
+                f"({2 * self.num_generations}), both sides of each pair rolled out num_generations times."
+            )
+
+    @classmethod
+    def ume_r1(cls, **overrides) -> EmbeddingGRPOConfig:
+        """A config with UME-R1's RL settings (README run): ``overrides`` win."""
+        settings = dict(
+            num_generations=8,
+            temperature=1.0,
+            beta=0.04,
+            epsilon=0.2,
+            epsilon_high=0.28,
+            learning_rate=1e-6,
+            max_completion_length=2048,
+            loss_type="dr_grpo",
+            steps_per_generation=1,
+            num_train_epochs=1,
+            per_device_train_batch_size=2 * 8,  # one pair (both sides x G) per device and micro-step
+            gradient_accumulation_steps=1,
+        )
+        settings.update(overrides)
+        return cls(**settings)

@@ -1,0 +1,341 @@
+"""`EmbeddingGRPOTrainer`: UME-R1 stage 2, GRPO on both sides of each pair with a retrieval reward (on stock TRL)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from ..data.reasoning import UME_R1_FORMAT
+from ..data.schema import EmbeddingInput
+from ..data.templates import get_template
+from ..modeling import MultimodalEmbeddingModel
+from ..modeling.pooling import special_token_indices
+from .grpo_config import EmbeddingGRPOConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmbeddingGRPOTrainer", "ume_r1_format_reward"]
+
+# TRL private methods this trainer overrides (their signatures are pinned by tests/test_grpo_trainer.py).
+OVERRIDDEN_TRL_METHODS = ("_get_train_sampler", "_tokenize_prompts", "_calculate_rewards", "_generate_and_score_completions")
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def ume_r1_format_reward(completions, **kwargs) -> list[float]:
+    """UME-R1's format reward: 1.0 when a completion reads ``<think>...</think>...<answer>...<gen_emb>``, else 0.0.
+
+    A TRL reward function (``f(prompts, completions, completion_ids, **kwargs)``); completions may be strings or
+    conversational (``[{"role": "assistant", "content": ...}]``).
+    """
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if UME_R1_FORMAT.search(t) else 0.0 for t in texts]
+
+
+def _retrieval_placeholder(prompts, completions, **kwargs):
+    """Stands in for the retrieval reward in TRL's reward table: filled in by EmbeddingGRPOTrainer._calculate_rewards,
+    which needs every rank's rollouts at once (a reward function only sees its own rank's rows)."""
+    return [None] * len(prompts)
+
+
+class EmbeddingGRPOTrainer(GRPOTrainer):
+    r"""GRPO with UME-R1's retrieval reward, on TRL's own `GRPOTrainer` (UME-R1 stage 2).
+
+    Each (query, target) pair of the dataset becomes two prompts (its query side and its target side, in UME-R1's
+    prompt with ``<disc_emb>`` and the reasoning instruction), each rolled out ``num_generations`` (G) times; every
+    advantage group is the G rollouts of one side of one pair, and a pair's 2G rollouts always sit in one generation
+    batch (:class:`~mm_embed_trl.data.samplers.PairedRepeatSampler`). After generation, one no-grad forward of the
+    policy embeds every rollout at the last ``<gen_emb>`` of its completion (never the prompt's copy); the embeddings
+    of all ranks are gathered and each rollout earns
+
+        r = format + rank x gap
+
+    where ``rank`` is the share of its G positives (the other side's rollouts of its own pair) among its top-G
+    candidates (the other side's rollouts of the pool) and ``gap`` its mean positive minus mean negative similarity
+    (:func:`~mm_embed_trl.losses.retrieval_reward`), queries scored against targets and targets against queries. TRL
+    then computes group advantages and the clipped GRPO loss with the KL to the reference, unchanged: every TRL option
+    (vLLM generation, loss types, ``num_iterations``, PEFT, DeepSpeed) keeps working. Rewards are pluggable: pass TRL
+    reward functions (they replace the default format reward) and/or set ``retrieval_reward``.
+
+    Logged per side (``query``/``target``): the retrieval reward and its rank and gap parts, ``gen_emb_found_rate``,
+    and two diagnostics UME-R1's users asked for (its issue #12): ``diagnostics/group_self_similarity`` (mean cosine
+    between the rollouts of one group) and ``diagnostics/reasoning_shift`` (1 - cosine between a rollout's embedding and
+    the embedding of the same completion with its ``<think>`` emptied).
+
+    Paper: Lan et al., "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings", arXiv 2511.00405.
+
+    Example:
+    ```python
+    from mm_embed_trl import EmbeddingGRPOConfig, EmbeddingGRPOTrainer
+
+    args = EmbeddingGRPOConfig.ume_r1(output_dir="out-rl", bf16=True)   # UME-R1's settings
+    trainer = EmbeddingGRPOTrainer(model="outputs/sft-reasoning", args=args, train_dataset=pairs)  # MMEB schema rows
+    trainer.train()
+    trainer.save_for_inference()   # out-rl/ + sentence_transformers/ (disc) + sentence_transformers_generative/
+    ```
+    """
+
+    _tag_names = ["mm-embed-trl", "ume-r1", "grpo", "generative-embedding"]
+    _name = "Embedding GRPO"
+    _paper = {
+        "title": "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings",
+        "id": "2511.00405",
+        "citation": (
+            "@article{lan2025umer1,\n"
+            "  title   = {UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings},\n"
+            "  author  = {Lan, Zhibin and Niu, Liqiang and Meng, Fandong and Zhou, Jie and Su, Jinsong},\n"
+            "  journal = {arXiv preprint arXiv:2511.00405},\n"
+            "  year    = {2025}\n"
+            "}"
+        ),
+    }
+    method_name = "ume_r1_rl"
+
+    def __init__(
+        self,
+        model: MultimodalEmbeddingModel | str,
+        reward_funcs=None,
+        args: EmbeddingGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        from ..data.samplers import flatten_pairs
+        from .sft_trainer import prepare_embedding_tokens
+
+        if args is None:
+            args = EmbeddingGRPOConfig(output_dir="grpo-output")
+        if not isinstance(args, EmbeddingGRPOConfig):
+            raise TypeError(f"EmbeddingGRPOTrainer needs an EmbeddingGRPOConfig, got {type(args).__name__}.")
+        for unsupported in ("tools", "environment_factory", "rollout_func"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(
+                    f"EmbeddingGRPOTrainer does not take {unsupported}: its rollouts are the two sides of each pair, "
+                    "embedded after generation. Use trl.GRPOTrainer for tool or environment rollouts."
+                )
+        if eval_dataset is not None:
+            raise ValueError(
+                "EmbeddingGRPOTrainer evaluates retrieval, not rewards: pass evaluators to the example's tail "
+                "(RetrievalEvaluator with encode_kwargs={'mode': 'generative'}) instead of an eval_dataset."
+            )
+        if isinstance(model, (str, os.PathLike)):
+            model = MultimodalEmbeddingModel.from_pretrained(model, encoder_kind="generative")
+        if not isinstance(model, MultimodalEmbeddingModel) or model.lm_head is None:
+            raise ValueError(
+                "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
+                "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
+            )
+        processing_class = processing_class or model.processor
+        if processing_class is None:
+            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        self.embedding_model = model
+        self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        tokenizer.padding_side = "left"  # TRL pads prompts on the left; mm_token_type_ids must be padded alike
+        if hasattr(processing_class, "tokenizer"):
+            processing_class.padding_side = "left"
+        self.template = get_template(args.prompt_template)
+        if model.has_lora:
+            model.merge_lora()
+        policy = model.backbone
+        if args.beta != 0.0 and peft_config is None:
+            # TRL rebuilds the reference model from the policy's name: point it at a plain copy of THIS policy (its
+            # added tokens included), which also works offline.
+            reference_dir = os.path.join(args.output_dir, "reference_policy")
+            if args.process_index == 0 and not os.path.isfile(os.path.join(reference_dir, "config.json")):
+                policy.save_pretrained(reference_dir)
+                processing_class.save_pretrained(reference_dir)
+            args.distributed_state.wait_for_everyone()
+            policy.config._name_or_path = reference_dir
+            policy.name_or_path = reference_dir
+        if train_dataset is None:
+            raise ValueError("EmbeddingGRPOTrainer needs a train_dataset of (query, target) pairs (MMEB-train schema).")
+        train_dataset = flatten_pairs(train_dataset)
+        if reward_funcs is None:
+            reward_funcs, weights = [ume_r1_format_reward], [args.format_reward_weight]
+        else:
+            reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            weights = list(args.reward_weights) if args.reward_weights is not None else [1.0] * len(reward_funcs)
+        self._retrieval_column = None
+        if args.retrieval_reward != "none":
+            self._retrieval_column = len(reward_funcs)
+            placeholder = _retrieval_placeholder
+            placeholder.__name__ = f"retrieval_{args.retrieval_reward}"
+            reward_funcs = reward_funcs + [placeholder]
+            weights = weights + [args.retrieval_reward_weight]
+        args.reward_weights = weights
+        self._stash: dict[str, Any] = {}
+        super().__init__(
+            model=policy,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            peft_config=peft_config,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ data layout
+    def _get_train_sampler(self, dataset=None):
+        from ..data.samplers import PairedRepeatSampler
+
+        return PairedRepeatSampler(
+            dataset if dataset is not None else self.train_dataset,
+            num_generations=self.num_generations,
+            generation_batch_size=self.args.generation_batch_size,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _generate_and_score_completions(self, inputs):
+        # Rows hold the pair's text and image; the prompt is built here, in the one template SFT and encode use, and
+        # images are loaded now (only this generation batch's).
+        from ..data.images import load_image
+
+        prepared = []
+        for row in inputs:
+            where = f"pair {row['pair_id']} ({row['side']} side)"
+            image = load_image(row.get("image"), self.args.image_root, where=where)
+            messages = self.template.build_messages(EmbeddingInput(text=row.get("text"), image=image), row["side"])
+            prepared.append({**row, "prompt": messages, "images": [image] if image is not None else []})
+        return super()._generate_and_score_completions(prepared)
+
+    def _tokenize_prompts(self, prompts):
+        prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+        # kept for the embedding forward of _calculate_rewards, so the processor never runs twice on these images
+        image_counts = [sum(isinstance(c, dict) and c.get("type") == "image" for m in p for c in
+                            (m["content"] if isinstance(m["content"], list) else [])) for p in prompts]
+        self._stash = {"prompt_ids": prompt_ids, "fields": fields, "image_counts": image_counts}
+        return prompt_ids, images, fields
+
+    # ------------------------------------------------------------------ rewards
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (global N, funcs)
+        if self._retrieval_column is None:
+            return rewards
+        from ..losses import reciprocal_rank_reward, retrieval_reward
+
+        device = self.accelerator.device
+        embeddings, found = self._rollout_embeddings(completion_ids_list)
+        side = torch.tensor([0 if r["side"] == "query" else 1 for r in inputs], device=device)
+        pair_id = torch.tensor([int(r["pair_id"]) for r in inputs], device=device)
+        content = torch.tensor([int(r["content_id"]) for r in inputs], device=device)
+        all_embeddings, all_side, all_pair = gather(embeddings), gather(side), gather(pair_id)
+        all_found, all_content = gather(found), gather(content)
+        pool_rows = self.args.generation_batch_size
+        if self.args.retrieval_pool == "micro_step":
+            pool_rows = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        pool_id = torch.arange(len(all_side), device=device) // pool_rows
+        score = retrieval_reward if self.args.retrieval_reward == "ume_r1" else reciprocal_rank_reward
+        out = score(
+            all_embeddings, all_side, all_pair, self.num_generations, pool_id=pool_id,
+            content_ids=all_content if self.args.mask_duplicate_targets else None,
+        )
+        rewards[:, self._retrieval_column] = out.reward.to(rewards.dtype)
+        self._log_retrieval(out, all_embeddings, all_side, all_pair, all_found)
+        if self.args.reasoning_sensitivity_rows:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["diagnostics/reasoning_shift"].append(
+                self._reasoning_shift(embeddings, completion_ids_list)
+            )
+        return rewards
+
+    def _embedding_batch(self, completion_ids_list) -> dict[str, Any]:
+        """The local rollouts as one batch laid out as in SFT and encode: the stashed prompts (left-padded), the
+        completions (right-padded), the prompts' image tensors, ``completion_start``."""
+        from ..data.reasoning import append_completions
+
+        stash = self._stash
+        ids = [torch.as_tensor(p) for p in stash["prompt_ids"]]
+        width = max(len(p) for p in ids)
+        pad = self.processing_class.tokenizer.pad_token_id
+        prompt = {
+            "input_ids": torch.stack([F.pad(p, (width - len(p), 0), value=pad) for p in ids]),
+            "attention_mask": torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in ids]),
+            "image_counts": torch.tensor(stash["image_counts"]),
+        }
+        fields = stash["fields"]
+        if "mm_token_type_ids" in fields:
+            types = [torch.as_tensor(t) for t in fields["mm_token_type_ids"]]
+            prompt["mm_token_type_ids"] = torch.stack([F.pad(t, (width - len(t), 0)) for t in types])
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in fields:
+                prompt[key] = torch.as_tensor(fields[key])
+        return append_completions(prompt, completion_ids_list, pad)
+
+    @torch.no_grad()
+    def _rollout_embeddings(self, completion_ids_list, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised state at the last <gen_emb> of each completion, whether it wrote one), from no-grad
+        forwards of the (wrapped) policy in chunks of ``embedding_batch_size`` rows, only the last layer's logits."""
+        from ..data.collators import split_batch
+
+        batch = batch if batch is not None else self._embedding_batch(completion_ids_list)
+        size = self.args.embedding_batch_size or self.args.per_device_train_batch_size
+        device = self.accelerator.device
+        outputs, found = [], []
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self.compute_loss_context_manager():
+            for chunk in split_batch(batch, size):
+                chunk = {k: v.to(device) for k, v in chunk.items() if torch.is_tensor(v)}
+                start = chunk.pop("completion_start")
+                chunk.pop("image_counts", None)
+                hidden = self.model(**chunk, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+                hidden = hidden.hidden_states[-1]
+                positions = torch.arange(hidden.shape[1], device=device)
+                region = chunk["attention_mask"].bool() & (positions >= start[:, None])
+                index, has = special_token_indices(chunk["input_ids"], self._gen_id, region)
+                states = hidden[torch.arange(hidden.shape[0], device=device), index].float()
+                if self.args.missing_gen_token == "zero":
+                    states = states * has[:, None]
+                outputs.append(F.normalize(states, dim=-1))
+                found.append(has)
+        return torch.cat(outputs), torch.cat(found)
+
+    def _log_retrieval(self, out, embeddings, side, pair_id, found) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        for name, value in (("query", 0), ("target", 1)):
+            rows = side == value
+            metrics[f"retrieval/{name}/reward"].append(out.reward[rows].mean().item())
+            metrics[f"retrieval/{name}/rank"].append(out.rank[rows].mean().item())
+            metrics[f"retrieval/{name}/gap"].append(out.gap[rows].mean().item())
+            metrics[f"gen_emb_found_rate/{name}"].append(found[rows].float().mean().item())
+        # within-group similarity: rollouts of one side of one pair (G rows), off-diagonal mean cosine
+        groups = defaultdict(list)
+        for row, key in enumerate(zip(pair_id.tolist(), side.tolist())):
+            groups[key].append(row)
+        index = torch.tensor(list(groups.values()), device=embeddings.device)  # (groups, G)
+        grouped = embeddings[index]
+        sims = grouped @ grouped.transpose(1, 2)
+        g = grouped.shape[1]
+        off_diagonal = (sims.sum(dim=(1, 2)) - sims.diagonal(dim1=1, dim2=2).sum(dim=1)) / (g * (g - 1))
+        metrics["diagnostics/group_self_similarity"].append(off_diagonal.mean().item())
+
+    def _reasoning_shift(self, embeddings: torch.Tensor, completion_ids_list) -> float:
+        """Mean 1 - cos(embedding, embedding of the same completion with its <think> emptied) over the first
+        ``reasoning_sensitivity_rows`` local rollouts, averaged over ranks (every rank runs the same forwards)."""
+        from ..data.collators import split_batch
+
+        tokenizer = self.processing_class.tokenizer
+        k = min(self.args.reasoning_sensitivity_rows, len(completion_ids_list))
+        texts = tokenizer.batch_decode(completion_ids_list[:k], skip_special_tokens=False)
+        ablated = [tokenizer(_THINK.sub("<think></think>", t), add_special_tokens=False)["input_ids"] for t in texts]
+        batch = split_batch(self._embedding_batch(ablated + list(completion_ids_list[k:])), k)[0]
+        moved, _ = self._rollout_embeddings(None, batch=batch)
+        shift = 1.0 - (embeddings[:k] * moved).sum(dim=-1)
+        local = torch.stack([shift.sum(), torch.tensor(float(k), device=shift.device)])
+        total, count = gather(local.view(1, 2)).sum(dim=0).tolist()
+        return total / max(count, 1.0)
