@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 
 from .collators import EmbeddingCollator, _content_id, _describe_row
 from .schema import POS_IMAGE, POS_REASONING, POS_TEXT, QUERY_IMAGE, QUERY_REASONING, QUERY_TEXT, is_missing
-from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, PromptTemplate
+from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, UME_R1_FORMAT, PromptTemplate
 
 __all__ = [
     "UME_R1_FORMAT",
@@ -40,8 +39,6 @@ __all__ = [
     "load_ume_r1_sft_json",
 ]
 
-# UME-R1's format check (r1-train vlm_modules/qwen_module.py): a reasoning, a summary, then <gen_emb>.
-UME_R1_FORMAT = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*" + re.escape(GEN_EMB_TOKEN), re.DOTALL)
 
 # Stand-in assistant text used once per collator to learn what the chat template writes around an assistant turn.
 _PROBE = "<think>x</think><answer>y</answer>"

@@ -30,10 +30,11 @@ __all__ = [
     "DISC_EMB_TOKEN",
     "GEN_EMB_TOKEN",
     "IMAGE_PLACEHOLDER_PATTERN",
-    "PromptTemplate",
+    "UME_R1_FORMAT",
     "UME_R1_INSTRUCTION",
     "UNIME_IMAGE_SUMMARY",
     "UNIME_TEXT_SUMMARY",
+    "PromptTemplate",
     "available_templates",
     "get_template",
     "normalize_side",
@@ -43,6 +44,9 @@ __all__ = [
 
 DISC_EMB_TOKEN = "<disc_emb>"
 GEN_EMB_TOKEN = "<gen_emb>"
+# UME-R1's format check (r1-train vlm_modules/qwen_module.py, verbatim): a reasoning, a summary, then <gen_emb>.
+# The SFT collator, follows_format, the format evaluator and the GRPO format reward all use this one pattern.
+UME_R1_FORMAT = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*" + re.escape(GEN_EMB_TOKEN), re.DOTALL)
 
 UNIME_IMAGE_SUMMARY = "Summary above image in one word:"
 UNIME_TEXT_SUMMARY = "Summary above sentence in one word:"

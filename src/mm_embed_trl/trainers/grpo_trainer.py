@@ -14,7 +14,6 @@ from accelerate.utils import gather
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from ..data.reasoning import UME_R1_FORMAT
 from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
@@ -23,21 +22,11 @@ from .grpo_config import EmbeddingGRPOConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingGRPOTrainer", "ume_r1_format_reward"]
+__all__ = ["EmbeddingGRPOTrainer"]
 
 # TRL private methods this trainer overrides (their signatures are pinned by tests/test_grpo_trainer.py).
 OVERRIDDEN_TRL_METHODS = ("_get_train_sampler", "_tokenize_prompts", "_calculate_rewards", "_generate_and_score_completions")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-
-
-def ume_r1_format_reward(completions, **kwargs) -> list[float]:
-    """UME-R1's format reward: 1.0 when a completion reads ``<think>...</think>...<answer>...<gen_emb>``, else 0.0.
-
-    A TRL reward function (``f(prompts, completions, completion_ids, **kwargs)``); completions may be strings or
-    conversational (``[{"role": "assistant", "content": ...}]``).
-    """
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [1.0 if UME_R1_FORMAT.search(t) else 0.0 for t in texts]
 
 
 def _retrieval_placeholder(prompts, completions, **kwargs):
@@ -112,6 +101,7 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         **kwargs,
     ):
         from ..data.samplers import flatten_pairs
+        from ..losses import ume_r1_format_reward
         from .sft_trainer import prepare_embedding_tokens
 
         if args is None:
@@ -219,6 +209,10 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         image_counts = [sum(isinstance(c, dict) and c.get("type") == "image" for m in p for c in
                             (m["content"] if isinstance(m["content"], list) else [])) for p in prompts]
         self._stash = {"prompt_ids": prompt_ids, "fields": fields, "image_counts": image_counts}
+        if images is not None:
+            # TRL marks a text-only prompt's images as None, which its second processor call rejects in a mixed
+            # batch; the processor takes [] for "no image"
+            images = [found if found is not None else [] for found in images]
         return prompt_ids, images, fields
 
     # ------------------------------------------------------------------ rewards
@@ -226,7 +220,7 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (global N, funcs)
         if self._retrieval_column is None:
             return rewards
-        from ..losses import reciprocal_rank_reward, retrieval_reward
+        from ..losses import reciprocal_rank_reward, ume_r1_retrieval_reward
 
         device = self.accelerator.device
         embeddings, found = self._rollout_embeddings(completion_ids_list)
@@ -239,7 +233,7 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         if self.args.retrieval_pool == "micro_step":
             pool_rows = self.args.per_device_train_batch_size * self.accelerator.num_processes
         pool_id = torch.arange(len(all_side), device=device) // pool_rows
-        score = retrieval_reward if self.args.retrieval_reward == "ume_r1" else reciprocal_rank_reward
+        score = ume_r1_retrieval_reward if self.args.retrieval_reward == "ume_r1" else reciprocal_rank_reward
         out = score(
             all_embeddings, all_side, all_pair, self.num_generations, pool_id=pool_id,
             content_ids=all_content if self.args.mask_duplicate_targets else None,

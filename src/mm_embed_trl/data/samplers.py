@@ -1,0 +1,143 @@
+"""Pairs as RL rollouts: each (query, target) pair flattened into two prompt rows, and a sampler that keeps a pair's
+rollouts together.
+
+:func:`flatten_pairs` turns MMEB-train rows into two rows per pair, ``side`` ``"query"`` (row ``2k``) and
+``"target"`` (row ``2k + 1``), each with its ``text`` and ``image`` value, the ``pair_id`` k and the target's
+``content_id`` (identical targets share it). :class:`PairedRepeatSampler` then yields, per generation batch of
+``generation_batch_size`` rows, ``generation_batch_size // (2 G)`` pairs laid out as::
+
+    [q_a × G, t_a × G, q_b × G, t_b × G, ...]
+
+so every advantage group (G consecutive rows of the global batch) is one side of one pair, and a pair's 2G rollouts
+never straddle a generation batch. TRL hands rank p the p-th contiguous slice of each generation batch and its
+``gather`` restores this order, so groups may straddle ranks (the retrieval reward maps rows by ``pair_id`` and
+``side``, never by position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .schema import POS_IMAGE, POS_TEXT, QUERY_IMAGE, QUERY_TEXT
+
+__all__ = ["PairedRepeatSampler", "flatten_pairs"]
+
+SIDES = ("query", "target")
+
+
+def flatten_pairs(dataset):
+    """Two rows per (query, target) pair of an MMEB-train dataset: ``text``, ``image``, ``side``, ``pair_id``,
+    ``content_id`` (a hash of the target's text and image, equal for identical targets; on both rows of the pair).
+
+    Rows that already carry ``side`` and ``pair_id`` (flattened before) come back unchanged.
+    """
+    import datasets
+
+    from .collators import _content_id
+
+    if {"side", "pair_id", "text", "image"} <= set(dataset.column_names):
+        return dataset
+    missing = [c for c in (QUERY_TEXT, POS_TEXT) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"EmbeddingGRPOTrainer needs (query, target) pairs in the MMEB-train schema; the dataset lacks {missing} "
+            f"(it has {dataset.column_names}). Rename columns with dataset.rename_column(old, new)."
+        )
+    if len(dataset) < 2:
+        raise ValueError(f"The dataset holds {len(dataset)} pair(s); GRPO with a retrieval reward needs at least 2.")
+
+    def flatten(batch, indices):
+        n = len(indices)
+        query_images = batch.get(QUERY_IMAGE, [""] * n)
+        target_images = batch.get(POS_IMAGE, [""] * n)
+        content = [_content_id(t, i, i or None) for t, i in zip(batch[POS_TEXT], target_images)]
+        out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": []}
+        for k in range(n):
+            for side, text, image in (("query", batch[QUERY_TEXT][k], query_images[k]),
+                                      ("target", batch[POS_TEXT][k], target_images[k])):
+                out["text"].append(text)
+                out["image"].append(image if isinstance(image, str) else (image or ""))
+                out["side"].append(side)
+                out["pair_id"].append(indices[k])
+                out["content_id"].append(content[k])
+        return out
+
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "image": datasets.Value("string"),
+            "side": datasets.Value("string"),
+            "pair_id": datasets.Value("int64"),
+            "content_id": datasets.Value("int64"),
+        }
+    )
+    return dataset.map(
+        flatten, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
+        desc="Flattening pairs into prompt rows",
+    )
+
+
+class PairedRepeatSampler(Sampler[int]):
+    """Indices of a flattened pair dataset, ``G`` rollouts per side and both sides of a pair in one generation batch.
+
+    Args:
+        data_source: the flattened dataset (row ``2k`` = query side of pair k, row ``2k + 1`` = its target).
+        num_generations: G, rollouts per side.
+        generation_batch_size: rows per generation batch (all ranks, all steps of one generation); a multiple of 2G.
+        repeat_count: how many times each generation batch is yielded (TRL: ``num_iterations x steps_per_generation``).
+        shuffle: shuffle the pairs (with ``seed``) before cutting them into generation batches.
+        seed: the shuffle's seed; the same on every rank, so ranks agree on the order.
+
+    An incomplete last group of pairs is dropped.
+    """
+
+    def __init__(self, data_source, num_generations: int, generation_batch_size: int, repeat_count: int = 1,
+                 shuffle: bool = True, seed: int | None = 0):
+        if len(data_source) % 2:
+            raise ValueError(f"A flattened pair dataset has an even number of rows, this one {len(data_source)}.")
+        if num_generations < 1 or generation_batch_size % (2 * num_generations):
+            raise ValueError(
+                f"generation_batch_size ({generation_batch_size}) must be a multiple of 2 x num_generations "
+                f"({2 * num_generations}): each pair puts num_generations rollouts of each side in one batch."
+            )
+        self.pairs_per_batch = generation_batch_size // (2 * num_generations)
+        num_pairs = len(data_source) // 2
+        if self.pairs_per_batch < 2:
+            raise ValueError(
+                f"A generation batch of {generation_batch_size} rows holds {self.pairs_per_batch} pair(s) of "
+                f"2 x {num_generations} rollouts; the retrieval reward needs at least 2 pairs per batch (negatives): "
+                "raise per_device_train_batch_size (or steps_per_generation, or processes)."
+            )
+        if num_pairs < self.pairs_per_batch:
+            raise ValueError(
+                f"The dataset holds {num_pairs} pairs, fewer than one generation batch ({self.pairs_per_batch})."
+            )
+        self.num_generations = num_generations
+        self.repeat_count = repeat_count
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_pairs = num_pairs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(int(self.seed or 0) + self.epoch)
+            pairs = torch.randperm(self.num_pairs, generator=generator)
+        else:
+            pairs = torch.arange(self.num_pairs)
+        usable = self.num_pairs - self.num_pairs % self.pairs_per_batch
+        g = self.num_generations
+        for chunk in pairs[:usable].view(-1, self.pairs_per_batch).tolist():
+            rows = [2 * pair + side for pair in chunk for side in (0, 1) for _ in range(g)]
+            for _ in range(self.repeat_count):
+                yield from rows
+
+    def __len__(self) -> int:
+        usable = self.num_pairs - self.num_pairs % self.pairs_per_batch
+        return usable * 2 * self.num_generations * self.repeat_count

@@ -1,0 +1,275 @@
+"""EmbeddingGRPOTrainer (UME-R1 stage 2) on stock TRL: the pinned private API, rollout embeddings and rewards against
+an independent computation, the loss against UME-R1's objective, 1 vs 2 processes, bad input."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
+
+from mm_embed_trl import MultimodalEmbeddingModel
+from mm_embed_trl.data.reasoning import format_reasoning
+from mm_embed_trl.data.samplers import PairedRepeatSampler, flatten_pairs
+from mm_embed_trl.losses import ume_r1_retrieval_reward
+from mm_embed_trl.trainers.grpo_config import EmbeddingGRPOConfig
+from mm_embed_trl.trainers.grpo_trainer import OVERRIDDEN_TRL_METHODS, EmbeddingGRPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+G = 2
+
+
+def _config(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), num_generations=G, per_device_train_batch_size=8, max_completion_length=16,
+        max_steps=1, logging_steps=1, report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False,
+        beta=0.04, epsilon_high=0.28, loss_type="dr_grpo", save_strategy="no", learning_rate=1e-5, seed=0,
+        reasoning_sensitivity_rows=2, disable_tqdm=True,
+    )
+    defaults.update(kw)
+    return EmbeddingGRPOConfig(**defaults)
+
+
+def _model(tiny_backbone):
+    torch.manual_seed(0)
+    return MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+
+
+def _fixed_completions(trainer, missing_every: int = 0):
+    """Stub TRL's generation with fixed completions that depend on the prompt (so pairs differ) and write <gen_emb>
+    (all but every `missing_every`-th row)."""
+    tok = trainer.processing_class.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        out = []
+        for i, ids in enumerate(prompt_ids):
+            rollout = i % G  # the rollouts of one group differ, so their rewards do
+            word = ["red", "blue", "green", "dark", "light"][(sum(ids) + 2 * rollout) % 5]
+            text = format_reasoning(f"a {word} thing" + " with more words" * rollout, word)
+            if missing_every and i % missing_every == 0:
+                text = text.replace("<gen_emb>", "")
+            out.append(tok(text, add_special_tokens=False)["input_ids"] + [end])
+        return out, None
+
+    trainer._generate_single_turn = generate
+
+
+# ------------------------------------------------------------------------------------------ pinned private API
+def test_the_overridden_trl_methods_keep_their_signatures():
+    """EmbeddingGRPOTrainer overrides private methods of trl.GRPOTrainer (setup.py pins trl 1.16.*): fail loudly, naming
+    the method, when an upgrade changes what they take."""
+    from trl import GRPOTrainer
+
+    expected = {
+        "_get_train_sampler": ["self", "dataset"],
+        "_tokenize_prompts": ["self", "prompts"],
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+        "_generate_and_score_completions": ["self", "inputs"],
+        "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                                  "has_tool_images"],  # stubbed by these tests
+        "_compute_loss": ["self", "model", "inputs"],
+    }
+    assert set(OVERRIDDEN_TRL_METHODS) <= set(expected)
+    for name, params in expected.items():
+        got = list(inspect.signature(getattr(GRPOTrainer, name)).parameters)
+        assert got == params, f"trl.GRPOTrainer.{name} now takes {got}; EmbeddingGRPOTrainer was written for {params}"
+
+
+# --------------------------------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_paired_sampler_groups_sides_and_keeps_pairs_in_one_generation_batch(world, shapes_data):
+    flat = flatten_pairs(shapes_data["train"].select(range(24)))
+    assert flat[0]["side"] == "query" and flat[1]["side"] == "target" and flat[0]["pair_id"] == flat[1]["pair_id"]
+    generation_batch = 2 * G * 2 * world  # 2 pairs per rank per generation
+    sampler = PairedRepeatSampler(flat, G, generation_batch, repeat_count=2, shuffle=True, seed=1)
+    order = list(sampler)
+    assert len(order) == len(sampler)
+    assert list(PairedRepeatSampler(flat, G, generation_batch, repeat_count=2, shuffle=True, seed=1)) == order
+    for start in range(0, len(order), 2 * generation_batch):  # each generation batch, yielded twice
+        batch = order[start : start + generation_batch]
+        assert order[start + generation_batch : start + 2 * generation_batch] == batch
+        pairs = set()
+        for g in range(0, generation_batch, G):  # every advantage group: G copies of one side of one pair
+            group = batch[g : g + G]
+            assert len(set(group)) == 1
+            pairs.add(group[0] // 2)
+        for pair in pairs:  # both sides of every pair, in this batch only
+            assert batch.count(2 * pair) == G and batch.count(2 * pair + 1) == G
+        # TRL's sharding: rank p gets the p-th contiguous slice; together the slices are the batch
+        slices = [batch[p * len(batch) // world : (p + 1) * len(batch) // world] for p in range(world)]
+        assert sum(slices, []) == batch
+    with pytest.raises(ValueError, match="multiple of 2 x num_generations"):
+        PairedRepeatSampler(flat, 3, 8)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        PairedRepeatSampler(flat, G, 2 * G)
+
+
+# ------------------------------------------------------------------------------- rollout embeddings and rewards
+def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embeddings(
+    tiny_backbone, shapes_data, tmp_path
+):
+    model = _model(tiny_backbone)
+    # learning rate 0: the step leaves the weights as they were when the rewards were computed
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), learning_rate=0.0)
+    trainer = EmbeddingGRPOTrainer(model=model, args=config, train_dataset=shapes_data["train"].select(range(8)))
+    _fixed_completions(trainer, missing_every=7)
+    captured = {}
+    original = trainer._calculate_rewards
+
+    def spy(inputs, prompts, completions, completion_ids_list):
+        rewards = original(inputs, prompts, completions, completion_ids_list)
+        captured.update(inputs=inputs, completions=completion_ids_list, rewards=rewards.clone())
+        return rewards
+
+    trainer._calculate_rewards = spy
+    trainer.train()
+    inputs, completions, rewards = captured["inputs"], captured["completions"], captured["rewards"]
+    # the reference embeddings: our model's forward per row, prompt built from the row by the collator's template
+    from mm_embed_trl.data.images import load_image
+    from mm_embed_trl.data.reasoning import append_completions
+    from mm_embed_trl.data.schema import EmbeddingInput
+    from mm_embed_trl.modeling.modeling import TokenPooling
+
+    model.eval()
+    tok = model.processor.tokenizer
+    gen_id = tok.convert_tokens_to_ids("<gen_emb>")
+    collator = model.make_collator(template="ume_r1")
+    reference, found = [], []
+    with torch.no_grad():
+        for row, completion in zip(inputs, completions):
+            image = load_image(row["image"], str(shapes_data.image_root))
+            prompt = collator.encode_inputs([EmbeddingInput(row["text"], image)], side=row["side"])
+            batch = append_completions(prompt, [completion], tok.pad_token_id)
+            out = model(**batch, pool_tokens={"gen": TokenPooling(gen_id, "completion")})
+            reference.append(out.named_embeddings["gen"][0])
+            found.append(bool(out.named_token_found["gen"][0]))
+    reference = torch.stack(reference)
+    side = torch.tensor([0 if r["side"] == "query" else 1 for r in inputs])
+    pair = torch.tensor([r["pair_id"] for r in inputs])
+    content = torch.tensor([r["content_id"] for r in inputs])
+    want = ume_r1_retrieval_reward(reference, side, pair, G, content_ids=content, pool_id=torch.zeros_like(side))
+    assert not all(found) and any(found)  # the missing-token rows took the last-token fallback
+    # one float32 reduction chain through the tiny model, then similarities of 64 features
+    assert_close(rewards[:, trainer._retrieval_column], want.reward, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    assert rewards[:, 0].tolist() == [float(f) for f in found]  # the format reward: 1 exactly where <gen_emb> is
+    logged = trainer.state.log_history[0]
+    for key in ("retrieval/query/rank", "retrieval/target/gap", "gen_emb_found_rate/query",
+                "diagnostics/group_self_similarity", "diagnostics/reasoning_shift"):
+        assert key in logged, key
+    assert logged["gen_emb_found_rate/query"] < 1.0
+
+
+def test_loss_matches_ume_r1s_objective_on_a_fixed_buffer(tiny_backbone, shapes_data, tmp_path):
+    """TRL's dr_grpo loss (beta 0.04, eps 0.2 / 0.28) on a buffer of query and target rollouts equals UME-R1's
+    (qry_loss + pos_loss) / 2 with each side sum_t(loss) / max_completion_length (grpo_trainer.py L929-972)."""
+    model = _model(tiny_backbone)
+    trainer = EmbeddingGRPOTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)),
+                                   train_dataset=shapes_data["train"].select(range(8)))
+    tok = trainer.processing_class.tokenizer
+    g = torch.Generator().manual_seed(0)
+    rows, prompt_len, completion_len = 8, 6, 5
+    vocab = len(tok)
+    prompt_ids = torch.randint(0, 1000, (rows, prompt_len), generator=g)
+    completion_ids = torch.randint(0, 1000, (rows, completion_len), generator=g)
+    completion_mask = torch.ones(rows, completion_len, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    completion_mask[6, 2:] = 0
+    policy = trainer.model
+    with torch.no_grad():
+        logits = policy(input_ids=torch.cat([prompt_ids, completion_ids], 1)).logits[:, prompt_len - 1 : -1].float()
+    logps = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    old = logps + 0.3 * torch.randn(rows, completion_len, generator=g)  # some ratios fall outside the clip range
+    ref = logps + 0.2 * torch.randn(rows, completion_len, generator=g)
+    advantages = torch.randn(rows, generator=g)
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+        "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum(),
+    }
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, inputs)
+
+    def side_loss(r):  # UME-R1, transcribed
+        coef_1 = torch.exp(logps[r] - old[r])
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        per_token = -torch.min(coef_1 * advantages[r, None], coef_2 * advantages[r, None])
+        kl = torch.exp(ref[r] - logps[r]) - (ref[r] - logps[r]) - 1
+        per_token = per_token + 0.04 * kl
+        return ((per_token * completion_mask[r]).sum(1) / trainer.args.max_completion_length).mean()
+
+    query_rows, target_rows = torch.arange(0, rows, 2), torch.arange(1, rows, 2)  # half of each, as in the sampler
+    expected = (side_loss(query_rows) + side_loss(target_rows)) / 2
+    assert_loss_close(loss, expected, rtol=rounding_rtol(terms=vocab, depth=2 * 8 + 3))
+    assert vocab > 0
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data, tmp_path):
+    with pytest.raises(ValueError, match="multiple of 2 x num_generations"):
+        _config(tmp_path, per_device_train_batch_size=6)  # G=2: 6 rows cannot hold whole pairs of 2 x 2
+    with pytest.raises(ValueError, match="retrieval_pool"):
+        _config(tmp_path, retrieval_pool="everything")
+    model = _model(tiny_backbone)
+    with pytest.raises(ValueError, match="lacks"):
+        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"].select_columns(
+            ["qry", "qry_image_path"]))
+    with pytest.raises(ValueError, match="at least 2"):
+        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"].select(range(1)))
+    with pytest.raises(ValueError, match="does not take tools"):
+        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"], tools=[print])
+    base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises(ValueError, match="generative MultimodalEmbeddingModel"):
+        EmbeddingGRPOTrainer(model=base, args=_config(tmp_path), train_dataset=shapes_data["train"])
+
+
+def test_ume_r1_preset_holds_the_papers_settings(tmp_path):
+    args = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert (args.num_generations, args.temperature, args.beta, args.epsilon, args.epsilon_high) == (8, 1.0, 0.04, 0.2,
+                                                                                                    0.28)
+    assert (args.learning_rate, args.max_completion_length, args.loss_type) == (1e-6, 2048, "dr_grpo")
+    assert args.steps_per_generation == 1 and args.retrieval_pool == "micro_step"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
+    """2 gloo processes x 8 rollouts == 1 process x 16 on the same (stubbed) completions: the reward table (embedded
+    and scored over every rank; next to a length reward that makes every group's rewards differ), the advantages, the
+    loss and the update of every parameter."""
+    script = ROOT / "tests" / "dist_scripts" / "grpo_step.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    runs = {
+        "single": [sys.executable, str(script), str(tmp_path / "single.pt")],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                str(tmp_path / "ddp.pt")],
+    }
+    results = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    one, two = results["single"], results["ddp"]
+    assert one["world"] == 1 and two["world"] == 2
+    forward = rounding_rtol(**TINY_IMAGE_FORWARD)
+    assert_close(two["rewards"], one["rewards"], rtol=forward)
+    # advantages divide by each group's reward std (+ 1e-4): rounding of the rewards is amplified by 1 / that
+    group_std = one["rewards"].nansum(dim=1).view(-1, G).std(dim=1)
+    gain = 1.0 / (float(group_std.min()) + 1e-4)
+    assert_close(two["advantages"], one["advantages"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=gain))
+    assert_loss_close(two["loss"], one["loss"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=gain))
+    assert one["updates"].keys() == two["updates"].keys()
+    # The policy gradient sum_i A_i grad log p_i cancels within each group (advantages sum to 0), so a tensor with a
+    # small net gradient holds mostly rounding of large terms: compare the update of all parameters as ONE vector,
+    # against its largest entry (still failing for a wrong scale of the loss or a missing rank's share).
+    names = sorted(one["updates"])
+    backward = rounding_rtol(**TINY_IMAGE_BACKWARD, gain=gain)
+    assert_close(torch.cat([two["updates"][n].flatten() for n in names]),
+                 torch.cat([one["updates"][n].flatten() for n in names]), rtol=backward)
+    assert any(one["updates"][n].abs().max() > 0 for n in names)
