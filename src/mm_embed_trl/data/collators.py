@@ -15,6 +15,7 @@ the contrastive loss must never use as negatives of each other.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,12 @@ from .schema import (
     row_negatives,
 )
 from .templates import PromptTemplate, get_template
+
+logger = logging.getLogger(__name__)
+
+# Text tokens kept per input by default: MMEB / NLI texts are far shorter, and a stray 100k-character text (a
+# scraped page, a file read into a cell) would otherwise run the forward pass out of memory.
+DEFAULT_MAX_TEXT_TOKENS = 1024
 
 # Tensors indexed by row / by image in processor outputs. Anything else is refused by split_batch rather than
 # silently mis-sliced.
@@ -65,7 +72,9 @@ class EmbeddingCollator:
         template: prompt template name or object (see `mm_embed_trl.data.templates`).
         image_root: directory that relative image paths are resolved against.
         max_length: maximum number of text tokens kept from each input's raw text (the prompt template and image
-            tokens are never cut, so the pooled end-of-prompt token is always present).
+            tokens are never cut, so the pooled end-of-prompt token is always present); default
+            `DEFAULT_MAX_TEXT_TOKENS` (1024), `None` keeps whole texts. The first batch that cuts texts logs a
+            warning with their count; `num_truncated` counts every cut text.
         num_negatives: use exactly this many explicit negatives per row (rows with fewer are an error); `None`
             uses however many the rows carry (all rows must carry the same number); `0` ignores them.
     """
@@ -76,14 +85,17 @@ class EmbeddingCollator:
         template: str | PromptTemplate = "unime",
         *,
         image_root: str | os.PathLike | None = None,
-        max_length: int | None = None,
+        max_length: int | None = DEFAULT_MAX_TEXT_TOKENS,
         num_negatives: int | None = None,
     ):
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"max_length must be a positive number of text tokens (or None), got {max_length}.")
         self.processor = processor
         self.template = get_template(template) if isinstance(template, str) else template
         self.image_root = image_root
         self.max_length = max_length
         self.num_negatives = num_negatives
+        self.num_truncated = 0  # texts cut to max_length so far (in this process / dataloader worker)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.is_multimodal = hasattr(processor, "image_processor")
 
@@ -128,13 +140,27 @@ class EmbeddingCollator:
         return [self.template.format_text(x, side) for x in inputs], False
 
     def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
-        texts = [x.text or "" for x in inputs]
+        # A token spans at least one UTF-8 byte (a character at most 4), give or take a prefix token: shorter texts
+        # cannot exceed max_length and skip the extra tokenizer call.
+        maybe_long = [i for i, x in enumerate(inputs) if x.text and 4 * len(x.text) + 8 >= self.max_length]
+        if not maybe_long:
+            return list(inputs)
+        texts = [inputs[i].text for i in maybe_long]
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-        too_long = [i for i, (t, x) in enumerate(zip(ids, inputs)) if x.text and len(t) >= self.max_length]
+        too_long = [i for i, t in zip(maybe_long, ids) if len(t) >= self.max_length]
         if not too_long:
             return list(inputs)
+        if self.num_truncated == 0:
+            logger.warning(
+                "%d of %d texts in a batch are longer than max_length=%d text tokens and were truncated (the prompt is "
+                "kept); later truncations are counted (collator.num_truncated), not logged. Raise max_length "
+                "(--max_length) to keep more of each text.",
+                len(too_long), len(inputs), self.max_length,
+            )
+        self.num_truncated += len(too_long)
         out = list(inputs)
-        decoded = self.tokenizer.batch_decode([ids[i] for i in too_long], skip_special_tokens=False)
+        by_position = dict(zip(maybe_long, ids))
+        decoded = self.tokenizer.batch_decode([by_position[i] for i in too_long], skip_special_tokens=False)
         for i, text in zip(too_long, decoded):
             out[i] = EmbeddingInput(text=text, image=inputs[i].image)
         return out

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
 from ..modeling import MultimodalEmbeddingModel
 
@@ -32,7 +33,9 @@ class EmbeddingTrainingArguments(TrainingArguments):
             trainer gets a model id/path (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
         prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
         image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
-        max_length (`int`, *optional*): max text tokens kept per input (prompt and image tokens are never cut).
+        max_length (`int`, *optional*, defaults to `1024`): max text tokens kept per input (prompt and image tokens
+            are never cut); longer texts are truncated and the first batch that cuts any logs a warning with the
+            count. `None` (YAML `null`) keeps whole texts, at the risk of running out of memory on a stray long one.
         image_max_pixels (`int`, *optional*): pixel budget per image for dynamic-resolution (Qwen-VL) processors.
         num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
         gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
@@ -55,7 +58,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Max text tokens kept per input; prompt and image tokens are never cut."}
+        default=DEFAULT_MAX_TEXT_TOKENS,
+        metadata={
+            "help": f"Max text tokens kept per input (default {DEFAULT_MAX_TEXT_TOKENS}); longer texts are truncated "
+            "with a logged count. "
+            "Prompt and image tokens are never cut. null (in a YAML recipe) keeps whole texts."
+        },
     )
     num_negatives: int | None = field(
         default=None,
@@ -103,6 +111,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive number of text tokens (or None), got {self.max_length}.")
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
         if not self.use_cpu and not _has_accelerator():

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.collators import EmbeddingCollator
+from ..data.collators import DEFAULT_MAX_TEXT_TOKENS, EmbeddingCollator
 from ..data.schema import (
     EVAL_QUERY_IMAGE,
     EVAL_TARGET_IMAGES,
@@ -222,7 +222,7 @@ class TextDistillCollator:
             (``<sent>\\nSummary above sentence in one word:``).
         text_column: the texts' column.
         teacher_column: the teacher vectors' column.
-        max_length: max text tokens kept per text (the prompt is never cut).
+        max_length: max text tokens kept per text (the prompt is never cut; `None` keeps whole texts).
         teacher_dim: the expected teacher dimension (from :func:`validate_distill_dataset`); `None` takes the
             first batch's and then holds every later batch to it.
     """
@@ -234,7 +234,7 @@ class TextDistillCollator:
         *,
         text_column: str = "text",
         teacher_column: str = "teacher_embedding",
-        max_length: int | None = None,
+        max_length: int | None = DEFAULT_MAX_TEXT_TOKENS,
         teacher_dim: int | None = None,
     ):
         self.encoder = EmbeddingCollator(processor, template=template, max_length=max_length, num_negatives=0)
