@@ -30,6 +30,7 @@ from .schema import (
     POS_TEXT,
     QUERY_IMAGE,
     QUERY_TEXT,
+    ROW_INDEX_COLUMN,
     EmbeddingInput,
     is_missing,
     row_negatives,
@@ -48,10 +49,22 @@ ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")  # batch_num_images: LLaVA-OV, 1 per image
 
 
+def describe_batch_row(row: dict, index: int) -> str:
+    """How an error names a row: its dataset position (the trainers' row check adds ROW_INDEX_COLUMN; the dataloader
+    hands the collator rows only) or else its position in the batch."""
+    if row.get(ROW_INDEX_COLUMN) is not None:
+        return f"dataset row {int(row[ROW_INDEX_COLUMN])} (batch row {index})"
+    return f"batch row {index}"
+
+
 def _describe_row(row: dict, index: int) -> str:
     row_id = row.get("id", row.get("idx"))
     text = str(row.get(QUERY_TEXT) or "")[:60]
-    return f"row {index}" + (f" (id={row_id})" if row_id is not None else "") + (f" [qry={text!r}]" if text else "")
+    return (
+        describe_batch_row(row, index)
+        + (f" (id={row_id})" if row_id is not None else "")
+        + (f" [qry={text!r}]" if text else "")
+    )
 
 
 def _content_id(text: str | None, image_value: Any, image: Any) -> int:

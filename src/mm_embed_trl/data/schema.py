@@ -21,6 +21,10 @@ NEG_IMAGE = "neg_image_path"
 TRAIN_COLUMNS = (QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE)
 OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE)
 
+# Added by the pre-training row check (data/validation.py): each row's position in the dataset the trainer was given,
+# so a collator error names the dataset row rather than the row's place in a shuffled batch.
+ROW_INDEX_COLUMN = "_row_index"
+
 # MMEB-eval columns
 EVAL_QUERY_TEXT = "qry_text"
 EVAL_QUERY_IMAGE = "qry_img_path"
