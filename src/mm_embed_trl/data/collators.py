@@ -35,7 +35,7 @@ from .schema import (
     is_missing,
     row_negatives,
 )
-from .templates import PromptTemplate, get_template
+from .templates import PromptTemplate, get_template, strip_image_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,14 @@ def _content_id(text: str | None, image_value: Any, image: Any) -> int:
     if image is not None:  # the raw value: a path identifies the image without hashing its pixels
         h.update(image_identity(image_value).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+class InputEncodingError(ValueError):
+    """One input of a processor call could not be encoded; `index` is its position in the call's inputs."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"input #{index}: {reason}")
+        self.index, self.reason = index, reason
 
 
 class EmbeddingCollator:
@@ -134,11 +142,33 @@ class EmbeddingCollator:
             kwargs["images"] = images
         if not self.is_multimodal:
             kwargs["return_token_type_ids"] = False
-        enc = self.processor(text=texts, **kwargs)
+        try:
+            enc = self.processor(text=texts, **kwargs)
+        except Exception as err:
+            self._raise_for_failing_image(inputs, err)
+            raise
         enc = dict(enc)
         enc.pop("token_type_ids", None)  # BERT-style tokenizers; decoder backbones do not take them
         enc["image_counts"] = torch.tensor([int(x.image is not None) for x in inputs], dtype=torch.long)
         return enc
+
+    def _raise_for_failing_image(self, inputs: Sequence[EmbeddingInput], err: Exception) -> None:
+        """Error path of a failed processor call: find the input whose image the image processor refuses on its own
+        (an aspect ratio beyond Qwen-VL's limit of 200, ...) and raise an InputEncodingError naming it."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return
+        for index, x in enumerate(inputs):
+            if x.image is None:
+                continue
+            try:
+                image_processor(images=[x.image], return_tensors="pt")
+            except Exception as single:
+                raise InputEncodingError(
+                    index,
+                    f"its image ({x.image.width}x{x.image.height} pixels) cannot be processed by "
+                    f"{type(image_processor).__name__}: {single}. Crop or pad the image, or drop the row.",
+                ) from err
 
     def _render(self, conversations, inputs, side) -> tuple[list[str], bool]:
         """(prompt strings, whether a chat template rendered them)."""
@@ -181,13 +211,27 @@ class EmbeddingCollator:
     # ------------------------------------------------------------------ rows
     def _side_input(self, row: dict, index: int, text_col: str, image_col: str) -> EmbeddingInput:
         text, image_value = row.get(text_col), row.get(image_col)
-        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
-        if is_missing(text) and image is None:
+        if text is not None and not isinstance(text, str):
             raise ValueError(
-                f"{_describe_row(row, index)}: {text_col!r} is empty and {image_col!r} has no image, so there is "
-                f"nothing to embed. Fill in the text or the image, or filter such rows out of the dataset."
+                f"{_describe_row(row, index)}: {text_col!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not a "
+                "text; store texts as strings."
+            )
+        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
+        if image is None and not strip_image_placeholders(text):
+            only_placeholder = " (but for an image placeholder)" if not is_missing(text) else ""
+            raise ValueError(
+                f"{_describe_row(row, index)}: {text_col!r} is empty{only_placeholder} and {image_col!r} has no "
+                "image, so there is nothing to embed. Fill in the text or the image, or filter such rows out of the "
+                "dataset."
             )
         return EmbeddingInput(text=text, image=image)
+
+    def _encode_rows(self, inputs: list[EmbeddingInput], side: str, describe) -> dict[str, Any]:
+        """:meth:`encode_inputs`, with an input that cannot be encoded reported as the row (`describe(i)`) it is."""
+        try:
+            return self.encode_inputs(inputs, side=side)
+        except InputEncodingError as err:
+            raise ValueError(f"{describe(err.index)}: {err.reason}") from err
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         if len(rows) == 0:
@@ -206,8 +250,10 @@ class EmbeddingCollator:
             positives.append(p)
             positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image))
         batch = {
-            "query": self.encode_inputs(queries, side="query"),
-            "positive": self.encode_inputs(positives, side="document"),
+            "query": self._encode_rows(queries, "query", lambda i: f"{_describe_row(rows[i], i)}, column {QUERY_IMAGE!r}"),
+            "positive": self._encode_rows(
+                positives, "document", lambda i: f"{_describe_row(rows[i], i)}, column {POS_IMAGE!r}"
+            ),
             "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
             "num_negatives": 0,
         }
@@ -234,7 +280,9 @@ class EmbeddingCollator:
                 )
                 negatives.append(EmbeddingInput(text=text, image=image))
                 negative_ids.append(_content_id(text, image_value, image))
-        batch["negative"] = self.encode_inputs(negatives, side="document")
+        batch["negative"] = self._encode_rows(
+            negatives, "document", lambda i: f"{_describe_row(rows[i // k], i // k)}, column {NEG_IMAGE!r}[{i % k}]"
+        )
         batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
         batch["num_negatives"] = k
         return batch
