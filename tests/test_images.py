@@ -240,7 +240,8 @@ def _mode_cases():
     )
     ycc = np.array([[[128, 128, 128], [200, 50, 180], [30, 200, 90]]] * 2, dtype=np.uint8)
     yy, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
-    jfif = np.stack([yy + 1.402 * (cr - 128), yy - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), yy + 1.772 * (cb - 128)], -1)
+    red, blue = yy + 1.402 * (cr - 128), yy + 1.772 * (cb - 128)
+    jfif = np.stack([red, yy - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), blue], -1)
     cases["YCbCr"] = (Image.frombytes("YCbCr", (3, 2), ycc.tobytes()), np.clip(jfif, 0, 255), 2)
     # 16-bit: the full 0..65535 range maps onto 0..255
     sixteen = np.array([[0, 257, 1000], [30000, 65278, 65535]], dtype=np.uint16)

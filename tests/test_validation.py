@@ -367,6 +367,7 @@ def _run_example(args, tmp_path, timeout=300):
 def _cli_data(tmp_path) -> str:
     rows = [_row(qry=f"query {i}", pos=f"target {i}") for i in range(17)]
     rows[3] = _row(qry="   ")
+    rows[5] = _row(qry="a long query " * 50, pos="target 5")
     return _jsonl(tmp_path / "train.jsonl", rows)
 
 
@@ -382,10 +383,14 @@ def test_example_skips_bad_rows_with_on_bad_row_skip(tmp_path):
     out = tmp_path / "o"
     proc = _run_example(
         ["--dataset_name", _cli_data(tmp_path), "--output_dir", str(out), "--on_bad_row", "skip",
-         "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--save_sentence_transformers", "false"],
+         "--per_device_train_batch_size", "5", "--num_train_epochs", "1", "--save_sentence_transformers", "false",
+         "--max_length", "16"],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Skipping row 3 (line 4 of train.jsonl) of the training dataset" in proc.stderr
     assert "Bad rows left out of training (on_bad_row='skip'): 1 of the training dataset" in proc.stderr
+    # 16 rows left in batches of 5: the contrastive default drops the last row of each epoch, and says so
+    assert "leaves out 1 of the 16 training rows" in proc.stderr
+    assert "longer than max_length=16 text tokens and were truncated" in proc.stderr
     assert (out / "model.safetensors").exists()

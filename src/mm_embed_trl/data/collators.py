@@ -250,7 +250,9 @@ class EmbeddingCollator:
             positives.append(p)
             positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image))
         batch = {
-            "query": self._encode_rows(queries, "query", lambda i: f"{_describe_row(rows[i], i)}, column {QUERY_IMAGE!r}"),
+            "query": self._encode_rows(
+                queries, "query", lambda i: f"{_describe_row(rows[i], i)}, column {QUERY_IMAGE!r}"
+            ),
             "positive": self._encode_rows(
                 positives, "document", lambda i: f"{_describe_row(rows[i], i)}, column {POS_IMAGE!r}"
             ),

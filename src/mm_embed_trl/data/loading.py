@@ -46,7 +46,7 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
         if builder is None:
             raise ValueError(f"Unsupported data file {path}: use one of {sorted(_FILE_BUILDERS)}.")
         if _is_blank(path):  # datasets' json builder fails on it with a bare StopIteration
-            raise ValueError(f"The data file {path} is empty: it holds no rows. Point --dataset_name at the right file.")
+            raise ValueError(f"The data file {path} is empty: it holds no rows. Point --dataset_name at the data.")
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
         _SOURCE_FILES[ds._fingerprint] = str(path)
     else:

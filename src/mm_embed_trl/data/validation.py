@@ -42,6 +42,7 @@ __all__ = [
     "present_mask",
     "require_column",
     "row_facts",
+    "text_causes",
     "rows_left_out",
     "text_values",
     "value_lists",
@@ -122,8 +123,8 @@ def require_column(dataset, column: str, *, what: str, kind: str = "text", optio
     """A clear KeyError when the ``kind`` column ``column`` is missing, naming the option that picks it."""
     if column not in dataset.column_names:
         raise KeyError(
-            f"The {what} has no {kind} column {column!r} (columns: {dataset.column_names}). Name it with {option}=..., or "
-            f"rename it: dataset.rename_column(<old>, {column!r})."
+            f"The {what} has no {kind} column {column!r} (columns: {dataset.column_names}). Name it with "
+            f"{option}=..., or rename it: dataset.rename_column(<old>, {column!r})."
         )
 
 
@@ -359,6 +360,14 @@ _PLACEHOLDER_REGEX = IMAGE_PLACEHOLDER_PATTERN.pattern
 _ROW_SIDES = ("query", "positive")
 
 
+def text_causes(column: str) -> list[tuple[str, str]]:
+    """(cause, fix) of the two problems :func:`text_values` finds in a text column, in its mask order."""
+    return [
+        (f"a {column!r} that is not a text (a number or a list)", f"Store {column!r} values as strings."),
+        (f"a {column!r} that is not valid UTF-8", "Re-encode the data file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."),
+    ]
+
+
 def _check_image_column(array, column: str, *, what: str) -> None:
     """One image value per row: a path, a ``datasets.Image`` struct, encoded bytes, or nothing."""
     import pyarrow as pa
@@ -379,12 +388,7 @@ def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
     causes = []
     for side in _ROW_SIDES:
         text_col, image_col = SIDES[side]
-        causes += [
-            (f"a {text_col!r} that is not a text (a number or a list)", f"Store {text_col!r} values as strings."),
-            (
-                f"a {text_col!r} that is not valid UTF-8",
-                "Re-encode the data file as UTF-8 (e.g. iconv -f latin1 -t utf-8).",
-            ),
+        causes += text_causes(text_col) + [
             (
                 f"an empty {text_col!r} and no image in {image_col!r}",
                 "There is nothing to embed: fill in the text or the image, or drop these rows.",
@@ -424,7 +428,8 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, n
     for side in _ROW_SIDES:
         text_col, image_col = SIDES[side]
         texts, not_text, bad_utf8 = text_values(as_array(batch[text_col]), text_col, what=what)
-        placeholder = pc.match_substring_regex(texts, _PLACEHOLDER_REGEX).fill_null(False).to_numpy(zero_copy_only=False)
+        placeholder = pc.match_substring_regex(texts, _PLACEHOLDER_REGEX).fill_null(False)
+        placeholder = placeholder.to_numpy(zero_copy_only=False)
         stripped = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, ""))
         empty = pc.equal(pc.utf8_length(stripped), 0).fill_null(True).to_numpy(zero_copy_only=False)
         image_bad_utf8 = np.zeros(n, dtype=bool)

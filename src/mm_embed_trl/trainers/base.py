@@ -148,7 +148,9 @@ class _SkippedRowsReport(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             counts = ", ".join(f"{n} of the {what}" for what, n in self.skipped.items())
-            logger.warning("Bad rows left out of training (on_bad_row='skip'): %s; each was logged before training.", counts)
+            logger.warning(
+                "Bad rows left out of training (on_bad_row='skip'): %s; each was logged before training.", counts
+            )
 
 
 def _has_accelerator() -> bool:

@@ -35,6 +35,7 @@ from ..data.validation import (
     present_mask,
     require_column,
     row_facts,
+    text_causes,
     text_values,
     with_row_index,
 )
@@ -99,10 +100,8 @@ _NOTHING_TO_EMBED = (
 
 def _distill_causes(columns, text_column: str, teacher_column: str | None) -> list[tuple[str, str]]:
     """The (cause, fix) of each problem bit of :func:`_distill_facts`, in bit order."""
-    causes = [
-        (f"a {text_column!r} that is not a text (a number or a list)", f"Store {text_column!r} values as strings."),
-        (f"a {text_column!r} that is not valid UTF-8", "Re-encode the data file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."),
-        (f"an empty or missing {text_column!r}", _NOTHING_TO_EMBED.format(text=text_column)),
+    causes = text_causes(text_column) + [
+        (f"an empty or missing {text_column!r}", _NOTHING_TO_EMBED.format(text=text_column))
     ]
     causes += [(f"an image in column {c!r}", _image_rows_hint(c)) for c in IMAGE_COLUMNS if c in columns]
     if teacher_column is not None:
@@ -224,9 +223,9 @@ def check_distill_rows(
             if on_bad_row == "raise":
                 found = ", ".join(f"{int(d)} ({int(c)} rows)" for d, c in zip(values, counts))
                 raise BadRowsError(
-                    f"The teacher embeddings in {teacher_column!r} of the {what} have inconsistent dimensions: {found}. "
-                    f"Rows whose dimension differs from the most common ({common}): {format_rows(odd)}. All vectors "
-                    "must come from one teacher; recompute them with a single teacher "
+                    f"The teacher embeddings in {teacher_column!r} of the {what} have inconsistent dimensions: "
+                    f"{found}. Rows whose dimension differs from the most common ({common}): {format_rows(odd)}. "
+                    "All vectors must come from one teacher; recompute them with a single teacher "
                     "(mm_embed_trl.teacher.embed_with_teacher), or set on_bad_row='skip' to leave those rows out."
                 )
             problems.append(BadRows(f"a teacher embedding of a dimension other than the common {common}", odd))
