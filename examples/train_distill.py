@@ -33,6 +33,7 @@ from mm_embed_trl.scripts import (
     train_evaluate_save,
 )
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
+from mm_embed_trl.trainers.distill_trainer import check_distill_rows
 
 
 @dataclass
@@ -91,6 +92,22 @@ def load_text_datasets(script_args, training_args):
     return load_named_splits(script_args)
 
 
+def check_texts_before_teacher(dataset, training_args, what: str):
+    """The stage-1 row contract, teacher vectors included when the data already has them."""
+    if dataset is None:
+        return None
+    teacher_column = training_args.teacher_column if training_args.teacher_column in dataset.column_names else None
+    with training_args.main_process_first(desc=f"checking the rows of the {what}"):
+        dataset, _ = check_distill_rows(
+            dataset,
+            text_column=training_args.text_column,
+            teacher_column=teacher_column,
+            what=what,
+            on_bad_row=training_args.on_bad_row,
+        )
+    return dataset
+
+
 def add_teacher_embeddings(dataset, script_args, training_args, what: str):
     """Compute the teacher column if missing: offline, before training, once (cached), main process first."""
     if dataset is None or training_args.teacher_column in dataset.column_names:
@@ -116,7 +133,10 @@ def main():
     script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
 
     train_dataset, eval_dataset = load_text_datasets(script_args, training_args)
-    # The teacher runs (and is released) before the student is even loaded.
+    # Bad texts are found (raised or skipped, --on_bad_row) before the teacher embeds them; the teacher runs (and is
+    # released) before the student is even loaded; the trainer then checks the teacher vectors too.
+    train_dataset = check_texts_before_teacher(train_dataset, training_args, "training dataset")
+    eval_dataset = check_texts_before_teacher(eval_dataset, training_args, "held-out dataset")
     train_dataset = add_teacher_embeddings(train_dataset, script_args, training_args, "training data")
     eval_dataset = add_teacher_embeddings(eval_dataset, script_args, training_args, "held-out data")
 

@@ -40,12 +40,13 @@ def main():
     parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
     script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
 
+    # The data first: its rows are checked before the model loads.
+    train_dataset, eval_dataset, image_root = resolve_datasets(script_args, training_args)
+    training_args.image_root = image_root
     model_path, is_tiny = resolve_model_path(model_args, script_args)
     model = MultimodalEmbeddingModel.from_pretrained(
         model_path, prompt_template=training_args.prompt_template or "unime", **model_init_kwargs(model_args)
     )
-    train_dataset, eval_dataset, image_root = resolve_datasets(script_args, training_args)
-    training_args.image_root = image_root
 
     evaluator = None
     if eval_dataset is not None:

@@ -10,6 +10,7 @@ from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 
 from mm_embed_trl.data.collators import EmbeddingCollator, split_batch
 from mm_embed_trl.data.images import ImageLoadError
+from mm_embed_trl.data.schema import EmbeddingInput
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,39 @@ def test_split_batch_on_other_vision_families(family, tiny_backbone):
     whole = model(**enc).embeddings
     parts = torch.cat([model(**c).embeddings for c in split_batch(enc, 2)])
     assert_close(parts, whole, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+
+
+def test_long_texts_are_truncated_by_default_and_the_log_says_so_once(qwen2_vl_model, caplog):
+    """A 100k-character text used to go to the model whole (out of memory): the default max_length cuts the text
+    (the prompt is kept) and one warning says how many texts were cut."""
+    import logging
+
+    from mm_embed_trl.data.collators import DEFAULT_MAX_TEXT_TOKENS
+    from mm_embed_trl.trainers import EmbeddingTrainingArguments
+
+    assert EmbeddingTrainingArguments(output_dir="x", use_cpu=True).max_length == DEFAULT_MAX_TEXT_TOKENS
+    col = EmbeddingCollator(qwen2_vl_model.processor, "unime")
+    assert col.max_length == DEFAULT_MAX_TEXT_TOKENS
+    huge = "red circle " * 10_000  # 110k characters, ~20k tokens
+    rows = [
+        {"qry": huge, "qry_image_path": "", "pos_text": "short", "pos_image_path": ""},
+        {"qry": huge, "qry_image_path": "", "pos_text": huge, "pos_image_path": ""},
+        {"qry": "short", "qry_image_path": "", "pos_text": "short too", "pos_image_path": ""},
+    ]
+    prompt_only = EmbeddingCollator(qwen2_vl_model.processor, "unime").encode_inputs(
+        [EmbeddingInput(text="x")]
+    )["input_ids"].shape[1] - 1
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.collators"):
+        batch = col(rows)
+        col(rows)  # a second batch with long texts: counted, not logged again
+    lengths = batch["query"]["attention_mask"].sum(-1)
+    assert int(lengths.max()) == DEFAULT_MAX_TEXT_TOKENS + prompt_only
+    # the prompt's end (the pooled position) is the same as for a short text
+    short = col.encode_inputs([EmbeddingInput(text="red circle")])["input_ids"][0]
+    torch.testing.assert_close(batch["query"]["input_ids"][0, -6:], short[-6:])
+    warnings = [r for r in caplog.records if "max_length" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "2 of 3 texts" in warnings[0].getMessage() and str(DEFAULT_MAX_TEXT_TOKENS) in warnings[0].getMessage()
+    assert col.num_truncated == 6  # 3 long texts per batch, two batches
+    # None keeps whole texts (what encode() does)
+    assert EmbeddingCollator(qwen2_vl_model.processor, max_length=None).max_length is None

@@ -328,12 +328,12 @@ def test_inconsistent_teacher_dimensions_are_refused(qwen2_vl_model, tmp_path):
     # streamed data is checked batch by batch, across batches too
     collator = TextDistillCollator(qwen2_vl_model.processor, "unime")
     collator([{"text": "a", "teacher_embedding": [0.1] * 8}])
-    with pytest.raises(ValueError, match=r"expected 8.*row 1 of the batch \(text='c'\) has 9"):
+    with pytest.raises(ValueError, match=r"expected 8.*batch row 1 \(text='c'\) has 9"):
         collator([{"text": "b", "teacher_embedding": [0.1] * 8}, {"text": "c", "teacher_embedding": [0.1] * 9}])
     with pytest.raises(ValueError, match="Non-finite"):
         collator([{"text": "b", "teacher_embedding": [float("nan")] * 8}])
-    eval_data = datasets.Dataset.from_dict({"text": ["x", "y"], "teacher_embedding": [[0.0] * 5, [1.0] * 5]})
-    train = datasets.Dataset.from_dict({"text": ["x", "y"], "teacher_embedding": [[0.0] * 4, [1.0] * 4]})
+    eval_data = datasets.Dataset.from_dict({"text": ["x", "y"], "teacher_embedding": [[0.5] * 5, [1.0] * 5]})
+    train = datasets.Dataset.from_dict({"text": ["x", "y"], "teacher_embedding": [[0.5] * 4, [1.0] * 4]})
     with pytest.raises(ValueError, match="eval dataset's teacher embeddings have dimension 5"):
         DistillEmbedTrainer(model=qwen2_vl_model, args=_config(tmp_path), train_dataset=train, eval_dataset=eval_data)
 
@@ -355,7 +355,7 @@ def test_image_rows_are_refused_in_the_text_only_stage(qwen2_vl_model, tmp_path)
     with pytest.raises(ValueError, match=r"rows 1\)"):
         DistillEmbedTrainer(model=qwen2_vl_model, args=_config(tmp_path), train_dataset=pil)
     collator = TextDistillCollator(qwen2_vl_model.processor, "unime")
-    with pytest.raises(ValueError, match=r"row 0 of the batch \(text='a'\) carries an image in column 'image'"):
+    with pytest.raises(ValueError, match=r"batch row 0 \(text='a'\) carries an image in column 'image'"):
         collator([{"text": "a", "teacher_embedding": [0.1], "image": Image.new("RGB", (4, 4))}])
 
 
@@ -364,7 +364,7 @@ def test_empty_texts_are_refused(qwen2_vl_model, tmp_path):
     with pytest.raises(ValueError, match=r"empty or missing 'text' \(rows 1\)"):
         DistillEmbedTrainer(model=qwen2_vl_model, args=_config(tmp_path), train_dataset=data)
     collator = TextDistillCollator(qwen2_vl_model.processor, "unime")
-    with pytest.raises(ValueError, match=r"row 1 of the batch has an empty or missing 'text' \(''\)"):
+    with pytest.raises(ValueError, match=r"batch row 1 has an empty or missing 'text' \(''\)"):
         collator([{"text": "ok", "teacher_embedding": [0.1]}, {"text": "", "teacher_embedding": [0.1]}])
 
 

@@ -85,8 +85,9 @@ def test_converts_to_rgb_and_keeps_mode_when_asked():
     # L -> RGB repeats the grey value on the three channels
     np.testing.assert_array_equal(np.asarray(rgb), np.repeat(np.asarray(gray)[..., None], 3, axis=2))
     assert load_image(gray, convert_rgb=False).mode == "L"
+    # a fully transparent pixel shows the white background, not its hidden colour
     rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    np.testing.assert_array_equal(np.asarray(load_image(rgba)), np.full((2, 2, 3), [10, 20, 30]))
+    np.testing.assert_array_equal(np.asarray(load_image(rgba)), np.full((2, 2, 3), 255))
 
 
 def test_palette_with_transparency_converts_without_warning(tmp_path, recwarn):
@@ -95,7 +96,9 @@ def test_palette_with_transparency_converts_without_warning(tmp_path, recwarn):
     img.info["transparency"] = b"\x00\x80"  # transparency given in bytes: PIL warns on a direct P->RGB
     img.save(tmp_path / "p.png", transparency=b"\x00\x80")
     out = load_image("p.png", tmp_path)
-    np.testing.assert_array_equal(np.asarray(out), np.full((3, 3, 3), [200, 100, 50]))
+    # index 1 has alpha 0x80 = 128: composited over white, 128/255 of (200, 100, 50) + 127/255 of 255
+    expected = np.round(np.array([200, 100, 50]) * 128 / 255 + 255 * 127 / 255)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(expected, (3, 3, 3)), atol=1, rtol=0)
     assert not [w for w in recwarn if "Palette" in str(w.message)]
 
 
@@ -185,3 +188,102 @@ def test_image_identity_is_cheap_for_paths_and_content_based_otherwise():
     red, red2, blue = (Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (255, 0, 0), (0, 0, 255)))
     assert image_identity(red) == image_identity(red2) != image_identity(blue)
     assert image_identity(b"\x01\x02") == image_identity({"bytes": b"\x01\x02"}) != image_identity(b"\x01")
+
+
+# ------------------------------------------------------------------------------------ every PIL mode -> 8-bit RGB
+# Each case: (mode, source image, expected RGB pixels computed here with numpy from the documented formulas, not
+# by PIL). Alpha is composited over white: out = a * c + (1 - a) * 255 with a = alpha / 255 (rounding: +-1).
+_GREY = np.array([[0, 1, 128], [200, 254, 255]], dtype=np.uint8)
+_RGB = np.random.default_rng(7).integers(0, 256, size=(2, 3, 3), dtype=np.uint8)
+_ALPHA = np.array([[0, 255, 128], [64, 1, 200]], dtype=np.uint8)
+
+
+def _over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    return colour.astype(np.float64) * a + 255.0 * (1.0 - a)
+
+
+def _grey3(values: np.ndarray) -> np.ndarray:
+    return np.repeat(np.asarray(values, dtype=np.float64)[..., None], 3, axis=2)
+
+
+def _mode_cases():
+    cases = {}
+    bits = np.array([[0, 1, 0], [1, 1, 0]], dtype=bool)
+    cases["1"] = (Image.fromarray(bits).convert("1"), _grey3(bits * 255.0), 0)
+    cases["L"] = (Image.fromarray(_GREY, mode="L"), _grey3(_GREY), 0)
+    cases["LA"] = (
+        Image.fromarray(np.stack([_GREY, _ALPHA], -1), mode="LA"),
+        _over_white(_grey3(_GREY), _ALPHA),
+        1,
+    )
+    cases["RGB"] = (Image.fromarray(_RGB), _RGB.astype(np.float64), 0)
+    cases["RGBA"] = (Image.fromarray(np.dstack([_RGB, _ALPHA]), mode="RGBA"), _over_white(_RGB, _ALPHA), 1)
+    cases["RGBA fully transparent"] = (Image.new("RGBA", (3, 2), (10, 20, 30, 0)), np.full((2, 3, 3), 255.0), 0)
+    palette = np.array([[0, 0, 0], [200, 100, 50], [10, 250, 30]], dtype=np.uint8)
+    index = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    p = Image.fromarray(index, mode="P")
+    p.putpalette(palette.flatten().tolist())
+    cases["P"] = (p, palette[index].astype(np.float64), 0)
+    p_alpha = p.copy()
+    p_alpha.info["transparency"] = bytes([255, 0, 128])  # per-index alpha (a PNG tRNS chunk)
+    cases["P+transparency"] = (p_alpha, _over_white(palette[index], np.array([255, 0, 128])[index]), 1)
+    p_key = p.copy()
+    p_key.info["transparency"] = 2  # one fully transparent index (GIF style)
+    cases["P+transparent index"] = (p_key, _over_white(palette[index], np.where(index == 2, 0, 255)), 0)
+    cmyk = np.random.default_rng(3).integers(0, 256, size=(2, 3, 4), dtype=np.uint8)
+    c, m, y, k = (cmyk[..., i] / 255.0 for i in range(4))
+    cases["CMYK"] = (
+        Image.frombytes("CMYK", (3, 2), cmyk.tobytes()),
+        255.0 * np.stack([(1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)], -1),
+        1,
+    )
+    ycc = np.array([[[128, 128, 128], [200, 50, 180], [30, 200, 90]]] * 2, dtype=np.uint8)
+    yy, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
+    red, blue = yy + 1.402 * (cr - 128), yy + 1.772 * (cb - 128)
+    jfif = np.stack([red, yy - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), blue], -1)
+    cases["YCbCr"] = (Image.frombytes("YCbCr", (3, 2), ycc.tobytes()), np.clip(jfif, 0, 255), 2)
+    # 16-bit: the full 0..65535 range maps onto 0..255
+    sixteen = np.array([[0, 257, 1000], [30000, 65278, 65535]], dtype=np.uint16)
+    cases["I;16"] = (Image.fromarray(sixteen), _grey3(sixteen / 257.0), 1)
+    cases["I;16B"] = (Image.frombytes("I;16B", (3, 2), sixteen.astype(">u2").tobytes()), _grey3(sixteen / 257.0), 1)
+    # 32-bit integers: 16-bit data (values above 255) scaled like I;16; values within 0..255 kept as they are
+    cases["I 16-bit data"] = (Image.fromarray(sixteen.astype(np.int32)), _grey3(sixteen / 257.0), 1)
+    cases["I 8-bit data"] = (Image.fromarray(_GREY.astype(np.int32)), _grey3(_GREY), 0)
+    # floats: 0..1 scaled to 0..255 (other ranges as for I)
+    unit = np.array([[0.0, 0.25, 0.5], [0.75, 0.999, 1.0]], dtype=np.float32)
+    cases["F 0..1"] = (Image.fromarray(unit), _grey3(unit * 255.0), 1)
+    cases["F 16-bit data"] = (Image.fromarray(sixteen.astype(np.float32)), _grey3(sixteen / 257.0), 1)
+    return cases
+
+
+_MODES = _mode_cases()
+
+
+@pytest.mark.parametrize("case", list(_MODES))
+def test_every_pil_mode_becomes_the_expected_8_bit_rgb(case):
+    image, expected, tolerance = _MODES[case]
+    out = load_image(image)
+    assert out.mode == "RGB" and out.size == image.size
+    got = np.asarray(out).astype(np.float64)
+    # tolerance: PIL rounds in 8-bit integer arithmetic (1 unit), its YCbCr matrix is a fixed-point JFIF (2 units)
+    np.testing.assert_allclose(got, np.round(expected), atol=tolerance, rtol=0, err_msg=case)
+
+
+@pytest.mark.parametrize("case", ["RGBA", "I;16", "LA", "P+transparency"])
+def test_modes_convert_the_same_from_a_file(case, tmp_path):
+    """What a PNG on disk decodes to goes through the same conversion as an in-memory image."""
+    image, expected, tolerance = _MODES[case]
+    image.save(tmp_path / "x.png")
+    got = np.asarray(load_image("x.png", tmp_path)).astype(np.float64)
+    np.testing.assert_allclose(got, np.round(expected), atol=tolerance, rtol=0)
+
+
+def test_encode_inputs_from_pil_images_get_the_same_conversion():
+    """`to_embedding_input` (the path of model.encode) converts user PIL images like load_image does."""
+    from mm_embed_trl.data.schema import to_embedding_input
+
+    for case in ("RGBA", "I;16", "LA"):
+        image, expected, tolerance = _MODES[case]
+        got = np.asarray(to_embedding_input(image).image).astype(np.float64)
+        np.testing.assert_allclose(got, np.round(expected), atol=tolerance, rtol=0, err_msg=case)

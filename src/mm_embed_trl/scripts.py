@@ -102,8 +102,8 @@ def model_init_kwargs(model_args) -> dict[str, Any]:
 
 
 def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
-    """(train dataset, eval dataset or None, image_root)."""
-    from .data.loading import check_training_columns
+    """(train dataset, eval dataset or None, image_root), every row checked (`training_args.on_bad_row`)."""
+    from .data.validation import check_training_rows
 
     if script_args.dataset_name is None:
         from accelerate import PartialState
@@ -126,13 +126,18 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     else:
         image_root = training_args.image_root
         train, evaluation = load_named_splits(script_args)
-    check_training_columns(train, name="the training dataset")
+    # Checked here, before the model loads; the trainer's own check of the same datasets is then free.
+    with training_args.main_process_first(desc="checking the dataset rows"):
+        policy = dict(num_negatives=training_args.num_negatives, on_bad_row=training_args.on_bad_row)
+        train = check_training_rows(train, what="training dataset", **policy)
+        if evaluation is not None:
+            evaluation = check_training_rows(evaluation, what="held-out dataset", **policy)
     return train, evaluation, image_root
 
 
 def load_named_splits(script_args) -> tuple[Any, Any]:
     """(train, eval or None) of `--dataset_name` (hub id, file or save_to_disk dir), `max_*_samples` applied."""
-    from .data.loading import load_rows_dataset
+    from .data.loading import first_rows, load_rows_dataset
 
     name, config = script_args.dataset_name, script_args.dataset_config
     train = load_rows_dataset(name, config=config, split=script_args.dataset_train_split)
@@ -140,9 +145,9 @@ def load_named_splits(script_args) -> tuple[Any, Any]:
     if script_args.dataset_eval_split:
         evaluation = load_rows_dataset(name, config=config, split=script_args.dataset_eval_split)
     if script_args.max_train_samples is not None:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
+        train = first_rows(train, script_args.max_train_samples)
     if evaluation is not None and script_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
+        evaluation = first_rows(evaluation, script_args.max_eval_samples)
     return train, evaluation
 
 

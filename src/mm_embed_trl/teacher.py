@@ -147,33 +147,28 @@ def _texts_column(dataset, text_column: str):
 
 
 def check_texts(dataset, text_column: str, *, what: str = "dataset") -> None:
-    """Raise a clear error when ``text_column`` is missing, not a string column, or has empty / missing texts.
-
-    Vectorised with pyarrow: one pass over the column, no per-row Python.
+    """Raise a clear error when ``text_column`` is missing, not a string column, or has empty, missing or
+    non-UTF-8 texts. Vectorised with pyarrow (``data.validation``): one pass over the column, no per-row Python.
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    if text_column not in dataset.column_names:
-        raise KeyError(
-            f"The {what} has no text column {text_column!r} (columns: {dataset.column_names}). Name it with "
-            f"text_column=..., or rename it: dataset.rename_column(<old>, {text_column!r})."
+    from .data.validation import format_rows, require_column, text_values
+
+    require_column(dataset, text_column, what=what)
+    texts, not_text, bad_utf8 = text_values(_texts_column(dataset, text_column), text_column, what=what)
+    if not_text.any() or bad_utf8.any():
+        rows = np.flatnonzero(not_text | bad_utf8)
+        raise ValueError(
+            f"{len(rows)} row(s) of the {what} have a {text_column!r} that is not a valid UTF-8 string (rows "
+            f"{format_rows(rows)}). Store the texts as strings and re-encode the data file as UTF-8."
         )
-    column = _texts_column(dataset, text_column)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise TypeError(
-            f"Column {text_column!r} of the {what} holds {column.type}, not strings; the teacher embeds one text "
-            "per row."
-        )
-    empty = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
-    empty = empty.fill_null(True).to_numpy(zero_copy_only=False)
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(True).to_numpy(zero_copy_only=False)
     if empty.any():
         rows = np.flatnonzero(empty)
-        shown = ", ".join(str(i) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
         raise ValueError(
-            f"{len(rows)} row(s) of the {what} have an empty or missing {text_column!r} (rows {shown}); there is "
-            f"nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and t.strip()), "
-            f"input_columns={text_column!r})."
+            f"{len(rows)} row(s) of the {what} have an empty or missing {text_column!r} (rows {format_rows(rows)}); "
+            f"there is nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and "
+            f"t.strip()), input_columns={text_column!r})."
         )
 
 

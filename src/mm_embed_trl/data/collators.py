@@ -15,6 +15,7 @@ the contrastive loss must never use as negatives of each other.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,11 +30,18 @@ from .schema import (
     POS_TEXT,
     QUERY_IMAGE,
     QUERY_TEXT,
+    ROW_INDEX_COLUMN,
     EmbeddingInput,
     is_missing,
     row_negatives,
 )
-from .templates import PromptTemplate, get_template
+from .templates import PromptTemplate, get_template, strip_image_placeholders
+
+logger = logging.getLogger(__name__)
+
+# Text tokens kept per input by default: MMEB / NLI texts are far shorter, and a stray 100k-character text (a
+# scraped page, a file read into a cell) would otherwise run the forward pass out of memory.
+DEFAULT_MAX_TEXT_TOKENS = 1024
 
 # Tensors indexed by row / by image in processor outputs. Anything else is refused by split_batch rather than
 # silently mis-sliced.
@@ -50,10 +58,22 @@ ROW_KEYS = (
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")  # batch_num_images: LLaVA-OV, 1 per image
 
 
+def describe_batch_row(row: dict, index: int) -> str:
+    """How an error names a row: its dataset position (the trainers' row check adds ROW_INDEX_COLUMN; the dataloader
+    hands the collator rows only) or else its position in the batch."""
+    if row.get(ROW_INDEX_COLUMN) is not None:
+        return f"dataset row {int(row[ROW_INDEX_COLUMN])} (batch row {index})"
+    return f"batch row {index}"
+
+
 def _describe_row(row: dict, index: int) -> str:
     row_id = row.get("id", row.get("idx"))
     text = str(row.get(QUERY_TEXT) or "")[:60]
-    return f"row {index}" + (f" (id={row_id})" if row_id is not None else "") + (f" [qry={text!r}]" if text else "")
+    return (
+        describe_batch_row(row, index)
+        + (f" (id={row_id})" if row_id is not None else "")
+        + (f" [qry={text!r}]" if text else "")
+    )
 
 
 def _content_id(text: str | None, image_value: Any, image: Any) -> int:
@@ -66,6 +86,14 @@ def _content_id(text: str | None, image_value: Any, image: Any) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+class InputEncodingError(ValueError):
+    """One input of a processor call could not be encoded; `index` is its position in the call's inputs."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"input #{index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 class EmbeddingCollator:
     """Collate MMEB-schema rows into per-side processor outputs.
 
@@ -74,7 +102,9 @@ class EmbeddingCollator:
         template: prompt template name or object (see `mm_embed_trl.data.templates`).
         image_root: directory that relative image paths are resolved against.
         max_length: maximum number of text tokens kept from each input's raw text (the prompt template and image
-            tokens are never cut, so the pooled end-of-prompt token is always present).
+            tokens are never cut, so the pooled end-of-prompt token is always present); default
+            `DEFAULT_MAX_TEXT_TOKENS` (1024), `None` keeps whole texts. The first batch that cuts texts logs a
+            warning with their count; `num_truncated` counts every cut text.
         num_negatives: use exactly this many explicit negatives per row (rows with fewer are an error); `None`
             uses however many the rows carry (all rows must carry the same number); `0` ignores them.
     """
@@ -85,14 +115,17 @@ class EmbeddingCollator:
         template: str | PromptTemplate = "unime",
         *,
         image_root: str | os.PathLike | None = None,
-        max_length: int | None = None,
+        max_length: int | None = DEFAULT_MAX_TEXT_TOKENS,
         num_negatives: int | None = None,
     ):
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"max_length must be a positive number of text tokens (or None), got {max_length}.")
         self.processor = processor
         self.template = get_template(template) if isinstance(template, str) else template
         self.image_root = image_root
         self.max_length = max_length
         self.num_negatives = num_negatives
+        self.num_truncated = 0  # texts cut to max_length so far (in this process / dataloader worker)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.is_multimodal = hasattr(processor, "image_processor")
 
@@ -118,11 +151,33 @@ class EmbeddingCollator:
             kwargs["images"] = images
         if not self.is_multimodal:
             kwargs["return_token_type_ids"] = False
-        enc = self.processor(text=texts, **kwargs)
+        try:
+            enc = self.processor(text=texts, **kwargs)
+        except Exception as err:
+            self._raise_for_failing_image(inputs, err)
+            raise
         enc = dict(enc)
         enc.pop("token_type_ids", None)  # BERT-style tokenizers; decoder backbones do not take them
         enc["image_counts"] = torch.tensor([int(x.image is not None) for x in inputs], dtype=torch.long)
         return enc
+
+    def _raise_for_failing_image(self, inputs: Sequence[EmbeddingInput], err: Exception) -> None:
+        """Error path of a failed processor call: find the input whose image the image processor refuses on its own
+        (an aspect ratio beyond Qwen-VL's limit of 200, ...) and raise an InputEncodingError naming it."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return
+        for index, x in enumerate(inputs):
+            if x.image is None:
+                continue
+            try:
+                image_processor(images=[x.image], return_tensors="pt")
+            except Exception as single:
+                raise InputEncodingError(
+                    index,
+                    f"its image ({x.image.width}x{x.image.height} pixels) cannot be processed by "
+                    f"{type(image_processor).__name__}: {single}. Crop or pad the image, or drop the row.",
+                ) from err
 
     def _render(self, conversations, inputs, side) -> tuple[list[str], bool]:
         """(prompt strings, whether a chat template rendered them)."""
@@ -137,13 +192,27 @@ class EmbeddingCollator:
         return [self.template.format_text(x, side) for x in inputs], False
 
     def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
-        texts = [x.text or "" for x in inputs]
+        # A token spans at least one UTF-8 byte (a character at most 4), give or take a prefix token: shorter texts
+        # cannot exceed max_length and skip the extra tokenizer call.
+        maybe_long = [i for i, x in enumerate(inputs) if x.text and 4 * len(x.text) + 8 >= self.max_length]
+        if not maybe_long:
+            return list(inputs)
+        texts = [inputs[i].text for i in maybe_long]
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-        too_long = [i for i, (t, x) in enumerate(zip(ids, inputs)) if x.text and len(t) >= self.max_length]
+        too_long = [i for i, t in zip(maybe_long, ids) if len(t) >= self.max_length]
         if not too_long:
             return list(inputs)
+        if self.num_truncated == 0:
+            logger.warning(
+                "%d of %d texts in a batch are longer than max_length=%d text tokens and were truncated (the prompt is "
+                "kept); later truncations are counted (collator.num_truncated), not logged. Raise max_length "
+                "(--max_length) to keep more of each text.",
+                len(too_long), len(inputs), self.max_length,
+            )
+        self.num_truncated += len(too_long)
         out = list(inputs)
-        decoded = self.tokenizer.batch_decode([ids[i] for i in too_long], skip_special_tokens=False)
+        by_position = dict(zip(maybe_long, ids))
+        decoded = self.tokenizer.batch_decode([by_position[i] for i in too_long], skip_special_tokens=False)
         for i, text in zip(too_long, decoded):
             out[i] = EmbeddingInput(text=text, image=inputs[i].image)
         return out
@@ -151,13 +220,27 @@ class EmbeddingCollator:
     # ------------------------------------------------------------------ rows
     def _side_input(self, row: dict, index: int, text_col: str, image_col: str) -> EmbeddingInput:
         text, image_value = row.get(text_col), row.get(image_col)
-        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
-        if is_missing(text) and image is None:
+        if text is not None and not isinstance(text, str):
             raise ValueError(
-                f"{_describe_row(row, index)}: {text_col!r} is empty and {image_col!r} has no image, so there is "
-                f"nothing to embed. Fill in the text or the image, or filter such rows out of the dataset."
+                f"{_describe_row(row, index)}: {text_col!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not a "
+                "text; store texts as strings."
+            )
+        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
+        if image is None and not strip_image_placeholders(text):
+            only_placeholder = " (but for an image placeholder)" if not is_missing(text) else ""
+            raise ValueError(
+                f"{_describe_row(row, index)}: {text_col!r} is empty{only_placeholder} and {image_col!r} has no "
+                "image, so there is nothing to embed. Fill in the text or the image, or filter such rows out of the "
+                "dataset."
             )
         return EmbeddingInput(text=text, image=image)
+
+    def _encode_rows(self, inputs: list[EmbeddingInput], side: str, describe) -> dict[str, Any]:
+        """:meth:`encode_inputs`, with an input that cannot be encoded reported as the row (`describe(i)`) it is."""
+        try:
+            return self.encode_inputs(inputs, side=side)
+        except InputEncodingError as err:
+            raise ValueError(f"{describe(err.index)}: {err.reason}") from err
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         if len(rows) == 0:
@@ -176,8 +259,12 @@ class EmbeddingCollator:
             positives.append(p)
             positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image))
         batch = {
-            "query": self.encode_inputs(queries, side="query"),
-            "positive": self.encode_inputs(positives, side="document"),
+            "query": self._encode_rows(
+                queries, "query", lambda i: f"{_describe_row(rows[i], i)}, column {QUERY_IMAGE!r}"
+            ),
+            "positive": self._encode_rows(
+                positives, "document", lambda i: f"{_describe_row(rows[i], i)}, column {POS_IMAGE!r}"
+            ),
             "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
             "num_negatives": 0,
         }
@@ -204,7 +291,9 @@ class EmbeddingCollator:
                 )
                 negatives.append(EmbeddingInput(text=text, image=image))
                 negative_ids.append(_content_id(text, image_value, image))
-        batch["negative"] = self.encode_inputs(negatives, side="document")
+        batch["negative"] = self._encode_rows(
+            negatives, "document", lambda i: f"{_describe_row(rows[i // k], i // k)}, column {NEG_IMAGE!r}[{i % k}]"
+        )
         batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
         batch["num_negatives"] = k
         return batch

@@ -9,6 +9,9 @@ An image value (see ``docs/DESIGN.md``) is one of:
 * raw encoded bytes (``bytes`` / ``bytearray`` / ``memoryview``);
 * a ``numpy`` array ``(H, W)`` / ``(H, W, C)`` of pixels.
 
+Every image comes out as 8-bit RGB (``convert_rgb=True``, the default): 16-bit and float images are scaled to
+8 bits (not clipped), transparent pixels (RGBA, LA, palette transparency) are composited over white.
+
 Every image is fully decoded here (``Image.load()``), so a corrupt or truncated file fails with a clear
 :class:`ImageLoadError` at load time rather than deep inside a processor call, and no file handle stays
 open (important with many dataloader workers).
@@ -54,15 +57,53 @@ def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | 
     return tried[0], tried
 
 
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_WHITE = (255, 255, 255, 255)
+
+
+def _high_depth_to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit greyscale ("I;16*", "I", "F") scaled to 8 bits instead of clipped (PIL's own conversion
+    clips at 255: a 16-bit photo comes out almost white).
+
+    "I;16*" spans 0..65535. "I" and "F" carry no range of their own: values within 0..255 are kept as 8-bit data,
+    "F" values within 0..1 are scaled by 255, anything else is read as 16-bit data (clipped to 0..65535), which is
+    how 16-bit PNG/TIFF files decode.
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=65535.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode in _SIXTEEN_BIT_MODES or not (low >= 0 and high <= 255):
+        scale = 255.0 / 65535.0
+    elif image.mode == "F" and high <= 1.0:
+        scale = 255.0
+    else:
+        scale = 1.0
+    values = np.clip(values * scale, 0, 255)
+    return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: high bit depths scaled, transparency composited over white (what
+    `transformers`' `convert_to_rgb` does, so images embed alike here and in the sentence-transformers export)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _high_depth_to_8_bit(image)
+    has_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    if not has_alpha:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "La":  # premultiplied: PIL converts it to LA only
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
 def _finish(image: Image.Image, convert_rgb: bool) -> Image.Image:
-    """Decode pixels now and convert to RGB (palette images with transparency go through RGBA first)."""
+    """Decode pixels now and, when asked, convert to 8-bit RGB (see :func:`_to_rgb`)."""
     image.load()
     if convert_rgb and image.mode != "RGB":
-        # Converting a "P" image whose transparency is given in bytes straight to RGB makes PIL warn;
-        # going through RGBA yields the same RGB pixels without the warning.
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        image = image.convert("RGB")
+        image = _to_rgb(image)
     return image
 
 

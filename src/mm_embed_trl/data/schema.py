@@ -25,6 +25,10 @@ POS_REASONING = "pos_reasoning"
 TRAIN_COLUMNS = (QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE)
 OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE, QUERY_REASONING, POS_REASONING)
 
+# Added by the pre-training row check (data/validation.py): each row's position in the dataset the trainer was given,
+# so a collator error names the dataset row rather than the row's place in a shuffled batch.
+ROW_INDEX_COLUMN = "_row_index"
+
 # MMEB-eval columns
 EVAL_QUERY_TEXT = "qry_text"
 EVAL_QUERY_IMAGE = "qry_img_path"
@@ -129,18 +133,14 @@ def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
 
 def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
     """Convert a user-facing input (see :func:`split_input`) into an ``EmbeddingInput`` with its image loaded."""
-    from PIL import Image
-
     where = f"input #{index}" if index is not None else "input"
     if isinstance(value, EmbeddingInput):
         return value
     if isinstance(value, tuple):
         where += " (read as an (image, text) pair; pass a list for a batch of texts)"
     text, image = split_input(value, where=where)
-    if image is not None and not isinstance(image, Image.Image):
+    if image is not None:  # paths, bytes, ... and PIL images alike: one conversion to 8-bit RGB
         from .images import load_image
 
         image = load_image(image, image_root, where=where)
-    elif image is not None and image.mode != "RGB":
-        image = image.convert("RGB")
     return EmbeddingInput(text=text, image=image)

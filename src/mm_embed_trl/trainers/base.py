@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
 from ..modeling import MultimodalEmbeddingModel
 
@@ -32,7 +33,9 @@ class EmbeddingTrainingArguments(TrainingArguments):
             trainer gets a model id/path (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
         prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
         image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
-        max_length (`int`, *optional*): max text tokens kept per input (prompt and image tokens are never cut).
+        max_length (`int`, *optional*, defaults to `1024`): max text tokens kept per input (prompt and image tokens
+            are never cut); longer texts are truncated and the first batch that cuts any logs a warning with the
+            count. `None` (YAML `null`) keeps whole texts, at the risk of running out of memory on a stray long one.
         image_max_pixels (`int`, *optional*): pixel budget per image for dynamic-resolution (Qwen-VL) processors.
         num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
         gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
@@ -43,6 +46,11 @@ class EmbeddingTrainingArguments(TrainingArguments):
         freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector.
         save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write a
             sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged).
+        on_bad_row (`str`, defaults to `"raise"`): what the row check run before training (vectorised, cached with
+            the dataset's fingerprint) does with rows training cannot use (an empty side, a text that is not a
+            string or not UTF-8, negatives that do not pair up, ...): `"raise"` names the dataset, the rows and the
+            causes; `"skip"` logs each row with its cause, leaves it out and reports the count. Column problems
+            always raise.
     """
 
     model_init_kwargs: dict | str | None = field(
@@ -55,7 +63,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Max text tokens kept per input; prompt and image tokens are never cut."}
+        default=DEFAULT_MAX_TEXT_TOKENS,
+        metadata={
+            "help": f"Max text tokens kept per input (default {DEFAULT_MAX_TEXT_TOKENS}); longer texts are truncated "
+            "with a logged count. "
+            "Prompt and image tokens are never cut. null (in a YAML recipe) keeps whole texts."
+        },
     )
     num_negatives: int | None = field(
         default=None,
@@ -97,12 +110,24 @@ class EmbeddingTrainingArguments(TrainingArguments):
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    on_bad_row: str = field(
+        default="raise",
+        metadata={
+            "help": "Rows the pre-training check finds unusable: 'raise' (name dataset, rows and causes) or 'skip' "
+            "(log each with its cause, leave it out, report the count).",
+            "choices": ["raise", "skip"],
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.model_init_kwargs, str):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        if self.on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive number of text tokens (or None), got {self.max_length}.")
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
         if not self.use_cpu and not _has_accelerator():
@@ -112,6 +137,20 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.use_cpu:
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
         super().__post_init__()
+
+
+class _SkippedRowsReport(TrainerCallback):
+    """Repeats at the end of training how many bad rows the pre-training check left out (on_bad_row="skip")."""
+
+    def __init__(self, skipped: dict[str, int]):
+        self.skipped = skipped
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            counts = ", ".join(f"{n} of the {what}" for what, n in self.skipped.items())
+            logger.warning(
+                "Bad rows left out of training (on_bad_row='skip'): %s; each was logged before training.", counts
+            )
 
 
 def _has_accelerator() -> bool:
@@ -168,6 +207,8 @@ class EmbeddingTrainer(Trainer):
         evaluators=None,
         **kwargs,
     ):
+        # Check the data before any model work: a bad row found hours into training is the expensive kind.
+        train_dataset, eval_dataset = self.check_datasets(train_dataset, eval_dataset, args)
         if isinstance(model, (str, os.PathLike)):
             model = MultimodalEmbeddingModel.from_pretrained(model, **(args.model_init_kwargs or {}))
         if not isinstance(model, MultimodalEmbeddingModel):
@@ -208,6 +249,8 @@ class EmbeddingTrainer(Trainer):
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
+        if self.skipped_rows:
+            callbacks.append(_SkippedRowsReport(self.skipped_rows))
         eval_callback = None
         if evaluators:
             from ..evaluation import EmbeddingEvalCallback
@@ -252,6 +295,39 @@ class EmbeddingTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     # ------------------------------------------------------------------ hooks for subclasses
+    def check_datasets(self, train_dataset, eval_dataset, args):
+        """Check every row of the datasets before training (`data.validation`): returns the datasets to use, bad
+        rows left out under `on_bad_row="skip"` (counted in `self.skipped_rows`), with a row index column."""
+        from ..data.validation import check_training_rows
+
+        def check(dataset, what):
+            return check_training_rows(dataset, what=what, num_negatives=args.num_negatives, on_bad_row=args.on_bad_row)
+
+        return self._check_each(train_dataset, eval_dataset, args, check)
+
+    def _check_each(self, train_dataset, eval_dataset, args, check):
+        """Run `check(dataset, what) -> dataset` on the training and every eval dataset (main process first, so the
+        others read its cached facts) and record the rows each check left out."""
+        from ..data.validation import rows_left_out
+
+        self.skipped_rows: dict[str, int] = {}
+
+        def run(dataset, what):
+            if dataset is None:
+                return None
+            checked = check(dataset, what)
+            if rows_left_out(checked):  # by this check, or by the example's before the model loaded
+                self.skipped_rows[what] = rows_left_out(checked)
+            return checked
+
+        with args.main_process_first(desc="checking the dataset rows"):
+            train_dataset = run(train_dataset, "training dataset")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {name: run(ds, f"eval dataset {name!r}") for name, ds in eval_dataset.items()}
+            else:
+                eval_dataset = run(eval_dataset, "eval dataset")
+        return train_dataset, eval_dataset
+
     def default_collator(self, model, processing_class, args):
         from ..data.collators import EmbeddingCollator
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.collators import EmbeddingCollator
+from ..data.collators import DEFAULT_MAX_TEXT_TOKENS, EmbeddingCollator, describe_batch_row
 from ..data.schema import (
     EVAL_QUERY_IMAGE,
     EVAL_TARGET_IMAGES,
@@ -24,6 +25,20 @@ from ..data.schema import (
     EmbeddingInput,
 )
 from ..data.templates import PromptTemplate
+from ..data.validation import (
+    BadRows,
+    BadRowsError,
+    as_array,
+    enforce_on_bad_row,
+    fact_column,
+    format_rows,
+    present_mask,
+    require_column,
+    row_facts,
+    text_causes,
+    text_values,
+    with_row_index,
+)
 from ..distributed import gather_no_grad, gather_with_grad
 from ..evaluation.agreement import TeacherAgreementEvaluator, similarity_agreement
 from ..losses import distill_kl_loss
@@ -37,6 +52,7 @@ __all__ = [
     "DistillEmbedTrainer",
     "TeacherAgreementEvaluator",
     "TextDistillCollator",
+    "check_distill_rows",
     "validate_distill_dataset",
 ]
 
@@ -67,11 +83,6 @@ _HOW_TO_COMPUTE = (
 )
 
 
-def _rows_text(rows: np.ndarray, limit: int = 10) -> str:
-    shown = ", ".join(str(int(i)) for i in rows[:limit])
-    return shown + (f", ... ({len(rows)} in all)" if len(rows) > limit else "")
-
-
 def _image_rows_hint(column: str) -> str:
     return (
         f"UniME stage 1 (DistillEmbedTrainer) trains the language model on text only. Remove the column "
@@ -81,83 +92,72 @@ def _image_rows_hint(column: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-def _present_mask(array) -> np.ndarray:
-    """Per row: does this arrow array hold a real value (non-null, non-blank string, non-empty list / struct)?"""
-    import pyarrow as pa
+_NOTHING_TO_EMBED = (
+    "There is nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and t.strip()), "
+    "input_columns={text!r})."
+)
+
+
+def _distill_causes(columns, text_column: str, teacher_column: str | None) -> list[tuple[str, str]]:
+    """The (cause, fix) of each problem bit of :func:`_distill_facts`, in bit order."""
+    causes = text_causes(text_column) + [
+        (f"an empty or missing {text_column!r}", _NOTHING_TO_EMBED.format(text=text_column))
+    ]
+    causes += [(f"an image in column {c!r}", _image_rows_hint(c)) for c in IMAGE_COLUMNS if c in columns]
+    if teacher_column is not None:
+        how = _HOW_TO_COMPUTE.format(text=text_column)
+        causes += [
+            (f"no teacher embedding in {teacher_column!r}", "Recompute the column for these rows. " + how),
+            (
+                f"non-finite (NaN/inf) values in {teacher_column!r}",
+                "Recompute them (a half-precision teacher can overflow: load it in float32). " + how,
+            ),
+            (
+                f"an all-zero teacher embedding in {teacher_column!r}",
+                "A zero vector has no direction (its similarities, and the agreement metric, are NaN); recompute "
+                "these rows' embeddings. " + how,
+            ),
+        ]
+    return causes
+
+
+def _distill_facts(batch, *, text_column: str, teacher_column: str | None, what: str) -> dict[str, np.ndarray]:
+    """Per row: a bit mask of problems (see :func:`_distill_causes`) and the teacher vector's dimension (-1: none)."""
     import pyarrow.compute as pc
 
-    t = array.type
-    valid = pc.is_valid(array)
-    if pa.types.is_null(t):
-        return np.zeros(len(array), dtype=bool)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        present = pc.and_(valid, pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(array)), 0))
-    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        present = pc.and_(valid, pc.greater(pc.binary_length(array), 0))
-    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        # A list counts when any element is present (MMEB writes [""] for "no image" lists too).
-        flat = array.flatten()
-        if len(flat) == 0:
-            return np.zeros(len(array), dtype=bool)
-        parents = pc.list_parent_indices(array).to_numpy()
-        present_np = np.zeros(len(array), dtype=bool)
-        np.logical_or.at(present_np, parents, _present_mask(flat))
-        return present_np & valid.to_numpy(zero_copy_only=False)
-    elif pa.types.is_struct(t):  # datasets.Image: {"bytes", "path"}
-        any_field = np.zeros(len(array), dtype=bool)
-        for i in range(t.num_fields):
-            any_field |= _present_mask(array.field(i))
-        return any_field & valid.to_numpy(zero_copy_only=False)
-    else:
-        present = valid
-    return present.fill_null(False).to_numpy(zero_copy_only=False)
+    n = batch.num_rows
+    problems = np.zeros(n, dtype=np.int64)
+    masks = []
+    texts, not_text, bad_utf8 = text_values(as_array(batch[text_column]), text_column, what=what)
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(True).to_numpy(zero_copy_only=False)
+    masks += [not_text, bad_utf8, empty & ~not_text & ~bad_utf8]
+    masks += [present_mask(as_array(batch[c])) for c in IMAGE_COLUMNS if c in batch.column_names]
+    dims = np.full(n, -1, dtype=np.int32)
+    if teacher_column is not None:
+        vectors = as_array(batch[teacher_column])
+        valid = pc.is_valid(vectors).to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(vectors).fill_null(0).to_numpy(zero_copy_only=False)
+        values = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+        parents = pc.list_parent_indices(vectors).to_numpy()
+        finite = np.isfinite(values)
+        nonfinite = np.bincount(parents, weights=~finite, minlength=n) > 0
+        nonzero = np.bincount(parents, weights=finite & (values != 0), minlength=n) > 0
+        masks += [~valid, valid & nonfinite, valid & (lengths > 0) & ~nonfinite & ~nonzero]
+        dims = np.where(valid, lengths, -1).astype(np.int32)
+    for bit, mask in enumerate(masks):
+        problems[mask] |= np.int64(1) << bit
+    return {"problems": problems, "teacher_dim": dims}
 
 
-def validate_distill_dataset(
-    dataset, *, text_column: str = "text", teacher_column: str = "teacher_embedding", what: str = "training dataset"
-) -> int | None:
-    """Check a stage-1 dataset before training and return the teacher embedding dimension.
-
-    Raises a clear error (naming rows) when the teacher column is missing, holds missing or inconsistent-length
-    vectors, a text is empty, or a row carries an image. Vectorised over the Arrow table; datasets without one
-    (``IterableDataset``, plain lists) are checked batch by batch by :class:`TextDistillCollator` instead (``None``
-    is returned).
-    """
-    import datasets
+def _check_teacher_column(dataset, *, text_column: str, teacher_column: str, what: str) -> None:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    from ..teacher import check_texts
-
-    if not isinstance(dataset, datasets.Dataset):
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and teacher_column not in columns:
-            raise KeyError(
-                f"The {what} has no teacher embedding column {teacher_column!r} (columns: {list(columns)}). "
-                + _HOW_TO_COMPUTE.format(text=text_column)
-            )
-        return None
     if teacher_column not in dataset.column_names:
         raise KeyError(
             f"The {what} has no teacher embedding column {teacher_column!r} (columns: {dataset.column_names}). "
             + _HOW_TO_COMPUTE.format(text=text_column)
         )
-    check_texts(dataset, text_column, what=what)
-
-    table = dataset.with_format("arrow")
-    for column in IMAGE_COLUMNS:
-        if column in dataset.column_names:
-            chunked = table[column]
-            array = chunked.combine_chunks() if isinstance(chunked, pa.ChunkedArray) else chunked
-            rows = np.flatnonzero(_present_mask(array))
-            if len(rows):
-                raise ValueError(
-                    f"{len(rows)} row(s) of the {what} carry an image in column {column!r} (rows "
-                    f"{_rows_text(rows)}). " + _image_rows_hint(column)
-                )
-
-    vectors = table[teacher_column]  # kept chunked: memory-mapped, never copied (it can be GBs)
-    kind = vectors.type
+    kind = dataset.with_format("arrow").data.schema.field(teacher_column).type
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
         raise TypeError(
             f"Column {teacher_column!r} of the {what} holds {kind}, not one vector (list of floats) per row. "
@@ -165,36 +165,88 @@ def validate_distill_dataset(
         )
     if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
         raise TypeError(f"Column {teacher_column!r} of the {what} holds lists of {kind.value_type}, not numbers.")
-    missing = np.flatnonzero(pc.is_null(vectors).to_numpy(zero_copy_only=False))
-    if len(missing):
-        raise ValueError(
-            f"{len(missing)} row(s) of the {what} have no teacher embedding in {teacher_column!r} (rows "
-            f"{_rows_text(missing)}). Recompute the column for these rows. " + _HOW_TO_COMPUTE.format(text=text_column)
-        )
-    if pa.types.is_fixed_size_list(kind):
-        dim = kind.list_size
-        lengths = np.full(len(vectors), dim)
-    else:
-        lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
-    dims, counts = np.unique(lengths, return_counts=True)
-    if len(dims) > 1:
-        common = int(dims[np.argmax(counts)])
-        odd = np.flatnonzero(lengths != common)
-        found = ", ".join(f"{int(d)} ({int(c)} rows)" for d, c in zip(dims, counts))
-        raise ValueError(
-            f"The teacher embeddings in {teacher_column!r} of the {what} have inconsistent dimensions: {found}. Rows "
-            f"whose dimension differs from the most common ({common}): {_rows_text(odd)}. All vectors must come "
-            "from one teacher; recompute them with a single teacher (mm_embed_trl.teacher.embed_with_teacher)."
-        )
-    dim = int(dims[0]) if len(dims) else None
-    if dim == 0:
-        raise ValueError(f"The teacher embeddings in {teacher_column!r} of the {what} are empty vectors.")
-    return dim
+
+
+def check_distill_rows(
+    dataset,
+    *,
+    text_column: str = "text",
+    teacher_column: str | None = "teacher_embedding",
+    what: str = "training dataset",
+    on_bad_row: str = "raise",
+):
+    """Check a stage-1 dataset before training; returns ``(dataset, teacher embedding dimension)``.
+
+    Column problems raise (no text or teacher column, a teacher column that is not one vector per row, an empty
+    dataset). Row problems follow ``on_bad_row`` (``data/validation.py``): an empty, non-text or non-UTF-8 text, an
+    image in any image column, a missing, non-finite or all-zero teacher vector, or one whose dimension differs from
+    the others. Vectorised over the Arrow table and cached with the dataset's fingerprint. ``teacher_column=None``
+    checks the texts only (before the teacher embeddings are computed). Datasets without an Arrow table
+    (``IterableDataset``, plain lists) are checked batch by batch by :class:`TextDistillCollator` instead (the
+    dimension is then ``None``).
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        columns = getattr(dataset, "column_names", None)
+        if teacher_column is not None and columns is not None and teacher_column not in columns:
+            raise KeyError(
+                f"The {what} has no teacher embedding column {teacher_column!r} (columns: {list(columns)}). "
+                + _HOW_TO_COMPUTE.format(text=text_column)
+            )
+        return dataset, None
+    require_column(dataset, text_column, what=what)
+    if teacher_column is not None:
+        _check_teacher_column(dataset, text_column=text_column, teacher_column=teacher_column, what=what)
+    if len(dataset) == 0:
+        raise ValueError(f"The {what} has no rows (an empty file or split?); there is nothing to train on.")
+    facts = row_facts(
+        dataset,
+        partial(_distill_facts, text_column=text_column, teacher_column=teacher_column, what=what),
+        contract="distill",
+        options={"text": text_column, "teacher": teacher_column, "columns": dataset.column_names},
+        what=what,
+    )
+    bits = fact_column(facts, "problems")
+    problems = [
+        BadRows(cause, np.flatnonzero(bits & (np.int64(1) << i)), fix)
+        for i, (cause, fix) in enumerate(_distill_causes(dataset.column_names, text_column, teacher_column))
+    ]
+    dim = None
+    if teacher_column is not None:
+        dims = fact_column(facts, "teacher_dim")
+        known = dims >= 0
+        values, counts = np.unique(dims[known], return_counts=True)
+        if len(values) > 1:
+            common = int(values[np.argmax(counts)])
+            odd = np.flatnonzero(known & (dims != common))
+            if on_bad_row == "raise":
+                found = ", ".join(f"{int(d)} ({int(c)} rows)" for d, c in zip(values, counts))
+                raise BadRowsError(
+                    f"The teacher embeddings in {teacher_column!r} of the {what} have inconsistent dimensions: "
+                    f"{found}. Rows whose dimension differs from the most common ({common}): {format_rows(odd)}. "
+                    "All vectors must come from one teacher; recompute them with a single teacher "
+                    "(mm_embed_trl.teacher.embed_with_teacher), or set on_bad_row='skip' to leave those rows out."
+                )
+            problems.append(BadRows(f"a teacher embedding of a dimension other than the common {common}", odd))
+            values = np.array([common])
+        dim = int(values[0]) if len(values) else None
+        if dim == 0:
+            raise ValueError(f"The teacher embeddings in {teacher_column!r} of the {what} are empty vectors.")
+    return enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row), dim
+
+
+def validate_distill_dataset(
+    dataset, *, text_column: str = "text", teacher_column: str = "teacher_embedding", what: str = "training dataset"
+) -> int | None:
+    """Check a stage-1 dataset (see :func:`check_distill_rows`, every bad row raising) and return the teacher
+    embedding dimension (``None`` for datasets without an Arrow table)."""
+    return check_distill_rows(dataset, text_column=text_column, teacher_column=teacher_column, what=what)[1]
 
 
 # --------------------------------------------------------------------------------------------------- collator
 def _has_value(value: Any) -> bool:
-    """Python-side twin of `_present_mask` for one row value (str, list, dict, PIL image, ...)."""
+    """Python-side twin of `data.validation.present_mask` for one row value (str, list, dict, PIL image, ...)."""
     if value is None:
         return False
     if isinstance(value, str):
@@ -222,7 +274,7 @@ class TextDistillCollator:
             (``<sent>\\nSummary above sentence in one word:``).
         text_column: the texts' column.
         teacher_column: the teacher vectors' column.
-        max_length: max text tokens kept per text (the prompt is never cut).
+        max_length: max text tokens kept per text (the prompt is never cut; `None` keeps whole texts).
         teacher_dim: the expected teacher dimension (from :func:`validate_distill_dataset`); `None` takes the
             first batch's and then holds every later batch to it.
     """
@@ -234,7 +286,7 @@ class TextDistillCollator:
         *,
         text_column: str = "text",
         teacher_column: str = "teacher_embedding",
-        max_length: int | None = None,
+        max_length: int | None = DEFAULT_MAX_TEXT_TOKENS,
         teacher_dim: int | None = None,
     ):
         self.encoder = EmbeddingCollator(processor, template=template, max_length=max_length, num_negatives=0)
@@ -245,7 +297,7 @@ class TextDistillCollator:
     def _describe(self, row: Mapping, index: int) -> str:
         text = row.get(self.text_column)
         snippet = f" (text={str(text)[:60]!r})" if isinstance(text, str) and text.strip() else ""
-        return f"row {index} of the batch{snippet}"
+        return describe_batch_row(row, index) + snippet
 
     def _teacher_matrix(self, rows: Sequence[Mapping]) -> torch.Tensor:
         values = []
@@ -364,26 +416,33 @@ class DistillEmbedTrainer(EmbeddingTrainer):
                 f"DistillEmbedTrainer needs a DistillEmbedConfig (it has text_column, teacher_column, temperature, "
                 f"...); got {type(args).__name__}."
             )
-        # Validate before any model work: a bad row found after hours of training is the expensive kind.
-        self._teacher_dim = self._validate(train_dataset, args, "training dataset")
-        eval_sets = eval_dataset.items() if isinstance(eval_dataset, Mapping) else [("", eval_dataset)]
-        for name, dataset in eval_sets:
-            dim = self._validate(dataset, args, f"eval dataset {name!r}".replace(" ''", ""))
-            if dim is not None and self._teacher_dim is not None and dim != self._teacher_dim:
-                raise ValueError(
-                    f"The eval dataset's teacher embeddings have dimension {dim} but the training dataset's have "
-                    f"{self._teacher_dim}: they must come from the same teacher."
-                )
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self._warned_small_batch = False
 
-    @staticmethod
-    def _validate(dataset, args: DistillEmbedConfig, what: str) -> int | None:
-        if dataset is None:
-            return None
-        return validate_distill_dataset(
-            dataset, text_column=args.text_column, teacher_column=args.teacher_column, what=what
-        )
+    def check_datasets(self, train_dataset, eval_dataset, args):
+        """The stage-1 row contract (:func:`check_distill_rows`) on every dataset, before any model work; all teacher
+        vectors must share one dimension."""
+        dims = {}
+
+        def check(dataset, what):
+            dataset, dims[what] = check_distill_rows(
+                dataset,
+                text_column=args.text_column,
+                teacher_column=args.teacher_column,
+                what=what,
+                on_bad_row=args.on_bad_row,
+            )
+            return dataset
+
+        train_dataset, eval_dataset = self._check_each(train_dataset, eval_dataset, args, check)
+        self._teacher_dim = dims.get("training dataset")
+        for what, dim in dims.items():
+            if dim is not None and self._teacher_dim is not None and dim != self._teacher_dim:
+                raise ValueError(
+                    f"The {what}'s teacher embeddings have dimension {dim} but the training dataset's have "
+                    f"{self._teacher_dim}: they must come from the same teacher."
+                )
+        return train_dataset, eval_dataset
 
     def default_collator(self, model, processing_class, args):
         return TextDistillCollator(

@@ -22,6 +22,10 @@ class HardNegContrastiveConfig(EmbeddingTrainingArguments):
             4 → 63.8, 8 → 64.2, 16 → 63.5, 64 → 63.2). `0` keeps every surviving candidate (plain InfoNCE when
             the filter is off too).
         symmetric_loss (`bool`, defaults to `False`): add the target → query InfoNCE term (UME-R1 style).
+        dataloader_drop_last (`bool`, defaults to `True`, unlike `TrainingArguments`): drop each epoch's last,
+            incomplete global batch (per_device_train_batch_size x processes rows). Contrastive batches are their own
+            negatives: a short last batch has fewer of them, and one of 1 row has none. The rows dropped differ from
+            epoch to epoch (the data is shuffled); the trainer logs how many. `False` keeps them.
     """
 
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (UniME: 0.02)."})
@@ -35,6 +39,13 @@ class HardNegContrastiveConfig(EmbeddingTrainingArguments):
         default=8, metadata={"help": "Hardest surviving candidates kept per query, k (UniME: 8; 0 = all)."}
     )
     symmetric_loss: bool = field(default=False, metadata={"help": "Add the target->query InfoNCE term."})
+    dataloader_drop_last: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop each epoch's last incomplete global batch (default True for contrastive training: a short "
+            "batch has fewer in-batch negatives, one of 1 row none; the trainer logs how many rows are dropped)."
+        },
+    )
     # paper-style defaults for the optimiser side
     learning_rate: float = field(default=1e-4, metadata={"help": "UniME: 1e-4 (Phi-3.5-V), 2e-5 (LLaVA)."})
 

@@ -2,12 +2,64 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..distributed import gather_no_grad, gather_with_grad
 from ..losses import hard_negative_infonce_loss
 from .base import EmbeddingTrainer
 from .hardneg_config import HardNegContrastiveConfig
+
+logger = logging.getLogger(__name__)
+
+
+def check_last_batch(train_dataset, args: HardNegContrastiveConfig) -> None:
+    """Before any model work: refuse batches that cannot contrast, and say what `dataloader_drop_last` leaves out.
+
+    The global batch is per_device_train_batch_size x processes. Accelerate completes the last batch of a
+    multi-process epoch with rows from its start (`even_batches`), so only a single process (or `even_batches=False`)
+    sees a short one.
+    """
+    from ..data.schema import NEG_IMAGE, NEG_TEXT
+
+    if train_dataset is None or not hasattr(train_dataset, "__len__"):
+        return
+    rows = len(train_dataset)
+    per_device, world = args.per_device_train_batch_size, args.world_size
+    global_batch = per_device * world
+    size = f"{per_device} per device x {world} process(es) = {global_batch}"
+    columns = getattr(train_dataset, "column_names", None) or []
+    explicit_negatives = args.num_negatives != 0 and (NEG_TEXT in columns or NEG_IMAGE in columns)
+    if global_batch == 1 and not explicit_negatives:
+        raise ValueError(
+            "A global batch of 1 row without explicit negatives has nothing to contrast with: raise "
+            "per_device_train_batch_size, train on more processes, or add neg_text/neg_image_path columns."
+        )
+    remainder = rows % global_batch
+    if args.dataloader_drop_last:
+        if rows < global_batch:
+            raise ValueError(
+                f"The training dataset has {rows} rows, fewer than one global batch ({size}), and "
+                "dataloader_drop_last=True (the contrastive default) drops incomplete batches: no step would run. "
+                "Lower per_device_train_batch_size or use more data."
+            )
+        if remainder:
+            logger.warning(
+                "dataloader_drop_last=True (the contrastive default): each epoch leaves out %d of the %d training "
+                "rows, the last incomplete global batch (%s; different rows each epoch, the data is shuffled). Set "
+                "dataloader_drop_last=False (--dataloader_drop_last false) to keep them.",
+                remainder, rows, size,
+            )
+        return
+    pads_last_batch = world > 1 and args.accelerator_config.even_batches
+    if remainder == 1 and not explicit_negatives and not pads_last_batch:
+        raise ValueError(
+            f"The last batch of every epoch would hold 1 row ({rows} rows, global batch {size}), which has no "
+            "negatives to contrast with, so training would stop at the end of the first epoch. Set "
+            "dataloader_drop_last=True (the contrastive default), or a per_device_train_batch_size that does not "
+            f"leave 1 row over ({rows} % batch != 1)."
+        )
 
 
 class HardNegContrastiveTrainer(EmbeddingTrainer):
@@ -47,6 +99,11 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
             args = HardNegContrastiveConfig(output_dir="hardneg-output")
         super().__init__(model, args, *pargs, **kwargs)
 
+    def check_datasets(self, train_dataset, eval_dataset, args):
+        train_dataset, eval_dataset = super().check_datasets(train_dataset, eval_dataset, args)
+        check_last_batch(train_dataset, args)
+        return train_dataset, eval_dataset
+
     def compute_embedding_loss(self, model, inputs):
         args: HardNegContrastiveConfig = self.args
         num_negatives = int(inputs.get("num_negatives", 0))
@@ -63,8 +120,9 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
                 negatives, negative_ids = gather_with_grad(negatives), gather_no_grad(negative_ids)
         if query.shape[0] < 2 and negatives is None:
             raise ValueError(
-                "A global batch of 1 row without explicit negatives has no negatives to contrast with: raise "
-                "per_device_train_batch_size, train on more processes with gather_across_devices=True, or add "
+                "A global batch of 1 row without explicit negatives has no negatives to contrast with. A short last "
+                "batch: set dataloader_drop_last=True (the contrastive default). Otherwise raise "
+                "per_device_train_batch_size, keep gather_across_devices=True across processes, or add "
                 "neg_text/neg_image_path columns."
             )
         batch = query.shape[0]

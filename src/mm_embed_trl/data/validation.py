@@ -1,0 +1,595 @@
+"""Row contracts checked before training, so a bad row is found at start-up rather than hours into a run.
+
+A contract is checked over the whole dataset, vectorised over its Arrow table batch by batch (``datasets.map``: a
+progress bar, and a cache file keyed by the dataset's fingerprint, so a re-run on the same data is free). Problems
+with a column (missing, misspelt, the wrong type) always raise. Problems with single rows follow ``on_bad_row``:
+
+* ``"raise"`` (the default): one error naming the dataset and, per cause, the rows (positions in the dataset, and
+  the lines of the JSON Lines file they came from when known) with the fix;
+* ``"skip"``: every bad row is logged with its cause and left out, and the count is logged.
+
+The contrastive (MMEB-train) contract is :func:`check_training_rows`; the stage-1 distillation contract
+(``trainers/distill_trainer.py``) is built from the same pieces. Datasets without an Arrow table
+(``IterableDataset``) are checked batch by batch by the collators instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from .loading import check_training_columns, keep_source, source_file, source_lines
+from .schema import NEG_IMAGE, NEG_TEXT, ROW_INDEX_COLUMN, SIDES
+from .templates import IMAGE_PLACEHOLDER_PATTERN
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ON_BAD_ROW_CHOICES",
+    "BadRows",
+    "BadRowsError",
+    "check_training_rows",
+    "enforce_on_bad_row",
+    "fact_column",
+    "format_rows",
+    "invalid_utf8_mask",
+    "present_mask",
+    "require_column",
+    "row_facts",
+    "text_causes",
+    "rows_left_out",
+    "text_values",
+    "value_lists",
+    "with_row_index",
+]
+
+ON_BAD_ROW_CHOICES = ("raise", "skip")
+# Part of every cache key: bump when a contract's facts change for the same data.
+_CONTRACT_VERSION = 1
+_BATCH_ROWS = 10_000
+# Fingerprints of datasets a contrastive check returned in this process: the example checks before the model loads,
+# the trainer checks again, and the second check must cost nothing.
+_CHECKED: set[str] = set()
+# fingerprint of a dataset enforce_on_bad_row returned -> how many bad rows it left out (reported after training)
+_LEFT_OUT: dict[str, int] = {}
+
+
+class BadRowsError(ValueError):
+    """Rows of a dataset break its contract; the message names the dataset, the rows, the causes and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- arrow helpers
+def as_array(column):
+    """One contiguous ``pyarrow.Array`` from a (chunked) column."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def _is_json(array) -> bool:
+    return getattr(array.type, "extension_name", None) == "arrow.json"
+
+
+def _json_values(array) -> list:
+    """The Python values of a ``datasets.Json`` column (what a JSON file with mixed-type fields loads as)."""
+    return [None if s is None else json.loads(s) for s in array.storage.to_pylist()]
+
+
+def present_mask(array) -> np.ndarray:
+    """Per row: does this arrow array hold a real value (non-null, non-blank string, non-empty list / struct)?"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = array.type
+    if _is_json(array):
+        from .schema import is_missing
+
+        return np.array([not is_missing(v) and v != [] for v in _json_values(array)], dtype=bool)
+    valid = pc.is_valid(array)
+    if pa.types.is_null(t):
+        return np.zeros(len(array), dtype=bool)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        present = pc.and_(valid, pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(array)), 0))
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        present = pc.and_(valid, pc.greater(pc.binary_length(array), 0))
+    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        # A list counts when any element is present (MMEB writes [""] for "no image" lists too).
+        flat = array.flatten()
+        if len(flat) == 0:
+            return np.zeros(len(array), dtype=bool)
+        parents = pc.list_parent_indices(array).to_numpy()
+        present_np = np.zeros(len(array), dtype=bool)
+        np.logical_or.at(present_np, parents, present_mask(flat))
+        return present_np & valid.to_numpy(zero_copy_only=False)
+    elif pa.types.is_struct(t):  # datasets.Image: {"bytes", "path"}
+        any_field = np.zeros(len(array), dtype=bool)
+        for i in range(t.num_fields):
+            any_field |= present_mask(array.field(i))
+        return any_field & valid.to_numpy(zero_copy_only=False)
+    else:
+        present = valid
+    return present.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def require_column(dataset, column: str, *, what: str, kind: str = "text", option: str = "text_column") -> None:
+    """A clear KeyError when the ``kind`` column ``column`` is missing, naming the option that picks it."""
+    if column not in dataset.column_names:
+        raise KeyError(
+            f"The {what} has no {kind} column {column!r} (columns: {dataset.column_names}). Name it with "
+            f"{option}=..., or rename it: dataset.rename_column(<old>, {column!r})."
+        )
+
+
+def invalid_utf8_mask(array) -> np.ndarray:
+    """Per row of a string array: is its text invalid UTF-8 (what a badly encoded file loads as, unchecked)?
+
+    Arrow validates a whole array at once and names only the first bad value, so rows are looked at one by one only
+    in an array that failed (the error path).
+    """
+    import pyarrow as pa
+
+    bad = np.zeros(len(array), dtype=bool)
+    try:
+        array.validate(full=True)
+        return bad
+    except pa.ArrowInvalid:
+        pass
+    for i in range(len(array)):
+        try:
+            array.slice(i, 1).validate(full=True)
+        except pa.ArrowInvalid:
+            bad[i] = True
+    return bad
+
+
+def text_values(array, column: str, *, what: str):
+    """``(texts, not_text, bad_utf8)`` of a text column: a string array (null where the value is missing or
+    unusable) and per-row masks of values that are not texts (numbers in a mixed JSON field) or invalid UTF-8.
+
+    Raises:
+        TypeError: the column holds no texts at all (numbers, lists, ...): a column-level problem.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(array)
+    if pa.types.is_null(array.type):
+        return pa.nulls(n, pa.string()), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    if _is_json(array):  # a JSON field whose rows mix texts and other values: keep the texts, flag the rest
+        values = _json_values(array)
+        not_text = np.array([v is not None and not isinstance(v, str) for v in values], dtype=bool)
+        texts = pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+        return texts, not_text, np.zeros(n, dtype=bool)
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        raise TypeError(
+            f"Column {column!r} of the {what} holds {array.type} values, not strings. Convert it, e.g. "
+            f"dataset.cast_column({column!r}, datasets.Value('string')), or map the values to the texts they stand "
+            "for (label names rather than label ids)."
+        )
+    bad_utf8 = invalid_utf8_mask(array)
+    if bad_utf8.any():
+        array = pc.if_else(pa.array(bad_utf8), pa.scalar(None, array.type), array)
+    return array, np.zeros(n, dtype=bool), bad_utf8
+
+
+def value_lists(array):
+    """Row i as a list of values, the way :func:`~mm_embed_trl.data.schema.row_negatives` reads a field: a list
+    stays a list, a present single value is a list of one, a missing one (None, "") an empty list."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = array.type
+    if _is_json(array):
+        from .schema import _as_list
+
+        def element(x):  # texts and paths as they are; anything else is at least "present"
+            return x if isinstance(x, str) or x is None else json.dumps(x)
+
+        return pa.array([[element(x) for x in _as_list(v)] for v in _json_values(array)], pa.list_(pa.string()))
+    if pa.types.is_fixed_size_list(t):
+        array, t = array.cast(pa.list_(t.value_type)), pa.list_(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pc.if_else(pc.is_null(array), pa.scalar([], t), array) if array.null_count else array
+    present = present_mask(array)
+    offsets = np.concatenate([[0], np.cumsum(present)]).astype(np.int32)
+    values = array.filter(pa.array(present)) if len(array) else array
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _list_lengths(lists) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _per_element_to_rows(lists, element_mask: np.ndarray) -> np.ndarray:
+    """Per row: does any element of the row's list have ``element_mask`` set?"""
+    import pyarrow.compute as pc
+
+    out = np.zeros(len(lists), dtype=bool)
+    if len(element_mask):
+        np.logical_or.at(out, pc.list_parent_indices(lists).to_numpy(), element_mask)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the policy
+def format_rows(rows: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in rows[:limit])
+    return shown + (f", ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+@dataclass
+class BadRows:
+    """Rows (positions in the dataset) that share one problem. ``cause`` is a noun phrase ("an empty 'qry' and no
+    image in 'qry_image_path'"), ``fix`` says what to do about it."""
+
+    cause: str
+    rows: np.ndarray
+    fix: str = ""
+
+
+def _locations(dataset, rows: np.ndarray) -> dict[int, str]:
+    """Where rows came from, for messages: ``{position: "line 2 of train.jsonl"}`` when known."""
+    path = source_file(dataset)
+    if path is None:
+        return {}
+    lines = source_lines(path, rows)
+    name = path.rsplit("/", 1)[-1]
+    return {int(r): f"line {lines[int(r)]} of {name}" for r in rows if int(r) in lines}
+
+
+def _rows_with_lines(rows: np.ndarray, where: dict[int, str], limit: int = 10) -> str:
+    text = f"rows {format_rows(rows, limit)}"
+    shown = [where[int(r)] for r in rows[:limit] if int(r) in where]
+    if shown:
+        name = shown[0].rsplit(" of ", 1)[-1]
+        text += "; lines " + ", ".join(s.split()[1] for s in shown) + f" of {name}"
+    return text
+
+
+def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_bad_row: str):
+    """Apply the ``on_bad_row`` policy to the rows ``problems`` name: raise a :class:`BadRowsError` that lists them
+    per cause, or log each with its cause and return the dataset without them."""
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}.")
+    problems = [p for p in problems if len(p.rows)]
+    if not problems:
+        return dataset
+    where = _locations(dataset, np.unique(np.concatenate([p.rows for p in problems])))
+    if on_bad_row == "raise":
+        parts = [
+            f"{len(p.rows)} row(s) of the {what} with {p.cause} ({_rows_with_lines(p.rows, where)})."
+            + (f" {p.fix}" if p.fix else "")
+            for p in problems
+        ]
+        raise BadRowsError(
+            f"The {what} has rows that training cannot use (found before training, nothing was trained):\n"
+            + "\n".join(f"  - {part}" for part in parts)
+            + "\nFix or drop these rows, or set on_bad_row='skip' (--on_bad_row skip) to leave them out (each is "
+            "logged)."
+        )
+    bad = np.zeros(len(dataset), dtype=bool)
+    for p in problems:
+        for row in p.rows:
+            location = f" ({where[int(row)]})" if int(row) in where else ""
+            logger.warning("Skipping row %d%s of the %s: %s.", int(row), location, what, p.cause)
+        bad[p.rows] = True
+    keep = np.flatnonzero(~bad)
+    if len(keep) == 0:
+        raise BadRowsError(
+            f"Every row of the {what} ({len(dataset)}) is bad (causes: {'; '.join(p.cause for p in problems)}); "
+            "there is nothing left to train on."
+        )
+    logger.warning(
+        "Skipped %d bad row(s) of %d in the %s (on_bad_row='skip'); %d remain.", int(bad.sum()), len(dataset), what,
+        len(keep),
+    )
+    kept = dataset.select(keep)
+    _LEFT_OUT[kept._fingerprint] = len(dataset) - len(keep)
+    return kept
+
+
+def rows_left_out(dataset) -> int:
+    """How many bad rows a check with ``on_bad_row="skip"`` left out to give ``dataset`` (0 if none / unknown)."""
+    return _LEFT_OUT.get(getattr(dataset, "_fingerprint", None), 0)
+
+
+def row_facts(dataset, compute: Callable, *, contract: str, options: dict, what: str):
+    """``compute(batch: pyarrow.Table) -> {name: numpy array}`` over every row, as one ``pyarrow.Table``.
+
+    Runs batch by batch through ``datasets.map`` (a progress bar) under a fingerprint made of the dataset's, the
+    contract's name and ``options`` (everything the facts depend on) and :data:`_CONTRACT_VERSION`: a dataset with
+    cache files (loaded from a file, the Hub or disk) is checked once, later runs read the cached facts.
+    """
+    import pyarrow as pa
+
+    key = hashlib.blake2b(
+        json.dumps(
+            {"v": _CONTRACT_VERSION, "data": dataset._fingerprint, "contract": contract, **options}, sort_keys=True
+        ).encode(),
+        digest_size=16,
+    ).hexdigest()
+
+    def batch_facts(batch):
+        return pa.table(compute(batch))
+
+    facts = dataset.with_format("arrow").map(
+        batch_facts,
+        batched=True,
+        batch_size=_BATCH_ROWS,
+        remove_columns=dataset.column_names,
+        new_fingerprint=key,
+        desc=f"Checking the rows of the {what}",
+    )
+    return facts.with_format("arrow")[:]
+
+
+def fact_column(facts, name: str) -> np.ndarray:
+    """One column of :func:`row_facts`'s table as a numpy array."""
+    return as_array(facts[name]).to_numpy(zero_copy_only=False)
+
+
+def with_row_index(dataset):
+    """The dataset with a :data:`~mm_embed_trl.data.schema.ROW_INDEX_COLUMN` of row positions (kept when it already
+    has one), so the collators name the dataset row of a bad value, not its position in a shuffled batch."""
+    if ROW_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    return keep_source(dataset.add_column(ROW_INDEX_COLUMN, np.arange(len(dataset), dtype=np.int64)), dataset)
+
+
+def _is_checked(dataset) -> bool:
+    return getattr(dataset, "_fingerprint", None) in _CHECKED
+
+
+def _mark_checked(dataset):
+    _CHECKED.add(dataset._fingerprint)
+    return dataset
+
+
+# ------------------------------------------------------------------------------------ the contrastive contract
+_PLACEHOLDER_REGEX = IMAGE_PLACEHOLDER_PATTERN.pattern
+# the two sides every row embeds (negatives are checked on their own)
+_ROW_SIDES = ("query", "positive")
+
+
+def text_causes(column: str) -> list[tuple[str, str]]:
+    """(cause, fix) of the two problems :func:`text_values` finds in a text column, in its mask order."""
+    return [
+        (f"a {column!r} that is not a text (a number or a list)", f"Store {column!r} values as strings."),
+        (f"a {column!r} that is not valid UTF-8", "Re-encode the data file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."),
+    ]
+
+
+def _check_image_column(array, column: str, *, what: str) -> None:
+    """One image value per row: a path, a ``datasets.Image`` struct, encoded bytes, or nothing."""
+    import pyarrow as pa
+
+    t = array.type
+    if _is_json(array) or pa.types.is_null(t) or pa.types.is_struct(t):
+        return
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return
+    raise TypeError(
+        f"Column {column!r} of the {what} holds {t} values; it needs one image per row: a path (relative to "
+        "image_root), a datasets.Image value, encoded bytes, or '' for none."
+    )
+
+
+def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
+    """The (cause, fix) of each problem bit of :func:`_contrastive_facts`, in bit order."""
+    causes = []
+    for side in _ROW_SIDES:
+        text_col, image_col = SIDES[side]
+        causes += text_causes(text_col) + [
+            (
+                f"an empty {text_col!r} and no image in {image_col!r}",
+                "There is nothing to embed: fill in the text or the image, or drop these rows.",
+            ),
+            (
+                f"only an image placeholder in {text_col!r} but no image in {image_col!r}",
+                f"Fill in {image_col!r} with the row's image path (relative to image_root), or drop these rows.",
+            ),
+            (f"an image path in {image_col!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
+        ]
+    causes += [
+        (
+            f"{NEG_TEXT!r} and {NEG_IMAGE!r} lists of different lengths",
+            "Give one image value ('' for none) per negative text.",
+        ),
+        (f"a negative in {NEG_TEXT!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
+    ]
+    return causes
+
+
+def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, np.ndarray]:
+    """Per row: a bit mask of problems (see :func:`_contrastive_causes`), whether each side's text holds an image
+    placeholder and whether it has an image, and the number of explicit negatives."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    problems = np.zeros(n, dtype=np.int64)
+    bit = 0
+    facts: dict[str, np.ndarray] = {}
+
+    def flag(mask):
+        nonlocal bit
+        problems[mask] |= np.int64(1) << bit
+        bit += 1
+
+    for side in _ROW_SIDES:
+        text_col, image_col = SIDES[side]
+        texts, not_text, bad_utf8 = text_values(as_array(batch[text_col]), text_col, what=what)
+        placeholder = pc.match_substring_regex(texts, _PLACEHOLDER_REGEX).fill_null(False)
+        placeholder = placeholder.to_numpy(zero_copy_only=False)
+        stripped = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, ""))
+        empty = pc.equal(pc.utf8_length(stripped), 0).fill_null(True).to_numpy(zero_copy_only=False)
+        image_bad_utf8 = np.zeros(n, dtype=bool)
+        if image_col in batch.column_names:
+            images = as_array(batch[image_col])
+            _check_image_column(images, image_col, what=what)
+            if pa.types.is_string(images.type) or pa.types.is_large_string(images.type):
+                image_bad_utf8 = invalid_utf8_mask(images)
+            has_image = present_mask(images) & ~image_bad_utf8
+        else:
+            has_image = np.zeros(n, dtype=bool)
+        usable = ~not_text & ~bad_utf8
+        flag(not_text)
+        flag(bad_utf8)
+        flag(usable & empty & ~placeholder & ~has_image)
+        flag(usable & empty & placeholder & ~has_image)
+        flag(image_bad_utf8)
+        facts[f"{side}_placeholder"] = placeholder
+        facts[f"{side}_image"] = has_image
+
+    counts = np.zeros(n, dtype=np.int32)
+    mismatch = np.zeros(n, dtype=bool)
+    negative_bad_utf8 = np.zeros(n, dtype=bool)
+    if with_negatives and (NEG_TEXT in batch.column_names or NEG_IMAGE in batch.column_names):
+        counts, mismatch, negative_bad_utf8 = _negative_counts(batch)
+    flag(mismatch)
+    flag(negative_bad_utf8)
+    facts["problems"] = problems
+    facts["num_negatives"] = counts
+    return facts
+
+
+def _negative_counts(batch):
+    """Per row, vectorised: (number of explicit negatives, whether the neg_* lists disagree in length, whether a
+    negative text is invalid UTF-8), following :func:`~mm_embed_trl.data.schema.row_negatives`: a field of one value
+    applies to every negative, pairs with neither a text nor an image do not count."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    fields = []  # per column: (list lengths, lists or None, per-element presence)
+    bad_utf8 = np.zeros(n, dtype=bool)
+    for column in (NEG_TEXT, NEG_IMAGE):
+        if column not in batch.column_names:
+            fields.append((np.zeros(n, dtype=np.int64), None, None))
+            continue
+        lists = value_lists(as_array(batch[column]))
+        flat = lists.flatten()
+        if column == NEG_TEXT and (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
+            bad_utf8 |= _per_element_to_rows(lists, invalid_utf8_mask(flat))
+        fields.append((_list_lengths(lists), lists, present_mask(flat) if len(flat) else np.zeros(0, dtype=bool)))
+    total = np.maximum(fields[0][0], fields[1][0])
+    mismatch = np.zeros(n, dtype=bool)
+    for length, _, _ in fields:
+        mismatch |= (length > 1) & (length != total)
+    # pair j of row r lives at starts[r] + j; a pair counts when its text or its image is present
+    starts = np.concatenate([[0], np.cumsum(total)])
+    pair_present = np.zeros(int(starts[-1]), dtype=bool)
+    broadcast = np.zeros(n, dtype=bool)  # one present value applied to every negative of the row
+    for length, lists, present in fields:
+        if lists is None or not len(present):
+            continue
+        parents = pc.list_parent_indices(lists).to_numpy()
+        offsets = lists.offsets.to_numpy()
+        within = np.arange(len(present)) + offsets[0] - offsets[parents]
+        broadcast |= (length == 1) & (total > 1) & _per_element_to_rows(lists, present)
+        aligned = (length == total)[parents] & ~mismatch[parents] & present
+        pair_present[starts[parents[aligned]] + within[aligned]] = True
+    cumulative = np.concatenate([[0], np.cumsum(pair_present)])
+    counts = cumulative[starts[1:]] - cumulative[starts[:-1]]
+    counts = np.where(broadcast, total, counts)
+    return np.where(mismatch, 0, counts).astype(np.int32), mismatch, bad_utf8
+
+
+def _placeholder_problems(facts, dataset, *, what: str) -> None:
+    """A side whose texts ask for images (``<|image_1|>``) while its image column is absent or empty in every row:
+    the images were lost (a misspelt or dropped column), and training would embed the bare instruction."""
+    columns = dataset.column_names
+    for side in _ROW_SIDES:
+        text_col, image_col = SIDES[side]
+        asks, has = fact_column(facts, f"{side}_placeholder"), fact_column(facts, f"{side}_image")
+        if asks.any() and not has.any():
+            state = "absent" if image_col not in columns else "empty in every row"
+            raise ValueError(
+                f"{int(asks.sum())} row(s) of the {what} have an image placeholder (e.g. <|image_1|>) in {text_col!r}, "
+                f"but column {image_col!r} is {state}, so every such query would embed the bare instruction. Put each "
+                f"row's image (a path relative to image_root, or a datasets.Image) in {image_col!r}: rename the "
+                f"column that holds them (columns: {columns}) with dataset.rename_column(<old>, {image_col!r})."
+            )
+
+
+def _negative_count_problems(counts: np.ndarray, num_negatives: int | None) -> list[BadRows]:
+    if num_negatives is not None:
+        few = np.flatnonzero(counts < num_negatives)
+        return [
+            BadRows(
+                f"fewer than num_negatives={num_negatives} explicit negatives",
+                few,
+                "Give these rows more negatives, or lower num_negatives (0 ignores explicit negatives).",
+            )
+        ]
+    values, seen = np.unique(counts, return_counts=True)
+    if len(values) <= 1:
+        return []
+    common = int(values[np.argmax(seen)])
+    return [
+        BadRows(
+            f"a number of explicit negatives other than the {common} most rows carry",
+            np.flatnonzero(counts != common),
+            "Every batch needs the same number per row: pad or trim neg_text/neg_image_path, or set num_negatives "
+            "to a count every row has (0 ignores explicit negatives).",
+        )
+    ]
+
+
+def check_training_rows(
+    dataset,
+    *,
+    what: str = "training dataset",
+    num_negatives: int | None = None,
+    on_bad_row: str = "raise",
+):
+    """Check an MMEB-train-schema dataset before training; return it ready for the collator.
+
+    Column problems raise: missing or misspelt MMEB columns (:func:`~mm_embed_trl.data.loading.check_training_columns`),
+    a text column without texts, image placeholders in a side's texts while its image column is absent or empty in
+    every row, an empty dataset. Row problems (a text that is not a string or not valid UTF-8, a side with neither a
+    text nor an image, negatives that do not pair up or differ in number) follow ``on_bad_row`` (see
+    :func:`enforce_on_bad_row`). The returned dataset carries a row index column for the collator's error messages.
+    ``IterableDataset`` and plain lists are returned unchanged (the collator checks each batch).
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    if _is_checked(dataset):
+        return dataset
+    check_training_columns(dataset, name=f"the {what}")
+    if len(dataset) == 0:
+        raise ValueError(f"The {what} has no rows (an empty file or split?); there is nothing to train on.")
+    with_negatives = num_negatives != 0
+    facts = row_facts(
+        dataset,
+        partial(_contrastive_facts, what=what, with_negatives=with_negatives),
+        contract="contrastive",
+        options={"with_negatives": with_negatives, "columns": dataset.column_names},
+        what=what,
+    )
+    _placeholder_problems(facts, dataset, what=what)
+    bits = fact_column(facts, "problems")
+    problems = [
+        BadRows(cause, np.flatnonzero(bits & (np.int64(1) << i)), fix)
+        for i, (cause, fix) in enumerate(_contrastive_causes(dataset.column_names))
+    ]
+    if with_negatives:
+        counts = fact_column(facts, "num_negatives")
+        usable = bits == 0
+        problems += [
+            BadRows(p.cause, p.rows[usable[p.rows]], p.fix) for p in _negative_count_problems(counts, num_negatives)
+        ]
+    dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
+    return _mark_checked(dataset)
+
