@@ -529,6 +529,18 @@ def _resolve_prompts(template: PromptTemplate, prompts: Mapping[str, str] | None
     return resolved
 
 
+def _refuse_overlap_with_source(source: str | os.PathLike, output_dir: pathlib.Path) -> None:
+    """An export that is, contains or lies inside the checkpoint it reads would replace (delete) that checkpoint."""
+    source_dir = pathlib.Path(source).expanduser().resolve()
+    target = output_dir.resolve()
+    if target == source_dir or target in source_dir.parents or source_dir in target.parents:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} overlaps the checkpoint being exported ({str(source_dir)!r}): writing "
+            "the export there would replace the run it is made from. Choose an output_dir outside the checkpoint "
+            "(e.g. a sibling such as <run>-st)."
+        )
+
+
 def _prepare_output_dir(output_dir: pathlib.Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {str(output_dir)!r} exists and is a file.")
@@ -565,7 +577,8 @@ def export_sentence_transformers(
         model_or_path: a ``MultimodalEmbeddingModel`` or the directory of a saved one (a training run's
             ``output_dir``). LoRA adapters are merged into a copy; the caller's model is never modified.
         output_dir: directory to write (must be empty or absent unless ``overwrite``). Written to a temporary
-            sibling first and renamed into place, so a failed export leaves nothing half-written.
+            sibling first and renamed into place, so a failed export leaves nothing half-written. It may not be,
+            contain or lie inside the checkpoint directory being exported.
         prompts: ST prompts; ``"query"`` / ``"document"`` are the side instructions (default: the prompt template's
             own, ``""`` for the built-in templates). Other names are extra instructions usable with
             ``prompt_name=``. Saved in ``config_sentence_transformers.json``.
@@ -589,6 +602,8 @@ def export_sentence_transformers(
     from .model_card import collect_card_metadata, render_model_card
 
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
+    if isinstance(model_or_path, (str, os.PathLike)):
+        _refuse_overlap_with_source(model_or_path, output_dir)
     _prepare_output_dir(output_dir, overwrite)
     model = load_model_for_export(model_or_path)
     owned = model is not model_or_path
