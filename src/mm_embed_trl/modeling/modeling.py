@@ -452,6 +452,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         finally:
             self.train(was_training)
         out = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_size)
+        degenerate = count_degenerate_rows(out)
+        if degenerate:
+            logger.warning(
+                "encode: %d of %d embeddings are zero or non-finite (NaN/inf) vectors: the weights are degenerate "
+                "(e.g. a diverged training run); use an earlier checkpoint.",
+                degenerate,
+                len(out),
+            )
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
@@ -459,6 +467,16 @@ class MultimodalEmbeddingModel(PreTrainedModel):
     @property
     def embedding_size(self) -> int:
         return self.config.embedding_dim or self.config.hidden_size
+
+
+def count_degenerate_rows(embeddings: torch.Tensor) -> int:
+    """Rows of a (N, D) embedding matrix that are unusable: any NaN/inf, or a (numerically) zero vector."""
+    if embeddings.numel() == 0:
+        return 0
+    rows = embeddings.reshape(len(embeddings), -1).float()
+    # 1e-12: far below any real embedding's norm (1 when normalised), above what underflow leaves of a zero vector
+    bad = ~torch.isfinite(rows).all(dim=-1) | (rows.norm(dim=-1) < 1e-12)
+    return int(bad.sum())
 
 
 def load_processor_for(name_or_path, **kwargs):
