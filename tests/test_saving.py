@@ -239,3 +239,42 @@ def test_a_full_disk_during_the_final_save_or_an_export_is_a_clear_error(
         with pytest.raises(DiskFullError, match=r"at .*export.* while writing the sentence-transformers export"):
             export_sentence_transformers(config.output_dir, tmp_path / "export")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no staging folder anywhere
+
+
+# ------------------------------------------------------------------------------------- reused output_dir, resume
+def test_a_fresh_run_into_another_runs_output_dir_is_refused_or_replaces_it(tiny_backbone, shapes_data, tmp_path):
+    config = _config(tmp_path, save_strategy="steps", save_steps=2, max_steps=4, image_root=str(shapes_data.image_root))
+    first = _trainer(tiny_backbone, shapes_data, config)
+    first.train()
+    first.save_for_inference()
+    out = Path(config.output_dir)
+    old = _tree(out)
+    again = _trainer(tiny_backbone, shapes_data, config)
+    with pytest.raises(FileExistsError, match=r"holds another run \(checkpoint-2, checkpoint-4, a final model.*"
+                       r"--resume_from_checkpoint last.*--overwrite_output_dir"):
+        again.train()
+    assert _tree(out) == old  # untouched
+
+    config = _config(tmp_path, save_strategy="steps", save_steps=3, max_steps=3, overwrite_output_dir=True,
+                     image_root=str(shapes_data.image_root))
+    replacing = _trainer(tiny_backbone, shapes_data, config)
+    replacing.train()
+    # the old run's checkpoints are gone (rotation and "last" would have picked checkpoint-4 of the old run)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_resume_last_picks_the_newest_complete_checkpoint_or_says_there_is_none(
+    tiny_backbone, shapes_data, tmp_path
+):
+    config = _config(tmp_path, save_strategy="steps", save_steps=1, max_steps=2, image_root=str(shapes_data.image_root))
+    trainer = _trainer(tiny_backbone, shapes_data, config)
+    with pytest.raises(FileNotFoundError, match=r"'last' found no complete checkpoint in output_dir .*out"):
+        trainer.train(resume_from_checkpoint="last")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "nope"))
+    trainer.train()
+    out = Path(config.output_dir)
+    (out / "checkpoint-7").mkdir()  # copied by hand, incomplete: no trainer_state.json, no weights
+    (out / "checkpoint-7" / "optimizer.pt").write_bytes(b"partial")
+    assert trainer.resolve_resume_checkpoint("last") == str(out / "checkpoint-2")
+    assert trainer.resolve_resume_checkpoint(True) == str(out / "checkpoint-2")

@@ -49,6 +49,11 @@ class EmbeddingTrainingArguments(TrainingArguments):
         freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector.
         save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write a
             sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged).
+        overwrite_output_dir (`bool`, defaults to `False`): train afresh into an `output_dir` that holds another
+            run (checkpoints or a final model): its checkpoints are deleted when training starts, its final model
+            is replaced by the new one at the end. Without it such a run is refused unless it resumes.
+        resume_from_checkpoint (`str`, *optional*): a checkpoint folder to resume from, or `"last"`: the newest
+            complete `checkpoint-N` of `output_dir`.
     """
 
     model_init_kwargs: dict | str | None = field(
@@ -91,6 +96,20 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Also export <output_dir>/sentence_transformers at the end (LoRA merged)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh into an output_dir that holds another run (its checkpoint-* are deleted at the "
+            "start, its final model replaced at the end). Without it, such a run is refused unless it resumes."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume from, or 'last' for the newest complete checkpoint-N in output_dir "
+            "(the run continues bit-identically: optimizer, scheduler, RNG and data order are restored)."
+        },
+    )
     # transformers' default would drop the raw MMEB columns our collator needs.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the embedding collator reads raw dataset columns."}
@@ -109,6 +128,10 @@ class EmbeddingTrainingArguments(TrainingArguments):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        if self.push_to_hub and self.hub_model_id:
+            from ..export.hub import check_repo_id
+
+            check_repo_id(self.hub_model_id)  # now, not after a whole training run and export
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
         if not self.use_cpu and not _has_accelerator():
@@ -225,6 +248,7 @@ class EmbeddingTrainer(Trainer):
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._last_train_loss: torch.Tensor | None = None
+        self._output_dir_claimed = False
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
         eval_callback = None
@@ -269,6 +293,66 @@ class EmbeddingTrainer(Trainer):
             eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ run folder
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
+        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
+        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
+    def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
+
+        Raises:
+            FileNotFoundError: "last" with no complete checkpoint in `output_dir`, or a folder that does not exist.
+            FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
+        """
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            self._claim_output_dir()
+            return None
+        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
+            found = latest_complete_checkpoint(output_dir)
+            if found is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint='last' found no complete checkpoint in output_dir {output_dir!r} (a "
+                    "checkpoint-N folder with trainer_state.json and weights). Start a fresh run without "
+                    "--resume_from_checkpoint, or pass the path of a checkpoint folder."
+                )
+            return found
+        if not os.path.isdir(resume_from_checkpoint):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume_from_checkpoint!r} is not a folder. Pass a checkpoint-N folder of "
+                "a run, or 'last' for the newest complete one in output_dir."
+            )
+        return str(resume_from_checkpoint)
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
+        loading would pick the other run's): refuse, or with `overwrite_output_dir` delete the old checkpoints."""
+        if self._output_dir_claimed:
+            return
+        output_dir = self.args.output_dir
+        previous = [os.path.basename(c) for c in _checkpoints(output_dir)]
+        if os.path.isfile(os.path.join(output_dir, "config.json")):
+            previous.append("a final model (config.json)")
+        if previous and not self.args.overwrite_output_dir:
+            shown = ", ".join(previous[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
+            raise FileExistsError(
+                f"output_dir {output_dir!r} holds another run ({shown}). Pass --resume_from_checkpoint last to "
+                "continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
+            )
+        if previous:
+            logger.warning(
+                "overwrite_output_dir: deleting the previous run's checkpoints in %s; its final model is replaced "
+                "when this run saves its own.", output_dir
+            )
+            if self.args.should_save:
+                for checkpoint in _checkpoints(output_dir):
+                    shutil.rmtree(checkpoint)
+            self.accelerator.wait_for_everyone()
+        self._output_dir_claimed = True
 
     # ------------------------------------------------------------------ hooks for subclasses
     def default_collator(self, model, processing_class, args):
