@@ -16,6 +16,7 @@ import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -141,6 +142,19 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.use_cpu:
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
         super().__post_init__()
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        # transformers passes `ddp_timeout` to the process group on every backend but the CPU one: a CPU run (gloo)
+        # got the 30-minute default, so a stopped rank hung its peers that long. Creating the group here with the
+        # timeout first makes the parent's set-up reuse it (accelerate only creates a group when none exists).
+        if (self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")) and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            from accelerate import PartialState
+
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
+        return TrainingArguments._setup_devices.func(self)
 
 
 def _has_accelerator() -> bool:
