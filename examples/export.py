@@ -73,11 +73,14 @@ def _read_json(path: str | pathlib.Path, what: str):
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
     from mm_embed_trl.export import export_sentence_transformers, push_to_hub
+    from mm_embed_trl.export.hub import check_repo_id
 
     parser = HfArgumentParser(ExportArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. my-org/my-embedding-model).")
+    if args.push_to_hub:
+        check_repo_id(args.hub_model_id)  # before the export is written (and its card names the repo)
 
     card: dict = {}
     report = args.eval_results or pathlib.Path(args.checkpoint) / "retrieval_report.json"
@@ -121,10 +124,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
+    from mm_embed_trl._files import DiskFullError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, PermissionError) as err:
-        # Input problems are reported as one clear line, not a traceback.
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, PermissionError, DiskFullError) as err:
+        # Input problems (and a full disk) are reported as one clear line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

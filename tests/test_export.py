@@ -437,3 +437,52 @@ def test_existing_output_dir_needs_overwrite(tiny_backbone, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directories left behind
     with pytest.raises(ValueError, match="default_prompt_name='nope'"):
         export_sentence_transformers(model, tmp_path / "other", default_prompt_name="nope")
+
+
+def _fake_run(tiny_backbone, run):
+    """A training run's output_dir: the final model, a checkpoint, the Trainer's leftovers and the report."""
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
+    model.save_pretrained(run)
+    model.save_pretrained(run / "checkpoint-60")
+    (run / "training_args.bin").write_bytes(b"args")
+    (run / "retrieval_report.json").write_text("{}")
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [(".", "."), ("checkpoint-60", "."), (".", "st-export"), (".", "checkpoint-60")],
+    ids=["is-the-source", "contains-the-source", "inside-the-source", "inside-the-source-checkpoint"],
+)
+def test_export_refuses_an_output_dir_that_overlaps_the_source(source, target, tiny_backbone, tmp_path):
+    """Exporting a run into itself with overwrite=True used to delete the run (every checkpoint, the weights...)."""
+    run = tmp_path / "run"
+    before = _fake_run(tiny_backbone, run)
+    with pytest.raises(ValueError, match="overlaps the checkpoint being exported"):
+        export_sentence_transformers(run / source, run / target, overwrite=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    # a symlinked spelling of the same folder is the same folder
+    (tmp_path / "alias").symlink_to(run)
+    with pytest.raises(ValueError, match="overlaps"):
+        export_sentence_transformers(tmp_path / "alias" / source, run / target, overwrite=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_export_cli_refuses_exporting_a_run_into_itself(tiny_backbone, tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    before = _fake_run(tiny_backbone, run)
+    script = Path(__file__).resolve().parents[1] / "examples" / "export.py"
+    for checkpoint in (run, run / "checkpoint-60"):
+        argv = [str(script), "--checkpoint", str(checkpoint), "--output_dir", str(run), "--overwrite"]
+        monkeypatch.setattr(sys, "argv", argv)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "overlaps the checkpoint" in err[0], err
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before

@@ -403,3 +403,31 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(use_lora, tiny_
     for name in full:
         # the same computations in the same order (weights, optimizer, scheduler, RNG and data order restored)
         assert torch.equal(resumed[name], full[name]), name
+
+
+@pytest.mark.slow
+def test_ddp_timeout_applies_to_cpu_process_groups(tmp_path):
+    """--ddp_timeout reached the process group only on accelerator backends: on the CPU (gloo) a stopped rank hung
+    its peer for the 30-minute default whatever the option said."""
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(ROOT / "tests" / "dist_scripts" / "ddp_timeout.py"), "3", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    import psutil
+
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            child.kill()  # the launcher and both ranks (which hold the output pipe open)
+        log, _ = proc.communicate()
+        pytest.fail(f"rank 0 still waits for its stopped peer after 90 s (ddp_timeout=3):\n{log[-3000:]}")
+    import re
+
+    gave_up = re.search(r"rank 0 gave up after ([\d.]+)s", log)
+    assert gave_up, log[-3000:]
+    assert 2.0 < float(gave_up.group(1)) < 30, log[-3000:]  # ~3 s (gloo's own overhead aside), not 1800 s
+    assert time.monotonic() - start < 90

@@ -19,6 +19,7 @@ from mm_embed_trl.export import export_sentence_transformers, push_to_hub, save_
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
 
 REPO = "my-org/tiny-embedder"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class HubRecorder:
@@ -286,3 +287,39 @@ def test_cli_refuses_push_without_repo_id_and_bad_checkpoint(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cli.main(["--checkpoint", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")])
     assert hub.calls == []
+
+
+def test_a_bad_hub_model_id_is_refused_before_any_work(tiny_backbone, tmp_path, monkeypatch, capsys):
+    """It used to be checked only when pushing: after a whole training run, or after the export (whose card then
+    named the bad id) was written."""
+    import runpy
+
+    from mm_embed_trl import HardNegContrastiveConfig
+
+    bad = "not a/valid/repo"
+    with pytest.raises(ValueError, match=f"Invalid repo_id '{bad}'"):
+        HardNegContrastiveConfig(output_dir=str(tmp_path / "run"), push_to_hub=True, hub_model_id=bad, report_to="none")
+    # the training example fails while parsing its arguments, before loading any model or data
+    spec = importlib.util.spec_from_file_location("train_hardneg", ROOT / "examples" / "train_hardneg.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["train_hardneg.py", "--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", bad]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ValueError, match="Invalid repo_id"):
+        example.main()
+    assert not (tmp_path / "run").exists()
+    # the export CLI: one line, exit 2, nothing exported
+    checkpoint = tmp_path / "checkpoint"
+    MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text")).save_pretrained(checkpoint)
+    hub = HubRecorder(monkeypatch)
+    script = ROOT / "examples" / "export.py"
+    argv = [str(script), "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "export"), "--push_to_hub",
+            "--hub_model_id", bad, "--hub_token", "hf_test"]
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Invalid repo_id"), err
+    assert not (tmp_path / "export").exists() and hub.calls == []

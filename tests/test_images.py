@@ -287,3 +287,19 @@ def test_encode_inputs_from_pil_images_get_the_same_conversion():
         image, expected, tolerance = _MODES[case]
         got = np.asarray(to_embedding_input(image).image).astype(np.float64)
         np.testing.assert_allclose(got, np.round(expected), atol=tolerance, rtol=0, err_msg=case)
+
+
+@pytest.mark.parametrize("source", ["file", "bytes"])
+def test_decompression_bomb_says_what_it_is_and_how_to_lift_the_limit(source, tmp_path, monkeypatch):
+    """PIL refuses images over 2x Image.MAX_IMAGE_PIXELS; that used to be reported as a possibly corrupt file."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 30)).save(path)  # 1200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 > 2 x 500: DecompressionBombError
+    value = str(path) if source == "file" else path.read_bytes()
+    with pytest.raises(ImageLoadError) as info:
+        load_image(value, where="row 3, column 'qry_img_path'")
+    message = str(info.value)
+    assert "row 3, column 'qry_img_path'" in message and "truncated or corrupt" not in message
+    assert "1200 pixels" in message and "PIL.Image.MAX_IMAGE_PIXELS" in message and "500" in message
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # what the message says lifts it
+    assert load_image(value).size == (40, 30)

@@ -153,8 +153,13 @@ def load_named_splits(script_args) -> tuple[Any, Any]:
 
 def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, evaluate_before: bool = True) -> dict:
     """The examples' common tail: evaluate (main process), train, evaluate again, print the comparison, write
-    `retrieval_report.json`, then save the model + sentence-transformers export with a card carrying the figures."""
+    `retrieval_report.json`, then save the model + sentence-transformers export with a card carrying the figures.
+
+    `--resume_from_checkpoint` (a folder or "last") is resolved first, so a bad value or a reused output_dir fails
+    before any work; a resumed run has no "before" figures (its starting model is not the untrained one).
+    """
     main = trainer.is_world_process_zero()
+    resume = trainer.resolve_resume_checkpoint(trainer.args.resume_from_checkpoint)
     # Sharded weights (ZeRO-3, FSDP) are gathered collectively by every forward: there, every rank evaluates
     # (the same rows, so the same collectives) and only the main process reports.
     zero3, sharded = trainer.zero_stage == 3, trainer.shards_weights
@@ -165,7 +170,9 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
             engine = "FSDP" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type.value)
         print(f"[mm-embed-trl] Training with {engine} on {trainer.accelerator.num_processes} process(es).")
     before = None
-    if evaluator is not None and evaluate_before and (main or zero3):
+    if resume is not None and main:
+        print(f"[mm-embed-trl] Resuming from {resume}; no 'before' evaluation (the model is not the untrained one).")
+    if evaluator is not None and evaluate_before and resume is None and (main or zero3):
         if zero3:  # loaded under zero.Init, before the engine exists: gather the weights for this evaluation
             import deepspeed
 
@@ -173,7 +180,7 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
                 before = evaluator(trainer.model)
         else:
             before = evaluator(trainer.model)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     after = None
     if evaluator is not None and (main or sharded):
         after = evaluator(trainer.model if sharded else trainer.accelerator.unwrap_model(trainer.model))
@@ -189,10 +196,11 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
 
 
 def write_report(output_dir: str, report: dict[str, Any]) -> str:
+    from ._files import write_text_atomic
+
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "retrieval_report.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    write_text_atomic(path, json.dumps(report, indent=2))
     return path
 
 

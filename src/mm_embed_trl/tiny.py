@@ -40,10 +40,10 @@ import functools
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from ._files import follow_umask, publish_dir, staged_dir
 
 __all__ = ["TINY_FAMILIES", "build_tiny_backbone", "get_tiny_backbone", "main"]
 
@@ -576,13 +576,6 @@ def _write_backbone(family: str, directory: pathlib.Path, seed: int) -> None:
     (directory / _MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-def _make_temp_dir(final: pathlib.Path) -> pathlib.Path:
-    """A fresh hidden sibling of ``final`` (same filesystem, so the final rename is atomic)."""
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0o700; a shared cache must be readable by others
-    return tmp
-
-
 def _is_complete(directory: pathlib.Path) -> bool:
     return (directory / _MARKER_FILE).is_file()
 
@@ -614,19 +607,9 @@ def build_tiny_backbone(
             f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (CLI: --overwrite) or choose "
             "another directory."
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(output_dir)
-    try:
+    with staged_dir(output_dir, what=f"the tiny {family} backbone") as tmp:
         _write_backbone(family, tmp, seed)
-        if output_dir.is_dir() and any(output_dir.iterdir()):
-            # overwrite: move the old tree aside first; rename() cannot replace a non-empty dir.
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, output_dir)  # atomic; also replaces an empty output_dir
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_dir(tmp, output_dir)
     return output_dir
 
 
@@ -654,21 +637,15 @@ def get_tiny_backbone(family: str = "qwen2_vl", *, seed: int = 0, cache_dir: str
             f"Cached tiny backbone {str(target)!r} exists but is incomplete (no {_MARKER_FILE}); it was not "
             "written by mm_embed_trl.tiny. Delete it and call get_tiny_backbone again."
         )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(target)
-    try:
+    with staged_dir(target, what=f"the tiny {family} backbone") as tmp:
         _write_backbone(family, tmp, seed)
+        follow_umask(tmp)
         try:
             os.rename(tmp, target)
         except OSError as err:
-            # Another process renamed its complete copy into place first: use it.
-            if err.errno in (errno.EEXIST, errno.ENOTEMPTY) and _is_complete(target):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            # Another process renamed its complete copy into place first: use it (ours is removed on exit).
+            if not (err.errno in (errno.EEXIST, errno.ENOTEMPTY) and _is_complete(target)):
+                raise
     return target
 
 

@@ -31,9 +31,6 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -42,6 +39,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .._files import follow_umask, publish_dir, staged_dir
 from .schema import (
     EVAL_QUERY_IMAGE,
     EVAL_QUERY_TEXT,
@@ -549,6 +547,7 @@ def load_shapes_dataset(output_dir: str | os.PathLike):
 
 def _publish(tmp: Path, out: Path, params: dict[str, Any], overwrite: bool) -> None:
     """Move the finished ``tmp`` folder to ``out`` atomically; tolerate a concurrent writer of the same data."""
+    follow_umask(tmp)
     try:
         os.rename(tmp, out)  # atomic; also replaces an empty ``out`` folder
         return
@@ -560,13 +559,7 @@ def _publish(tmp: Path, out: Path, params: dict[str, Any], overwrite: bool) -> N
         return  # another process published the same dataset first; ours is identical, drop it
     if not overwrite:
         raise FileExistsError(f"'{out}' appeared while the shapes dataset was being written; retry.")
-    trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-    os.rename(out, trash)
-    os.rename(tmp, out)
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        trash.unlink(missing_ok=True)
+    publish_dir(tmp, out)
 
 
 def make_shapes_dataset(
@@ -633,14 +626,9 @@ def make_shapes_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp folder, then rename: readers never see a half-written dataset, and two
     # processes generating the same dataset at once cannot corrupt it.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a shared cache should be readable by others
+    with staged_dir(out, what="the generated shapes dataset") as tmp:
         _write_dataset(tmp, params)
         _publish(tmp, out, params, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return load_shapes_dataset(out)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,19 @@ def _finish(image: Image.Image, convert_rgb: bool) -> Image.Image:
     return image
 
 
+def _decode_failure_hint(err: Exception, corrupt_hint: str) -> str:
+    """What to do about a failed decode: PIL's pixel limit is not a corrupt file."""
+    if isinstance(err, Image.DecompressionBombError):
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f" ({found.group(1)} pixels)" if found else ""
+        return (
+            f"The file is not corrupt: the image{size} exceeds PIL's decompression-bomb limit, twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}). If the image is trusted, raise the limit "
+            "before loading data (`PIL.Image.MAX_IMAGE_PIXELS = None`, or a larger int), or downscale the image."
+        )
+    return corrupt_hint
+
+
 def _decode_bytes(data: bytes, *, convert_rgb: bool, where: str, origin: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -114,10 +128,8 @@ def _decode_bytes(data: bytes, *, convert_rgb: bool, where: str, origin: str) ->
             out = _finish(img, convert_rgb)
             return out if out is not img else img.copy()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
-        raise ImageLoadError(
-            f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). "
-            "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt."
-        ) from err
+        hint = _decode_failure_hint(err, "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt.")
+        raise ImageLoadError(f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). {hint}") from err
 
 
 def _load_path(
@@ -150,9 +162,9 @@ def _load_path(
             # ``img`` is closed when the ``with`` ends; hand back an independent copy when unconverted.
             return out if out is not img else img.copy()
     except Exception as err:
+        hint = _decode_failure_hint(err, "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt.")
         raise ImageLoadError(
-            f"{where}: could not read the image file '{resolved}' ({type(err).__name__}: {err}). "
-            "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt."
+            f"{where}: could not read the image file '{resolved}' ({type(err).__name__}: {err}). {hint}"
         ) from err
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import TrainerCallback
 
+from ..data.images import image_identity
 from ..data.schema import (
     EVAL_QUERY_IMAGE,
     EVAL_QUERY_TEXT,
@@ -31,7 +32,6 @@ from ..data.schema import (
     row_negatives,
     split_input,
 )
-from ..data.images import image_identity
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, ranking_metrics, retrieval_metrics
 from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
 

@@ -17,7 +17,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ExportCheck", "push_to_hub", "validate_export_dir"]
+__all__ = ["ExportCheck", "check_repo_id", "push_to_hub", "validate_export_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,18 @@ def _point_card_at_repo(root: pathlib.Path, repo_id: str) -> None:
         logger.info("Pointed the model card's usage snippets at %s", repo_id)
 
 
+def check_repo_id(repo_id: Any) -> None:
+    """Raise a clear ValueError for a Hub repo id that no upload could use (checked before any work is done)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError("repo_id must be a non-empty string such as 'my-org/my-embedding-model'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"Invalid repo_id {repo_id!r}: {err}") from err
+
+
 def push_to_hub(
     local_dir: str | os.PathLike,
     repo_id: str,
@@ -244,14 +256,8 @@ def push_to_hub(
         create_pr: open a pull request instead of committing to the branch.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError("repo_id must be a non-empty string such as 'my-org/my-embedding-model'.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"Invalid repo_id {repo_id!r}: {err}") from err
+    check_repo_id(repo_id)
     root = pathlib.Path(local_dir).expanduser()
     check = validate_export_dir(root)
     for warning in check.warnings:

@@ -78,14 +78,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import json
 import logging
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from .._files import make_staging_dir, publish_dir, staged_dir
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import mm_embed_trl.export` must be cheap
     from ..data.templates import PromptTemplate
@@ -529,6 +531,18 @@ def _resolve_prompts(template: PromptTemplate, prompts: Mapping[str, str] | None
     return resolved
 
 
+def _refuse_overlap_with_source(source: str | os.PathLike, output_dir: pathlib.Path) -> None:
+    """An export that is, contains or lies inside the checkpoint it reads would replace (delete) that checkpoint."""
+    source_dir = pathlib.Path(source).expanduser().resolve()
+    target = output_dir.resolve()
+    if target == source_dir or target in source_dir.parents or source_dir in target.parents:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} overlaps the checkpoint being exported ({str(source_dir)!r}): writing "
+            "the export there would replace the run it is made from. Choose an output_dir outside the checkpoint "
+            "(e.g. a sibling such as <run>-st)."
+        )
+
+
 def _prepare_output_dir(output_dir: pathlib.Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {str(output_dir)!r} exists and is a file.")
@@ -536,17 +550,6 @@ def _prepare_output_dir(output_dir: pathlib.Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (CLI: --overwrite) or another directory."
         )
-
-
-def _replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Move the finished ``src`` to ``dst`` (replacing an existing ``dst``); never leaves a half-written ``dst``."""
-    if dst.is_dir() and any(dst.iterdir()):
-        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
-    elif dst.is_dir():
-        dst.rmdir()
-    os.replace(src, dst)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -565,7 +568,8 @@ def export_sentence_transformers(
         model_or_path: a ``MultimodalEmbeddingModel`` or the directory of a saved one (a training run's
             ``output_dir``). LoRA adapters are merged into a copy; the caller's model is never modified.
         output_dir: directory to write (must be empty or absent unless ``overwrite``). Written to a temporary
-            sibling first and renamed into place, so a failed export leaves nothing half-written.
+            sibling first and renamed into place, so a failed export leaves nothing half-written. It may not be,
+            contain or lie inside the checkpoint directory being exported.
         prompts: ST prompts; ``"query"`` / ``"document"`` are the side instructions (default: the prompt template's
             own, ``""`` for the built-in templates). Other names are extra instructions usable with
             ``prompt_name=``. Saved in ``config_sentence_transformers.json``.
@@ -589,6 +593,8 @@ def export_sentence_transformers(
     from .model_card import collect_card_metadata, render_model_card
 
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
+    if isinstance(model_or_path, (str, os.PathLike)):
+        _refuse_overlap_with_source(model_or_path, output_dir)
     _prepare_output_dir(output_dir, overwrite)
     model = load_model_for_export(model_or_path)
     owned = model is not model_or_path
@@ -653,9 +659,7 @@ def export_sentence_transformers(
     # push_to_hub rewrites this reference in the card's snippets to the repo id (even if the folder was moved).
     info["card_model_reference"] = metadata.get("repo_id") or metadata["model_reference"]
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir, what="the sentence-transformers export") as staging:
         backbone_dir, final_dir = staging / "backbone", staging / "export"
         with _merged(model, owned) as merged:
             _bare_backbone(merged).save_pretrained(backbone_dir, safe_serialization=True)
@@ -688,9 +692,7 @@ def export_sentence_transformers(
         del st_model, transformer, modules
         (final_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (final_dir / "README.md").write_text(card, encoding="utf-8")
-        _replace_dir(final_dir, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_dir(final_dir, output_dir)
     logger.info("Exported a sentence-transformers model to %s", output_dir)
     return output_dir
 
@@ -709,7 +711,7 @@ def _merged(model: MultimodalEmbeddingModel, owned: bool):
         del target
 
 
-def _save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path) -> None:
+def save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path) -> None:
     """``model.save_pretrained(output_dir)``, written to a staging folder and renamed in file by file.
 
     Why: the model may have been loaded from ``output_dir`` itself (a trainer reloading its final save), and its
@@ -718,7 +720,7 @@ def _save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path)
     ``output_dir`` (trainer state, reports) are kept.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".save-", dir=output_dir))
+    staging = make_staging_dir(output_dir / "model", tag="save")
     try:
         model.save_pretrained(staging, safe_serialization=True)
         written = {p.name for p in staging.iterdir()}
@@ -736,6 +738,78 @@ def _save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path)
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# What a final save writes (or an earlier one may have written): a new save replaces all of it, so an old model's
+# weights, card or export never sit beside the new config. Everything else in the folder (checkpoint-*, trainer
+# state, reports, logs) is the run's and is kept. Hidden entries are staging leftovers of this package.
+_MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*",
+    "adapter_*",
+    "README.md",
+    EXPORT_INFO_FILE,
+    ST_SUBDIR,
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "*processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.*",
+    "*.model",
+    ".*",
+)
+
+
+def is_run_state(name: str) -> bool:
+    """Whether the entry ``name`` of a run folder survives a new final save (see ``_MODEL_FILE_PATTERNS``)."""
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in _MODEL_FILE_PATTERNS)
+
+
+def write_inference_extras(
+    model: MultimodalEmbeddingModel,
+    directory: pathlib.Path,
+    *,
+    published_as: pathlib.Path,
+    prompts: Mapping[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    model_card_data: Mapping[str, Any] | None = None,
+) -> None:
+    """Next to the model saved in ``directory`` (a staging folder that will be published as ``published_as``, the
+    path the cards' snippets name): its sentence-transformers export in ``ST_SUBDIR``, the model card and the
+    export info."""
+    from .model_card import collect_card_metadata, render_model_card
+
+    st_dir = export_sentence_transformers(
+        model,
+        directory / ST_SUBDIR,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        model_card_data={"model_reference": str(published_as / ST_SUBDIR), **(model_card_data or {})},
+        overwrite=True,
+    )
+    card_kwargs = dict(model_card_data or {})
+    info = json.loads((st_dir / EXPORT_INFO_FILE).read_text())
+    metadata = collect_card_metadata(
+        model,
+        **{k: card_kwargs.pop(k) for k in _CARD_ARGS if k in card_kwargs},
+        export_info=info,
+        sentence_transformers_subdir=ST_SUBDIR,
+    )
+    metadata["model_reference"] = str(published_as)
+    metadata.update(card_kwargs)
+    (directory / "README.md").write_text(render_model_card(metadata), encoding="utf-8")
+    root_info = {
+        "format": "mm_embed_trl.mm_embedding",
+        "sentence_transformers_subdir": ST_SUBDIR,
+        "card_model_reference": metadata.get("repo_id") or metadata["model_reference"],
+    }
+    (directory / EXPORT_INFO_FILE).write_text(json.dumps(root_info, indent=2, sort_keys=True) + "\n")
+
+
 def save_for_inference(
     model: MultimodalEmbeddingModel,
     output_dir: str | os.PathLike,
@@ -744,7 +818,6 @@ def save_for_inference(
     default_prompt_name: str | None = None,
     model_card_data: Mapping[str, Any] | None = None,
     merge_lora: bool = False,
-    write_model: bool = True,
 ) -> pathlib.Path:
     """Write the final artefacts of a training run: the model itself and a sentence-transformers export.
 
@@ -752,14 +825,15 @@ def save_for_inference(
     ``output_dir/sentence_transformers/`` the export of :func:`export_sentence_transformers` (loadable with
     ``SentenceTransformer`` and plain transformers). The model card (README.md) is written to both.
 
+    Everything is written to a staging folder beside ``output_dir`` and published in one rename: a kill at any point
+    leaves the previous model or the new one, never a mix. The rest of ``output_dir`` (checkpoints, trainer state,
+    reports) is kept.
+
     Args:
         merge_lora: merge LoRA adapters into ``model`` in place first (no extra copy of the weights in memory; the
             model is modified). Otherwise the adapters are saved as they are and the export merges a copy.
-        write_model: False when ``output_dir`` already holds exactly this model (a trainer's final save), so its
-            weights are not written a second time.
     """
     from ..modeling import MultimodalEmbeddingModel
-    from .model_card import collect_card_metadata, render_model_card
 
     if not isinstance(model, MultimodalEmbeddingModel):
         raise TypeError(f"save_for_inference expects a MultimodalEmbeddingModel, got {type(model).__name__}.")
@@ -771,32 +845,15 @@ def save_for_inference(
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
     if merge_lora and model.has_lora:
         model.merge_lora()
-        write_model = True  # the merged weights differ from what is on disk
-    if write_model:
-        _save_model_files(model, output_dir)
-    st_dir = export_sentence_transformers(
-        model,
-        output_dir / ST_SUBDIR,
-        prompts=prompts,
-        default_prompt_name=default_prompt_name,
-        model_card_data=model_card_data,
-        overwrite=True,
-    )
-    card_kwargs = dict(model_card_data or {})
-    info = json.loads((st_dir / EXPORT_INFO_FILE).read_text())
-    metadata = collect_card_metadata(
-        model,
-        **{k: card_kwargs.pop(k) for k in _CARD_ARGS if k in card_kwargs},
-        export_info=info,
-        sentence_transformers_subdir=ST_SUBDIR,
-    )
-    metadata["model_reference"] = str(output_dir)
-    metadata.update(card_kwargs)
-    (output_dir / "README.md").write_text(render_model_card(metadata), encoding="utf-8")
-    root_info = {
-        "format": "mm_embed_trl.mm_embedding",
-        "sentence_transformers_subdir": ST_SUBDIR,
-        "card_model_reference": metadata.get("repo_id") or metadata["model_reference"],
-    }
-    (output_dir / EXPORT_INFO_FILE).write_text(json.dumps(root_info, indent=2, sort_keys=True) + "\n")
+    with staged_dir(output_dir, what="the final model") as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        write_inference_extras(
+            model,
+            staging,
+            published_as=output_dir,
+            prompts=prompts,
+            default_prompt_name=default_prompt_name,
+            model_card_data=model_card_data,
+        )
+        publish_dir(staging, output_dir, keep_existing=is_run_state)
     return output_dir

@@ -648,9 +648,17 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         empty = torch.empty(0, self.embedding_size)
         disc = torch.cat(disc_chunks) if disc_chunks else empty
+        gen = torch.cat(gen_chunks) if gen_chunks else empty
+        degenerate = count_degenerate_rows(disc) + count_degenerate_rows(gen)
+        if degenerate:
+            logger.warning(
+                "encode: %d of %d embeddings are zero or non-finite (NaN/inf) vectors: the weights are degenerate "
+                "(e.g. a diverged training run); use an earlier checkpoint.",
+                degenerate,
+                len(disc) + len(gen),
+            )
         if mode == "discriminative":
             return finish(disc)
-        gen = torch.cat(gen_chunks) if gen_chunks else empty
         if num_samples > 1:  # one discriminative embedding per input; k generative ones
             disc, gen = disc[::num_samples], gen.view(-1, num_samples, gen.shape[-1])
         result = {"discriminative": finish(disc), "generative": finish(gen)} if mode == "both" else finish(gen)
@@ -681,6 +689,16 @@ def _repeat_rows(enc: dict[str, Any], times: int) -> dict[str, Any]:
         pieces = [r[key] for r in repeated if key in r]
         out[key] = torch.cat(pieces) if pieces else value
     return out
+
+
+def count_degenerate_rows(embeddings: torch.Tensor) -> int:
+    """Rows of a (N, D) embedding matrix that are unusable: any NaN/inf, or a (numerically) zero vector."""
+    if embeddings.numel() == 0:
+        return 0
+    rows = embeddings.reshape(len(embeddings), -1).float()
+    # 1e-12: far below any real embedding's norm (1 when normalised), above what underflow leaves of a zero vector
+    bad = ~torch.isfinite(rows).all(dim=-1) | (rows.norm(dim=-1) < 1e-12)
+    return int(bad.sum())
 
 
 def load_processor_for(name_or_path, **kwargs):

@@ -7,19 +7,26 @@ Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import pathlib
+import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .._files import disk_full_as_clear_error, publish_dir
 from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
 from ..modeling import MultimodalEmbeddingModel
+from ..modeling.modeling import count_degenerate_rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,11 @@ class EmbeddingTrainingArguments(TrainingArguments):
             string or not UTF-8, negatives that do not pair up, ...): `"raise"` names the dataset, the rows and the
             causes; `"skip"` logs each row with its cause, leaves it out and reports the count. Column problems
             always raise.
+        overwrite_output_dir (`bool`, defaults to `False`): train afresh into an `output_dir` that holds another
+            run (checkpoints or a final model): its checkpoints are deleted when training starts, its final model
+            is replaced by the new one at the end. Without it such a run is refused unless it resumes.
+        resume_from_checkpoint (`str`, *optional*): a checkpoint folder to resume from, or `"last"`: the newest
+            complete `checkpoint-N` of `output_dir`.
     """
 
     model_init_kwargs: dict | str | None = field(
@@ -98,6 +110,20 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Also export <output_dir>/sentence_transformers at the end (LoRA merged)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh into an output_dir that holds another run (its checkpoint-* are deleted at the "
+            "start, its final model replaced at the end). Without it, such a run is refused unless it resumes."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume from, or 'last' for the newest complete checkpoint-N in output_dir "
+            "(the run continues bit-identically: optimizer, scheduler, RNG and data order are restored)."
+        },
+    )
     # transformers' default would drop the raw MMEB columns our collator needs.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the embedding collator reads raw dataset columns."}
@@ -128,6 +154,10 @@ class EmbeddingTrainingArguments(TrainingArguments):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         if self.max_length is not None and self.max_length <= 0:
             raise ValueError(f"max_length must be a positive number of text tokens (or None), got {self.max_length}.")
+        if self.push_to_hub and self.hub_model_id:
+            from ..export.hub import check_repo_id
+
+            check_repo_id(self.hub_model_id)  # now, not after a whole training run and export
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
         if not self.use_cpu and not _has_accelerator():
@@ -137,6 +167,19 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.use_cpu:
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
         super().__post_init__()
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        # transformers passes `ddp_timeout` to the process group on every backend but the CPU one: a CPU run (gloo)
+        # got the 30-minute default, so a stopped rank hung its peers that long. Creating the group here with the
+        # timeout first makes the parent's set-up reuse it (accelerate only creates a group when none exists).
+        if (self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")) and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            from accelerate import PartialState
+
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
+        return TrainingArguments._setup_devices.func(self)
 
 
 class _SkippedRowsReport(TrainerCallback):
@@ -158,6 +201,18 @@ def _has_accelerator() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
+
+
+# Written into every checkpoint: whether its last loss, its weights and the embeddings of a few fixed probe texts
+# are finite and non-degenerate (see EmbeddingTrainer._checkpoint_health).
+CHECKPOINT_HEALTH_FILE = "mm_embed_trl_health.json"
+_PROBE_TEXTS = (
+    "a red circle on the left",
+    "two blue squares below a green star",
+    "Represent the given sentence for retrieval.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -247,6 +302,8 @@ class EmbeddingTrainer(Trainer):
             data_collator = self.default_collator(model, processing_class, args)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
+        self._last_train_loss: torch.Tensor | None = None
+        self._output_dir_claimed = False
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         callbacks = list(callbacks or [])
         if self.skipped_rows:
@@ -293,6 +350,66 @@ class EmbeddingTrainer(Trainer):
             eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ run folder
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
+        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
+        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
+    def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
+
+        Raises:
+            FileNotFoundError: "last" with no complete checkpoint in `output_dir`, or a folder that does not exist.
+            FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
+        """
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            self._claim_output_dir()
+            return None
+        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
+            found = latest_complete_checkpoint(output_dir)
+            if found is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint='last' found no complete checkpoint in output_dir {output_dir!r} (a "
+                    "checkpoint-N folder with trainer_state.json and weights). Start a fresh run without "
+                    "--resume_from_checkpoint, or pass the path of a checkpoint folder."
+                )
+            return found
+        if not os.path.isdir(resume_from_checkpoint):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume_from_checkpoint!r} is not a folder. Pass a checkpoint-N folder of "
+                "a run, or 'last' for the newest complete one in output_dir."
+            )
+        return str(resume_from_checkpoint)
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
+        loading would pick the other run's): refuse, or with `overwrite_output_dir` delete the old checkpoints."""
+        if self._output_dir_claimed:
+            return
+        output_dir = self.args.output_dir
+        previous = [os.path.basename(c) for c in _checkpoints(output_dir)]
+        if os.path.isfile(os.path.join(output_dir, "config.json")):
+            previous.append("a final model (config.json)")
+        if previous and not self.args.overwrite_output_dir:
+            shown = ", ".join(previous[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
+            raise FileExistsError(
+                f"output_dir {output_dir!r} holds another run ({shown}). Pass --resume_from_checkpoint last to "
+                "continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
+            )
+        if previous:
+            logger.warning(
+                "overwrite_output_dir: deleting the previous run's checkpoints in %s; its final model is replaced "
+                "when this run saves its own.", output_dir
+            )
+            if self.args.should_save:
+                for checkpoint in _checkpoints(output_dir):
+                    shutil.rmtree(checkpoint)
+            self.accelerator.wait_for_everyone()
+        self._output_dir_claimed = True
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_datasets(self, train_dataset, eval_dataset, args):
@@ -379,6 +496,7 @@ class EmbeddingTrainer(Trainer):
             # One scalar sync per step, before any backward: a non-finite loss never reaches the weights (nor,
             # through them, a checkpoint), also under DeepSpeed, whose backward already steps the optimizer.
             self._check_finite(loss)
+            self._last_train_loss = loss.detach()  # read (one sync) only when a checkpoint records its health
             # The loss spans the global batch but only this rank's slice carries gradient; DDP averages over ranks,
             # so scale the gradient (not the logged value) by the world size to match single-process training.
             scale = distributed_loss_scale() if self.args.gather_across_devices else 1.0
@@ -461,15 +579,21 @@ class EmbeddingTrainer(Trainer):
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss.detach()).all():
             return
-        last = None
-        if self.args.output_dir and os.path.isdir(self.args.output_dir):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(self.args.output_dir)
+        checkpoints = _checkpoints(self.args.output_dir) if self.args.output_dir else []
+        good = last_healthy_checkpoint(self.args.output_dir) if checkpoints else None
+        failed = [os.path.basename(c) for c in checkpoints if (_read_health(c) or {}).get("healthy") is False]
+        if good:
+            where = f"Last good checkpoint: {good} (finite loss, weights and embeddings). "
+        elif checkpoints:
+            where = "No checkpoint passed the health check (finite loss, weights and embeddings). "
+        else:
+            where = "No checkpoint was written yet. "
+        if failed:
+            where += f"Diverged already, do not resume from: {', '.join(failed)}. "
         raise NonFiniteLossError(
             f"The loss became {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
             "training stopped before these gradients reached any weight. "
-            + (f"Last good checkpoint: {last}. " if last else "No checkpoint was written yet. ")
+            + where
             + "Try a lower learning rate, bf16 instead of fp16, a larger temperature, or inspect this batch's rows."
         )
 
@@ -497,65 +621,161 @@ class EmbeddingTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint.
 
-        The parent writes into `<run_dir>/.staging/checkpoint-N`; once every rank is done, the main process renames
-        it to `<run_dir>/checkpoint-N`, fixes the paths the parent recorded (best checkpoint, trainer_state.json),
-        rotates old checkpoints and only then starts a Hub push of the final folder.
+        The parent writes into `<run_dir>/.staging/checkpoint-N`; once every rank is done, the main process records
+        the checkpoint's health (`CHECKPOINT_HEALTH_FILE`), renames it to `<run_dir>/checkpoint-N`, fixes the paths
+        the parent recorded (best checkpoint, trainer_state.json), rotates old checkpoints and only then starts a
+        Hub push of the final folder. A failed save (a full disk) removes the staging folder.
         """
         from transformers.trainer_utils import rotate_checkpoints
 
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         staging_root = os.path.join(run_dir, ".staging")
+        staged = os.path.join(staging_root, os.path.basename(final))
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()  # before any rank writes its part (DeepSpeed: every rank does)
         original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
         self._get_output_dir = lambda trial=None: staging_root
         self._push_from_checkpoint = lambda *args, **kwargs: None  # pushed below, from the final folder
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_full_as_clear_error(final, os.path.basename(final)):
+                super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         finally:
             self._get_output_dir, self._push_from_checkpoint = original_get_output_dir, original_push
         self.accelerator.wait_for_everyone()
+        health = self._checkpoint_health()
         if self.args.should_save:
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, os.path.basename(final)), final)
+            with open(os.path.join(staged, CHECKPOINT_HEALTH_FILE), "w") as f:
+                json.dump(health, f, indent=2)
+            publish_dir(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging_root):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
                 self.state.save_to_json(os.path.join(final, "trainer_state.json"))
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-            )
+            keep = self.state.best_model_checkpoint
+            if not health["healthy"]:
+                logger.warning(
+                    "%s holds diverged weights or degenerate embeddings (%s); resume from the last good checkpoint "
+                    "(%s) with a lower learning rate.", final, health, last_healthy_checkpoint(run_dir)
+                )
+                keep = keep or last_healthy_checkpoint(run_dir)  # rotation must not delete the last good one
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, best_model_checkpoint=keep)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
+
+    def _checkpoint_health(self) -> dict[str, Any]:
+        """Whether the weights being checkpointed are usable: the last training loss, every weight and the
+        embeddings of a few fixed probe texts are finite, and no probe embedding is a zero vector.
+
+        A diverging run can keep a finite loss for a step while its weights blow up (to ~1e6 with a huge learning
+        rate) and every embedding collapses to zero; the NaN stop must not call such a checkpoint "good". Sharded
+        weights (ZeRO-3, FSDP): every rank checks its shard and runs the probe forward (it gathers collectively).
+        """
+        everywhere = self.shards_weights
+        if not (everywhere or self.args.should_save):
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        local = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3 keeps the shard in ds_tensor
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in local]  # FSDP2 DTensors
+        finite = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all()
+        if everywhere:
+            finite = self.accelerator.gather(finite.reshape(1).to(self.args.device)).all()
+        probes = model.encode(list(_PROBE_TEXTS), batch_size=len(_PROBE_TEXTS))
+        loss = float(self._last_train_loss) if self._last_train_loss is not None else None
+        health = {
+            "global_step": self.state.global_step,
+            "last_loss": loss,
+            "weights_finite": bool(finite),
+            "degenerate_probe_embeddings": count_degenerate_rows(probes),
+        }
+        health["healthy"] = (
+            (loss is None or math.isfinite(loss))
+            and health["weights_finite"]
+            and health["degenerate_probe_embeddings"] == 0
+        )
+        return health
 
     def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
         """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
         and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
 
         The trainer's `save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) first; merging and exporting
-        then work from that complete copy on disk, so they are correct whatever the parallelism.
+        then work from that complete copy on disk, so they are correct whatever the parallelism. Everything (weights,
+        processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
+        kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
+        files in `output_dir` are kept.
         """
-        output_dir = output_dir or self.args.output_dir
-        self.save_model(output_dir)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            with _without_zero3_init():  # plain, whole copies loaded on this process only
-                saved = MultimodalEmbeddingModel.from_pretrained(output_dir)
-                if self.args.save_sentence_transformers:
-                    from ..export import save_for_inference
+        from ..export.sentence_transformers import is_run_state, save_model_files, write_inference_extras
 
-                    card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
-                    # the trainer just wrote these weights: only a LoRA merge makes save_for_inference write them
-                    save_for_inference(saved, output_dir, merge_lora=True, write_model=False, model_card_data=card)
-                elif saved.has_lora:
-                    saved.merge_lora()
-                    saved.save_pretrained(output_dir)
+        output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
+        staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
+            staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        return output_dir
+        try:
+            with disk_full_as_clear_error(output_dir, "the final model"):
+                self.save_model(str(staging))
+                self.accelerator.wait_for_everyone()
+                if self.args.should_save:
+                    with _without_zero3_init():  # plain, whole copies loaded on this process only
+                        saved = MultimodalEmbeddingModel.from_pretrained(staging)
+                        if saved.has_lora:
+                            saved.merge_lora()
+                            save_model_files(saved, staging)
+                        if self.args.save_sentence_transformers:
+                            card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
+                            write_inference_extras(saved, staging, published_as=output_dir, model_card_data=card)
+                    publish_dir(staging, output_dir, keep_existing=is_run_state)
+        finally:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return str(output_dir)
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders of a run, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [m for m in map(_CHECKPOINT_NAME.fullmatch, os.listdir(output_dir)) if m]
+    paths = [os.path.join(output_dir, m.group(0)) for m in sorted(found, key=lambda m: int(m.group(1)))]
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def _read_health(checkpoint: str) -> dict | None:
+    try:
+        with open(os.path.join(checkpoint, CHECKPOINT_HEALTH_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # written before health records existed, or by another tool: unknown
+
+
+def last_healthy_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` whose health record says its weights and embeddings are usable."""
+    return next((c for c in reversed(_checkpoints(output_dir)) if (_read_health(c) or {}).get("healthy")), None)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` the Trainer can resume from (trainer state and weights present).
+
+    Checkpoints are published by rename once complete (see `EmbeddingTrainer._save_checkpoint`); the check also
+    skips folders copied or written by other means that lack a part.
+    """
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+    for checkpoint in reversed(_checkpoints(output_dir)):
+        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")) and any(
+            os.path.isfile(os.path.join(checkpoint, name)) for name in weights
+        ):
+            return checkpoint
+    return None
 
 
 def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool = False) -> int:
