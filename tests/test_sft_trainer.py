@@ -338,6 +338,13 @@ def test_generative_export_loads_with_remote_code_and_reproduces_encode(tiny_bac
     plain = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     with pytest.raises(ValueError, match="no generative embedding"):
         export_generative_sentence_transformers(plain, tmp_path / "nope")
+    # exporting a saved run into itself (or inside it) would replace the run: refused, nothing touched
+    model.save_pretrained(tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    for target in (tmp_path / "run", tmp_path / "run" / "gen"):
+        with pytest.raises(ValueError, match="overlaps the checkpoint"):
+            export_generative_sentence_transformers(tmp_path / "run", target, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
 def test_reasoning_format_evaluator_counts_what_the_model_writes(tiny_backbone, tmp_path):

@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,9 +45,12 @@ def export_generative_sentence_transformers(
     """
     import copy
 
-    from .sentence_transformers import _prepare_output_dir, _replace_dir, load_model_for_export
+    from .._files import publish_dir, staged_dir
+    from .sentence_transformers import _prepare_output_dir, _refuse_overlap_with_source, load_model_for_export
 
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
+    if not hasattr(model_or_path, "config"):
+        _refuse_overlap_with_source(model_or_path, output_dir)
     _prepare_output_dir(output_dir, overwrite)
     model = load_model_for_export(model_or_path)
     if model.config.generative_pooling_token is None or model.lm_head is None:
@@ -58,9 +60,7 @@ def export_generative_sentence_transformers(
             "export_sentence_transformers."
         )
     settings = {"max_new_tokens": 512, **dict(generation or {})}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir, what="the generative sentence-transformers export") as staging:
         final = staging / "export"
         final.mkdir()
         saved = copy.deepcopy(model) if model.has_lora else model
@@ -80,7 +80,5 @@ def export_generative_sentence_transformers(
         info = {"format": "mm_embed_trl.sentence_transformers.generative", "generation": settings,
                 "requires": "trust_remote_code=True and mm-embed-trl installed"}
         (final / "mm_embed_trl_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _replace_dir(final, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_dir(final, output_dir)
     return output_dir
