@@ -449,3 +449,8 @@ def test_generative_modes_report_disc_gen_oracle_and_pass_at_k():
     out = pass_k(sampled)
     assert out["toy_gen_recall@1"] == pytest.approx(0.5)  # sample 0 alone
     assert out["toy_pass@3_recall@1"] == pytest.approx(0.75)
+    # mode="generative" alone: one (N, D) tensor per side, still reported (and headlined) as gen_*
+    gen_only = RetrievalEvaluator(queries, corpus, [{i} for i in range(4)], name="toy", k_values=(1,),
+                                  encode_kwargs={"mode": "generative"})
+    out = gen_only(model)
+    assert out[gen_only.primary_metric] == out["toy_gen_recall@1"] == pytest.approx(0.5)

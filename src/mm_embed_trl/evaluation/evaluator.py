@@ -329,7 +329,8 @@ class RetrievalEvaluator:
         # pass@k samples the queries; the corpus is embedded once, greedily
         greedy = {"num_samples": 1, "do_sample": False} if self.encode_kwargs.get("num_samples", 1) > 1 else {}
         corpus_emb = self._encode(model, self.corpus, self.corpus_side, "corpus", self._corpus_labels, **greedy)
-        if isinstance(query_emb, Mapping) or query_emb.ndim == 3:
+        # mode="generative" returns one (N, D) tensor: still the gen_* metrics (the primary metric names them)
+        if isinstance(query_emb, Mapping) or self.encode_kwargs.get("mode", "discriminative") != "discriminative":
             named = (lambda e: e if isinstance(e, Mapping) else {"generative": e})
             metrics = self.compute_generative_metrics(named(query_emb), named(corpus_emb))
         else:
