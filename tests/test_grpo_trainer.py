@@ -74,6 +74,7 @@ def test_the_overridden_trl_methods_keep_their_signatures():
         "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                                   "has_tool_images"],  # stubbed by these tests
         "_compute_loss": ["self", "model", "inputs"],
+        "_save_checkpoint": ["self", "model", "trial"],  # EmbeddingTrainerMixin stages it
     }
     assert set(OVERRIDDEN_TRL_METHODS) <= set(expected)
     for name, params in expected.items():
@@ -229,6 +230,36 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
         EmbeddingGRPOTrainer(model=base, args=_config(tmp_path), train_dataset=shapes_data["train"])
 
 
+def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_card(
+    tiny_backbone, shapes_data, tmp_path
+):
+    """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens kept), the
+    discriminative ST export (no remote code) and the generative one (trust_remote_code) reproducing encode."""
+    from sentence_transformers import SentenceTransformer
+
+    model = _model(tiny_backbone)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root))
+    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(8)))
+    _fixed_completions(trainer)
+    trainer.train()
+    out = Path(trainer.save_for_inference())
+    saved = MultimodalEmbeddingModel.from_pretrained(out)
+    assert saved.config.generative_pooling_token == "<gen_emb>" and saved.config.pooling_token == "<disc_emb>"
+    trained = saved.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the RL update, not the start, was saved
+    for name, value in trainer.embedding_model.state_dict().items():
+        assert torch.equal(trained[name], value), name
+    texts = ["a red circle on the left", "two blue squares"]
+    rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
+    disc = SentenceTransformer(str(out / "sentence_transformers"))
+    assert_close(torch.as_tensor(disc.encode_query(texts)), saved.encode(texts), rtol=rtol)
+    gen = SentenceTransformer(str(out / "sentence_transformers_generative"), trust_remote_code=True)
+    want = saved.encode(texts, mode="generative", max_new_tokens=16)  # the run's max_completion_length
+    assert_close(torch.as_tensor(gen.encode_query(texts)), want, rtol=rtol)
+    assert "2511.00405" in (out / "README.md").read_text()
+
+
 def test_ume_r1_preset_holds_the_papers_settings(tmp_path):
     args = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     assert (args.num_generations, args.temperature, args.beta, args.epsilon, args.epsilon_high) == (8, 1.0, 0.04, 0.2,
@@ -272,3 +303,31 @@ def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
     assert_close(torch.cat([two["updates"][n].flatten() for n in names]),
                  torch.cat([one["updates"][n].flatten() for n in names]), rtol=backward)
     assert any(one["updates"][n].abs().max() > 0 for n in names)
+
+
+def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
+    """The 2B recipe carries the preset's (UME-R1's) settings; the tiny recipe is the example's no-argument default."""
+    import importlib.util
+
+    import yaml
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments
+
+    preset = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    keys = ("num_generations", "temperature", "beta", "epsilon", "epsilon_high", "learning_rate",
+            "max_completion_length", "loss_type", "steps_per_generation", "retrieval_pool")
+    for name in ("grpo_qwen2vl_2b.yaml", "grpo_tiny_cpu.yaml"):
+        parser = TrlParser((EmbeddingScriptArguments, EmbeddingGRPOConfig, ModelConfig))
+        _, args, _ = parser.parse_args_and_config(
+            ["--config", str(ROOT / "recipes" / name), "--output_dir", str(tmp_path), "--bf16", "false"]
+        )
+        assert args.output_dir == str(tmp_path)  # the command line overrides the recipe
+        if "2b" in name:
+            assert {k: getattr(args, k) for k in keys} == {k: getattr(preset, k) for k in keys}
+            assert args.per_device_train_batch_size == 2 * 2 * args.num_generations  # 2 pairs, both sides
+    spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    recipe = yaml.safe_load((ROOT / "recipes" / "grpo_tiny_cpu.yaml").read_text())
+    assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS

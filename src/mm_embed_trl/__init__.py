@@ -22,6 +22,8 @@ _EXPORTS = {
     "DistillEmbedTrainer": "mm_embed_trl.trainers.distill_trainer",
     "EmbeddingSFTConfig": "mm_embed_trl.trainers.sft_config",
     "EmbeddingSFTTrainer": "mm_embed_trl.trainers.sft_trainer",
+    "EmbeddingGRPOConfig": "mm_embed_trl.trainers.grpo_config",
+    "EmbeddingGRPOTrainer": "mm_embed_trl.trainers.grpo_trainer",
     "RetrievalEvaluator": "mm_embed_trl.evaluation",
     "get_tiny_backbone": "mm_embed_trl.tiny",
 }

@@ -128,7 +128,7 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
         train, evaluation = load_named_splits(script_args)
     # Checked here, before the model loads; the trainer's own check of the same datasets is then free.
     with training_args.main_process_first(desc="checking the dataset rows"):
-        policy = dict(num_negatives=training_args.num_negatives, on_bad_row=training_args.on_bad_row)
+        policy = dict(num_negatives=getattr(training_args, "num_negatives", None), on_bad_row=training_args.on_bad_row)
         train = check_training_rows(train, what="training dataset", **policy)
         if evaluation is not None:
             evaluation = check_training_rows(evaluation, what="held-out dataset", **policy)
@@ -177,13 +177,13 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
-                before = evaluator(trainer.model)
+                before = evaluator(trainer.inference_model())
         else:
-            before = evaluator(trainer.model)
+            before = evaluator(trainer.inference_model())
     trainer.train(resume_from_checkpoint=resume)
     after = None
     if evaluator is not None and (main or sharded):
-        after = evaluator(trainer.model if sharded else trainer.accelerator.unwrap_model(trainer.model))
+        after = evaluator(trainer.inference_model())  # sharded: gathered by each forward, on every rank
     if evaluator is not None and main:
         print(f"\n{title}")
         print(format_comparison(before, after))
@@ -191,7 +191,7 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
     card = {"eval_results": {"before": before, "after": after}, "dataset_name": dataset_name}
     trainer.save_for_inference(model_card_data=card)
     if main:
-        print(f"\nSaved to {trainer.args.output_dir} (+ sentence_transformers/ for SentenceTransformer(...)).")
+        print(f"\nSaved to {trainer.args.output_dir} (+ sentence_transformers*/ for SentenceTransformer(...)).")
     return {"before": before, "after": after}
 
 

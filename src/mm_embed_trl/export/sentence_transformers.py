@@ -106,6 +106,7 @@ __all__ = [
 
 # The sentence-transformers export written by `save_for_inference` next to the MultimodalEmbeddingModel files.
 ST_SUBDIR = "sentence_transformers"
+ST_GENERATIVE_SUBDIR = "sentence_transformers_generative"  # UME-R1 models: the generative embedding (remote code)
 # Small JSON written into every export: what was exported and how to reproduce the embeddings.
 EXPORT_INFO_FILE = "mm_embed_trl_export.json"
 
@@ -751,6 +752,7 @@ _MODEL_FILE_PATTERNS = (
     "README.md",
     EXPORT_INFO_FILE,
     ST_SUBDIR,
+    ST_GENERATIVE_SUBDIR,
     "tokenizer*",
     "vocab*",
     "merges.txt",
@@ -777,10 +779,12 @@ def write_inference_extras(
     prompts: Mapping[str, str] | None = None,
     default_prompt_name: str | None = None,
     model_card_data: Mapping[str, Any] | None = None,
+    generation: Mapping[str, Any] | None = None,
 ) -> None:
     """Next to the model saved in ``directory`` (a staging folder that will be published as ``published_as``, the
     path the cards' snippets name): its sentence-transformers export in ``ST_SUBDIR``, the model card and the
-    export info."""
+    export info. A UME-R1 model (a generative pooling token and an LM head) also gets its generative export in
+    ``ST_GENERATIVE_SUBDIR`` (a custom module: ``trust_remote_code=True``), with ``generation`` as its settings."""
     from .model_card import collect_card_metadata, render_model_card
 
     st_dir = export_sentence_transformers(
@@ -805,9 +809,20 @@ def write_inference_extras(
     root_info = {
         "format": "mm_embed_trl.mm_embedding",
         "sentence_transformers_subdir": ST_SUBDIR,
+        **_write_generative_export(model, directory, generation),
         "card_model_reference": metadata.get("repo_id") or metadata["model_reference"],
     }
     (directory / EXPORT_INFO_FILE).write_text(json.dumps(root_info, indent=2, sort_keys=True) + "\n")
+
+
+def _write_generative_export(model, directory: pathlib.Path, generation) -> dict[str, str]:
+    if model.config.generative_pooling_token is None or model.lm_head is None:
+        return {}
+    from .generative import export_generative_sentence_transformers
+
+    target = directory / ST_GENERATIVE_SUBDIR
+    export_generative_sentence_transformers(model, target, generation=generation, overwrite=True)
+    return {"sentence_transformers_generative_subdir": ST_GENERATIVE_SUBDIR}
 
 
 def save_for_inference(

@@ -1,9 +1,11 @@
-from .base import EmbeddingTrainer, EmbeddingTrainingArguments, NonFiniteLossError, freeze_vision_tower
+from .base import EmbeddingTrainer, EmbeddingTrainingArguments, freeze_vision_tower
+from .embedding_mixin import EmbeddingTrainerMixin, NonFiniteLossError
 from .hardneg_config import HardNegContrastiveConfig
 from .hardneg_trainer import HardNegContrastiveTrainer
 
 __all__ = [
     "EmbeddingTrainer",
+    "EmbeddingTrainerMixin",
     "EmbeddingTrainingArguments",
     "HardNegContrastiveConfig",
     "HardNegContrastiveTrainer",
@@ -20,3 +22,6 @@ from .sft_config import EmbeddingSFTConfig
 from .sft_trainer import EmbeddingSFTTrainer
 
 __all__ += ["EmbeddingSFTConfig", "EmbeddingSFTTrainer"]
+
+# EmbeddingGRPOConfig / EmbeddingGRPOTrainer (trainers.grpo_*) import trl's GRPOTrainer: reached through
+# `mm_embed_trl.EmbeddingGRPOTrainer` (lazy), not imported here.

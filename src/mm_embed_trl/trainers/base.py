@@ -7,13 +7,8 @@ Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
-import pathlib
-import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,11 +17,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .._files import disk_full_as_clear_error, publish_dir
 from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
 from ..modeling import MultimodalEmbeddingModel
-from ..modeling.modeling import count_degenerate_rows
+from .embedding_mixin import EmbeddingTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -160,26 +154,39 @@ class EmbeddingTrainingArguments(TrainingArguments):
             check_repo_id(self.hub_model_id)  # now, not after a whole training run and export
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
             raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
-        if not self.use_cpu and not _has_accelerator():
-            # Without it accelerate's PartialState treats `accelerate launch --multi_gpu` / torchrun processes on a
-            # CPU-only machine as N independent single-process runs (each saving, none sharing negatives).
-            self.use_cpu = True
-        if self.use_cpu:
-            self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
+        adapt_to_cpu(self)
         super().__post_init__()
 
     @cached_property
     def _setup_devices(self) -> torch.device:
-        # transformers passes `ddp_timeout` to the process group on every backend but the CPU one: a CPU run (gloo)
-        # got the 30-minute default, so a stopped rank hung its peers that long. Creating the group here with the
-        # timeout first makes the parent's set-up reuse it (accelerate only creates a group when none exists).
-        if (self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")) and not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        ):
-            from accelerate import PartialState
+        return setup_devices_with_timeout(self)
 
-            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
-        return TrainingArguments._setup_devices.func(self)
+
+def adapt_to_cpu(args: TrainingArguments) -> None:
+    """On a machine without an accelerator: `use_cpu`, no pinned memory, and no bf16 unless asked for (TRL's
+    configs default it to on). Called before `TrainingArguments.__post_init__`, which would refuse bf16 there."""
+    if not args.use_cpu and not _has_accelerator():
+        # Without it accelerate's PartialState treats `accelerate launch --multi_gpu` / torchrun processes on a
+        # CPU-only machine as N independent single-process runs (each saving, none sharing negatives).
+        args.use_cpu = True
+        if getattr(args, "bf16", None) is None:
+            args.bf16 = False
+    if args.use_cpu:
+        args.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
+
+
+def setup_devices_with_timeout(args: TrainingArguments) -> torch.device:
+    """`TrainingArguments._setup_devices` with `ddp_timeout` given to a CPU (gloo) process group too."""
+    # transformers passes `ddp_timeout` to the process group on every backend but the CPU one: a CPU run (gloo)
+    # got the 30-minute default, so a stopped rank hung its peers that long. Creating the group here with the
+    # timeout first makes the parent's set-up reuse it (accelerate only creates a group when none exists).
+    if (args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")) and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend=args.ddp_backend, timeout=args.ddp_timeout_delta)
+    return TrainingArguments._setup_devices.func(args)
 
 
 class _SkippedRowsReport(TrainerCallback):
@@ -203,20 +210,6 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-# Written into every checkpoint: whether its last loss, its weights and the embeddings of a few fixed probe texts
-# are finite and non-degenerate (see EmbeddingTrainer._checkpoint_health).
-CHECKPOINT_HEALTH_FILE = "mm_embed_trl_health.json"
-_PROBE_TEXTS = (
-    "a red circle on the left",
-    "two blue squares below a green star",
-    "Represent the given sentence for retrieval.",
-    "The quick brown fox jumps over the lazy dog.",
-)
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the loss turns NaN/inf: training stops before the bad gradients touch any weight."""
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -232,7 +225,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class EmbeddingTrainer(Trainer):
+class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     """Base class of the embedding trainers. Subclasses implement :meth:`compute_embedding_loss`.
 
     Args:
@@ -247,7 +240,6 @@ class EmbeddingTrainer(Trainer):
     _tag_names = ["mm-embed-trl"]
     # True when no batch ever carries images (then ranks run the same modules without a blank-image forward).
     _text_only_batches = False
-    method_name: str | None = None  # the model card's method key (e.g. "unime_stage2")
 
     def __init__(
         self,
@@ -350,66 +342,6 @@ class EmbeddingTrainer(Trainer):
             eval_callback.attach(self)  # registers it and logs through the trainer (feeds metric_for_best_model)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-
-    # ------------------------------------------------------------------ run folder
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
-        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
-        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
-
-    def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
-
-        Raises:
-            FileNotFoundError: "last" with no complete checkpoint in `output_dir`, or a folder that does not exist.
-            FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
-        """
-        output_dir = self.args.output_dir
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            self._claim_output_dir()
-            return None
-        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
-            found = latest_complete_checkpoint(output_dir)
-            if found is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint='last' found no complete checkpoint in output_dir {output_dir!r} (a "
-                    "checkpoint-N folder with trainer_state.json and weights). Start a fresh run without "
-                    "--resume_from_checkpoint, or pass the path of a checkpoint folder."
-                )
-            return found
-        if not os.path.isdir(resume_from_checkpoint):
-            raise FileNotFoundError(
-                f"resume_from_checkpoint {resume_from_checkpoint!r} is not a folder. Pass a checkpoint-N folder of "
-                "a run, or 'last' for the newest complete one in output_dir."
-            )
-        return str(resume_from_checkpoint)
-
-    def _claim_output_dir(self) -> None:
-        """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
-        loading would pick the other run's): refuse, or with `overwrite_output_dir` delete the old checkpoints."""
-        if self._output_dir_claimed:
-            return
-        output_dir = self.args.output_dir
-        previous = [os.path.basename(c) for c in _checkpoints(output_dir)]
-        if os.path.isfile(os.path.join(output_dir, "config.json")):
-            previous.append("a final model (config.json)")
-        if previous and not self.args.overwrite_output_dir:
-            shown = ", ".join(previous[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
-            raise FileExistsError(
-                f"output_dir {output_dir!r} holds another run ({shown}). Pass --resume_from_checkpoint last to "
-                "continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
-            )
-        if previous:
-            logger.warning(
-                "overwrite_output_dir: deleting the previous run's checkpoints in %s; its final model is replaced "
-                "when this run saves its own.", output_dir
-            )
-            if self.args.should_save:
-                for checkpoint in _checkpoints(output_dir):
-                    shutil.rmtree(checkpoint)
-            self.accelerator.wait_for_everyone()
-        self._output_dir_claimed = True
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_datasets(self, train_dataset, eval_dataset, args):
@@ -515,16 +447,6 @@ class EmbeddingTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     @property
-    def zero_stage(self) -> int | None:
-        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
-        return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
-
-    @property
-    def shards_weights(self) -> bool:
-        """Whether weights are sharded across ranks (ZeRO-3, FSDP): every forward then gathers them collectively."""
-        return self.zero_stage == 3 or self.is_fsdp_enabled
-
-    @property
     def _chunkwise_backward(self) -> bool:
         # Sharding engines hook their reduction into every backward; re-running chunks inside one backward (the
         # DDP path) would reduce a parameter twice, so they get one backward call per chunk instead.
@@ -576,27 +498,6 @@ class EmbeddingTrainer(Trainer):
             engine.step()
         return loss.detach() / self.current_gradient_accumulation_steps
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss.detach()).all():
-            return
-        checkpoints = _checkpoints(self.args.output_dir) if self.args.output_dir else []
-        good = last_healthy_checkpoint(self.args.output_dir) if checkpoints else None
-        failed = [os.path.basename(c) for c in checkpoints if (_read_health(c) or {}).get("healthy") is False]
-        if good:
-            where = f"Last good checkpoint: {good} (finite loss, weights and embeddings). "
-        elif checkpoints:
-            where = "No checkpoint passed the health check (finite loss, weights and embeddings). "
-        else:
-            where = "No checkpoint was written yet. "
-        if failed:
-            where += f"Diverged already, do not resume from: {', '.join(failed)}. "
-        raise NonFiniteLossError(
-            f"The loss became {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
-            "training stopped before these gradients reached any weight. "
-            + where
-            + "Try a lower learning rate, bf16 instead of fp16, a larger temperature, or inspect this batch's rows."
-        )
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # transformers computes no loss for a label-free model: compute ours.
         inputs = self._prepare_inputs(inputs)
@@ -617,165 +518,7 @@ class EmbeddingTrainer(Trainer):
         logs = {**logs, **{prefix + k: v for k, v in averaged.items()}}
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ saving
-    def _save_checkpoint(self, model, trial):
-        """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint.
 
-        The parent writes into `<run_dir>/.staging/checkpoint-N`; once every rank is done, the main process records
-        the checkpoint's health (`CHECKPOINT_HEALTH_FILE`), renames it to `<run_dir>/checkpoint-N`, fixes the paths
-        the parent recorded (best checkpoint, trainer_state.json), rotates old checkpoints and only then starts a
-        Hub push of the final folder. A failed save (a full disk) removes the staging folder.
-        """
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = self._get_output_dir(trial=trial)
-        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-        staging_root = os.path.join(run_dir, ".staging")
-        staged = os.path.join(staging_root, os.path.basename(final))
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left
-        self.accelerator.wait_for_everyone()  # before any rank writes its part (DeepSpeed: every rank does)
-        original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
-        self._get_output_dir = lambda trial=None: staging_root
-        self._push_from_checkpoint = lambda *args, **kwargs: None  # pushed below, from the final folder
-        try:
-            with disk_full_as_clear_error(final, os.path.basename(final)):
-                super()._save_checkpoint(model, trial)
-        except BaseException:
-            if self.args.should_save:
-                shutil.rmtree(staging_root, ignore_errors=True)
-            raise
-        finally:
-            self._get_output_dir, self._push_from_checkpoint = original_get_output_dir, original_push
-        self.accelerator.wait_for_everyone()
-        health = self._checkpoint_health()
-        if self.args.should_save:
-            with open(os.path.join(staged, CHECKPOINT_HEALTH_FILE), "w") as f:
-                json.dump(health, f, indent=2)
-            publish_dir(staged, final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging_root):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
-            keep = self.state.best_model_checkpoint
-            if not health["healthy"]:
-                logger.warning(
-                    "%s holds diverged weights or degenerate embeddings (%s); resume from the last good checkpoint "
-                    "(%s) with a lower learning rate.", final, health, last_healthy_checkpoint(run_dir)
-                )
-                keep = keep or last_healthy_checkpoint(run_dir)  # rotation must not delete the last good one
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, best_model_checkpoint=keep)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final)
-
-    def _checkpoint_health(self) -> dict[str, Any]:
-        """Whether the weights being checkpointed are usable: the last training loss, every weight and the
-        embeddings of a few fixed probe texts are finite, and no probe embedding is a zero vector.
-
-        A diverging run can keep a finite loss for a step while its weights blow up (to ~1e6 with a huge learning
-        rate) and every embedding collapses to zero; the NaN stop must not call such a checkpoint "good". Sharded
-        weights (ZeRO-3, FSDP): every rank checks its shard and runs the probe forward (it gathers collectively).
-        """
-        everywhere = self.shards_weights
-        if not (everywhere or self.args.should_save):
-            return {}
-        model = self.accelerator.unwrap_model(self.model)
-        local = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3 keeps the shard in ds_tensor
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in local]  # FSDP2 DTensors
-        finite = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all()
-        if everywhere:
-            finite = self.accelerator.gather(finite.reshape(1).to(self.args.device)).all()
-        probes = model.encode(list(_PROBE_TEXTS), batch_size=len(_PROBE_TEXTS))
-        loss = float(self._last_train_loss) if self._last_train_loss is not None else None
-        health = {
-            "global_step": self.state.global_step,
-            "last_loss": loss,
-            "weights_finite": bool(finite),
-            "degenerate_probe_embeddings": count_degenerate_rows(probes),
-        }
-        health["healthy"] = (
-            (loss is None or math.isfinite(loss))
-            and health["weights_finite"]
-            and health["degenerate_probe_embeddings"] == 0
-        )
-        return health
-
-    def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
-        """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
-        and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
-
-        The trainer's `save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) first; merging and exporting
-        then work from that complete copy on disk, so they are correct whatever the parallelism. Everything (weights,
-        processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
-        kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
-        files in `output_dir` are kept.
-        """
-        from ..export.sentence_transformers import is_run_state, save_model_files, write_inference_extras
-
-        output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
-        staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            with disk_full_as_clear_error(output_dir, "the final model"):
-                self.save_model(str(staging))
-                self.accelerator.wait_for_everyone()
-                if self.args.should_save:
-                    with _without_zero3_init():  # plain, whole copies loaded on this process only
-                        saved = MultimodalEmbeddingModel.from_pretrained(staging)
-                        if saved.has_lora:
-                            saved.merge_lora()
-                            save_model_files(saved, staging)
-                        if self.args.save_sentence_transformers:
-                            card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
-                            write_inference_extras(saved, staging, published_as=output_dir, model_card_data=card)
-                    publish_dir(staging, output_dir, keep_existing=is_run_state)
-        finally:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return str(output_dir)
-
-
-def _checkpoints(output_dir: str) -> list[str]:
-    """The `checkpoint-N` folders of a run, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [m for m in map(_CHECKPOINT_NAME.fullmatch, os.listdir(output_dir)) if m]
-    paths = [os.path.join(output_dir, m.group(0)) for m in sorted(found, key=lambda m: int(m.group(1)))]
-    return [p for p in paths if os.path.isdir(p)]
-
-
-def _read_health(checkpoint: str) -> dict | None:
-    try:
-        with open(os.path.join(checkpoint, CHECKPOINT_HEALTH_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None  # written before health records existed, or by another tool: unknown
-
-
-def last_healthy_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint of `output_dir` whose health record says its weights and embeddings are usable."""
-    return next((c for c in reversed(_checkpoints(output_dir)) if (_read_health(c) or {}).get("healthy")), None)
-
-
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint of `output_dir` the Trainer can resume from (trainer state and weights present).
-
-    Checkpoints are published by rename once complete (see `EmbeddingTrainer._save_checkpoint`); the check also
-    skips folders copied or written by other means that lack a part.
-    """
-    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
-    for checkpoint in reversed(_checkpoints(output_dir)):
-        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")) and any(
-            os.path.isfile(os.path.join(checkpoint, name)) for name in weights
-        ):
-            return checkpoint
-    return None
 
 
 def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool = False) -> int:
@@ -790,23 +533,6 @@ def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool
             frozen += 1
     return frozen
 
-
-@contextlib.contextmanager
-def _without_zero3_init():
-    """Load a model normally although ZeRO-3 is configured: transformers would otherwise partition it with
-    `deepspeed.zero.Init`, a collective that hangs when only the main process loads."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = ref() if ref is not None else None
-    if config is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _can_coalesce() -> bool:

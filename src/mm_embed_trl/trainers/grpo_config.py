@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import torch
 from trl import GRPOConfig
+
+from .base import adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
 MISSING_TOKEN_POLICIES = ("last_token", "zero")
@@ -46,6 +50,11 @@ class EmbeddingGRPOConfig(GRPOConfig):
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
     """
 
+    # TRL's default of 8 rows cannot hold one pair: both sides x num_generations (8) rollouts
+    per_device_train_batch_size: int = field(
+        default=16,
+        metadata={"help": "Rollouts per device and micro-step: a multiple of 2 x num_generations (whole pairs)."},
+    )
     retrieval_reward: str = field(
         default="ume_r1",
         metadata={"help": "Retrieval reward: ume_r1 (rank x gap), reciprocal_rank, or none.",
@@ -73,6 +82,16 @@ class EmbeddingGRPOConfig(GRPOConfig):
         default=8, metadata={"help": "Completions re-embedded with an empty <think> per generation batch (0: off)."}
     )
     prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
+    on_bad_row: str = field(
+        default="raise",
+        metadata={"help": "Rows the pre-training check rejects (an empty side, a text that is not a string, ...): "
+                  "raise (name them) or skip (log each, report the count).", "choices": ["raise", "skip"]},
+    )
+    save_sentence_transformers: bool = field(
+        default=True,
+        metadata={"help": "At the end also write the sentence-transformers exports (sentence_transformers/ for "
+                  "the discriminative embedding, sentence_transformers_generative/ for the generative one)."},
+    )
     image_root: str | None = field(
         default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
     )
@@ -84,8 +103,11 @@ class EmbeddingGRPOConfig(GRPOConfig):
             raise ValueError(f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}.")
         if self.retrieval_reward not in ("ume_r1", "reciprocal_rank", "none"):
             raise ValueError(f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}.")
+        if self.on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         if self.reasoning_sensitivity_rows < 0:
             raise ValueError("reasoning_sensitivity_rows must be >= 0.")
+        adapt_to_cpu(self)  # as the other trainers' configs: a CPU-only machine trains on the CPU, in fp32
         super().__post_init__()
         if self.generation_batch_size % (2 * self.num_generations) != 0:
             raise ValueError(
@@ -93,6 +115,10 @@ class EmbeddingGRPOConfig(GRPOConfig):
                 f"steps_per_generation) must hold whole pairs: a multiple of 2 x num_generations "
                 f"({2 * self.num_generations}), both sides of each pair rolled out num_generations times."
             )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        return setup_devices_with_timeout(self)
 
     @classmethod
     def ume_r1(cls, **overrides) -> EmbeddingGRPOConfig:

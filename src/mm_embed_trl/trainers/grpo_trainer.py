@@ -18,6 +18,7 @@ from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.pooling import special_token_indices
+from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["EmbeddingGRPOTrainer"]
 
 # TRL private methods this trainer overrides (their signatures are pinned by tests/test_grpo_trainer.py).
-OVERRIDDEN_TRL_METHODS = ("_get_train_sampler", "_tokenize_prompts", "_calculate_rewards", "_generate_and_score_completions")
+OVERRIDDEN_TRL_METHODS = (
+    "_get_train_sampler",
+    "_tokenize_prompts",
+    "_calculate_rewards",
+    "_generate_and_score_completions",
+)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
@@ -35,7 +41,7 @@ def _retrieval_placeholder(prompts, completions, **kwargs):
     return [None] * len(prompts)
 
 
-class EmbeddingGRPOTrainer(GRPOTrainer):
+class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
     r"""GRPO with UME-R1's retrieval reward, on TRL's own `GRPOTrainer` (UME-R1 stage 2).
 
     Each (query, target) pair of the dataset becomes two prompts (its query side and its target side, in UME-R1's
@@ -151,6 +157,12 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
             policy.name_or_path = reference_dir
         if train_dataset is None:
             raise ValueError("EmbeddingGRPOTrainer needs a train_dataset of (query, target) pairs (MMEB-train schema).")
+        from ..data.validation import check_training_rows
+
+        with args.main_process_first(desc="checking the dataset rows"):
+            train_dataset = check_training_rows(
+                train_dataset, what="training dataset", num_negatives=0, on_bad_row=args.on_bad_row
+            )
         train_dataset = flatten_pairs(train_dataset)
         if reward_funcs is None:
             reward_funcs, weights = [ume_r1_format_reward], [args.format_reward_weight]
@@ -176,6 +188,40 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+
+    # ------------------------------------------------------------------ EmbeddingTrainerMixin hooks
+    def inference_model(self) -> MultimodalEmbeddingModel:
+        return self.embedding_model  # its backbone is the policy TRL trains (the same modules)
+
+    def _save_final_weights(self, directory: str) -> None:
+        """The trained policy inside its `MultimodalEmbeddingModel` (config, pooling tokens, processor): sharded
+        weights gathered (a collective), LoRA adapters merged."""
+        state = None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        if not self.args.should_save:
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        if hasattr(policy, "merge_and_unload"):  # PEFT: merged in place, into the modules embedding_model holds
+            if state is not None:
+                raise NotImplementedError(
+                    "Saving a LoRA policy trained under ZeRO-3/FSDP is not supported yet: train LoRA under DDP or "
+                    "ZeRO-1/2, or train the full model."
+                )
+            policy.merge_and_unload()
+        if state is not None:
+            state = {f"encoder.{name}": tensor for name, tensor in state.items()}
+        with _without_zero3_init():
+            self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def _generation_settings(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.args.max_completion_length}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._check_finite(loss)  # a NaN stops the run before its gradients reach a weight
+        self._last_train_loss = loss.detach()
+        return loss
 
     # ------------------------------------------------------------------ data layout
     def _get_train_sampler(self, dataset=None):
@@ -206,8 +252,14 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts):
         prompt_ids, images, fields = super()._tokenize_prompts(prompts)
         # kept for the embedding forward of _calculate_rewards, so the processor never runs twice on these images
-        image_counts = [sum(isinstance(c, dict) and c.get("type") == "image" for m in p for c in
-                            (m["content"] if isinstance(m["content"], list) else [])) for p in prompts]
+        image_counts = [
+            sum(
+                isinstance(c, dict) and c.get("type") == "image"
+                for m in p
+                for c in (m["content"] if isinstance(m["content"], list) else [])
+            )
+            for p in prompts
+        ]
         self._stash = {"prompt_ids": prompt_ids, "fields": fields, "image_counts": image_counts}
         if images is not None:
             # TRL marks a text-only prompt's images as None, which its second processor call rejects in a mixed
@@ -235,7 +287,11 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         pool_id = torch.arange(len(all_side), device=device) // pool_rows
         score = ume_r1_retrieval_reward if self.args.retrieval_reward == "ume_r1" else reciprocal_rank_reward
         out = score(
-            all_embeddings, all_side, all_pair, self.num_generations, pool_id=pool_id,
+            all_embeddings,
+            all_side,
+            all_pair,
+            self.num_generations,
+            pool_id=pool_id,
             content_ids=all_content if self.args.mask_duplicate_targets else None,
         )
         rewards[:, self._retrieval_column] = out.reward.to(rewards.dtype)
@@ -280,8 +336,10 @@ class EmbeddingGRPOTrainer(GRPOTrainer):
         size = self.args.embedding_batch_size or self.args.per_device_train_batch_size
         device = self.accelerator.device
         outputs, found = [], []
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                self.compute_loss_context_manager():
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.compute_loss_context_manager(),
+        ):
             for chunk in split_batch(batch, size):
                 chunk = {k: v.to(device) for k, v in chunk.items() if torch.is_tensor(v)}
                 start = chunk.pop("completion_start")

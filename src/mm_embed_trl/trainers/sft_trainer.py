@@ -81,6 +81,9 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._disc_id, self._gen_id = tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
 
+    def _generation_settings(self) -> dict:
+        return {"max_new_tokens": self.args.max_new_tokens}
+
     def default_collator(self, model, processing_class, args):
         if not args.needs_reasoning:
             return super().default_collator(model, processing_class, args)

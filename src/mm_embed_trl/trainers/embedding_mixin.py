@@ -1,0 +1,356 @@
+"""What every embedding trainer shares whatever runs its step (`transformers.Trainer` or `trl.GRPOTrainer`).
+
+`EmbeddingTrainerMixin` holds the machinery that is not the optimisation step: the run folder (resume from "last",
+refusing to mix two runs), the parallelism queries (`zero_stage`, `shards_weights`), the finite-loss guard, staged
+checkpoints with a health record, and the end-of-run save (model, sentence-transformers export, card) published in
+one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer` (GRPOTrainer) both put it first in their bases.
+
+A subclass may override two hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
+the unwrapped training model) and `_save_final_weights(directory)` (writes that model's files, gathered under
+ZeRO-3/FSDP; by default the Trainer's `save_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+from typing import Any
+
+import torch
+
+from .._files import disk_full_as_clear_error, publish_dir
+from ..modeling import MultimodalEmbeddingModel
+from ..modeling.modeling import count_degenerate_rows
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_HEALTH_FILE",
+    "EmbeddingTrainerMixin",
+    "NonFiniteLossError",
+    "last_healthy_checkpoint",
+    "latest_complete_checkpoint",
+]
+
+# Written into every checkpoint: whether its last loss, its weights and the embeddings of a few fixed probe texts
+# are finite and non-degenerate (see EmbeddingTrainerMixin._checkpoint_health).
+CHECKPOINT_HEALTH_FILE = "mm_embed_trl_health.json"
+_PROBE_TEXTS = (
+    "a red circle on the left",
+    "two blue squares below a green star",
+    "Represent the given sentence for retrieval.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss turns NaN/inf: training stops before the bad gradients touch any weight."""
+
+
+class EmbeddingTrainerMixin:
+    """Non-step machinery of the embedding trainers; mixed in before `Trainer` / `GRPOTrainer` (see module doc)."""
+
+    _output_dir_claimed = False
+    _last_train_loss: torch.Tensor | None = None
+    method_name: str | None = None  # the model card's method key (e.g. "unime_stage2")
+
+    # ------------------------------------------------------------------ hooks
+    def inference_model(self) -> MultimodalEmbeddingModel:
+        """The embedding model being trained (probed by checkpoint health checks, saved at the end)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _generation_settings(self) -> dict[str, Any] | None:
+        """`encode` generation options saved with a generative export (None: the export's defaults)."""
+        return None
+
+    def _save_final_weights(self, directory: str) -> None:
+        """Write the final `MultimodalEmbeddingModel` files (weights gathered when sharded) into `directory`."""
+        self.save_model(directory)
+
+    # ------------------------------------------------------------------ run folder
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
+        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
+        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
+    def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
+
+        Raises:
+            FileNotFoundError: "last" with no complete checkpoint in `output_dir`, or a folder that does not exist.
+            FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
+        """
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            self._claim_output_dir()
+            return None
+        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
+            found = latest_complete_checkpoint(output_dir)
+            if found is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint='last' found no complete checkpoint in output_dir {output_dir!r} (a "
+                    "checkpoint-N folder with trainer_state.json and weights). Start a fresh run without "
+                    "--resume_from_checkpoint, or pass the path of a checkpoint folder."
+                )
+            return found
+        if not os.path.isdir(resume_from_checkpoint):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume_from_checkpoint!r} is not a folder. Pass a checkpoint-N folder of "
+                "a run, or 'last' for the newest complete one in output_dir."
+            )
+        return str(resume_from_checkpoint)
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
+        loading would pick the other run's): refuse, or with `overwrite_output_dir` delete the old checkpoints."""
+        if self._output_dir_claimed:
+            return
+        output_dir = self.args.output_dir
+        previous = [os.path.basename(c) for c in _checkpoints(output_dir)]
+        if os.path.isfile(os.path.join(output_dir, "config.json")):
+            previous.append("a final model (config.json)")
+        if previous and not self.args.overwrite_output_dir:
+            shown = ", ".join(previous[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
+            raise FileExistsError(
+                f"output_dir {output_dir!r} holds another run ({shown}). Pass --resume_from_checkpoint last to "
+                "continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
+            )
+        if previous:
+            logger.warning(
+                "overwrite_output_dir: deleting the previous run's checkpoints in %s; its final model is replaced "
+                "when this run saves its own.",
+                output_dir,
+            )
+            if self.args.should_save:
+                for checkpoint in _checkpoints(output_dir):
+                    shutil.rmtree(checkpoint)
+            self.accelerator.wait_for_everyone()
+        self._output_dir_claimed = True
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+        return self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether weights are sharded across ranks (ZeRO-3, FSDP): every forward then gathers them collectively."""
+        return self.zero_stage == 3 or self.is_fsdp_enabled
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        checkpoints = _checkpoints(self.args.output_dir) if self.args.output_dir else []
+        good = last_healthy_checkpoint(self.args.output_dir) if checkpoints else None
+        failed = [os.path.basename(c) for c in checkpoints if (_read_health(c) or {}).get("healthy") is False]
+        if good:
+            where = f"Last good checkpoint: {good} (finite loss, weights and embeddings). "
+        elif checkpoints:
+            where = "No checkpoint passed the health check (finite loss, weights and embeddings). "
+        else:
+            where = "No checkpoint was written yet. "
+        if failed:
+            where += f"Diverged already, do not resume from: {', '.join(failed)}. "
+        raise NonFiniteLossError(
+            f"The loss became {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
+            "training stopped before these gradients reached any weight. "
+            + where
+            + "Try a lower learning rate, bf16 instead of fp16, a larger temperature, or inspect this batch's rows."
+        )
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model, trial):
+        """Write each checkpoint to a staging folder and rename it into place: never a half-written checkpoint.
+
+        The parent writes into `<run_dir>/.staging/checkpoint-N`; once every rank is done, the main process records
+        the checkpoint's health (`CHECKPOINT_HEALTH_FILE`), renames it to `<run_dir>/checkpoint-N`, fixes the paths
+        the parent recorded (best checkpoint, trainer_state.json), rotates old checkpoints and only then starts a
+        Hub push of the final folder. A failed save (a full disk) removes the staging folder.
+        """
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        staging_root = os.path.join(run_dir, ".staging")
+        staged = os.path.join(staging_root, os.path.basename(final))
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()  # before any rank writes its part (DeepSpeed: every rank does)
+        original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
+        self._get_output_dir = lambda trial=None: staging_root
+        self._push_from_checkpoint = lambda *args, **kwargs: None  # pushed below, from the final folder
+        try:
+            with disk_full_as_clear_error(final, os.path.basename(final)):
+                super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
+        finally:
+            self._get_output_dir, self._push_from_checkpoint = original_get_output_dir, original_push
+        self.accelerator.wait_for_everyone()
+        health = self._checkpoint_health()
+        if self.args.should_save:
+            with open(os.path.join(staged, CHECKPOINT_HEALTH_FILE), "w") as f:
+                json.dump(health, f, indent=2)
+            publish_dir(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            keep = self.state.best_model_checkpoint
+            if not health["healthy"]:
+                logger.warning(
+                    "%s holds diverged weights or degenerate embeddings (%s); resume from the last good checkpoint "
+                    "(%s) with a lower learning rate.",
+                    final,
+                    health,
+                    last_healthy_checkpoint(run_dir),
+                )
+                keep = keep or last_healthy_checkpoint(run_dir)  # rotation must not delete the last good one
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit, best_model_checkpoint=keep
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+
+    def _checkpoint_health(self) -> dict[str, Any]:
+        """Whether the weights being checkpointed are usable: the last training loss, every weight and the
+        embeddings of a few fixed probe texts are finite, and no probe embedding is a zero vector.
+
+        A diverging run can keep a finite loss for a step while its weights blow up (to ~1e6 with a huge learning
+        rate) and every embedding collapses to zero; the NaN stop must not call such a checkpoint "good". Sharded
+        weights (ZeRO-3, FSDP): every rank checks its shard and runs the probe forward (it gathers collectively).
+        """
+        everywhere = self.shards_weights
+        if not (everywhere or self.args.should_save):
+            return {}
+        model = self.inference_model()
+        local = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3 keeps the shard in ds_tensor
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in local]  # FSDP2 DTensors
+        finite = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all()
+        if everywhere:
+            finite = self.accelerator.gather(finite.reshape(1).to(self.args.device)).all()
+        probes = model.encode(list(_PROBE_TEXTS), batch_size=len(_PROBE_TEXTS))
+        loss = float(self._last_train_loss) if self._last_train_loss is not None else None
+        health = {
+            "global_step": self.state.global_step,
+            "last_loss": loss,
+            "weights_finite": bool(finite),
+            "degenerate_probe_embeddings": count_degenerate_rows(probes),
+        }
+        health["healthy"] = (
+            (loss is None or math.isfinite(loss))
+            and health["weights_finite"]
+            and health["degenerate_probe_embeddings"] == 0
+        )
+        return health
+
+    def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
+        """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
+        and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
+
+        The trainer's `save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) first; merging and exporting
+        then work from that complete copy on disk, so they are correct whatever the parallelism. Everything (weights,
+        processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
+        kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
+        files in `output_dir` are kept.
+        """
+        from ..export.sentence_transformers import is_run_state, save_model_files, write_inference_extras
+
+        output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
+        staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            with disk_full_as_clear_error(output_dir, "the final model"):
+                self._save_final_weights(str(staging))
+                self.accelerator.wait_for_everyone()
+                if self.args.should_save:
+                    with _without_zero3_init():  # plain, whole copies loaded on this process only
+                        saved = MultimodalEmbeddingModel.from_pretrained(staging)
+                        if saved.has_lora:
+                            saved.merge_lora()
+                            save_model_files(saved, staging)
+                        if self.args.save_sentence_transformers:
+                            card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
+                            write_inference_extras(
+                                saved,
+                                staging,
+                                published_as=output_dir,
+                                model_card_data=card,
+                                generation=self._generation_settings(),
+                            )
+                    publish_dir(staging, output_dir, keep_existing=is_run_state)
+        finally:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return str(output_dir)
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders of a run, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [m for m in map(_CHECKPOINT_NAME.fullmatch, os.listdir(output_dir)) if m]
+    paths = [os.path.join(output_dir, m.group(0)) for m in sorted(found, key=lambda m: int(m.group(1)))]
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def _read_health(checkpoint: str) -> dict | None:
+    try:
+        with open(os.path.join(checkpoint, CHECKPOINT_HEALTH_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # written before health records existed, or by another tool: unknown
+
+
+def last_healthy_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` whose health record says its weights and embeddings are usable."""
+    return next((c for c in reversed(_checkpoints(output_dir)) if (_read_health(c) or {}).get("healthy")), None)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` the Trainer can resume from (trainer state and weights present).
+
+    Checkpoints are published by rename once complete (see `EmbeddingTrainer._save_checkpoint`); the check also
+    skips folders copied or written by other means that lack a part.
+    """
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+    for checkpoint in reversed(_checkpoints(output_dir)):
+        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")) and any(
+            os.path.isfile(os.path.join(checkpoint, name)) for name in weights
+        ):
+            return checkpoint
+    return None
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Load a model normally although ZeRO-3 is configured: transformers would otherwise partition it with
+    `deepspeed.zero.Init`, a collective that hangs when only the main process loads."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
