@@ -331,3 +331,32 @@ def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
     spec.loader.exec_module(example)
     recipe = yaml.safe_load((ROOT / "recipes" / "grpo_tiny_cpu.yaml").read_text())
     assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS
+
+
+def test_text_only_backbone_forwards_run_the_vision_tower_under_sharding(tiny_backbone, shapes_data, tmp_path):
+    """ZeRO-3/FSDP gather each module's weights collectively: a text-only rollout on one rank must still run the
+    vision tower that another rank runs on images. With the hook, direct backbone calls (TRL's policy and reference
+    forwards) run it on a blank image in prefill only; outputs are unchanged and the vision tower gets a zero grad."""
+    model = _model(tiny_backbone)
+    trainer = EmbeddingGRPOTrainer(model=model, args=_config(tmp_path, beta=0.04), train_dataset=shapes_data["train"])
+    backbone = model.backbone
+    calls = []
+    backbone.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    enc = trainer.processing_class.tokenizer(["a red circle", "two blue squares"], return_tensors="pt", padding=True)
+    before = backbone(**enc).logits
+    assert calls == []
+    trainer._run_vision_tower_everywhere()  # what __init__ does under DeepSpeed / FSDP
+    after = backbone(**enc).logits
+    assert len(calls) == 1
+    assert torch.equal(after, before)  # + 0 * features
+    after.sum().backward()
+    grads = [p.grad for p in backbone.model.visual.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # an explicit zero gradient, as on image ranks
+    calls.clear()
+    backbone.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert len(calls) == 1  # the prefill, not each cached decoding step
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    calls.clear()
+    reference.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    reference(**enc)
+    assert len(calls) == 1

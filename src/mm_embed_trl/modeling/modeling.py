@@ -185,9 +185,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             self._wrap_with_lora(config.lora_config)
         # The processor is not a module: it travels alongside (save_pretrained writes it next to the weights).
         self.processor = None
-        # Set by `run_vision_tower_in_every_forward` (sharded training): blank-image inputs for the vision tower.
-        self._blank_image_inputs: dict[str, torch.Tensor] | None = None
-        self._blank_image_pending = False
+        # Set by `run_vision_tower_in_every_forward` (sharded training).
+        self._blank_image: BlankImageHook | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ construction / loading
@@ -343,45 +342,24 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             self.config.lora_config = None
 
     # ------------------------------------------------------------------ sharded training
-    def run_vision_tower_in_every_forward(self, processor=None) -> None:
+    def run_vision_tower_in_every_forward(self, processor=None, *, direct_backbone_calls: bool = False) -> None:
         """Make every forward run the vision tower, text-only ones on a tiny blank image (its output times 0).
 
         ZeRO-3 and FSDP all-gather each module's weights with collectives as it runs (forward and backward), so
         every rank must run the same modules in the same order: a text-only batch on one rank while another has
-        images hangs both, and ZeRO-1/2 reduce mismatched gradient buckets. The blank image runs where real images
-        do, between the token embedding and the language model, and ``0 * its output`` joins the language model's
-        input embeddings there, so the backward visits the modules in the same order too. Results are unchanged;
-        a trainable vision tower gets an explicit zero gradient. A no-op for text-only backbones.
+        images hangs both, and ZeRO-1/2 reduce mismatched gradient buckets. See :class:`BlankImageHook`. A no-op
+        for text-only backbones.
+
+        ``direct_backbone_calls``: also for forwards that call the backbone itself rather than this model (TRL's
+        GRPOTrainer trains the backbone as its policy: log-probabilities, the rollout embeddings).
         """
-        if not _is_vision_language(self.backbone.config) or self._blank_image_inputs is not None:
+        if not _is_vision_language(self.backbone.config):
             return
-        processor = processor if processor is not None else self.processor
-        image_processor = getattr(processor, "image_processor", None)
-        inner = self._hidden_state_module()
-        if image_processor is None or not hasattr(inner, "language_model"):
-            raise ValueError(
-                "run_vision_tower_in_every_forward needs the backbone's processor (with an image processor) and a "
-                f"backbone with a `language_model` ({type(inner).__name__})."
-            )
-        from PIL import Image
-
-        accepted = inspect.signature(inner.get_image_features).parameters
-        encoded = image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
-        self._blank_image_inputs = {k: v for k, v in encoded.items() if k in accepted and torch.is_tensor(v)}
-        inner.language_model.register_forward_pre_hook(self._add_blank_image_features, with_kwargs=True)
-
-    def _add_blank_image_features(self, module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if not self._blank_image_pending or embeds is None:
-            return None
-        self._blank_image_pending = False
-        inputs = {k: v.to(embeds.device) for k, v in self._blank_image_inputs.items()}
-        features = self._hidden_state_module().get_image_features(**inputs, return_dict=True)
-        # Exactly the outputs the backbone consumes for real images: each module output that receives a gradient
-        # triggers ZeRO-3's pre-backward fetch, so using more (e.g. last_hidden_state) would change the order.
-        used = (features.pooler_output, getattr(features, "deepstack_features", None))
-        zero = sum(t.float().sum() for t in iter_tensors(used) if t.is_floating_point()) * 0.0
-        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
+        if self._blank_image is None:
+            processor = processor if processor is not None else self.processor
+            self._blank_image = BlankImageHook(self._hidden_state_module(), processor)
+        if direct_backbone_calls:
+            self._blank_image.hook_top_level(self.backbone)
 
     # ------------------------------------------------------------------ forward
     @property
@@ -461,15 +439,15 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 "labels were given, but this model has no language-model head: load the backbone with "
                 "encoder_kind='generative' (MultimodalEmbeddingModel.from_pretrained(..., encoder_kind='generative'))."
             )
-        self._blank_image_pending = (
-            self._blank_image_inputs is not None and backbone_inputs.get("pixel_values") is None
-        )
+        if self._blank_image is not None:
+            self._blank_image.pending = backbone_inputs.get("pixel_values") is None
         try:
             outputs = self._hidden_state_module()(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
             )
         finally:
-            self._blank_image_pending = False
+            if self._blank_image is not None:
+                self._blank_image.pending = False
         hidden = outputs.last_hidden_state
         token_found = None
         if self.config.pooling == "special_token":
@@ -689,6 +667,64 @@ def _repeat_rows(enc: dict[str, Any], times: int) -> dict[str, Any]:
         pieces = [r[key] for r in repeated if key in r]
         out[key] = torch.cat(pieces) if pieces else value
     return out
+
+
+class BlankImageHook:
+    """Runs a vision-language backbone's vision tower in forwards without images, on a tiny blank image whose output
+    joins the language model's input embeddings times 0: results are unchanged, every rank runs the same modules.
+
+    The blank image runs where real images do, between the token embedding and the language model (a forward
+    pre-hook on ``inner.language_model``), so the backward visits the modules in the same order too and a trainable
+    vision tower gets an explicit zero gradient. A forward arms it by setting ``pending`` (MultimodalEmbeddingModel's
+    forward does), or :meth:`hook_top_level` arms it for every prefill call of a module without ``pixel_values``
+    (not for cached decoding steps).
+
+    Args:
+        inner: the module with ``get_image_features`` and ``language_model`` (e.g. ``Qwen2VLModel``).
+        processor: the backbone's processor (its image processor encodes the blank image once).
+    """
+
+    def __init__(self, inner, processor):
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None or not hasattr(inner, "language_model"):
+            raise ValueError(
+                "Running the vision tower in every forward needs the backbone's processor (with an image processor) "
+                f"and a backbone with a `language_model` ({type(inner).__name__})."
+            )
+        from PIL import Image
+
+        accepted = inspect.signature(inner.get_image_features).parameters
+        encoded = image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+        self.inputs = {k: v for k, v in encoded.items() if k in accepted and torch.is_tensor(v)}
+        self.inner = inner
+        self.pending = False
+        self._top_level: set[int] = set()
+        inner.language_model.register_forward_pre_hook(self._add_blank_image_features, with_kwargs=True)
+
+    def hook_top_level(self, module) -> None:
+        """Arm the hook in each prefill forward of ``module`` (the backbone, or a reference copy's) without images."""
+        if id(module) not in self._top_level:
+            self._top_level.add(id(module))
+            module.register_forward_pre_hook(self._arm, with_kwargs=True)
+
+    def _arm(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 names it `cache`
+        prefill = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        self.pending = prefill and kwargs.get("pixel_values") is None
+        return None
+
+    def _add_blank_image_features(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if not self.pending or embeds is None:
+            return None
+        self.pending = False
+        inputs = {k: v.to(embeds.device) for k, v in self.inputs.items()}
+        features = self.inner.get_image_features(**inputs, return_dict=True)
+        # Exactly the outputs the backbone consumes for real images: each module output that receives a gradient
+        # triggers ZeRO-3's pre-backward fetch, so using more (e.g. last_hidden_state) would change the order.
+        used = (features.pooler_output, getattr(features, "deepstack_features", None))
+        zero = sum(t.float().sum() for t in iter_tensors(used) if t.is_floating_point()) * 0.0
+        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
 
 
 def count_degenerate_rows(embeddings: torch.Tensor) -> int:

@@ -188,6 +188,18 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            self._run_vision_tower_everywhere()
+
+    def _run_vision_tower_everywhere(self) -> None:
+        """Under DeepSpeed/FSDP every rank must run the same modules: text-only rollouts run the vision tower on a
+        blank image (times 0) in the policy's and the reference model's forwards (see BlankImageHook)."""
+        from ..modeling.modeling import BlankImageHook
+
+        self.embedding_model.run_vision_tower_in_every_forward(self.processing_class, direct_backbone_calls=True)
+        if self.ref_model is not None:
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            BlankImageHook(getattr(reference, "model", reference), self.processing_class).hook_top_level(reference)
 
     # ------------------------------------------------------------------ EmbeddingTrainerMixin hooks
     def inference_model(self) -> MultimodalEmbeddingModel:
