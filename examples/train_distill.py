@@ -33,7 +33,7 @@ from mm_embed_trl.scripts import (
     train_evaluate_save,
 )
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
-from mm_embed_trl.trainers.distill_trainer import check_distill_rows
+from mm_embed_trl.data.distill_rows import check_distill_rows
 
 
 @dataclass

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from .data.distill_rows import check_texts
+from .data.validation import as_array
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -136,42 +139,6 @@ def teacher_fingerprint(teacher: Any, **options: Any) -> str:
     return hasher.hexdigest()
 
 
-def _texts_column(dataset, text_column: str):
-    """The text column as one pyarrow array (row order of the dataset, selections and shuffles included)."""
-    import pyarrow as pa
-
-    column = dataset.with_format("arrow")[text_column]
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    return column
-
-
-def check_texts(dataset, text_column: str, *, what: str = "dataset") -> None:
-    """Raise a clear error when ``text_column`` is missing, not a string column, or has empty, missing or
-    non-UTF-8 texts. Vectorised with pyarrow (``data.validation``): one pass over the column, no per-row Python.
-    """
-    import pyarrow.compute as pc
-
-    from .data.validation import format_rows, require_column, text_values
-
-    require_column(dataset, text_column, what=what)
-    texts, not_text, bad_utf8 = text_values(_texts_column(dataset, text_column), text_column, what=what)
-    if not_text.any() or bad_utf8.any():
-        rows = np.flatnonzero(not_text | bad_utf8)
-        raise ValueError(
-            f"{len(rows)} row(s) of the {what} have a {text_column!r} that is not a valid UTF-8 string (rows "
-            f"{format_rows(rows)}). Store the texts as strings and re-encode the data file as UTF-8."
-        )
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(True).to_numpy(zero_copy_only=False)
-    if empty.any():
-        rows = np.flatnonzero(empty)
-        raise ValueError(
-            f"{len(rows)} row(s) of the {what} have an empty or missing {text_column!r} (rows {format_rows(rows)}); "
-            f"there is nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and "
-            f"t.strip()), input_columns={text_column!r})."
-        )
-
-
 def _shard_text_hash(texts) -> str:
     """Content hash of a string array, independent of its chunking and buffer offsets."""
     import pyarrow as pa
@@ -240,7 +207,7 @@ def _embed_split(
             f"(dataset.remove_columns({output_column!r})) to recompute, or pick another output_column."
         )
     texts = dataset.select_columns([text_column])
-    all_texts = _texts_column(dataset, text_column)
+    all_texts = as_array(dataset.with_format("arrow")[text_column])
     os.makedirs(cache_dir, exist_ok=True)
     pieces = []
     num_shards = max(1, -(-len(dataset) // shard_size))
