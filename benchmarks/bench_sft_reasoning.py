@@ -119,7 +119,7 @@ def bench_sft_step(model, batch_rows, repeats):
     import torch
 
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
 
     data = make_shapes_dataset(num_train=batch_rows, num_eval=0, seed=3)
     config = EmbeddingSFTConfig(output_dir="/tmp/bench-sft", report_to="none", temperature=0.05,

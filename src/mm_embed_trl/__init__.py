@@ -23,7 +23,7 @@ _EXPORTS = {
     "EmbeddingSFTConfig": "mm_embed_trl.trainers.sft_config",
     "EmbeddingSFTTrainer": "mm_embed_trl.trainers.sft_trainer",
     "RetrievalEvaluator": "mm_embed_trl.evaluation",
-    "get_tiny_backbone": "mm_embed_trl.tiny",
+    "get_tiny_backbone": "mm_embed_trl.demo.tiny",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -77,7 +77,7 @@ def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
         return model_args.model_name_or_path, False
     from accelerate import PartialState
 
-    from .tiny import get_tiny_backbone
+    from .demo.tiny import get_tiny_backbone
 
     with PartialState().main_process_first():  # build once, the other ranks reuse the cached copy
         path = get_tiny_backbone(script_args.tiny_family)
@@ -108,7 +108,7 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     if script_args.dataset_name is None:
         from accelerate import PartialState
 
-        from .data.generated import make_shapes_dataset
+        from .demo.generated import make_shapes_dataset
 
         with PartialState().main_process_first():
             data = make_shapes_dataset(

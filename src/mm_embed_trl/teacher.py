@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._cache import cache_root
 from .data.distill_rows import check_texts
 from .data.validation import as_array
 
@@ -84,8 +85,7 @@ def default_teacher_path() -> str:
 
 def teacher_cache_dir() -> str:
     """``$MM_EMBED_TRL_CACHE/teacher`` (default ``~/.cache/mm_embed_trl/teacher``): where shard caches go."""
-    root = os.environ.get("MM_EMBED_TRL_CACHE") or os.path.join("~", ".cache", "mm_embed_trl")
-    return os.path.join(os.path.expanduser(root), "teacher")
+    return str(cache_root("teacher"))
 
 
 def load_teacher(teacher: str | os.PathLike | None = None, *, device: str | None = None, **model_kwargs: Any):
@@ -335,7 +335,7 @@ def _load_cli_dataset(args: argparse.Namespace):
     import datasets
 
     if args.dataset == "generated":
-        from .data.text_corpus import make_text_corpus
+        from .demo.text_corpus import make_text_corpus
 
         data = make_text_corpus(args.generated_train_size, args.generated_eval_size, text_column=args.text_column)
         return data[args.split] if args.split else data

@@ -154,9 +154,9 @@ class DistillEmbedTrainer(EmbeddingTrainer):
     Example:
     ```python
     from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
-    from mm_embed_trl.data.text_corpus import make_text_corpus
+    from mm_embed_trl.demo.text_corpus import make_text_corpus
     from mm_embed_trl.teacher import embed_with_teacher
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     data = embed_with_teacher(make_text_corpus())  # offline all-MiniLM-L6-v2; or teacher="nvidia/NV-Embed-v2"
     model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), prompt_template="unime")
