@@ -57,7 +57,7 @@ def bench_generative_encode(model, n_inputs, repeats, batch_size):
     import torch.nn.functional as F
 
     from mm_embed_trl.data.reasoning import format_reasoning
-    from mm_embed_trl.data.schema import to_embedding_input
+    from mm_embed_trl.data.images import to_embedding_input
 
     tok = model.processor.tokenizer
     target = tok(format_reasoning("the input shows a coloured shape", "a coloured shape"), add_special_tokens=False)
