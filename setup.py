@@ -51,7 +51,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mm-embed-tiny=mm_embed_trl.tiny:main",
+            "mm-embed-tiny=mm_embed_trl.demo.tiny:main",
             "mm-embed-teacher=mm_embed_trl.teacher:main",
         ]
     },

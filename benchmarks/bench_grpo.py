@@ -157,7 +157,7 @@ def main():
 
     import torch
 
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_shapes_dataset(num_train=ROWS // (2 * G) * (opts.steps + 1), num_eval=8)

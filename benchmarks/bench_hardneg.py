@@ -49,7 +49,7 @@ def _backbone_path():
     """The tiny Qwen2-VL (width 64), or the same architecture widened to BENCH_WIDTH (random weights, built once):
     at width 64 a forward costs little more than Python dispatch, so chunking overheads there overstate what a
     real (compute-bound) model pays."""
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     tiny = get_tiny_backbone("qwen2_vl")
     width = int(os.environ.get("BENCH_WIDTH", "64"))

@@ -57,7 +57,7 @@ def bench_generative_encode(model, n_inputs, repeats, batch_size):
     import torch.nn.functional as F
 
     from mm_embed_trl.data.reasoning import format_reasoning
-    from mm_embed_trl.data.schema import to_embedding_input
+    from mm_embed_trl.data.images import to_embedding_input
 
     tok = model.processor.tokenizer
     target = tok(format_reasoning("the input shows a coloured shape", "a coloured shape"), add_special_tokens=False)
@@ -119,7 +119,7 @@ def bench_sft_step(model, batch_rows, repeats):
     import torch
 
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
 
     data = make_shapes_dataset(num_train=batch_rows, num_eval=0, seed=3)
     config = EmbeddingSFTConfig(output_dir="/tmp/bench-sft", report_to="none", temperature=0.05,

@@ -33,7 +33,7 @@ from mm_embed_trl.scripts import (
     train_evaluate_save,
 )
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
-from mm_embed_trl.trainers.distill_trainer import check_distill_rows
+from mm_embed_trl.data.distill_rows import check_distill_rows
 
 
 @dataclass
@@ -76,7 +76,7 @@ TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no 
 def load_text_datasets(script_args, training_args):
     """(train, eval or None): the generated corpus by default, else the named dataset's splits."""
     if script_args.dataset_name is None:
-        from mm_embed_trl.data.text_corpus import make_text_corpus
+        from mm_embed_trl.demo.text_corpus import make_text_corpus
 
         data = make_text_corpus(
             script_args.generated_train_size,
@@ -162,7 +162,7 @@ def main():
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
     title = "Held-out student/teacher agreement (Spearman of pairwise cosine similarities; texts never seen):"
-    dataset = script_args.dataset_name or "generated text corpus (mm_embed_trl.data.text_corpus)"
+    dataset = script_args.dataset_name or "generated text corpus (mm_embed_trl.demo.text_corpus)"
     train_evaluate_save(
         trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
     )

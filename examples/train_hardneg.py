@@ -59,7 +59,7 @@ def main():
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
-    dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.data.generated)"
+    dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.demo.generated)"
     train_evaluate_save(
         trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
     )

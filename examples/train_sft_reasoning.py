@@ -77,7 +77,7 @@ def main():
                 return {**retrieval(model), **formatting(model)}
 
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
-    dataset = script_args.dataset_name or "generated shapes with reasoning (mm_embed_trl.data.generated)"
+    dataset = script_args.dataset_name or "generated shapes with reasoning (mm_embed_trl.demo.generated)"
     train_evaluate_save(
         trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
     )

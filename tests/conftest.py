@@ -31,14 +31,14 @@ def _session_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_backbone(_session_cache):
     """tiny_backbone(family) -> path of a tiny random backbone directory (built once per session)."""
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     return lambda family="qwen2_vl": str(get_tiny_backbone(family))
 
 
 @pytest.fixture(scope="session")
 def shapes_data(_session_cache):
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
 
     return make_shapes_dataset(num_train=256, num_eval=64, seed=0, num_negatives=2)
 

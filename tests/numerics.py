@@ -69,7 +69,7 @@ def rounding_rtol(
     return safety * gain * math.sqrt(depth * terms) * eps(dtype)
 
 
-# The tiny backbones of mm_embed_trl.tiny: 2 decoder layers of width 64 (heads of 16, MLP 128). A forward chains
+# The tiny backbones of mm_embed_trl.demo.tiny: 2 decoder layers of width 64 (heads of 16, MLP 128). A forward chains
 # about 8 reductions of <= 128 terms per layer (norm, q/k/v projections, attention scores, attention-weighted values,
 # output projection, MLP up and down) plus the final norm; an image first goes through the 2 vision layers and the
 # merger (the same count again). A backward runs each reduction twice more (input and weight gradients).

@@ -20,7 +20,7 @@ from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbe
 from mm_embed_trl.data.collators import EmbeddingCollator
 from mm_embed_trl.data.schema import EmbeddingInput
 from mm_embed_trl.data.templates import UNIME_TEXT_SUMMARY
-from mm_embed_trl.data.text_corpus import make_text_corpus
+from mm_embed_trl.demo.text_corpus import make_text_corpus
 from mm_embed_trl.evaluation import TeacherAgreementEvaluator
 from mm_embed_trl.trainers.distill_trainer import TextDistillCollator
 
@@ -201,8 +201,8 @@ def test_a_single_text_batch_contributes_nothing(tiny_backbone, tmp_path):
 _STEP_SCRIPT = """
 import sys, numpy as np, torch, datasets
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.data.text_corpus import make_text_corpus
-from mm_embed_trl.tiny import get_tiny_backbone
+from mm_embed_trl.demo.text_corpus import make_text_corpus
+from mm_embed_trl.demo.tiny import get_tiny_backbone
 
 out, chunk = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
 texts = make_text_corpus(8, 0, seed=5)["train"]["text"][:]

@@ -401,6 +401,49 @@ def test_callback_runs_only_on_main_process_and_checks_model():
         cb.on_evaluate(None, TrainerState(global_step=4), TrainerControl(), model=torch.nn.Linear(2, 2), metrics={})
 
 
+def test_callback_with_sharded_weights_runs_on_every_rank_and_logs_on_main_only():
+    """ZeRO-3 / FSDP gather weights collectively in every forward: a rank that skipped the evaluation would hang
+    the others, so every rank evaluates (the same rows) and only the main process logs."""
+    logged = []
+    trainer = SimpleNamespace(log=logged.append, add_callback=lambda cb: None, shards_weights=True)
+    cb, model, expected = _callback_setup(trainer=trainer)
+    state = TrainerState(global_step=3)
+    state.is_world_process_zero = False
+    metrics = {}
+    cb.on_evaluate(None, state, TrainerControl(), model=model, metrics=metrics)
+    assert model.calls != [] and metrics == pytest.approx(expected)
+    assert logged == [] and cb.history == []
+    trainer.shards_weights = False  # DDP: a non-main rank skips it
+    model.calls.clear()
+    state.global_step = 4
+    cb.on_evaluate(None, state, TrainerControl(), model=model, metrics={})
+    assert model.calls == []
+
+
+@pytest.mark.parametrize("main", [True, False])
+@pytest.mark.parametrize("sharded", [True, False])
+def test_evaluate_outside_training_follows_the_callback_rule(main, sharded):
+    from mm_embed_trl.evaluation.callback import evaluate_outside_training
+
+    wrapped, unwrapped = object(), object()
+    trainer = SimpleNamespace(
+        model=wrapped,
+        shards_weights=sharded,
+        zero_stage=None,  # FSDP-like: not wrapped before training
+        is_world_process_zero=lambda: main,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: unwrapped),
+    )
+    seen = []
+    evaluator = lambda m: seen.append(m) or {"score": 1.0}  # noqa: E731
+    before = evaluate_outside_training(trainer, evaluator, before_training=True)
+    assert (before is not None) == main and seen == ([wrapped] if main else [])
+    seen.clear()
+    after = evaluate_outside_training(trainer, evaluator, before_training=False)
+    runs = main or sharded
+    assert (after is not None) == runs
+    assert seen == ([wrapped if sharded else unwrapped] if runs else [])
+
+
 def test_callback_with_named_evaluators_dict():
     queries, corpus, relevant, *_ , model = _text_setup(num_queries=4, num_docs=5)
     ev = RetrievalEvaluator(queries, corpus, relevant, k_values=(1,))

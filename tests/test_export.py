@@ -21,7 +21,7 @@ from mm_embed_trl.data.templates import PromptTemplate, get_template, register_t
 from mm_embed_trl.export import export_sentence_transformers, save_for_inference
 from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR, build_embedding_chat_template
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
-from mm_embed_trl.tiny import TINY_FAMILIES
+from mm_embed_trl.demo.tiny import TINY_FAMILIES
 
 # Ours and sentence-transformers embed the same inputs in other batches (padding, kernel shapes): rounding only.
 EXPORT_RTOL = rounding_rtol(**TINY_IMAGE_FORWARD)

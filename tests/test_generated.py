@@ -10,8 +10,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
-from mm_embed_trl.data import generated
-from mm_embed_trl.data.generated import (
+from mm_embed_trl.demo import generated
+from mm_embed_trl.demo.generated import (
     BACKGROUND,
     COLORS,
     SceneObject,

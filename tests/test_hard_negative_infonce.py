@@ -185,7 +185,8 @@ def test_exact_duplicate_of_positive_removed_only_by_the_duplicate_mask():
     q, p, cands, ids, cand_ids = _planted_batch()
     common = {"candidates": cands, "positive_index": torch.arange(4), "temperature": 0.02, "margin": 0.1, "top_k": 2}
     # Without the mask the exact copy survives the margin rule (its score equals the positive's) and,
-    # being the hardest remaining candidate, is picked as a negative: the trap from METHOD.md.
+    # being the hardest remaining candidate, is picked as a negative (classification-style MMEB data shares
+    # label captions across queries).
     out = hard_negative_infonce_loss(q, p, **common)
     assert 4 in out.negative_indices[0].tolist()
     out = hard_negative_infonce_loss(q, p, candidate_duplicate_mask=duplicate_mask_from_ids(ids, cand_ids), **common)

@@ -227,7 +227,7 @@ def test_recipes_parse_with_trl_parser():
 @pytest.mark.slow
 def test_it_learns_on_held_out_data(tiny_backbone, tmp_path):
     """A short run on generated data raises retrieval on held-out compositions far above the untrained model."""
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
     from mm_embed_trl.evaluation import RetrievalEvaluator
 
     data = make_shapes_dataset(num_train=384, num_eval=64, seed=1)

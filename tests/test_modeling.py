@@ -13,7 +13,7 @@ from PIL import Image
 from mm_embed_trl.modeling import MultimodalEmbeddingConfig, MultimodalEmbeddingModel
 from mm_embed_trl.modeling.modeling import VISION_MODULE_NAMES
 from mm_embed_trl.modeling.pooling import finalize_embeddings, last_token_indices, pool, special_token_indices
-from mm_embed_trl.tiny import TINY_FAMILIES
+from mm_embed_trl.demo.tiny import TINY_FAMILIES
 
 VLM_FAMILIES = [f for f in TINY_FAMILIES if f != "text"]
 

@@ -155,9 +155,9 @@ def test_encode_warns_about_zero_and_nan_vectors(tiny_backbone, caplog):
 def test_every_file_written_follows_the_umask(tiny_backbone, shapes_data, tmp_path, monkeypatch):
     """Weights were written 0600 (safetensors goes through a private temporary file) while every other file
     followed the umask: a group sharing a run, an export or a cache could read the card but not the weights."""
-    from mm_embed_trl.data.generated import make_shapes_dataset
+    from mm_embed_trl.demo.generated import make_shapes_dataset
     from mm_embed_trl.export import export_sentence_transformers
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     previous = os.umask(0o027)
     try:

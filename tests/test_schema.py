@@ -3,7 +3,8 @@
 import pytest
 from PIL import Image
 
-from mm_embed_trl.data.schema import EmbeddingInput, split_input, to_embedding_input
+from mm_embed_trl.data.images import to_embedding_input
+from mm_embed_trl.data.schema import EmbeddingInput, split_input
 
 
 def test_tuple_is_image_then_text_even_for_path_strings(tmp_path):

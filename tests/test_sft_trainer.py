@@ -171,8 +171,8 @@ def test_grad_cache_gives_the_same_loss_and_gradients(variant, tiny_backbone, sh
 _STEP_SCRIPT = """
 import sys, torch
 from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.data.generated import make_shapes_dataset
-from mm_embed_trl.tiny import get_tiny_backbone
+from mm_embed_trl.demo.generated import make_shapes_dataset
+from mm_embed_trl.demo.tiny import get_tiny_backbone
 
 out, chunk = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
 data = make_shapes_dataset(num_train=16, num_eval=0, seed=4)

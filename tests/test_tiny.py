@@ -1,4 +1,4 @@
-"""Tests for mm_embed_trl.tiny: offline tiny backbones that load with the stock Auto classes."""
+"""Tests for mm_embed_trl.demo.tiny: offline tiny backbones that load with the stock Auto classes."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
 )
 
-from mm_embed_trl import tiny  # noqa: E402
-from mm_embed_trl.tiny import TINY_FAMILIES, build_tiny_backbone, get_tiny_backbone, main  # noqa: E402
+from mm_embed_trl.demo import tiny  # noqa: E402
+from mm_embed_trl.demo.tiny import TINY_FAMILIES, build_tiny_backbone, get_tiny_backbone, main  # noqa: E402
 
 VLM_FAMILIES = tuple(f for f in TINY_FAMILIES if f != "text")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -421,7 +421,7 @@ def test_get_tiny_backbone_rejects_foreign_directory(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-executing an imported module
 def test_module_main_entry_point(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tiny", "--family", "text", "--output_dir", str(tmp_path / "t"), "--seed", "2"])
-    runpy.run_module("mm_embed_trl.tiny", run_name="__main__")
+    runpy.run_module("mm_embed_trl.demo.tiny", run_name="__main__")
     out = capsys.readouterr().out
     assert out.startswith("text: wrote ") and "seed 2" in out
     assert (tmp_path / "t" / "model.safetensors").is_file()
@@ -429,8 +429,8 @@ def test_module_main_entry_point(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_two_processes_racing_for_the_cache(tmp_path):
-    code = "from mm_embed_trl.tiny import get_tiny_backbone as g; import sys; print(g('text', cache_dir=sys.argv[1]))"
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tiny.__file__).parents[1]), HF_HUB_OFFLINE="1")
+    code = "from mm_embed_trl.demo.tiny import get_tiny_backbone as g; import sys; print(g('text', cache_dir=sys.argv[1]))"
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tiny.__file__).parents[2]), HF_HUB_OFFLINE="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True)
         for _ in range(2)

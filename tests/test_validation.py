@@ -238,7 +238,7 @@ def test_a_checked_dataset_is_not_checked_again(shapes_data, monkeypatch):
 # ----------------------------------------------------------------- distillation data (issue #10, 9: stage 1)
 def test_distill_rows_all_zero_teacher_vectors_and_skip(qwen2_vl_model, tmp_path, caplog):
     from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer
-    from mm_embed_trl.trainers.distill_trainer import check_distill_rows
+    from mm_embed_trl.data.distill_rows import check_distill_rows
 
     vectors = [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [0.3, 0.1, 0.2], [float("nan"), 0.0, 1.0], [0.2, 0.2, 0.1]]
     data = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d", ""], "teacher_embedding": vectors})
@@ -259,7 +259,7 @@ def test_distill_rows_all_zero_teacher_vectors_and_skip(qwen2_vl_model, tmp_path
 
 
 def test_non_utf8_texts_for_the_teacher_are_named(tmp_path):
-    from mm_embed_trl.teacher import check_texts
+    from mm_embed_trl.data.distill_rows import check_texts
 
     path = _jsonl(tmp_path / "t.jsonl", [{"text": "fine"}, {"text": "x"}], {1: b'{"text": "caf\xe9"}'})
     with pytest.raises(ValueError, match=r"1 row\(s\).*'text' that is not a valid UTF-8 string \(rows 1\)"):

@@ -25,7 +25,7 @@ _EXPORTS = {
     "EmbeddingGRPOConfig": "mm_embed_trl.trainers.grpo_config",
     "EmbeddingGRPOTrainer": "mm_embed_trl.trainers.grpo_trainer",
     "RetrievalEvaluator": "mm_embed_trl.evaluation",
-    "get_tiny_backbone": "mm_embed_trl.tiny",
+    "get_tiny_backbone": "mm_embed_trl.demo.tiny",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -77,7 +77,7 @@ def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
         return model_args.model_name_or_path, False
     from accelerate import PartialState
 
-    from .tiny import get_tiny_backbone
+    from .demo.tiny import get_tiny_backbone
 
     with PartialState().main_process_first():  # build once, the other ranks reuse the cached copy
         path = get_tiny_backbone(script_args.tiny_family)
@@ -108,7 +108,7 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     if script_args.dataset_name is None:
         from accelerate import PartialState
 
-        from .data.generated import make_shapes_dataset
+        from .demo.generated import make_shapes_dataset
 
         with PartialState().main_process_first():
             data = make_shapes_dataset(
@@ -152,17 +152,17 @@ def load_named_splits(script_args) -> tuple[Any, Any]:
 
 
 def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, evaluate_before: bool = True) -> dict:
-    """The examples' common tail: evaluate (main process), train, evaluate again, print the comparison, write
-    `retrieval_report.json`, then save the model + sentence-transformers export with a card carrying the figures.
+    """The examples' common tail: evaluate (on the ranks `evaluation.callback.evaluate_outside_training` picks), train,
+    evaluate again, print the comparison, write `retrieval_report.json`, then save the model + sentence-transformers
+    export with a card carrying the figures.
 
     `--resume_from_checkpoint` (a folder or "last") is resolved first, so a bad value or a reused output_dir fails
     before any work; a resumed run has no "before" figures (its starting model is not the untrained one).
     """
+    from .evaluation.callback import evaluate_outside_training
+
     main = trainer.is_world_process_zero()
     resume = trainer.resolve_resume_checkpoint(trainer.args.resume_from_checkpoint)
-    # Sharded weights (ZeRO-3, FSDP) are gathered collectively by every forward: there, every rank evaluates
-    # (the same rows, so the same collectives) and only the main process reports.
-    zero3, sharded = trainer.zero_stage == 3, trainer.shards_weights
     if main:
         if trainer.zero_stage is not None:
             engine = f"DeepSpeed ZeRO-{trainer.zero_stage}"
@@ -172,18 +172,13 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
     before = None
     if resume is not None and main:
         print(f"[mm-embed-trl] Resuming from {resume}; no 'before' evaluation (the model is not the untrained one).")
-    if evaluator is not None and evaluate_before and resume is None and (main or zero3):
-        if zero3:  # loaded under zero.Init, before the engine exists: gather the weights for this evaluation
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
-                before = evaluator(trainer.inference_model())
-        else:
-            before = evaluator(trainer.inference_model())
+    # Which ranks evaluate (every rank with sharded weights, else the main process): the callback's rule.
+    if evaluator is not None and evaluate_before and resume is None:
+        before = evaluate_outside_training(trainer, evaluator, before_training=True)
     trainer.train(resume_from_checkpoint=resume)
     after = None
-    if evaluator is not None and (main or sharded):
-        after = evaluator(trainer.inference_model())  # sharded: gathered by each forward, on every rank
+    if evaluator is not None:
+        after = evaluate_outside_training(trainer, evaluator, before_training=False)
     if evaluator is not None and main:
         print(f"\n{title}")
         print(format_comparison(before, after))

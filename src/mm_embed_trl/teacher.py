@@ -35,6 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from ._cache import cache_root
+from .data.distill_rows import check_texts
+from .data.validation import as_array
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -81,8 +85,7 @@ def default_teacher_path() -> str:
 
 def teacher_cache_dir() -> str:
     """``$MM_EMBED_TRL_CACHE/teacher`` (default ``~/.cache/mm_embed_trl/teacher``): where shard caches go."""
-    root = os.environ.get("MM_EMBED_TRL_CACHE") or os.path.join("~", ".cache", "mm_embed_trl")
-    return os.path.join(os.path.expanduser(root), "teacher")
+    return str(cache_root("teacher"))
 
 
 def load_teacher(teacher: str | os.PathLike | None = None, *, device: str | None = None, **model_kwargs: Any):
@@ -134,42 +137,6 @@ def teacher_fingerprint(teacher: Any, **options: Any) -> str:
                 hasher.update(f"{param_name}{tuple(p.shape)}{p.sum().item():.10e}{(p * p).sum().item():.10e}".encode())
     hasher.update(json.dumps(options, sort_keys=True, default=str).encode())
     return hasher.hexdigest()
-
-
-def _texts_column(dataset, text_column: str):
-    """The text column as one pyarrow array (row order of the dataset, selections and shuffles included)."""
-    import pyarrow as pa
-
-    column = dataset.with_format("arrow")[text_column]
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    return column
-
-
-def check_texts(dataset, text_column: str, *, what: str = "dataset") -> None:
-    """Raise a clear error when ``text_column`` is missing, not a string column, or has empty, missing or
-    non-UTF-8 texts. Vectorised with pyarrow (``data.validation``): one pass over the column, no per-row Python.
-    """
-    import pyarrow.compute as pc
-
-    from .data.validation import format_rows, require_column, text_values
-
-    require_column(dataset, text_column, what=what)
-    texts, not_text, bad_utf8 = text_values(_texts_column(dataset, text_column), text_column, what=what)
-    if not_text.any() or bad_utf8.any():
-        rows = np.flatnonzero(not_text | bad_utf8)
-        raise ValueError(
-            f"{len(rows)} row(s) of the {what} have a {text_column!r} that is not a valid UTF-8 string (rows "
-            f"{format_rows(rows)}). Store the texts as strings and re-encode the data file as UTF-8."
-        )
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(True).to_numpy(zero_copy_only=False)
-    if empty.any():
-        rows = np.flatnonzero(empty)
-        raise ValueError(
-            f"{len(rows)} row(s) of the {what} have an empty or missing {text_column!r} (rows {format_rows(rows)}); "
-            f"there is nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and "
-            f"t.strip()), input_columns={text_column!r})."
-        )
 
 
 def _shard_text_hash(texts) -> str:
@@ -240,7 +207,7 @@ def _embed_split(
             f"(dataset.remove_columns({output_column!r})) to recompute, or pick another output_column."
         )
     texts = dataset.select_columns([text_column])
-    all_texts = _texts_column(dataset, text_column)
+    all_texts = as_array(dataset.with_format("arrow")[text_column])
     os.makedirs(cache_dir, exist_ok=True)
     pieces = []
     num_shards = max(1, -(-len(dataset) // shard_size))
@@ -368,7 +335,7 @@ def _load_cli_dataset(args: argparse.Namespace):
     import datasets
 
     if args.dataset == "generated":
-        from .data.text_corpus import make_text_corpus
+        from .demo.text_corpus import make_text_corpus
 
         data = make_text_corpus(args.generated_train_size, args.generated_eval_size, text_column=args.text_column)
         return data[args.split] if args.split else data

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from test_grpo_trainer import G, _fixed_completions  # noqa: E402
 
 from mm_embed_trl import MultimodalEmbeddingModel  # noqa: E402
-from mm_embed_trl.data.generated import make_shapes_dataset  # noqa: E402
-from mm_embed_trl.tiny import get_tiny_backbone  # noqa: E402
+from mm_embed_trl.demo.generated import make_shapes_dataset  # noqa: E402
+from mm_embed_trl.demo.tiny import get_tiny_backbone  # noqa: E402
 from mm_embed_trl.trainers.grpo_config import EmbeddingGRPOConfig  # noqa: E402
 from mm_embed_trl.trainers.grpo_trainer import EmbeddingGRPOTrainer  # noqa: E402
 

@@ -15,8 +15,8 @@ import os
 import torch
 
 from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.data.generated import make_shapes_dataset
-from mm_embed_trl.tiny import get_tiny_backbone
+from mm_embed_trl.demo.generated import make_shapes_dataset
+from mm_embed_trl.demo.tiny import get_tiny_backbone
 
 GLOBAL_BATCH = 8
 

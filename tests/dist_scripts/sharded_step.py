@@ -12,8 +12,8 @@ import json
 import torch
 
 from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.data.generated import make_shapes_dataset
-from mm_embed_trl.tiny import get_tiny_backbone
+from mm_embed_trl.demo.generated import make_shapes_dataset
+from mm_embed_trl.demo.tiny import get_tiny_backbone
 
 
 def _force_fsdp_on_cpu():

@@ -28,9 +28,9 @@ from typing import Any
 
 from PIL import Image
 
-from .schema import is_missing
+from .schema import EmbeddingInput, is_missing, split_input
 
-__all__ = ["ImageLoadError", "load_image", "load_images", "resolve_image_path"]
+__all__ = ["ImageLoadError", "load_image", "load_images", "resolve_image_path", "to_embedding_input"]
 
 
 class ImageLoadError(ValueError):
@@ -300,3 +300,17 @@ def image_identity(value: Any) -> str:
     if isinstance(value, Image.Image):
         return f"pil:{value.mode}:{value.size}:" + hashlib.sha1(value.tobytes()).hexdigest()
     return f"object:{id(value)}"
+
+
+def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
+    """Convert a user-facing input (see :func:`.schema.split_input`) into an ``EmbeddingInput`` with its image
+    loaded (:func:`load_image`)."""
+    where = f"input #{index}" if index is not None else "input"
+    if isinstance(value, EmbeddingInput):
+        return value
+    if isinstance(value, tuple):
+        where += " (read as an (image, text) pair; pass a list for a batch of texts)"
+    text, image = split_input(value, where=where)
+    if image is not None:  # paths, bytes, ... and PIL images alike: one conversion to 8-bit RGB
+        image = load_image(image, image_root, where=where)
+    return EmbeddingInput(text=text, image=image)

@@ -129,18 +129,3 @@ def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
     if text is None and image is None:
         raise ValueError(f"{where} has neither a text nor an image (an empty text?); give at least one.")
     return text, image
-
-
-def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
-    """Convert a user-facing input (see :func:`split_input`) into an ``EmbeddingInput`` with its image loaded."""
-    where = f"input #{index}" if index is not None else "input"
-    if isinstance(value, EmbeddingInput):
-        return value
-    if isinstance(value, tuple):
-        where += " (read as an (image, text) pair; pass a list for a batch of texts)"
-    text, image = split_input(value, where=where)
-    if image is not None:  # paths, bytes, ... and PIL images alike: one conversion to 8-bit RGB
-        from .images import load_image
-
-        image = load_image(image, image_root, where=where)
-    return EmbeddingInput(text=text, image=image)

@@ -9,7 +9,7 @@ with a column (missing, misspelt, the wrong type) always raise. Problems with si
 * ``"skip"``: every bad row is logged with its cause and left out, and the count is logged.
 
 The contrastive (MMEB-train) contract is :func:`check_training_rows`; the stage-1 distillation contract
-(``trainers/distill_trainer.py``) is built from the same pieces. Datasets without an Arrow table
+(:mod:`.distill_rows`) is built from the same pieces. Datasets without an Arrow table
 (``IterableDataset``) are checked batch by batch by the collators instead.
 """
 

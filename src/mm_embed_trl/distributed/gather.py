@@ -3,8 +3,8 @@
 Contrastive losses want every query to see the targets of *every* rank as negatives, so embeddings are
 all-gathered before the loss. ``torch.distributed.all_gather`` returns tensors without autograd history:
 used naively, the gathered copy of this rank's own embeddings is a constant too, and the negatives (and,
-if queries are gathered, everything) silently stop producing gradients — the bug in UniME's published
-loss (METHOD.md, "Known traps").
+if queries are gathered, everything) silently stop producing gradients — the bug in the loss published with
+UniME's code (arXiv 2504.17432); the N processes x batch B = 1 process x batch N*B test is ``tests/test_gather.py``.
 
 The scheme used here ("local slice"):
 

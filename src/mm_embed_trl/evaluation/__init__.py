@@ -2,7 +2,8 @@
 retrieval, MMEB per-query candidates) and a Trainer callback."""
 
 from .agreement import TeacherAgreementEvaluator, similarity_agreement
-from .evaluator import EmbeddingEvalCallback, MMEBEvaluator, ReasoningFormatEvaluator, RetrievalEvaluator
+from .callback import EmbeddingEvalCallback
+from .evaluator import MMEBEvaluator, ReasoningFormatEvaluator, RetrievalEvaluator
 from .hf_metrics import RETRIEVAL_METRIC_PATH
 from .metrics import (
     candidate_list_metrics,

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.distill_rows import validate_distill_dataset
+
 
 @torch.no_grad()
 def similarity_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -95,8 +97,6 @@ class TeacherAgreementEvaluator:
         **kwargs: Any,
     ) -> TeacherAgreementEvaluator:
         """Build from a dataset with texts and teacher embeddings (checked like training data)."""
-        from ..trainers.distill_trainer import validate_distill_dataset
-
         validate_distill_dataset(dataset, text_column=text_column, teacher_column=teacher_column, what="eval dataset")
         if max_rows is not None:
             dataset = dataset.select(range(min(max_rows, len(dataset))))

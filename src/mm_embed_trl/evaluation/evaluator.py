@@ -1,28 +1,22 @@
-"""Evaluators that embed with ``model.encode`` and score retrieval, plus a Trainer callback that runs them.
+"""Evaluators that embed with ``model.encode`` and score: retrieval from one shared corpus
+(:class:`RetrievalEvaluator`), MMEB's per-query candidate lists (:class:`MMEBEvaluator`) and UME-R1's reasoning
+format (:class:`ReasoningFormatEvaluator`).
 
 Any model with ``encode(inputs, side=..., batch_size=..., show_progress_bar=...) -> (N, D) tensor`` works
-(``MultimodalEmbeddingModel`` does). Inputs are what ``mm_embed_trl.data.schema.to_embedding_input`` accepts:
-a str, a PIL image, an ``(image, text)`` tuple or a ``{"text", "image"}`` dict. Images given as paths (or
-``datasets.Image`` values) are loaded here, block by block, so a large eval set never sits in memory decoded.
+(``MultimodalEmbeddingModel`` does). Inputs and their lazy image loading: :mod:`.inputs`. The Trainer callback that
+runs evaluators during training: :mod:`.callback`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from transformers import TrainerCallback
 
-from ..data.images import image_identity
 from ..data.schema import (
-    EVAL_QUERY_IMAGE,
-    EVAL_QUERY_TEXT,
-    EVAL_TARGET_IMAGES,
-    EVAL_TARGET_TEXTS,
     NEG_IMAGE,
     NEG_TEXT,
     POS_IMAGE,
@@ -30,129 +24,14 @@ from ..data.schema import (
     QUERY_IMAGE,
     QUERY_TEXT,
     row_negatives,
-    split_input,
 )
+from .inputs import Deduper, EvalItem, encode_items, materialize, parse_input, row_input
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, ranking_metrics, retrieval_metrics
-from .mmeb import load_mmeb_eval, validate_mmeb_eval_rows
+from .mmeb import index_mmeb_rows, load_mmeb_eval, validate_mmeb_eval_rows
 
-__all__ = ["RetrievalEvaluator", "MMEBEvaluator", "EmbeddingEvalCallback", "ReasoningFormatEvaluator"]
+__all__ = ["RetrievalEvaluator", "MMEBEvaluator", "ReasoningFormatEvaluator"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Item(NamedTuple):
-    """A parsed input: text (or None) and an image value not loaded yet (PIL image, path, datasets.Image dict,
-    ... or None). A distinct type so already-parsed items are never re-read with the ambiguous tuple rule."""
-
-    text: str | None
-    image: Any
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inputs: parse once (cheap, validates early), load images lazily at encode time
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _split_input(value: Any, where: str) -> _Item:
-    """Parse a user input into (text, image value) without loading anything (``schema.split_input``)."""
-    if isinstance(value, _Item):
-        return value
-    return _Item(*split_input(value, where=where))
-
-
-def _row_item(text: Any, image: Any, where: str) -> _Item:
-    """(text, image) from named row columns (a dict, so no tuple-order rule is involved)."""
-    return _split_input({"text": text, "image": image}, where)
-
-
-def _materialize(item: _Item, image_root: str | None, where: str) -> Any:
-    """(text, image value) -> an input for ``model.encode`` with the image loaded as a PIL image."""
-    from PIL import Image
-
-    text, image = item
-    if image is not None and not isinstance(image, Image.Image):
-        from ..data.images import load_image  # imported lazily: keeps this module importable on its own
-
-        image = load_image(image, image_root, where=where)
-    if image is None:
-        return text
-    if text is None:
-        return image
-    return {"text": text, "image": image}
-
-
-def _encode_items(
-    model: Any,
-    items: Sequence[_Item],
-    *,
-    side: str,
-    batch_size: int,
-    show_progress_bar: bool | None,
-    image_root: str | None,
-    block_size: int,
-    what: str,
-    labels: Sequence[str] | None = None,
-    encode_kwargs: Mapping[str, Any] | None = None,
-) -> Tensor | dict[str, Tensor]:
-    """Embed ``items`` with ``model.encode`` in blocks of ``block_size`` (images decoded one block at a time).
-
-    ``labels[i]`` names item i in image-loading errors (e.g. "row 12 query"); ``f"{what} #{i}"`` by default.
-    ``encode_kwargs`` go to ``encode`` (e.g. ``mode="both"``, which returns a dict: then so does this function;
-    ``num_samples=k`` gives (N, k, D)).
-    """
-    blocks = range(0, len(items), block_size)
-    outer = blocks
-    inner_progress = show_progress_bar
-    if show_progress_bar and len(blocks) > 1:
-        from tqdm.auto import tqdm
-
-        outer = tqdm(blocks, desc=f"Encoding {what} ({len(items)})")
-        inner_progress = False
-    chunks = []
-    for start in outer:
-        block = items[start : start + block_size]
-        inputs = [
-            _materialize(item, image_root, labels[start + i] if labels is not None else f"{what} #{start + i}")
-            for i, item in enumerate(block)
-        ]
-        out = model.encode(
-            inputs, side=side, batch_size=batch_size, show_progress_bar=inner_progress, **(encode_kwargs or {})
-        )
-        named = out if isinstance(out, Mapping) else {"": out}
-        for key, emb in named.items():
-            emb = torch.as_tensor(emb)
-            if emb.ndim not in (2, 3) or emb.shape[0] != len(inputs):
-                raise ValueError(
-                    f"model.encode returned shape {tuple(emb.shape)} for {len(inputs)} {what} inputs; "
-                    "expected (num_inputs, dim) (or (num_inputs, samples, dim))."
-                )
-            named[key] = emb.detach().float().cpu()
-        chunks.append(named)
-    # Normalise defensively: the metrics use dot products as cosine similarities.
-    joined = {key: F.normalize(torch.cat([c[key] for c in chunks]), dim=-1) for key in chunks[0]}
-    return joined[""] if list(joined) == [""] else joined
-
-
-class _Deduper:
-    """Assigns one index per distinct (text, image) input, keeping the first occurrence (and its label)."""
-
-    def __init__(self):
-        self.items: list[_Item] = []
-        self.labels: list[str] = []
-        self._index: dict[Any, int] = {}
-
-    def add(self, item: _Item, label: str) -> int:
-        key = (item.text, image_identity(item.image))
-        idx = self._index.get(key)
-        if idx is None:
-            idx = self._index[key] = len(self.items)
-            self.items.append(item)
-            self.labels.append(label)
-        return idx
-
-    def add_row(self, text: Any, image: Any, where: str) -> int:
-        """Parse named row columns (text, image) and add them; ``where`` labels the input in errors."""
-        return self.add(_row_item(text, image, where), where)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,8 +90,8 @@ class RetrievalEvaluator:
                 f"relevant has {len(relevant)} entries for {len(queries)} queries; give one set of corpus "
                 "indices per query."
             )
-        self.queries = [_split_input(q, f"query #{i}") for i, q in enumerate(queries)]
-        self.corpus = [_split_input(d, f"corpus document #{i}") for i, d in enumerate(corpus)]
+        self.queries = [parse_input(q, f"query #{i}") for i, q in enumerate(queries)]
+        self.corpus = [parse_input(d, f"corpus document #{i}") for i, d in enumerate(corpus)]
         self.relevant = [set(int(j) for j in rel) for rel in relevant]
         for i, rel in enumerate(self.relevant):
             bad = [j for j in rel if not 0 <= j < len(self.corpus)]
@@ -252,14 +131,14 @@ class RetrievalEvaluator:
         )
 
     @classmethod
-    def _with_labels(cls, queries: _Deduper, corpus: _Deduper, relevant: list[set[int]], **kwargs: Any):
+    def _with_labels(cls, queries: Deduper, corpus: Deduper, relevant: list[set[int]], **kwargs: Any):
         """Build from de-duplicated rows, keeping each input's row label for error messages."""
         evaluator = cls(queries.items, corpus.items, relevant, **kwargs)
         evaluator._query_labels, evaluator._corpus_labels = queries.labels, corpus.labels
         return evaluator
 
-    def _encode(self, model: Any, items: Sequence[_Item], side: str, what: str, labels: Sequence[str], **kwargs):
-        return _encode_items(
+    def _encode(self, model: Any, items: Sequence[EvalItem], side: str, what: str, labels: Sequence[str], **kwargs):
+        return encode_items(
             model,
             items,
             side=side,
@@ -362,7 +241,7 @@ class RetrievalEvaluator:
         query's relevant set. With ``include_negatives`` the rows' ``neg_text`` / ``neg_image_path`` join the
         corpus as distractors. Other keyword arguments go to the constructor.
         """
-        queries, corpus = _Deduper(), _Deduper()
+        queries, corpus = Deduper(), Deduper()
         relevant: dict[int, set[int]] = {}
         for i, row in enumerate(rows):
             for col in (QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE):
@@ -398,18 +277,13 @@ class RetrievalEvaluator:
         :class:`MMEBEvaluator` for the official per-query candidate lists.) ``name`` defaults to ``subset``.
         """
         rows = load_mmeb_eval(path_or_dataset, subset, split=split, image_root=image_root, max_queries=max_queries)
-        queries, corpus = _Deduper(), _Deduper()
+        index = index_mmeb_rows(rows)
         relevant: dict[int, set[int]] = {}
-        for i, row in enumerate(rows):
-            q = queries.add_row(row[EVAL_QUERY_TEXT], row[EVAL_QUERY_IMAGE], f"row {i} query")
-            targets = [
-                corpus.add_row(t, im, f"row {i} candidate {j}")
-                for j, (t, im) in enumerate(zip(row[EVAL_TARGET_TEXTS], row[EVAL_TARGET_IMAGES]))
-            ]
-            relevant.setdefault(q, set()).add(targets[0])
+        for q, candidates in zip(index.query_index, index.candidate_lists):
+            relevant.setdefault(q, set()).add(candidates[0])  # MMEB: the first target is the correct one
         kwargs.setdefault("name", subset or "")
-        rel = [relevant[q] for q in range(len(queries.items))]
-        return cls._with_labels(queries, corpus, rel, image_root=image_root, **kwargs)
+        rel = [relevant[q] for q in range(len(index.queries.items))]
+        return cls._with_labels(index.queries, index.candidates, rel, image_root=image_root, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -450,17 +324,8 @@ class MMEBEvaluator:
         encode_block_size: int = 1024,
     ):
         rows = validate_mmeb_eval_rows(rows, image_root=image_root)
-        queries, candidates = _Deduper(), _Deduper()
-        query_index: list[int] = []
-        cand_lists: list[list[int]] = []
-        for i, row in enumerate(rows):
-            query_index.append(queries.add_row(row[EVAL_QUERY_TEXT], row[EVAL_QUERY_IMAGE], f"row {i} query"))
-            cand_lists.append(
-                [
-                    candidates.add_row(t, im, f"row {i} candidate {j}")
-                    for j, (t, im) in enumerate(zip(row[EVAL_TARGET_TEXTS], row[EVAL_TARGET_IMAGES]))
-                ]
-            )
+        index = index_mmeb_rows(rows)
+        queries, candidates, query_index, cand_lists = index
         self.queries, self.candidates = queries.items, candidates.items
         self._query_labels, self._candidate_labels = queries.labels, candidates.labels
         self.query_index = torch.tensor(query_index, dtype=torch.long)
@@ -534,10 +399,10 @@ class MMEBEvaluator:
             image_root=self.image_root,
             block_size=self.encode_block_size,
         )
-        query_emb = _encode_items(
+        query_emb = encode_items(
             model, self.queries, side=self.query_side, what=f"{prefix}queries", labels=self._query_labels, **common
         )
-        cand_emb = _encode_items(
+        cand_emb = encode_items(
             model,
             self.candidates,
             side=self.candidate_side,
@@ -550,184 +415,6 @@ class MMEBEvaluator:
             "%s: %d rows, %s = %.4f", self.name or "MMEB", len(self), self.primary_metric, metrics[self.primary_metric]
         )
         return metrics
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Trainer callback
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _unwrap_model(model: Any) -> Any:
-    """Peel DDP / DeepSpeed style ``.module`` wrappers until something with ``encode`` appears."""
-    current = model
-    for _ in range(8):  # bounded: wrappers nest a few levels at most
-        if callable(getattr(current, "encode", None)):
-            return current
-        if not hasattr(current, "module"):
-            break
-        current = current.module
-    raise TypeError(
-        f"EmbeddingEvalCallback needs a model with an `encode(inputs, side=..., ...)` method; got "
-        f"{type(model).__name__}. Train a MultimodalEmbeddingModel (or wrap yours to provide `encode`)."
-    )
-
-
-def _broadcast_from_main(metrics: dict[str, float] | None) -> dict[str, float] | None:
-    """Give every rank the main process's metrics (so e.g. ``metric_for_best_model`` works everywhere)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return metrics
-    payload = [metrics]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
-
-
-class EmbeddingEvalCallback(TrainerCallback):
-    """Run embedding evaluators during ``Trainer`` training and log their metrics.
-
-    Evaluators are callables ``evaluator(model) -> dict[str, float]`` (:class:`RetrievalEvaluator`,
-    :class:`MMEBEvaluator`, ...); a dict ``{name: evaluator}`` prefixes each one's keys with ``name_``. Logged
-    keys get ``metric_key_prefix`` (``"eval_recall@1"``), and on ``on_evaluate`` they are also merged into the
-    Trainer's metrics dict, so ``metric_for_best_model`` can name them.
-
-    The evaluators run on the world main process only, on the unwrapped model switched to eval mode under
-    ``torch.no_grad`` (its train/eval mode is restored afterwards); with ``sync_across_processes`` the
-    results are broadcast to the other ranks. Running a forward on one rank only does not suit sharded
-    models (DeepSpeed ZeRO-3 / FSDP): evaluate after training there.
-
-    Metrics go through ``trainer.log`` (log history, reporting integrations) when the callback knows the
-    trainer (``trainer=`` or :meth:`attach`); otherwise they are appended to ``state.log_history`` directly.
-    Every run is kept in ``self.history`` as ``{"event", "step", "epoch", **metrics}``.
-
-    Args:
-        evaluators: one evaluator, a list of them, or a ``{name: evaluator}`` dict.
-        trainer: the Trainer, for logging through ``trainer.log``.
-        eval_steps: also evaluate every ``eval_steps`` optimizer steps (works without an eval dataset).
-        evaluate_on_evaluate: run whenever the Trainer evaluates.
-        evaluate_on_train_begin: run once before training ("step 0" baseline).
-        evaluate_on_train_end: run once after training.
-        metric_key_prefix: prefix of logged keys (the Trainer's eval prefix).
-        sync_across_processes: broadcast the main process's metrics to every rank.
-    """
-
-    def __init__(
-        self,
-        evaluators: Callable[[Any], dict[str, float]]
-        | Sequence[Callable[[Any], dict[str, float]]]
-        | Mapping[str, Callable[[Any], dict[str, float]]],
-        *,
-        trainer: Any = None,
-        eval_steps: int | None = None,
-        evaluate_on_evaluate: bool = True,
-        evaluate_on_train_begin: bool = False,
-        evaluate_on_train_end: bool = False,
-        metric_key_prefix: str = "eval",
-        sync_across_processes: bool = True,
-    ):
-        if isinstance(evaluators, Mapping):
-            self.evaluators = list(evaluators.items())
-        elif callable(evaluators):
-            self.evaluators = [("", evaluators)]
-        else:
-            self.evaluators = [("", e) for e in evaluators]
-        if not self.evaluators:
-            raise ValueError("EmbeddingEvalCallback needs at least one evaluator.")
-        for name, evaluator in self.evaluators:
-            if not callable(evaluator):
-                raise TypeError(f"evaluator {name or evaluator!r} is not callable; pass evaluator(model) -> dict.")
-        if eval_steps is not None and eval_steps < 1:
-            raise ValueError(f"eval_steps must be >= 1 or None, got {eval_steps}.")
-        self.trainer = trainer
-        self.eval_steps = eval_steps
-        self.evaluate_on_evaluate = evaluate_on_evaluate
-        self.evaluate_on_train_begin = evaluate_on_train_begin
-        self.evaluate_on_train_end = evaluate_on_train_end
-        self.metric_key_prefix = metric_key_prefix
-        self.sync_across_processes = sync_across_processes
-        self.history: list[dict[str, Any]] = []
-        self._last: tuple[int, dict[str, float]] | None = None  # (global_step, metrics) of the latest run
-
-    def attach(self, trainer: Any) -> EmbeddingEvalCallback:
-        """Register with ``trainer`` and log through it; returns ``self``."""
-        self.trainer = trainer
-        trainer.add_callback(self)
-        return self
-
-    def _prefixed(self, key: str) -> str:
-        return f"{self.metric_key_prefix}_{key}" if self.metric_key_prefix else key
-
-    def evaluate(self, model: Any) -> dict[str, float]:
-        """Run every evaluator on ``model`` (unwrapped, eval mode, no grad) and return the prefixed metrics."""
-        module = _unwrap_model(model)
-        was_training = getattr(module, "training", False)
-        if hasattr(module, "eval"):
-            module.eval()
-        metrics: dict[str, float] = {}
-        try:
-            with torch.no_grad():
-                for name, evaluator in self.evaluators:
-                    for key, value in evaluator(module).items():
-                        metrics[self._prefixed(f"{name}_{key}" if name else key)] = float(value)
-        finally:
-            if hasattr(module, "train"):
-                module.train(was_training)
-        return metrics
-
-    def _run(self, event: str, state: Any, model: Any) -> dict[str, float] | None:
-        step = int(getattr(state, "global_step", 0) or 0)
-        if self._last is not None and self._last[0] == step:
-            # Already evaluated at this step (e.g. eval_steps and the Trainer's own evaluation coincide, or one
-            # on_evaluate per eval dataset): reuse, don't re-run or re-log.
-            return self._last[1]
-        is_main = bool(getattr(state, "is_world_process_zero", True))
-        metrics = None
-        if is_main:
-            if model is None:
-                raise ValueError(f"EmbeddingEvalCallback.{event}: the Trainer passed no `model` to the callback.")
-            metrics = self.evaluate(model)
-        if self.sync_across_processes:
-            metrics = _broadcast_from_main(metrics)
-        if metrics is None:
-            return None
-        self._last = (step, metrics)
-        if is_main:
-            self.history.append({"event": event, "step": step, "epoch": getattr(state, "epoch", None), **metrics})
-            self._log(metrics, state)
-        return metrics
-
-    def _log(self, metrics: dict[str, float], state: Any) -> None:
-        if self.trainer is not None:
-            self.trainer.log(dict(metrics))  # copy: Trainer.log adds "epoch" to the dict it gets
-            return
-        entry = dict(metrics)
-        if getattr(state, "epoch", None) is not None:
-            entry["epoch"] = state.epoch
-        entry["step"] = getattr(state, "global_step", 0)
-        if getattr(state, "log_history", None) is not None:
-            state.log_history.append(entry)
-        logger.info("Embedding evaluation at step %s: %s", entry["step"], metrics)
-
-    # ---- TrainerCallback events -------------------------------------------------------------------------------
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.evaluate_on_train_begin:
-            self._run("train_begin", state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.eval_steps and state.global_step > 0 and state.global_step % self.eval_steps == 0:
-            self._run("step", state, model)
-
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if not self.evaluate_on_evaluate:
-            return
-        ours = self._run("evaluate", state, model)
-        if ours is not None and metrics is not None:
-            metrics.update(ours)  # the Trainer returns (and picks the best checkpoint from) this very dict
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.evaluate_on_train_end:
-            self._run("train_end", state, model)
 
 
 class ReasoningFormatEvaluator:
@@ -744,7 +431,7 @@ class ReasoningFormatEvaluator:
                  batch_size: int = 32, max_new_tokens: int = 512):
         if not inputs:
             raise ValueError("ReasoningFormatEvaluator needs at least one input.")
-        self.items = [_split_input(x, f"input #{i}") for i, x in enumerate(inputs)]
+        self.items = [parse_input(x, f"input #{i}") for i, x in enumerate(inputs)]
         self.name, self.side, self.image_root = name, side, image_root
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.primary_metric = f"{name}_format_rate"
@@ -754,7 +441,7 @@ class ReasoningFormatEvaluator:
         """Queries (and positives) of MMEB-train rows, the first ``limit`` of them."""
         inputs = []
         for row in rows:
-            inputs.append(_row_item(row[QUERY_TEXT], row.get(QUERY_IMAGE), "query"))
+            inputs.append(row_input(row[QUERY_TEXT], row.get(QUERY_IMAGE), "query"))
             if len(inputs) >= limit:
                 break
         return cls(inputs, image_root=image_root, **kwargs)
@@ -763,7 +450,7 @@ class ReasoningFormatEvaluator:
     def __call__(self, model: Any) -> dict[str, float]:
         from ..data.reasoning import follows_format
 
-        inputs = [_materialize(item, self.image_root, f"input #{i}") for i, item in enumerate(self.items)]
+        inputs = [materialize(item, self.image_root, f"input #{i}") for i, item in enumerate(self.items)]
         _, texts = model.encode(inputs, side=self.side, mode="generative", batch_size=self.batch_size,
                                 max_new_tokens=self.max_new_tokens, return_reasoning=True, show_progress_bar=False)
         gen_token = model.config.generative_pooling_token

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..data.schema import (
     EVAL_QUERY_IMAGE,
@@ -18,8 +18,9 @@ from ..data.schema import (
     EVAL_TARGET_TEXTS,
     is_missing,
 )
+from .inputs import Deduper
 
-__all__ = ["load_mmeb_eval", "validate_mmeb_eval_rows", "MMEB_EVAL_COLUMNS"]
+__all__ = ["MMEB_EVAL_COLUMNS", "MMEBRowIndex", "index_mmeb_rows", "load_mmeb_eval", "validate_mmeb_eval_rows"]
 
 MMEB_EVAL_COLUMNS = (EVAL_QUERY_TEXT, EVAL_QUERY_IMAGE, EVAL_TARGET_TEXTS, EVAL_TARGET_IMAGES)
 _DATA_EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -208,3 +209,30 @@ def load_mmeb_eval(
     elif max_queries is not None:
         data = data[:max_queries]
     return validate_mmeb_eval_rows(data, image_root=image_root, source=source)
+
+
+class MMEBRowIndex(NamedTuple):
+    """MMEB-eval rows as indices into their distinct inputs (see :func:`index_mmeb_rows`)."""
+
+    queries: Deduper  # the distinct query inputs (and each one's first row label)
+    candidates: Deduper  # the distinct candidate inputs over all rows
+    query_index: list[int]  # row -> its query among ``queries``
+    candidate_lists: list[list[int]]  # row -> its candidates among ``candidates``; the first is the correct one
+
+
+def index_mmeb_rows(rows: Iterable[Mapping[str, Any]]) -> MMEBRowIndex:
+    """Index validated MMEB-eval rows (:func:`validate_mmeb_eval_rows`): each distinct (text, image) query and
+    candidate is embedded once, and every row keeps its own candidate list in order (the first target correct).
+    The one reading of MMEB-eval rows that the evaluators share."""
+    queries, candidates = Deduper(), Deduper()
+    query_index: list[int] = []
+    candidate_lists: list[list[int]] = []
+    for i, row in enumerate(rows):
+        query_index.append(queries.add_row(row[EVAL_QUERY_TEXT], row[EVAL_QUERY_IMAGE], f"row {i} query"))
+        candidate_lists.append(
+            [
+                candidates.add_row(text, image, f"row {i} candidate {j}")
+                for j, (text, image) in enumerate(zip(row[EVAL_TARGET_TEXTS], row[EVAL_TARGET_IMAGES]))
+            ]
+        )
+    return MMEBRowIndex(queries, candidates, query_index, candidate_lists)

@@ -13,7 +13,8 @@ and (offline, precomputed) teacher embeddings ``t_i``, both L2-normalised inside
 Only ``n × n`` similarity matrices are compared, so student and teacher dimensions may differ, and the
 loss is invariant to any rotation of either embedding space.
 
-The diagonal (each text against itself, similarity 1) is included by default, as in METHOD.md's formula.
+The diagonal (each text against itself, similarity 1) is included by default, as in UniME's formula (arXiv
+2504.17432), whose softmax runs over the whole batch.
 Note that with τ = 0.02 the self-similarity dominates each row (a pair at cosine 0.8 gets ``e^{-10}`` of
 the mass of the diagonal), so the signal comes mostly from close pairs; ``mask_diagonal=True`` drops the
 diagonal and distils the distribution over the *other* texts only.

@@ -571,7 +571,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         """
         from tqdm.auto import tqdm
 
-        from ..data.schema import to_embedding_input
+        from ..data.images import to_embedding_input
         from .generative import MODES, apply_missing_token_policy, encode_generative_batch
 
         if mode not in MODES:

@@ -27,8 +27,8 @@ class DistillEmbedConfig(EmbeddingTrainingArguments):
         temperature (`float`, defaults to `0.02`): τ of the student softmax (and of the teacher's unless
             `teacher_temperature` is set). UniME's public code uses τ = 0.02 for its similarity softmaxes and the
             paper gives no separate distillation value, so 0.02 it is; it focuses each text's distribution on its
-            closest neighbours. Softer values (0.05-0.1) also transfer how far apart dissimilar texts are (on the
-            built-in demo: held-out Spearman 0.45 at 0.02, 0.55 at 0.05, 0.67 at 0.1, all with `mask_diagonal`).
+            closest neighbours. Softer values (0.05-0.1) also transfer how far apart dissimilar texts are
+            (figures: docs/FIGURES.md).
         teacher_temperature (`float`, *optional*): τ_t of the teacher softmax; `None` uses `temperature`.
         kl_direction (`str`, defaults to `"teacher_student"`): `"teacher_student"` = KL(P_t ‖ P_s), the usual
             distillation direction (mass-covering: the student must put probability wherever the teacher does);
@@ -40,8 +40,7 @@ class DistillEmbedConfig(EmbeddingTrainingArguments):
             The paper's formula keeps it (set `False` to reproduce it literally), but at τ = 0.02 the self-similarity
             (cosine 1) then takes nearly all of every row's mass for both models (a neighbour at cosine 0.8 gets
             e^-10 of it), the teacher's distribution is ~one-hot, and the loss degenerates into pushing the student's
-            texts apart: on the built-in demo held-out student/teacher Spearman *fell* (0.12 → 0.07) with the
-            diagonal and rose (0.12 → 0.45) without it.
+            texts apart (figures: docs/FIGURES.md).
         text_column (`str`, defaults to `"text"`): the dataset column with the texts.
         teacher_column (`str`, defaults to `"teacher_embedding"`): the column with the precomputed teacher vectors
             (add it with `mm_embed_trl.teacher.embed_with_teacher` or `python -m mm_embed_trl.teacher`).

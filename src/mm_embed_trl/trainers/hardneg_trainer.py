@@ -79,8 +79,8 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
     Example:
     ```python
     from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
-    from mm_embed_trl.data.generated import make_shapes_dataset
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.generated import make_shapes_dataset
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     data = make_shapes_dataset()  # or load_dataset("TIGER-Lab/MMEB-train", "ImageNet_1K") + image_root
     model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")))

@@ -44,8 +44,8 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
     Example:
     ```python
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
-    from mm_embed_trl.data.generated import make_shapes_dataset
-    from mm_embed_trl.tiny import get_tiny_backbone
+    from mm_embed_trl.demo.generated import make_shapes_dataset
+    from mm_embed_trl.demo.tiny import get_tiny_backbone
 
     data = make_shapes_dataset()  # rows carry qry_reasoning / pos_reasoning
     model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), encoder_kind="generative")
