@@ -425,23 +425,23 @@ def test_callback_with_sharded_weights_runs_on_every_rank_and_logs_on_main_only(
 def test_evaluate_outside_training_follows_the_callback_rule(main, sharded):
     from mm_embed_trl.evaluation.callback import evaluate_outside_training
 
-    wrapped, unwrapped = object(), object()
+    embedding_model = object()  # what the trainer embeds with (EmbeddingTrainerMixin.inference_model)
     trainer = SimpleNamespace(
-        model=wrapped,
+        model=object(),
         shards_weights=sharded,
         zero_stage=None,  # FSDP-like: not wrapped before training
         is_world_process_zero=lambda: main,
-        accelerator=SimpleNamespace(unwrap_model=lambda m: unwrapped),
+        inference_model=lambda: embedding_model,
     )
     seen = []
     evaluator = lambda m: seen.append(m) or {"score": 1.0}  # noqa: E731
     before = evaluate_outside_training(trainer, evaluator, before_training=True)
-    assert (before is not None) == main and seen == ([wrapped] if main else [])
+    assert (before is not None) == main and seen == ([embedding_model] if main else [])
     seen.clear()
     after = evaluate_outside_training(trainer, evaluator, before_training=False)
     runs = main or sharded
     assert (after is not None) == runs
-    assert seen == ([wrapped if sharded else unwrapped] if runs else [])
+    assert seen == ([embedding_model] if runs else [])
 
 
 def test_callback_with_named_evaluators_dict():
