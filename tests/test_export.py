@@ -19,7 +19,8 @@ from PIL import Image
 
 from mm_embed_trl.data.templates import PromptTemplate, get_template, register_template, strip_image_placeholders
 from mm_embed_trl.export import export_sentence_transformers, save_for_inference
-from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR, build_embedding_chat_template
+from mm_embed_trl.export.chat_template import build_embedding_chat_template
+from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
 from mm_embed_trl.demo.tiny import TINY_FAMILIES
 

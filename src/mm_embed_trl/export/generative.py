@@ -46,7 +46,7 @@ def export_generative_sentence_transformers(
     import copy
 
     from .._files import publish_dir, staged_dir
-    from .sentence_transformers import _prepare_output_dir, _refuse_overlap_with_source, load_model_for_export
+    from .checkpoint import _prepare_output_dir, _refuse_overlap_with_source, load_model_for_export
 
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
     if not hasattr(model_or_path, "config"):

@@ -391,7 +391,7 @@ def collect_card_metadata(
     from ..data.templates import get_template
 
     if isinstance(model, (str, os.PathLike)):
-        from .sentence_transformers import load_model_for_export
+        from .checkpoint import load_model_for_export
 
         model = load_model_for_export(model)
     config = model.config

@@ -266,7 +266,7 @@ class EmbeddingTrainerMixin:
         kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
         files in `output_dir` are kept.
         """
-        from ..export.sentence_transformers import is_run_state, save_model_files, write_inference_extras
+        from ..export.final_save import is_run_state, save_model_files, write_inference_extras
 
         output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
         staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
