@@ -135,7 +135,7 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     from mm_embed_trl.data.images import load_image
     from mm_embed_trl.data.reasoning import append_completions
     from mm_embed_trl.data.schema import EmbeddingInput
-    from mm_embed_trl.modeling.modeling import TokenPooling
+    from mm_embed_trl.modeling.pooling import TokenPooling
 
     model.eval()
     tok = model.processor.tokenizer

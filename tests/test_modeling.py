@@ -300,7 +300,7 @@ def test_lm_loss_on_labels_equals_the_backbones_own_and_chunks_do_not_change_it(
 def test_named_token_pooling_reads_the_last_occurrence_inside_its_region(qwen2_vl_model):
     """A token in both the prompt and the completion: 'completion' pools the completion's copy, 'prompt' the
     prompt's, 'all' the last; a row without it in the region falls back and is flagged, under left padding."""
-    from mm_embed_trl.modeling.modeling import TokenPooling
+    from mm_embed_trl.modeling.pooling import TokenPooling
 
     tok = qwen2_vl_model.processor.tokenizer
     mark = tok.convert_tokens_to_ids("<|vision_end|>")

@@ -82,7 +82,7 @@ def test_labels_match_ume_r1s_masking_and_the_supervised_span_is_the_target(coll
 
 
 def test_image_rows_keep_their_image_tokens_and_chunks_give_the_same_outputs(collator, ume_model, shapes_data):
-    from mm_embed_trl.modeling.modeling import TokenPooling
+    from mm_embed_trl.modeling.pooling import TokenPooling
 
     rows = [shapes_data["train"][i] for i in range(5)]
     enc = collator(rows)["query"]

@@ -242,7 +242,7 @@ def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone,
         step = ids.shape[-1] - start
         return [forced[step]] if step < len(forced) else [tok.eos_token_id]
 
-    from mm_embed_trl.modeling.modeling import TokenPooling
+    from mm_embed_trl.modeling.pooling import TokenPooling
 
     gen_id = tok.convert_tokens_to_ids(GEN_EMB_TOKEN)
     with torch.no_grad():

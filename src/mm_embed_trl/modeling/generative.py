@@ -82,7 +82,7 @@ def encode_generative_batch(
 ) -> GenerativeBatch:
     """Generate for one prompt batch, then one prefill forward reading the disc and gen embeddings."""
     from ..data.reasoning import append_completions
-    from .modeling import TokenPooling
+    from .pooling import TokenPooling
 
     if model.lm_head is None:
         raise ValueError(

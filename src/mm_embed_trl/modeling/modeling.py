@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from .._tensors import iter_tensors
 from .configuration import MultimodalEmbeddingConfig
-from .pooling import finalize_embeddings, pool, special_token_indices
+from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indices
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +74,6 @@ def _region_mask(attention_mask: torch.Tensor, region: str, completion_start) ->
     start = torch.as_tensor(completion_start, device=attention_mask.device).reshape(-1, 1)
     inside = positions >= start if region == "completion" else positions < start
     return attention_mask.bool() & inside
-
-
-# Where a named token is looked for (see TokenPooling): the whole row, or the parts before / from `completion_start`.
-POOL_REGIONS = ("all", "prompt", "completion")
-
-
-@dataclass(frozen=True)
-class TokenPooling:
-    """Pool the hidden state at the LAST occurrence of ``token_id`` within ``region`` of each row.
-
-    ``region="completion"`` counts only positions ``>= completion_start`` (the prompt of UME-R1 holds a copy of
-    ``<gen_emb>`` in its instruction, which must never stand in for the one the model writes); ``"prompt"`` only those
-    before it. A row without the token there pools the region's last attended position (``token_found`` says which).
-    """
-
-    token_id: int
-    region: str = "all"
-
-    def __post_init__(self):
-        if self.region not in POOL_REGIONS:
-            raise ValueError(f"TokenPooling region {self.region!r} is not one of {POOL_REGIONS}.")
 
 
 @dataclass

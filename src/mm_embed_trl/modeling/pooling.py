@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +78,24 @@ def finalize_embeddings(embeddings: torch.Tensor, *, dim: int | None = None, nor
         # normalise in float32: bf16 norms of 4k-dim vectors lose ~3 digits
         embeddings = F.normalize(embeddings.float(), p=2, dim=-1).to(embeddings.dtype)
     return embeddings
+
+
+# Where a named token is looked for (see TokenPooling): the whole row, or the parts before / from `completion_start`.
+POOL_REGIONS = ("all", "prompt", "completion")
+
+
+@dataclass(frozen=True)
+class TokenPooling:
+    """Pool the hidden state at the LAST occurrence of ``token_id`` within ``region`` of each row.
+
+    ``region="completion"`` counts only positions ``>= completion_start`` (the prompt of UME-R1 holds a copy of
+    ``<gen_emb>`` in its instruction, which must never stand in for the one the model writes); ``"prompt"`` only those
+    before it. A row without the token there pools the region's last attended position (``token_found`` says which).
+    """
+
+    token_id: int
+    region: str = "all"
+
+    def __post_init__(self):
+        if self.region not in POOL_REGIONS:
+            raise ValueError(f"TokenPooling region {self.region!r} is not one of {POOL_REGIONS}.")

@@ -10,7 +10,7 @@ from ..data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
 from ..distributed import gather_no_grad, gather_with_grad
 from ..losses import hard_negative_infonce_loss
 from ..modeling import MultimodalEmbeddingModel
-from ..modeling.modeling import TokenPooling
+from ..modeling.pooling import TokenPooling
 from .base import EmbeddingTrainer
 from .sft_config import EmbeddingSFTConfig
 
