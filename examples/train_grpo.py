@@ -27,13 +27,13 @@ from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from mm_embed_trl import EmbeddingGRPOConfig, EmbeddingGRPOTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.evaluation import ReasoningFormatEvaluator, RetrievalEvaluator
 from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
     model_init_kwargs,
     parse_args,
     resolve_datasets,
     train_evaluate_save,
+    ume_r1_evaluator,
 )
 
 # The built-in CPU demo: recipes/grpo_tiny_cpu.yaml holds the same.
@@ -103,21 +103,9 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    evaluator = None
-    if eval_dataset is not None:
-        generation = {"mode": "both", "max_new_tokens": training_args.max_completion_length}
-        retrieval = RetrievalEvaluator.from_rows(
-            eval_dataset, image_root, name="heldout", batch_size=32, encode_kwargs=generation
-        )
-        formatting = ReasoningFormatEvaluator.from_rows(
-            eval_dataset, image_root, name="heldout", max_new_tokens=training_args.max_completion_length
-        )
-
-        def evaluator(model):
-            return {**retrieval(model), **formatting(model)}
-
+    evaluator = ume_r1_evaluator(eval_dataset, image_root, max_new_tokens=training_args.max_completion_length)
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
-    dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.data.generated)"
+    dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.demo.generated)"
     train_evaluate_save(
         trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
     )

@@ -18,7 +18,6 @@ with mm_embed_trl.data.reasoning.load_ume_r1_sft_json; pass the JSON as --datase
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
-from mm_embed_trl.evaluation import ReasoningFormatEvaluator, RetrievalEvaluator
 from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
     model_init_kwargs,
@@ -26,6 +25,7 @@ from mm_embed_trl.scripts import (
     resolve_datasets,
     resolve_model_path,
     train_evaluate_save,
+    ume_r1_evaluator,
 )
 
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/sft_reasoning_tiny_cpu.yaml holds the same.
@@ -58,24 +58,10 @@ def main():
         train_dataset=train_dataset,
         peft_config=None if is_tiny else get_peft_config(model_args),
     )
-    evaluator = None
-    if eval_dataset is not None:
-        # one generation per held-out input gives both embeddings (and their oracle); plus format compliance
-        mode = "discriminative" if training_args.discriminative_only else "both"
-        generation = {"mode": mode, "max_new_tokens": training_args.max_new_tokens}
-        retrieval = RetrievalEvaluator.from_rows(
-            eval_dataset, image_root, name="heldout", batch_size=32,
-            encode_kwargs=generation if mode != "discriminative" else None,
-        )
-        evaluator = retrieval
-        if mode != "discriminative":
-            formatting = ReasoningFormatEvaluator.from_rows(
-                eval_dataset, image_root, name="heldout", max_new_tokens=training_args.max_new_tokens
-            )
-
-            def evaluator(model):  # noqa: F811 - both reports in one table
-                return {**retrieval(model), **formatting(model)}
-
+    evaluator = ume_r1_evaluator(
+        eval_dataset, image_root, max_new_tokens=training_args.max_new_tokens,
+        discriminative_only=training_args.discriminative_only,
+    )
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
     dataset = script_args.dataset_name or "generated shapes with reasoning (mm_embed_trl.demo.generated)"
     train_evaluate_save(

@@ -106,3 +106,36 @@ def test_train_sft_reasoning_example_under_accelerate_with_two_processes(tmp_pat
     texts = ["a red circle on the left", "two blue squares"]
     st = SentenceTransformer(str(out / "sentence_transformers"))  # the discriminative export: no remote code
     assert_close(torch.as_tensor(st.encode_query(texts)), model.encode(texts), rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+
+
+@pytest.mark.slow
+def test_train_grpo_example_under_accelerate_with_two_processes(tmp_path, tiny_backbone):
+    """UME-R1 RL end to end on 2 gloo processes from an SFT-shaped start (tokens added): before/after report with
+    disc, gen, oracle and format, then the model and both ST exports."""
+    import torch
+
+    from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
+
+    start = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    EmbeddingSFTTrainer(model=start, args=EmbeddingSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none"))
+    start.save_pretrained(tmp_path / "sft-start")  # what the SFT stage leaves: <disc_emb>/<gen_emb> in the vocabulary
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", "29536",
+        "--num_processes", "2", str(ROOT / "examples" / "train_grpo.py"),
+        "--sft_output_dir", str(tmp_path / "sft-start"), "--output_dir", str(out), "--max_steps", "2",
+        "--generated_train_size", "32", "--generated_eval_size", "8", "--per_device_train_batch_size", "16",
+        "--max_completion_length", "12",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Training with MULTI_CPU on 2 process(es)" in log and "RL from the tiny SFT model" in log
+    report = json.loads((out / "retrieval_report.json").read_text())
+    for key in ("heldout_disc_recall@1", "heldout_gen_recall@1", "heldout_oracle_recall@1", "heldout_format_rate"):
+        assert key in report["after"] and key in report["before"], key
+    saved = MultimodalEmbeddingModel.from_pretrained(out)
+    assert not all(torch.equal(saved.state_dict()[k], v) for k, v in start.state_dict().items())  # it trained
+    assert (out / "sentence_transformers" / "modules.json").is_file()
+    assert (out / "sentence_transformers_generative" / "modules.json").is_file()

@@ -190,6 +190,30 @@ def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, ev
     return {"before": before, "after": after}
 
 
+def ume_r1_evaluator(eval_dataset, image_root: str | None, *, max_new_tokens: int, discriminative_only: bool = False):
+    """Held-out evaluation of a UME-R1 model for the examples: one generation per input gives the disc, gen and
+    oracle retrieval metrics (`RetrievalEvaluator(encode_kwargs={"mode": "both"})`), plus format compliance
+    (`ReasoningFormatEvaluator`); disc retrieval alone for a discriminative-only (DUME) model. None without data."""
+    if eval_dataset is None:
+        return None
+    from .evaluation import ReasoningFormatEvaluator, RetrievalEvaluator
+
+    if discriminative_only:
+        return RetrievalEvaluator.from_rows(eval_dataset, image_root, name="heldout", batch_size=32)
+    retrieval = RetrievalEvaluator.from_rows(
+        eval_dataset, image_root, name="heldout", batch_size=32,
+        encode_kwargs={"mode": "both", "max_new_tokens": max_new_tokens},
+    )
+    formatting = ReasoningFormatEvaluator.from_rows(
+        eval_dataset, image_root, name="heldout", max_new_tokens=max_new_tokens
+    )
+
+    def evaluate(model) -> dict[str, float]:  # both reports in one table
+        return {**retrieval(model), **formatting(model)}
+
+    return evaluate
+
+
 def write_report(output_dir: str, report: dict[str, Any]) -> str:
     from ._files import write_text_atomic
 
