@@ -258,6 +258,11 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     want = saved.encode(texts, mode="generative", max_new_tokens=16)  # the run's max_completion_length
     assert_close(torch.as_tensor(gen.encode_query(texts)), want, rtol=rtol)
     assert "2511.00405" in (out / "README.md").read_text()
+    # a fresh run into this output_dir would mix two runs: refused, unless overwrite_output_dir
+    rows = shapes_data["train"].select(range(8))
+    again = EmbeddingGRPOTrainer(model=_model(tiny_backbone), args=args, train_dataset=rows)
+    with pytest.raises(FileExistsError, match="holds another run"):
+        again.train()
 
 
 def test_ume_r1_preset_holds_the_papers_settings(tmp_path):

@@ -87,6 +87,11 @@ class EmbeddingGRPOConfig(GRPOConfig):
         metadata={"help": "Rows the pre-training check rejects (an empty side, a text that is not a string, ...): "
                   "raise (name them) or skip (log each, report the count).", "choices": ["raise", "skip"]},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train afresh into an output_dir that holds another run (its checkpoints are deleted at the "
+                  "start, its final model replaced at the end); without it such a run is refused unless it resumes."},
+    )
     save_sentence_transformers: bool = field(
         default=True,
         metadata={"help": "At the end also write the sentence-transformers exports (sentence_transformers/ for "
