@@ -137,8 +137,18 @@ def run_stock_trainer(width, data, steps, generate):
     def length_reward(completions, **kwargs):  # trivial
         return [float(len(str(c))) / 100 for c in completions]
 
+    class MixedBatchGRPOTrainer(GRPOTrainer):
+        """Stock, but for TRL 1.16's mixed text/image batch bug that EmbeddingGRPOTrainer fixes the same way: a
+        text-only prompt's images are None, which the processor's second call rejects; it takes []."""
+
+        def _tokenize_prompts(self, prompts):
+            prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+            if images is not None:
+                images = [found if found is not None else [] for found in images]
+            return prompt_ids, images, fields
+
     timer = _StepTimer()
-    trainer = GRPOTrainer(model=model.backbone, reward_funcs=[length_reward],
+    trainer = MixedBatchGRPOTrainer(model=model.backbone, reward_funcs=[length_reward],
                           args=GRPOConfig(**_common_args("/tmp/bench-grpo-stock", steps), shuffle_dataset=False),
                           train_dataset=rows, processing_class=processor, callbacks=[timer.callback])
     if not generate:
