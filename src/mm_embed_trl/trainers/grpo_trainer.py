@@ -35,10 +35,16 @@ OVERRIDDEN_TRL_METHODS = (
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
-def _retrieval_placeholder(prompts, completions, **kwargs):
-    """Stands in for the retrieval reward in TRL's reward table: filled in by EmbeddingGRPOTrainer._calculate_rewards,
-    which needs every rank's rollouts at once (a reward function only sees its own rank's rows)."""
-    return [None] * len(prompts)
+def _retrieval_placeholder(name: str):
+    """A stand-in for the retrieval reward in TRL's reward table (TRL names the column after ``__name__``): filled in
+    by EmbeddingGRPOTrainer._calculate_rewards, which needs every rank's rollouts at once (a reward function only
+    sees its own rank's rows). A new function per trainer, so no trainer renames another's."""
+
+    def placeholder(prompts, completions, **kwargs):
+        return [None] * len(prompts)
+
+    placeholder.__name__ = name
+    return placeholder
 
 
 class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
@@ -172,9 +178,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         self._retrieval_column = None
         if args.retrieval_reward != "none":
             self._retrieval_column = len(reward_funcs)
-            placeholder = _retrieval_placeholder
-            placeholder.__name__ = f"retrieval_{args.retrieval_reward}"
-            reward_funcs = reward_funcs + [placeholder]
+            reward_funcs = reward_funcs + [_retrieval_placeholder(f"retrieval_{args.retrieval_reward}")]
             weights = weights + [args.retrieval_reward_weight]
         args.reward_weights = weights
         self._stash: dict[str, Any] = {}
