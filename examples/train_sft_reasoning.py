@@ -31,7 +31,7 @@ from mm_embed_trl.scripts import (
 # The built-in CPU demo (tiny random backbone trained from scratch): recipes/sft_reasoning_tiny_cpu.yaml holds the same.
 TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no model is named
     output_dir="outputs/sft-reasoning-tiny",
-    num_train_epochs=6,
+    num_train_epochs=24,
     generated_train_size=1024,
     generated_eval_size=96,
     per_device_train_batch_size=32,

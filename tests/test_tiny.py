@@ -31,6 +31,7 @@ from mm_embed_trl.demo import tiny  # noqa: E402
 from mm_embed_trl.demo.tiny import TINY_FAMILIES, build_tiny_backbone, get_tiny_backbone, main  # noqa: E402
 
 VLM_FAMILIES = tuple(f for f in TINY_FAMILIES if f != "text")
+V = tiny._FORMAT_VERSION  # cache folders are named <family>-s<seed>-v<format version>
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Hand-checked expectations per family: (bare class, generative class, processor class).
@@ -86,7 +87,8 @@ def bare_models(built) -> dict:
 def test_cli_all_prints_and_writes_every_family(built):
     root, printed = built
     assert sorted(p.name for p in root.iterdir()) == sorted(TINY_FAMILIES)
-    lines = printed.strip().splitlines()
+    # DeepSpeed, when the build is the first thing to import it, logs "[<date> ...] Setting ds_accelerator" to stdout
+    lines = [line for line in printed.strip().splitlines() if not line.startswith("[")]
     assert [line.split(":")[0] for line in lines] == list(TINY_FAMILIES)
     for family, line in zip(TINY_FAMILIES, lines):
         assert str(root / family) in line and "model.safetensors" in line
@@ -124,6 +126,13 @@ def test_directory_loads_with_auto_classes(built, bare_models, family):
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"
     assert tokenizer.padding_side == "left"
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    # UME-R1's reasoning tags: one ordinary token each (decoding without special tokens keeps them), saved as such
+    trace = "<think>two shapes.</think><answer>a red circle</answer>"
+    ids = tokenizer(trace, add_special_tokens=False)["input_ids"]
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert ids.count(tokenizer.convert_tokens_to_ids(tag)) == 1, tag
+        assert tag not in tokenizer.all_special_tokens, tag
+    assert tokenizer.decode(ids, skip_special_tokens=True) == trace
 
     # Sizes per STACK.md.
     text_cfg = gen.config.get_text_config()
@@ -373,24 +382,24 @@ def test_get_tiny_backbone_builds_once(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "_write_backbone", lambda *a: (calls.append(a[0]), real(*a))[1])
     cache = tmp_path / "cache"
     first = get_tiny_backbone("text", seed=3, cache_dir=str(cache))
-    assert first == cache.absolute() / "text-s3-v1"
+    assert first == cache.absolute() / f"text-s3-v{V}"
     assert calls == ["text"] and (first / "model.safetensors").is_file()
     assert stat.S_IMODE(first.stat().st_mode) == 0o755  # readable by others (mkdtemp alone gives 0o700)
     assert get_tiny_backbone("text", seed=3, cache_dir=str(cache)) == first
     assert calls == ["text"]  # second call: no rebuild
-    assert get_tiny_backbone("text", seed=4, cache_dir=str(cache)) == cache.absolute() / "text-s4-v1"
+    assert get_tiny_backbone("text", seed=4, cache_dir=str(cache)) == cache.absolute() / f"text-s4-v{V}"
     assert calls == ["text", "text"]
 
 
 def test_get_tiny_backbone_default_cache_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MM_EMBED_TRL_CACHE", str(tmp_path / "env"))
     path = get_tiny_backbone("text")
-    assert path == (tmp_path / "env" / "tiny" / "text-s0-v1").absolute() and (path / "config.json").is_file()
+    assert path == (tmp_path / "env" / "tiny" / f"text-s0-v{V}").absolute() and (path / "config.json").is_file()
 
 
 def test_get_tiny_backbone_loser_of_race_uses_winner(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    target = cache / "text-s0-v1"
+    target = cache / f"text-s0-v{V}"
     real = tiny._write_backbone
 
     winner_inode = []
@@ -406,12 +415,12 @@ def test_get_tiny_backbone_loser_of_race_uses_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "_write_backbone", build_while_another_process_wins)
     path = get_tiny_backbone("text", cache_dir=str(cache))
     assert path == target.absolute() and (path / tiny._MARKER_FILE).is_file()
-    assert [p.name for p in cache.iterdir()] == ["text-s0-v1"]  # loser's temp copy removed
+    assert [p.name for p in cache.iterdir()] == [f"text-s0-v{V}"]  # loser's temp copy removed
     assert [(path / "model.safetensors").stat().st_ino] == winner_inode  # the winner's files were kept
 
 
 def test_get_tiny_backbone_rejects_foreign_directory(tmp_path):
-    target = tmp_path / "text-s0-v1"
+    target = tmp_path / f"text-s0-v{V}"
     target.mkdir()
     (target / "config.json").write_text("{}")
     with pytest.raises(RuntimeError, match="Delete it"):
@@ -438,9 +447,9 @@ def test_two_processes_racing_for_the_cache(tmp_path):
     # the path is the last stdout line (libraries imported along the way may log to stdout, e.g. deepspeed)
     outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
-    assert outs[0] == outs[1] == str(tmp_path.absolute() / "text-s0-v1")
-    assert [p.name for p in tmp_path.iterdir()] == ["text-s0-v1"]
+    assert outs[0] == outs[1] == str(tmp_path.absolute() / f"text-s0-v{V}")
+    assert [p.name for p in tmp_path.iterdir()] == [f"text-s0-v{V}"]
     # Determinism across processes (the BPE trainer and the weight init must not depend on hash seeds).
     here = build_tiny_backbone("text", tmp_path.parent / f"{tmp_path.name}-inproc")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert _sha(here / name) == _sha(tmp_path / "text-s0-v1" / name), name
+        assert _sha(here / name) == _sha(tmp_path / f"text-s0-v{V}" / name), name

@@ -52,7 +52,7 @@ TINY_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_o
 
 # Bump when the produced files change in a way that matters (sizes, tokenizer, templates): cached
 # directories are keyed by it, so stale caches are never reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: UME-R1's reasoning tags are single tokens
 # Written last into every built directory; its presence marks a complete build.
 _MARKER_FILE = "tiny_backbone.json"
 
@@ -81,6 +81,10 @@ _QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 _LLAVA_SPECIAL_TOKENS = ("<image>", "<video>")
+# UME-R1's reasoning tags as ordinary added tokens (decoding keeps them), one id each, as Qwen3's vocabulary holds
+# <think> and </think>. Why: the byte-level pieces of "</think><answer>" ("</", "think", "><", ...) make the tag
+# boundaries a multi-token guess that a 2-layer, 64-wide model does not learn from the demo's few hundred traces.
+_REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 # Qwen2 pre-tokenisation regex (a copy of transformers' Qwen2Tokenizer one, which _train_bpe prefers)
 # so the BPE we train sees exactly the pieces the loaded Qwen2Tokenizer will produce.
@@ -201,6 +205,7 @@ _CORPUS_SENTENCES = (
     "You are a helpful assistant.",
     "<think> </think> <answer> </answer>",
     "Let me think step by step. The final answer is:",
+    "The image shows two shapes. The caption describes three identical shapes in a row.",
 )
 
 
@@ -262,7 +267,7 @@ def _build_tokenizer(extra_special_tokens: Sequence[str], chat_template: str) ->
     vocab, merges = _train_bpe()
     vocab = dict(vocab)
     specials = list(_QWEN_SPECIAL_TOKENS) + list(extra_special_tokens)
-    for token in specials:
+    for token in [*specials, *_REASONING_TAGS]:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
@@ -275,11 +280,13 @@ def _build_tokenizer(extra_special_tokens: Sequence[str], chat_template: str) ->
         model_max_length=_MODEL_MAX_LENGTH,
     )
     tokenizer.add_special_tokens({"extra_special_tokens": specials})  # v5 name of additional_special_tokens
+    tokenizer.add_tokens(list(_REASONING_TAGS))
     tokenizer.chat_template = chat_template
     # Why: a special token that is not one id (or got a new id) would silently break the config's
     # image/video token ids; fail loudly if a transformers change ever does that.
-    ids = tokenizer.convert_tokens_to_ids(specials)
-    expected = [vocab[token] for token in specials]
+    added = [*specials, *_REASONING_TAGS]
+    ids = tokenizer.convert_tokens_to_ids(added)
+    expected = [vocab[token] for token in added]
     if ids != expected or len(tokenizer) != len(vocab):
         raise RuntimeError(
             f"Tiny tokenizer special tokens got ids {ids} (expected {expected}) and length {len(tokenizer)} "
