@@ -46,6 +46,7 @@ TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no 
     per_device_train_batch_size=32,  # 4 pairs x 2 sides x G=4 per micro-step
     max_completion_length=48,  # the generated reasoning targets are ~35 tokens
     learning_rate=5e-5,
+    freeze_vision_tower=True,  # as in the SFT stage: the LM learned on the random vision tower's exact features
     beta=0.0,
     loss_type="dr_grpo",
     temperature=1.0,

@@ -238,16 +238,17 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     from sentence_transformers import SentenceTransformer
 
     model = _model(tiny_backbone)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root))
-    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(8)))
+    args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root), max_steps=2)
+    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(16)))
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # after the trainer added UME-R1's tokens
     _fixed_completions(trainer)
     trainer.train()
     out = Path(trainer.save_for_inference())
     saved = MultimodalEmbeddingModel.from_pretrained(out)
     assert saved.config.generative_pooling_token == "<gen_emb>" and saved.config.pooling_token == "<disc_emb>"
     trained = saved.state_dict()
-    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the RL update, not the start, was saved
+    # the RL update, not the start, was saved
+    assert any(not torch.equal(trained[k], start[k]) for k in start if ".language_model.layers." in k)
     for name, value in trainer.embedding_model.state_dict().items():
         assert torch.equal(trained[name], value), name
     texts = ["a red circle on the left", "two blue squares"]
@@ -365,3 +366,20 @@ def test_text_only_backbone_forwards_run_the_vision_tower_under_sharding(tiny_ba
     reference.model.visual.register_forward_hook(lambda *a: calls.append(1))
     reference(**enc)
     assert len(calls) == 1
+
+
+def test_freeze_vision_tower_keeps_the_vision_weights_through_rl(tiny_backbone, shapes_data, tmp_path):
+    """freeze_vision_tower=True (the tiny demo's setting): the RL steps update the language model, never the vision
+    encoder or projector; the default (UME-R1's) trains them too."""
+    for freeze in (True, False):
+        model = _model(tiny_backbone)
+        args = _config(tmp_path / str(freeze), beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root),
+                       freeze_vision_tower=freeze, max_steps=2)
+        trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(16)))
+        start = {k: v.clone() for k, v in model.state_dict().items()}  # after the trainer added UME-R1's tokens
+        _fixed_completions(trainer)
+        trainer.train()
+        moved = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+        vision_moved = {k for k in moved if ".visual." in k}
+        assert any(".language_model.layers." in k for k in moved)
+        assert bool(vision_moved) is not freeze, sorted(vision_moved)[:3]

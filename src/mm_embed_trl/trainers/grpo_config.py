@@ -45,6 +45,9 @@ class EmbeddingGRPOConfig(GRPOConfig):
             here only the completion counts), or `"zero"` (a zero vector: its similarities, hence its retrieval
             reward, are 0). Such completions are counted in `gen_emb_found_rate`.
         embedding_batch_size (`int`, *optional*): rows per no-grad embedding forward (default: the per-device batch).
+        freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector. UME-R1 trains
+            them in RL (`freeze_vision_modules=False` in its `grpo_embed.py`); the tiny CPU demo freezes them, as its
+            SFT stage did, because a random vision tower's features are what its language model learned on.
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
@@ -80,6 +83,9 @@ class EmbeddingGRPOConfig(GRPOConfig):
     )
     reasoning_sensitivity_rows: int = field(
         default=8, metadata={"help": "Completions re-embedded with an empty <think> per generation batch (0: off)."}
+    )
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
     )
     prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
     on_bad_row: str = field(

@@ -150,6 +150,10 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         self.template = get_template(args.prompt_template)
         if model.has_lora:
             model.merge_lora()
+        if args.freeze_vision_tower:
+            from .base import freeze_vision_tower
+
+            freeze_vision_tower(model)
         policy = model.backbone
         if args.beta != 0.0 and peft_config is None:
             # TRL rebuilds the reference model from the policy's name: point it at a plain copy of THIS policy (its
