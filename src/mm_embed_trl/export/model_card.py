@@ -2,11 +2,12 @@
 
 :func:`collect_card_metadata` gathers plain, JSON-able metadata from the model (backbone, pooling, prompt template,
 dimension), the run's ``TrainingArguments`` (a hyper-parameter subset), its evaluation results (before / after
-training) and the training method (UniME stage 1 / 2, UME-R1 SFT / RL, with citations).
+training) and the training method as the trainer declares it (``method_card()``: title, description, paper and
+citation; the card holds no table of methods).
 :func:`render_model_card` renders it with the Jinja template ``model_cards/mm_embedding_model_card.md`` into a
 README whose YAML front matter is built by ``huggingface_hub.ModelCardData`` (``library_name``, ``pipeline_tag``,
 ``tags``, ``base_model``, ``datasets``, ``license`` and a ``model-index`` when there are metrics), with usage snippets
-for sentence-transformers, plain transformers and mm-embed-trl that use the right prompts.
+for sentence-transformers, plain transformers and mm-embed-trl (written in the template) that use the right prompts.
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_TEMPLATE_PATH",
-    "METHODS",
-    "PAPERS",
+    "UNTRAINED_METHOD_CARD",
     "collect_card_metadata",
     "hyperparameters_from_args",
     "normalize_eval_results",
     "render_model_card",
-    "resolve_method",
 ]
 
 
@@ -49,122 +48,18 @@ def _default_template_path() -> pathlib.Path:
 DEFAULT_TEMPLATE_PATH = _default_template_path()
 _TEMPLATE_ENV = "MM_EMBED_TRL_MODEL_CARD_TEMPLATE"
 
-PAPERS: dict[str, dict[str, str]] = {
-    "unime": {
-        "name": "UniME",
-        "title": "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
-        "arxiv": "2504.17432",
-        "url": "https://arxiv.org/abs/2504.17432",
-        "bibtex": (
-            "@article{gu2025unime,\n"
-            "  title   = {Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs},\n"
-            "  author  = {Gu, Tiancheng and Yang, Kaicheng and Feng, Ziyong and Wang, Xingjun and Zhang, Yanzhao and\n"
-            "             Long, Dingkun and Chen, Yingda and Cai, Weidong and Deng, Jiankang},\n"
-            "  journal = {arXiv preprint arXiv:2504.17432},\n"
-            "  year    = {2025}\n"
-            "}"
-        ),
-    },
-    "ume_r1": {
-        "name": "UME-R1",
-        "title": "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings",
-        "arxiv": "2511.00405",
-        "url": "https://arxiv.org/abs/2511.00405",
-        "bibtex": (
-            "@article{lan2025umer1,\n"
-            "  title   = {UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings},\n"
-            "  author  = {Lan, Zhibin and Niu, Liqiang and Meng, Fandong and Zhou, Jie and Su, Jinsong},\n"
-            "  journal = {arXiv preprint arXiv:2511.00405},\n"
-            "  year    = {2025}\n"
-            "}"
-        ),
-    },
-}
-
-# method key -> description. `paper` refers to PAPERS.
-METHODS: dict[str, dict[str, str | None]] = {
-    "unime_stage1": {
-        "title": "UniME stage 1: textual discriminative knowledge distillation",
-        "short": "UniME stage 1",
-        "paper": "unime",
-        "trainer": "DistillEmbedTrainer",
-        "description": (
-            "The language model of the backbone (vision tower frozen) is trained on text only to match the in-batch "
-            "similarity distribution of a strong text-embedding teacher whose embeddings were computed offline: "
-            "KL(teacher || student) between the softmax of the n x n cosine-similarity matrices of a batch."
-        ),
-    },
-    "unime_stage2": {
-        "title": "UniME stage 2: hard-negative enhanced instruction tuning",
-        "short": "UniME stage 2",
-        "paper": "unime",
-        "trainer": "HardNegContrastiveTrainer",
-        "description": (
-            "Contrastive instruction tuning on (query, target) pairs: for each query, candidates more similar than "
-            "its positive plus a margin are dropped as likely false negatives, the k most similar remaining "
-            "candidates (gathered from every device) are kept as hard negatives, and InfoNCE is taken over the "
-            "positive and these hard negatives."
-        ),
-    },
-    "ume_r1_sft": {
-        "title": "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings",
-        "short": "UME-R1 SFT",
-        "paper": "ume_r1",
-        "trainer": "EmbeddingSFTTrainer",
-        "description": (
-            "Cold-start supervised fine-tuning: the model learns to write a reasoning and a summary ending in "
-            "<gen_emb>, with InfoNCE on the <disc_emb> (discriminative) and <gen_emb> (generative) embeddings plus "
-            "cross-entropy on the reasoning of both sides."
-        ),
-    },
-    "ume_r1_rl": {
-        "title": "UME-R1 stage 2: reinforcement learning with a retrieval reward",
-        "short": "UME-R1 RL",
-        "paper": "ume_r1",
-        "trainer": "EmbeddingGRPOTrainer",
-        "description": (
-            "GRPO on rollouts of both sides of each pair: the reward of a rollout is its format score plus the "
-            "ranking of its generative embedding against all target rollouts times the similarity gap between its "
-            "own target and the others."
-        ),
-    },
-    "none": {
-        "title": "no embedding training (the backbone wrapped with pooling)",
-        "short": "untrained baseline",
-        "paper": None,
-        "trainer": None,
-        "description": (
-            "The backbone was wrapped with pooling and prompts but not trained as an embedding model; use it as a "
-            "baseline."
-        ),
-    },
-}
-
-_METHOD_ALIASES = {
-    "unime1": "unime_stage1",
-    "unime_1": "unime_stage1",
-    "distill": "unime_stage1",
-    "distillembed": "unime_stage1",
-    "distillembedconfig": "unime_stage1",
-    "distillembedtrainer": "unime_stage1",
-    "unime2": "unime_stage2",
-    "unime_2": "unime_stage2",
-    "hardneg": "unime_stage2",
-    "hardnegcontrastive": "unime_stage2",
-    "hardnegcontrastiveconfig": "unime_stage2",
-    "hardnegcontrastivetrainer": "unime_stage2",
-    "sft": "ume_r1_sft",
-    "embeddingsft": "ume_r1_sft",
-    "embeddingsftconfig": "ume_r1_sft",
-    "embeddingsfttrainer": "ume_r1_sft",
-    "ume_r1_stage1": "ume_r1_sft",
-    "grpo": "ume_r1_rl",
-    "embeddinggrpo": "ume_r1_rl",
-    "embeddinggrpoconfig": "ume_r1_rl",
-    "embeddinggrpotrainer": "ume_r1_rl",
-    "ume_r1_stage2": "ume_r1_rl",
-    "baseline": "none",
-    "untrained": "none",
+# What the card says when it is handed no method: a backbone wrapped with pooling, not trained as an embedding model.
+# Trained models get their method's card from the trainer (`EmbeddingTrainerMixin.method_card`).
+UNTRAINED_METHOD_CARD: dict[str, Any] = {
+    "key": "none",
+    "title": "no embedding training (the backbone wrapped with pooling)",
+    "short": "untrained baseline",
+    "description": (
+        "The backbone was wrapped with pooling and prompts but not trained as an embedding model; use it as a "
+        "baseline."
+    ),
+    "trainer": None,
+    "paper": None,
 }
 
 # TrainingArguments fields worth showing (in this order) when present; method-specific fields of a subclass are
@@ -197,27 +92,18 @@ _PREFIXED_METRIC = re.compile(
 )
 
 
-def resolve_method(method: str | None, training_args: Any = None) -> str:
-    """The canonical method key (see :data:`METHODS`) from a name/alias, or from the training-args class."""
-    candidates = []
-    if method is not None:
-        candidates.append(str(method))
-    elif training_args is not None and not isinstance(training_args, Mapping):
-        candidates.append(type(training_args).__name__)
-    for name in candidates:
-        key = name.strip().lower().replace("-", "_").replace(" ", "_")
-        if key in METHODS:
-            return key
-        if key in _METHOD_ALIASES:
-            return _METHOD_ALIASES[key]
-        if key.replace("_", "") in _METHOD_ALIASES:
-            return _METHOD_ALIASES[key.replace("_", "")]
-        if method is not None:
-            raise ValueError(
-                f"Unknown training method {method!r}; use one of {sorted(METHODS)} (aliases: distill, hardneg, sft, "
-                "grpo, baseline)."
-            )
-    return "none"
+def _method_card(method: Any) -> Mapping[str, Any]:
+    """The method card handed to :func:`collect_card_metadata`: a mapping, or a trainer (class) that has one."""
+    if method is None:
+        return UNTRAINED_METHOD_CARD
+    if hasattr(method, "method_card"):
+        method = method.method_card() or UNTRAINED_METHOD_CARD
+    if not isinstance(method, Mapping):
+        raise TypeError(
+            f"method must be a trainer (class) or its method_card(), or None; got {method!r}. A method key or alias "
+            "names its trainer through mm_embed_trl.trainers.identity.trainer_for_method (e.g. 'hardneg')."
+        )
+    return method
 
 
 def _plain(value: Any) -> Any:
@@ -364,7 +250,7 @@ def collect_card_metadata(
     model: Any,
     training_args: Any = None,
     eval_results: Any = None,
-    method: str | None = None,
+    method: Any = None,
     dataset_name: str | Sequence[str] | None = None,
     *,
     export_info: Mapping[str, Any] | None = None,
@@ -376,8 +262,8 @@ def collect_card_metadata(
         model: the ``MultimodalEmbeddingModel`` (or the directory of a saved one).
         training_args: the run's ``TrainingArguments`` (any subclass) or a dict of them.
         eval_results: evaluation results, see :func:`normalize_eval_results`.
-        method: ``"unime_stage1"``, ``"unime_stage2"``, ``"ume_r1_sft"``, ``"ume_r1_rl"`` or ``"none"`` (aliases
-            ``distill``, ``hardneg``, ``sft``, ``grpo``); inferred from the class of ``training_args`` when omitted.
+        method: what the model was trained with, as its trainer declares it: the trainer (class), or its
+            ``method_card()``; ``None``: an untrained baseline. The card renders it as it is.
         dataset_name: the training dataset id(s) (Hub ids go into the YAML ``datasets``).
         export_info: what the sentence-transformers export recorded (prompts, pooling); set by the exporter.
         sentence_transformers_subdir: set when the card describes a ``save_for_inference`` directory whose ST
@@ -399,9 +285,8 @@ def collect_card_metadata(
     base_name = getattr(encoder_config, "_name_or_path", "") or getattr(config, "_name_or_path", "") or ""
     base_model = _hub_id(base_name)
     base_display = base_model or (pathlib.Path(base_name).name if base_name else encoder_config.model_type)
-    method_key = resolve_method(method, training_args)
-    info = METHODS[method_key]
-    paper = PAPERS.get(info["paper"]) if info["paper"] else None
+    info = _method_card(method)
+    paper = info["paper"]
     datasets = [dataset_name] if isinstance(dataset_name, str) else [str(d) for d in (dataset_name or [])]
     template = get_template(config.prompt_template)
     processor = model.processor
@@ -415,7 +300,7 @@ def collect_card_metadata(
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mm-embed-trl", family]
     if multimodal:
         tags += ["multimodal-embedding", "image-text-retrieval"]
-    if paper is not None:
+    if paper:
         tags.append(paper["name"].lower())
     return {
         "model_name": f"{base_display.split('/')[-1]} multimodal embedding ({info['short']})",
@@ -425,7 +310,7 @@ def collect_card_metadata(
         "base_model_display": base_display,
         "backbone_type": family,
         "backbone_class": type(model.backbone).__name__,
-        "method": method_key,
+        "method": info["key"],
         "method_title": info["title"],
         "method_description": info["description"],
         "trainer": info["trainer"],
