@@ -344,7 +344,7 @@ def collect_card_metadata(
     }
 
 
-# ---------------------------------------------------------------------------------------------------- snippets
+# ---------------------------------------------------------------------------------------------------- rendering
 def _model_ref(metadata: Mapping[str, Any]) -> str:
     ref = metadata.get("repo_id") or metadata.get("model_reference")
     if not ref:
@@ -353,104 +353,6 @@ def _model_ref(metadata: Mapping[str, Any]) -> str:
             "path) for its usage snippets; pass it in model_card_data."
         )
     return str(ref)
-
-
-def _st_usage(metadata: Mapping[str, Any]) -> str:
-    ref = _model_ref(metadata)
-    sub = metadata.get("sentence_transformers_subdir")
-    if sub:
-        # SentenceTransformer cannot load a subfolder of a Hub repo: fetch the repo (no-op for a local folder).
-        header = (
-            "import os\n\n"
-            "from huggingface_hub import snapshot_download\n"
-            + ("from PIL import Image\n" if metadata["multimodal"] else "")
-            + "from sentence_transformers import SentenceTransformer\n\n"
-            f'model_dir = "{ref}"\n'
-            "if not os.path.isdir(model_dir):  # a Hub repo id: download it first\n"
-            "    model_dir = snapshot_download(model_dir)\n"
-            f'model = SentenceTransformer(os.path.join(model_dir, "{sub}"))  # no trust_remote_code needed\n'
-        )
-    else:
-        header = (
-            ("from PIL import Image\n" if metadata["multimodal"] else "")
-            + "from sentence_transformers import SentenceTransformer\n\n"
-            f'model = SentenceTransformer("{ref}")  # no trust_remote_code needed\n'
-        )
-    if metadata["multimodal"]:
-        return (
-            header + 'red = Image.new("RGB", (64, 64), "red")\n'
-            "queries = model.encode_query(\n"
-            '    ["A red square.", {"image": red, "text": "What colour is this picture?"}]\n'
-            ")\n"
-            'documents = model.encode_document([red, "A blue circle."])\n'
-            "print(model.similarity(queries, documents))"
-        )
-    return (
-        header + 'queries = model.encode_query(["A red square."])\n'
-        'documents = model.encode_document(["Something red and square.", "A blue circle."])\n'
-        "print(model.similarity(queries, documents))"
-    )
-
-
-def _transformers_usage(metadata: Mapping[str, Any]) -> str:
-    ref = _model_ref(metadata)
-    sub = metadata.get("sentence_transformers_subdir")
-    load_args = f'"{ref}", subfolder="{sub}"' if sub else f'"{ref}"'
-    if metadata["pooling"] == "mean":
-        pool = (
-            '    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
-            "    emb = (hidden * mask).sum(1) / mask.sum(1)  # mean over the prompt tokens\n"
-        )
-    else:
-        what = (
-            f"the last {metadata['pooling_token']} (the template ends the prompt there)"
-            if metadata["pooling"] == "special_token"
-            else "the end of the prompt"
-        )
-        pool = f"    emb = hidden[:, -1]  # left padding: the last position is {what}\n"
-    if metadata["truncated"]:
-        pool += f"    emb = emb[:, :{metadata['embedding_dim']}]\n"
-    if metadata["normalize"]:
-        pool += "    emb = torch.nn.functional.normalize(emb.float(), dim=-1)\n"
-    if metadata["multimodal"]:
-        loader, kind = "AutoProcessor", "processor"
-        query = '[{"type": "text", "text": "A red square."}]'
-        doc = '[{"type": "image", "image": Image.new("RGB", (64, 64), "red")}]'
-        imports = "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
-    else:
-        loader, kind = "AutoTokenizer", "tokenizer"
-        query = '"A red square."'
-        doc = '"Something red and square."'
-        imports = "import torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
-    return (
-        imports + f"{kind} = {loader}.from_pretrained({load_args})\n"
-        f"model = AutoModel.from_pretrained({load_args}).eval()\n\n\n"
-        'def embed(contents, task="query"):\n'
-        "    # The saved chat template wraps each input in the embedding prompt; `task` picks the query / document\n"
-        "    # instruction and the generation prompt is always added.\n"
-        '    messages = [[{"role": "user", "content": content}] for content in contents]\n'
-        f"    batch = {kind}.apply_chat_template(\n"
-        '        messages, tokenize=True, return_dict=True, padding=True, return_tensors="pt", task=task\n'
-        "    )\n"
-        "    with torch.no_grad():\n"
-        "        hidden = model(**batch).last_hidden_state\n" + pool + "    return emb\n\n\n"
-        f"queries = embed([{query}])\n"
-        f'documents = embed([{doc}], task="document")\n'
-        "print(queries @ documents.T)"
-    )
-
-
-def _mm_embed_trl_usage(metadata: Mapping[str, Any]) -> str | None:
-    if not metadata.get("sentence_transformers_subdir"):
-        return None
-    ref = _model_ref(metadata)
-    return (
-        "from mm_embed_trl import MultimodalEmbeddingModel\n\n"
-        f'model = MultimodalEmbeddingModel.from_pretrained("{ref}")\n'
-        'queries = model.encode(["A red square."], side="query")\n'
-        'documents = model.encode(["Something red and square."], side="document")\n'
-        "print(queries @ documents.T)"
-    )
 
 
 def _prompt_examples(metadata: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -553,11 +455,10 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
         eval_rows=rows,
         has_before=any(r.get("before") is not None for r in rows),
         hyperparameter_rows=[(k, _fmt(v)) for k, v in (metadata.get("hyperparameters") or {}).items()],
-        st_usage=_st_usage(metadata),
-        transformers_usage=_transformers_usage(metadata),
-        mm_embed_trl_usage=_mm_embed_trl_usage(metadata),
+        model_ref=_model_ref(metadata),  # what the template's usage snippets load
         prompt_examples=_prompt_examples(metadata),
     )
+    context.setdefault("sentence_transformers_subdir", None)
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
