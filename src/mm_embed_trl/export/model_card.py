@@ -21,12 +21,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CARD_ARGS",
     "DEFAULT_TEMPLATE_PATH",
     "UNTRAINED_METHOD_CARD",
+    "card_for_export",
     "collect_card_metadata",
     "hyperparameters_from_args",
     "normalize_eval_results",
     "render_model_card",
+    "split_card_data",
 ]
 
 
@@ -61,6 +64,10 @@ UNTRAINED_METHOD_CARD: dict[str, Any] = {
     "trainer": None,
     "paper": None,
 }
+
+# Keys of an export's `model_card_data` that are collect_card_metadata's arguments; its other keys (license,
+# model_name, repo_id, ...) override the collected values.
+CARD_ARGS = ("training_args", "eval_results", "method", "dataset_name")
 
 # TrainingArguments fields worth showing (in this order) when present; method-specific fields of a subclass are
 # added automatically.
@@ -473,3 +480,28 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
     content = content.strip() + "\n"
     ModelCard(content)  # parses the YAML front matter: raises on a malformed header
     return content
+
+
+def split_card_data(model_card_data: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An export's ``model_card_data`` as (the :data:`CARD_ARGS` for :func:`collect_card_metadata`, the overrides)."""
+    overrides = dict(model_card_data or {})
+    return {k: overrides.pop(k) for k in CARD_ARGS if k in overrides}, overrides
+
+
+def card_for_export(
+    metadata: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    model_reference: str | os.PathLike,
+    *,
+    sentence_transformers_subdir: str | None = None,
+) -> tuple[str, str]:
+    """The README of one export from metadata collected once: the export's path and its sentence-transformers
+    subfolder (if any) set, then ``overrides`` applied. Returns the card and the reference its usage snippets name
+    (the repo id when given), which ``push_to_hub`` rewrites to the repo it pushes to."""
+    final = {
+        **metadata,
+        "model_reference": str(model_reference),
+        "sentence_transformers_subdir": sentence_transformers_subdir,
+        **overrides,
+    }
+    return render_model_card(final), final.get("repo_id") or final["model_reference"]
