@@ -27,7 +27,7 @@ from .sentence_transformers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_run_state", "save_for_inference", "save_model_files", "write_inference_extras"]
+__all__ = ["is_run_state", "save_model_files", "save_model_for_inference", "write_inference_extras"]
 
 
 def save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path) -> None:
@@ -140,7 +140,7 @@ def _write_generative_export(model, directory: pathlib.Path, generation) -> dict
     return {"sentence_transformers_generative_subdir": ST_GENERATIVE_SUBDIR}
 
 
-def save_for_inference(
+def save_model_for_inference(
     model: MultimodalEmbeddingModel,
     output_dir: str | os.PathLike,
     *,
@@ -166,7 +166,7 @@ def save_for_inference(
     from ..modeling import MultimodalEmbeddingModel
 
     if not isinstance(model, MultimodalEmbeddingModel):
-        raise TypeError(f"save_for_inference expects a MultimodalEmbeddingModel, got {type(model).__name__}.")
+        raise TypeError(f"save_model_for_inference expects a MultimodalEmbeddingModel, got {type(model).__name__}.")
     if model.processor is None:
         raise ValueError(
             "The model has no processor attached; call model.set_processor(AutoProcessor.from_pretrained(base)) "

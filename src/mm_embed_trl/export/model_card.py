@@ -273,8 +273,8 @@ def collect_card_metadata(
             ``method_card()``; ``None``: an untrained baseline. The card renders it as it is.
         dataset_name: the training dataset id(s) (Hub ids go into the YAML ``datasets``).
         export_info: what the sentence-transformers export recorded (prompts, pooling); set by the exporter.
-        sentence_transformers_subdir: set when the card describes a ``save_for_inference`` directory whose ST
-            export lives in that subfolder.
+        sentence_transformers_subdir: set when the card describes a final save's folder
+            (``save_model_for_inference``) whose ST export lives in that subfolder.
 
     Returns:
         A dict of plain values; override any of them (``license``, ``model_name``, ``repo_id``, ``language``,

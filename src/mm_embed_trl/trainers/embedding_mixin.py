@@ -289,7 +289,7 @@ class EmbeddingTrainerMixin:
         then work from that complete copy on disk, so they are correct whatever the parallelism. Everything (weights,
         processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
         kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
-        files in `output_dir` are kept.
+        files in `output_dir` are kept. (A model outside a trainer: `mm_embed_trl.export.save_model_for_inference`.)
         """
         from ..export.final_save import is_run_state, save_model_files, write_inference_extras
 
