@@ -41,7 +41,10 @@ class ExportArguments:
     default_prompt_name: str | None = field(default=None, metadata={"help": "ST default prompt name."})
     method: str | None = field(
         default=None,
-        metadata={"help": "Training method for the card: unime_stage1, unime_stage2, ume_r1_sft, ume_r1_rl, none."},
+        metadata={
+            "help": "Training method for the card: unime_stage1, unime_stage2, ume_r1_sft, ume_r1_rl, none (aliases "
+            "distill, hardneg, sft, grpo, baseline)."
+        },
     )
     dataset_name: list[str] | None = field(default=None, metadata={"help": "Training dataset id(s) for the card."})
     eval_results: str | None = field(
@@ -88,7 +91,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         card["eval_results"] = _read_json(report, "--eval_results")
     if args.training_args_json:
         card["training_args"] = _read_json(args.training_args_json, "--training_args_json")
-    for key in ("method", "license", "model_name"):
+    if args.method is not None:
+        from mm_embed_trl.trainers.identity import trainer_for_method
+
+        card["method"] = trainer_for_method(args.method)  # the card renders what that trainer declares
+    for key in ("license", "model_name"):
         if getattr(args, key) is not None:
             card[key] = getattr(args, key)
     if args.dataset_name:

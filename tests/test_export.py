@@ -18,7 +18,7 @@ from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 from PIL import Image
 
 from mm_embed_trl.data.templates import PromptTemplate, get_template, register_template, strip_image_placeholders
-from mm_embed_trl.export import export_sentence_transformers, save_for_inference
+from mm_embed_trl.export import export_sentence_transformers, save_model_for_inference
 from mm_embed_trl.export.chat_template import build_embedding_chat_template
 from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
@@ -250,7 +250,7 @@ def test_lora_export_merges_a_copy(tiny_backbone, export_dir):
     assert (base.encode(inputs) - with_lora).abs().max() > 1e-3
 
 
-def test_export_from_saved_checkpoint_and_save_for_inference(tiny_backbone, tmp_path):
+def test_export_from_saved_checkpoint_and_save_model_for_inference(tiny_backbone, tmp_path):
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
     with torch.no_grad():
@@ -262,7 +262,7 @@ def test_export_from_saved_checkpoint_and_save_for_inference(tiny_backbone, tmp_
     run = tmp_path / "run"
     run.mkdir()
     (run / "trainer_state.json").write_text("{}")  # other files of a run are kept
-    save_for_inference(model, run)
+    save_model_for_inference(model, run)
     assert (run / "trainer_state.json").is_file() and (run / "README.md").is_file()
     assert (run / ST_SUBDIR / "modules.json").is_file() and (run / ST_SUBDIR / "README.md").is_file()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging leftovers
@@ -283,7 +283,7 @@ def test_export_from_saved_checkpoint_and_save_for_inference(tiny_backbone, tmp_
     assert_close(_st(out).encode(inputs, convert_to_tensor=True), expected, rtol=EXPORT_RTOL)
 
 
-def test_save_for_inference_can_merge_in_place(tiny_backbone, tmp_path):
+def test_save_model_for_inference_can_merge_in_place(tiny_backbone, tmp_path):
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
     model.add_lora(r=2, lora_alpha=4, lora_dropout=0.0)
     with torch.no_grad():
@@ -292,7 +292,7 @@ def test_save_for_inference_can_merge_in_place(tiny_backbone, tmp_path):
                 param.normal_(std=0.3)
     inputs = _inputs("text")
     expected = model.encode(inputs)
-    save_for_inference(model, tmp_path / "run", merge_lora=True)
+    save_model_for_inference(model, tmp_path / "run", merge_lora=True)
     assert not model.has_lora  # merged in place: no second copy of the weights
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lora_config"] is None
     reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "run")

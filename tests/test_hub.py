@@ -15,7 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from mm_embed_trl.export import export_sentence_transformers, push_to_hub, save_for_inference, validate_export_dir
+from mm_embed_trl.export import export_sentence_transformers, push_to_hub, save_model_for_inference, validate_export_dir
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
 
 REPO = "my-org/tiny-embedder"
@@ -215,10 +215,10 @@ def test_missing_folder_and_bad_repo_id(tmp_path, export_copy, monkeypatch):
 
 
 def test_training_state_is_skipped_not_uploaded(tiny_backbone, tmp_path, monkeypatch):
-    """A run directory from save_for_inference (+ Trainer leftovers) is a valid 'mm-embedding' push."""
+    """A run directory from save_model_for_inference (+ Trainer leftovers) is a valid 'mm-embedding' push."""
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))
     run = tmp_path / "run"
-    save_for_inference(model, run)
+    save_model_for_inference(model, run)
     (run / "training_args.bin").write_bytes(b"pickle")
     (run / "checkpoint-10").mkdir()
     (run / "checkpoint-10" / "optimizer.pt").write_bytes(b"pickle")

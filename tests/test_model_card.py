@@ -9,15 +9,14 @@ import yaml
 from huggingface_hub import ModelCard
 
 from mm_embed_trl.export.model_card import (
-    METHODS,
-    PAPERS,
     collect_card_metadata,
     hyperparameters_from_args,
     normalize_eval_results,
     render_model_card,
-    resolve_method,
 )
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
+from mm_embed_trl.trainers.identity import canonical_method, method_keys, trainer_for_method
+from mm_embed_trl.trainers.papers import UME_R1_PAPER, UNIME_PAPER
 
 
 def _front_matter(card: str) -> dict:
@@ -62,14 +61,16 @@ def trained_run(tiny_backbone, shapes_data, tmp_path_factory):
     trainer = HardNegContrastiveTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(16)))
     trainer.train()
     after = evaluator(model)
-    return model, args, {"before": before, "after": after}
+    return model, args, {"before": before, "after": after}, trainer
 
 
 def test_card_from_a_real_training_run(trained_run):
-    model, args, results = trained_run
-    metadata = collect_card_metadata(model, training_args=args, eval_results=results, dataset_name="shapes (generated)")
+    model, args, results, trainer = trained_run
+    metadata = collect_card_metadata(
+        model, training_args=args, eval_results=results, method=trainer, dataset_name="shapes (generated)"
+    )
     metadata.update(repo_id="my-org/shapes-embedder", license="apache-2.0")
-    assert metadata["method"] == "unime_stage2"  # inferred from HardNegContrastiveConfig
+    assert metadata["method"] == "unime_stage2"  # declared by HardNegContrastiveTrainer
     hp = metadata["hyperparameters"]
     assert hp["learning_rate"] == args.learning_rate and hp["max_steps"] == 2
     assert hp["temperature"] == 0.05 and hp["num_hard_negatives"] == 3  # method-specific fields
@@ -106,9 +107,9 @@ def test_card_from_a_real_training_run(trained_run):
 
 
 def test_hub_ids_go_into_the_front_matter(trained_run):
-    model, args, _ = trained_run
+    model, args, _, _ = trained_run
     metadata = collect_card_metadata(
-        model, training_args=args, dataset_name=["TIGER-Lab/MMEB-train"], method="ume_r1_rl"
+        model, training_args=args, dataset_name=["TIGER-Lab/MMEB-train"], method=trainer_for_method("ume_r1_rl")
     )
     metadata.update(base_model="Qwen/Qwen2-VL-2B-Instruct", model_reference="/tmp/some/export", language="en")
     card = render_model_card(metadata)
@@ -121,15 +122,16 @@ def test_hub_ids_go_into_the_front_matter(trained_run):
 
 
 def test_method_resolution_and_citations():
-    assert resolve_method("hardneg") == resolve_method("HardNegContrastiveConfig") == "unime_stage2"
-    assert resolve_method("distill") == resolve_method("unime-stage1") == "unime_stage1"
-    assert resolve_method("grpo") == "ume_r1_rl" and resolve_method("sft") == "ume_r1_sft"
-    assert resolve_method(None) == "none"
+    assert canonical_method("hardneg") == canonical_method("HardNegContrastiveConfig") == "unime_stage2"
+    assert canonical_method("distill") == canonical_method("unime-stage1") == "unime_stage1"
+    assert canonical_method("grpo") == "ume_r1_rl" and canonical_method("sft") == "ume_r1_sft"
+    assert canonical_method(None) == "none"
     with pytest.raises(ValueError, match="Unknown training method 'magic'"):
-        resolve_method("magic")
-    assert PAPERS["unime"]["arxiv"] == "2504.17432" and PAPERS["ume_r1"]["arxiv"] == "2511.00405"
-    for key, info in METHODS.items():
-        assert info["paper"] in (None, *PAPERS), key
+        canonical_method("magic")
+    assert UNIME_PAPER["id"] == "2504.17432" and UME_R1_PAPER["id"] == "2511.00405"
+    for key in method_keys():
+        trainer = trainer_for_method(key)
+        assert trainer is None or trainer._paper in (UNIME_PAPER, UME_R1_PAPER), key
 
 
 def test_normalize_eval_results_forms():
@@ -182,7 +184,7 @@ def test_hyperparameters_from_a_plain_dict_and_bad_type():
 
 
 def test_missing_template_and_missing_values_are_clear_errors(trained_run, tmp_path):
-    model, _, _ = trained_run
+    model, _, _, _ = trained_run
     metadata = collect_card_metadata(model)
     with pytest.raises(ValueError, match="needs `repo_id`"):
         render_model_card(metadata)  # no model reference for the usage snippets

@@ -14,7 +14,7 @@ _EXPORTS = {
     "build_embedding_chat_template": "mm_embed_trl.export.chat_template",
     "export_sentence_transformers": "mm_embed_trl.export.sentence_transformers",
     "load_model_for_export": "mm_embed_trl.export.checkpoint",
-    "save_for_inference": "mm_embed_trl.export.final_save",
+    "save_model_for_inference": "mm_embed_trl.export.final_save",
     "collect_card_metadata": "mm_embed_trl.export.model_card",
     "render_model_card": "mm_embed_trl.export.model_card",
     "validate_export_dir": "mm_embed_trl.export.hub",
@@ -29,7 +29,7 @@ __all__ = [
     "load_model_for_export",
     "push_to_hub",
     "render_model_card",
-    "save_for_inference",
+    "save_model_for_inference",
     "validate_export_dir",
 ]
 

@@ -18,16 +18,16 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import mm_embed_trl.export` must 
     from ..modeling import MultimodalEmbeddingModel
 
 from .sentence_transformers import (
-    _CARD_ARGS,
     EXPORT_INFO_FILE,
     ST_GENERATIVE_SUBDIR,
     ST_SUBDIR,
+    describe_export,
     export_sentence_transformers,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_run_state", "save_for_inference", "save_model_files", "write_inference_extras"]
+__all__ = ["is_run_state", "save_model_files", "save_model_for_inference", "write_inference_extras"]
 
 
 def save_model_files(model: MultimodalEmbeddingModel, output_dir: pathlib.Path) -> None:
@@ -103,32 +103,29 @@ def write_inference_extras(
     path the cards' snippets name): its sentence-transformers export in ``ST_SUBDIR``, the model card and the
     export info. A UME-R1 model (a generative pooling token and an LM head) also gets its generative export in
     ``ST_GENERATIVE_SUBDIR`` (a custom module: ``trust_remote_code=True``), with ``generation`` as its settings."""
-    from .model_card import collect_card_metadata, render_model_card
+    from .model_card import card_for_export, collect_card_metadata, split_card_data
 
-    st_dir = export_sentence_transformers(
+    # One collection serves both cards (the export's and the folder's): they differ only in the path they name.
+    collect_args, overrides = split_card_data(model_card_data)
+    metadata = collect_card_metadata(
+        model, **collect_args, export_info=describe_export(model, prompts, default_prompt_name)
+    )
+    export_sentence_transformers(
         model,
         directory / ST_SUBDIR,
         prompts=prompts,
         default_prompt_name=default_prompt_name,
-        model_card_data={"model_reference": str(published_as / ST_SUBDIR), **(model_card_data or {})},
+        model_card_data={"model_reference": str(published_as / ST_SUBDIR), **overrides},
         overwrite=True,
+        card_metadata=metadata,
     )
-    card_kwargs = dict(model_card_data or {})
-    info = json.loads((st_dir / EXPORT_INFO_FILE).read_text())
-    metadata = collect_card_metadata(
-        model,
-        **{k: card_kwargs.pop(k) for k in _CARD_ARGS if k in card_kwargs},
-        export_info=info,
-        sentence_transformers_subdir=ST_SUBDIR,
-    )
-    metadata["model_reference"] = str(published_as)
-    metadata.update(card_kwargs)
-    (directory / "README.md").write_text(render_model_card(metadata), encoding="utf-8")
+    card, reference = card_for_export(metadata, overrides, published_as, sentence_transformers_subdir=ST_SUBDIR)
+    (directory / "README.md").write_text(card, encoding="utf-8")
     root_info = {
         "format": "mm_embed_trl.mm_embedding",
         "sentence_transformers_subdir": ST_SUBDIR,
         **_write_generative_export(model, directory, generation),
-        "card_model_reference": metadata.get("repo_id") or metadata["model_reference"],
+        "card_model_reference": reference,
     }
     (directory / EXPORT_INFO_FILE).write_text(json.dumps(root_info, indent=2, sort_keys=True) + "\n")
 
@@ -143,7 +140,7 @@ def _write_generative_export(model, directory: pathlib.Path, generation) -> dict
     return {"sentence_transformers_generative_subdir": ST_GENERATIVE_SUBDIR}
 
 
-def save_for_inference(
+def save_model_for_inference(
     model: MultimodalEmbeddingModel,
     output_dir: str | os.PathLike,
     *,
@@ -169,7 +166,7 @@ def save_for_inference(
     from ..modeling import MultimodalEmbeddingModel
 
     if not isinstance(model, MultimodalEmbeddingModel):
-        raise TypeError(f"save_for_inference expects a MultimodalEmbeddingModel, got {type(model).__name__}.")
+        raise TypeError(f"save_model_for_inference expects a MultimodalEmbeddingModel, got {type(model).__name__}.")
     if model.processor is None:
         raise ValueError(
             "The model has no processor attached; call model.set_processor(AutoProcessor.from_pretrained(base)) "

@@ -145,7 +145,7 @@ def validate_export_dir(local_dir: str | os.PathLike) -> ExportCheck:
     if not config_file.is_file():
         raise ValueError(
             f"{str(root)!r} is not an exported model (no config.json). Pass the directory written by "
-            "export_sentence_transformers / save_for_inference (e.g. examples/export.py --output_dir)."
+            "export_sentence_transformers / save_model_for_inference (e.g. examples/export.py --output_dir)."
         )
     config = _load_json(config_file, "config.json")
     check = ExportCheck(kind="")
@@ -247,7 +247,8 @@ def push_to_hub(
     The model card's usage snippets, which name the local path, are rewritten to name ``repo_id`` first.
 
     Args:
-        local_dir: the export (sentence-transformers directory or ``save_for_inference`` output).
+        local_dir: the export (a sentence-transformers directory, or a final save: ``save_model_for_inference``,
+            ``trainer.save_for_inference``).
         repo_id: ``"org/name"`` or ``"name"`` (in the token owner's namespace).
         token: a write token; defaults to ``HF_TOKEN`` / the saved login.
         private: create the repo private (``None``: the Hub default); ignored if the repo exists.

@@ -2,11 +2,12 @@
 
 :func:`collect_card_metadata` gathers plain, JSON-able metadata from the model (backbone, pooling, prompt template,
 dimension), the run's ``TrainingArguments`` (a hyper-parameter subset), its evaluation results (before / after
-training) and the training method (UniME stage 1 / 2, UME-R1 SFT / RL, with citations).
+training) and the training method as the trainer declares it (``method_card()``: title, description, paper and
+citation; the card holds no table of methods).
 :func:`render_model_card` renders it with the Jinja template ``model_cards/mm_embedding_model_card.md`` into a
 README whose YAML front matter is built by ``huggingface_hub.ModelCardData`` (``library_name``, ``pipeline_tag``,
 ``tags``, ``base_model``, ``datasets``, ``license`` and a ``model-index`` when there are metrics), with usage snippets
-for sentence-transformers, plain transformers and mm-embed-trl that use the right prompts.
+for sentence-transformers, plain transformers and mm-embed-trl (written in the template) that use the right prompts.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CARD_ARGS",
     "DEFAULT_TEMPLATE_PATH",
-    "METHODS",
-    "PAPERS",
+    "UNTRAINED_METHOD_CARD",
+    "card_for_export",
     "collect_card_metadata",
     "hyperparameters_from_args",
     "normalize_eval_results",
     "render_model_card",
-    "resolve_method",
+    "split_card_data",
 ]
 
 
@@ -49,123 +51,23 @@ def _default_template_path() -> pathlib.Path:
 DEFAULT_TEMPLATE_PATH = _default_template_path()
 _TEMPLATE_ENV = "MM_EMBED_TRL_MODEL_CARD_TEMPLATE"
 
-PAPERS: dict[str, dict[str, str]] = {
-    "unime": {
-        "name": "UniME",
-        "title": "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
-        "arxiv": "2504.17432",
-        "url": "https://arxiv.org/abs/2504.17432",
-        "bibtex": (
-            "@article{gu2025unime,\n"
-            "  title   = {Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs},\n"
-            "  author  = {Gu, Tiancheng and Yang, Kaicheng and Feng, Ziyong and Wang, Xingjun and Zhang, Yanzhao and\n"
-            "             Long, Dingkun and Chen, Yingda and Cai, Weidong and Deng, Jiankang},\n"
-            "  journal = {arXiv preprint arXiv:2504.17432},\n"
-            "  year    = {2025}\n"
-            "}"
-        ),
-    },
-    "ume_r1": {
-        "name": "UME-R1",
-        "title": "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings",
-        "arxiv": "2511.00405",
-        "url": "https://arxiv.org/abs/2511.00405",
-        "bibtex": (
-            "@article{lan2025umer1,\n"
-            "  title   = {UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings},\n"
-            "  author  = {Lan, Zhibin and Niu, Liqiang and Meng, Fandong and Zhou, Jie and Su, Jinsong},\n"
-            "  journal = {arXiv preprint arXiv:2511.00405},\n"
-            "  year    = {2025}\n"
-            "}"
-        ),
-    },
+# What the card says when it is handed no method: a backbone wrapped with pooling, not trained as an embedding model.
+# Trained models get their method's card from the trainer (`EmbeddingTrainerMixin.method_card`).
+UNTRAINED_METHOD_CARD: dict[str, Any] = {
+    "key": "none",
+    "title": "no embedding training (the backbone wrapped with pooling)",
+    "short": "untrained baseline",
+    "description": (
+        "The backbone was wrapped with pooling and prompts but not trained as an embedding model; use it as a "
+        "baseline."
+    ),
+    "trainer": None,
+    "paper": None,
 }
 
-# method key -> description. `paper` refers to PAPERS.
-METHODS: dict[str, dict[str, str | None]] = {
-    "unime_stage1": {
-        "title": "UniME stage 1: textual discriminative knowledge distillation",
-        "short": "UniME stage 1",
-        "paper": "unime",
-        "trainer": "DistillEmbedTrainer",
-        "description": (
-            "The language model of the backbone (vision tower frozen) is trained on text only to match the in-batch "
-            "similarity distribution of a strong text-embedding teacher whose embeddings were computed offline: "
-            "KL(teacher || student) between the softmax of the n x n cosine-similarity matrices of a batch."
-        ),
-    },
-    "unime_stage2": {
-        "title": "UniME stage 2: hard-negative enhanced instruction tuning",
-        "short": "UniME stage 2",
-        "paper": "unime",
-        "trainer": "HardNegContrastiveTrainer",
-        "description": (
-            "Contrastive instruction tuning on (query, target) pairs: for each query, candidates more similar than "
-            "its positive plus a margin are dropped as likely false negatives, the k most similar remaining "
-            "candidates (gathered from every device) are kept as hard negatives, and InfoNCE is taken over the "
-            "positive and these hard negatives."
-        ),
-    },
-    "ume_r1_sft": {
-        "title": "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings",
-        "short": "UME-R1 SFT",
-        "paper": "ume_r1",
-        "trainer": "EmbeddingSFTTrainer",
-        "description": (
-            "Cold-start supervised fine-tuning: the model learns to write a reasoning and a summary ending in "
-            "<gen_emb>, with InfoNCE on the <disc_emb> (discriminative) and <gen_emb> (generative) embeddings plus "
-            "cross-entropy on the reasoning of both sides."
-        ),
-    },
-    "ume_r1_rl": {
-        "title": "UME-R1 stage 2: reinforcement learning with a retrieval reward",
-        "short": "UME-R1 RL",
-        "paper": "ume_r1",
-        "trainer": "EmbeddingGRPOTrainer",
-        "description": (
-            "GRPO on rollouts of both sides of each pair: the reward of a rollout is its format score plus the "
-            "ranking of its generative embedding against all target rollouts times the similarity gap between its "
-            "own target and the others."
-        ),
-    },
-    "none": {
-        "title": "no embedding training (the backbone wrapped with pooling)",
-        "short": "untrained baseline",
-        "paper": None,
-        "trainer": None,
-        "description": (
-            "The backbone was wrapped with pooling and prompts but not trained as an embedding model; use it as a "
-            "baseline."
-        ),
-    },
-}
-
-_METHOD_ALIASES = {
-    "unime1": "unime_stage1",
-    "unime_1": "unime_stage1",
-    "distill": "unime_stage1",
-    "distillembed": "unime_stage1",
-    "distillembedconfig": "unime_stage1",
-    "distillembedtrainer": "unime_stage1",
-    "unime2": "unime_stage2",
-    "unime_2": "unime_stage2",
-    "hardneg": "unime_stage2",
-    "hardnegcontrastive": "unime_stage2",
-    "hardnegcontrastiveconfig": "unime_stage2",
-    "hardnegcontrastivetrainer": "unime_stage2",
-    "sft": "ume_r1_sft",
-    "embeddingsft": "ume_r1_sft",
-    "embeddingsftconfig": "ume_r1_sft",
-    "embeddingsfttrainer": "ume_r1_sft",
-    "ume_r1_stage1": "ume_r1_sft",
-    "grpo": "ume_r1_rl",
-    "embeddinggrpo": "ume_r1_rl",
-    "embeddinggrpoconfig": "ume_r1_rl",
-    "embeddinggrpotrainer": "ume_r1_rl",
-    "ume_r1_stage2": "ume_r1_rl",
-    "baseline": "none",
-    "untrained": "none",
-}
+# Keys of an export's `model_card_data` that are collect_card_metadata's arguments; its other keys (license,
+# model_name, repo_id, ...) override the collected values.
+CARD_ARGS = ("training_args", "eval_results", "method", "dataset_name")
 
 # TrainingArguments fields worth showing (in this order) when present; method-specific fields of a subclass are
 # added automatically.
@@ -197,27 +99,18 @@ _PREFIXED_METRIC = re.compile(
 )
 
 
-def resolve_method(method: str | None, training_args: Any = None) -> str:
-    """The canonical method key (see :data:`METHODS`) from a name/alias, or from the training-args class."""
-    candidates = []
-    if method is not None:
-        candidates.append(str(method))
-    elif training_args is not None and not isinstance(training_args, Mapping):
-        candidates.append(type(training_args).__name__)
-    for name in candidates:
-        key = name.strip().lower().replace("-", "_").replace(" ", "_")
-        if key in METHODS:
-            return key
-        if key in _METHOD_ALIASES:
-            return _METHOD_ALIASES[key]
-        if key.replace("_", "") in _METHOD_ALIASES:
-            return _METHOD_ALIASES[key.replace("_", "")]
-        if method is not None:
-            raise ValueError(
-                f"Unknown training method {method!r}; use one of {sorted(METHODS)} (aliases: distill, hardneg, sft, "
-                "grpo, baseline)."
-            )
-    return "none"
+def _method_card(method: Any) -> Mapping[str, Any]:
+    """The method card handed to :func:`collect_card_metadata`: a mapping, or a trainer (class) that has one."""
+    if method is None:
+        return UNTRAINED_METHOD_CARD
+    if hasattr(method, "method_card"):
+        method = method.method_card() or UNTRAINED_METHOD_CARD
+    if not isinstance(method, Mapping):
+        raise TypeError(
+            f"method must be a trainer (class) or its method_card(), or None; got {method!r}. A method key or alias "
+            "names its trainer through mm_embed_trl.trainers.identity.trainer_for_method (e.g. 'hardneg')."
+        )
+    return method
 
 
 def _plain(value: Any) -> Any:
@@ -364,7 +257,7 @@ def collect_card_metadata(
     model: Any,
     training_args: Any = None,
     eval_results: Any = None,
-    method: str | None = None,
+    method: Any = None,
     dataset_name: str | Sequence[str] | None = None,
     *,
     export_info: Mapping[str, Any] | None = None,
@@ -376,12 +269,12 @@ def collect_card_metadata(
         model: the ``MultimodalEmbeddingModel`` (or the directory of a saved one).
         training_args: the run's ``TrainingArguments`` (any subclass) or a dict of them.
         eval_results: evaluation results, see :func:`normalize_eval_results`.
-        method: ``"unime_stage1"``, ``"unime_stage2"``, ``"ume_r1_sft"``, ``"ume_r1_rl"`` or ``"none"`` (aliases
-            ``distill``, ``hardneg``, ``sft``, ``grpo``); inferred from the class of ``training_args`` when omitted.
+        method: what the model was trained with, as its trainer declares it: the trainer (class), or its
+            ``method_card()``; ``None``: an untrained baseline. The card renders it as it is.
         dataset_name: the training dataset id(s) (Hub ids go into the YAML ``datasets``).
         export_info: what the sentence-transformers export recorded (prompts, pooling); set by the exporter.
-        sentence_transformers_subdir: set when the card describes a ``save_for_inference`` directory whose ST
-            export lives in that subfolder.
+        sentence_transformers_subdir: set when the card describes a final save's folder
+            (``save_model_for_inference``) whose ST export lives in that subfolder.
 
     Returns:
         A dict of plain values; override any of them (``license``, ``model_name``, ``repo_id``, ``language``,
@@ -399,9 +292,8 @@ def collect_card_metadata(
     base_name = getattr(encoder_config, "_name_or_path", "") or getattr(config, "_name_or_path", "") or ""
     base_model = _hub_id(base_name)
     base_display = base_model or (pathlib.Path(base_name).name if base_name else encoder_config.model_type)
-    method_key = resolve_method(method, training_args)
-    info = METHODS[method_key]
-    paper = PAPERS.get(info["paper"]) if info["paper"] else None
+    info = _method_card(method)
+    paper = info["paper"]
     datasets = [dataset_name] if isinstance(dataset_name, str) else [str(d) for d in (dataset_name or [])]
     template = get_template(config.prompt_template)
     processor = model.processor
@@ -415,7 +307,7 @@ def collect_card_metadata(
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mm-embed-trl", family]
     if multimodal:
         tags += ["multimodal-embedding", "image-text-retrieval"]
-    if paper is not None:
+    if paper:
         tags.append(paper["name"].lower())
     return {
         "model_name": f"{base_display.split('/')[-1]} multimodal embedding ({info['short']})",
@@ -425,7 +317,7 @@ def collect_card_metadata(
         "base_model_display": base_display,
         "backbone_type": family,
         "backbone_class": type(model.backbone).__name__,
-        "method": method_key,
+        "method": info["key"],
         "method_title": info["title"],
         "method_description": info["description"],
         "trainer": info["trainer"],
@@ -459,7 +351,7 @@ def collect_card_metadata(
     }
 
 
-# ---------------------------------------------------------------------------------------------------- snippets
+# ---------------------------------------------------------------------------------------------------- rendering
 def _model_ref(metadata: Mapping[str, Any]) -> str:
     ref = metadata.get("repo_id") or metadata.get("model_reference")
     if not ref:
@@ -468,104 +360,6 @@ def _model_ref(metadata: Mapping[str, Any]) -> str:
             "path) for its usage snippets; pass it in model_card_data."
         )
     return str(ref)
-
-
-def _st_usage(metadata: Mapping[str, Any]) -> str:
-    ref = _model_ref(metadata)
-    sub = metadata.get("sentence_transformers_subdir")
-    if sub:
-        # SentenceTransformer cannot load a subfolder of a Hub repo: fetch the repo (no-op for a local folder).
-        header = (
-            "import os\n\n"
-            "from huggingface_hub import snapshot_download\n"
-            + ("from PIL import Image\n" if metadata["multimodal"] else "")
-            + "from sentence_transformers import SentenceTransformer\n\n"
-            f'model_dir = "{ref}"\n'
-            "if not os.path.isdir(model_dir):  # a Hub repo id: download it first\n"
-            "    model_dir = snapshot_download(model_dir)\n"
-            f'model = SentenceTransformer(os.path.join(model_dir, "{sub}"))  # no trust_remote_code needed\n'
-        )
-    else:
-        header = (
-            ("from PIL import Image\n" if metadata["multimodal"] else "")
-            + "from sentence_transformers import SentenceTransformer\n\n"
-            f'model = SentenceTransformer("{ref}")  # no trust_remote_code needed\n'
-        )
-    if metadata["multimodal"]:
-        return (
-            header + 'red = Image.new("RGB", (64, 64), "red")\n'
-            "queries = model.encode_query(\n"
-            '    ["A red square.", {"image": red, "text": "What colour is this picture?"}]\n'
-            ")\n"
-            'documents = model.encode_document([red, "A blue circle."])\n'
-            "print(model.similarity(queries, documents))"
-        )
-    return (
-        header + 'queries = model.encode_query(["A red square."])\n'
-        'documents = model.encode_document(["Something red and square.", "A blue circle."])\n'
-        "print(model.similarity(queries, documents))"
-    )
-
-
-def _transformers_usage(metadata: Mapping[str, Any]) -> str:
-    ref = _model_ref(metadata)
-    sub = metadata.get("sentence_transformers_subdir")
-    load_args = f'"{ref}", subfolder="{sub}"' if sub else f'"{ref}"'
-    if metadata["pooling"] == "mean":
-        pool = (
-            '    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
-            "    emb = (hidden * mask).sum(1) / mask.sum(1)  # mean over the prompt tokens\n"
-        )
-    else:
-        what = (
-            f"the last {metadata['pooling_token']} (the template ends the prompt there)"
-            if metadata["pooling"] == "special_token"
-            else "the end of the prompt"
-        )
-        pool = f"    emb = hidden[:, -1]  # left padding: the last position is {what}\n"
-    if metadata["truncated"]:
-        pool += f"    emb = emb[:, :{metadata['embedding_dim']}]\n"
-    if metadata["normalize"]:
-        pool += "    emb = torch.nn.functional.normalize(emb.float(), dim=-1)\n"
-    if metadata["multimodal"]:
-        loader, kind = "AutoProcessor", "processor"
-        query = '[{"type": "text", "text": "A red square."}]'
-        doc = '[{"type": "image", "image": Image.new("RGB", (64, 64), "red")}]'
-        imports = "import torch\nfrom PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
-    else:
-        loader, kind = "AutoTokenizer", "tokenizer"
-        query = '"A red square."'
-        doc = '"Something red and square."'
-        imports = "import torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
-    return (
-        imports + f"{kind} = {loader}.from_pretrained({load_args})\n"
-        f"model = AutoModel.from_pretrained({load_args}).eval()\n\n\n"
-        'def embed(contents, task="query"):\n'
-        "    # The saved chat template wraps each input in the embedding prompt; `task` picks the query / document\n"
-        "    # instruction and the generation prompt is always added.\n"
-        '    messages = [[{"role": "user", "content": content}] for content in contents]\n'
-        f"    batch = {kind}.apply_chat_template(\n"
-        '        messages, tokenize=True, return_dict=True, padding=True, return_tensors="pt", task=task\n'
-        "    )\n"
-        "    with torch.no_grad():\n"
-        "        hidden = model(**batch).last_hidden_state\n" + pool + "    return emb\n\n\n"
-        f"queries = embed([{query}])\n"
-        f'documents = embed([{doc}], task="document")\n'
-        "print(queries @ documents.T)"
-    )
-
-
-def _mm_embed_trl_usage(metadata: Mapping[str, Any]) -> str | None:
-    if not metadata.get("sentence_transformers_subdir"):
-        return None
-    ref = _model_ref(metadata)
-    return (
-        "from mm_embed_trl import MultimodalEmbeddingModel\n\n"
-        f'model = MultimodalEmbeddingModel.from_pretrained("{ref}")\n'
-        'queries = model.encode(["A red square."], side="query")\n'
-        'documents = model.encode(["Something red and square."], side="document")\n'
-        "print(queries @ documents.T)"
-    )
 
 
 def _prompt_examples(metadata: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -668,11 +462,10 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
         eval_rows=rows,
         has_before=any(r.get("before") is not None for r in rows),
         hyperparameter_rows=[(k, _fmt(v)) for k, v in (metadata.get("hyperparameters") or {}).items()],
-        st_usage=_st_usage(metadata),
-        transformers_usage=_transformers_usage(metadata),
-        mm_embed_trl_usage=_mm_embed_trl_usage(metadata),
+        model_ref=_model_ref(metadata),  # what the template's usage snippets load
         prompt_examples=_prompt_examples(metadata),
     )
+    context.setdefault("sentence_transformers_subdir", None)
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -687,3 +480,28 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
     content = content.strip() + "\n"
     ModelCard(content)  # parses the YAML front matter: raises on a malformed header
     return content
+
+
+def split_card_data(model_card_data: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An export's ``model_card_data`` as (the :data:`CARD_ARGS` for :func:`collect_card_metadata`, the overrides)."""
+    overrides = dict(model_card_data or {})
+    return {k: overrides.pop(k) for k in CARD_ARGS if k in overrides}, overrides
+
+
+def card_for_export(
+    metadata: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    model_reference: str | os.PathLike,
+    *,
+    sentence_transformers_subdir: str | None = None,
+) -> tuple[str, str]:
+    """The README of one export from metadata collected once: the export's path and its sentence-transformers
+    subfolder (if any) set, then ``overrides`` applied. Returns the card and the reference its usage snippets name
+    (the repo id when given), which ``push_to_hub`` rewrites to the repo it pushes to."""
+    final = {
+        **metadata,
+        "model_reference": str(model_reference),
+        "sentence_transformers_subdir": sentence_transformers_subdir,
+        **overrides,
+    }
+    return render_model_card(final), final.get("repo_id") or final["model_reference"]

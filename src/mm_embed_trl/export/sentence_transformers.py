@@ -32,16 +32,15 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXPORT_INFO_FILE",
     "ST_SUBDIR",
+    "describe_export",
     "export_sentence_transformers",
 ]
 
-# The sentence-transformers export written by `save_for_inference` next to the MultimodalEmbeddingModel files.
+# The sentence-transformers export written by `save_model_for_inference` next to the MultimodalEmbeddingModel files.
 ST_SUBDIR = "sentence_transformers"
 ST_GENERATIVE_SUBDIR = "sentence_transformers_generative"  # UME-R1 models: the generative embedding (remote code)
 # Small JSON written into every export: what was exported and how to reproduce the embeddings.
 EXPORT_INFO_FILE = "mm_embed_trl_export.json"
-# Keyword arguments of collect_card_metadata that model_card_data may carry.
-_CARD_ARGS = ("training_args", "eval_results", "method", "dataset_name")
 
 
 def _bare_backbone(model: MultimodalEmbeddingModel):
@@ -60,6 +59,47 @@ def _resolve_prompts(template: PromptTemplate, prompts: Mapping[str, str] | None
     return resolved
 
 
+def describe_export(
+    model: MultimodalEmbeddingModel,
+    prompts: Mapping[str, str] | None = None,
+    default_prompt_name: str | None = None,
+) -> dict[str, Any]:
+    """What an export of ``model`` with these prompts records in :data:`EXPORT_INFO_FILE` (and its card shows):
+    template, pooling (with the pooling token's text), normalisation, dimension and the resolved prompts.
+
+    Raises:
+        ValueError: ``default_prompt_name`` is not one of the prompts, or ``embedding_dim`` exceeds the hidden size.
+    """
+    from ..data.templates import get_template
+
+    config = model.config
+    template = get_template(config.prompt_template)
+    resolved_prompts = _resolve_prompts(template, prompts)
+    if default_prompt_name is not None and default_prompt_name not in resolved_prompts:
+        raise ValueError(
+            f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(resolved_prompts)}; "
+            "add it to `prompts` or leave it None."
+        )
+    if config.embedding_dim is not None and not 0 < int(config.embedding_dim) <= config.hidden_size:
+        raise ValueError(
+            f"config.embedding_dim={config.embedding_dim} must be in [1, {config.hidden_size}] (the hidden size)."
+        )
+    pooling_token = None
+    if config.pooling == "special_token":
+        tokenizer = getattr(model.processor, "tokenizer", model.processor)
+        pooling_token = config.pooling_token or tokenizer.convert_ids_to_tokens(int(config.pooling_token_id))
+    return {
+        "format": "mm_embed_trl.sentence_transformers",
+        "prompt_template": template.name,
+        "pooling": config.pooling,
+        "pooling_token": pooling_token,
+        "normalize": bool(config.normalize),
+        "embedding_dim": config.embedding_dim,
+        "encoder_kind": config.encoder_kind,
+        "prompts": resolved_prompts,
+        "default_prompt_name": default_prompt_name,
+    }
+
 
 # ---------------------------------------------------------------------------------------------------- export
 def export_sentence_transformers(
@@ -70,6 +110,7 @@ def export_sentence_transformers(
     default_prompt_name: str | None = None,
     model_card_data: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    card_metadata: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write a sentence-transformers model directory that embeds exactly like ``model.encode``.
 
@@ -89,6 +130,9 @@ def export_sentence_transformers(
             (keys ``training_args``, ``eval_results``, ``method``, ``dataset_name`` are passed to it; anything else,
             e.g. ``license``, ``model_name``, ``repo_id``, ``language``, ``tags``, overrides the collected values).
         overwrite: replace a non-empty ``output_dir``.
+        card_metadata: metadata already collected by ``collect_card_metadata`` (with :func:`describe_export`'s
+            info), rendered instead of collecting it again: the end-of-run save collects once for its two cards.
+            ``model_card_data`` then carries overrides only.
 
     Returns:
         The path of the export.
@@ -99,8 +143,14 @@ def export_sentence_transformers(
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     from ..data.templates import get_template
-    from .model_card import collect_card_metadata, render_model_card
+    from .model_card import card_for_export, collect_card_metadata, split_card_data
 
+    collect_args, overrides = split_card_data(model_card_data)
+    if card_metadata is not None and collect_args:
+        raise ValueError(
+            f"model_card_data carries {sorted(collect_args)} although card_metadata is already collected; pass them "
+            "to collect_card_metadata instead."
+        )
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
     if isinstance(model_or_path, (str, os.PathLike)):
         _refuse_overlap_with_source(model_or_path, output_dir)
@@ -109,16 +159,8 @@ def export_sentence_transformers(
     owned = model is not model_or_path
     config = model.config
     template = get_template(config.prompt_template)
-    resolved_prompts = _resolve_prompts(template, prompts)
-    if default_prompt_name is not None and default_prompt_name not in resolved_prompts:
-        raise ValueError(
-            f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(resolved_prompts)}; "
-            "add it to `prompts` or leave it None."
-        )
-    if config.embedding_dim is not None and not 0 < int(config.embedding_dim) <= config.hidden_size:
-        raise ValueError(
-            f"config.embedding_dim={config.embedding_dim} must be in [1, {config.hidden_size}] (the hidden size)."
-        )
+    info = describe_export(model, prompts, default_prompt_name)
+    resolved_prompts, pooling_token = info["prompts"], info["pooling_token"]
 
     processor = copy.deepcopy(model.processor)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -126,9 +168,6 @@ def export_sentence_transformers(
     base_template = processor.chat_template if multimodal else getattr(tokenizer, "chat_template", None)
     if isinstance(base_template, dict):  # named templates: the collator renders the default one
         base_template = base_template.get("default")
-    pooling_token = None
-    if config.pooling == "special_token":
-        pooling_token = config.pooling_token or tokenizer.convert_ids_to_tokens(int(config.pooling_token_id))
     prefix, suffix = ("", "") if base_template else _special_token_affixes(tokenizer)
     chat_template = build_embedding_chat_template(
         template,
@@ -145,28 +184,10 @@ def export_sentence_transformers(
         tokenizer.chat_template = chat_template
     tokenizer.padding_side = "left"  # as the collator pads; Pooling("lasttoken") handles either side anyway
 
-    info = {
-        "format": "mm_embed_trl.sentence_transformers",
-        "prompt_template": template.name,
-        "pooling": config.pooling,
-        "pooling_token": pooling_token,
-        "normalize": bool(config.normalize),
-        "embedding_dim": config.embedding_dim,
-        "encoder_kind": config.encoder_kind,
-        "prompts": resolved_prompts,
-        "default_prompt_name": default_prompt_name,
-    }
-    card_kwargs = dict(model_card_data or {})
-    metadata = collect_card_metadata(
-        model,
-        **{k: card_kwargs.pop(k) for k in _CARD_ARGS if k in card_kwargs},
-        export_info=info,
-    )
-    metadata["model_reference"] = str(output_dir)
-    metadata.update(card_kwargs)
-    card = render_model_card(metadata)
+    if card_metadata is None:
+        card_metadata = collect_card_metadata(model, **collect_args, export_info=info)
     # push_to_hub rewrites this reference in the card's snippets to the repo id (even if the folder was moved).
-    info["card_model_reference"] = metadata.get("repo_id") or metadata["model_reference"]
+    card, info["card_model_reference"] = card_for_export(card_metadata, overrides, output_dir)
 
     with staged_dir(output_dir, what="the sentence-transformers export") as staging:
         backbone_dir, final_dir = staging / "backbone", staging / "export"

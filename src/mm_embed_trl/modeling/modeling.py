@@ -133,6 +133,11 @@ class MultimodalEmbeddingModel(PreTrainedModel):
     pooled position (last token of the prompt for UniME, `<disc_emb>`/`<gen_emb>` for UME-R1), optionally truncated
     and L2-normalised.
 
+    ``backbone`` is the canonical name of the wrapped vision-language (or text) model, LoRA layers included but
+    without PEFT's wrapper. ``encoder`` is the submodule attribute that holds it: the same model, or the
+    ``PeftModel`` around it while adapters are live. It stays because it names the stored state (weights under
+    ``encoder.``, ``config.encoder_config``, ``encoder_kind``): checkpoints keep loading; new code reads ``backbone``.
+
     Example:
     ```python
     >>> from mm_embed_trl import MultimodalEmbeddingModel
@@ -264,7 +269,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 raise ValueError(
                     f"pooling_token {token!r} is not in the tokenizer's vocabulary. Add it first, e.g. "
                     f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})` and "
-                    "`model.encoder.resize_token_embeddings(len(tokenizer))`."
+                    "`model.backbone.resize_token_embeddings(len(tokenizer))`."
                 )
             self.config.pooling_token_id = int(token_id)
 
@@ -343,7 +348,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
     # ------------------------------------------------------------------ forward
     @property
     def backbone(self) -> PreTrainedModel:
-        """The backbone without PEFT wrapping (LoRA layers, if any, stay injected in it)."""
+        """The wrapped model (the canonical name): ``encoder`` without PEFT's wrapper (LoRA layers, if any, stay
+        injected in it)."""
         enc = self.encoder
         return enc.get_base_model() if hasattr(enc, "get_base_model") else enc
 

@@ -29,6 +29,7 @@ from ..evaluation.agreement import TeacherAgreementEvaluator, similarity_agreeme
 from ..losses import distill_kl_loss
 from .base import EmbeddingTrainer
 from .distill_config import DistillEmbedConfig
+from .papers import UNIME_PAPER
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,17 @@ class DistillEmbedTrainer(EmbeddingTrainer):
     """
 
     _tag_names = ["mm-embed-trl", "unime", "distillation", "text-distillation"]
+    _name = "Distill Embed"
+    _paper = UNIME_PAPER
+    method_key = "unime_stage1"
+    method_aliases = ("distill", "unime1", "unime_1", "distillembed", "distillembedconfig", "distillembedtrainer")
+    method_title = "UniME stage 1: textual discriminative knowledge distillation"
+    method_short_title = "UniME stage 1"
+    method_description = (
+        "The language model of the backbone (vision tower frozen) is trained on text only to match the in-batch "
+        "similarity distribution of a strong text-embedding teacher whose embeddings were computed offline: "
+        "KL(teacher || student) between the softmax of the n x n cosine-similarity matrices of a batch."
+    )
     # Every rank's batches are text-only, so sharded training needs no blank-image forward to stay in step.
     _text_only_batches = True
 

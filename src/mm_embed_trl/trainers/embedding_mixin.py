@@ -5,6 +5,9 @@ refusing to mix two runs), the parallelism queries (`zero_stage`, `shards_weight
 checkpoints with a health record, and the end-of-run save (model, sentence-transformers export, card) published in
 one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer` (GRPOTrainer) both put it first in their bases.
 
+A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
+(`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
+
 A subclass may override two hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
 the unwrapped training model) and `_save_final_weights(directory)` (writes that model's files, gathered under
 ZeRO-3/FSDP; by default the Trainer's `save_model`).
@@ -59,7 +62,29 @@ class EmbeddingTrainerMixin:
 
     _output_dir_claimed = False
     _last_train_loss: torch.Tensor | None = None
-    method_name: str | None = None  # the model card's method key (e.g. "unime_stage2")
+    # What a method trainer declares of itself (with TRL's `_name` and `_paper`): read by the model card through
+    # `method_card()` and by `trainers.identity.trainer_for_method` (the export CLI's --method).
+    method_key: str | None = None  # e.g. "unime_stage2"
+    method_aliases: tuple[str, ...] = ()  # other names --method accepts, the short one first
+    method_title: str | None = None  # the card's "Training method"
+    method_short_title: str | None = None  # in the card's model name
+    method_description: str | None = None  # the card's "Training" section
+
+    @classmethod
+    def method_card(cls) -> dict[str, Any] | None:
+        """What the model card says of this trainer's method (``collect_card_metadata(method=...)``); None when the
+        class declares no method (the card then describes an untrained baseline)."""
+        if cls.method_key is None:
+            return None
+        paper = getattr(cls, "_paper", None)
+        return {
+            "key": cls.method_key,
+            "title": cls.method_title,
+            "short": cls.method_short_title,
+            "description": cls.method_description,
+            "trainer": cls.__name__,
+            "paper": dict(paper) if paper else None,
+        }
 
     # ------------------------------------------------------------------ hooks
     def inference_model(self) -> MultimodalEmbeddingModel:
@@ -264,7 +289,7 @@ class EmbeddingTrainerMixin:
         then work from that complete copy on disk, so they are correct whatever the parallelism. Everything (weights,
         processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
         kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
-        files in `output_dir` are kept.
+        files in `output_dir` are kept. (A model outside a trainer: `mm_embed_trl.export.save_model_for_inference`.)
         """
         from ..export.final_save import is_run_state, save_model_files, write_inference_extras
 
@@ -285,7 +310,7 @@ class EmbeddingTrainerMixin:
                             saved.merge_lora()
                             save_model_files(saved, staging)
                         if self.args.save_sentence_transformers:
-                            card = {"training_args": self.args, "method": self.method_name, **(model_card_data or {})}
+                            card = {"training_args": self.args, "method": self.method_card(), **(model_card_data or {})}
                             write_inference_extras(
                                 saved,
                                 staging,

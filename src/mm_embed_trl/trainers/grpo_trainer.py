@@ -20,6 +20,7 @@ from ..modeling import MultimodalEmbeddingModel
 from ..modeling.pooling import special_token_indices
 from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
+from .papers import UME_R1_PAPER
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +87,16 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
     _tag_names = ["mm-embed-trl", "ume-r1", "grpo", "generative-embedding"]
     _name = "Embedding GRPO"
-    _paper = {
-        "title": "UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings",
-        "id": "2511.00405",
-        "citation": (
-            "@article{lan2025umer1,\n"
-            "  title   = {UME-R1: Exploring Reasoning-Driven Generative Multimodal Embeddings},\n"
-            "  author  = {Lan, Zhibin and Niu, Liqiang and Meng, Fandong and Zhou, Jie and Su, Jinsong},\n"
-            "  journal = {arXiv preprint arXiv:2511.00405},\n"
-            "  year    = {2025}\n"
-            "}"
-        ),
-    }
-    method_name = "ume_r1_rl"
+    _paper = UME_R1_PAPER  # TRL's create_model_card reads its title, id and citation
+    method_key = "ume_r1_rl"
+    method_aliases = ("grpo", "embeddinggrpo", "embeddinggrpoconfig", "embeddinggrpotrainer", "ume_r1_stage2")
+    method_title = "UME-R1 stage 2: reinforcement learning with a retrieval reward"
+    method_short_title = "UME-R1 RL"
+    method_description = (
+        "GRPO on rollouts of both sides of each pair: the reward of a rollout is its format score plus the "
+        "ranking of its generative embedding against all target rollouts times the similarity gap between its "
+        "own target and the others."
+    )
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from ..distributed import gather_no_grad, gather_with_grad
 from ..losses import hard_negative_infonce_loss
 from .base import EmbeddingTrainer
 from .hardneg_config import HardNegContrastiveConfig
+from .papers import UNIME_PAPER
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,25 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
     """
 
     _tag_names = ["mm-embed-trl", "unime", "contrastive", "hard-negatives"]
-    method_name = "unime_stage2"
+    _name = "Hard-Negative Contrastive"
+    _paper = UNIME_PAPER
+    method_key = "unime_stage2"
+    method_aliases = (
+        "hardneg",
+        "unime2",
+        "unime_2",
+        "hardnegcontrastive",
+        "hardnegcontrastiveconfig",
+        "hardnegcontrastivetrainer",
+    )
+    method_title = "UniME stage 2: hard-negative enhanced instruction tuning"
+    method_short_title = "UniME stage 2"
+    method_description = (
+        "Contrastive instruction tuning on (query, target) pairs: for each query, candidates more similar than "
+        "its positive plus a margin are dropped as likely false negatives, the k most similar remaining "
+        "candidates (gathered from every device) are kept as hard negatives, and InfoNCE is taken over the "
+        "positive and these hard negatives."
+    )
 
     def __init__(self, model, args: HardNegContrastiveConfig | None = None, *pargs, **kwargs):
         if args is None:

@@ -12,6 +12,7 @@ from ..losses import hard_negative_infonce_loss
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.pooling import TokenPooling
 from .base import EmbeddingTrainer
+from .papers import UME_R1_PAPER
 from .sft_config import EmbeddingSFTConfig
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,17 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
     """
 
     _tag_names = ["mm-embed-trl", "ume-r1", "reasoning", "generative-embedding"]
-    method_name = "ume_r1_sft"
+    _name = "Embedding SFT"
+    _paper = UME_R1_PAPER
+    method_key = "ume_r1_sft"
+    method_aliases = ("sft", "embeddingsft", "embeddingsftconfig", "embeddingsfttrainer", "ume_r1_stage1")
+    method_title = "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings"
+    method_short_title = "UME-R1 SFT"
+    method_description = (
+        "Cold-start supervised fine-tuning: the model learns to write a reasoning and a summary ending in "
+        "<gen_emb>, with InfoNCE on the <disc_emb> (discriminative) and <gen_emb> (generative) embeddings plus "
+        "cross-entropy on the reasoning of both sides."
+    )
 
     def __init__(self, model, args: EmbeddingSFTConfig | None = None, *pargs, **kwargs):
         if args is None:
