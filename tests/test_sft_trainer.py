@@ -288,6 +288,40 @@ def test_generative_encode_modes_samples_and_the_missing_token_policy(tiny_backb
         plain.encode(texts, mode="generative")
 
 
+def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data, tmp_path):
+    """A completion holding <|image_pad|> would make the prefill forward expand image features it does not have
+    (transformers: "Image features and image tokens do not match"): generation suppresses the placeholder ids, here
+    against a logits processor that makes the model want it most, and an external generate_fn that returns one gets
+    an error naming the row."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from mm_embed_trl.modeling.generative import placeholder_ids
+
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    config = model.backbone.config
+    assert placeholder_ids(model) == sorted({config.image_token_id, config.video_token_id})
+
+    class PreferPlaceholders(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, placeholder_ids(model)] += 1e4
+            return scores
+
+    path = next(p for p in shapes_data["train"]["qry_image_path"] if p)
+    image = str(Path(shapes_data.image_root) / path)
+    wants = {"generation_kwargs": {"logits_processor": LogitsProcessorList([PreferPlaceholders()])}}
+    torch.manual_seed(0)
+    samples, texts = model.encode([image, (image, "the shapes")], side="document", mode="generative",
+                                  max_new_tokens=4, do_sample=True, num_samples=3, return_reasoning=True, **wants)
+    assert samples.shape == (2, 3, 64) and torch.isfinite(samples).all()
+    _, completions = model.encode([image], side="document", mode="generative", max_new_tokens=4,
+                                  generate_fn=lambda prompt, kwargs: [[5, 6]], return_reasoning=True)
+    assert completions == [model.processor.tokenizer.decode([5, 6], skip_special_tokens=True)]
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] hold an image/video placeholder.*suppress"):
+        model.encode([image, image], side="document", mode="generative",
+                     generate_fn=lambda prompt, kwargs: [[5], [5, config.image_token_id]])
+
+
 # ----------------------------------------------------------------------------------------------------- options
 def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_path):
     """UME-R1's DUME variant: plain embedding rows, <disc_emb> pooled, one contrastive term."""

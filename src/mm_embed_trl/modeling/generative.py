@@ -10,13 +10,17 @@ Two phases per batch, both batched:
    *inside the completion* (the prompt's instruction holds a ``<gen_emb>`` of its own). The same forward gives the
    discriminative embedding at ``<disc_emb>`` in the prompt, so ``mode="both"`` costs nothing more.
 
+Generation never writes the image/video placeholder tokens (``suppress_tokens``, as TRL's GRPO generation does):
+the prefill forward would expand each one into image features it does not have. A completion from ``generate_fn``
+that holds one is an error naming the row.
+
 A completion that never writes ``<gen_emb>`` follows ``missing_token``: ``"last_token"`` (UME-R1's fallback: the
 state at the completion's last token), ``"discriminative"`` (that row's discriminative embedding) or ``"error"``;
 every such row is counted in one warning per call.
 
 Generation can run elsewhere (e.g. vLLM): pass ``generate_fn(prompt_batch, generation_kwargs) -> list[list[int]]``
 returning each row's completion token ids; the prefill phase stays here (it needs the hidden states vLLM does not
-return). See ``docs/DESIGN.md`` ("Generative encode on vLLM").
+return). See ``docs/DESIGN.md`` (Model, "Generative encode").
 """
 
 from __future__ import annotations
@@ -56,12 +60,26 @@ def stop_ids(model) -> set[int]:
     return {int(i) for i in ids}
 
 
+_PLACEHOLDER_ATTRIBUTES = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
+
+
+def placeholder_ids(model) -> list[int]:
+    """The backbone's image/video placeholder token ids: the processor expands them, a completion must not hold one."""
+    config = model.backbone.config
+    ids = {getattr(config, name, None) for name in _PLACEHOLDER_ATTRIBUTES}
+    return sorted(int(i) for i in ids if isinstance(i, int) and i >= 0)
+
+
 def generate_completions(model, prompt: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[list[int]]:
     """Each row's completion ids from ``model.backbone.generate`` on a left-padded prompt batch, cut after the first
-    stop token (which is kept, as TRL keeps it)."""
+    stop token (which is kept, as TRL keeps it). The placeholder tokens are suppressed (added to any the caller
+    passes in ``suppress_tokens``)."""
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
     inputs = {k: v for k, v in prompt.items() if k != "image_counts"}
     kwargs = {"pad_token_id": tokenizer.pad_token_id, **generation_kwargs}
+    suppressed = sorted({*map(int, kwargs.get("suppress_tokens") or ()), *placeholder_ids(model)})
+    if suppressed:
+        kwargs["suppress_tokens"] = suppressed
     sequences = model.backbone.generate(**inputs, **kwargs)
     new = sequences[:, prompt["input_ids"].shape[1] :].tolist()
     stops = stop_ids(model)
@@ -99,6 +117,7 @@ def encode_generative_batch(
     gen_id = tokenizer.convert_tokens_to_ids(gen_token)
     completions = (generate_fn or (lambda p, kw: generate_completions(model, p, kw)))(prompt, generation_kwargs)
     completions = [list(map(int, c)) for c in completions]
+    _check_no_placeholders(completions, placeholder_ids(model))
     batch = append_completions(prompt, completions, tokenizer.pad_token_id)
     pools = {"disc": TokenPooling(disc_id, "prompt"), "gen": TokenPooling(gen_id, "completion")}
     out = model(**batch, pool_tokens=pools)
@@ -108,6 +127,19 @@ def encode_generative_batch(
         found=out.named_token_found["gen"],
         completion_ids=completions,
     )
+
+
+def _check_no_placeholders(completions: list[list[int]], placeholders: list[int]) -> None:
+    if not placeholders:
+        return
+    banned = set(placeholders)
+    rows = [i for i, c in enumerate(completions) if banned.intersection(c)]
+    if rows:
+        raise ValueError(
+            f"Completion(s) of batch row(s) {rows[:10]} hold an image/video placeholder token (ids {placeholders}); "
+            "the prefill forward cannot give them image features. Suppress these ids in the generation "
+            "(`suppress_tokens` for transformers; vLLM: `SamplingParams(logit_bias={id: -100})`)."
+        )
 
 
 def apply_missing_token_policy(batch: GenerativeBatch, policy: str) -> torch.Tensor:
