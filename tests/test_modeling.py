@@ -145,6 +145,38 @@ def test_lora_language_model_only_roundtrip_and_merge(tiny_backbone, tmp_path):
     assert_close(model.encode(inputs), with_lora, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
 
 
+def test_lora_generative_model_with_tied_embeddings_roundtrips(tiny_backbone, tmp_path):
+    """A generative backbone whose lm_head is its input embedding (Qwen2-VL-2B's, the tiny one's), with adapters: saved
+    (one copy of the tied matrix) and reloaded with the tie and every weight intact. Reloading used to fail inside
+    transformers' tie_weights ("Qwen2VLForConditionalGeneration has no attribute `language_model`"), since PEFT's
+    wrapper forwards the attribute lookups transformers names ties by."""
+    from safetensors.torch import load_file
+
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    backbone = model.backbone
+    assert backbone.lm_head.weight is backbone.model.language_model.embed_tokens.weight  # the case under test
+    model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert sum("embed_tokens" in k or "lm_head" in k for k in saved) == 1
+    reloaded = MultimodalEmbeddingModel.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.has_lora
+    inner = reloaded.backbone
+    assert inner.lm_head.weight is inner.model.language_model.embed_tokens.weight
+    want, got = model.state_dict(), reloaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)  # bit-identical: a file round trip, no arithmetic
+    reloaded.merge_lora()
+    assert reloaded.all_tied_weights_keys == {"encoder.lm_head.weight": "encoder.model.language_model.embed_tokens.weight"}
+    reloaded.save_pretrained(tmp_path / "merged")  # the merged model saves and loads as a plain one
+    merged = MultimodalEmbeddingModel.from_pretrained(tmp_path / "merged")
+    assert not merged.has_lora and merged.backbone.lm_head.weight is merged.backbone.model.language_model.embed_tokens.weight
+
+
 def test_lora_all_targets_reach_vision(tiny_backbone):
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     model.add_lora(target="all", r=2)

@@ -107,6 +107,16 @@ class EmbeddingOutput(ModelOutput):
     outputs_per_batch: tuple[EmbeddingOutput, ...] | None = None
 
 
+def lora_config_dict(peft_config) -> dict:
+    """A PEFT `LoraConfig` as `MultimodalEmbeddingConfig.lora_config` stores it (JSON-able; what the model, not PEFT's
+    bookkeeping, needs to rebuild the adapters when loaded)."""
+    config_dict = peft_config.to_dict()
+    config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config_dict.items()}
+    for key in ("peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision"):
+        config_dict.pop(key, None)
+    return config_dict
+
+
 def _is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
@@ -172,6 +182,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         # Set by `run_vision_tower_in_every_forward` (sharded training).
         self._blank_image: BlankImageHook | None = None
         self.post_init()
+        self._register_tied_weights()
 
     # ------------------------------------------------------------------ construction / loading
     def _init_weights(self, module):
@@ -285,6 +296,16 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if isinstance(lora_config, dict):
             lora_config = LoraConfig(**lora_config)
         self.encoder = get_peft_model(self.encoder, lora_config)
+        self._register_tied_weights()
+
+    def _register_tied_weights(self) -> None:
+        """Name the backbone's tied weights (e.g. lm_head = embed_tokens) by their paths in this model, with or without
+        PEFT's wrapper. transformers derives them through attribute lookups that PEFT forwards to the inner model, so
+        with adapters `encoder.model.language_model...` resolved to the wrong module and a saved LoRA model with tied
+        embeddings (Qwen2-VL-2B's) failed to load."""
+        prefix = "encoder.base_model.model." if self.has_lora else "encoder."
+        tied = getattr(self.backbone, "all_tied_weights_keys", None) or {}
+        self.all_tied_weights_keys = {prefix + target: prefix + source for target, source in tied.items()}
 
     def add_lora(self, peft_config=None, *, target: str = "language_model", **lora_kwargs) -> None:
         """Add LoRA adapters to the backbone (in place); the rest of the backbone is frozen.
@@ -307,11 +328,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
             peft_config.target_modules = LORA_TARGETS[target]
         self._wrap_with_lora(peft_config)
-        config_dict = peft_config.to_dict()
-        config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config_dict.items()}
-        for key in ("peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision"):
-            config_dict.pop(key, None)
-        self.config.lora_config = config_dict
+        self.config.lora_config = lora_config_dict(peft_config)
 
     @property
     def has_lora(self) -> bool:
@@ -324,6 +341,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if self.has_lora:
             self.encoder = self.encoder.merge_and_unload()
             self.config.lora_config = None
+            self._register_tied_weights()
 
     # ------------------------------------------------------------------ sharded training
     def run_vision_tower_in_every_forward(self, processor=None, *, direct_backbone_calls: bool = False) -> None:
