@@ -337,6 +337,28 @@ def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_
     assert torch.equal(loss.detach(), trainer._metrics["train"]["disc_contrastive_loss"][-1])
 
 
+def test_lora_run_ends_with_a_merged_model_that_reloads(tiny_backbone, shapes_data, tmp_path):
+    """SFT with LoRA on a generative backbone whose lm_head is its input embedding (Qwen2-VL-2B's case): the end of
+    the run reloads the adapters it saved, merges them and publishes a plain model with the tie intact, which
+    encodes as the trained model does (reloading such adapters failed inside transformers' tie_weights)."""
+    from peft import LoraConfig
+
+    model = _model(tiny_backbone)
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), max_steps=2, learning_rate=1e-2)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
+    train = shapes_data["train"].select(range(12))
+    trainer = EmbeddingSFTTrainer(model=model, args=config, train_dataset=train, peft_config=lora)
+    trainer.train()
+    saved = MultimodalEmbeddingModel.from_pretrained(trainer.save_for_inference())
+    assert not saved.has_lora and saved.config.lora_config is None
+    assert saved.backbone.lm_head.weight is saved.backbone.model.language_model.embed_tokens.weight
+    texts = ["a red circle on the left", "two blue squares"]
+    model.eval()
+    with_adapters = model.encode(texts)
+    # merged W + BA against W x + B(A x): one more rounding per adapted projection
+    assert_close(saved.encode(texts), with_adapters, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+
+
 def test_config_validation_and_a_model_without_lm_head(tiny_backbone, tmp_path):
     for bad, match in [
         (dict(temperature=0.0), "temperature must be positive"),
