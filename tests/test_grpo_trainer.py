@@ -274,25 +274,27 @@ def test_ume_r1_preset_holds_the_papers_settings(tmp_path):
     assert args.steps_per_generation == 1 and args.retrieval_pool == "micro_step"
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
-    """2 gloo processes x 8 rollouts == 1 process x 16 on the same (stubbed) completions: the reward table (embedded
-    and scored over every rank; next to a length reward that makes every group's rewards differ), the advantages, the
-    loss and the update of every parameter."""
-    script = ROOT / "tests" / "dist_scripts" / "grpo_step.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    runs = {
-        "single": [sys.executable, str(script), str(tmp_path / "single.pt")],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                str(tmp_path / "ddp.pt")],
-    }
-    results = {}
-    for name, cmd in runs.items():
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        results[name] = torch.load(tmp_path / f"{name}.pt")
-    one, two = results["single"], results["ddp"]
-    assert one["world"] == 1 and two["world"] == 2
+GRPO_STEP = ROOT / "tests" / "dist_scripts" / "grpo_step.py"
+
+
+def _grpo_step(tmp_path, name, *options, processes=1, check=True):
+    """Run tests/dist_scripts/grpo_step.py (1 process, or `processes` under torchrun); its saved results, or the
+    finished process when `check` is False."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [*launch, str(GRPO_STEP), str(tmp_path / f"{name}.pt"), *options]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return proc
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return torch.load(tmp_path / f"{name}.pt")
+
+
+def _assert_same_step(one, two):
+    """Rewards, advantages and loss of two runs of one GRPO step; returns the gain the rounding of the rewards goes
+    through (for comparing what the gradients do)."""
     forward = rounding_rtol(**TINY_IMAGE_FORWARD)
     assert_close(two["rewards"], one["rewards"], rtol=forward)
     # advantages divide by each group's reward std (+ 1e-4): rounding of the rewards is amplified by 1 / that
@@ -300,6 +302,17 @@ def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
     gain = 1.0 / (float(group_std.min()) + 1e-4)
     assert_close(two["advantages"], one["advantages"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=gain))
     assert_loss_close(two["loss"], one["loss"], rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=gain))
+    return gain
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
+    """2 gloo processes x 8 rollouts == 1 process x 16 on the same (stubbed) completions: the reward table (embedded
+    and scored over every rank; next to a length reward that makes every group's rewards differ), the advantages, the
+    loss and the update of every parameter."""
+    one, two = _grpo_step(tmp_path, "single"), _grpo_step(tmp_path, "ddp", processes=2)
+    assert one["world"] == 1 and two["world"] == 2
+    gain = _assert_same_step(one, two)
     assert one["updates"].keys() == two["updates"].keys()
     # The policy gradient sum_i A_i grad log p_i cancels within each group (advantages sum to 0), so a tensor with a
     # small net gradient holds mostly rounding of large terms: compare the update of all parameters as ONE vector,
@@ -309,6 +322,43 @@ def test_two_processes_equal_one_process_on_fixed_completions(tmp_path):
     assert_close(torch.cat([two["updates"][n].flatten() for n in names]),
                  torch.cat([one["updates"][n].flatten() for n in names]), rtol=backward)
     assert any(one["updates"][n].abs().max() > 0 for n in names)
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_saves_the_merged_model_of_the_single_process_run(tmp_path):
+    """A LoRA policy under DeepSpeed ZeRO-3 (2 processes, its CPU accelerator): the adapters live in sharded modules,
+    so the final save gathers them unmerged and merges them from that complete copy (this used to raise
+    NotImplementedError). Same fixed completions as one process with LoRA: the same rewards, advantages and loss, and
+    the saved models are plain (merged) ones whose weights moved alike. A ZeRO-3 config whose weights cannot be
+    gathered on save is refused before training, not after it."""
+    pytest.importorskip("deepspeed")
+    one = _grpo_step(tmp_path, "single", "--lora", "--save", str(tmp_path / "single"))
+    two = _grpo_step(tmp_path, "zero3", "--lora", "--stage", "3", "--save", str(tmp_path / "zero3"), processes=2)
+    gain = _assert_same_step(one, two)
+    # The weights before the step, by their merged names (LoRA's B starts at zero: base weights are the model's).
+    start = {k.replace(".base_layer", ""): v for k, v in one["start"].items() if "lora_" not in k}
+    saved = {}
+    for name in ("single", "zero3"):
+        model = MultimodalEmbeddingModel.from_pretrained(tmp_path / name)
+        assert not model.has_lora and model.config.lora_config is None
+        saved[name] = model.backbone.state_dict()
+        assert saved[name].keys() == start.keys(), name
+    adapted = ("q_proj", "v_proj", "down_proj")
+    for key, before in start.items():
+        if not any(f"{module}.weight" in key for module in adapted):  # frozen under LoRA: bit-identical
+            assert torch.equal(saved["single"][key], before) and torch.equal(saved["zero3"][key], before), key
+    names = [k for k in start if any(f"{module}.weight" in k for module in adapted) and "visual" not in k]
+    assert len(names) == 6  # 3 projections x 2 decoder layers
+    updates = {run: torch.cat([(saved[run][k] - start[k]).flatten() for k in names]) for run in saved}
+    assert all(float((saved["single"][k] - start[k]).abs().max()) > 0 for k in names)  # every adapted matrix moved
+    # as in the DDP test: all merged updates as one vector against its largest entry
+    assert_close(updates["zero3"], updates["single"], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=gain))
+
+    refused = _grpo_step(tmp_path, "refused", "--lora", "--stage", "3", "--no_gather_on_save", processes=2,
+                         check=False)
+    log = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "stage3_gather_16bit_weights_on_model_save false" in log
+    assert "train_runtime" not in log  # before training
 
 
 def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):

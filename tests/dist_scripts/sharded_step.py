@@ -49,7 +49,10 @@ def main():
         delattr(DeepSpeedEngine, "coalesce_grad_reduction")
     data = make_shapes_dataset(num_train=64, num_eval=8, seed=3)
     ds_config = {
-        "zero_optimization": {"stage": args.stage, **json.loads(args.zero_options)},
+        # the trainers refuse ZeRO-3 without it: their final save gathers the whole model
+        "zero_optimization": {
+            "stage": args.stage, "stage3_gather_16bit_weights_on_model_save": True, **json.loads(args.zero_options)
+        },
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",

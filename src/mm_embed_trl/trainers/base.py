@@ -325,6 +325,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                 "`engine.coalesce_grad_reduction` (present in 0.19.8), which this DeepSpeed lacks. Upgrade DeepSpeed, or "
                 "use ZeRO-1 / DDP with GradCache, or plain batches with gradient accumulation."
             )
+        self._check_final_save_can_gather()
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             # Sharded weights are gathered collectively module by module (ZeRO-3, FSDP) and ZeRO reduces gradient
             # buckets of the same parameters on every rank: a text-only batch on one rank must still run (and, when

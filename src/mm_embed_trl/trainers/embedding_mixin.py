@@ -170,6 +170,22 @@ class EmbeddingTrainerMixin:
         """Whether weights are sharded across ranks (ZeRO-3, FSDP): every forward then gathers them collectively."""
         return self.zero_stage == 3 or self.is_fsdp_enabled
 
+    def _check_final_save_can_gather(self) -> None:
+        """Under ZeRO-3 the end-of-run save needs the whole model gathered (LoRA is merged and the exports are
+        written from it). Without `stage3_gather_16bit_weights_on_model_save` DeepSpeed refuses to gather, and the
+        run would fail (or leave only a raw ZeRO checkpoint) after training: refuse it before training instead."""
+        if self.zero_stage != 3:
+            return
+        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise ValueError(
+                "DeepSpeed ZeRO-3 with stage3_gather_16bit_weights_on_model_save false: the final save needs the "
+                "whole model gathered (to merge LoRA and write the sentence-transformers export), and DeepSpeed "
+                'refuses to gather it. Set "zero_optimization": {"stage3_gather_16bit_weights_on_model_save": true} '
+                "in the DeepSpeed config (accelerate config: zero3_save_16bit_model: true, as "
+                "recipes/accelerate/zero3.yaml does)."
+            )
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss.detach()).all():
             return

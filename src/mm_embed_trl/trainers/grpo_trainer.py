@@ -17,6 +17,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
+from ..modeling.modeling import lora_config_dict
 from ..modeling.pooling import special_token_indices
 from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
@@ -194,6 +195,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        self._check_final_save_can_gather()
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self._run_vision_tower_everywhere()
 
@@ -213,24 +215,38 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
     def _save_final_weights(self, directory: str) -> None:
         """The trained policy inside its `MultimodalEmbeddingModel` (config, pooling tokens, processor): sharded
-        weights gathered (a collective), LoRA adapters merged."""
+        weights gathered (a collective), LoRA adapters merged (in place when whole; sharded (ZeRO-3, FSDP) they are saved
+        unmerged, in the format of `add_lora`, and `save_for_inference` merges them from that complete copy)."""
         state = None
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
         if not self.args.should_save:
             return
         policy = self.accelerator.unwrap_model(self.model)
-        if hasattr(policy, "merge_and_unload"):  # PEFT: merged in place, into the modules embedding_model holds
-            if state is not None:
-                raise NotImplementedError(
-                    "Saving a LoRA policy trained under ZeRO-3/FSDP is not supported yet: train LoRA under DDP or "
-                    "ZeRO-1/2, or train the full model."
-                )
-            policy.merge_and_unload()
+        lora_config = None
+        if hasattr(policy, "merge_and_unload"):  # PEFT
+            if state is None:
+                policy.merge_and_unload()  # in place, into the modules embedding_model holds
+            else:
+                # Sharded modules cannot be merged in place. The gathered keys are the PeftModel's, which is what
+                # `encoder` holds in a model with adapters (`add_lora`): save that, with its LoRA config.
+                lora_config = lora_config_dict(policy.peft_config[policy.active_adapter])
+                # safetensors refuses aliased tensors and transformers knows the ties only by their non-PEFT names:
+                # drop the tied copies (e.g. lm_head = embed_tokens), which loading ties again.
+                tied = getattr(policy.get_base_model(), "all_tied_weights_keys", None) or {}
+                for target, source in tied.items():
+                    target, source = f"base_model.model.{target}", f"base_model.model.{source}"
+                    if target in state and source in state and torch.equal(state[target], state[source]):
+                        del state[target]
         if state is not None:
             state = {f"encoder.{name}": tensor for name, tensor in state.items()}
-        with _without_zero3_init():
-            self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        config = self.embedding_model.config
+        saved_lora_config, config.lora_config = config.lora_config, lora_config or config.lora_config
+        try:
+            with _without_zero3_init():
+                self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        finally:
+            config.lora_config = saved_lora_config
 
     def _generation_settings(self) -> dict[str, Any]:
         return {"max_new_tokens": self.args.max_completion_length}
