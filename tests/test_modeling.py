@@ -171,10 +171,12 @@ def test_lora_generative_model_with_tied_embeddings_roundtrips(tiny_backbone, tm
     assert want.keys() == got.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)  # bit-identical: a file round trip, no arithmetic
     reloaded.merge_lora()
-    assert reloaded.all_tied_weights_keys == {"encoder.lm_head.weight": "encoder.model.language_model.embed_tokens.weight"}
+    tie = {"encoder.lm_head.weight": "encoder.model.language_model.embed_tokens.weight"}
+    assert reloaded.all_tied_weights_keys == tie
     reloaded.save_pretrained(tmp_path / "merged")  # the merged model saves and loads as a plain one
     merged = MultimodalEmbeddingModel.from_pretrained(tmp_path / "merged")
-    assert not merged.has_lora and merged.backbone.lm_head.weight is merged.backbone.model.language_model.embed_tokens.weight
+    assert not merged.has_lora
+    assert merged.backbone.lm_head.weight is merged.backbone.model.language_model.embed_tokens.weight
 
 
 def test_lora_all_targets_reach_vision(tiny_backbone):

@@ -215,8 +215,8 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
     def _save_final_weights(self, directory: str) -> None:
         """The trained policy inside its `MultimodalEmbeddingModel` (config, pooling tokens, processor): sharded
-        weights gathered (a collective), LoRA adapters merged (in place when whole; sharded (ZeRO-3, FSDP) they are saved
-        unmerged, in the format of `add_lora`, and `save_for_inference` merges them from that complete copy)."""
+        weights gathered (a collective), LoRA adapters merged: in place when whole; when sharded (ZeRO-3, FSDP) they
+        are saved unmerged, in the format of `add_lora`, and `save_for_inference` merges that complete copy."""
         state = None
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
