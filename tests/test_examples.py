@@ -125,7 +125,7 @@ def test_train_grpo_example_under_accelerate_with_two_processes(tmp_path, tiny_b
         "--num_processes", "2", str(ROOT / "examples" / "train_grpo.py"),
         "--sft_output_dir", str(tmp_path / "sft-start"), "--output_dir", str(out), "--max_steps", "2",
         "--generated_train_size", "32", "--generated_eval_size", "8", "--per_device_train_batch_size", "16",
-        "--max_completion_length", "12",
+        "--max_completion_length", "12", "--steps_per_generation", "1",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
