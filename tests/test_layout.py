@@ -59,3 +59,43 @@ def test_console_script_points_at_the_demo_wing():
     assert target is not None
     module, attr = target.groups()
     assert module == "mm_embed_trl.demo.tiny" and callable(getattr(importlib.import_module(module), attr))
+
+
+def test_run_level_options_are_declared_once_for_every_trainer_config(tmp_path):
+    """image_root, on_bad_row, overwrite_output_dir and save_sentence_transformers come from EmbeddingRunArguments in
+    the Trainer-based configs and in EmbeddingGRPOConfig (TRL's base): the same field, default and help text, and the
+    same check of on_bad_row, in every config the CLI parses."""
+    import dataclasses
+
+    from mm_embed_trl import (
+        DistillEmbedConfig,
+        EmbeddingGRPOConfig,
+        EmbeddingRunArguments,
+        EmbeddingSFTConfig,
+        HardNegContrastiveConfig,
+    )
+
+    shared = {f.name: f for f in dataclasses.fields(EmbeddingRunArguments)}
+    assert set(shared) == {"image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers"}
+    for config in (HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig):
+        assert issubclass(config, EmbeddingRunArguments), config
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for name, want in shared.items():
+            assert (fields[name].default, fields[name].metadata) == (want.default, want.metadata), (config, name)
+        # every field is owned by the mixin: no config declares one of them again
+        assert not set(shared) & set(vars(config).get("__annotations__", {})), config
+        with pytest.raises(ValueError, match="on_bad_row must be 'raise' or 'skip'"):
+            config(output_dir=str(tmp_path), on_bad_row="ignore", report_to="none")
+
+
+def test_every_example_parser_prints_its_help():
+    """`examples/train_*.py --help` formats every field's help text through argparse, where a bare `%` (as in "3%
+    warm-up") is a format error that crashed the SFT example's --help."""
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl import DistillEmbedConfig, EmbeddingGRPOConfig, EmbeddingSFTConfig, HardNegContrastiveConfig
+    from mm_embed_trl.scripts import EmbeddingScriptArguments
+
+    for config in (HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig):
+        text = TrlParser((EmbeddingScriptArguments, config, ModelConfig)).format_help()
+        assert "--on_bad_row" in text and "--output_dir" in text, config

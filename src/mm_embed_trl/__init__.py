@@ -14,6 +14,7 @@ _EXPORTS = {
     "MultimodalEmbeddingConfig": "mm_embed_trl.modeling",
     "MultimodalEmbeddingModel": "mm_embed_trl.modeling",
     "EmbeddingCollator": "mm_embed_trl.data.collators",
+    "EmbeddingRunArguments": "mm_embed_trl.trainers.base",
     "EmbeddingTrainingArguments": "mm_embed_trl.trainers.base",
     "EmbeddingTrainer": "mm_embed_trl.trainers.base",
     "HardNegContrastiveConfig": "mm_embed_trl.trainers.hardneg_config",

@@ -1,9 +1,10 @@
-from .base import EmbeddingTrainer, EmbeddingTrainingArguments, freeze_vision_tower
+from .base import EmbeddingRunArguments, EmbeddingTrainer, EmbeddingTrainingArguments, freeze_vision_tower
 from .embedding_mixin import EmbeddingTrainerMixin, NonFiniteLossError
 from .hardneg_config import HardNegContrastiveConfig
 from .hardneg_trainer import HardNegContrastiveTrainer
 
 __all__ = [
+    "EmbeddingRunArguments",
     "EmbeddingTrainer",
     "EmbeddingTrainerMixin",
     "EmbeddingTrainingArguments",

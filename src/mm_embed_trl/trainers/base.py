@@ -26,14 +26,68 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EmbeddingTrainingArguments(TrainingArguments):
-    r"""Arguments shared by every embedding trainer (on top of `transformers.TrainingArguments`).
+class EmbeddingRunArguments:
+    r"""The run-level options every embedding trainer's config has, whatever runs its step (mixed in before
+    `transformers.TrainingArguments` or `trl.GRPOConfig`): where images are, what to do with bad rows, whether a run may
+    replace another's folder, and the sentence-transformers export at the end.
+
+    Parameters:
+        image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
+        on_bad_row (`str`, defaults to `"raise"`): what the row check run before training (vectorised, cached with
+            the dataset's fingerprint) does with rows training cannot use (an empty side, a text that is not a
+            string or not UTF-8, negatives that do not pair up, ...): `"raise"` names the dataset, the rows and the
+            causes; `"skip"` logs each row with its cause, leaves it out and reports the count. Column problems
+            always raise.
+        overwrite_output_dir (`bool`, defaults to `False`): train afresh into an `output_dir` that holds another
+            run (checkpoints or a final model): its checkpoints are deleted when training starts, its final model
+            is replaced by the new one at the end. Without it such a run is refused unless it resumes.
+        save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write the
+            sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged), and for a UME-R1
+            model the generative one to `<output_dir>/sentence_transformers_generative`.
+    """
+
+    image_root: str | None = field(
+        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
+    )
+    on_bad_row: str = field(
+        default="raise",
+        metadata={
+            "help": "Rows the pre-training check finds unusable: 'raise' (name dataset, rows and causes) or 'skip' "
+            "(log each with its cause, leave it out, report the count).",
+            "choices": ["raise", "skip"],
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh into an output_dir that holds another run (its checkpoint-* are deleted at the "
+            "start, its final model replaced at the end). Without it, such a run is refused unless it resumes."
+        },
+    )
+    save_sentence_transformers: bool = field(
+        default=True,
+        metadata={
+            "help": "At the end also write the sentence-transformers exports: sentence_transformers/ (LoRA merged) "
+            "and, for UME-R1 models, sentence_transformers_generative/."
+        },
+    )
+
+    def __post_init__(self):
+        if self.on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
+        super().__post_init__()
+
+
+@dataclass
+class EmbeddingTrainingArguments(EmbeddingRunArguments, TrainingArguments):
+    r"""Arguments shared by every Trainer-based embedding trainer (on top of `transformers.TrainingArguments`; the
+    run-level ones, `image_root`, `on_bad_row`, `overwrite_output_dir` and `save_sentence_transformers`, come from
+    [`EmbeddingRunArguments`], which `EmbeddingGRPOConfig` shares).
 
     Parameters:
         model_init_kwargs (`dict`, *optional*): kwargs for `MultimodalEmbeddingModel.from_pretrained` when the
             trainer gets a model id/path (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
         prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
-        image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
         max_length (`int`, *optional*, defaults to `1024`): max text tokens kept per input (prompt and image tokens
             are never cut); longer texts are truncated and the first batch that cuts any logs a warning with the
             count. `None` (YAML `null`) keeps whole texts, at the risk of running out of memory on a stray long one.
@@ -45,16 +99,6 @@ class EmbeddingTrainingArguments(TrainingArguments):
         gather_across_devices (`bool`, defaults to `True`): use every rank's targets as negatives.
         lora_target (`str`, defaults to `"language_model"`): where LoRA adapters go (`"language_model"` or `"all"`).
         freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector.
-        save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write a
-            sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged).
-        on_bad_row (`str`, defaults to `"raise"`): what the row check run before training (vectorised, cached with
-            the dataset's fingerprint) does with rows training cannot use (an empty side, a text that is not a
-            string or not UTF-8, negatives that do not pair up, ...): `"raise"` names the dataset, the rows and the
-            causes; `"skip"` logs each row with its cause, leaves it out and reports the count. Column problems
-            always raise.
-        overwrite_output_dir (`bool`, defaults to `False`): train afresh into an `output_dir` that holds another
-            run (checkpoints or a final model): its checkpoints are deleted when training starts, its final model
-            is replaced by the new one at the end. Without it such a run is refused unless it resumes.
         resume_from_checkpoint (`str`, *optional*): a checkpoint folder to resume from, or `"last"`: the newest
             complete `checkpoint-N` of `output_dir`.
     """
@@ -64,9 +108,6 @@ class EmbeddingTrainingArguments(TrainingArguments):
     )
     prompt_template: str | None = field(
         default=None, metadata={"help": "Prompt template name (unime, mmeb, ume_r1, plain); default: the model's."}
-    )
-    image_root: str | None = field(
-        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
     )
     max_length: int | None = field(
         default=DEFAULT_MAX_TEXT_TOKENS,
@@ -100,17 +141,6 @@ class EmbeddingTrainingArguments(TrainingArguments):
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Freeze the vision encoder and multimodal projector."}
     )
-    save_sentence_transformers: bool = field(
-        default=True,
-        metadata={"help": "Also export <output_dir>/sentence_transformers at the end (LoRA merged)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train afresh into an output_dir that holds another run (its checkpoint-* are deleted at the "
-            "start, its final model replaced at the end). Without it, such a run is refused unless it resumes."
-        },
-    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -130,22 +160,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    on_bad_row: str = field(
-        default="raise",
-        metadata={
-            "help": "Rows the pre-training check finds unusable: 'raise' (name dataset, rows and causes) or 'skip' "
-            "(log each with its cause, leave it out, report the count).",
-            "choices": ["raise", "skip"],
-        },
-    )
 
     def __post_init__(self):
         if isinstance(self.model_init_kwargs, str):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
-        if self.on_bad_row not in ("raise", "skip"):
-            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         if self.max_length is not None and self.max_length <= 0:
             raise ValueError(f"max_length must be a positive number of text tokens (or None), got {self.max_length}.")
         if self.push_to_hub and self.hub_model_id:

@@ -8,21 +8,22 @@ from functools import cached_property
 import torch
 from trl import GRPOConfig
 
-from .base import adapt_to_cpu, setup_devices_with_timeout
+from .base import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
 MISSING_TOKEN_POLICIES = ("last_token", "zero")
 
 
 @dataclass
-class EmbeddingGRPOConfig(GRPOConfig):
+class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     r"""
     Configuration for [`EmbeddingGRPOTrainer`]: GRPO on both sides of (query, target) pairs with UME-R1's retrieval
     reward (Lan et al. 2025, arXiv 2511.00405). This class includes only the parameters that are specific to the
     embedding reward; for the GRPO ones (`num_generations`, `beta`, `epsilon`, `loss_type`, `use_vllm`, ...) see
-    `trl.GRPOConfig`, whose options all keep working. TRL's defaults differ from UME-R1's: the recipe
-    `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, β = 0.04, ε = 0.2 / ε_high = 0.28,
-    lr 1e-6, completions up to 2048 tokens, `loss_type="dr_grpo"`, `steps_per_generation=1`), and
+    `trl.GRPOConfig`, whose options all keep working, and for the run-level ones (`image_root`, `on_bad_row`,
+    `overwrite_output_dir`, `save_sentence_transformers`) [`EmbeddingRunArguments`]. TRL's defaults differ from
+    UME-R1's: the recipe `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, β = 0.04, ε = 0.2 /
+    ε_high = 0.28, lr 1e-6, completions up to 2048 tokens, `loss_type="dr_grpo"`, `steps_per_generation=1`), and
     :meth:`ume_r1` returns them as a config.
 
     > Parameters that control the retrieval reward
@@ -88,24 +89,6 @@ class EmbeddingGRPOConfig(GRPOConfig):
         default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
     )
     prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
-    on_bad_row: str = field(
-        default="raise",
-        metadata={"help": "Rows the pre-training check rejects (an empty side, a text that is not a string, ...): "
-                  "raise (name them) or skip (log each, report the count).", "choices": ["raise", "skip"]},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Train afresh into an output_dir that holds another run (its checkpoints are deleted at the "
-                  "start, its final model replaced at the end); without it such a run is refused unless it resumes."},
-    )
-    save_sentence_transformers: bool = field(
-        default=True,
-        metadata={"help": "At the end also write the sentence-transformers exports (sentence_transformers/ for "
-                  "the discriminative embedding, sentence_transformers_generative/ for the generative one)."},
-    )
-    image_root: str | None = field(
-        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
-    )
 
     def __post_init__(self):
         if self.retrieval_pool not in RETRIEVAL_POOLS:
@@ -114,8 +97,6 @@ class EmbeddingGRPOConfig(GRPOConfig):
             raise ValueError(f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}.")
         if self.retrieval_reward not in ("ume_r1", "reciprocal_rank", "none"):
             raise ValueError(f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}.")
-        if self.on_bad_row not in ("raise", "skip"):
-            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         if self.reasoning_sensitivity_rows < 0:
             raise ValueError("reasoning_sensitivity_rows must be >= 0.")
         adapt_to_cpu(self)  # as the other trainers' configs: a CPU-only machine trains on the CPU, in fp32

@@ -95,7 +95,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "UME-R1 SFT: 5e-5."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "UME-R1 SFT: cosine."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "UME-R1 SFT: 3% warm-up."})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "UME-R1 SFT: warm-up over the first 0.03 of the steps."}
+    )
 
     def __post_init__(self):
         if self.temperature <= 0:
