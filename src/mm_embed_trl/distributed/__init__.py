@@ -1,4 +1,4 @@
-"""Cross-rank gathering with local gradients, the matching loss scale, and GradCache."""
+"""Cross-rank gathering with local gradients, the matching loss scale, GradCache, and the process group's exit."""
 
 from .gather import (
     distributed_loss_scale,
@@ -10,11 +10,13 @@ from .gather import (
     world_size,
 )
 from .grad_cache import CacheHandle, GradCache, RandContext, split_into_chunks
+from .process_group import destroy_process_group_at_exit
 
 __all__ = [
     "CacheHandle",
     "GradCache",
     "RandContext",
+    "destroy_process_group_at_exit",
     "distributed_loss_scale",
     "gather_no_grad",
     "gather_sizes",

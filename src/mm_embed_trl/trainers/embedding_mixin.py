@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .._files import disk_full_as_clear_error, publish_dir
+from ..distributed.process_group import destroy_process_group_at_exit
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.modeling import count_degenerate_rows
 
@@ -104,7 +105,8 @@ class EmbeddingTrainerMixin:
         """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
         `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
         resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        with destroy_process_group_at_exit():
+            return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
 
     def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
@@ -297,6 +299,7 @@ class EmbeddingTrainerMixin:
         )
         return health
 
+    @destroy_process_group_at_exit()
     def save_for_inference(self, output_dir: str | None = None, model_card_data: dict | None = None) -> str:
         """Save the final model to `output_dir` loadable by `MultimodalEmbeddingModel.from_pretrained` (LoRA merged)
         and, unless disabled, its sentence-transformers export in `<output_dir>/sentence_transformers`.
