@@ -1,13 +1,13 @@
 """One EmbeddingGRPOTrainer step on fixed (stubbed) completions; run alone or under torchrun with 2 processes.
 
     python grpo_step.py OUT.pt [--lora] [--save DIR]
-    torchrun --nproc_per_node 2 grpo_step.py OUT.pt [--lora] [--stage 3] [--save DIR]   (DS_ACCELERATOR=cpu)
+    torchrun --nproc_per_node 2 grpo_step.py OUT.pt [--lora] [--stage 3 | --fsdp] [--save DIR]   (DS_ACCELERATOR=cpu)
 
 Saves (rank 0) the global reward table, the global advantages, the logged loss and, unless the weights are sharded
-(ZeRO-3), the parameter updates of one AdamW step with eps=1 (each weight moves by ~lr x its gradient, so equal
+(ZeRO-3, FSDP), the parameter updates of one AdamW step with eps=1 (each weight moves by ~lr x its gradient, so equal
 updates mean equal gradients), plus the backbone's weights before the step. `--lora` trains LoRA adapters (PEFT, as
-TRL wraps the policy); `--stage N` runs under DeepSpeed ZeRO-N; `--save DIR` ends with the trainer's final save
-(`save_for_inference`: gathered, LoRA merged).
+TRL wraps the policy); `--stage N` runs under DeepSpeed ZeRO-N, `--fsdp` under FSDP2; `--save DIR` ends with the
+trainer's final save (`save_for_inference`: gathered, LoRA merged).
 """
 
 import argparse
@@ -31,8 +31,13 @@ parser.add_argument("out")
 parser.add_argument("--lora", action="store_true", help="train LoRA adapters on q, v and down projections")
 parser.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage (0: no DeepSpeed)")
 parser.add_argument("--no_gather_on_save", action="store_true", help="ZeRO-3 without the 16-bit gather on save")
+parser.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding (switched on for the CPU)")
 parser.add_argument("--save", help="end with the final save into this folder")
 cli = parser.parse_args()
+if cli.fsdp:
+    from sharded_step import _force_fsdp_on_cpu
+
+    _force_fsdp_on_cpu()
 out = cli.out
 world = int(os.environ.get("WORLD_SIZE", "1"))
 data = make_shapes_dataset(num_train=16, num_eval=0, seed=2)
@@ -50,6 +55,12 @@ if cli.stage:
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW: no DeepSpeed C++ extension to compile
     }
+FSDP_CONFIG = {
+    "version": 2,
+    "reshard_after_forward": True,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "transformer_layer_cls_to_wrap": ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"],
+}
 peft_config = None
 if cli.lora:
     from peft import LoraConfig
@@ -61,6 +72,7 @@ config = EmbeddingGRPOConfig(
     epsilon_high=0.28, loss_type="dr_grpo", save_strategy="no", learning_rate=1e-2, adam_epsilon=1.0,
     weight_decay=0.0, max_grad_norm=0.0, seed=0, image_root=str(data.image_root), reasoning_sensitivity_rows=2,
     disable_tqdm=True, retrieval_pool="generation_batch", deepspeed=deepspeed, save_sentence_transformers=False,
+    fsdp=cli.fsdp, fsdp_config=FSDP_CONFIG if cli.fsdp else None,
 )
 
 
@@ -94,7 +106,7 @@ start = {n: p.detach().clone() for n, p in trainer.embedding_model.backbone.stat
 initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 trainer.train()
 updates = None
-if cli.stage != 3:  # before the final save, which merges LoRA into the policy in place
+if cli.stage != 3 and not cli.fsdp:  # whole weights; before the final save, which merges LoRA in place
     updates = {n: (p.detach() - initial[n]) for n, p in trainer.model.named_parameters()}
 if cli.save:
     trainer.save_for_inference(cli.save)

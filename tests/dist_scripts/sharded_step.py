@@ -25,9 +25,11 @@ def _force_fsdp_on_cpu():
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # later bare AcceleratorState() calls (TRL's set_seed) derive the type again: keep the plugin once given
+        plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
+            self.fsdp_plugin = plugin
 
     AcceleratorState.__init__ = init
 
