@@ -365,6 +365,29 @@ def test_lora_sharded_saves_the_merged_model_of_the_single_process_run(tmp_path,
     assert "train_runtime" not in log  # before training
 
 
+@pytest.mark.slow
+def test_full_policy_under_zero3_saves_the_model_of_the_single_process_run(tmp_path):
+    """Without LoRA, under ZeRO-3 on 2 processes (vision tower trained, as UME-R1 does; beta 0.04, so TRL's reference
+    model is built from the saved SFT start under zero.Init): the policy gathered and saved inside its
+    MultimodalEmbeddingModel equals the 1-process run's, every weight's update as one vector; and the 1-process save
+    holds exactly the weights it trained."""
+    pytest.importorskip("deepspeed")
+    one = _grpo_step(tmp_path, "single", "--save", str(tmp_path / "single"))
+    two = _grpo_step(tmp_path, "zero3", "--stage", "3", "--save", str(tmp_path / "zero3"), processes=2)
+    gain = _assert_same_step(one, two)
+    start = one["start"]
+    saved = {
+        run: MultimodalEmbeddingModel.from_pretrained(tmp_path / run).backbone.state_dict() for run in ("single", "zero3")
+    }
+    assert saved["single"].keys() == saved["zero3"].keys() == start.keys()
+    for name, update in one["updates"].items():  # the policy's parameter names are the backbone's
+        assert torch.equal(saved["single"][name] - start[name], update), name
+    names = sorted(one["updates"])
+    assert sum(bool(one["updates"][n].any()) for n in names) > len(names) // 2  # a full step moved most tensors
+    updates = {run: torch.cat([(saved[run][n] - start[n]).flatten() for n in names]) for run in saved}
+    assert_close(updates["zero3"], updates["single"], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=gain))
+
+
 def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
     """The 2B recipe carries the preset's (UME-R1's) settings; the tiny recipe is the example's no-argument default."""
     import importlib.util

@@ -45,6 +45,11 @@ torch.manual_seed(0)
 model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")), encoder_kind="generative")
 deepspeed = None
 if cli.stage:
+    # accelerate starts DeepSpeed's communication layer only on accelerators; TRL's reference model is built under
+    # zero.Init (ZeRO-3), whose batch-size check asks it for the world size
+    import deepspeed as ds
+
+    ds.init_distributed(dist_backend="gloo")
     deepspeed = {
         "zero_optimization": {
             "stage": cli.stage, "stage3_gather_16bit_weights_on_model_save": not cli.no_gather_on_save
