@@ -376,9 +376,8 @@ def test_full_policy_under_zero3_saves_the_model_of_the_single_process_run(tmp_p
     two = _grpo_step(tmp_path, "zero3", "--stage", "3", "--save", str(tmp_path / "zero3"), processes=2)
     gain = _assert_same_step(one, two)
     start = one["start"]
-    saved = {
-        run: MultimodalEmbeddingModel.from_pretrained(tmp_path / run).backbone.state_dict() for run in ("single", "zero3")
-    }
+    runs = ("single", "zero3")
+    saved = {run: MultimodalEmbeddingModel.from_pretrained(tmp_path / run).backbone.state_dict() for run in runs}
     assert saved["single"].keys() == saved["zero3"].keys() == start.keys()
     for name, update in one["updates"].items():  # the policy's parameter names are the backbone's
         assert torch.equal(saved["single"][name] - start[name], update), name
