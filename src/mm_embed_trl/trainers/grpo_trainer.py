@@ -240,13 +240,15 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
                         del state[target]
         if state is not None:
             state = {f"encoder.{name}": tensor for name, tensor in state.items()}
+        # The model's own adapters were merged in __init__ (its lora_config is None): the config names adapters only
+        # for the sharded ones saved unmerged here, and only in this file.
         config = self.embedding_model.config
-        saved_lora_config, config.lora_config = config.lora_config, lora_config or config.lora_config
+        config.lora_config = lora_config
         try:
             with _without_zero3_init():
                 self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         finally:
-            config.lora_config = saved_lora_config
+            config.lora_config = None
 
     def _generation_settings(self) -> dict[str, Any]:
         return {"max_new_tokens": self.args.max_completion_length}
