@@ -32,7 +32,6 @@ ROWS = 32  # per step: 4 pairs x 2 sides x G
 
 def _policy(width):
     import torch
-
     from bench_hardneg import _backbone_path
 
     from mm_embed_trl import MultimodalEmbeddingModel
@@ -181,7 +180,8 @@ def main():
     print(f"width {opts.width}, {ROWS} rollouts/step (G={G}), completions {'sampled' if opts.generate else 'fixed'}")
     print(f"stock GRPOTrainer step      {s * 1000:8.1f} ms  (repeats: {', '.join(f'{t * 1000:.0f}' for t in stock)})")
     print(f"EmbeddingGRPOTrainer step   {e * 1000:8.1f} ms  (repeats: {', '.join(f'{t * 1000:.0f}' for t in emb)})")
-    print(f"ratio                       {e / s:8.3f}  (min {min(emb) / max(stock):.3f}, max {max(emb) / min(stock):.3f})")
+    spread = f"min {min(emb) / max(stock):.3f}, max {max(emb) / min(stock):.3f}"
+    print(f"ratio                       {e / s:8.3f}  ({spread})")
     print(f"embedding forward share     {statistics.median(share):8.1%}")
 
 

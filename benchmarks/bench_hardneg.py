@@ -63,7 +63,12 @@ def _backbone_path():
         config = AutoConfig.from_pretrained(tiny)
         heads = width // 16  # head_dim 16 keeps the tiny M-RoPE sections valid
         config.text_config.update(
-            {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": heads, "num_key_value_heads": heads}
+            {
+                "hidden_size": width,
+                "intermediate_size": 2 * width,
+                "num_attention_heads": heads,
+                "num_key_value_heads": heads,
+            }
         )
         config.vision_config.hidden_size = width
         torch.manual_seed(0)
@@ -153,9 +158,8 @@ def run_st(batch, chunk, steps):
     """sentence-transformers' CachedMultipleNegativesRankingLoss on the same backbone, batch and mini-batch."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.base.modules import Normalize, Transformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    from sentence_transformers.base.modules import Normalize
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     torch.manual_seed(0)
@@ -199,7 +203,9 @@ def _best_of(repeats, *runs):
         if not ok:
             best.append(slot[0])
             continue
-        best.append({"median_s": min(r["median_s"] for r in ok), "peak_mb": statistics.median(r["peak_mb"] for r in ok)})
+        best.append(
+            {"median_s": min(r["median_s"] for r in ok), "peak_mb": statistics.median(r["peak_mb"] for r in ok)}
+        )
     return best
 
 
@@ -227,7 +233,8 @@ def main():
     if "1" in args.sections:
         print("\n## 1. Trainer overhead (batch 32, no GradCache; best median step)")
         m, t = _best_of(args.repeats, ("manual", 32, 0, 5 * steps), ("trainer", 32, 0, 5 * steps))
-        print(f"hand-written loop: {m['median_s']*1000:.1f} ms | HardNegContrastiveTrainer: {t['median_s']*1000:.1f} ms "
+        print(f"hand-written loop: {m['median_s']*1000:.1f} ms | "
+              f"HardNegContrastiveTrainer: {t['median_s']*1000:.1f} ms "
               f"| ratio {t['median_s']/m['median_s']:.3f}")
 
     if "2" in args.sections:
@@ -244,7 +251,8 @@ def main():
                       f"{p.get('median_s', float('nan')):>8.3f} {ratio:>10.3f}")
 
     if "3" in args.sections:
-        print("\n## 3. vs sentence-transformers CachedMultipleNegativesRankingLoss (batch 128, mini-batch 16, same tokens)")
+        print("\n## 3. vs sentence-transformers CachedMultipleNegativesRankingLoss "
+              "(batch 128, mini-batch 16, same tokens)")
         n = max(3, steps // 2)
         ours, st = _best_of(args.repeats, ("trainer", 128, 16, n), ("st", 128, 16, n))
         if "error" in st:

@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def _model(width):
     import torch
-
     from bench_hardneg import _backbone_path
 
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
@@ -56,8 +55,8 @@ def bench_generative_encode(model, n_inputs, repeats, batch_size):
     import torch
     import torch.nn.functional as F
 
-    from mm_embed_trl.data.reasoning import format_reasoning
     from mm_embed_trl.data.images import to_embedding_input
+    from mm_embed_trl.data.reasoning import format_reasoning
 
     tok = model.processor.tokenizer
     target = tok(format_reasoning("the input shows a coloured shape", "a coloured shape"), add_special_tokens=False)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
+from mm_embed_trl.data.distill_rows import check_distill_rows
+from mm_embed_trl.evaluation import TeacherAgreementEvaluator
 from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
     load_named_splits,
@@ -32,8 +34,6 @@ from mm_embed_trl.scripts import (
     resolve_model_path,
     train_evaluate_save,
 )
-from mm_embed_trl.evaluation import TeacherAgreementEvaluator
-from mm_embed_trl.data.distill_rows import check_distill_rows
 
 
 @dataclass

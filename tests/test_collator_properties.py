@@ -9,8 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol

@@ -46,7 +46,8 @@ def test_collates_generated_rows_with_one_processor_call_per_side(collator, shap
 def test_mixed_text_and_image_batch(collator):
     rows = [
         {"qry": "Find a caption", "qry_image_path": "", "pos_text": "a red circle", "pos_image_path": ""},
-        {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": None, "pos_text": "x", "pos_image_path": ""},
+        {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": None, "pos_text": "x",
+         "pos_image_path": ""},
     ]
     # second query has placeholder text but no image: it must embed as text, not fail
     batch = collator(rows)
@@ -139,8 +140,10 @@ def test_max_length_truncates_text_but_keeps_the_prompt(qwen2_vl_model):
 
 def test_empty_negative_fields_mean_no_negatives(collator):
     rows = [
-        {"qry": "q1", "qry_image_path": "", "pos_text": "a", "pos_image_path": "", "neg_text": "", "neg_image_path": ""},
-        {"qry": "q2", "qry_image_path": "", "pos_text": "b", "pos_image_path": "", "neg_text": None, "neg_image_path": ""},
+        {"qry": "q1", "qry_image_path": "", "pos_text": "a", "pos_image_path": "", "neg_text": "",
+         "neg_image_path": ""},
+        {"qry": "q2", "qry_image_path": "", "pos_text": "b", "pos_image_path": "", "neg_text": None,
+         "neg_image_path": ""},
     ]
     batch = collator(rows)
     assert batch["num_negatives"] == 0 and "negative" not in batch

@@ -6,11 +6,10 @@ from __future__ import annotations
 import glob
 import importlib.util
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
+import launching
 import numpy as np
 import pytest
 import torch
@@ -231,20 +230,11 @@ acc.wait_for_everyone()
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     """2 processes x (3 + 5) texts == 1 process x 8 texts: loss and every gradient (DDP on gloo), with and without
     GradCache. The distributions span the global batch (student gathered with grad, teacher without)."""
-    import os
-
     script = tmp_path / "distill_step.py"
     script.write_text(_STEP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     outputs = {}
-    for name, cmd in (
-        ("single", [sys.executable, str(script), str(tmp_path / "single.pt")]),
-        ("ddp", ddp + [str(tmp_path / "ddp.pt")]),
-        ("ddp_gradcache", ddp + [str(tmp_path / "ddp_gradcache.pt"), "2"]),
-    ):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    for name, processes, extra in (("single", 1, ()), ("ddp", 2, ()), ("ddp_gradcache", 2, ("2",))):
+        launching.run(script, tmp_path / f"{name}.pt", *extra, processes=processes)
         outputs[name] = torch.load(tmp_path / f"{name}.pt")
     ref = outputs["single"]
     assert ref["world"] == 1 and outputs["ddp"]["world"] == 2
@@ -428,12 +418,10 @@ def test_recipes_parse_with_trl_parser():
 @pytest.mark.slow
 def test_example_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_distill.py"), "--output_dir", str(out),
-         "--generated_train_size", "256", "--generated_eval_size", "64", "--num_train_epochs", "2"],
-        capture_output=True, text=True, timeout=600,
+    result = launching.run(
+        ROOT / "examples" / "train_distill.py", "--output_dir", out, "--generated_train_size", 256,
+        "--generated_eval_size", 64, "--num_train_epochs", 2,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "built-in tiny random qwen2_vl backbone" in result.stdout
     assert "built-in generated text corpus (256 train / 64 held-out" in result.stdout
     assert "heldout_spearman" in result.stdout

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,11 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "launcher",
     [
-        ["--multi_gpu", "--main_process_port", "29533"],
+        [],
         # the shipped ZeRO-3 config, on DeepSpeed's CPU accelerator: sharded weights, GradCache, mixed
         # image/text chunks, evaluation on every rank, gathered save and export
-        ["--config_file", str(ROOT / "recipes" / "accelerate" / "zero3.yaml"), "--mixed_precision", "no",
-         "--main_process_port", "29534"],
+        ["--config_file", str(ROOT / "recipes" / "accelerate" / "zero3.yaml"), "--mixed_precision", "no"],
     ],
     ids=["ddp", "zero3"],
 )
@@ -29,16 +26,12 @@ def test_train_hardneg_example_under_accelerate_with_two_processes(tmp_path, lau
     if "--config_file" in launcher:
         pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
-        str(ROOT / "examples" / "train_hardneg.py"),
-        "--output_dir", str(out), "--num_train_epochs", "1", "--generated_train_size", "128",
-        "--generated_eval_size", "32", "--per_device_train_batch_size", "16", "--gradient_cache_chunk_size", "8",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    log = proc.stdout + proc.stderr
+    log = launching.run(
+        ROOT / "examples" / "train_hardneg.py",
+        "--output_dir", out, "--num_train_epochs", 1, "--generated_train_size", 128, "--generated_eval_size", 32,
+        "--per_device_train_batch_size", 16, "--gradient_cache_chunk_size", 8,
+        processes=2, launcher="accelerate", launcher_args=launcher, cwd=tmp_path,
+    ).output
     assert "built-in tiny random qwen2_vl backbone" in log and "generated shapes dataset" in log
     engine = "DeepSpeed ZeRO-3" if "--config_file" in launcher else "MULTI_CPU"
     assert f"Training with {engine} on 2 process(es)" in log
@@ -72,7 +65,7 @@ def test_recipes_say_how_to_launch_them_with_shipped_launchers():
         launchers = re.findall(r"--config_file\s+(\S+)", text)
         if values.get("gradient_cache_chunk_size"):
             assert launchers, f"{recipe.name}: say how to launch it"
-            missing = [l for l in launchers if not (ROOT / l).is_file()]
+            missing = [launcher for launcher in launchers if not (ROOT / launcher).is_file()]
             assert not missing, f"{recipe.name} launches with missing configs {missing}"
 
 
@@ -80,17 +73,13 @@ def test_recipes_say_how_to_launch_them_with_shipped_launchers():
 def test_train_sft_reasoning_example_under_accelerate_with_two_processes(tmp_path):
     """UME-R1 SFT end to end on 2 gloo processes (GradCache): disc/gen/oracle report, model + both ST exports."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", "29535",
-        "--num_processes", "2", str(ROOT / "examples" / "train_sft_reasoning.py"),
-        "--output_dir", str(out), "--num_train_epochs", "1", "--generated_train_size", "64",
-        "--generated_eval_size", "16", "--per_device_train_batch_size", "8", "--gradient_cache_chunk_size", "4",
-        "--max_new_tokens", "12",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "Training with MULTI_CPU on 2 process(es)" in proc.stdout + proc.stderr
+    log = launching.run(
+        ROOT / "examples" / "train_sft_reasoning.py",
+        "--output_dir", out, "--num_train_epochs", 1, "--generated_train_size", 64, "--generated_eval_size", 16,
+        "--per_device_train_batch_size", 8, "--gradient_cache_chunk_size", 4, "--max_new_tokens", 12,
+        processes=2, launcher="accelerate", cwd=tmp_path,
+    ).output
+    assert "Training with MULTI_CPU on 2 process(es)" in log
     report = json.loads((out / "retrieval_report.json").read_text())
     for key in ("heldout_disc_recall@1", "heldout_gen_recall@1", "heldout_oracle_recall@1", "heldout_format_rate"):
         assert key in report["after"] and key in report["before"], key
@@ -120,17 +109,13 @@ def test_train_grpo_example_under_accelerate_with_two_processes(tmp_path, tiny_b
     EmbeddingSFTTrainer(model=start, args=EmbeddingSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none"))
     start.save_pretrained(tmp_path / "sft-start")  # what the SFT stage leaves: <disc_emb>/<gen_emb> in the vocabulary
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", "29536",
-        "--num_processes", "2", str(ROOT / "examples" / "train_grpo.py"),
-        "--sft_output_dir", str(tmp_path / "sft-start"), "--output_dir", str(out), "--max_steps", "2",
-        "--generated_train_size", "32", "--generated_eval_size", "8", "--per_device_train_batch_size", "16",
-        "--max_completion_length", "12", "--steps_per_generation", "1",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = launching.run(
+        ROOT / "examples" / "train_grpo.py",
+        "--sft_output_dir", tmp_path / "sft-start", "--output_dir", out, "--max_steps", 2,
+        "--generated_train_size", 32, "--generated_eval_size", 8, "--per_device_train_batch_size", 16,
+        "--max_completion_length", 12, "--steps_per_generation", 1,
+        processes=2, launcher="accelerate", cwd=tmp_path,
+    ).output
     assert "Training with MULTI_CPU on 2 process(es)" in log and "RL from the tiny SFT model" in log
     report = json.loads((out / "retrieval_report.json").read_text())
     for key in ("heldout_disc_recall@1", "heldout_gen_recall@1", "heldout_oracle_recall@1", "heldout_format_rate"):

@@ -18,11 +18,11 @@ from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 from PIL import Image
 
 from mm_embed_trl.data.templates import PromptTemplate, get_template, register_template, strip_image_placeholders
+from mm_embed_trl.demo.tiny import TINY_FAMILIES
 from mm_embed_trl.export import export_sentence_transformers, save_model_for_inference
 from mm_embed_trl.export.chat_template import build_embedding_chat_template
 from mm_embed_trl.export.sentence_transformers import EXPORT_INFO_FILE, ST_SUBDIR
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
-from mm_embed_trl.demo.tiny import TINY_FAMILIES
 
 # Ours and sentence-transformers embed the same inputs in other batches (padding, kernel shapes): rounding only.
 EXPORT_RTOL = rounding_rtol(**TINY_IMAGE_FORWARD)
@@ -185,7 +185,8 @@ def test_mean_pooling_truncation_and_unnormalised(tiny_backbone, export_dir):
     assert st.get_embedding_dimension() == 16
     _assert_same(st, mean, inputs)
     # truncation happens before normalisation, as in the model (ST's truncate_dim would act after it)
-    assert_close(st.encode(inputs, convert_to_tensor=True).norm(dim=-1), torch.ones(len(inputs)), rtol=rounding_rtol(terms=16))
+    norms = st.encode(inputs, convert_to_tensor=True).norm(dim=-1)
+    assert_close(norms, torch.ones(len(inputs)), rtol=rounding_rtol(terms=16))
 
     raw = MultimodalEmbeddingModel.from_pretrained(path, embedding_dim=16, normalize=False)
     out = export_sentence_transformers(raw, export_dir / "raw16")

@@ -39,7 +39,9 @@ def _folder(path: Path, files: dict[str, str]) -> Path:
 def test_publish_replaces_a_folder_and_carries_over_what_is_kept(exchange, tmp_path, monkeypatch):
     swapped = []
     real_exchange = _files._exchange
-    monkeypatch.setattr(_files, "_exchange", lambda a, b: swapped.append(exchange and real_exchange(a, b)) or swapped[-1])
+    monkeypatch.setattr(
+        _files, "_exchange", lambda a, b: swapped.append(exchange and real_exchange(a, b)) or swapped[-1]
+    )
     final = _folder(tmp_path / "run", {"model.bin": "old", "stale.bin": "old", "checkpoint-1/state": "ckpt"})
     log = open(final / "train.log", "a")  # a log still being written: later lines must land in the new folder
     staging = _folder(make_staging_dir(final), {"model.bin": "new"})

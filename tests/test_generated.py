@@ -10,6 +10,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
+from mm_embed_trl.data.images import load_image
+from mm_embed_trl.data.schema import NEG_IMAGE, NEG_TEXT, POS_IMAGE, POS_TEXT, QUERY_IMAGE, QUERY_TEXT
 from mm_embed_trl.demo import generated
 from mm_embed_trl.demo.generated import (
     BACKGROUND,
@@ -23,8 +25,6 @@ from mm_embed_trl.demo.generated import (
     sample_scenes,
     to_mmeb_eval,
 )
-from mm_embed_trl.data.images import load_image
-from mm_embed_trl.data.schema import NEG_IMAGE, NEG_TEXT, POS_IMAGE, POS_TEXT, QUERY_IMAGE, QUERY_TEXT
 
 SMALL = dict(num_train=48, num_eval=16, seed=3, image_size=64, num_negatives=3, t2i_fraction=0.5)
 

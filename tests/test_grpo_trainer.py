@@ -4,11 +4,9 @@ an independent computation, the loss against UME-R1's objective, 1 vs 2 processe
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
@@ -280,15 +278,9 @@ GRPO_STEP = ROOT / "tests" / "dist_scripts" / "grpo_step.py"
 def _grpo_step(tmp_path, name, *options, processes=1, check=True):
     """Run tests/dist_scripts/grpo_step.py (1 process, or `processes` under torchrun); its saved results, or the
     finished process when `check` is False."""
-    launch = [sys.executable]
-    if processes > 1:
-        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [*launch, str(GRPO_STEP), str(tmp_path / f"{name}.pt"), *options]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finished = launching.run(GRPO_STEP, tmp_path / f"{name}.pt", *options, processes=processes, check=check)
     if not check:
-        return proc
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        return finished
     return torch.load(tmp_path / f"{name}.pt")
 
 
@@ -360,7 +352,7 @@ def test_lora_sharded_saves_the_merged_model_of_the_single_process_run(tmp_path,
         return
     refused = _grpo_step(tmp_path, "refused", "--lora", "--stage", "3", "--no_gather_on_save", processes=2,
                          check=False)
-    log = refused.stdout + refused.stderr
+    log = refused.output
     assert refused.returncode != 0 and "stage3_gather_16bit_weights_on_model_save false" in log
     assert "train_runtime" not in log  # before training
 

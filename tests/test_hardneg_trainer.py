@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import glob
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 from numerics import (
@@ -83,10 +82,12 @@ def test_grad_cache_gives_the_same_gradients(variant, tiny_backbone, shapes_data
         trainer.model.train()
         # record the largest batch that ran WITH a graph: GradCache must keep it to the chunk size
         biggest = []
-        handle = trainer.model.register_forward_pre_hook(
-            lambda m, a, kw: biggest.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() and "input_ids" in kw else None,
-            with_kwargs=True,
-        )
+
+        def record(module, args, kwargs, biggest=biggest):
+            if torch.is_grad_enabled() and "input_ids" in kwargs:
+                biggest.append(kwargs["input_ids"].shape[0])
+
+        handle = trainer.model.register_forward_pre_hook(record, with_kwargs=True)
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(rows)))
         trainer.accelerator.backward(loss)
         handle.remove()
@@ -105,22 +106,10 @@ def test_grad_cache_gives_the_same_gradients(variant, tiny_backbone, shapes_data
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     """N processes x B rows == 1 process x N*B rows: loss and every parameter gradient (DDP on gloo), with and
     without GradCache, with explicit negatives and a planted duplicate target."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    runs = {
-        "single": [sys.executable, str(STEP_SCRIPT)],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(STEP_SCRIPT)],
-    }
     outputs = {}
-    for name, cmd, extra in (
-        ("single", runs["single"], []),
-        ("ddp", runs["ddp"], []),
-        ("ddp_gradcache", runs["ddp"], ["--chunk", "2"]),
-    ):
+    for name, processes, extra in (("single", 1, ()), ("ddp", 2, ()), ("ddp_gradcache", 2, ("--chunk", "2"))):
         out = tmp_path / f"{name}.pt"
-        proc = subprocess.run(
-            cmd + [str(out), "--negatives", "1"] + extra, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        launching.run(STEP_SCRIPT, out, "--negatives", "1", *extra, processes=processes)
         outputs[name] = torch.load(out)
     ref = outputs["single"]
     assert ref["world"] == 1 and outputs["ddp"]["world"] == 2
@@ -217,7 +206,9 @@ def test_recipes_parse_with_trl_parser():
 
     for recipe in sorted(glob.glob(str(ROOT / "recipes" / "hardneg_*.yaml"))):
         parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
-        script, args, model = parser.parse_args_and_config(["--config", recipe, "--output_dir", "/tmp/x", "--bf16", "false"])
+        script, args, model = parser.parse_args_and_config(
+            ["--config", recipe, "--output_dir", "/tmp/x", "--bf16", "false"]
+        )
         assert args.temperature > 0 and args.output_dir == "/tmp/x"  # the command line overrides the recipe
         if "tiny" not in recipe:
             assert model.model_name_or_path and model.use_peft and args.num_hard_negatives == 8
@@ -409,25 +400,12 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(use_lora, tiny_
 def test_ddp_timeout_applies_to_cpu_process_groups(tmp_path):
     """--ddp_timeout reached the process group only on accelerator backends: on the CPU (gloo) a stopped rank hung
     its peer for the 30-minute default whatever the option said."""
-    import time
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(ROOT / "tests" / "dist_scripts" / "ddp_timeout.py"), "3", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    import psutil
-
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            child.kill()  # the launcher and both ranks (which hold the output pipe open)
-        log, _ = proc.communicate()
-        pytest.fail(f"rank 0 still waits for its stopped peer after 90 s (ddp_timeout=3):\n{log[-3000:]}")
     import re
 
+    script = ROOT / "tests" / "dist_scripts" / "ddp_timeout.py"
+    finished = launching.run(script, 3, tmp_path / "out", processes=2, timeout=90, check=False)
+    log = finished.output
+    assert not finished.timed_out, f"rank 0 still waits for its stopped peer after 90 s (ddp_timeout=3):\n{log[-3000:]}"
     gave_up = re.search(r"rank 0 gave up after ([\d.]+)s", log)
     assert gave_up, log[-3000:]
     assert 2.0 < float(gave_up.group(1)) < 30, log[-3000:]  # ~3 s (gloo's own overhead aside), not 1800 s
-    assert time.monotonic() - start < 90

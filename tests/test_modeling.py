@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from numerics import TINY_BACKWARD, TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, rounding_rtol
 from PIL import Image
 
+from mm_embed_trl.demo.tiny import TINY_FAMILIES
 from mm_embed_trl.modeling import MultimodalEmbeddingConfig, MultimodalEmbeddingModel
 from mm_embed_trl.modeling.modeling import VISION_MODULE_NAMES
 from mm_embed_trl.modeling.pooling import finalize_embeddings, last_token_indices, pool, special_token_indices
-from mm_embed_trl.demo.tiny import TINY_FAMILIES
 
 VLM_FAMILIES = [f for f in TINY_FAMILIES if f != "text"]
 
@@ -284,7 +284,8 @@ def test_vision_tower_in_every_forward(family, tiny_backbone):
     it, its embeddings are unchanged, and the same parameters get a gradient (zero for the vision tower)."""
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family))
     processor = model.processor
-    text_batch = dict(processor.tokenizer(["a red circle on the left", "two blue squares"], return_tensors="pt", padding=True))
+    texts = ["a red circle on the left", "two blue squares"]
+    text_batch = dict(processor.tokenizer(texts, return_tensors="pt", padding=True))
     image_batch = dict(processor(text=[f"{processor.image_token} a picture"], images=[_image()], return_tensors="pt"))
     reference = model(**text_batch).embeddings.detach()
     image_reference = model(**image_batch).embeddings.detach()

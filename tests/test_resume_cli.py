@@ -8,15 +8,11 @@ training (asserted), so the resumed run must restore weights, optimizer, schedul
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
+import launching
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,27 +29,20 @@ EXAMPLES = {
 }
 
 
-def _command(example: str, nproc: int, output_dir: Path, port: int, extra=()) -> list[str]:
-    script = str(ROOT / "examples" / f"train_{example}.py")
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                    "--main_process_port", str(port)]
-    return [
-        *launcher, script, *EXAMPLES[example], "--output_dir", str(output_dir), "--max_steps", str(MAX_STEPS),
-        "--save_steps", str(SAVE_STEPS), "--save_strategy", "steps", "--evaluate_before_training", "false",
-        "--save_sentence_transformers", "false", "--logging_steps", "1", *extra,
+def _launch(example: str, nproc: int, output_dir: Path, *extra) -> dict:
+    """The example's script, arguments and launcher, as `launching.run` / `launching.spawn` take them."""
+    args = [
+        *EXAMPLES[example], "--output_dir", output_dir, "--max_steps", MAX_STEPS, "--save_steps", SAVE_STEPS,
+        "--save_strategy", "steps", "--evaluate_before_training", "false", "--save_sentence_transformers", "false",
+        "--logging_steps", 1, *extra,
     ]
+    launcher = "accelerate" if nproc > 1 else "python"
+    return {"script": ROOT / "examples" / f"train_{example}.py", "args": args, "processes": nproc, "launcher": launcher}
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _run(cmd, env, cwd):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+def _run(launch: dict, cwd) -> str:
+    return launching.run(launch["script"], *launch["args"], processes=launch["processes"],
+                         launcher=launch["launcher"], cwd=cwd).output
 
 
 def _weights(run_dir: Path) -> dict:
@@ -69,30 +58,26 @@ def _weights(run_dir: Path) -> dict:
 def test_kill_9_then_resume_last_reaches_the_uninterrupted_weights(example, nproc, tmp_path):
     import torch
 
-    port = 29550 + 2 * list(EXAMPLES).index(example) + nproc
-    env = _env()
-    _run(_command(example, nproc, tmp_path / "full", port), env, tmp_path)
+    _run(_launch(example, nproc, tmp_path / "full"), tmp_path)
 
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        _command(example, nproc, run_dir, port), env=env, cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    launch = _launch(example, nproc, run_dir)
+    proc = launching.spawn(
+        launch["script"], *launch["args"], processes=nproc, launcher=launch["launcher"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
     )
     first = run_dir / f"checkpoint-{SAVE_STEPS}"  # published by rename: present means complete
     deadline = time.monotonic() + 300
     while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     still_training = proc.poll() is None
-    # the launcher and every rank, mid-run (torch's elastic agent starts the ranks in their own process groups)
-    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signal.SIGKILL)
+    launching.kill_tree(proc)  # the launcher and every rank, mid-run
     _, err = proc.communicate()
     assert first.is_dir(), err[-4000:]
     assert still_training, "the run finished before it could be killed: raise MAX_STEPS"
     assert not (run_dir / "model.safetensors").exists()
 
-    log = _run(_command(example, nproc, run_dir, port, ["--resume_from_checkpoint", "last"]), env, tmp_path)
+    log = _run(_launch(example, nproc, run_dir, "--resume_from_checkpoint", "last"), tmp_path)
     assert "Resuming from" in log and "checkpoint-" in log
     full, resumed = _weights(tmp_path / "full"), _weights(run_dir)
     assert full.keys() == resumed.keys()

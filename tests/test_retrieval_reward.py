@@ -249,7 +249,9 @@ def test_pool_id_splits_the_pool():
     E, side, pair = np.concatenate([E1, E2]), np.concatenate([side1, side2]), np.concatenate([pair1, pair2 + 3])
     pool_id = torch.tensor([0] * len(side1) + [1] * len(side2))
     perm = np.random.default_rng(0).permutation(len(side))
-    both = ume_r1_retrieval_reward(*as_tensors(E[perm], side[perm], pair[perm]), num_generations=2, pool_id=pool_id[perm])
+    both = ume_r1_retrieval_reward(
+        *as_tensors(E[perm], side[perm], pair[perm]), num_generations=2, pool_id=pool_id[perm]
+    )
     torch.testing.assert_close(both.reward, torch.cat([first.reward, second.reward])[perm], atol=1e-12, rtol=0)
 
 
@@ -346,7 +348,15 @@ def test_format_reward_accepts_trl_formats_and_signature():
     conversational = [
         [{"role": "assistant", "content": good}],
         [{"role": "assistant", "content": bad}],
-        [{"role": "assistant", "content": [{"type": "text", "text": "<think>.</think>"}, {"type": "text", "text": "<answer>a<gen_emb>"}]}],
+        [
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "<think>.</think>"},
+                    {"type": "text", "text": "<answer>a<gen_emb>"},
+                ],
+            }
+        ],
         # a tool turn between assistant turns is not the model's text
         [{"role": "assistant", "content": "<think>.</think>"}, {"role": "tool", "content": "<answer><gen_emb>"}],
     ]

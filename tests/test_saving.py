@@ -156,12 +156,14 @@ def test_every_file_written_follows_the_umask(tiny_backbone, shapes_data, tmp_pa
     """Weights were written 0600 (safetensors goes through a private temporary file) while every other file
     followed the umask: a group sharing a run, an export or a cache could read the card but not the weights."""
     from mm_embed_trl.demo.generated import make_shapes_dataset
-    from mm_embed_trl.export import export_sentence_transformers
     from mm_embed_trl.demo.tiny import get_tiny_backbone
+    from mm_embed_trl.export import export_sentence_transformers
 
     previous = os.umask(0o027)
     try:
-        config = _config(tmp_path, save_strategy="steps", save_steps=1, max_steps=1, image_root=str(shapes_data.image_root))
+        config = _config(
+            tmp_path, save_strategy="steps", save_steps=1, max_steps=1, image_root=str(shapes_data.image_root)
+        )
         trainer = _trainer(tiny_backbone, shapes_data, config)
         trainer.train()
         trainer.save_for_inference()

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,7 +149,7 @@ def test_grad_cache_gives_the_same_loss_and_gradients(variant, tiny_backbone, sh
         model.train()
         biggest = []
 
-        def record(module, args, kwargs):  # rows of every forward run with a graph
+        def record(module, args, kwargs, biggest=biggest):  # rows of every forward run with a graph
             if torch.is_grad_enabled():
                 biggest.extend(enc["input_ids"].shape[0] for enc in kwargs.get("batches") or [kwargs])
 
@@ -202,16 +200,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     of the global batch) and every gradient, on DDP/gloo, with and without GradCache."""
     script = tmp_path / "sft_step.py"
     script.write_text(_STEP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     outputs = {}
-    for name, cmd in (
-        ("single", [sys.executable, str(script), str(tmp_path / "single.pt")]),
-        ("ddp", ddp + [str(tmp_path / "ddp.pt")]),
-        ("ddp_gradcache", ddp + [str(tmp_path / "ddp_gradcache.pt"), "2"]),
-    ):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    for name, processes, extra in (("single", 1, ()), ("ddp", 2, ()), ("ddp_gradcache", 2, ("2",))):
+        launching.run(script, tmp_path / f"{name}.pt", *extra, processes=processes)
         outputs[name] = torch.load(tmp_path / f"{name}.pt")
     ref = outputs["single"]
     assert ref["world"] == 1 and outputs["ddp"]["world"] == 2

@@ -10,11 +10,9 @@ and without coalesced reduction ZeRO-2's gradients are wrong (both measured befo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
@@ -25,17 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "sharded_step.py"
 
 
-def _run(tmp_path, name, *extra):
+def _run(tmp_path, name, *extra, check=True):
     out = tmp_path / f"{name}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    return proc, out
+    return launching.run(SCRIPT, out, *extra, processes=2, timeout=300, check=check), out
 
 
 def _result(tmp_path, name, *extra):
-    proc, out = _run(tmp_path, name, *extra)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _, out = _run(tmp_path, name, *extra)
     return torch.load(out)
 
 
@@ -74,6 +68,6 @@ def test_step_equals_the_plain_zero1_step(tmp_path, plain_zero1, name, extra):
 
 @pytest.mark.slow
 def test_zero2_gradcache_without_coalescing_is_refused(tmp_path):
-    proc, _ = _run(tmp_path, "refused", "--stage", "2", "--chunk", "3", "--without_coalesce")
-    assert proc.returncode != 0
-    assert "needs DeepSpeed's `engine.coalesce_grad_reduction`" in proc.stdout + proc.stderr
+    finished, _ = _run(tmp_path, "refused", "--stage", "2", "--chunk", "3", "--without_coalesce", check=False)
+    assert finished.returncode != 0
+    assert "needs DeepSpeed's `engine.coalesce_grad_reduction`" in finished.output

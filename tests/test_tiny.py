@@ -438,7 +438,10 @@ def test_module_main_entry_point(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_two_processes_racing_for_the_cache(tmp_path):
-    code = "from mm_embed_trl.demo.tiny import get_tiny_backbone as g; import sys; print(g('text', cache_dir=sys.argv[1]))"
+    code = (
+        "from mm_embed_trl.demo.tiny import get_tiny_backbone as g; import sys; "
+        "print(g('text', cache_dir=sys.argv[1]))"
+    )
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(tiny.__file__).parents[2]), HF_HUB_OFFLINE="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import datasets
+import launching
 import numpy as np
 import pytest
 
@@ -356,12 +355,7 @@ def test_the_global_batch_is_per_device_times_processes(caplog):
 
 # ------------------------------------------------------------------------------------------ the examples' CLI
 def _run_example(args, tmp_path, timeout=300):
-    env_path = str(ROOT / "src")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_hardneg.py"), *args], capture_output=True, text=True,
-        timeout=timeout, cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": env_path, "HF_HUB_OFFLINE": "1"},
-    )
+    return launching.run(ROOT / "examples" / "train_hardneg.py", *args, cwd=tmp_path, timeout=timeout, check=False)
 
 
 def _cli_data(tmp_path) -> str:

@@ -5,7 +5,9 @@ Public names are imported lazily so `import mm_embed_trl` stays cheap.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0.dev0"
@@ -30,6 +32,18 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def _end_process_group_at_exit() -> None:
+    """Any process that imports the library ends its process group cleanly (mm_embed_trl.distributed.process_group:
+    gloo otherwise aborts some exits after complete runs). Importing torch is left to the process."""
+    if "torch.distributed" in sys.modules:
+        from .distributed.process_group import destroy_process_group_on_clean_exit
+
+        destroy_process_group_on_clean_exit()
+
+
+atexit.register(_end_process_group_at_exit)
 
 
 def __getattr__(name: str) -> Any:

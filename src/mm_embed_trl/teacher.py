@@ -228,7 +228,7 @@ def _embed_split(
             {output_column: datasets.List(datasets.Value("float32"), length=dim if dim else -1)}
         )
 
-        def encode(batch_texts: list[str]) -> dict[str, np.ndarray]:
+        def encode(batch_texts: list[str], model=model) -> dict[str, np.ndarray]:
             vectors = model.encode(
                 batch_texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False, **encode_kwargs
             )

@@ -1,15 +1,25 @@
-"""20 gloo collectives, then exit, with the process group left to mm_embed_trl's exit handling: the unit of work is
-wrapped as the trainers wrap `train()` and the final save. Run under ``torch.distributed.run --nproc_per_node 2``."""
+"""20 gloo collectives, then exit, with nothing but `import mm_embed_trl` to end the process group: the library's exit
+handler must keep the exit clean for any script that uses the group directly. Run under
+``torch.distributed.run --nproc_per_node 2``; ``--accelerator`` starts the group through accelerate instead,
+``--raise`` ends rank 1 on an uncaught exception after the collectives (its group is then left alone)."""
+
+import sys
 
 import torch
 import torch.distributed as dist
 
-from mm_embed_trl.distributed.process_group import destroy_process_group_at_exit
+import mm_embed_trl  # noqa: F401  (registers the exit handler)
 
-dist.init_process_group("gloo")
-with destroy_process_group_at_exit():
-    t = torch.ones(1000)
-    for _ in range(20):
-        dist.all_reduce(t)
-        gathered = [torch.empty(1000) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, t)
+if "--accelerator" in sys.argv:
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
+else:
+    dist.init_process_group("gloo")
+t = torch.ones(1000)
+for _ in range(20):
+    dist.all_reduce(t)
+    gathered = [torch.empty(1000) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+if "--raise" in sys.argv and dist.get_rank() == 1:
+    raise RuntimeError("failed after the collectives")

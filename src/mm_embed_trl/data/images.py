@@ -128,8 +128,12 @@ def _decode_bytes(data: bytes, *, convert_rgb: bool, where: str, origin: str) ->
             out = _finish(img, convert_rgb)
             return out if out is not img else img.copy()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
-        hint = _decode_failure_hint(err, "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt.")
-        raise ImageLoadError(f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). {hint}") from err
+        hint = _decode_failure_hint(
+            err, "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt."
+        )
+        raise ImageLoadError(
+            f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). {hint}"
+        ) from err
 
 
 def _load_path(
@@ -162,7 +166,9 @@ def _load_path(
             # ``img`` is closed when the ``with`` ends; hand back an independent copy when unconverted.
             return out if out is not img else img.copy()
     except Exception as err:
-        hint = _decode_failure_hint(err, "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt.")
+        hint = _decode_failure_hint(
+            err, "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt."
+        )
         raise ImageLoadError(
             f"{where}: could not read the image file '{resolved}' ({type(err).__name__}: {err}). {hint}"
         ) from err

@@ -168,13 +168,15 @@ class ReasoningCollator(EmbeddingCollator):
                 raise ValueError(
                     f"{labels_for[missing[0]]}: the reasoning target has no {GEN_EMB_TOKEN} "
                     f"({targets[missing[0]][:80]!r}); UME-R1 targets read <think>...</think><answer>...</answer>"
-                    f"{GEN_EMB_TOKEN}. Fix the data, or build targets with mm_embed_trl.data.reasoning.format_reasoning."
+                    f"{GEN_EMB_TOKEN}. Fix the data, or build targets with "
+                    "mm_embed_trl.data.reasoning.format_reasoning."
                 )
             no_disc = (~(ids == self.disc_token_id).any(dim=1)).nonzero().flatten().tolist()
             if no_disc:
                 raise ValueError(
                     f"{labels_for[no_disc[0]]}: the prompt has no {DISC_EMB_TOKEN}, so there is no discriminative "
-                    f"embedding to read; use the 'ume_r1' prompt template (or one whose formats contain {DISC_EMB_TOKEN})."
+                    "embedding to read; use the 'ume_r1' prompt template "
+                    f"(or one whose formats contain {DISC_EMB_TOKEN})."
                 )
         if self.max_sequence_length is not None:
             prompt_lengths = prompt["attention_mask"].sum(dim=1).tolist()

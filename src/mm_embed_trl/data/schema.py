@@ -2,8 +2,9 @@
 
 MMEB-train rows (TIGER-Lab/MMEB-train) are used unchanged: ``qry``, ``qry_image_path``, ``pos_text``,
 ``pos_image_path`` and optional ``neg_text`` / ``neg_image_path``; UME-R1's reasoning SFT adds ``qry_reasoning`` and
-``pos_reasoning``, each side's assistant target ``<think>...</think><answer>...</answer><gen_emb>``. MMEB-eval rows carry ``qry_text``,
-``qry_img_path``, ``tgt_text`` (list) and ``tgt_img_path`` (list), the first target being the correct one.
+``pos_reasoning``, each side's assistant target ``<think>...</think><answer>...</answer><gen_emb>``. MMEB-eval rows
+carry ``qry_text``, ``qry_img_path``, ``tgt_text`` (list) and ``tgt_img_path`` (list), the first target being the
+correct one.
 """
 
 from __future__ import annotations

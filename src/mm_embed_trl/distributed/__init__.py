@@ -10,13 +10,14 @@ from .gather import (
     world_size,
 )
 from .grad_cache import CacheHandle, GradCache, RandContext, split_into_chunks
-from .process_group import destroy_process_group_at_exit
+from .process_group import destroy_process_group_at_exit, destroy_process_group_on_clean_exit
 
 __all__ = [
     "CacheHandle",
     "GradCache",
     "RandContext",
     "destroy_process_group_at_exit",
+    "destroy_process_group_on_clean_exit",
     "distributed_loss_scale",
     "gather_no_grad",
     "gather_sizes",

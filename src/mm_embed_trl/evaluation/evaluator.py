@@ -210,7 +210,10 @@ class RetrievalEvaluator:
         corpus_emb = self._encode(model, self.corpus, self.corpus_side, "corpus", self._corpus_labels, **greedy)
         # mode="generative" returns one (N, D) tensor: still the gen_* metrics (the primary metric names them)
         if isinstance(query_emb, Mapping) or self.encode_kwargs.get("mode", "discriminative") != "discriminative":
-            named = (lambda e: e if isinstance(e, Mapping) else {"generative": e})
+
+            def named(e):
+                return e if isinstance(e, Mapping) else {"generative": e}
+
             metrics = self.compute_generative_metrics(named(query_emb), named(corpus_emb))
         else:
             metrics = self.compute_metrics(query_emb, corpus_emb)

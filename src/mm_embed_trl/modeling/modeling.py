@@ -751,7 +751,9 @@ def load_processor_for(name_or_path, **kwargs):
             logger.debug("%s could not load from %s: %s", loader.__name__, name_or_path, err)
             continue
         return processor
-    logger.warning("No processor or tokenizer found at %s; call model.set_processor(...) before encode().", name_or_path)
+    logger.warning(
+        "No processor or tokenizer found at %s; call model.set_processor(...) before encode().", name_or_path
+    )
     return None
 
 

@@ -316,7 +316,10 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._last_train_loss: torch.Tensor | None = None
         self._output_dir_claimed = False
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         callbacks = list(callbacks or [])
         if self.skipped_rows:
             callbacks.append(_SkippedRowsReport(self.skipped_rows))
@@ -342,7 +345,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             # result was measured wrong (tests/test_sharded.py). DeepSpeed's coalesce_grad_reduction is the fix.
             raise ValueError(
                 f"gradient_cache_chunk_size under DeepSpeed ZeRO-{zero_stage} needs DeepSpeed's "
-                "`engine.coalesce_grad_reduction` (present in 0.19.8), which this DeepSpeed lacks. Upgrade DeepSpeed, or "
+                "`engine.coalesce_grad_reduction` (present in 0.19.8), which this DeepSpeed lacks. "
+                "Upgrade DeepSpeed, or "
                 "use ZeRO-1 / DDP with GradCache, or plain batches with gradient accumulation."
             )
         self._check_final_save_can_gather()

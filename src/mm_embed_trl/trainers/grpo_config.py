@@ -94,9 +94,13 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         if self.retrieval_pool not in RETRIEVAL_POOLS:
             raise ValueError(f"retrieval_pool must be one of {RETRIEVAL_POOLS}, got {self.retrieval_pool!r}.")
         if self.missing_gen_token not in MISSING_TOKEN_POLICIES:
-            raise ValueError(f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}.")
+            raise ValueError(
+                f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}."
+            )
         if self.retrieval_reward not in ("ume_r1", "reciprocal_rank", "none"):
-            raise ValueError(f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}.")
+            raise ValueError(
+                f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}."
+            )
         if self.reasoning_sensitivity_rows < 0:
             raise ValueError("reasoning_sensitivity_rows must be >= 0.")
         adapt_to_cpu(self)  # as the other trainers' configs: a CPU-only machine trains on the CPU, in fp32

@@ -146,7 +146,8 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
             gen_loss, metrics["gen_accuracy"] = contrastive(query[1], target[1])
             metrics["gen_contrastive_loss"] = gen_loss.detach()
             loss = loss + args.gen_contrastive_weight * gen_loss
-            for name, side, weight in (("query", query, args.query_lm_weight), ("target", target, args.target_lm_weight)):
+            lm_sides = (("query", query, args.query_lm_weight), ("target", target, args.target_lm_weight))
+            for name, side, weight in lm_sides:
                 # the token mean over the global batch: every rank's summed CE over every rank's token count
                 lm = gather(side[2].sum().view(1)).sum() / gather_counts(side[3].sum().view(1)).sum().clamp_min(1)
                 metrics[f"{name}_lm_loss"] = lm.detach()
