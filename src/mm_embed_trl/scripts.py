@@ -43,6 +43,14 @@ class EmbeddingScriptArguments:
     )
     seed_data: int = field(default=0, metadata={"help": "Seed of the generated dataset."})
     evaluate_before_training: bool = field(default=True, metadata={"help": "Report retrieval before training too."})
+    use_hub_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers (>= 5.25) swap layers for kernels downloaded from the Hugging Face Hub (on CUDA: "
+            "Qwen2-VL's RMSNorm and rotary embedding). Off by default: no code from the Hub without consent, and "
+            "offline clusters need none (on the CPU there are no such kernels)."
+        },
+    )
 
 
 # Shared by the examples' CPU demos (a tiny random backbone trained from scratch on generated data).
@@ -88,8 +96,10 @@ def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
     return str(path), True
 
 
-def model_init_kwargs(model_args) -> dict[str, Any]:
+def model_init_kwargs(model_args, script_args=None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"revision": model_args.model_revision}
+    if script_args is not None and script_args.use_hub_kernels:
+        kwargs["use_kernels"] = True
     if model_args.dtype not in (None, "auto"):
         import torch
 

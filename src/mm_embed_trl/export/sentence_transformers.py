@@ -143,6 +143,7 @@ def export_sentence_transformers(
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     from ..data.templates import get_template
+    from ..modeling.modeling import USE_HUB_KERNELS_DEFAULT
     from .model_card import card_for_export, collect_card_metadata, split_card_data
 
     collect_args, overrides = split_card_data(model_card_data)
@@ -197,7 +198,9 @@ def export_sentence_transformers(
         del model  # a checkpoint loaded here is ours: free it before sentence-transformers loads its own copy
         # Loading through sentence-transformers (rather than writing its JSON by hand) lets ST infer the modality
         # config and write every file in its own current format. unpad_inputs=False: Qwen-VL rope needs padding.
-        transformer = Transformer(str(backbone_dir), unpad_inputs=False)
+        transformer = Transformer(
+            str(backbone_dir), unpad_inputs=False, model_kwargs={"use_kernels": USE_HUB_KERNELS_DEFAULT}
+        )
         hidden = transformer.get_embedding_dimension()
         modules: list[torch.nn.Module] = [
             transformer,
@@ -220,11 +223,24 @@ def export_sentence_transformers(
         )
         st_model.save(str(final_dir), create_model_card=False)
         del st_model, transformer, modules
+        _keep_hub_kernels_off(final_dir)
         (final_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (final_dir / "README.md").write_text(card, encoding="utf-8")
         publish_dir(final_dir, output_dir)
     logger.info("Exported a sentence-transformers model to %s", output_dir)
     return output_dir
+
+
+def _keep_hub_kernels_off(export_dir: pathlib.Path) -> None:
+    """Write `use_kernels: false` into the Transformer module's load arguments, so `SentenceTransformer(path)` loads
+    the backbone as `MultimodalEmbeddingModel` does (transformers >= 5.25 would otherwise fetch Hub kernels on CUDA);
+    a user's `model_kwargs={"use_kernels": True}` still takes precedence."""
+    from ..modeling.modeling import USE_HUB_KERNELS_DEFAULT
+
+    config_path = export_dir / "sentence_bert_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.setdefault("model_kwargs", {}).setdefault("use_kernels", USE_HUB_KERNELS_DEFAULT)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 @contextlib.contextmanager

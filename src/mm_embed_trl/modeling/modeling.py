@@ -41,6 +41,13 @@ WRAPPER_OPTIONS = (
     "generative_pooling_token",
 )
 
+# transformers >= 5.25 turns Hub kernels on by default (`use_kernels=None` -> True): on CUDA it swaps layers such as
+# Qwen2-VL's RMSNorm and rotary embedding for kernels downloaded from the Hugging Face Hub. This library loads models
+# with them off unless asked (`use_kernels=True`): no code fetched from the Hub without the user's consent (as with
+# trust_remote_code), offline clusters start without network probes, and vectors keep the numerics of the plain
+# torch layers the published encode paths ran. On the CPU no Hub kernel exists, so both settings compute the same.
+USE_HUB_KERNELS_DEFAULT = False
+
 # LoRA targets. "language_model" keeps adapters out of the vision tower (Qwen2.5-VL's vision MLP also has
 # gate/up/down_proj, so a plain name list would catch it); "all" adapts every linear projection.
 # Parameter-name parts of the vision encoder and projector across Qwen-VL (visual.*, incl. its merger) and
@@ -211,7 +218,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             backbone_config = AutoConfig.from_pretrained(name, **hub_kwargs)
             auto_cls = _encoder_auto_class(backbone_config, encoder_kind)
             try:
-                encoder = auto_cls.from_pretrained(name, **kwargs)
+                encoder = auto_cls.from_pretrained(name, **{"use_kernels": USE_HUB_KERNELS_DEFAULT, **kwargs})
             except ValueError as err:
                 if "Unrecognized configuration class" in str(err):
                     raise _unsupported_backbone_error(name, backbone_config, err) from err
@@ -240,7 +247,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         Wrapper options (`pooling`, `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`,
         `encoder_kind`) may be given as keyword arguments; other keyword arguments go to transformers
         (`dtype`, `attn_implementation`, `revision`, `token`, ...). The processor saved next to the weights is
-        attached as `model.processor` (pass `load_processor=False` to skip).
+        attached as `model.processor` (pass `load_processor=False` to skip). Hub kernels stay off unless
+        `use_kernels=True` (see `USE_HUB_KERNELS_DEFAULT`).
         """
         load_processor = kwargs.pop("load_processor", True)
         processor = kwargs.pop("processor", None)
@@ -258,6 +266,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                     pretrained_model_name_or_path, processor=processor, load_processor=load_processor, **kwargs
                 )
         options = {k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs}
+        kwargs.setdefault("use_kernels", USE_HUB_KERNELS_DEFAULT)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for key, value in options.items():
             setattr(model.config, key, value)

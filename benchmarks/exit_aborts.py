@@ -1,0 +1,158 @@
+"""How often does a multi-process test abort at exit? Runs every multi-process test N times under CPU load and counts.
+
+    python benchmarks/exit_aborts.py [--runs 30] [--load 2] [--root CHECKOUT] [--out bench-out/exit-aborts] [-k EXPR]
+
+The abort: a rank finishes its work, then dies with SIGABRT ("terminate called without an active exception") while
+the interpreter shuts down with its gloo process group alive (see `mm_embed_trl.distributed.process_group`). It
+depends on thread timing, so the tests run with `--load` busy processes competing for the cores, as on a loaded CI
+machine. Each repetition is one pytest run of the multi-process tests (`-m slow` in the files that launch several
+processes) with a JUnit report; a failure whose text carries the abort's signs counts as an abort, any other
+failure as "other". When the checkout has the launch harness (tests/launching.py), every launch is also logged
+(`MM_EMBED_TRL_LAUNCH_LOG`), which counts aborted launches, including ones a test expected to fail.
+
+`--root` points at another checkout (e.g. a `git worktree` of an older commit) to measure it with the same packages:
+its own `src` and `tests` are used. The run resumes: repetitions already in `--out` are kept. Prints and writes
+`summary.md` / `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The files whose slow tests launch 2 or more processes.
+MULTI_PROCESS_FILES = (
+    "tests/test_process_group.py",
+    "tests/test_gather.py",
+    "tests/test_distill_trainer.py",
+    "tests/test_hardneg_trainer.py",
+    "tests/test_sft_trainer.py",
+    "tests/test_grpo_trainer.py",
+    "tests/test_sharded.py",
+    "tests/test_examples.py",
+    "tests/test_resume_cli.py",
+)
+# Single-process slow tests in those files: not multi-process, left out.
+DEFAULT_DESELECT = "not test_example_runs_end_to_end and not test_it_learns_on_held_out_data"
+ABORT_SIGNS = re.compile(
+    r"terminate called without an active exception|exitcode\s*:\s*-6\b|Signal 6 \(SIGABRT\)|ABORTED \(SIGABRT"
+)
+
+
+def _busy_processes(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _repetition(root: Path, out: Path, index: int, expression: str, timeout: float) -> float:
+    report = out / f"rep-{index:03d}.xml"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root / "src"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MM_EMBED_TRL_LAUNCH_LOG": str(out / "launches.jsonl"),
+        "MM_EMBED_TRL_CACHE": str(out / "cache"),
+    }
+    files = [f for f in MULTI_PROCESS_FILES if (root / f).is_file()]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "-k", expression,
+           f"--junitxml={report}.part", *files]
+    start = time.monotonic()
+    with open(out / f"rep-{index:03d}.log", "w") as log:
+        subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    os.replace(f"{report}.part", report)  # a repetition counts only once its report is complete
+    return time.monotonic() - start
+
+
+def _outcomes(out: Path) -> dict[str, collections.Counter]:
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for report in sorted(out.glob("rep-*.xml")):
+        for case in ET.parse(report).getroot().iter("testcase"):
+            name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+            failure = case.find("failure")
+            if failure is None:
+                failure = case.find("error")
+            if case.find("skipped") is not None:
+                counts[name]["skipped"] += 1
+            elif failure is None:
+                counts[name]["passed"] += 1
+            else:
+                text = (failure.get("message") or "") + (failure.text or "")
+                counts[name]["aborted" if ABORT_SIGNS.search(text) else "other failure"] += 1
+            counts[name]["runs"] += 1
+    return counts
+
+
+def _launches(out: Path) -> dict[str, collections.Counter]:
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    path = out / "launches.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["processes"] < 2:
+                continue
+            name = record["test"].split("/")[-1].replace(".py::", "::", 1)
+            counts[name]["launches"] += 1
+            counts[name]["aborted launches"] += bool(record["aborted_at_exit"])
+    return counts
+
+
+def summarise(out: Path, load: int) -> str:
+    tests, launches = _outcomes(out), _launches(out)
+    reps = len(list(out.glob("rep-*.xml")))
+    lines = [
+        f"Multi-process tests under {load} busy process(es), {reps} repetition(s) ({out}).",
+        "",
+        "| test | runs | passed | aborted at exit | other failure | 2-process launches | aborted launches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    totals = collections.Counter()
+    for name in sorted(tests):
+        t, launched = tests[name], launches.get(name, collections.Counter())
+        row = [t["runs"], t["passed"], t["aborted"], t["other failure"], launched["launches"],
+               launched["aborted launches"]]
+        totals.update(dict(zip(["runs", "passed", "aborted", "other", "launches", "aborted launches"], row)))
+        lines.append(f"| {name} | " + " | ".join(map(str, row)) + " |")
+    lines.append(
+        f"| **all** | {totals['runs']} | {totals['passed']} | {totals['aborted']} | {totals['other']} | "
+        f"{totals['launches']} | {totals['aborted launches']} |"
+    )
+    (out / "summary.json").write_text(json.dumps({"tests": tests, "launches": launches, "load": load}, indent=1))
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=30, help="Repetitions of the multi-process tests.")
+    parser.add_argument("--load", type=int, default=os.cpu_count() or 2, help="Busy processes running meanwhile.")
+    parser.add_argument("--root", type=Path, default=ROOT, help="The checkout to measure (default: this one).")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "exit-aborts")
+    parser.add_argument("-k", dest="expression", default=DEFAULT_DESELECT, help="pytest -k selection.")
+    parser.add_argument("--timeout", type=float, default=3 * 3600, help="Seconds allowed for one repetition.")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    busy = _busy_processes(args.load)
+    try:
+        for index in range(args.runs):
+            if (args.out / f"rep-{index:03d}.xml").is_file():
+                continue
+            seconds = _repetition(args.root.resolve(), args.out, index, args.expression, args.timeout)
+            print(f"repetition {index + 1}/{args.runs}: {seconds:.0f} s", flush=True)
+    finally:
+        for process in busy:
+            process.kill()
+    print(summarise(args.out, args.load))
+
+
+if __name__ == "__main__":
+    main()
