@@ -279,6 +279,42 @@ def test_generative_encode_modes_samples_and_the_missing_token_policy(tiny_backb
         plain.encode(texts, mode="generative")
 
 
+def _instruct_generation_config(model):
+    """Qwen2-VL-Instruct's shipped generation_config.json (effectively greedy sampling), on the tiny backbone's ids."""
+    from transformers import GenerationConfig
+
+    tok = model.processor.tokenizer
+    return GenerationConfig(
+        do_sample=True, top_k=1, top_p=0.001, temperature=0.01, bos_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id],
+    )
+
+
+def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_backbone, tmp_path):
+    """pass@k draws k different completions even from a backbone whose generation_config is Qwen2-VL-Instruct's
+    (top_k=1, top_p=0.001, temperature=0.01): generate() fills every sampling field left unset from it, which made
+    the k samples one greedy completion k times. Greedy stays greedy, and the sampling knobs passed are obeyed."""
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    texts = ["a red circle", "two blue stars"]
+    plain_greedy = model.encode(texts, mode="generative", max_new_tokens=8)
+    model.backbone.generation_config = _instruct_generation_config(model)
+    torch.manual_seed(0)
+    _, samples = model.encode(texts, mode="generative", max_new_tokens=8, do_sample=True, num_samples=4,
+                              return_reasoning=True)
+    # 8 tokens drawn from the tiny model's ~1.4k-token vocabulary at temperature 1: equal samples mean no sampling
+    assert all(len(set(per_input)) == 4 for per_input in samples), samples
+    greedy = model.encode(texts, mode="generative", max_new_tokens=8)
+    assert_close(greedy, plain_greedy, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    torch.manual_seed(0)
+    _, narrow = model.encode(texts, mode="generative", max_new_tokens=8, do_sample=True, num_samples=3, top_k=1,
+                             return_reasoning=True)
+    assert all(len(set(per_input)) == 1 for per_input in narrow)  # top_k=1 asked for: one completion
+    model.backbone.generation_config.top_h = 0.5  # a warper generate() cannot switch off per call
+    with pytest.raises(ValueError, match="top_h"):
+        model.encode(texts, mode="generative", max_new_tokens=2, do_sample=True, num_samples=2)
+
+
 def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data, tmp_path):
     """A completion holding <|image_pad|> would make the prefill forward expand image features it does not have
     (transformers: "Image features and image tokens do not match"): generation suppresses the placeholder ids, here

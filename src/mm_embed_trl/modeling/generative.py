@@ -38,6 +38,27 @@ MODES = ("discriminative", "generative", "both")
 MISSING_TOKEN_POLICIES = ("last_token", "discriminative", "error")
 
 
+def sampling_settings(model, *, temperature: float, top_p: float, top_k: int, min_p: float | None = None) -> dict:
+    """``generate`` options that sample with exactly these settings, whatever the backbone's generation config says.
+
+    ``generate`` fills every option left unset from ``backbone.generation_config``, and hub checkpoints ship sampling
+    defaults there (Qwen2-VL-Instruct: ``top_k=1, top_p=0.001, temperature=0.01``, i.e. greedy): every warper is
+    therefore set here, to its value or to "off" (``top_k=0``, ``typical_p=1``, ``min_p=0``, no cut-offs).
+    """
+    config = getattr(model.backbone, "generation_config", None)
+    top_h = getattr(config, "top_h", None)
+    if top_h is not None:
+        raise ValueError(
+            f"The backbone's generation_config sets top_h={top_h}, which generate() cannot switch off per call; "
+            "set model.backbone.generation_config.top_h = None to sample with encode's settings."
+        )
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, typical_p=1.0,
+                    epsilon_cutoff=0.0, eta_cutoff=0.0)
+    if min_p is not None or getattr(config, "min_p", None) is not None:
+        settings["min_p"] = 0.0 if min_p is None else min_p  # min_p=0 keeps every token
+    return settings
+
+
 @dataclass
 class GenerativeBatch:
     """One batch of generative encoding: the embeddings read after generation and what was generated."""

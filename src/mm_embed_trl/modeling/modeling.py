@@ -548,6 +548,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 50,
+        min_p: float | None = None,
         num_samples: int = 1,
         missing_token: str = "last_token",
         return_reasoning: bool = False,
@@ -566,16 +568,18 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         * ``"generative"``: batched generation of a reasoning, then one prefill forward reading the state at the last
           ``<gen_emb>`` the completion wrote (see :mod:`mm_embed_trl.modeling.generative`); ``missing_token``
           (``"last_token"``, ``"discriminative"``, ``"error"``) decides for completions that never write it, and a
-          warning counts them. Greedy by default; ``do_sample``/``temperature``/``top_p`` sample, ``num_samples=k``
-          draws k completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also
-          returns the generated texts (a list, of lists with ``num_samples > 1``); ``generate_fn`` replaces the
-          generation phase (e.g. vLLM).
+          warning counts them. Greedy by default. ``do_sample`` samples with ``temperature``, ``top_p``,
+          ``top_k`` (transformers' default 50, as in UME-R1's RL rollouts; 0: the whole vocabulary) and ``min_p``
+          alone, never with the sampling defaults of the backbone's generation config; ``num_samples=k`` draws k
+          completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also returns the
+          generated texts (a list, of lists with ``num_samples > 1``); ``generate_fn`` replaces the generation phase
+          (e.g. vLLM).
         * ``"both"``: ``{"discriminative": ..., "generative": ...}`` from the same generation and forward.
         """
         from tqdm.auto import tqdm
 
         from ..data.images import to_embedding_input
-        from .generative import MODES, apply_missing_token_policy, encode_generative_batch
+        from .generative import MODES, apply_missing_token_policy, encode_generative_batch, sampling_settings
 
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -591,9 +595,10 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         batches = range(0, len(items), batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 8 or (mode != "discriminative" and len(batches) > 1)
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **(generation_kwargs or {}))
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        if do_sample and mode != "discriminative":
+            gen_kwargs.update(sampling_settings(self, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p))
+        gen_kwargs.update(generation_kwargs or {})
         was_training = self.training
         self.eval()
         disc_chunks: list[torch.Tensor] = []
