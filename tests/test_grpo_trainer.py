@@ -229,13 +229,16 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
 
 
 def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_card(
-    tiny_backbone, shapes_data, tmp_path
+    tiny_backbone, shapes_data, instruct_generation_config, generation_settings, tmp_path
 ):
-    """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens kept), the
-    discriminative ST export (no remote code) and the generative one (trust_remote_code) reproducing encode."""
+    """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens and the
+    backbone's generation config kept), the discriminative ST export (no remote code) and the generative one
+    (trust_remote_code) reproducing encode."""
     from sentence_transformers import SentenceTransformer
 
     model = _model(tiny_backbone)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    expected = generation_settings(model)
     args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root), max_steps=2)
     trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(16)))
     start = {k: v.clone() for k, v in model.state_dict().items()}  # after the trainer added UME-R1's tokens
@@ -244,6 +247,7 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     out = Path(trainer.save_for_inference())
     saved = MultimodalEmbeddingModel.from_pretrained(out)
     assert saved.config.generative_pooling_token == "<gen_emb>" and saved.config.pooling_token == "<disc_emb>"
+    assert generation_settings(saved) == expected
     trained = saved.state_dict()
     # the RL update, not the start, was saved
     assert any(not torch.equal(trained[k], start[k]) for k in start if ".language_model.layers." in k)

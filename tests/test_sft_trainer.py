@@ -279,18 +279,8 @@ def test_generative_encode_modes_samples_and_the_missing_token_policy(tiny_backb
         plain.encode(texts, mode="generative")
 
 
-def _instruct_generation_config(model):
-    """Qwen2-VL-Instruct's shipped generation_config.json (effectively greedy sampling), on the tiny backbone's ids."""
-    from transformers import GenerationConfig
-
-    tok = model.processor.tokenizer
-    return GenerationConfig(
-        do_sample=True, top_k=1, top_p=0.001, temperature=0.01, bos_token_id=tok.pad_token_id,
-        pad_token_id=tok.pad_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id],
-    )
-
-
-def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_backbone, tmp_path):
+def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_backbone, instruct_generation_config,
+                                                                       tmp_path):
     """pass@k draws k different completions even from a backbone whose generation_config is Qwen2-VL-Instruct's
     (top_k=1, top_p=0.001, temperature=0.01): generate() fills every sampling field left unset from it, which made
     the k samples one greedy completion k times. Greedy stays greedy, and the sampling knobs passed are obeyed."""
@@ -298,7 +288,7 @@ def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_bac
     EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
     texts = ["a red circle", "two blue stars"]
     plain_greedy = model.encode(texts, mode="generative", max_new_tokens=8)
-    model.backbone.generation_config = _instruct_generation_config(model)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
     torch.manual_seed(0)
     _, samples = model.encode(texts, mode="generative", max_new_tokens=8, do_sample=True, num_samples=4,
                               return_reasoning=True)
@@ -364,13 +354,18 @@ def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_
     assert torch.equal(loss.detach(), trainer._metrics["train"]["disc_contrastive_loss"][-1])
 
 
-def test_lora_run_ends_with_a_merged_model_that_reloads(tiny_backbone, shapes_data, tmp_path):
+def test_lora_run_ends_with_a_merged_model_that_reloads(
+    tiny_backbone, shapes_data, instruct_generation_config, generation_settings, tmp_path
+):
     """SFT with LoRA on a generative backbone whose lm_head is its input embedding (Qwen2-VL-2B's case): the end of
     the run reloads the adapters it saved, merges them and publishes a plain model with the tie intact, which
-    encodes as the trained model does (reloading such adapters failed inside transformers' tie_weights)."""
+    encodes as the trained model does (reloading such adapters failed inside transformers' tie_weights), and keeps
+    the backbone's generation config (Qwen's EOS list)."""
     from peft import LoraConfig
 
     model = _model(tiny_backbone)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    expected = generation_settings(model)
     config = _config(tmp_path, image_root=str(shapes_data.image_root), max_steps=2, learning_rate=1e-2)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
     train = shapes_data["train"].select(range(12))
@@ -379,6 +374,7 @@ def test_lora_run_ends_with_a_merged_model_that_reloads(tiny_backbone, shapes_da
     saved = MultimodalEmbeddingModel.from_pretrained(trainer.save_for_inference())
     assert not saved.has_lora and saved.config.lora_config is None
     assert saved.backbone.lm_head.weight is saved.backbone.model.language_model.embed_tokens.weight
+    assert generation_settings(saved) == expected
     texts = ["a red circle on the left", "two blue squares"]
     model.eval()
     with_adapters = model.encode(texts)

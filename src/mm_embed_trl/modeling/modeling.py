@@ -261,6 +261,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for key, value in options.items():
             setattr(model.config, key, value)
+        model._load_generation_config(pretrained_model_name_or_path, kwargs)
         if processor is None and load_processor:
             processor = load_processor_for(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
@@ -268,6 +269,19 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if processor is not None:
             model.set_processor(processor)
         return model
+
+    def _load_generation_config(self, name_or_path, kwargs: dict) -> None:
+        """Restore the backbone's generation config saved by :meth:`save_pretrained` (a model saved before it was
+        kept has none: the backbone then keeps the one built from its model config)."""
+        from transformers import GenerationConfig
+
+        if getattr(self.backbone, "generation_config", None) is None:
+            return
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        try:
+            self.backbone.generation_config = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+        except OSError:
+            logger.debug("No generation_config.json with %s; the backbone keeps its default one.", name_or_path)
 
     def set_processor(self, processor) -> None:
         """Attach the processor (or tokenizer) used by `encode`; resolves `pooling_token_id` from its vocabulary."""
@@ -286,7 +300,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, save_processor: bool = True, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        if save_processor and self.processor is not None and kwargs.get("is_main_process", True):
+        if not kwargs.get("is_main_process", True):
+            return
+        # The wrapper cannot generate, so transformers saves no generation config for it: save the backbone's (its
+        # EOS ids and sampling defaults, e.g. Qwen's two EOS tokens) beside the weights.
+        generation_config = getattr(self.backbone, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(save_directory)
+        if save_processor and self.processor is not None:
             self.processor.save_pretrained(save_directory)
 
     # ------------------------------------------------------------------ LoRA
