@@ -109,6 +109,38 @@ def test_paired_sampler_groups_sides_and_keeps_pairs_in_one_generation_batch(wor
         PairedRepeatSampler(flat, G, 2 * G)
 
 
+def test_flattened_rows_hash_their_own_input_so_shared_queries_and_targets_are_not_negatives():
+    """Each flattened row's content_id hashes that row's own input (query text + image, or target text + image), as
+    retrieval_pool's duplicate mask expects: a pair sharing its query with another is not that pair's target
+    rollouts' negative (it was: both rows carried the target's hash), and one sharing its target is not the query
+    rollouts' negative."""
+    import datasets
+
+    from mm_embed_trl.losses.retrieval_reward import retrieval_pool
+
+    pairs = datasets.Dataset.from_dict({
+        "qry": ["a red circle", "a red circle", "two blue stars", "a green cross"],  # pairs 0 and 1: one query
+        "qry_image_path": ["", "", "", ""],
+        "pos_text": ["red", "round", "red", "green"],  # pairs 0 and 2: one target
+        "pos_image_path": ["", "", "", ""],
+    })
+    flat = flatten_pairs(pairs)
+    content = dict(zip(zip(flat["pair_id"], flat["side"]), flat["content_id"]))
+    assert content[0, "query"] == content[1, "query"] != content[2, "query"]
+    assert content[0, "target"] == content[2, "target"] != content[1, "target"]
+    assert content[0, "query"] != content[0, "target"]
+    side = torch.tensor([0 if s == "query" else 1 for s in flat["side"]])
+    pool = retrieval_pool(torch.randn(len(flat), 8, generator=torch.Generator().manual_seed(0)), side,
+                          torch.tensor(flat["pair_id"]), 1, content_ids=torch.tensor(flat["content_id"]))
+    row = {key: i for i, key in enumerate(zip(flat["pair_id"], flat["side"]))}
+    negatives_of = {key: {k for k, j in row.items() if pool.negative[i, j]} for key, i in row.items()}
+    # pair 1 asks pair 0's query (its target is another answer to it), pair 2 has pair 0's target (its query is
+    # another match for it): neither is a negative of pair 0, on either side; pair 3 shares nothing
+    assert negatives_of[0, "query"] == {(3, "target")} and negatives_of[0, "target"] == {(3, "query")}
+    assert negatives_of[1, "target"] == {(2, "query"), (3, "query")}
+    assert negatives_of[3, "query"] == {(0, "target"), (1, "target"), (2, "target")}
+
+
 # ------------------------------------------------------------------------------- rollout embeddings and rewards
 def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embeddings(
     tiny_backbone, shapes_data, tmp_path

@@ -39,8 +39,9 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         retrieval_pool (`str`, defaults to `"micro_step"`): which rollouts compete: those of one micro-step across
             ranks (`per_device_train_batch_size x world` rows, UME-R1's pool) or the whole generation batch
             (`x steps_per_generation`). The pool size sets the reward's scale.
-        mask_duplicate_targets (`bool`, defaults to `True`): rollouts of identical targets (shared labels) are never
-            negatives of each other (UME-R1 does not mask them).
+        mask_duplicate_targets (`bool`, defaults to `True`): a pair whose target is identical to this pair's (shared
+            labels) or whose query is (several answers to one query) is no negative of this pair's rollouts, on
+            either side (UME-R1 masks nothing).
         missing_gen_token (`str`, defaults to `"last_token"`): the embedding of a completion that never writes
             `<gen_emb>`: the state at its last token (UME-R1 silently reads the prompt's copy of the token instead;
             here only the completion counts), or `"zero"` (a zero vector: its similarities, hence its retrieval
@@ -72,7 +73,7 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
                   "choices": list(RETRIEVAL_POOLS)},
     )
     mask_duplicate_targets: bool = field(
-        default=True, metadata={"help": "Rollouts of identical targets are never each other's negatives."}
+        default=True, metadata={"help": "Pairs with an identical target or query are never each other's negatives."}
     )
     missing_gen_token: str = field(
         default="last_token",
