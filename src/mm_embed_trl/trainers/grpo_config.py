@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -11,6 +12,8 @@ from trl import GRPOConfig
 from .base import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
+# Pairs in UME-R1's retrieval pool: one micro-step across its 64 GPUs of 2 rollouts per side each, G = 8.
+UME_R1_POOL_PAIRS = 16
 MISSING_TOKEN_POLICIES = ("last_token", "zero")
 
 
@@ -22,9 +25,10 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     embedding reward; for the GRPO ones (`num_generations`, `beta`, `epsilon`, `loss_type`, `use_vllm`, ...) see
     `trl.GRPOConfig`, whose options all keep working, and for the run-level ones (`image_root`, `on_bad_row`,
     `overwrite_output_dir`, `save_sentence_transformers`) [`EmbeddingRunArguments`]. TRL's defaults differ from
-    UME-R1's: the recipe `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, β = 0.04, ε = 0.2 /
-    ε_high = 0.28, lr 1e-6, completions up to 2048 tokens, `loss_type="dr_grpo"`, `steps_per_generation=1`), and
-    :meth:`ume_r1` returns them as a config.
+    UME-R1's: the recipe `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, top_k 50, β = 0.04 on
+    the plain k3 KL, ε = 0.2 / ε_high = 0.28, lr 1e-6 decaying linearly, completions up to 2048 tokens,
+    `loss_type="dr_grpo"`, a pool of 16 pairs per micro-step, 32 pairs per optimizer step, pairs in file order), and
+    :meth:`ume_r1` returns them as a config (`docs/UME-R1.md` lists what still differs).
 
     > Parameters that control the retrieval reward
 
@@ -118,21 +122,47 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         return setup_devices_with_timeout(self)
 
     @classmethod
-    def ume_r1(cls, **overrides) -> EmbeddingGRPOConfig:
-        """A config with UME-R1's RL settings (README run): ``overrides`` win."""
+    def ume_r1(cls, num_processes: int | None = None, **overrides) -> EmbeddingGRPOConfig:
+        """A config with UME-R1's RL settings (its README run, `grpo_trainer.py` under transformers 4.49): ``overrides``
+        win.
+
+        UME-R1 ran 64 GPUs x ``per_device_train_batch_size=2`` rollouts *per side* (its sampler repeats each pair G=8
+        times, and both sides are rolled out): one micro-step across ranks holds 64 x 2 / 8 = 16 pairs, its
+        retrieval pool, and GA 2 makes 32 pairs per optimizer step. Here a row is one side's rollout, so the
+        per-device batch that keeps that pool is 2 x G x 16 / ``num_processes`` rows (32 on 8 processes, 4 on 64),
+        with GA 2. ``num_processes`` defaults to the launcher's ``WORLD_SIZE`` (1 without one).
+
+        Sampling and objective as UME-R1's: top_k 50 (transformers 4.49's default, which its sampling config left
+        in place; TRL samples the whole vocabulary), plain beta x k3 KL (TRL multiplies it by the importance ratio
+        by default), the learning rate decaying linearly to 0 over the epoch, pairs in file order.
+        """
+        generations = overrides.get("num_generations", 8)
         settings = dict(
-            num_generations=8,
+            num_generations=generations,
             temperature=1.0,
+            top_k=50,
             beta=0.04,
+            use_bias_correction_kl=False,
             epsilon=0.2,
             epsilon_high=0.28,
             learning_rate=1e-6,
+            lr_scheduler_type="linear",
             max_completion_length=2048,
             loss_type="dr_grpo",
             steps_per_generation=1,
             num_train_epochs=1,
-            per_device_train_batch_size=2 * 8,  # one pair (both sides x G) per device and micro-step
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=2,
+            shuffle_dataset=False,
         )
+        if "per_device_train_batch_size" not in overrides:
+            processes = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+            pool_rows = 2 * generations * UME_R1_POOL_PAIRS
+            if pool_rows % processes:
+                raise ValueError(
+                    f"UME-R1's pool of {UME_R1_POOL_PAIRS} pairs ({pool_rows} rollouts) does not split over "
+                    f"{processes} processes; pass per_device_train_batch_size (a multiple of 2 x num_generations "
+                    "across all processes)."
+                )
+            settings["per_device_train_batch_size"] = pool_rows // processes
         settings.update(overrides)
         return cls(**settings)
