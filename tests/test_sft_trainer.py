@@ -305,6 +305,40 @@ def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_bac
         model.encode(texts, mode="generative", max_new_tokens=2, do_sample=True, num_samples=2)
 
 
+def test_reasonings_cut_short_are_counted_and_the_default_lengths_are_ume_r1s(tiny_backbone, tmp_path, caplog):
+    """A reasoning that reaches max_new_tokens before its end is cut short (its <gen_emb> never comes, the
+    embedding falls back): every such completion is counted in a warning. The default length is UME-R1's evaluation
+    length (8192) in encode, the SFT config's evaluation and the generative export."""
+    import inspect
+    import json
+
+    from mm_embed_trl.evaluation import ReasoningFormatEvaluator
+    from mm_embed_trl.export.generative import export_generative_sentence_transformers
+
+    assert inspect.signature(MultimodalEmbeddingModel.encode).parameters["max_new_tokens"].default == 8192
+    assert EmbeddingSFTConfig(output_dir=str(tmp_path), use_cpu=True).max_new_tokens == 8192
+    assert inspect.signature(ReasoningFormatEvaluator).parameters["max_new_tokens"].default == 8192
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    export = export_generative_sentence_transformers(model, tmp_path / "gen")
+    assert json.loads((export / "mm_embed_generative_config.json").read_text())["generation"]["max_new_tokens"] == 8192
+    tok = model.processor.tokenizer
+    ended = tok(format_reasoning("a", "b"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    cut = tok("<think>a long reasoning", add_special_tokens=False)["input_ids"][:4]
+
+    def generate(prompt, kwargs):  # row 1 stopped by the length limit, rows 0 and 2 by their end of turn
+        return [ended, cut, ended[:3] + [tok.eos_token_id]]
+
+    with caplog.at_level("WARNING"):
+        model.encode(["x", "y", "z"], mode="generative", max_new_tokens=len(cut), generate_fn=generate)
+    assert "1 of 3 generated completions reached max_new_tokens=4 before ending" in caplog.text
+    assert "2 of 3 generated completions never wrote <gen_emb>" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model.encode(["x", "y", "z"], mode="generative", max_new_tokens=len(ended), generate_fn=generate)
+    assert "reached max_new_tokens" not in caplog.text  # short completions without an end are not cut short
+
+
 def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data, tmp_path):
     """A completion holding <|image_pad|> would make the prefill forward expand image features it does not have
     (transformers: "Image features and image tokens do not match"): generation suppresses the placeholder ids, here

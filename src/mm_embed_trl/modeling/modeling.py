@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .._tensors import iter_tensors
 from .configuration import MultimodalEmbeddingConfig
+from .generative import UME_R1_MAX_NEW_TOKENS
 from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indices
 
 logger = logging.getLogger(__name__)
@@ -565,7 +566,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         image_root: str | os.PathLike | None = None,
         max_length: int | None = None,
         convert_to_numpy: bool = False,
-        max_new_tokens: int = 512,
+        max_new_tokens: int = UME_R1_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -625,7 +626,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         disc_chunks: list[torch.Tensor] = []
         gen_chunks: list[torch.Tensor] = []
         completions: list[list[int]] = []
-        missing = 0
+        missing = cut_short = 0
         try:
             for start in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                 enc = collator.encode_inputs(items[start : start + batch_size], side=side)
@@ -637,11 +638,18 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                     enc = _repeat_rows(enc, num_samples)
                 result = encode_generative_batch(self, enc, generation_kwargs=gen_kwargs, generate_fn=generate_fn)
                 missing += int((~result.found).sum())
+                cut_short += int(result.cut_short.sum())
                 gen_chunks.append(apply_missing_token_policy(result, missing_token).float().cpu())
                 disc_chunks.append(result.discriminative.float().cpu())
                 completions += result.completion_ids
         finally:
             self.train(was_training)
+        if cut_short:
+            logger.warning(
+                "%d of %d generated completions reached max_new_tokens=%s before ending: their reasoning was cut "
+                "short (UME-R1 evaluates with up to %d new tokens).",
+                cut_short, len(completions), gen_kwargs.get("max_new_tokens"), UME_R1_MAX_NEW_TOKENS,
+            )
         if missing:
             logger.warning(
                 "%d of %d generated completions never wrote %s; their generative embedding follows "

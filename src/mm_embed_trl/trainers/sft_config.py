@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
 from .base import EmbeddingTrainingArguments
 
 
@@ -58,8 +59,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     > Evaluation
 
     Parameters:
-        max_new_tokens (`int`, defaults to `512`): tokens generated per input for generative embeddings at
-            evaluation (UME-R1 allows 2048 at RL time).
+        max_new_tokens (`int`, defaults to `8192`): tokens generated per input for generative embeddings at
+            evaluation and in the generative export (UME-R1 evaluates with 8192); a reasoning cut short by it is
+            counted in a warning.
     """
 
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (UME-R1: logit scale 50)."})
@@ -91,7 +93,8 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         default=True, metadata={"help": "With a frozen vision tower, still train its projector/merger (UME-R1)."}
     )
     max_new_tokens: int = field(
-        default=512, metadata={"help": "Tokens generated per input when evaluating generative embeddings."}
+        default=UME_R1_MAX_NEW_TOKENS,
+        metadata={"help": "Tokens generated per input for generative embeddings (evaluation, export; UME-R1: 8192)."},
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "UME-R1 SFT: 5e-5."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "UME-R1 SFT: cosine."})
