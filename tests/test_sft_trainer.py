@@ -374,6 +374,24 @@ def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data
 
 
 # ----------------------------------------------------------------------------------------------------- options
+def test_input_texts_are_not_cut_by_default(tiny_backbone, tmp_path):
+    """UME-R1 never cuts an input text on its own (only the whole row, at model_max_length): the SFT collator keeps a
+    text longer than the 1024 tokens the other trainers cut at, unless max_length asks for a cut."""
+    model = _model(tiny_backbone)
+    long_text = " ".join(["red circle"] * 700)
+    row = {"qry": long_text, "qry_image_path": "", "pos_text": "a red circle", "pos_image_path": "",
+           "qry_reasoning": format_reasoning("a", "b"), "pos_reasoning": format_reasoning("c", "d")}
+    text_tokens = len(model.processor.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    assert text_tokens > 1024
+    trainer = EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    assert trainer.args.max_length is None
+    whole = trainer.data_collator([row])["query"]
+    assert int(whole["completion_start"][0]) > text_tokens and trainer.data_collator.num_truncated == 0
+    cut = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, max_length=1024)).data_collator
+    assert int(cut([row])["query"]["completion_start"][0]) < text_tokens and cut.num_truncated == 1
+
+
+
 def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_path):
     """UME-R1's DUME variant: plain embedding rows, <disc_emb> pooled, one contrastive term."""
     model = _model(tiny_backbone)

@@ -45,6 +45,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         max_sequence_length (`int`, defaults to `12288`): the longest prompt + reasoning in tokens (UME-R1's
             `model_max_length`); a longer row is an error naming it, never silently cut (cutting would drop
             ``<gen_emb>``).
+        max_length (`int`, *optional*): text tokens kept from each input's raw text. `None` (default): whole texts,
+            as UME-R1, which never cuts an input text on its own (only `max_sequence_length` bounds a row); the other
+            trainers cut at 1024.
         prompt_template (`str`, defaults to `"ume_r1"`): the prompt with ``<disc_emb>`` and UME-R1's instruction.
 
     > Model
@@ -82,6 +85,11 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     max_sequence_length: int | None = field(
         default=12288,
         metadata={"help": "Longest prompt + reasoning in tokens (UME-R1: 12288); longer rows are an error."},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Text tokens kept per input text; None (UME-R1) keeps whole texts, max_sequence_length "
+                  "bounds the row."},
     )
     prompt_template: str | None = field(
         default="ume_r1", metadata={"help": "Prompt template (UME-R1's: input, <disc_emb>, instruction)."}
