@@ -39,6 +39,8 @@ TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no 
     temperature=0.05,
     max_new_tokens=96,
     logging_steps=5,
+    # demo-specific, unlike UME-R1 (docs/UME-R1.md): shuffled batches (its generated rows have no task order)
+    train_sampling_strategy="random",
 )
 
 

@@ -166,6 +166,40 @@ def test_grad_cache_gives_the_same_loss_and_gradients(variant, tiny_backbone, sh
         assert_close(cached[name], plain[name], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU), msg=name)
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_contrastive_groups_train_like_accumulated_micro_batches(chunk, tiny_backbone, shapes_data, tmp_path):
+    """contrastive_group_size=3 on a 6-pair batch (with and without GradCache) gives the loss and gradients of two
+    accumulated 3-pair micro-batches, each its own InfoNCE: UME-R1's 256-pair losses under GA 4, in one 1024-pair
+    GradCache step. (The CE terms are off: their token mean spans what one forward sees, in either layout.)"""
+    weights = dict(query_lm_weight=0.0, target_lm_weight=0.0, image_root=str(shapes_data.image_root))
+    rows = _rows(shapes_data)
+
+    def step(model, config, batches):
+        trainer = EmbeddingSFTTrainer(model=model, args=config)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in batches:  # accumulated as the Trainer does: each micro-batch's loss over their count
+            loss = trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator(part))) / len(batches)
+            trainer.accelerator.backward(loss)
+            total += loss.item()
+        return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _model(tiny_backbone)
+    grouped, grouped_grads = step(model, _config(tmp_path, contrastive_group_size=3, gradient_cache_chunk_size=chunk,
+                                                 **weights), [rows])
+    accumulated, accumulated_grads = step(model, _config(tmp_path, **weights), [rows[:3], rows[3:]])
+    whole, _ = step(model, _config(tmp_path, **weights), [rows])
+    assert_loss_close(grouped, accumulated, rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=1 / TAU))
+    assert abs(whole - accumulated) > 0.05  # one 6-pair InfoNCE is another objective
+    assert grouped_grads.keys() == accumulated_grads.keys() and grouped_grads
+    for name in grouped_grads:
+        assert_close(grouped_grads[name], accumulated_grads[name],
+                     rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU), msg=name)
+    with pytest.raises(ValueError, match="contrastive_group_size"):
+        _config(tmp_path, contrastive_group_size=1)
+
+
 _STEP_SCRIPT = """
 import sys, torch
 from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
@@ -374,6 +408,23 @@ def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data
 
 
 # ----------------------------------------------------------------------------------------------------- options
+def test_batches_follow_the_file_order_by_default(tiny_backbone, shapes_data, tmp_path):
+    """UME-R1 trains on its JSON in file order (`--data_group True`: task-grouped batches, a SequentialSampler):
+    so does the SFT config by default; train_sampling_strategy="random" shuffles."""
+    model = _model(tiny_backbone)
+    train = shapes_data["train"].select(range(24))
+    in_order = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)),
+                                   train_dataset=train)
+    assert in_order.args.train_sampling_strategy == "sequential"
+    assert list(in_order._get_train_sampler()) == list(range(len(train)))
+    first = next(iter(in_order.get_train_dataloader()))
+    assert torch.equal(first["positive_ids"], in_order.data_collator(list(train.select(range(6))))["positive_ids"])
+    args = _config(tmp_path, image_root=str(shapes_data.image_root), train_sampling_strategy="random")
+    shuffled = EmbeddingSFTTrainer(model=model, args=args, train_dataset=train)
+    assert sorted(shuffled._get_train_sampler()) == list(range(len(train)))
+    assert list(shuffled._get_train_sampler()) != list(range(len(train)))
+
+
 def test_input_texts_are_not_cut_by_default(tiny_backbone, tmp_path):
     """UME-R1 never cuts an input text on its own (only the whole row, at model_max_length): the SFT collator keeps a
     text longer than the 1024 tokens the other trainers cut at, unless max_length asks for a cut."""
@@ -497,6 +548,13 @@ def test_reasoning_format_evaluator_counts_what_the_model_writes(tiny_backbone, 
 
 
 def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
+    """The 2B/7B recipes train UME-R1's objective: 256 pairs per InfoNCE (its 4 per GPU x 64 GPUs, one forward) and
+    1024 per optimizer step (GA 4), on the processes of the accelerate config their launch line names; the tiny
+    recipe is the example's no-argument default."""
+    import importlib.util
+    import re
+
+    import yaml
     from trl import ModelConfig, TrlParser
 
     from mm_embed_trl.scripts import EmbeddingScriptArguments
@@ -512,4 +570,14 @@ def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
         if "tiny" not in recipe.name:
             assert model.model_name_or_path.startswith("Qwen/Qwen2-VL-")
             assert (args.learning_rate, args.temperature, args.warmup_ratio, args.max_steps) == (5e-5, 0.02, 0.03, 5000)
-            assert args.per_device_train_batch_size * (8 if "2b" in recipe.name else 16) == 1024
+            assert (args.train_sampling_strategy, args.max_length, args.max_new_tokens) == ("sequential", None, 8192)
+            launch = re.search(r"--config_file (\S+)", recipe.read_text()).group(1)
+            processes = yaml.safe_load((ROOT / launch).read_text())["num_processes"]
+            global_batch = args.per_device_train_batch_size * processes
+            pairs_per_infonce = args.contrastive_group_size or global_batch
+            assert (pairs_per_infonce, global_batch * args.gradient_accumulation_steps) == (4 * 64, 4 * 64 * 4)
+    spec = importlib.util.spec_from_file_location("train_sft_reasoning", ROOT / "examples" / "train_sft_reasoning.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    recipe = yaml.safe_load((ROOT / "recipes" / "sft_reasoning_tiny_cpu.yaml").read_text())
+    assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS

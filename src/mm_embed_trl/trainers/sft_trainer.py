@@ -127,6 +127,10 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
         query, target = self.embed(model, *sides, select=select)
         positive_ids = gather_no_grad(inputs["positive_ids"]) if args.gather_across_devices else inputs["positive_ids"]
         duplicates = positive_ids[:, None] == positive_ids[None, :] if args.mask_duplicate_targets else None
+        if args.contrastive_group_size is not None:  # pairs of other groups are never candidates
+            group = torch.arange(len(positive_ids), device=positive_ids.device) // args.contrastive_group_size
+            other_group = group[:, None] != group[None, :]
+            duplicates = other_group if duplicates is None else duplicates | other_group
         gather = gather_with_grad if args.gather_across_devices else (lambda t: t)
         gather_counts = gather_no_grad if args.gather_across_devices else (lambda t: t)
 
