@@ -163,6 +163,8 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     trainer.train()
     inputs, completions, rewards = captured["inputs"], captured["completions"], captured["rewards"]
     # the reference embeddings: our model's forward per row, prompt built from the row by the collator's template
+    from PIL import Image
+
     from mm_embed_trl.data.images import load_image
     from mm_embed_trl.data.reasoning import append_completions
     from mm_embed_trl.data.schema import EmbeddingInput
@@ -171,11 +173,14 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     model.eval()
     tok = model.processor.tokenizer
     gen_id = tok.convert_tokens_to_ids("<gen_emb>")
+    # a model no SFT run trained gets UME-R1's inputs: its prompt, a 28x28 white image before text-only sides
+    assert trainer.template.name == model.config.prompt_template == "ume_r1_blank_image"
+    assert any(not row["image"] for row in inputs) and trainer._stash["image_counts"] == [1] * len(inputs)
     collator = model.make_collator(template="ume_r1")
     reference, found = [], []
     with torch.no_grad():
         for row, completion in zip(inputs, completions):
-            image = load_image(row["image"], str(shapes_data.image_root))
+            image = load_image(row["image"], str(shapes_data.image_root)) or Image.new("RGB", (28, 28), "white")
             prompt = collator.encode_inputs([EmbeddingInput(row["text"], image)], side=row["side"])
             batch = append_completions(prompt, [completion], tok.pad_token_id)
             out = model(**batch, pool_tokens={"gen": TokenPooling(gen_id, "completion")})
@@ -297,6 +302,7 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens and the
     backbone's generation config kept), the discriminative ST export (no remote code) and the generative one
     (trust_remote_code) reproducing encode."""
+    from PIL import Image
     from sentence_transformers import SentenceTransformer
 
     model = _model(tiny_backbone)
@@ -319,7 +325,9 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     texts = ["a red circle on the left", "two blue squares"]
     rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
     disc = SentenceTransformer(str(out / "sentence_transformers"))
-    assert_close(torch.as_tensor(disc.encode_query(texts)), saved.encode(texts), rtol=rtol)
+    white = Image.new("RGB", (28, 28), "white")  # UME-R1's template: sentence-transformers is given its blank image
+    assert_close(torch.as_tensor(disc.encode_query([{"text": t, "image": white} for t in texts])), saved.encode(texts),
+                 rtol=rtol)
     gen = SentenceTransformer(str(out / "sentence_transformers_generative"), trust_remote_code=True)
     want = saved.encode(texts, mode="generative", max_new_tokens=16)  # the run's max_completion_length
     assert_close(torch.as_tensor(gen.encode_query(texts)), want, rtol=rtol)

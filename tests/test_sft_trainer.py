@@ -260,7 +260,7 @@ def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone,
     forced = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     row = {"qry": "a red circle on the left", "qry_image_path": "", "pos_text": "x", "pos_image_path": "",
            "qry_reasoning": target, "pos_reasoning": target}
-    batch = ReasoningCollator(model.processor)([row])["query"]
+    batch = ReasoningCollator(model.processor, template=model.config.prompt_template)([row])["query"]
     start = int(batch["completion_start"][0])
 
     def force(batch_id, ids):  # generate exactly `forced`
@@ -275,7 +275,8 @@ def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone,
         embedding, (text,) = model.encode([row["qry"]], mode="generative", return_reasoning=True, max_new_tokens=40,
                                           generation_kwargs={"prefix_allowed_tokens_fn": force})
         prompt = {k: v for k, v in batch.items() if k not in ("labels", "completion_start", "image_counts")}
-        prompt = {k: v[:, :start] for k, v in prompt.items()}
+        prompt = {k: (v[:, :start] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                  for k, v in prompt.items()}
         generated = model.backbone.generate(**prompt, max_new_tokens=40, do_sample=False,
                                             prefix_allowed_tokens_fn=force, output_hidden_states=True,
                                             return_dict_in_generate=True)
@@ -425,6 +426,33 @@ def test_batches_follow_the_file_order_by_default(tiny_backbone, shapes_data, tm
     assert list(shuffled._get_train_sampler()) != list(range(len(train)))
 
 
+def test_text_only_sides_get_ume_r1s_blank_image_in_training_and_encoding(tiny_backbone, shapes_data, tmp_path):
+    """With UME-R1's template (the SFT default) every text-only input is embedded as UME-R1 embeds it, after a 28x28
+    white image: in the SFT batches and in encode (hence evaluation and the generative export), exactly as if the
+    input carried that image under the plain "ume_r1" template. The tiny demo's "ume_r1" keeps text alone."""
+    from PIL import Image
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    model = _model(tiny_backbone)
+    trainer = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)))
+    assert trainer.args.prompt_template == model.config.prompt_template == "ume_r1_blank_image"
+    white = Image.new("RGB", (28, 28), (255, 255, 255))
+    texts = ["a red circle", "two blue stars on the left"]
+    blank = model.make_collator().encode_inputs([EmbeddingInput(t) for t in texts])
+    explicit = model.make_collator(template="ume_r1").encode_inputs([EmbeddingInput(t, white) for t in texts])
+    assert blank.keys() == explicit.keys() and "pixel_values" in blank
+    for key in blank:
+        assert torch.equal(blank[key], explicit[key]), key
+    batch = trainer.data_collator(_rows(shapes_data))
+    text_sides = [i for i, r in enumerate(_rows(shapes_data)) if not r["pos_image_path"]]
+    assert text_sides and batch["positive"]["image_counts"].tolist() == [1] * len(_rows(shapes_data))
+    rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
+    assert_close(model.encode(texts), model.encode([(white, t) for t in texts]), rtol=rtol)
+    model.config.prompt_template = "ume_r1"
+    assert "pixel_values" not in model.make_collator().encode_inputs([EmbeddingInput(t) for t in texts])
+
+
 def test_input_texts_are_not_cut_by_default(tiny_backbone, tmp_path):
     """UME-R1 never cuts an input text on its own (only the whole row, at model_max_length): the SFT collator keeps a
     text longer than the 1024 tokens the other trainers cut at, unless max_length asks for a cut."""
@@ -571,6 +599,7 @@ def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
             assert model.model_name_or_path.startswith("Qwen/Qwen2-VL-")
             assert (args.learning_rate, args.temperature, args.warmup_ratio, args.max_steps) == (5e-5, 0.02, 0.03, 5000)
             assert (args.train_sampling_strategy, args.max_length, args.max_new_tokens) == ("sequential", None, 8192)
+            assert args.prompt_template == "ume_r1_blank_image"
             launch = re.search(r"--config_file (\S+)", recipe.read_text()).group(1)
             processes = yaml.safe_load((ROOT / launch).read_text())["num_processes"]
             global_batch = args.per_device_train_batch_size * processes

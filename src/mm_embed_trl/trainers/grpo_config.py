@@ -54,6 +54,9 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector. UME-R1 trains
             them in RL (`freeze_vision_modules=False` in its `grpo_embed.py`); the tiny CPU demo freezes them, as its
             SFT stage did, because a random vision tower's features are what its language model learned on.
+        prompt_template (`str`, *optional*): the prompt of the rollouts; default: the one the model was trained with
+            in SFT (saved in its config), or, for a model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a
+            28x28 white image before text-only inputs). Saved with the trained model.
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
@@ -93,7 +96,10 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
     )
-    prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Prompt template; default: the SFT model's, else ume_r1_blank_image (UME-R1's)."},
+    )
 
     def __post_init__(self):
         if self.retrieval_pool not in RETRIEVAL_POOLS:

@@ -59,7 +59,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         max_length (`int`, *optional*): text tokens kept from each input's raw text. `None` (default): whole texts,
             as UME-R1, which never cuts an input text on its own (only `max_sequence_length` bounds a row); the other
             trainers cut at 1024.
-        prompt_template (`str`, defaults to `"ume_r1"`): the prompt with ``<disc_emb>`` and UME-R1's instruction.
+        prompt_template (`str`, defaults to `"ume_r1_blank_image"`): UME-R1's prompt (the input, ``<disc_emb>``, its
+            instruction) and its 28x28 white image before every text-only input, the inputs its released checkpoints
+            know; saved with the model, so encode and evaluation build the same. `"ume_r1"` leaves text alone.
 
     > Model
 
@@ -113,7 +115,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
                   "bounds the row."},
     )
     prompt_template: str | None = field(
-        default="ume_r1", metadata={"help": "Prompt template (UME-R1's: input, <disc_emb>, instruction)."}
+        default="ume_r1_blank_image",
+        metadata={"help": "Prompt template: ume_r1_blank_image (UME-R1's prompt, a 28x28 white image before text-only "
+                  "inputs) or ume_r1 (text alone)."},
     )
     freeze_vision_tower: bool = field(
         default=True, metadata={"help": "Freeze the vision encoder (UME-R1 does)."}
