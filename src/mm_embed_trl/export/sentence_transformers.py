@@ -71,6 +71,7 @@ def describe_export(
         ValueError: ``default_prompt_name`` is not one of the prompts, or ``embedding_dim`` exceeds the hidden size.
     """
     from ..data.templates import get_template
+    from ..modeling.configuration import check_embedding_dim
 
     config = model.config
     template = get_template(config.prompt_template)
@@ -80,10 +81,7 @@ def describe_export(
             f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(resolved_prompts)}; "
             "add it to `prompts` or leave it None."
         )
-    if config.embedding_dim is not None and not 0 < int(config.embedding_dim) <= config.hidden_size:
-        raise ValueError(
-            f"config.embedding_dim={config.embedding_dim} must be in [1, {config.hidden_size}] (the hidden size)."
-        )
+    check_embedding_dim(config.embedding_dim, config.hidden_size)
     pooling_token = None
     if config.pooling == "special_token":
         tokenizer = getattr(model.processor, "tokenizer", model.processor)

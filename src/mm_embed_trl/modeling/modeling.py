@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -261,6 +262,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for key, value in options.items():
             setattr(model.config, key, value)
+        model.config.check_options()
         if processor is None and load_processor:
             processor = load_processor_for(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
@@ -579,6 +581,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: encode needs a positive whole number of inputs per batch.")
         if num_samples < 1 or (num_samples > 1 and not do_sample):
             raise ValueError(f"num_samples={num_samples} needs do_sample=True (greedy decoding gives one completion).")
         single = not isinstance(inputs, (list, tuple)) or (
