@@ -228,6 +228,17 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
         EmbeddingGRPOTrainer(model=base, args=_config(tmp_path), train_dataset=shapes_data["train"])
 
 
+@pytest.mark.parametrize(
+    "option, value, least",
+    [("num_generations", 0, 2), ("num_generations", 1, 2), ("num_generations", -2, 2),
+     ("num_generations_eval", 0, 1), ("num_generations_eval", -2, 1)],
+)
+def test_too_few_generations_are_refused_naming_the_option(option, value, least, tmp_path):
+    """--num_generations 0 failed inside TRL with a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=rf"{option}={value}.*at least {least}"):
+        _config(tmp_path, **{option: value})
+
+
 def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_card(
     tiny_backbone, shapes_data, tmp_path
 ):

@@ -234,6 +234,67 @@ def test_a_checked_dataset_is_not_checked_again(shapes_data, monkeypatch):
     assert check_training_rows(checked) is checked
 
 
+def test_negatives_that_are_not_texts_are_refused_before_training(tmp_path, no_model_loading):
+    """neg_text as a list of lists passed the check, then failed with an AttributeError at the first batch."""
+    nested = datasets.Dataset.from_list(
+        [_row(pos=f"t{i}", neg_text=[["a", "b"], ["c"]], neg_image_path=["", ""]) for i in range(4)]
+    )
+    with pytest.raises(TypeError, match=r"'neg_text'.*list<.*not texts.*one text per negative"):
+        HardNegContrastiveTrainer(model="unused", args=_config(tmp_path), train_dataset=nested)
+    # in a JSON file whose rows differ, only the rows with a nested or numeric negative are bad
+    rows = [_row(pos=f"t{i}", neg_text=["a", "b"], neg_image_path=["", ""]) for i in range(6)]
+    rows[2]["neg_text"] = [["a", "b"], "c"]
+    rows[4]["neg_text"] = ["a", 7]
+    data = load_rows_dataset(_jsonl(tmp_path / "train.jsonl", rows))
+    with pytest.raises(BadRowsError, match=r"a negative in 'neg_text' that is not a text \(rows 2, 4; lines 3, 5"):
+        check_training_rows(data)
+    assert check_training_rows(load_rows_dataset(str(tmp_path / "train.jsonl")), on_bad_row="skip")[
+        ROW_INDEX_COLUMN][:] == [0, 1, 3, 5]
+
+
+# ------------------------------------------------------------------------------- options (issue 22, 12)
+def _configs():
+    from mm_embed_trl import DistillEmbedConfig, EmbeddingGRPOConfig, EmbeddingSFTConfig
+
+    return [HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig]
+
+
+@pytest.mark.parametrize("config_class", _configs(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "option, value, kind",
+    [
+        ("learning_rate", [1e-4], "a list"),
+        ("learning_rate", None, "null"),
+        ("per_device_train_batch_size", None, "null"),
+        ("seed", {"a": 1}, "a mapping"),
+        ("max_train_samples", [3], "a list"),  # a script option
+        ("lora_r", None, "null"),  # a model option (TRL's ModelConfig)
+    ],
+)
+def test_a_list_or_null_for_a_scalar_option_in_a_recipe_names_the_option(
+    config_class, option, value, kind, tmp_path, monkeypatch
+):
+    """A YAML recipe's values bypass argparse's type conversion: a list or null reached torch as it was."""
+    import sys
+
+    import yaml
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, parse_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({option: value, "image_root": None}))  # null is fine where None is an option
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    parser = TrlParser((EmbeddingScriptArguments, config_class, ModelConfig))
+    with pytest.raises(ValueError, match=rf"Option {option} \(--{option}\).*{kind}"):
+        parse_args(parser, {})
+
+
+def test_a_null_for_an_option_whose_default_is_none_is_kept(tmp_path):
+    args = _config(tmp_path, max_length=None, num_negatives=None, image_root=None)
+    assert args.max_length is None and args.num_negatives is None
+
+
 # ----------------------------------------------------------------- distillation data (issue #10, 9: stage 1)
 def test_distill_rows_all_zero_teacher_vectors_and_skip(qwen2_vl_model, tmp_path, caplog):
     from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer

@@ -5,6 +5,7 @@ parse → build → train → evaluate → export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -64,11 +65,16 @@ def parse_args(parser, tiny_defaults: dict[str, Any]) -> tuple:
     A run that names a model keeps the config class's paper defaults; in both cases a `--config` recipe and then
     the command line override what they set.
     """
+    from .trainers.base import check_option_types
+
     parsed = parser.parse_args_and_config()
-    if any(getattr(a, "model_name_or_path", None) for a in parsed):
-        return parsed
-    parser.set_defaults(**{**TINY_CPU_DEFAULTS, **tiny_defaults})
-    return parser.parse_args_and_config()
+    if not any(getattr(a, "model_name_or_path", None) for a in parsed):
+        parser.set_defaults(**{**TINY_CPU_DEFAULTS, **tiny_defaults})
+        parsed = parser.parse_args_and_config()
+    for options in parsed:  # the configs check themselves; the script's and TRL's ModelConfig do not
+        if dataclasses.is_dataclass(options):
+            check_option_types(options)
+    return parsed
 
 
 def resolve_model_path(model_args, script_args) -> tuple[str, bool]:

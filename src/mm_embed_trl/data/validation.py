@@ -405,6 +405,14 @@ def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
             "Give one image value ('' for none) per negative text.",
         ),
         (f"a negative in {NEG_TEXT!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
+        (
+            f"a negative in {NEG_TEXT!r} that is not a text",
+            f"Give each row a list of texts in {NEG_TEXT!r}, one string per negative (not a list or a number).",
+        ),
+        (
+            f"a negative in {NEG_IMAGE!r} that is not an image value",
+            f"Give each row a list of image paths in {NEG_IMAGE!r}, one per negative ('' for none).",
+        ),
     ]
     return causes
 
@@ -453,10 +461,16 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, n
     counts = np.zeros(n, dtype=np.int32)
     mismatch = np.zeros(n, dtype=bool)
     negative_bad_utf8 = np.zeros(n, dtype=bool)
+    not_values = {NEG_TEXT: np.zeros(n, dtype=bool), NEG_IMAGE: np.zeros(n, dtype=bool)}
     if with_negatives and (NEG_TEXT in batch.column_names or NEG_IMAGE in batch.column_names):
         counts, mismatch, negative_bad_utf8 = _negative_counts(batch)
+        for column in not_values:
+            if column in batch.column_names:
+                not_values[column] = _negatives_of_other_types(as_array(batch[column]), column, what=what)
     flag(mismatch)
     flag(negative_bad_utf8)
+    flag(not_values[NEG_TEXT])
+    flag(not_values[NEG_IMAGE])
     facts["problems"] = problems
     facts["num_negatives"] = counts
     return facts
@@ -502,6 +516,39 @@ def _negative_counts(batch):
     counts = cumulative[starts[1:]] - cumulative[starts[:-1]]
     counts = np.where(broadcast, total, counts)
     return np.where(mismatch, 0, counts).astype(np.int32), mismatch, bad_utf8
+
+
+def _negatives_of_other_types(array, column: str, *, what: str) -> np.ndarray:
+    """Per row: does a negative in ``column`` hold something other than a text (``neg_text``) or an image value
+    (``neg_image_path``): a list in the list, a number? A typed column of such values is a column problem."""
+    import pyarrow as pa
+
+    texts = column == NEG_TEXT
+    allowed = (str,) if texts else (str, dict, bytes)
+
+    def other(values) -> list[bool]:
+        return [x is not None and not isinstance(x, allowed) for x in values]
+
+    if _is_json(array):  # a JSON field whose rows differ: judge each element
+        from .schema import _as_list
+
+        return np.array([any(other(_as_list(v))) for v in _json_values(array)], dtype=bool)
+    t = array.type
+    element = t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) else t
+    if getattr(element, "extension_name", None) == "arrow.json":  # lists whose elements differ in type
+        flat = array.flatten()
+        return _per_element_to_rows(array, np.array(other(_json_values(flat)), dtype=bool))
+    usable = pa.types.is_null(element) or pa.types.is_string(element) or pa.types.is_large_string(element)
+    if not texts:
+        usable = usable or pa.types.is_binary(element) or pa.types.is_large_binary(element)
+        usable = usable or pa.types.is_struct(element)  # datasets.Image values
+    if not usable:
+        raise TypeError(
+            f"Column {column!r} of the {what} holds {t} values, not "
+            + ("texts: give each row one text per negative, as a list of strings (or one string)." if texts else
+               "image values: give each row one image path per negative, as a list ('' for none).")
+        )
+    return np.zeros(len(array), dtype=bool)
 
 
 def _placeholder_problems(facts, dataset, *, what: str) -> None:
