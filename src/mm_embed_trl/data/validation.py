@@ -51,7 +51,7 @@ __all__ = [
 
 ON_BAD_ROW_CHOICES = ("raise", "skip")
 # Part of every cache key: bump when a contract's facts change for the same data.
-_CONTRACT_VERSION = 1
+_CONTRACT_VERSION = 2
 _BATCH_ROWS = 10_000
 # Fingerprints of datasets a contrastive check returned in this process: the example checks before the model loads,
 # the trainer checks again, and the second check must cost nothing.
