@@ -92,6 +92,18 @@ def test_export_reproduces_encode_on_every_family(family, tiny_backbone, export_
     _assert_same(st, model, inputs)
 
 
+def test_export_and_encode_agree_on_a_photo_stored_sideways(tiny_backbone, export_dir, tmp_path):
+    """sentence-transformers applies the EXIF orientation of an image path; encode ignored it (cos 0.964)."""
+    from test_images import _sideways_jpeg
+
+    rotated, upright = _sideways_jpeg(tmp_path / "photo.jpg")
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    st = _st(export_sentence_transformers(model, export_dir / "exif"))
+    ours = model.encode([{"image": str(rotated)}])  # encode reads a bare string as text, ST as an image path
+    assert_close(st.encode([str(rotated)], convert_to_tensor=True).float(), ours, rtol=EXPORT_RTOL)
+    assert torch.equal(ours, model.encode([{"image": str(upright)}]))
+
+
 def test_stock_chat_template_would_not_match(tiny_backbone, export_dir):
     """The equality above is not vacuous: ST on the plain backbone (stock chat template, no prompt) differs."""
     from sentence_transformers import SentenceTransformer
