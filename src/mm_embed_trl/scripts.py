@@ -134,7 +134,7 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
         train, evaluation = load_named_splits(script_args)
     # Checked here, before the model loads; the trainer's own check of the same datasets is then free.
     with training_args.main_process_first(desc="checking the dataset rows"):
-        policy = dict(num_negatives=getattr(training_args, "num_negatives", None), on_bad_row=training_args.on_bad_row)
+        policy = dict(on_bad_row=training_args.on_bad_row, **training_args.row_contract)
         train = check_training_rows(train, what="training dataset", **policy)
         if evaluation is not None:
             evaluation = check_training_rows(evaluation, what="held-out dataset", **policy)

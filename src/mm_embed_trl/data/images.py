@@ -318,7 +318,9 @@ def has_image(value: Any) -> bool:
     return not is_missing(value) if not _is_array(value) else True
 
 
-def image_size(value: Any, image_root: str | os.PathLike | None = None, *, where: str = "image") -> tuple[int, int]:
+def image_size(
+    value: Any, image_root: str | os.PathLike | None = None, *, where: str = "image"
+) -> tuple[int, int] | None:
     """``(height, width)`` of the image :func:`load_image` makes of ``value`` (upright), read from the file's header
     without decoding its pixels; None when ``value`` means "no image". Raises as :func:`load_image` does."""
     if isinstance(value, Image.Image):

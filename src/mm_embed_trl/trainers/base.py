@@ -97,6 +97,12 @@ class EmbeddingRunArguments:
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         super().__post_init__()
 
+    @property
+    def row_contract(self) -> dict[str, Any]:
+        """What this run asks of its rows: the options of the pre-training row check
+        (:func:`~mm_embed_trl.data.validation.check_training_rows`) that the trainer and the examples run."""
+        return {"num_negatives": getattr(self, "num_negatives", None)}
+
 
 _SCALAR_TYPES = (bool, int, float, str)
 
@@ -365,6 +371,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             model.set_processor(processing_class)
         if processing_class is None:
             raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        self.prepare_model(model, processing_class, args)
         if args.image_max_pixels is not None:
             from ..data.images import set_image_pixel_budget
 
@@ -386,6 +393,12 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             args.ddp_find_unused_parameters = vision_trains
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
+        check_rows = getattr(data_collator, "check_rows", None)
+        if check_rows is not None:  # the part of the row contract only the collator can judge, still before training
+            train_dataset, eval_dataset = self._check_each(
+                train_dataset, eval_dataset, args,
+                lambda dataset, what: check_rows(dataset, what=what, on_bad_row=args.on_bad_row),
+            )
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._last_train_loss: torch.Tensor | None = None
@@ -449,9 +462,13 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         from ..data.validation import check_training_rows
 
         def check(dataset, what):
-            return check_training_rows(dataset, what=what, num_negatives=args.num_negatives, on_bad_row=args.on_bad_row)
+            return check_training_rows(dataset, what=what, on_bad_row=args.on_bad_row, **args.row_contract)
 
         return self._check_each(train_dataset, eval_dataset, args, check)
+
+    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
+        """Hook: ready the model for this method once it is loaded (after the data check) and its processor is known,
+        before LoRA and the collator (e.g. add tokens the method needs)."""
 
     def _check_each(self, train_dataset, eval_dataset, args, check):
         """Run `check(dataset, what) -> dataset` on the training and every eval dataset (main process first, so the
