@@ -3,6 +3,7 @@ policy, dataset row indices in collator errors, and the contrastive trainer's la
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -251,6 +252,51 @@ def test_negatives_that_are_not_texts_are_refused_before_training(tmp_path, no_m
         check_training_rows(data)
     assert check_training_rows(load_rows_dataset(str(tmp_path / "train.jsonl")), on_bad_row="skip")[
         ROW_INDEX_COLUMN][:] == [0, 1, 3, 5]
+
+
+# ------------------------------------------------------------------- images stored in the data (issue 22, 11)
+def _png_bytes(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_column_rows(n, bad: dict[int, bytes]):
+    rows = [_row(qry="find it", pos=f"target {i}", qry_image={"bytes": _png_bytes((8 * i, 0, 0)), "path": None})
+            for i in range(n)]
+    for i, data in bad.items():
+        rows[i]["qry_image_path"] = {"bytes": data, "path": f"photo{i}.jpg"}
+    return datasets.Dataset.from_list(rows).cast_column("qry_image_path", datasets.Image())
+
+
+def test_an_unreadable_image_in_an_image_column_is_a_bad_row(tmp_path, caplog):
+    """A corrupt image in a datasets.Image column passed the check, then datasets raised a bare
+    UnidentifiedImageError when its batch came (no row, no column, and on_bad_row='skip' could not help)."""
+    data = _image_column_rows(8, {2: b"this is not an image", 5: b"\x89PNG broken"})
+    with pytest.raises(BadRowsError, match=r"an image in 'qry_image_path' that is not a readable image \(rows 2, 5\)"):
+        check_training_rows(data)
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
+        kept = check_training_rows(data, on_bad_row="skip")
+    assert kept[ROW_INDEX_COLUMN][:] == [0, 1, 3, 4, 6, 7]
+
+
+def test_image_columns_are_decoded_by_the_librarys_loader(tiny_backbone, tmp_path):
+    """A truncated image (its header reads, its pixels do not) fails when its batch comes: with the loader of this
+    library (row, column and fix named), not inside datasets (UnidentifiedImageError / OSError, nothing named)."""
+    from mm_embed_trl.data.images import ImageLoadError
+
+    noise = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[:1000]  # of about 3 kB of noise: the header is whole, the pixels are not
+    data = _image_column_rows(8, {3: truncated})
+    checked = check_training_rows(data)
+    assert checked.features["qry_image_path"].decode is False  # rows hand the collator the encoded image
+    assert isinstance(checked[0]["qry_image_path"], dict)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(model=model, args=_config(tmp_path, max_steps=1), train_dataset=data)
+    with pytest.raises(ImageLoadError, match=r"dataset row 3 .*'qry_image_path'.*photo3\.jpg.*truncated or corrupt"):
+        trainer.train()
 
 
 # ------------------------------------------------------------------------------- options (issue 22, 12)

@@ -50,11 +50,12 @@ __all__ = [
     "text_values",
     "value_lists",
     "with_row_index",
+    "with_undecoded_images",
 ]
 
 ON_BAD_ROW_CHOICES = ("raise", "skip")
 # Part of every cache key: bump when a contract's facts change for the same data.
-_CONTRACT_VERSION = 3
+_CONTRACT_VERSION = 4
 _BATCH_ROWS = 10_000
 # Fingerprints (+ contract options) of datasets a contrastive check returned in this process: the example checks
 # before the model loads, the trainer checks again, and the second check must cost nothing.
@@ -388,6 +389,73 @@ def _check_image_column(array, column: str, *, what: str) -> None:
     )
 
 
+_UNREADABLE_FIX = (
+    "Its bytes are not an image file PIL can open (corrupt, or not an image at all): replace them, or drop these rows."
+)
+
+
+def _unreadable_images(array) -> np.ndarray:
+    """Per value of an image column stored as bytes (``datasets.Image`` structs, binary): encoded bytes whose header
+    no decoder reads? The bytes are in the table, so this costs no I/O; only headers are read, and a truncated image
+    is reported by the loader when its batch comes."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from PIL import Image
+
+    t = array.type
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        data = pc.struct_field(array, "bytes")
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        data = array
+    else:
+        return np.zeros(len(array), dtype=bool)
+    bad = np.zeros(len(array), dtype=bool)
+    for i, value in enumerate(data.to_pylist()):
+        if not value:
+            continue
+        try:
+            with Image.open(io.BytesIO(value)):
+                pass
+        except Image.DecompressionBombError:
+            pass  # readable, only large: the loader explains PIL's pixel limit when the image is used
+        except Exception:
+            bad[i] = True
+    return bad
+
+
+def with_undecoded_images(dataset):
+    """The dataset with its ``datasets.Image`` columns (and lists of them) set to ``decode=False``, so rows give the
+    collators the encoded image, which :func:`~mm_embed_trl.data.images.load_image` decodes, upright, naming the
+    row and column of a bad one; datasets' own decoder fails when the batch is fetched, naming neither."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        undecoded = _undecoded(feature)
+        if undecoded is not None:
+            cast = dataset.cast_column(name, undecoded)
+            dataset = keep_source(cast, dataset) if isinstance(dataset, datasets.Dataset) else cast
+    return dataset
+
+
+def _undecoded(feature):
+    """``feature`` with each decoding ``datasets.Image`` in it set to ``decode=False``; None when it has none."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False) if feature.decode else None
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        inner = _undecoded(feature.feature)
+        if inner is None:
+            return None
+        return datasets.LargeList(inner) if isinstance(feature, datasets.LargeList) else datasets.List(
+            inner, length=feature.length
+        )
+    return None
+
+
 def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list[tuple[str, str]]:
     """The (cause, fix) of each problem bit of :func:`_contrastive_facts`, in bit order."""
     causes = []
@@ -404,6 +472,7 @@ def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list
             ),
             (f"an image path in {image_col!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
             (f"{_VIDEO_TOKENS} in {text_col!r}", _VIDEO_FIX),
+            (f"an image in {image_col!r} that is not a readable image", _UNREADABLE_FIX),
         ]
     causes += [
         (
@@ -420,6 +489,7 @@ def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list
             f"Give each row a list of image paths in {NEG_IMAGE!r}, one per negative ('' for none).",
         ),
         (f"{_VIDEO_TOKENS} in {NEG_TEXT!r}", _VIDEO_FIX),
+        (f"an image in {NEG_IMAGE!r} that is not a readable image", _UNREADABLE_FIX),
     ]
     if reasoning:
         for column in REASONING_COLUMNS.values():
@@ -474,13 +544,14 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
         without_placeholders = pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, "")
         stripped = pc.utf8_trim_whitespace(without_placeholders)
         empty = pc.equal(pc.utf8_length(stripped), 0).fill_null(True).to_numpy(zero_copy_only=False)
-        image_bad_utf8 = np.zeros(n, dtype=bool)
+        image_bad_utf8 = unreadable = np.zeros(n, dtype=bool)
         if image_col in batch.column_names:
             images = as_array(batch[image_col])
             _check_image_column(images, image_col, what=what)
             if pa.types.is_string(images.type) or pa.types.is_large_string(images.type):
                 image_bad_utf8 = invalid_utf8_mask(images)
             has_image = present_mask(images) & ~image_bad_utf8
+            unreadable = _unreadable_images(images)
         else:
             has_image = np.zeros(n, dtype=bool)
         usable = ~not_text & ~bad_utf8
@@ -490,6 +561,7 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
         flag(usable & empty & placeholder & ~has_image)
         flag(image_bad_utf8)
         flag(usable & _matches(without_placeholders, _VISION_REGEX))
+        flag(unreadable)
         facts[f"{side}_placeholder"] = placeholder
         facts[f"{side}_image"] = has_image
 
@@ -497,7 +569,7 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
     mismatch = np.zeros(n, dtype=bool)
     negative_bad_utf8 = np.zeros(n, dtype=bool)
     not_values = {NEG_TEXT: np.zeros(n, dtype=bool), NEG_IMAGE: np.zeros(n, dtype=bool)}
-    negative_video = np.zeros(n, dtype=bool)
+    negative_video = negative_unreadable = np.zeros(n, dtype=bool)
     if with_negatives and (NEG_TEXT in batch.column_names or NEG_IMAGE in batch.column_names):
         counts, mismatch, negative_bad_utf8 = _negative_counts(batch)
         for column in not_values:
@@ -509,11 +581,15 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
             if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
                 without = pc.replace_substring_regex(flat, _PLACEHOLDER_REGEX, "")
                 negative_video = _per_element_to_rows(lists, _matches(without, _VISION_REGEX))
+        if NEG_IMAGE in batch.column_names and not not_values[NEG_IMAGE].any():
+            lists = value_lists(as_array(batch[NEG_IMAGE]))
+            negative_unreadable = _per_element_to_rows(lists, _unreadable_images(lists.flatten()))
     flag(mismatch)
     flag(negative_bad_utf8)
     flag(not_values[NEG_TEXT])
     flag(not_values[NEG_IMAGE])
     flag(negative_video & ~negative_bad_utf8)
+    flag(negative_unreadable)
     if reasoning:
         for column in REASONING_COLUMNS.values():
             texts, not_text, bad_utf8 = text_values(as_array(batch[column]), column, what=what)
@@ -693,7 +769,7 @@ def check_training_rows(
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
-        return dataset
+        return with_undecoded_images(dataset) if isinstance(dataset, datasets.IterableDataset) else dataset
     with_negatives = num_negatives != 0 and not reasoning
     options = {"with_negatives": with_negatives, "reasoning": reasoning, "num_negatives": num_negatives}
     if _checked_key(dataset, options) in _CHECKED:
@@ -730,6 +806,7 @@ def check_training_rows(
             BadRows(p.cause, p.rows[usable[p.rows]], p.fix) for p in _negative_count_problems(counts, num_negatives)
         ]
     dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
+    dataset = with_undecoded_images(dataset)
     _CHECKED.add(_checked_key(dataset, options))
     return dataset
 
