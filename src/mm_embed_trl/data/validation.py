@@ -398,8 +398,6 @@ def _unreadable_images(array) -> np.ndarray:
     """Per value of an image column stored as bytes (``datasets.Image`` structs, binary): encoded bytes whose header
     no decoder reads? The bytes are in the table, so this costs no I/O; only headers are read, and a truncated image
     is reported by the loader when its batch comes."""
-    import io
-
     import pyarrow as pa
     import pyarrow.compute as pc
     from PIL import Image
@@ -412,11 +410,12 @@ def _unreadable_images(array) -> np.ndarray:
     else:
         return np.zeros(len(array), dtype=bool)
     bad = np.zeros(len(array), dtype=bool)
-    for i, value in enumerate(data.to_pylist()):
-        if not value:
+    for i in range(len(data)):
+        value = data[i]
+        if not value.is_valid or not len(value.as_buffer()):
             continue
         try:
-            with Image.open(io.BytesIO(value)):
+            with Image.open(pa.BufferReader(value.as_buffer())):  # zero-copy: image bytes can be large
                 pass
         except Image.DecompressionBombError:
             pass  # readable, only large: the loader explains PIL's pixel limit when the image is used
