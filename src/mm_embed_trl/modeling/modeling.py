@@ -236,7 +236,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MultimodalEmbeddingModel:
-        """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory).
+        """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory); a
+        sentence-transformers export of this library (`export_sentence_transformers`, `examples/export.py`) gives
+        back the model it was made from.
 
         Wrapper options (`pooling`, `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`,
         `encoder_kind`) may be given as keyword arguments; other keyword arguments go to transformers
@@ -247,6 +249,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         processor = kwargs.pop("processor", None)
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
+            from ..export.sentence_transformers import load_sentence_transformers_export, read_export_info
+
+            export = read_export_info(pretrained_model_name_or_path, **hub_kwargs)
+            if export is not None:  # what examples/export.py writes: rebuild the model it was made from
+                return load_sentence_transformers_export(
+                    cls, pretrained_model_name_or_path, export, processor=processor, load_processor=load_processor,
+                    **kwargs,
+                )
             try:
                 found = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             except (OSError, ValueError) as err:
