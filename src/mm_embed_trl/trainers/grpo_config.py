@@ -120,6 +120,11 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
                 f"({2 * self.num_generations}), both sides of each pair rolled out num_generations times."
             )
 
+    @property
+    def row_contract(self) -> dict:
+        """GRPO rolls out both sides of each pair; explicit negatives are not used."""
+        return {"num_negatives": 0}
+
     @cached_property
     def _setup_devices(self) -> torch.device:
         return setup_devices_with_timeout(self)
