@@ -231,6 +231,9 @@ class ReasoningCollator(EmbeddingCollator):
            :meth:`completion_ids`), an image still at its budget;
         3. the image's own token count, from its size read from its header (:meth:`image_token_counts`).
 
+        A processor without a pixel budget (LLaVA-OneVision's tiles) leaves steps 1 and 2 no bound for an image:
+        each image is then read (its header only).
+
         ``rows``: a ``pyarrow.Table`` of rows that passed the reasoning row contract.
         """
         import pyarrow as pa
@@ -252,9 +255,8 @@ class ReasoningCollator(EmbeddingCollator):
         out = {}
         for side, (text_col, image_col, target_col, prompt_side) in _SIDES.items():
             with_image = present_mask(column(image_col))
-            lengths = self._prompt_bytes(prompt_side) + byte_lengths(column(text_col)) + byte_lengths(
-                column(target_col)
-            ) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
+            fixed = self._prompt_bytes(prompt_side) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
+            lengths = fixed + byte_lengths(column(text_col)) + byte_lengths(column(target_col))
             if budget is not None:
                 lengths[with_image] += budget
             settled = np.zeros(n, dtype=bool) if limit is None else lengths <= limit
