@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed JIT-compiles its CPU communication op on first use, into one folder per user by default: test runs of
+# two checkouts (two virtual environments) rebuilt it under each other's feet and their ZeRO launches hung on the
+# half-built op. One folder per environment; subprocess launches inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -92,6 +92,18 @@ def test_export_reproduces_encode_on_every_family(family, tiny_backbone, export_
     _assert_same(st, model, inputs)
 
 
+def test_export_and_encode_agree_on_a_photo_stored_sideways(tiny_backbone, export_dir, tmp_path):
+    """sentence-transformers applies the EXIF orientation of an image path; encode ignored it (cos 0.964)."""
+    from test_images import _sideways_jpeg
+
+    rotated, upright = _sideways_jpeg(tmp_path / "photo.jpg")
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    st = _st(export_sentence_transformers(model, export_dir / "exif"))
+    ours = model.encode([{"image": str(rotated)}])  # encode reads a bare string as text, ST as an image path
+    assert_close(st.encode([str(rotated)], convert_to_tensor=True).float(), ours, rtol=EXPORT_RTOL)
+    assert torch.equal(ours, model.encode([{"image": str(upright)}]))
+
+
 def test_stock_chat_template_would_not_match(tiny_backbone, export_dir):
     """The equality above is not vacuous: ST on the plain backbone (stock chat template, no prompt) differs."""
     from sentence_transformers import SentenceTransformer
@@ -246,6 +258,62 @@ def test_text_lm_without_chat_template(tiny_backbone, export_dir):
     model.processor.chat_template = None
     out = export_sentence_transformers(model, export_dir / "text_no_template")
     _assert_same(_st(out), model, _inputs("text"))
+
+
+def _exported_model(case, tiny_backbone):
+    """A model as an export starts from: UniME with a truncated dimension, UME-R1's <disc_emb>, a text LM with and
+    without a chat template."""
+    family = "text" if case.startswith("text") else "qwen2_vl"
+    if case == "ume_r1":
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family), prompt_template="ume_r1")
+        model = _with_ume_tokens(model)
+        model.config.pooling, model.config.pooling_token = "special_token", "<disc_emb>"
+        model.set_processor(model.processor)
+        return model
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone(family), embedding_dim=48)
+    if case == "text_no_template":
+        model.processor.chat_template = None
+    return model
+
+
+@pytest.mark.parametrize("case", ["unime_dim48", "ume_r1", "text", "text_no_template"])
+def test_from_pretrained_on_an_export_rebuilds_the_trained_model(case, tiny_backbone, export_dir):
+    """Loaded as a plain backbone, an export (what examples/export.py writes and pushes) got a second prompt template
+    on top of its own and last-token pooling instead of <disc_emb> (cos 0.976 / 0.987 to the trained model)."""
+    model = _exported_model(case, tiny_backbone)
+    out = export_sentence_transformers(model, export_dir / f"reload-{case}", prompts={"query": "Find: "})
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out)
+    for option in ("pooling", "pooling_token", "pooling_token_id", "embedding_dim", "normalize", "prompt_template"):
+        assert getattr(reloaded.config, option) == getattr(model.config, option), option
+    assert reloaded.processor.chat_template == model.processor.chat_template  # the backbone's own, not the export's
+    inputs = _inputs("text" if case.startswith("text") else "qwen2_vl")
+    for side in ("query", "document"):  # the trained model's prompts (an export's prompts are the export's)
+        assert_close(reloaded.encode(inputs, side=side), model.encode(inputs, side=side), rtol=EXPORT_RTOL)
+
+
+def test_from_pretrained_on_a_generative_export_loads_the_model_inside(tiny_backbone, tmp_path):
+    from mm_embed_trl.export.generative import export_generative_sentence_transformers
+    from mm_embed_trl.trainers.sft_trainer import prepare_embedding_tokens
+
+    model = MultimodalEmbeddingModel.from_pretrained(
+        tiny_backbone("qwen2_vl"), encoder_kind="generative", prompt_template="ume_r1"
+    )
+    prepare_embedding_tokens(model, model.processor)
+    out = export_generative_sentence_transformers(model, tmp_path / "generative")
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out)
+    assert reloaded.config.generative_pooling_token == "<gen_emb>" and reloaded.lm_head is not None
+    inputs = _inputs("qwen2_vl")
+    assert torch.equal(reloaded.encode(inputs), model.encode(inputs))
+
+
+def test_an_export_that_cannot_be_rebuilt_is_refused_with_the_fix(tiny_backbone, tmp_path):
+    out = export_sentence_transformers(_exported_model("unime_dim48", tiny_backbone), tmp_path / "export")
+    with pytest.raises(ValueError, match=r"no language-model head.*output_dir of the training run"):
+        MultimodalEmbeddingModel.from_pretrained(out, encoder_kind="generative")
+    template = out / "chat_template.jinja"
+    template.write_text("{{ messages }}" + template.read_text())  # edited by hand
+    with pytest.raises(ValueError, match=r"chat template.*edited.*output_dir of the training run"):
+        MultimodalEmbeddingModel.from_pretrained(out)
 
 
 def test_lora_export_merges_a_copy(tiny_backbone, export_dir):

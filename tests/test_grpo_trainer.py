@@ -296,6 +296,28 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
         EmbeddingGRPOTrainer(model=base, args=_config(tmp_path), train_dataset=shapes_data["train"])
 
 
+@pytest.mark.parametrize(
+    "option, value, least",
+    [("num_generations", 0, 2), ("num_generations", 1, 2), ("num_generations", -2, 2),
+     ("num_generations_eval", 0, 1), ("num_generations_eval", -2, 1)],
+)
+def test_too_few_generations_are_refused_naming_the_option(option, value, least, tmp_path):
+    """--num_generations 0 failed inside TRL with a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=rf"{option}={value}.*at least {least}"):
+        _config(tmp_path, **{option: value})
+
+
+def test_rows_are_checked_for_what_grpo_uses(tmp_path):
+    """GRPO uses no explicit negatives; the examples checked rows as if it did and refused negatives that differ in
+    number. The config's row_contract is what the trainer and the examples check."""
+    import datasets
+
+    from mm_embed_trl.data.validation import check_training_rows
+
+    rows = [{"qry": f"q{i}", "pos_text": f"t{i}", "neg_text": ["n"] * (i % 3)} for i in range(8)]
+    assert len(check_training_rows(datasets.Dataset.from_list(rows), **_config(tmp_path).row_contract)) == 8
+
+
 def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_card(
     tiny_backbone, shapes_data, instruct_generation_config, generation_settings, tmp_path
 ):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mm_embed_trl.data.images import ImageLoadError, load_image, load_images
@@ -303,3 +305,72 @@ def test_decompression_bomb_says_what_it_is_and_how_to_lift_the_limit(source, tm
     assert "1200 pixels" in message and "PIL.Image.MAX_IMAGE_PIXELS" in message and "500" in message
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # what the message says lifts it
     assert load_image(value).size == (40, 30)
+
+
+# ------------------------------------------------------------------ EXIF orientation, multi-frame (issue 22, 4)
+def _sideways_jpeg(path, orientation=6):
+    """A JPEG whose pixels are stored turned (as phones store photos) with the EXIF orientation tag that turns them
+    back, and the upright image as a lossless PNG beside it: the stored pixels turned by hand (orientation 6 is
+    "rotate 90 degrees clockwise to display"; 3 is 180 degrees)."""
+    upright = Image.new("RGB", (48, 80), (255, 255, 255))
+    upright.paste((220, 20, 20), (0, 0, 48, 20))  # a red band at the top: any turn moves it
+    upright.paste((20, 20, 220), (30, 40, 48, 80))
+    turn = {6: Image.Transpose.ROTATE_90, 3: Image.Transpose.ROTATE_180}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(turn).save(path, exif=exif, quality=95)
+    with Image.open(path) as stored:
+        undo = {6: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}[orientation]
+        reference = stored.convert("RGB").transpose(undo)
+    reference.save(path.with_suffix(".png"))
+    return path, path.with_suffix(".png")
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_exif_orientation_is_applied_however_the_image_is_given(orientation, tmp_path):
+    """Phone photos embedded sideways in training and encode while the sentence-transformers export turned them."""
+    from mm_embed_trl.data.images import image_size
+
+    rotated, upright = _sideways_jpeg(tmp_path / "photo.jpg", orientation)
+    expected = np.asarray(Image.open(upright))
+    with Image.open(rotated) as opened:
+        pil = opened.copy()
+    for value in (str(rotated), rotated.read_bytes(), {"bytes": rotated.read_bytes(), "path": None},
+                  {"bytes": None, "path": str(rotated)}, pil):
+        image = load_image(value)
+        assert image.size == (48, 80)
+        np.testing.assert_array_equal(np.asarray(image), expected)
+        assert image_size(value) == (80, 48)  # (height, width), from the header alone
+
+
+def test_exif_orientation_in_encode_and_the_training_collator(qwen2_vl_model, tmp_path):
+    from mm_embed_trl.data.collators import EmbeddingCollator
+
+    rotated, upright = _sideways_jpeg(tmp_path / "photo.jpg")
+    got = qwen2_vl_model.encode([{"image": str(rotated)}, (str(rotated), "what is it?")])
+    assert torch.equal(got, qwen2_vl_model.encode([{"image": str(upright)}, (str(upright), "what is it?")]))
+    collator = EmbeddingCollator(qwen2_vl_model.processor, image_root=tmp_path, num_negatives=0)
+    rows = [{"qry": "find it", "qry_image_path": name, "pos_text": "a photo", "pos_image_path": name}
+            for name in (rotated.name, upright.name)]
+    sideways, straight = collator(rows[:1]), collator(rows[1:])
+    for side in ("query", "positive"):
+        assert torch.equal(sideways[side]["pixel_values"], straight[side]["pixel_values"])
+        assert torch.equal(sideways[side]["image_grid_thw"], straight[side]["image_grid_thw"])
+
+
+def test_a_multi_frame_image_says_once_that_its_first_frame_is_used(tmp_path, caplog, monkeypatch):
+    from mm_embed_trl.data import images
+
+    monkeypatch.setattr(images, "_multi_frame_reported", False)  # as in a fresh process
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "other.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.images"):
+        first = load_image(str(tmp_path / "clip.gif"), where="row 4, column 'qry_image_path'")
+        load_image(str(tmp_path / "other.gif"))
+        load_image(str(tmp_path / "clip.gif"))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(frames[0]))
+    warnings = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "row 4, column 'qry_image_path'" in warnings[0] and "clip.gif" in warnings[0] and "3 frames" in warnings[0]
+    assert "first frame" in warnings[0] and "video" in warnings[0]

@@ -232,6 +232,37 @@ def test_config_validation():
         MultimodalEmbeddingConfig(pooling="special_token")
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "8"])
+def test_encode_refuses_a_batch_size_that_is_not_a_positive_whole_number(batch_size, qwen2_vl_model):
+    """batch_size=-1 returned an empty tensor, 0 failed inside range(); each is refused naming the option."""
+    with pytest.raises((TypeError, ValueError), match=rf"batch_size={batch_size!r}.*positive whole number"):
+        qwen2_vl_model.encode(["a red circle", "a blue square"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("embedding_dim", [0, -5, 65, 2.5, True])
+def test_embedding_dim_is_validated_wherever_it_is_set(embedding_dim, tiny_backbone, tmp_path):
+    """embedding_dim=0 gave 0-dimensional vectors and -5 failed deep inside encode; the tiny hidden size is 64.
+    Refused by the config, by from_pretrained on a backbone and on a saved model, and by the export."""
+    from transformers import AutoConfig
+
+    match = rf"embedding_dim={embedding_dim!r}.*\[1, 64\]"
+    backbone_config = AutoConfig.from_pretrained(tiny_backbone("qwen2_vl"))
+    with pytest.raises((TypeError, ValueError), match=match):
+        MultimodalEmbeddingConfig(encoder_config=backbone_config, embedding_dim=embedding_dim)
+    with pytest.raises((TypeError, ValueError), match=match):
+        MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), embedding_dim=embedding_dim)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises((TypeError, ValueError), match=match):
+        MultimodalEmbeddingModel.from_pretrained(tmp_path / "saved", embedding_dim=embedding_dim)
+    from mm_embed_trl.export import export_sentence_transformers
+
+    model.config.embedding_dim = embedding_dim  # set by hand, past every door but the export's
+    with pytest.raises((TypeError, ValueError), match=match):
+        export_sentence_transformers(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 class _RecordBackward(torch.autograd.Function):
     """Identity that notes when a gradient reaches a module output, as ZeRO-3's pre-backward hook does."""
 

@@ -3,6 +3,7 @@ policy, dataset row indices in collator errors, and the contrastive trainer's la
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ import datasets
 import launching
 import numpy as np
 import pytest
+from PIL import Image
 
 from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.data import validation
@@ -232,6 +234,291 @@ def test_a_checked_dataset_is_not_checked_again(shapes_data, monkeypatch):
     checked = check_training_rows(shapes_data["train"].select(range(8)))
     monkeypatch.setattr(validation, "row_facts", mock.Mock(side_effect=AssertionError("checked twice")))
     assert check_training_rows(checked) is checked
+
+
+def test_negatives_that_are_not_texts_are_refused_before_training(tmp_path, no_model_loading):
+    """neg_text as a list of lists passed the check, then failed with an AttributeError at the first batch."""
+    nested = datasets.Dataset.from_list(
+        [_row(pos=f"t{i}", neg_text=[["a", "b"], ["c"]], neg_image_path=["", ""]) for i in range(4)]
+    )
+    with pytest.raises(TypeError, match=r"'neg_text'.*list<.*not texts.*one text per negative"):
+        HardNegContrastiveTrainer(model="unused", args=_config(tmp_path), train_dataset=nested)
+    # in a JSON file whose rows differ, only the rows with a nested or numeric negative are bad
+    rows = [_row(pos=f"t{i}", neg_text=["a", "b"], neg_image_path=["", ""]) for i in range(6)]
+    rows[2]["neg_text"] = [["a", "b"], "c"]
+    rows[4]["neg_text"] = ["a", 7]
+    data = load_rows_dataset(_jsonl(tmp_path / "train.jsonl", rows))
+    with pytest.raises(BadRowsError, match=r"a negative in 'neg_text' that is not a text \(rows 2, 4; lines 3, 5"):
+        check_training_rows(data)
+    assert check_training_rows(load_rows_dataset(str(tmp_path / "train.jsonl")), on_bad_row="skip")[
+        ROW_INDEX_COLUMN][:] == [0, 1, 3, 5]
+
+
+# ------------------------------------------------------------------- images stored in the data (issue 22, 11)
+def _png_bytes(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_column_rows(n, bad: dict[int, bytes]):
+    rows = [_row(qry="find it", pos=f"target {i}", qry_image={"bytes": _png_bytes((8 * i, 0, 0)), "path": None})
+            for i in range(n)]
+    for i, data in bad.items():
+        rows[i]["qry_image_path"] = {"bytes": data, "path": f"photo{i}.jpg"}
+    return datasets.Dataset.from_list(rows).cast_column("qry_image_path", datasets.Image())
+
+
+def test_an_unreadable_image_in_an_image_column_is_a_bad_row(tmp_path, caplog):
+    """A corrupt image in a datasets.Image column passed the check, then datasets raised a bare
+    UnidentifiedImageError when its batch came (no row, no column, and on_bad_row='skip' could not help)."""
+    data = _image_column_rows(8, {2: b"this is not an image", 5: b"\x89PNG broken"})
+    with pytest.raises(BadRowsError, match=r"an image in 'qry_image_path' that is not a readable image \(rows 2, 5\)"):
+        check_training_rows(data)
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
+        kept = check_training_rows(data, on_bad_row="skip")
+    assert kept[ROW_INDEX_COLUMN][:] == [0, 1, 3, 4, 6, 7]
+
+
+def test_image_columns_are_decoded_by_the_librarys_loader(tiny_backbone, tmp_path):
+    """A truncated image (its header reads, its pixels do not) fails when its batch comes: with the loader of this
+    library (row, column and fix named), not inside datasets (UnidentifiedImageError / OSError, nothing named)."""
+    from mm_embed_trl.data.images import ImageLoadError
+
+    noise = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[:1000]  # of about 3 kB of noise: the header is whole, the pixels are not
+    data = _image_column_rows(8, {3: truncated})
+    checked = check_training_rows(data)
+    assert checked.features["qry_image_path"].decode is False  # rows hand the collator the encoded image
+    assert isinstance(checked[0]["qry_image_path"], dict)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(model=model, args=_config(tmp_path, max_steps=1), train_dataset=data)
+    with pytest.raises(ImageLoadError, match=r"dataset row 3 .*'qry_image_path'.*photo3\.jpg.*truncated or corrupt"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------- options (issue 22, 12)
+def _configs():
+    from mm_embed_trl import DistillEmbedConfig, EmbeddingGRPOConfig, EmbeddingSFTConfig
+
+    return [HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig]
+
+
+@pytest.mark.parametrize("config_class", _configs(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "option, value, kind",
+    [
+        ("learning_rate", [1e-4], "a list"),
+        ("learning_rate", None, "null"),
+        ("per_device_train_batch_size", None, "null"),
+        ("seed", {"a": 1}, "a mapping"),
+        ("max_train_samples", [3], "a list"),  # a script option
+        ("lora_r", None, "null"),  # a model option (TRL's ModelConfig)
+    ],
+)
+def test_a_list_or_null_for_a_scalar_option_in_a_recipe_names_the_option(
+    config_class, option, value, kind, tmp_path, monkeypatch
+):
+    """A YAML recipe's values bypass argparse's type conversion: a list or null reached torch as it was."""
+    import sys
+
+    import yaml
+    from trl import ModelConfig, TrlParser
+
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, parse_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({option: value, "image_root": None}))  # null is fine where None is an option
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    parser = TrlParser((EmbeddingScriptArguments, config_class, ModelConfig))
+    with pytest.raises(ValueError, match=rf"Option {option} \(--{option}\).*{kind}"):
+        parse_args(parser, {})
+
+
+def test_a_null_for_an_option_whose_default_is_none_is_kept(tmp_path):
+    args = _config(tmp_path, max_length=None, num_negatives=None, image_root=None)
+    assert args.max_length is None and args.num_negatives is None
+
+
+# --------------------------------------------------------------- UME-R1 reasoning rows (issue 22, 3 and 10)
+def _reasoning_row(i, **extra):
+    from mm_embed_trl.data.reasoning import format_reasoning
+
+    row = _row(qry=f"find thing {i}", pos=f"thing number {i}", **extra)
+    row.setdefault("qry_reasoning", format_reasoning(f"looking for thing {i}", f"thing {i}"))
+    row.setdefault("pos_reasoning", format_reasoning(f"this shows thing {i}", f"thing {i}"))
+    return row
+
+
+def _sft_config(tmp_path, **kw):
+    from mm_embed_trl import EmbeddingSFTConfig
+
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, save_sentence_transformers=False,
+    )
+    return EmbeddingSFTConfig(**{**defaults, **kw})
+
+
+def test_reasoning_rows_break_their_contract_before_training_not_at_their_batch(tmp_path, caplog, no_model_loading):
+    """Missing targets, targets without <gen_emb> or outside UME-R1's format, and vision tokens in a target (which
+    crashed the model at random: "Image features and image tokens do not match") or a prompt text were found only
+    when their batch came, without the skip policy; now they are rows the pre-training check names."""
+    from mm_embed_trl import EmbeddingSFTTrainer
+
+    rows = [_reasoning_row(i) for i in range(14)]
+    rows[1]["qry_reasoning"] = None
+    rows[3]["pos_reasoning"] = "<think>a circle</think><answer>circle</answer>"
+    rows[5]["qry_reasoning"] = "a circle, I think <gen_emb>"
+    rows[7]["pos_reasoning"] = rows[7]["pos_reasoning"].replace("<answer>", "<|image_pad|><answer>")
+    rows[8]["qry_reasoning"] = rows[8]["qry_reasoning"].replace("<answer>", "<image><answer>")
+    rows[10]["qry"] = "the clip <|video_pad|> shows"
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(BadRowsError) as info:
+        EmbeddingSFTTrainer(model="unused", args=_sft_config(tmp_path), train_dataset=load_rows_dataset(path))
+    message = str(info.value)
+    assert "no reasoning target in 'qry_reasoning' (rows 1; lines 2 of train.jsonl)" in message
+    assert "a reasoning target in 'pos_reasoning' without <gen_emb> (rows 3;" in message
+    assert "a reasoning target in 'qry_reasoning' outside UME-R1's format" in message and "(rows 5;" in message
+    assert "an image or video token (<|image_pad|>, <|video_pad|>, <image>, <video>) in 'pos_reasoning' (rows 7;" in (
+        message
+    )
+    assert "in 'qry_reasoning' (rows 8;" in message
+    assert "a video token (<|video_pad|>, <video>) in 'qry' (rows 10;" in message
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
+        kept = check_training_rows(load_rows_dataset(path), reasoning=True, on_bad_row="skip")
+    assert kept[ROW_INDEX_COLUMN][:] == [0, 2, 4, 6, 9, 11, 12, 13]
+    # negatives are texts the processor sees too (contrastive training)
+    negatives = [_row(pos=f"t{i}", neg_text=["a <video> clip" if i == 2 else "x"]) for i in range(4)]
+    with pytest.raises(BadRowsError, match=r"a video token \(<\|video_pad\|>, <video>\) in 'neg_text' \(rows 2\)"):
+        check_training_rows(datasets.Dataset.from_list(negatives))
+    # a missing column is a column problem, with the way out of reasoning SFT
+    no_column = datasets.Dataset.from_list([_reasoning_row(i) for i in range(4)]).remove_columns("pos_reasoning")
+    with pytest.raises(KeyError, match=r"'pos_reasoning'.*discriminative_only"):
+        EmbeddingSFTTrainer(model="unused", args=_sft_config(tmp_path), train_dataset=no_column)
+    # DUME (discriminative only) rows need no reasoning
+    assert len(check_training_rows(no_column, reasoning=False)) == 4
+
+
+def test_the_format_check_is_ume_r1s_regex_vectorised():
+    """The Arrow (RE2) form of the format check against follows_format (Python's re) on random targets."""
+    from mm_embed_trl.data.reasoning import follows_format
+
+    rng = np.random.default_rng(0)
+    well_formed = ["<think>", "a\nb", "</think>", "\n ", "<answer>", "y z", "</answer>", "<gen_emb>"]
+    noise = ["<think", "gen_emb>", "\n", " ", "<answer>", "</think>", "x"]
+    targets = []
+    for _ in range(3000):  # UME-R1's layout with pieces dropped, swapped or added at random
+        pieces = [p for p in well_formed if rng.random() > 0.1]
+        for _ in range(rng.integers(0, 3)):
+            pieces.insert(int(rng.integers(0, len(pieces) + 1)), str(rng.choice(noise)))
+        if rng.random() < 0.2 and len(pieces) > 1:
+            i, j = rng.choice(len(pieces), size=2, replace=False)
+            pieces[i], pieces[j] = pieces[j], pieces[i]
+        targets.append("".join(pieces))
+    facts = validation._reasoning_facts(targets)
+    expected = np.array([follows_format(t) for t in targets])
+    assert 0.05 < expected.mean() < 0.95  # the random targets cover both outcomes
+    assert (facts["follows_format"] == expected).all()
+
+
+def _length_rows(tmp_path, n, rng):
+    """Rows whose prompt + target lengths straddle a limit: random texts, targets and image sizes (some images
+    stored rotated by an EXIF tag, so their size is the upright one), some sides without an image."""
+    from mm_embed_trl.data.reasoning import format_reasoning
+
+    words = ["red", "circle", "blue", "square", "left", "right", "small", "large"]
+    rows = []
+    for i in range(n):
+        row = {}
+        for side, (text_col, image_col, target_col) in {
+            "q": ("qry", "qry_image_path", "qry_reasoning"), "p": ("pos_text", "pos_image_path", "pos_reasoning")
+        }.items():
+            row[text_col] = " ".join(rng.choice(words, size=rng.integers(1, 30)))
+            row[target_col] = format_reasoning(" ".join(rng.choice(words, size=rng.integers(1, 60))), "a thing")
+            row[image_col] = ""
+            if rng.random() < 0.7:
+                width, height = (int(x) for x in rng.integers(28, 400, size=2))
+                name = f"{side}{i}.jpg"
+                image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 255, size=3)))
+                exif = Image.Exif()
+                if rng.random() < 0.3:
+                    exif[0x0112] = 6  # stored sideways: the upright image is height x width
+                image.save(tmp_path / name, exif=exif)
+                row[image_col] = name
+        rows.append(row)
+    return rows
+
+
+def _sft_collator(tiny_backbone, image_root, max_sequence_length):
+    from transformers import AutoProcessor
+
+    from mm_embed_trl.data.images import set_image_pixel_budget
+    from mm_embed_trl.data.reasoning import ReasoningCollator
+    from mm_embed_trl.data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
+
+    processor = AutoProcessor.from_pretrained(tiny_backbone("qwen2_vl"))
+    processor.tokenizer.add_tokens([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+    set_image_pixel_budget(processor, 160 * 160)  # at most 32 tokens per image
+    return ReasoningCollator(processor, image_root=image_root, max_length=max_sequence_length, max_text_length=24)
+
+
+def test_the_length_check_counts_the_tokens_the_collator_makes(tiny_backbone, tmp_path, monkeypatch):
+    """Lengths from the pre-training check (texts and targets tokenized in batches, image tokens from the image
+    headers, only where an image could push a row over) against the collator's own batches."""
+    from mm_embed_trl.data import reasoning
+    from mm_embed_trl.data.validation import check_reasoning_lengths
+
+    rng = np.random.default_rng(0)
+    rows = _length_rows(tmp_path, 40, rng)
+    unlimited = _sft_collator(tiny_backbone, tmp_path, None)
+    actual = {}
+    for side in ("query", "positive"):
+        batch = [unlimited([row])[side]["attention_mask"].sum().item() for row in rows]
+        actual[side] = np.array(batch)
+    limit = int(np.median(np.maximum(actual["query"], actual["positive"])))
+    over = (actual["query"] > limit) | (actual["positive"] > limit)
+    assert 5 < over.sum() < 35
+    collator = _sft_collator(tiny_backbone, tmp_path, limit)
+    data = check_training_rows(datasets.Dataset.from_list(rows), reasoning=True)
+    opened = []
+    image_size = reasoning.image_size
+    monkeypatch.setattr(reasoning, "image_size", lambda *a, **k: opened.append(a[0]) or image_size(*a, **k))
+    lengths = collator.sequence_lengths(data.with_format("arrow")[:])
+    images = [r[c] for r in rows for c in ("qry_image_path", "pos_image_path") if r[c]]
+    assert 0 < len(opened) < len(images)  # only images that could take their row over the limit are opened
+    for side in ("query", "positive"):
+        exceeds = actual[side] > limit
+        assert ((lengths[side] > limit) == exceeds).all()
+        assert (lengths[side][exceeds] == actual[side][exceeds]).all()  # exact where it matters (the message)
+        assert (lengths[side] >= actual[side]).all()  # elsewhere a bound that fits
+    with pytest.raises(BadRowsError, match=rf"longer than max_sequence_length={limit} tokens.*--max_sequence_length"):
+        check_reasoning_lengths(data, collator, what="training dataset", on_bad_row="raise")
+    kept = check_reasoning_lengths(data, collator, what="training dataset", on_bad_row="skip")
+    assert kept[ROW_INDEX_COLUMN][:] == np.flatnonzero(~over).tolist()
+    for row in kept:  # the collator takes every row that is left
+        collator([row])
+
+
+def test_sft_skips_over_long_rows_before_training(tiny_backbone, tmp_path, caplog):
+    """An over-long reasoning stopped the run when its batch came, with an error naming max_length."""
+    from mm_embed_trl import EmbeddingSFTTrainer
+
+    rows = [_reasoning_row(i) for i in range(9)]
+    rows[4]["pos_reasoning"] = rows[4]["pos_reasoning"].replace("this shows", "this shows " + "very " * 200)
+    data = datasets.Dataset.from_list(rows)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    with pytest.raises(BadRowsError, match=r"'pos_reasoning'.*longer than max_sequence_length=150.*\(rows 4\)"):
+        EmbeddingSFTTrainer(model=model, args=_sft_config(tmp_path, max_sequence_length=150), train_dataset=data)
+    trainer = EmbeddingSFTTrainer(
+        model=model, args=_sft_config(tmp_path, max_sequence_length=150, on_bad_row="skip", max_steps=2),
+        train_dataset=data,
+    )
+    assert trainer.train_dataset[ROW_INDEX_COLUMN][:] == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert trainer.skipped_rows == {"training dataset": 1}
+    trainer.train()
 
 
 # ----------------------------------------------------------------- distillation data (issue #10, 9: stage 1)

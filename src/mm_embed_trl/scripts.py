@@ -5,6 +5,7 @@ parse → build → train → evaluate → export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -72,11 +73,16 @@ def parse_args(parser, tiny_defaults: dict[str, Any]) -> tuple:
     A run that names a model keeps the config class's paper defaults; in both cases a `--config` recipe and then
     the command line override what they set.
     """
+    from .trainers.base import check_option_types
+
     parsed = parser.parse_args_and_config()
-    if any(getattr(a, "model_name_or_path", None) for a in parsed):
-        return parsed
-    parser.set_defaults(**{**TINY_CPU_DEFAULTS, **tiny_defaults})
-    return parser.parse_args_and_config()
+    if not any(getattr(a, "model_name_or_path", None) for a in parsed):
+        parser.set_defaults(**{**TINY_CPU_DEFAULTS, **tiny_defaults})
+        parsed = parser.parse_args_and_config()
+    for options in parsed:  # the configs check themselves; the script's and TRL's ModelConfig do not
+        if dataclasses.is_dataclass(options):
+            check_option_types(options)
+    return parsed
 
 
 def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
@@ -138,7 +144,7 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
         train, evaluation = load_named_splits(script_args)
     # Checked here, before the model loads; the trainer's own check of the same datasets is then free.
     with training_args.main_process_first(desc="checking the dataset rows"):
-        policy = dict(num_negatives=getattr(training_args, "num_negatives", None), on_bad_row=training_args.on_bad_row)
+        policy = dict(on_bad_row=training_args.on_bad_row, **training_args.row_contract)
         train = check_training_rows(train, what="training dataset", **policy)
         if evaluation is not None:
             evaluation = check_training_rows(evaluation, what="held-out dataset", **policy)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .images import image_identity, load_image
@@ -199,17 +200,40 @@ class EmbeddingCollator:
             return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), True
         return [self.template.format_text(x, side) for x in inputs], False
 
-    def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
+    def prompt_lengths(self, inputs: Sequence[EmbeddingInput], side: str = "query") -> np.ndarray:
+        """Tokens of each input's prompt as :meth:`encode_inputs` makes it, without touching an image: the same text
+        truncation, template and chat template, tokenized in one call, each image counted as the one placeholder
+        token the processor expands (add its image tokens - 1). ``x.image`` only needs to be set or None."""
+        if self.max_length is not None:
+            inputs, _ = self._truncated(inputs)
+        conversations = [self.template.build_messages(x, side) for x in inputs]
+        texts, templated = self._render(conversations, inputs, side)
+        ids = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+        return np.array([len(i) for i in ids], dtype=np.int64)
+
+    def _truncated(self, inputs: Sequence[EmbeddingInput]) -> tuple[list[EmbeddingInput], list[int]]:
+        """(inputs with texts cut to max_length tokens, positions of the cut ones)."""
         # A token spans at least one UTF-8 byte (a character at most 4), give or take a prefix token: shorter texts
         # cannot exceed max_length and skip the extra tokenizer call.
         maybe_long = [i for i, x in enumerate(inputs) if x.text and 4 * len(x.text) + 8 >= self.max_length]
         if not maybe_long:
-            return list(inputs)
+            return list(inputs), []
         texts = [inputs[i].text for i in maybe_long]
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
         too_long = [i for i, t in zip(maybe_long, ids) if len(t) >= self.max_length]
         if not too_long:
-            return list(inputs)
+            return list(inputs), []
+        out = list(inputs)
+        by_position = dict(zip(maybe_long, ids))
+        decoded = self.tokenizer.batch_decode([by_position[i] for i in too_long], skip_special_tokens=False)
+        for i, text in zip(too_long, decoded):
+            out[i] = EmbeddingInput(text=text, image=inputs[i].image)
+        return out, too_long
+
+    def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
+        out, too_long = self._truncated(inputs)
+        if not too_long:
+            return out
         if self.num_truncated == 0:
             logger.warning(
                 "%d of %d texts in a batch are longer than max_length=%d text tokens and were truncated (the prompt is "
@@ -218,11 +242,6 @@ class EmbeddingCollator:
                 len(too_long), len(inputs), self.max_length,
             )
         self.num_truncated += len(too_long)
-        out = list(inputs)
-        by_position = dict(zip(maybe_long, ids))
-        decoded = self.tokenizer.batch_decode([by_position[i] for i in too_long], skip_special_tokens=False)
-        for i, text in zip(too_long, decoded):
-            out[i] = EmbeddingInput(text=text, image=inputs[i].image)
         return out
 
     # ------------------------------------------------------------------ rows

@@ -12,6 +12,10 @@ An image value (see ``docs/DESIGN.md``) is one of:
 Every image comes out as 8-bit RGB (``convert_rgb=True``, the default): 16-bit and float images are scaled to
 8 bits (not clipped), transparent pixels (RGBA, LA, palette transparency) are composited over white.
 
+Every image comes out upright: the EXIF orientation tag of a photo stored sideways is applied (as ``datasets``,
+transformers' ``load_image`` and so the sentence-transformers export do). A multi-frame image (animated GIF,
+multi-page TIFF) gives its first frame, with a warning the first time (video input is not supported yet).
+
 Every image is fully decoded here (``Image.load()``), so a corrupt or truncated file fails with a clear
 :class:`ImageLoadError` at load time rather than deep inside a processor call, and no file handle stays
 open (important with many dataloader workers).
@@ -20,17 +24,29 @@ open (important with many dataloader workers).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .schema import EmbeddingInput, is_missing, split_input
 
-__all__ = ["ImageLoadError", "load_image", "load_images", "resolve_image_path", "to_embedding_input"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageLoadError",
+    "has_image",
+    "image_size",
+    "load_image",
+    "load_images",
+    "max_image_tokens",
+    "resolve_image_path",
+    "to_embedding_input",
+]
 
 
 class ImageLoadError(ValueError):
@@ -100,9 +116,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
 
 
-def _finish(image: Image.Image, convert_rgb: bool) -> Image.Image:
-    """Decode pixels now and, when asked, convert to 8-bit RGB (see :func:`_to_rgb`)."""
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+_SIDEWAYS = frozenset({5, 6, 7, 8})  # orientations that swap width and height
+_multi_frame_reported = False
+
+
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(_ORIENTATION) or 1
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of ``image`` once its EXIF orientation is applied, from its header alone."""
+    width, height = image.size
+    return (width, height) if _orientation(image) in _SIDEWAYS else (height, width)
+
+
+def _report_multi_frame(image: Image.Image, where: str, name: str) -> None:
+    global _multi_frame_reported
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and not _multi_frame_reported:
+        _multi_frame_reported = True
+        logger.warning(
+            "%s: %s has %d frames (an animated or multi-page image); only its first frame is used, for this and every "
+            "later multi-frame image (not logged again): video input is not supported yet.",
+            where, name, frames,
+        )
+
+
+def _finish(image: Image.Image, convert_rgb: bool, *, where: str = "image", name: str = "the image") -> Image.Image:
+    """Decode pixels now, turn them upright (EXIF orientation) and, when asked, convert to 8-bit RGB
+    (see :func:`_to_rgb`)."""
+    _report_multi_frame(image, where, name)
     image.load()
+    if _orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     if convert_rgb and image.mode != "RGB":
         image = _to_rgb(image)
     return image
@@ -121,24 +168,65 @@ def _decode_failure_hint(err: Exception, corrupt_hint: str) -> str:
     return corrupt_hint
 
 
-def _decode_bytes(data: bytes, *, convert_rgb: bool, where: str, origin: str) -> Image.Image:
+def _open_encoded(source: Path | bytes, where: str, origin: str, read):
+    """``read(image)`` of the image file or encoded bytes ``source`` (opened lazily: only what ``read`` needs is
+    decoded), with PIL's failures reported as an :class:`ImageLoadError` naming ``where`` and ``origin``."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
             # Inside the ``with`` so the result owns its pixels after the file object is closed.
-            out = _finish(img, convert_rgb)
-            return out if out is not img else img.copy()
+            return read(img)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
-        hint = _decode_failure_hint(
-            err, "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt."
-        )
+        if isinstance(source, Path):
+            hint = "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt."
+            problem = f"could not read the image file '{source}'"
+        else:
+            hint = "Check that it is a valid image file (PNG, JPEG, ...) and not truncated or corrupt."
+            problem = f"could not decode the image {origin}"
         raise ImageLoadError(
-            f"{where}: could not decode the image {origin} ({type(err).__name__}: {err}). {hint}"
+            f"{where}: {problem} ({type(err).__name__}: {err}). {_decode_failure_hint(err, hint)}"
         ) from err
 
 
-def _load_path(
-    value: str | os.PathLike, image_root: str | os.PathLike | None, *, convert_rgb: bool, where: str
-) -> Image.Image:
+def _decode(source: Path | bytes, *, convert_rgb: bool, where: str, origin: str) -> Image.Image:
+    name = f"'{source}'" if isinstance(source, Path) else f"the image {origin}"
+
+    def read(img):
+        out = _finish(img, convert_rgb, where=where, name=name)
+        return out if out is not img else img.copy()  # an independent copy: ``img`` closes with its file
+
+    return _open_encoded(source, where, origin, read)
+
+
+def _encoded_source(value: Any, image_root: str | os.PathLike | None, *, where: str) -> tuple[Path | bytes, str] | None:
+    """Where the encoded image of ``value`` is: ``(resolved file path or bytes, how it was given)``, or None for "no
+    image". Missing files, URLs and unsupported values raise here, before anything is opened."""
+    if is_missing(value):
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return _resolve_file(value, image_root, where=where), "from a file"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (bytes(value), "given as bytes") if len(value) else None
+    if isinstance(value, dict):
+        unknown = set(value) - {"bytes", "path"}
+        if unknown:
+            raise TypeError(
+                f"{where}: an image dict must look like a datasets.Image value {{'bytes': ..., 'path': ...}}; "
+                f"got unknown keys {sorted(unknown)}."
+            )
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None and len(data) > 0:
+            # datasets keeps ``path`` for information only when bytes are present (e.g. the original name).
+            return bytes(data), f"stored as bytes (original path {path!r})" if path else "stored as bytes"
+        if is_missing(path):
+            return None  # {"bytes": None, "path": None} is datasets' spelling of "no image"
+        return _resolve_file(path, image_root, where=where), "from a file"
+    raise TypeError(
+        f"{where}: unsupported image value of type {type(value).__name__}; pass a file path, a PIL.Image, "
+        "a datasets.Image dict {'bytes': ..., 'path': ...}, encoded bytes, or ''/None for no image."
+    )
+
+
+def _resolve_file(value: str | os.PathLike, image_root: str | os.PathLike | None, *, where: str) -> Path:
     text = os.fspath(value)
     if text.startswith(("http://", "https://")):
         raise ImageLoadError(
@@ -160,18 +248,7 @@ def _load_path(
                 "paths are relative to, and that the file exists."
             )
         raise ImageLoadError(f"{where}: image file not found: {text!r} (tried {tried_text}). {hint}")
-    try:
-        with Image.open(resolved) as img:
-            out = _finish(img, convert_rgb)
-            # ``img`` is closed when the ``with`` ends; hand back an independent copy when unconverted.
-            return out if out is not img else img.copy()
-    except Exception as err:
-        hint = _decode_failure_hint(
-            err, "Check that the file is a valid image (PNG, JPEG, ...) and not truncated or corrupt."
-        )
-        raise ImageLoadError(
-            f"{where}: could not read the image file '{resolved}' ({type(err).__name__}: {err}). {hint}"
-        ) from err
+    return resolved
 
 
 def load_image(
@@ -199,42 +276,15 @@ def load_image(
             path(s) tried and ``image_root``.
         TypeError: ``value`` has an unsupported type.
     """
-    if is_missing(value):
-        return None
     if isinstance(value, Image.Image):
         try:
-            return _finish(value, convert_rgb)
+            return _finish(value, convert_rgb, where=where, name="the PIL image")
         except Exception as err:
             raise ImageLoadError(
                 f"{where}: the PIL image could not be decoded ({type(err).__name__}: {err}). "
                 "Check that the underlying file is a valid, complete image."
             ) from err
-    if isinstance(value, (str, os.PathLike)):
-        return _load_path(value, image_root, convert_rgb=convert_rgb, where=where)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if len(value) == 0:
-            return None
-        return _decode_bytes(bytes(value), convert_rgb=convert_rgb, where=where, origin="given as bytes")
-    if isinstance(value, dict):
-        unknown = set(value) - {"bytes", "path"}
-        if unknown:
-            raise TypeError(
-                f"{where}: an image dict must look like a datasets.Image value {{'bytes': ..., 'path': ...}}; "
-                f"got unknown keys {sorted(unknown)}."
-            )
-        data, path = value.get("bytes"), value.get("path")
-        if data is not None and len(data) > 0:
-            # datasets keeps ``path`` for information only when bytes are present (e.g. the original name).
-            origin = f"stored as bytes (original path {path!r})" if path else "stored as bytes"
-            return _decode_bytes(bytes(data), convert_rgb=convert_rgb, where=where, origin=origin)
-        if is_missing(path):
-            return None  # {"bytes": None, "path": None} is datasets' spelling of "no image"
-        return _load_path(path, image_root, convert_rgb=convert_rgb, where=where)
-    try:  # numpy is a hard dependency of datasets/torch; imported lazily to keep this module light
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None and isinstance(value, np.ndarray):
+    if _is_array(value):
         try:
             return _finish(Image.fromarray(value), convert_rgb)
         except Exception as err:
@@ -242,10 +292,46 @@ def load_image(
                 f"{where}: cannot make an image from a numpy array of shape {value.shape} and dtype {value.dtype} "
                 f"({err}); pass uint8 pixels shaped (H, W) or (H, W, 3|4)."
             ) from err
-    raise TypeError(
-        f"{where}: unsupported image value of type {type(value).__name__}; pass a file path, a PIL.Image, "
-        "a datasets.Image dict {'bytes': ..., 'path': ...}, encoded bytes, or ''/None for no image."
-    )
+    found = _encoded_source(value, image_root, where=where)
+    if found is None:
+        return None
+    source, origin = found
+    return _decode(source, convert_rgb=convert_rgb, where=where, origin=origin)
+
+
+def _is_array(value: Any) -> bool:
+    try:  # numpy is a hard dependency of datasets/torch; imported lazily to keep this module light
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, np.ndarray)
+
+
+def has_image(value: Any) -> bool:
+    """Whether an image value holds an image (what :func:`load_image` returns None for does not), without reading
+    anything."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        return (data is not None and len(data) > 0) or not is_missing(path)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value) > 0
+    return not is_missing(value) if not _is_array(value) else True
+
+
+def image_size(
+    value: Any, image_root: str | os.PathLike | None = None, *, where: str = "image"
+) -> tuple[int, int] | None:
+    """``(height, width)`` of the image :func:`load_image` makes of ``value`` (upright), read from the file's header
+    without decoding its pixels; None when ``value`` means "no image". Raises as :func:`load_image` does."""
+    if isinstance(value, Image.Image):
+        return _upright_size(value)
+    if _is_array(value):
+        return tuple(value.shape[:2])
+    found = _encoded_source(value, image_root, where=where)
+    if found is None:
+        return None
+    source, origin = found
+    return _open_encoded(source, where, origin, _upright_size)
 
 
 def load_images(
@@ -282,6 +368,17 @@ def set_image_pixel_budget(processor, max_pixels: int) -> None:
     if min_pixels is not None and max_pixels < min_pixels:
         raise ValueError(f"image_max_pixels={max_pixels} is below the processor's minimum of {min_pixels} pixels.")
     image_processor.size = {"longest_edge": int(max_pixels), "shortest_edge": min_pixels}
+
+
+def max_image_tokens(processor) -> int | None:
+    """The most placeholder tokens one image can become in a dynamic-resolution (Qwen-VL) processor: its pixel budget
+    over the pixels of one token (images beyond the budget are downscaled into it); None for other processors."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if size is None or "longest_edge" not in size or not hasattr(image_processor, "merge_size"):
+        return None
+    pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
+    return int(size["longest_edge"]) // pixels_per_token
 
 
 def image_identity(value: Any) -> str:

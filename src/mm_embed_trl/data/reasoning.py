@@ -23,10 +23,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .collators import EmbeddingCollator, _content_id, _describe_row
-from .schema import POS_IMAGE, POS_REASONING, POS_TEXT, QUERY_IMAGE, QUERY_REASONING, QUERY_TEXT, is_missing
+from .images import has_image, image_size, max_image_tokens
+from .schema import (
+    POS_IMAGE,
+    POS_REASONING,
+    POS_TEXT,
+    QUERY_IMAGE,
+    QUERY_REASONING,
+    QUERY_TEXT,
+    ROW_INDEX_COLUMN,
+    EmbeddingInput,
+    is_missing,
+)
 from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, UME_R1_FORMAT, PromptTemplate
 
 __all__ = [
@@ -42,6 +54,13 @@ __all__ = [
 
 # Stand-in assistant text used once per collator to learn what the chat template writes around an assistant turn.
 _PROBE = "<think>x</think><answer>y</answer>"
+# Tokens a tokenizer may add beyond one per UTF-8 byte of a text: BOS/EOS, SentencePiece's dummy prefix.
+_SPECIAL_TOKEN_SLACK = 8
+# side -> (text, image, reasoning target) columns, and the prompt side the template gives it
+_SIDES = {
+    "query": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, "query"),
+    "positive": (POS_TEXT, POS_IMAGE, POS_REASONING, "document"),
+}
 
 
 def format_reasoning(think: str, answer: str) -> str:
@@ -114,8 +133,10 @@ class ReasoningCollator(EmbeddingCollator):
 
     Args:
         processor, template, image_root: as for :class:`EmbeddingCollator` (``template`` defaults to ``"ume_r1"``).
-        max_length: the longest sequence (prompt + completion, in tokens) a row may have. A row beyond it is an
-            error naming the row: cutting it would cut ``<gen_emb>`` off the target (UME-R1 truncates silently).
+        max_length: the longest sequence (prompt + completion, in tokens) a row may have (the trainer's
+            ``max_sequence_length``). A row beyond it is an error naming the row: cutting it would cut ``<gen_emb>``
+            off the target (UME-R1 truncates silently). The trainer finds such rows before training
+            (:func:`~mm_embed_trl.data.validation.check_reasoning_lengths`, from :meth:`sequence_lengths`).
         max_text_length: text tokens kept from each input's raw text (the prompt's instruction is never cut).
         check_format: require each target to contain ``<gen_emb>``, and each prompt ``<disc_emb>``.
     """
@@ -135,6 +156,7 @@ class ReasoningCollator(EmbeddingCollator):
         self.check_format = check_format
         self.disc_token_id, self.gen_token_id = embedding_token_ids(self.tokenizer)
         self._turn_end = self._assistant_turn_end()
+        self._fixed_prompt_bytes: dict[str, int] = {}
 
     def _assistant_turn_end(self) -> str:
         """What the chat template writes after an assistant message (``<|im_end|>\\n``), checked to be a pure suffix:
@@ -157,10 +179,14 @@ class ReasoningCollator(EmbeddingCollator):
             )
         return whole[len(prompt) + len(_PROBE) :]
 
+    def completion_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        """The token ids of each target as the model is trained to write it: the target, then the end of the turn."""
+        return self.tokenizer([t + self._turn_end for t in targets], add_special_tokens=False)["input_ids"]
+
     def encode_side(self, inputs, targets: Sequence[str], side: str, labels_for: Sequence[str]) -> dict[str, Any]:
         """One side: the prompt batch (one processor call) + the tokenized targets, with labels."""
         prompt = self.encode_inputs(inputs, side=side)
-        completions = self.tokenizer([t + self._turn_end for t in targets], add_special_tokens=False)["input_ids"]
+        completions = self.completion_ids(targets)
         ids = prompt["input_ids"]
         if self.check_format:
             missing = [i for i, c in enumerate(completions) if self.gen_token_id not in c]
@@ -185,19 +211,142 @@ class ReasoningCollator(EmbeddingCollator):
                 i = over[0]
                 raise ValueError(
                     f"{labels_for[i]} needs {prompt_lengths[i] + len(completions[i])} tokens ({prompt_lengths[i]} of "
-                    f"prompt, {len(completions[i])} of reasoning target) but max_length is {self.max_sequence_length}; "
-                    f"cutting it would drop {GEN_EMB_TOKEN}. Raise max_length, shorten the reasoning, lower "
-                    "image_max_pixels, or filter the row out."
+                    f"prompt, {len(completions[i])} of reasoning target) but max_sequence_length is "
+                    f"{self.max_sequence_length}; cutting it would drop {GEN_EMB_TOKEN}. Raise max_sequence_length "
+                    "(--max_sequence_length), shorten the reasoning, lower image_max_pixels, or filter the row out "
+                    "(--on_bad_row skip leaves such rows out before training)."
                 )
         return append_completions(prompt, completions, self.tokenizer.pad_token_id, with_labels=True)
+
+    # ------------------------------------------------------------------ lengths without batches
+    def sequence_lengths(self, rows) -> dict[str, np.ndarray]:
+        """Per side (``"query"``, ``"positive"``), the tokens of each row's sequence (prompt + reasoning target) in
+        this collator's batches, without building them. Exact wherever the row could exceed ``max_sequence_length``;
+        elsewhere a bound within it. Three steps, each only for the rows the one before cannot settle:
+
+        1. a bound from byte counts, no tokenizer (a token spans at least one UTF-8 byte): the prompt's fixed
+           part, the text and the target, an image at the processor's pixel budget
+           (:func:`~mm_embed_trl.data.images.max_image_tokens`);
+        2. texts and targets tokenized in batches as the collator does (:meth:`prompt_lengths`,
+           :meth:`completion_ids`), an image still at its budget;
+        3. the image's own token count, from its size read from its header (:meth:`image_token_counts`).
+
+        A processor without a pixel budget (LLaVA-OneVision's tiles) leaves steps 1 and 2 no bound for an image:
+        each image is then read (its header only).
+
+        ``rows``: a ``pyarrow.Table`` of rows that passed the reasoning row contract.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from .validation import as_array, present_mask
+
+        table = rows if isinstance(rows, pa.Table) else pa.table(rows)
+        n = table.num_rows
+        limit = self.max_sequence_length
+        budget = max_image_tokens(self.processor)
+
+        def column(name):
+            return as_array(table[name]) if name in table.column_names else pa.nulls(n, pa.string())
+
+        def byte_lengths(array):
+            return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+        out = {}
+        for side, (text_col, image_col, target_col, prompt_side) in _SIDES.items():
+            with_image = present_mask(column(image_col))
+            fixed = self._prompt_bytes(prompt_side) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
+            lengths = fixed + byte_lengths(column(text_col)) + byte_lengths(column(target_col))
+            if budget is not None:
+                lengths[with_image] += budget
+            settled = np.zeros(n, dtype=bool) if limit is None else lengths <= limit
+            if budget is None:
+                settled &= ~with_image
+            todo = np.flatnonzero(~settled)
+            if len(todo):
+                picked = table.take(pa.array(todo)).to_pydict()
+                inputs = [
+                    EmbeddingInput(text=t, image=True if has_image(v) else None)
+                    for t, v in zip(picked[text_col], picked.get(image_col) or [None] * len(todo))
+                ]
+                # each image counted as its one placeholder token for now
+                exact = self.prompt_lengths(inputs, prompt_side)
+                exact += [len(c) for c in self.completion_ids(picked[target_col])]
+                lengths[todo] = exact + self._image_tokens(todo, picked, side, with_image[todo], exact, budget)
+            out[side] = lengths
+        return out
+
+    def _image_tokens(self, rows, picked, side, with_image, lengths, budget) -> np.ndarray:
+        """Image tokens - 1 (the placeholder is counted) of ``rows``: their budget where it keeps the row within the
+        limit, else their own count from their size."""
+        image_col = _SIDES[side][1]
+        extra = np.zeros(len(rows), dtype=np.int64)
+        limit = self.max_sequence_length
+        read = with_image if budget is None or limit is None else with_image & (lengths - 1 + budget > limit)
+        extra[with_image & ~read] = budget - 1 if budget is not None else 0
+        to_read = np.flatnonzero(read)
+        if len(to_read):
+            index = picked.get(ROW_INDEX_COLUMN) or rows.tolist()
+            sizes = [
+                image_size(picked[image_col][i], self.image_root, where=f"dataset row {index[i]}, column {image_col!r}")
+                for i in to_read
+            ]
+            extra[to_read] = np.array(self.image_token_counts(sizes), dtype=np.int64) - 1
+        return extra
+
+    def _prompt_bytes(self, side: str) -> int:
+        """UTF-8 bytes of a rendered prompt besides its text, at most (every layout: text only, image + text,
+        image only)."""
+        if side not in self._fixed_prompt_bytes:
+            probes = [EmbeddingInput(text="x"), EmbeddingInput(text="x", image=True), EmbeddingInput(image=True)]
+            texts, _ = self._render([self.template.build_messages(p, side) for p in probes], probes, side)
+            self._fixed_prompt_bytes[side] = max(len(t.encode("utf-8")) for t in texts)
+        return self._fixed_prompt_bytes[side]
+
+    def check_rows(self, dataset, *, what: str, on_bad_row: str):
+        """The trainer's pre-training check of what only this collator can judge: sequence lengths
+        (:func:`~mm_embed_trl.data.validation.check_reasoning_lengths`)."""
+        from .validation import check_reasoning_lengths
+
+        return check_reasoning_lengths(dataset, self, what=what, on_bad_row=on_bad_row)
+
+    def image_token_counts(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """The placeholder tokens the processor expands each image of ``(height, width)`` into."""
+        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if counter is not None:  # what vLLM uses to count image tokens without an image
+            return list(counter(image_sizes=[list(size) for size in sizes]).num_image_tokens)
+        from PIL import Image
+
+        counts = []
+        for height, width in sizes:  # any other processor: expand a blank image of that size
+            probe = EmbeddingInput(text="x", image=Image.new("RGB", (width, height)))
+            expanded = int(self.encode_inputs([probe])["attention_mask"].sum())
+            counts.append(expanded - int(self.prompt_lengths([probe])[0]) + 1)
+        return counts
+
+    def length_options(self) -> dict[str, Any]:
+        """What :meth:`sequence_lengths` depends on besides the rows, for the row check's cache key."""
+        import dataclasses
+        import hashlib
+
+        image_processor = getattr(self.processor, "image_processor", None)
+        described = {
+            "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
+            "chat_template": str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template),
+            "template": dataclasses.asdict(self.template),
+            "image_processor": repr(getattr(image_processor, "size", None)),
+            "image_root": str(self.image_root),
+            "max_text_length": self.max_length,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        return {"collator": hashlib.blake2b(repr(described).encode(), digest_size=16).hexdigest()}
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         if len(rows) == 0:
             raise ValueError("The collator got an empty batch.")
-        sides = {"query": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING), "positive": (POS_TEXT, POS_IMAGE, POS_REASONING)}
         batch: dict[str, Any] = {}
         positive_ids = []
-        for side, (text_col, image_col, target_col) in sides.items():
+        for side, (text_col, image_col, target_col, prompt_side) in _SIDES.items():
             inputs, targets, labels = [], [], []
             for i, row in enumerate(rows):
                 target = row.get(target_col)
@@ -214,7 +363,7 @@ class ReasoningCollator(EmbeddingCollator):
                 labels.append(where)
                 if side == "positive":
                     positive_ids.append(_content_id(inp.text, row.get(POS_IMAGE), inp.image))
-            batch[side] = self.encode_side(inputs, targets, "query" if side == "query" else "document", labels)
+            batch[side] = self.encode_side(inputs, targets, prompt_side, labels)
         batch["positive_ids"] = torch.tensor(positive_ids, dtype=torch.long)
         return batch
 

@@ -39,6 +39,7 @@ __all__ = [
     "UME_R1_INSTRUCTION",
     "UNIME_IMAGE_SUMMARY",
     "UNIME_TEXT_SUMMARY",
+    "VISION_TOKEN_PATTERN",
     "PromptTemplate",
     "available_templates",
     "blank_image",
@@ -72,6 +73,11 @@ IMAGE_PLACEHOLDER_PATTERN: re.Pattern[str] = re.compile(
     r"|<image(?:_\d+)?>"  # <image>, <image_1>
     r"|<\|image_pad\|>"
 )
+# The tokens processors expand into image / video features (Qwen-VL's pads, LLaVA-OneVision's <image> / <video>).
+# One left in a text asks for features no image gave: the processor refuses the batch, or the model does ("Image
+# features and image tokens do not match"). Prompt texts lose the image ones with the placeholders above; reasoning
+# targets are tokenized as they are.
+VISION_TOKEN_PATTERN: re.Pattern[str] = re.compile(r"<\|image_pad\|>|<\|video_pad\|>|<image>|<video>")
 _PLACEHOLDER_WITH_SPACE = re.compile(r"[ \t]*(?:" + IMAGE_PLACEHOLDER_PATTERN.pattern + r")[ \t]*")
 _SPACE_AROUND_NEWLINE = re.compile(r"[ \t]*\n[ \t]*")
 _MANY_NEWLINES = re.compile(r"\n{3,}")

@@ -8,9 +8,11 @@ with a column (missing, misspelt, the wrong type) always raise. Problems with si
   the lines of the JSON Lines file they came from when known) with the fix;
 * ``"skip"``: every bad row is logged with its cause and left out, and the count is logged.
 
-The contrastive (MMEB-train) contract is :func:`check_training_rows`; the stage-1 distillation contract
-(:mod:`.distill_rows`) is built from the same pieces. Datasets without an Arrow table
-(``IterableDataset``) are checked batch by batch by the collators instead.
+The contrastive (MMEB-train) contract is :func:`check_training_rows`; with ``reasoning=True`` it adds UME-R1's
+reasoning SFT contract (a target per side in UME-R1's format, without vision tokens), whose last clause, the length
+of prompt + target in tokens, needs the collator and runs once the trainer has one (:func:`check_reasoning_lengths`,
+still before training). The stage-1 distillation contract (:mod:`.distill_rows`) is built from the same pieces.
+Datasets without an Arrow table (``IterableDataset``) are checked batch by batch by the collators instead.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from functools import partial
 import numpy as np
 
 from .loading import check_training_columns, keep_source, source_file, source_lines
-from .schema import NEG_IMAGE, NEG_TEXT, ROW_INDEX_COLUMN, SIDES
-from .templates import IMAGE_PLACEHOLDER_PATTERN
+from .schema import NEG_IMAGE, NEG_TEXT, POS_REASONING, QUERY_REASONING, ROW_INDEX_COLUMN, SIDES
+from .templates import GEN_EMB_TOKEN, IMAGE_PLACEHOLDER_PATTERN, UME_R1_FORMAT, VISION_TOKEN_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ __all__ = [
     "ON_BAD_ROW_CHOICES",
     "BadRows",
     "BadRowsError",
+    "check_reasoning_lengths",
     "check_training_rows",
     "enforce_on_bad_row",
     "fact_column",
@@ -47,14 +50,15 @@ __all__ = [
     "text_values",
     "value_lists",
     "with_row_index",
+    "with_undecoded_images",
 ]
 
 ON_BAD_ROW_CHOICES = ("raise", "skip")
 # Part of every cache key: bump when a contract's facts change for the same data.
-_CONTRACT_VERSION = 1
+_CONTRACT_VERSION = 4
 _BATCH_ROWS = 10_000
-# Fingerprints of datasets a contrastive check returned in this process: the example checks before the model loads,
-# the trainer checks again, and the second check must cost nothing.
+# Fingerprints (+ contract options) of datasets a contrastive check returned in this process: the example checks
+# before the model loads, the trainer checks again, and the second check must cost nothing.
 _CHECKED: set[str] = set()
 # fingerprint of a dataset enforce_on_bad_row returned -> how many bad rows it left out (reported after training)
 _LEFT_OUT: dict[str, int] = {}
@@ -293,7 +297,7 @@ def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_ba
         len(keep),
     )
     kept = dataset.select(keep)
-    _LEFT_OUT[kept._fingerprint] = len(dataset) - len(keep)
+    _LEFT_OUT[kept._fingerprint] = rows_left_out(dataset) + len(dataset) - len(keep)  # with earlier checks' rows
     return kept
 
 
@@ -345,19 +349,21 @@ def with_row_index(dataset):
     return keep_source(dataset.add_column(ROW_INDEX_COLUMN, np.arange(len(dataset), dtype=np.int64)), dataset)
 
 
-def _is_checked(dataset) -> bool:
-    return getattr(dataset, "_fingerprint", None) in _CHECKED
-
-
-def _mark_checked(dataset):
-    _CHECKED.add(dataset._fingerprint)
-    return dataset
+def _checked_key(dataset, options: dict) -> str:
+    return f"{getattr(dataset, '_fingerprint', None)}:{json.dumps(options, sort_keys=True)}"
 
 
 # ------------------------------------------------------------------------------------ the contrastive contract
 _PLACEHOLDER_REGEX = IMAGE_PLACEHOLDER_PATTERN.pattern
+_VISION_REGEX = VISION_TOKEN_PATTERN.pattern
+# UME-R1's format check in Arrow's regex engine (RE2): the same pattern, DOTALL as an inline flag
+_FORMAT_REGEX = "(?s)" + UME_R1_FORMAT.pattern
 # the two sides every row embeds (negatives are checked on their own)
 _ROW_SIDES = ("query", "positive")
+# side -> its reasoning target (UME-R1 SFT)
+REASONING_COLUMNS = {"query": QUERY_REASONING, "positive": POS_REASONING}
+_VIDEO_TOKENS = "a video token (<|video_pad|>, <video>)"
+_VIDEO_FIX = "Video input is not supported yet: remove the token from the text, or drop these rows."
 
 
 def text_causes(column: str) -> list[tuple[str, str]]:
@@ -383,7 +389,73 @@ def _check_image_column(array, column: str, *, what: str) -> None:
     )
 
 
-def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
+_UNREADABLE_FIX = (
+    "Its bytes are not an image file PIL can open (corrupt, or not an image at all): replace them, or drop these rows."
+)
+
+
+def _unreadable_images(array) -> np.ndarray:
+    """Per value of an image column stored as bytes (``datasets.Image`` structs, binary): encoded bytes whose header
+    no decoder reads? The bytes are in the table, so this costs no I/O; only headers are read, and a truncated image
+    is reported by the loader when its batch comes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from PIL import Image
+
+    t = array.type
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        data = pc.struct_field(array, "bytes")
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        data = array
+    else:
+        return np.zeros(len(array), dtype=bool)
+    bad = np.zeros(len(array), dtype=bool)
+    for i in range(len(data)):
+        value = data[i]
+        if not value.is_valid or not len(value.as_buffer()):
+            continue
+        try:
+            with Image.open(pa.BufferReader(value.as_buffer())):  # zero-copy: image bytes can be large
+                pass
+        except Image.DecompressionBombError:
+            pass  # readable, only large: the loader explains PIL's pixel limit when the image is used
+        except Exception:
+            bad[i] = True
+    return bad
+
+
+def with_undecoded_images(dataset):
+    """The dataset with its ``datasets.Image`` columns (and lists of them) set to ``decode=False``, so rows give the
+    collators the encoded image, which :func:`~mm_embed_trl.data.images.load_image` decodes, upright, naming the
+    row and column of a bad one; datasets' own decoder fails when the batch is fetched, naming neither."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        undecoded = _undecoded(feature)
+        if undecoded is not None:
+            cast = dataset.cast_column(name, undecoded)
+            dataset = keep_source(cast, dataset) if isinstance(dataset, datasets.Dataset) else cast
+    return dataset
+
+
+def _undecoded(feature):
+    """``feature`` with each decoding ``datasets.Image`` in it set to ``decode=False``; None when it has none."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False) if feature.decode else None
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        inner = _undecoded(feature.feature)
+        if inner is None:
+            return None
+        return datasets.LargeList(inner) if isinstance(feature, datasets.LargeList) else datasets.List(
+            inner, length=feature.length
+        )
+    return None
+
+
+def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list[tuple[str, str]]:
     """The (cause, fix) of each problem bit of :func:`_contrastive_facts`, in bit order."""
     causes = []
     for side in _ROW_SIDES:
@@ -398,6 +470,8 @@ def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
                 f"Fill in {image_col!r} with the row's image path (relative to image_root), or drop these rows.",
             ),
             (f"an image path in {image_col!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
+            (f"{_VIDEO_TOKENS} in {text_col!r}", _VIDEO_FIX),
+            (f"an image in {image_col!r} that is not a readable image", _UNREADABLE_FIX),
         ]
     causes += [
         (
@@ -405,11 +479,47 @@ def _contrastive_causes(columns: Sequence[str]) -> list[tuple[str, str]]:
             "Give one image value ('' for none) per negative text.",
         ),
         (f"a negative in {NEG_TEXT!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
+        (
+            f"a negative in {NEG_TEXT!r} that is not a text",
+            f"Give each row a list of texts in {NEG_TEXT!r}, one string per negative (not a list or a number).",
+        ),
+        (
+            f"a negative in {NEG_IMAGE!r} that is not an image value",
+            f"Give each row a list of image paths in {NEG_IMAGE!r}, one per negative ('' for none).",
+        ),
+        (f"{_VIDEO_TOKENS} in {NEG_TEXT!r}", _VIDEO_FIX),
+        (f"an image in {NEG_IMAGE!r} that is not a readable image", _UNREADABLE_FIX),
     ]
+    if reasoning:
+        for column in REASONING_COLUMNS.values():
+            causes += text_causes(column) + [
+                (
+                    f"no reasoning target in {column!r}",
+                    "Reasoning SFT trains on one target per side, '<think>...</think><answer>...</answer>"
+                    f"{GEN_EMB_TOKEN}': fill it in, drop these rows, or train without reasoning "
+                    "(discriminative_only=True).",
+                ),
+                (
+                    f"an image or video token (<|image_pad|>, <|video_pad|>, <image>, <video>) in {column!r}",
+                    "A reasoning target is text the model writes; the token asks for image features no image gives "
+                    "(the model stops with 'Image features and image tokens do not match'). Remove it.",
+                ),
+                (
+                    f"a reasoning target in {column!r} without {GEN_EMB_TOKEN}",
+                    f"The generative embedding is read at the {GEN_EMB_TOKEN} that ends the target: add it "
+                    "(mm_embed_trl.data.reasoning.format_reasoning builds targets).",
+                ),
+                (
+                    f"a reasoning target in {column!r} outside UME-R1's format <think>...</think><answer>..."
+                    f"</answer>{GEN_EMB_TOKEN}",
+                    "Rewrite it in that format (format_reasoning builds it); UME-R1's format reward checks the same "
+                    "pattern.",
+                ),
+            ]
     return causes
 
 
-def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, np.ndarray]:
+def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: bool = False) -> dict[str, np.ndarray]:
     """Per row: a bit mask of problems (see :func:`_contrastive_causes`), whether each side's text holds an image
     placeholder and whether it has an image, and the number of explicit negatives."""
     import pyarrow as pa
@@ -430,15 +540,17 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, n
         texts, not_text, bad_utf8 = text_values(as_array(batch[text_col]), text_col, what=what)
         placeholder = pc.match_substring_regex(texts, _PLACEHOLDER_REGEX).fill_null(False)
         placeholder = placeholder.to_numpy(zero_copy_only=False)
-        stripped = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, ""))
+        without_placeholders = pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, "")
+        stripped = pc.utf8_trim_whitespace(without_placeholders)
         empty = pc.equal(pc.utf8_length(stripped), 0).fill_null(True).to_numpy(zero_copy_only=False)
-        image_bad_utf8 = np.zeros(n, dtype=bool)
+        image_bad_utf8 = unreadable = np.zeros(n, dtype=bool)
         if image_col in batch.column_names:
             images = as_array(batch[image_col])
             _check_image_column(images, image_col, what=what)
             if pa.types.is_string(images.type) or pa.types.is_large_string(images.type):
                 image_bad_utf8 = invalid_utf8_mask(images)
             has_image = present_mask(images) & ~image_bad_utf8
+            unreadable = _unreadable_images(images)
         else:
             has_image = np.zeros(n, dtype=bool)
         usable = ~not_text & ~bad_utf8
@@ -447,19 +559,74 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool) -> dict[str, n
         flag(usable & empty & ~placeholder & ~has_image)
         flag(usable & empty & placeholder & ~has_image)
         flag(image_bad_utf8)
+        flag(usable & _matches(without_placeholders, _VISION_REGEX))
+        flag(unreadable)
         facts[f"{side}_placeholder"] = placeholder
         facts[f"{side}_image"] = has_image
 
     counts = np.zeros(n, dtype=np.int32)
     mismatch = np.zeros(n, dtype=bool)
     negative_bad_utf8 = np.zeros(n, dtype=bool)
+    not_values = {NEG_TEXT: np.zeros(n, dtype=bool), NEG_IMAGE: np.zeros(n, dtype=bool)}
+    negative_video = negative_unreadable = np.zeros(n, dtype=bool)
     if with_negatives and (NEG_TEXT in batch.column_names or NEG_IMAGE in batch.column_names):
         counts, mismatch, negative_bad_utf8 = _negative_counts(batch)
+        for column in not_values:
+            if column in batch.column_names:
+                not_values[column] = _negatives_of_other_types(as_array(batch[column]), column, what=what)
+        if NEG_TEXT in batch.column_names:
+            lists = value_lists(as_array(batch[NEG_TEXT]))
+            flat = lists.flatten()
+            if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+                without = pc.replace_substring_regex(flat, _PLACEHOLDER_REGEX, "")
+                negative_video = _per_element_to_rows(lists, _matches(without, _VISION_REGEX))
+        if NEG_IMAGE in batch.column_names and not not_values[NEG_IMAGE].any():
+            lists = value_lists(as_array(batch[NEG_IMAGE]))
+            negative_unreadable = _per_element_to_rows(lists, _unreadable_images(lists.flatten()))
     flag(mismatch)
     flag(negative_bad_utf8)
+    flag(not_values[NEG_TEXT])
+    flag(not_values[NEG_IMAGE])
+    flag(negative_video & ~negative_bad_utf8)
+    flag(negative_unreadable)
+    if reasoning:
+        for column in REASONING_COLUMNS.values():
+            texts, not_text, bad_utf8 = text_values(as_array(batch[column]), column, what=what)
+            target = _reasoning_facts(texts)
+            there = ~not_text & ~bad_utf8 & ~target["missing"]
+            flag(not_text)
+            flag(bad_utf8)
+            flag(~not_text & ~bad_utf8 & target["missing"])
+            flag(there & target["vision_token"])
+            flag(there & ~target["has_gen_emb"])
+            flag(there & target["has_gen_emb"] & ~target["follows_format"])
     facts["problems"] = problems
     facts["num_negatives"] = counts
     return facts
+
+
+def _matches(texts, regex: str) -> np.ndarray:
+    """Per string: does ``regex`` (RE2) match somewhere in it (False for nulls)?"""
+    import pyarrow.compute as pc
+
+    return pc.match_substring_regex(texts, regex).fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _reasoning_facts(targets) -> dict[str, np.ndarray]:
+    """Per reasoning target (strings, None where missing): is it missing, does it hold a vision token, a
+    ``<gen_emb>``, UME-R1's format (:data:`~mm_embed_trl.data.templates.UME_R1_FORMAT`, as UME-R1's reward searches
+    for it)?"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(targets, pa.Array):
+        targets = pa.array(targets, pa.string())
+    return {
+        "missing": ~present_mask(targets),
+        "vision_token": _matches(targets, _VISION_REGEX),
+        "has_gen_emb": pc.match_substring(targets, GEN_EMB_TOKEN).fill_null(False).to_numpy(zero_copy_only=False),
+        "follows_format": _matches(targets, _FORMAT_REGEX),
+    }
 
 
 def _negative_counts(batch):
@@ -502,6 +669,39 @@ def _negative_counts(batch):
     counts = cumulative[starts[1:]] - cumulative[starts[:-1]]
     counts = np.where(broadcast, total, counts)
     return np.where(mismatch, 0, counts).astype(np.int32), mismatch, bad_utf8
+
+
+def _negatives_of_other_types(array, column: str, *, what: str) -> np.ndarray:
+    """Per row: does a negative in ``column`` hold something other than a text (``neg_text``) or an image value
+    (``neg_image_path``): a list in the list, a number? A typed column of such values is a column problem."""
+    import pyarrow as pa
+
+    texts = column == NEG_TEXT
+    allowed = (str,) if texts else (str, dict, bytes)
+
+    def other(values) -> list[bool]:
+        return [x is not None and not isinstance(x, allowed) for x in values]
+
+    if _is_json(array):  # a JSON field whose rows differ: judge each element
+        from .schema import _as_list
+
+        return np.array([any(other(_as_list(v))) for v in _json_values(array)], dtype=bool)
+    t = array.type
+    element = t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) else t
+    if getattr(element, "extension_name", None) == "arrow.json":  # lists whose elements differ in type
+        flat = array.flatten()
+        return _per_element_to_rows(array, np.array(other(_json_values(flat)), dtype=bool))
+    usable = pa.types.is_null(element) or pa.types.is_string(element) or pa.types.is_large_string(element)
+    if not texts:
+        usable = usable or pa.types.is_binary(element) or pa.types.is_large_binary(element)
+        usable = usable or pa.types.is_struct(element)  # datasets.Image values
+    if not usable:
+        raise TypeError(
+            f"Column {column!r} of the {what} holds {t} values, not "
+            + ("texts: give each row one text per negative, as a list of strings (or one string)." if texts else
+               "image values: give each row one image path per negative, as a list ('' for none).")
+        )
+    return np.zeros(len(array), dtype=bool)
 
 
 def _placeholder_problems(facts, dataset, *, what: str) -> None:
@@ -551,38 +751,52 @@ def check_training_rows(
     what: str = "training dataset",
     num_negatives: int | None = None,
     on_bad_row: str = "raise",
+    reasoning: bool = False,
 ):
     """Check an MMEB-train-schema dataset before training; return it ready for the collator.
 
     Column problems raise: missing or misspelt MMEB columns (:func:`~mm_embed_trl.data.loading.check_training_columns`),
     a text column without texts, image placeholders in a side's texts while its image column is absent or empty in
     every row, an empty dataset. Row problems (a text that is not a string or not valid UTF-8, a side with neither a
-    text nor an image, negatives that do not pair up or differ in number) follow ``on_bad_row`` (see
-    :func:`enforce_on_bad_row`). The returned dataset carries a row index column for the collator's error messages.
-    ``IterableDataset`` and plain lists are returned unchanged (the collator checks each batch).
+    text nor an image, a video token in a text, negatives that do not pair up or differ in number) follow
+    ``on_bad_row`` (see :func:`enforce_on_bad_row`). With ``reasoning`` (UME-R1's reasoning SFT, whose batches carry
+    no explicit negatives) both reasoning columns must exist, and a row must have a target per side that is a text in
+    UME-R1's format ending with ``<gen_emb>``, without image or video tokens. The returned dataset carries a row
+    index column for the collator's error messages. ``IterableDataset`` and plain lists are returned unchanged (the
+    collator checks each batch).
     """
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    if _is_checked(dataset):
+        return with_undecoded_images(dataset) if isinstance(dataset, datasets.IterableDataset) else dataset
+    with_negatives = num_negatives != 0 and not reasoning
+    options = {"with_negatives": with_negatives, "reasoning": reasoning, "num_negatives": num_negatives}
+    if _checked_key(dataset, options) in _CHECKED:
         return dataset
     check_training_columns(dataset, name=f"the {what}")
+    if reasoning:
+        for column in REASONING_COLUMNS.values():
+            if column not in dataset.column_names:
+                raise KeyError(
+                    f"The {what} has no column {column!r} (columns: {dataset.column_names}): reasoning SFT trains on "
+                    f"each side's target '<think>...</think><answer>...</answer>{GEN_EMB_TOKEN}' in "
+                    f"{QUERY_REASONING!r} and {POS_REASONING!r}. Add them (load_ume_r1_sft_json reads UME-R1's "
+                    "released data), or train the discriminative embedding alone (discriminative_only=True)."
+                )
     if len(dataset) == 0:
         raise ValueError(f"The {what} has no rows (an empty file or split?); there is nothing to train on.")
-    with_negatives = num_negatives != 0
     facts = row_facts(
         dataset,
-        partial(_contrastive_facts, what=what, with_negatives=with_negatives),
+        partial(_contrastive_facts, what=what, with_negatives=with_negatives, reasoning=reasoning),
         contract="contrastive",
-        options={"with_negatives": with_negatives, "columns": dataset.column_names},
+        options={"with_negatives": with_negatives, "reasoning": reasoning, "columns": dataset.column_names},
         what=what,
     )
     _placeholder_problems(facts, dataset, what=what)
     bits = fact_column(facts, "problems")
     problems = [
         BadRows(cause, np.flatnonzero(bits & (np.int64(1) << i)), fix)
-        for i, (cause, fix) in enumerate(_contrastive_causes(dataset.column_names))
+        for i, (cause, fix) in enumerate(_contrastive_causes(dataset.column_names, reasoning))
     ]
     if with_negatives:
         counts = fact_column(facts, "num_negatives")
@@ -591,5 +805,40 @@ def check_training_rows(
             BadRows(p.cause, p.rows[usable[p.rows]], p.fix) for p in _negative_count_problems(counts, num_negatives)
         ]
     dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
-    return _mark_checked(dataset)
+    dataset = with_undecoded_images(dataset)
+    _CHECKED.add(_checked_key(dataset, options))
+    return dataset
+
+
+def check_reasoning_lengths(dataset, collator, *, what: str = "training dataset", on_bad_row: str = "raise"):
+    """The last clause of the reasoning SFT contract: each side's prompt + reasoning target within the collator's
+    ``max_sequence_length``, counted in the tokens its batches will hold
+    (:meth:`~mm_embed_trl.data.reasoning.ReasoningCollator.sequence_lengths`). It needs the collator (processor,
+    template, image budget), so the trainer runs it once it has one, still before training; a longer row would stop
+    the run when its batch came (cutting it would cut off its ``<gen_emb>``). Bad rows follow ``on_bad_row``; rows
+    must have passed :func:`check_training_rows` with ``reasoning=True``.
+    """
+    import datasets
+
+    limit = collator.max_sequence_length
+    if limit is None or not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
+        return dataset
+    facts = row_facts(
+        dataset, collator.sequence_lengths, contract="reasoning_lengths", options=collator.length_options(), what=what
+    )
+    problems = []
+    for side, column in REASONING_COLUMNS.items():
+        lengths = fact_column(facts, side)
+        rows = np.flatnonzero(lengths > limit)
+        if len(rows):
+            problems.append(
+                BadRows(
+                    f"a prompt + reasoning target in {column!r} longer than max_sequence_length={limit} tokens "
+                    f"(--max_sequence_length; up to {int(lengths[rows].max())})",
+                    rows,
+                    "Raise max_sequence_length, shorten the reasoning, lower image_max_pixels, or drop these rows: "
+                    f"cutting them would cut off the target's {GEN_EMB_TOKEN}.",
+                )
+            )
+    return enforce_on_bad_row(dataset, problems, what=what, on_bad_row=on_bad_row)
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import mm_embed_trl.export` must 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_embedding_chat_template"]
+__all__ = ["build_embedding_chat_template", "recover_base_chat_template"]
 
 # Sides of the prompt template that ST's `task` maps to the document instruction (ST's encode_document sets
 # task="document"; the aliases mirror mm_embed_trl.data.templates.normalize_side plus ST's prompt names).
@@ -328,6 +328,46 @@ def build_embedding_chat_template(
         + f"{{%- set mmembed_at = mmembed_rendered.rfind({tok}) -%}}\n"
         + f"{{%- if mmembed_at >= 0 -%}}{{{{- mmembed_rendered[:mmembed_at + {len(pooling_token)}] -}}}}"
         + "{%- else -%}{{- mmembed_rendered -}}{%- endif -%}"
+    )
+
+
+def recover_base_chat_template(
+    chat_template: str,
+    template: PromptTemplate,
+    *,
+    tokenizer,
+    multimodal: bool,
+    query_instruction: str,
+    document_instruction: str,
+    pooling_token: str | None = None,
+) -> str | None:
+    """The backbone's own chat template inside an embedding chat template :func:`build_embedding_chat_template`
+    wrote with these arguments (None when the backbone had none): what it wrapped around the base template is
+    rebuilt and cut off, so the result is exact.
+
+    Raises:
+        ValueError: ``chat_template`` is not such a template (edited, or written with other arguments).
+    """
+    options = dict(
+        multimodal=multimodal, query_instruction=query_instruction, document_instruction=document_instruction,
+        pooling_token=pooling_token,
+    )
+    if not multimodal:  # a text LM without a chat template: the template writes the tokenizer's special tokens
+        special_prefix, special_suffix = _special_token_affixes(tokenizer)
+        without = build_embedding_chat_template(
+            template, None, special_prefix=special_prefix, special_suffix=special_suffix, **options
+        )
+        if chat_template == without:
+            return None
+    marker = "\ue001mm-embed-trl base chat template\ue001"
+    prefix, suffix = build_embedding_chat_template(template, marker, **options).split(marker)
+    if chat_template.startswith(prefix) and chat_template.endswith(suffix) and (
+        len(chat_template) > len(prefix) + len(suffix)
+    ):
+        return chat_template[len(prefix) : len(chat_template) - len(suffix)]
+    raise ValueError(
+        "this chat template is not the embedding chat template mm-embed-trl writes for the export's settings "
+        "(edited, or written by another version)"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -50,12 +52,19 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Refuse option values no model can embed with (``from_pretrained`` calls it again after setting options
+        on a loaded config: strict validation covers only the base class's fields)."""
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING_MODES}.")
         if self.encoder_kind not in ENCODER_KINDS:
             raise ValueError(f"encoder_kind={self.encoder_kind!r} is not one of {ENCODER_KINDS}.")
         if self.pooling == "special_token" and self.pooling_token is None and self.pooling_token_id is None:
             raise ValueError("pooling='special_token' needs `pooling_token` (e.g. '<disc_emb>') or `pooling_token_id`.")
+        hidden_size = self.hidden_size if self.encoder_config is not None else None
+        check_embedding_dim(self.embedding_dim, hidden_size)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The backbone's text config: special-token ids, hidden size and the like live there."""
@@ -67,3 +76,20 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
     def hidden_size(self) -> int:
         """Hidden size of the backbone's language model (the raw embedding width)."""
         return int(self.get_text_config().hidden_size)
+
+
+def check_embedding_dim(embedding_dim, hidden_size: int | None = None) -> None:
+    """``embedding_dim`` must be None (every feature) or a whole number in [1, hidden_size]: 0 gave 0-dimensional
+    vectors, a negative one cut features off the end."""
+    if embedding_dim is None:
+        return
+    bound = f"[1, {hidden_size}] (the backbone's hidden size)" if hidden_size is not None else "[1, hidden size]"
+    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, Integral):
+        raise TypeError(
+            f"embedding_dim={embedding_dim!r} must be a whole number of features in {bound}, or None to keep all."
+        )
+    if embedding_dim < 1 or (hidden_size is not None and embedding_dim > hidden_size):
+        raise ValueError(
+            f"embedding_dim={embedding_dim!r} is outside {bound}: it keeps the first embedding_dim features of "
+            "each vector (None keeps all)."
+        )

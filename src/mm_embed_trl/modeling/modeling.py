@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -243,7 +244,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MultimodalEmbeddingModel:
-        """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory).
+        """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory); a
+        sentence-transformers export of this library (`export_sentence_transformers`, `examples/export.py`) gives
+        back the model it was made from.
 
         Wrapper options (`pooling`, `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`,
         `encoder_kind`) may be given as keyword arguments; other keyword arguments go to transformers
@@ -255,6 +258,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         processor = kwargs.pop("processor", None)
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
+            from ..export.sentence_transformers import load_sentence_transformers_export, read_export_info
+
+            export = read_export_info(pretrained_model_name_or_path, **hub_kwargs)
+            if export is not None:  # what examples/export.py writes: rebuild the model it was made from
+                return load_sentence_transformers_export(
+                    cls, pretrained_model_name_or_path, export, processor=processor, load_processor=load_processor,
+                    **kwargs,
+                )
             try:
                 found = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             except (OSError, ValueError) as err:
@@ -272,6 +283,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         for key, value in options.items():
             setattr(model.config, key, value)
         model._load_generation_config(pretrained_model_name_or_path, kwargs)
+        model.config.check_options()
         if processor is None and load_processor:
             processor = load_processor_for(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
@@ -614,6 +626,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: encode needs a positive whole number of inputs per batch.")
         if num_samples < 1 or (num_samples > 1 and not do_sample):
             raise ValueError(f"num_samples={num_samples} needs do_sample=True (greedy decoding gives one completion).")
         single = not isinstance(inputs, (list, tuple)) or (

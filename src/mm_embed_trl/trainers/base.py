@@ -7,9 +7,14 @@ Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
+import types
+import typing
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -72,10 +77,85 @@ class EmbeddingRunArguments:
         },
     )
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Every config's own checks compare its options (`temperature <= 0`): the types come first, whatever the
+        # subclass's __post_init__ does before calling its parent's.
+        own = cls.__dict__.get("__post_init__")
+        if own is not None:
+
+            @functools.wraps(own)
+            def post_init(self, *args, **kw):
+                check_option_types(self)
+                own(self, *args, **kw)
+
+            cls.__post_init__ = post_init
+
     def __post_init__(self):
+        check_option_types(self)
         if self.on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
         super().__post_init__()
+
+    @property
+    def row_contract(self) -> dict[str, Any]:
+        """What this run asks of its rows: the options of the pre-training row check
+        (:func:`~mm_embed_trl.data.validation.check_training_rows`) that the trainer and the examples run."""
+        return {"num_negatives": getattr(self, "num_negatives", None)}
+
+
+_SCALAR_TYPES = (bool, int, float, str)
+
+
+@functools.cache
+def _scalar_options(cls) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """``{field: (scalar types, whether None is one of them)}`` of the dataclass fields typed with scalars only
+    (``float``, ``int | None``, ...); fields of other types (lists, dicts, enums) are not looked at."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve here: check only the fields whose types are objects
+        hints = {f.name: f.type for f in dataclasses.fields(cls) if not isinstance(f.type, str)}
+    scalar = {}
+    for name, hint in hints.items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = typing.get_args(hint) if union else (hint,)
+        kinds = tuple(m for m in members if m is not type(None))
+        if kinds and all(m in _SCALAR_TYPES for m in kinds):
+            scalar[name] = (kinds, len(kinds) < len(members))
+    return scalar
+
+
+def check_option_types(options) -> None:
+    """Refuse a list, a mapping or a null given to an option that takes one number, text or flag, naming it.
+
+    A YAML recipe's values reach a config as they are (argparse converts only the command line's strings), so
+    ``learning_rate: [1e-4]`` or ``temperature: null`` failed deep inside torch. A null stays allowed where the
+    option's default is None.
+    """
+    scalar = _scalar_options(type(options))
+    problems = []
+    for f in dataclasses.fields(options):
+        if f.name not in scalar or not hasattr(options, f.name):
+            continue
+        kinds, nullable = scalar[f.name]
+        value = getattr(options, f.name)
+        if value is None:
+            if nullable or f.default is None:
+                continue
+            got = "null (None)"
+        elif isinstance(value, (list, tuple, set)):
+            got = f"a list ({value!r})"
+        elif isinstance(value, Mapping):
+            got = f"a mapping ({value!r})"
+        else:
+            continue
+        wanted = " or ".join(k.__name__ for k in kinds)
+        problems.append(f"Option {f.name} (--{f.name}) takes one {wanted}, got {got}")
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ". Give a single value (in a YAML recipe e.g. `learning_rate: 1.0e-4`), or remove "
+            "the line to keep the default."
+        )
 
 
 @dataclass
@@ -291,6 +371,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             model.set_processor(processing_class)
         if processing_class is None:
             raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        self.prepare_model(model, processing_class, args)
         if args.image_max_pixels is not None:
             from ..data.images import set_image_pixel_budget
 
@@ -312,6 +393,12 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             args.ddp_find_unused_parameters = vision_trains
         if data_collator is None:
             data_collator = self.default_collator(model, processing_class, args)
+        check_rows = getattr(data_collator, "check_rows", None)
+        if check_rows is not None:  # the part of the row contract only the collator can judge, still before training
+            train_dataset, eval_dataset = self._check_each(
+                train_dataset, eval_dataset, args,
+                lambda dataset, what: check_rows(dataset, what=what, on_bad_row=args.on_bad_row),
+            )
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._last_train_loss: torch.Tensor | None = None
@@ -375,9 +462,13 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         from ..data.validation import check_training_rows
 
         def check(dataset, what):
-            return check_training_rows(dataset, what=what, num_negatives=args.num_negatives, on_bad_row=args.on_bad_row)
+            return check_training_rows(dataset, what=what, on_bad_row=args.on_bad_row, **args.row_contract)
 
         return self._check_each(train_dataset, eval_dataset, args, check)
+
+    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
+        """Hook: ready the model for this method once it is loaded (after the data check) and its processor is known,
+        before LoRA and the collator (e.g. add tokens the method needs)."""
 
     def _check_each(self, train_dataset, eval_dataset, args, check):
         """Run `check(dataset, what) -> dataset` on the training and every eval dataset (main process first, so the

@@ -114,6 +114,14 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
             )
         if self.reasoning_sensitivity_rows < 0:
             raise ValueError("reasoning_sensitivity_rows must be >= 0.")
+        # before TRL's checks, which divide by them
+        for option, least in (("num_generations", 2), ("num_generations_eval", 1)):
+            value = getattr(self, option)
+            if value is not None and value < least:
+                raise ValueError(
+                    f"{option}={value}: GRPO needs at least {least} rollout(s) per prompt"
+                    + (" to compare each with its group (UME-R1: 8)." if least == 2 else ".")
+                )
         adapt_to_cpu(self)  # as the other trainers' configs: a CPU-only machine trains on the CPU, in fp32
         super().__post_init__()
         if self.generation_batch_size % (2 * self.num_generations) != 0:
@@ -122,6 +130,11 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
                 f"steps_per_generation) must hold whole pairs: a multiple of 2 x num_generations "
                 f"({2 * self.num_generations}), both sides of each pair rolled out num_generations times."
             )
+
+    @property
+    def row_contract(self) -> dict:
+        """GRPO rolls out both sides of each pair; explicit negatives are not used."""
+        return {"num_negatives": 0}
 
     @cached_property
     def _setup_devices(self) -> torch.device:

@@ -174,7 +174,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
         with args.main_process_first(desc="checking the dataset rows"):
             train_dataset = check_training_rows(
-                train_dataset, what="training dataset", num_negatives=0, on_bad_row=args.on_bad_row
+                train_dataset, what="training dataset", on_bad_row=args.on_bad_row, **args.row_contract
             )
         train_dataset = flatten_pairs(train_dataset)
         if reward_funcs is None:

@@ -163,6 +163,13 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         super().__post_init__()
 
     @property
+    def row_contract(self) -> dict:
+        """Reasoning batches need UME-R1's reasoning rows (and carry no explicit negatives)."""
+        if self.needs_reasoning:
+            return {"num_negatives": 0, "reasoning": True}
+        return super().row_contract
+
+    @property
     def needs_reasoning(self) -> bool:
         """Whether batches carry the reasoning completions (anything but the discriminative-only variant)."""
         return any(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -78,21 +79,20 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
             args = EmbeddingSFTConfig(output_dir="sft-output")
         if not isinstance(args, EmbeddingSFTConfig):
             raise TypeError(f"EmbeddingSFTTrainer needs an EmbeddingSFTConfig, got {type(args).__name__}.")
-        if isinstance(model, str) and args.needs_reasoning:
+        if isinstance(model, (str, os.PathLike)) and args.needs_reasoning:  # loaded by the base, after the data check
             args.model_init_kwargs = {"encoder_kind": "generative", **(args.model_init_kwargs or {})}
-            model = MultimodalEmbeddingModel.from_pretrained(model, **args.model_init_kwargs)
-        if isinstance(model, MultimodalEmbeddingModel) and args.needs_reasoning and model.lm_head is None:
+        super().__init__(model, args, *pargs, **kwargs)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self._disc_id, self._gen_id = tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+
+    def prepare_model(self, model, processing_class, args) -> None:
+        if args.needs_reasoning and model.lm_head is None:
             raise ValueError(
                 "Reasoning SFT trains the language-model head, but this model was loaded without one: use "
                 "MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'), or set "
                 "discriminative_only=True."
             )
-        processor = kwargs.get("processing_class") or getattr(model, "processor", None)
-        if isinstance(model, MultimodalEmbeddingModel) and processor is not None:
-            prepare_embedding_tokens(model, processor)
-        super().__init__(model, args, *pargs, **kwargs)
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        self._disc_id, self._gen_id = tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+        prepare_embedding_tokens(model, processing_class)
 
     def _generation_settings(self) -> dict:
         return {"max_new_tokens": self.args.max_new_tokens}
