@@ -452,7 +452,7 @@ def _length_rows(tmp_path, n, rng):
     return rows
 
 
-def _sft_collator(tiny_backbone, image_root, max_sequence_length):
+def _sft_collator(tiny_backbone, image_root, max_sequence_length, template="ume_r1"):
     from transformers import AutoProcessor
 
     from mm_embed_trl.data.images import set_image_pixel_budget
@@ -462,18 +462,23 @@ def _sft_collator(tiny_backbone, image_root, max_sequence_length):
     processor = AutoProcessor.from_pretrained(tiny_backbone("qwen2_vl"))
     processor.tokenizer.add_tokens([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
     set_image_pixel_budget(processor, 160 * 160)  # at most 32 tokens per image
-    return ReasoningCollator(processor, image_root=image_root, max_length=max_sequence_length, max_text_length=24)
+    return ReasoningCollator(
+        processor, template, image_root=image_root, max_length=max_sequence_length, max_text_length=24
+    )
 
 
-def test_the_length_check_counts_the_tokens_the_collator_makes(tiny_backbone, tmp_path, monkeypatch):
+@pytest.mark.parametrize("template", ["ume_r1", "ume_r1_blank_image"])
+def test_the_length_check_counts_the_tokens_the_collator_makes(tiny_backbone, tmp_path, monkeypatch, template):
     """Lengths from the pre-training check (texts and targets tokenized in batches, image tokens from the image
-    headers, only where an image could push a row over) against the collator's own batches."""
+    headers, only where an image could push a row over) against the collator's own batches; with
+    ``ume_r1_blank_image`` (the SFT default) text-only rows carry the white square's tokens too (the check once
+    left them out and passed rows that the collator then refused)."""
     from mm_embed_trl.data import reasoning
     from mm_embed_trl.data.validation import check_reasoning_lengths
 
     rng = np.random.default_rng(0)
     rows = _length_rows(tmp_path, 40, rng)
-    unlimited = _sft_collator(tiny_backbone, tmp_path, None)
+    unlimited = _sft_collator(tiny_backbone, tmp_path, None, template)
     actual = {}
     for side in ("query", "positive"):
         batch = [unlimited([row])[side]["attention_mask"].sum().item() for row in rows]
@@ -481,7 +486,7 @@ def test_the_length_check_counts_the_tokens_the_collator_makes(tiny_backbone, tm
     limit = int(np.median(np.maximum(actual["query"], actual["positive"])))
     over = (actual["query"] > limit) | (actual["positive"] > limit)
     assert 5 < over.sum() < 35
-    collator = _sft_collator(tiny_backbone, tmp_path, limit)
+    collator = _sft_collator(tiny_backbone, tmp_path, limit, template)
     data = check_training_rows(datasets.Dataset.from_list(rows), reasoning=True)
     opened = []
     image_size = reasoning.image_size
@@ -510,10 +515,10 @@ def test_sft_skips_over_long_rows_before_training(tiny_backbone, tmp_path, caplo
     rows[4]["pos_reasoning"] = rows[4]["pos_reasoning"].replace("this shows", "this shows " + "very " * 200)
     data = datasets.Dataset.from_list(rows)
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
-    with pytest.raises(BadRowsError, match=r"'pos_reasoning'.*longer than max_sequence_length=150.*\(rows 4\)"):
-        EmbeddingSFTTrainer(model=model, args=_sft_config(tmp_path, max_sequence_length=150), train_dataset=data)
+    with pytest.raises(BadRowsError, match=r"'pos_reasoning'.*longer than max_sequence_length=200.*\(rows 4\)"):
+        EmbeddingSFTTrainer(model=model, args=_sft_config(tmp_path, max_sequence_length=200), train_dataset=data)
     trainer = EmbeddingSFTTrainer(
-        model=model, args=_sft_config(tmp_path, max_sequence_length=150, on_bad_row="skip", max_steps=2),
+        model=model, args=_sft_config(tmp_path, max_sequence_length=200, on_bad_row="skip", max_steps=2),
         train_dataset=data,
     )
     assert trainer.train_dataset[ROW_INDEX_COLUMN][:] == [0, 1, 2, 3, 5, 6, 7, 8]

@@ -252,11 +252,18 @@ class ReasoningCollator(EmbeddingCollator):
         def byte_lengths(array):
             return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
+        # A template that gives text-only inputs a white square (ume_r1_blank_image) adds its tokens to those rows:
+        # its size is known, so its count is exact.
+        blank_size = self.template.text_only_image_size if self.is_multimodal else None
+        blank_tokens = self.image_token_counts([(blank_size, blank_size)])[0] if blank_size is not None else 0
+
         out = {}
         for side, (text_col, image_col, target_col, prompt_side) in _SIDES.items():
             with_image = present_mask(column(image_col))
+            with_blank = ~with_image if blank_size is not None else np.zeros(n, dtype=bool)
             fixed = self._prompt_bytes(prompt_side) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
             lengths = fixed + byte_lengths(column(text_col)) + byte_lengths(column(target_col))
+            lengths[with_blank] += blank_tokens
             if budget is not None:
                 lengths[with_image] += budget
             settled = np.zeros(n, dtype=bool) if limit is None else lengths <= limit
@@ -266,12 +273,13 @@ class ReasoningCollator(EmbeddingCollator):
             if len(todo):
                 picked = table.take(pa.array(todo)).to_pydict()
                 inputs = [
-                    EmbeddingInput(text=t, image=True if has_image(v) else None)
+                    EmbeddingInput(text=t, image=True if has_image(v) or blank_size is not None else None)
                     for t, v in zip(picked[text_col], picked.get(image_col) or [None] * len(todo))
                 ]
-                # each image counted as its one placeholder token for now
+                # each image (the blank one too) counted as its one placeholder token for now
                 exact = self.prompt_lengths(inputs, prompt_side)
                 exact += [len(c) for c in self.completion_ids(picked[target_col])]
+                exact[with_blank[todo]] += blank_tokens - 1
                 lengths[todo] = exact + self._image_tokens(todo, picked, side, with_image[todo], exact, budget)
             out[side] = lengths
         return out
