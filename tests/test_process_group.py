@@ -3,8 +3,11 @@ complete runs), and left alone when it ends on a failure."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 import threading
+import time
 from pathlib import Path
 
 import launching
@@ -69,13 +72,67 @@ def test_a_hanging_shutdown_ends_the_process_instead_of_the_exit_hanging(fake_gr
     assert exited == [1]
 
 
+def _named_thread(name: bytes, busy_seconds: float, finished: threading.Event, stop: threading.Event):
+    """A thread that calls itself ``name`` (as gloo's native threads are named), computes for ``busy_seconds``, sets
+    ``finished`` and then sleeps until ``stop``."""
+    named = threading.Event()
+
+    def run():
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+        named.set()
+        end = time.monotonic() + busy_seconds
+        while time.monotonic() < end and not stop.is_set():
+            sum(range(1000))
+        finished.set()
+        stop.wait(30)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    named.wait(5)
+    return thread
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are read from /proc (Linux)")
+
+
+@needs_proc
+def test_the_exit_waits_until_the_communication_threads_are_quiet():
+    """With the group held by a DDP model, its gloo threads outlive destroy_process_group; the exit then waits until
+    they sleep, so none is busy (and wants the GIL) when the interpreter finalizes."""
+    finished, stop = threading.Event(), threading.Event()
+    thread = _named_thread(b"pt_gloo_runloop", 0.4, finished, stop)
+    try:
+        start = time.monotonic()
+        assert process_group.wait_for_quiet_comm_threads(timeout=20)
+        assert finished.is_set()  # it waited for the busy thread
+        assert time.monotonic() - start < 15  # and no longer than the thread was busy, give or take the load
+    finally:
+        stop.set()
+        thread.join()
+
+
+@needs_proc
+def test_other_threads_are_not_waited_for_and_a_busy_one_only_until_the_timeout():
+    finished, stop = threading.Event(), threading.Event()
+    other = _named_thread(b"tqdm_monitor", 30, threading.Event(), stop)
+    busy = _named_thread(b"pt_gloo_runloop", 30, finished, stop)
+    try:
+        start = time.monotonic()
+        assert not process_group.wait_for_quiet_comm_threads(timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 10 and not finished.is_set()
+        assert process_group.wait_for_quiet_comm_threads(timeout=0.3, prefixes=("gloo",))  # no such thread: at once
+    finally:
+        stop.set()
+        busy.join(), other.join()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["torch", "accelerate"])
+@pytest.mark.parametrize("how", ["torch", "accelerate", "ddp"])
 def test_two_gloo_processes_exit_cleanly_after_their_collectives(how):
     """A bare script of 20 collectives aborted at exit (SIGABRT, 'terminate called without an active exception') in
     4 of 10 runs under CPU load here without the handler; 6 clean runs in a row would happen by chance with
     probability (6/10)^6 < 5%. benchmarks/exit_aborts.py measures it over many runs."""
-    extra = ["--accelerator"] if how == "accelerate" else []
+    extra = {"torch": [], "accelerate": ["--accelerator"], "ddp": ["--ddp"]}[how]
     for _ in range(6):
         launching.run(SCRIPT, *extra, processes=2, timeout=120)
 

@@ -1,7 +1,9 @@
 """20 gloo collectives, then exit, with nothing but `import mm_embed_trl` to end the process group: the library's exit
 handler must keep the exit clean for any script that uses the group directly. Run under
 ``torch.distributed.run --nproc_per_node 2``; ``--accelerator`` starts the group through accelerate instead,
-``--raise`` ends rank 1 on an uncaught exception after the collectives (its group is then left alone)."""
+``--ddp`` runs 20 steps of a small model under DistributedDataParallel, which keeps the model (and through it the group)
+alive until the interpreter shuts down, as a training script's module-level trainer does; ``--raise`` ends rank 1 on
+an uncaught exception after the collectives (its group is then left alone)."""
 
 import sys
 
@@ -17,6 +19,16 @@ if "--accelerator" in sys.argv:
 else:
     dist.init_process_group("gloo")
 t = torch.ones(1000)
+if "--ddp" in sys.argv:
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)), bucket_cap_mb=0.05
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(20):
+        model(torch.randn(8, 64)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
 for _ in range(20):
     dist.all_reduce(t)
     gathered = [torch.empty(1000) for _ in range(dist.get_world_size())]

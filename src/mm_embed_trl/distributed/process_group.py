@@ -6,7 +6,12 @@ GIL, Python ends the thread (`pthread_exit`), the unwind crosses a `noexcept` C+
 process: SIGABRT, "terminate called without an active exception" (pytorch/pytorch#190489), after every file was
 saved. Seen here in a gdb backtrace of the aborting rank; a bare 2-process script of 20 gloo collectives aborted at
 exit in 4 of 10 runs under CPU load. A job whose exit code is non-zero after a complete run reads as a failed run to a
-scheduler or CI. `destroy_process_group` shuts every backend down and joins those threads while Python still runs.
+scheduler or CI. `destroy_process_group` shuts every backend down and joins those threads while Python still runs,
+but only when nothing else holds the group: a `DistributedDataParallel` model (its C++ reducer), a DeepSpeed engine or
+an FSDP mesh that lives until the interpreter clears its modules keeps the group, and its threads, alive (seen here
+in every trainer's 2-process run; a GRPO step aborted this way in CI). gloo offers no call that joins them then. So
+the handler then waits, with the GIL released, until those threads have gone quiet (asleep, not scheduled between
+two looks at `/proc`): a thread that is idle when the interpreter finalizes never asks for the GIL.
 
 Where. `import mm_embed_trl` registers `destroy_process_group_on_clean_exit` with `atexit` (see the package's
 `__init__`), so every process that imports the library gets it: the trainers, the examples, a user's own script that
@@ -28,10 +33,63 @@ import contextlib
 import os
 import sys
 import threading
+import time
 
-__all__ = ["destroy_process_group_at_exit", "destroy_process_group_on_clean_exit"]
+__all__ = ["destroy_process_group_at_exit", "destroy_process_group_on_clean_exit", "wait_for_quiet_comm_threads"]
 
 _state = {"clean": True}
+# Native threads of torch.distributed's gloo backend and its store: "pt_gloo_runloop" (collectives), "gloo_tcp_loop",
+# "pt_tcpstore_uv" and the like.
+COMM_THREAD_PREFIXES = ("pt_", "gloo")
+
+
+def _comm_thread_activity(prefixes: tuple[str, ...]) -> dict[int, tuple[str, str]] | None:
+    """``{thread id: (state, times scheduled)}`` of this process's threads whose name starts with one of
+    ``prefixes``, from ``/proc`` (Linux); ``None`` where there is no ``/proc``."""
+    task = f"/proc/{os.getpid()}/task"
+    try:
+        thread_ids = os.listdir(task)
+    except OSError:
+        return None
+    out = {}
+    for tid in thread_ids:
+        try:
+            with open(f"{task}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if not name.startswith(prefixes):
+            continue
+        try:  # third field: how many times the thread was put on a CPU (exact, unlike the tick-based times)
+            with open(f"{task}/{tid}/schedstat") as f:
+                ran = f.read().split()[2]
+        except (OSError, IndexError):
+            ran = f"{fields[11]}+{fields[12]}"  # user + system time, in clock ticks
+        out[int(tid)] = (fields[0], ran)
+    return out
+
+
+def wait_for_quiet_comm_threads(
+    timeout: float = 10.0, interval: float = 0.02, prefixes: tuple[str, ...] = COMM_THREAD_PREFIXES
+) -> bool:
+    """Sleep (the GIL released) until every communication thread of this process is quiet: asleep at two looks
+    ``interval`` apart and not scheduled in between. True once quiet (at once when there is none), False after
+    ``timeout`` seconds or where ``/proc`` cannot tell (then after one ``interval``)."""
+    deadline = time.monotonic() + timeout
+    before = _comm_thread_activity(prefixes)
+    if before is None:
+        time.sleep(interval)
+        return False
+    while before:
+        time.sleep(interval)
+        now = _comm_thread_activity(prefixes)
+        if all(state == "S" and now.get(tid) == (state, ran) for tid, (state, ran) in before.items()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        before = now
+    return True
 
 
 def _ending_on_an_uncaught_exception() -> bool:
@@ -68,6 +126,7 @@ def destroy_process_group_on_clean_exit() -> None:
     threading.Thread(target=watchdog, name="mm_embed_trl-exit-watchdog", daemon=True).start()
     try:
         distributed.destroy_process_group()
+        wait_for_quiet_comm_threads(timeout=min(10.0, timeout / 2))  # threads the destroy could not join
     finally:
         done.set()
 
