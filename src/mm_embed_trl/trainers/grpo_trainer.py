@@ -17,7 +17,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
-from ..modeling.modeling import lora_config_dict
+from ..modeling.modeling import lora_config_dict, with_lora_target
 from ..modeling.pooling import special_token_indices
 from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
@@ -185,6 +185,8 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             weights = weights + [args.retrieval_reward_weight]
         args.reward_weights = weights
         self._stash: dict[str, Any] = {}
+        if peft_config is not None:  # TRL wraps the policy; PEFT finds no modules of a VLM by itself
+            peft_config = with_lora_target(peft_config)
         super().__init__(
             model=policy,
             reward_funcs=reward_funcs,
