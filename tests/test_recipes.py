@@ -92,6 +92,21 @@ def test_every_shipped_recipe_trains_on_the_tiny_replica_of_its_family(recipe, t
         assert start and start.keys() == saved.keys() and all((start[k] == saved[k]).all() for k in start)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if "tiny" in r])
+def test_use_peft_is_honoured_on_the_built_in_tiny_backbone(recipe, tmp_path, tiny_backbone, monkeypatch):
+    """`--use_peft true` without a model name: the examples passed no LoRA config for their built-in backbone, so the
+    run silently fine-tuned every weight."""
+    example = next(e for prefix, e in EXAMPLES.items() if recipe.startswith(prefix))
+    settings, _ = _tiny_recipe(recipe, example, tmp_path, tiny_backbone)
+    config = tmp_path / recipe
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{example}.py", "--config", str(config), "--use_peft", "true", "--lora_r", "4"])
+    _, adapters = _run_example(example, monkeypatch)
+    assert adapters
+
+
 def _trains_adapters(trainer) -> bool:
     """Whether the run trains LoRA adapters and nothing else."""
     trained = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
