@@ -284,6 +284,30 @@ def test_lora_run_saves_merged_weights_loadable_both_ways(tiny_backbone, shapes_
     assert_close(torch.as_tensor(st.encode_query(texts)), trained, rtol=rounding_rtol(**TINY_FORWARD))
 
 
+def test_lora_runs_with_the_same_seed_are_bit_identical(tiny_backbone, shapes_data, tmp_path):
+    """LoRA draws its initial A matrices from the global RNG: they must come from `seed`, not from whatever state the
+    process was in (before the fix the adapters were added before the Trainer seeded, so two runs differed)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    train = shapes_data["train"].select(range(16))
+    checkpoints = []
+    for run, process_state in (("a", 1), ("b", 2)):
+        torch.manual_seed(process_state)  # what a fresh process holds before anything seeds it
+        config = _config(
+            tmp_path / run, image_root=str(shapes_data.image_root), max_steps=2, num_negatives=0, seed=7,
+            save_strategy="steps", save_steps=2,
+        )
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+        HardNegContrastiveTrainer(
+            model=model, args=config, train_dataset=train, peft_config=LoraConfig(r=4, lora_alpha=8)
+        ).train()
+        checkpoints.append(load_file(Path(config.output_dir) / "checkpoint-2" / "model.safetensors"))
+    a, b = checkpoints
+    assert any("lora_A" in k for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
 def test_best_checkpoint_paths_point_at_final_folders(tiny_backbone, shapes_data, tmp_path):
     import json
 

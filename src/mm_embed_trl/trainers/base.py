@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 
 from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
@@ -303,6 +303,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         if args.freeze_vision_tower:
             freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
         if peft_config is not None:
+            # LoRA draws its A matrices from the global RNG, and Trainer.__init__ seeds only later: seed as it does.
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             model.add_lora(peft_config, target=args.lora_target)
         if args.gradient_checkpointing and model.has_lora:
             # Reentrant checkpointing needs an input that requires grad when only adapters train.
