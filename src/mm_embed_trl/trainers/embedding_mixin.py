@@ -62,6 +62,7 @@ class EmbeddingTrainerMixin:
     """Non-step machinery of the embedding trainers; mixed in before `Trainer` / `GRPOTrainer` (see module doc)."""
 
     _output_dir_claimed = False
+    _complete_at_resume = False  # resumed at max_steps: the run trains nothing (see get_batch_samples)
     _last_train_loss: torch.Tensor | None = None
     # What a method trainer declares of itself (with TRL's `_name` and `_paper`): read by the model card through
     # `method_card()` and by `trainers.identity.trainer_for_method` (the export CLI's --method).
@@ -107,6 +108,23 @@ class EmbeddingTrainerMixin:
         resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
         with destroy_process_group_at_exit():
             return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples`, except when the run is already complete (resumed from a checkpoint at
+        `max_steps`, e.g. after a kill during the final save): Trainer checks `max_steps` only after a step, so it
+        would take one step more and change the model; stop before fetching that step's batches instead."""
+        if self.state.global_step >= self.state.max_steps > 0:
+            if not self._complete_at_resume:
+                logger.warning(
+                    "The checkpoint resumed from is at step %d of max_steps %d: nothing left to train, only the final "
+                    "save remains.",
+                    self.state.global_step,
+                    self.state.max_steps,
+                )
+            self._complete_at_resume = True
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
@@ -220,6 +238,8 @@ class EmbeddingTrainerMixin:
         """
         from transformers.trainer_utils import rotate_checkpoints
 
+        if self._complete_at_resume:
+            return  # the epoch-end save of a run that trained nothing would rewrite the checkpoint it resumed from
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         staging_root = os.path.join(run_dir, ".staging")
