@@ -1,9 +1,10 @@
 """What every embedding trainer shares whatever runs its step (`transformers.Trainer` or `trl.GRPOTrainer`).
 
 `EmbeddingTrainerMixin` holds the machinery that is not the optimisation step: the run folder (resume from "last",
-refusing to mix two runs), the parallelism queries (`zero_stage`, `shards_weights`), the finite-loss guard, staged
-checkpoints with a health record, and the end-of-run save (model, sentence-transformers export, card) published in
-one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer` (GRPOTrainer) both put it first in their bases.
+refusing to mix two runs, locked against a concurrent one), the parallelism queries (`zero_stage`,
+`shards_weights`), the finite-loss guard, staged checkpoints with a health record, and the end-of-run save (model,
+sentence-transformers export, card) published in one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer`
+(GRPOTrainer) both put it first in their bases.
 
 A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
 (`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
@@ -16,18 +17,20 @@ ZeRO-3/FSDP; by default the Trainer's `save_model`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
 import pathlib
 import re
+import secrets
 import shutil
 from typing import Any
 
 import torch
 
-from .._files import disk_full_as_clear_error, publish_dir
+from .._files import RunFolderLockedError, disk_full_as_clear_error, hold_run_folder, publish_dir
 from ..distributed.process_group import destroy_process_group_at_exit
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.modeling import count_degenerate_rows
@@ -62,6 +65,11 @@ class EmbeddingTrainerMixin:
     """Non-step machinery of the embedding trainers; mixed in before `Trainer` / `GRPOTrainer` (see module doc)."""
 
     _output_dir_claimed = False
+    # The main process's hold on output_dir's lock (see `_lock_run_folder`), from the run's claim to its final
+    # publish; `_run_locked` is the same fact on every rank. `_staging_tag` makes this run's staging names unique.
+    _run_hold = None
+    _run_locked = False
+    _staging_tag: str | None = None
     _complete_at_resume = False  # resumed at max_steps: the run trains nothing (see get_batch_samples)
     _last_train_loss: torch.Tensor | None = None
     # What a method trainer declares of itself (with TRL's `_name` and `_paper`): read by the model card through
@@ -104,10 +112,15 @@ class EmbeddingTrainerMixin:
     # ------------------------------------------------------------------ run folder
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
-        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
+        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`),
+        and so is any run while another live run holds `output_dir` (its lock, held until the final save)."""
         resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
-        with destroy_process_group_at_exit():
-            return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        try:
+            with destroy_process_group_at_exit():
+                return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        except BaseException:
+            self._release_run_folder()  # this run will not publish: free the folder
+            raise
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples`, except when the run is already complete (resumed from a checkpoint at
@@ -134,6 +147,7 @@ class EmbeddingTrainerMixin:
             FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
         """
         output_dir = self.args.output_dir
+        self._lock_run_folder()
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             self._claim_output_dir()
             return None
@@ -152,6 +166,45 @@ class EmbeddingTrainerMixin:
                 "a run, or 'last' for the newest complete one in output_dir."
             )
         return str(resume_from_checkpoint)
+
+    def _hold_folder(self, folder) -> Any:
+        """Collective: the main process takes a hold on `folder`'s lock (`hold_run_folder`) and proposes this run's
+        staging tag. Every rank raises `RunFolderLockedError` when another live run holds the folder. Returns the
+        hold on the main process, None elsewhere."""
+        from accelerate.utils import broadcast_object_list
+
+        hold, failure = None, None
+        if self.accelerator.is_main_process:
+            try:
+                hold = hold_run_folder(folder)
+            except RunFolderLockedError as err:
+                failure = str(err)
+        shared = [failure, secrets.token_hex(4)]
+        broadcast_object_list(shared)  # the main process's: every rank names staging folders alike
+        if shared[0] is not None:
+            raise RunFolderLockedError(shared[0])
+        self._staging_tag = self._staging_tag or shared[1]
+        return hold
+
+    def _lock_run_folder(self) -> None:
+        """Hold `output_dir`'s lock from the run's claim to its final publish (`save_for_inference`): a second run
+        into the same folder, on any host sharing it, is refused with an error naming this one (see
+        `RunFolderLock`). Only the main process locks; the lock is released at the final publish, when training
+        fails, or when the process ends (a killed run's lock is taken over by the next run)."""
+        if self._run_locked:
+            return
+        self._run_hold = self._hold_folder(self.args.output_dir)
+        self._run_locked = True
+
+    def _release_run_folder(self) -> None:
+        if self._run_hold is not None:
+            self._run_hold.release()
+        self._run_hold, self._run_locked = None, False
+
+    def _check_run_folder_held(self) -> None:
+        """Before publishing into the run folder: this run still holds it (main process)."""
+        if self._run_hold is not None:
+            self._run_hold.check_held()
 
     def _claim_output_dir(self) -> None:
         """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
@@ -240,12 +293,13 @@ class EmbeddingTrainerMixin:
 
         if self._complete_at_resume:
             return  # the epoch-end save of a run that trained nothing would rewrite the checkpoint it resumed from
+        self._lock_run_folder()  # held since the run's claim, unless the Trainer's loop was driven by hand
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-        staging_root = os.path.join(run_dir, ".staging")
+        staging_root = os.path.join(run_dir, f".staging-{self._staging_tag}")
         staged = os.path.join(staging_root, os.path.basename(final))
         if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left
+            _remove_leftovers(run_dir, ".staging*")  # what killed saves left (this run holds the folder)
         self.accelerator.wait_for_everyone()  # before any rank writes its part (DeepSpeed: every rank does)
         original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
         self._get_output_dir = lambda trial=None: staging_root
@@ -264,6 +318,7 @@ class EmbeddingTrainerMixin:
         if self.args.should_save:
             with open(os.path.join(staged, CHECKPOINT_HEALTH_FILE), "w") as f:
                 json.dump(health, f, indent=2)
+            self._check_run_folder_held()
             publish_dir(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             best = self.state.best_model_checkpoint
@@ -329,40 +384,59 @@ class EmbeddingTrainerMixin:
         processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
         kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
         files in `output_dir` are kept. (A model outside a trainer: `mm_embed_trl.export.save_model_for_inference`.)
+        The save holds `output_dir`'s lock (see `_lock_run_folder`); saved into the run folder, it ends the run's hold.
         """
-        from ..export.final_save import is_run_state, save_model_files, write_inference_extras
-
         output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
-        staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
+        run_folder = output_dir == pathlib.Path(self.args.output_dir).absolute()
+        hold = self._hold_folder(output_dir)  # the run's own lock when saving into its folder: another hold on it
+        staging = output_dir.parent / f".{output_dir.name}.final-save-{self._staging_tag}"  # alike on every rank
         try:
-            with disk_full_as_clear_error(output_dir, "the final model"):
-                self._save_final_weights(str(staging))
-                self.accelerator.wait_for_everyone()
-                if self.args.should_save:
-                    with _without_zero3_init():  # plain, whole copies loaded on this process only
-                        saved = MultimodalEmbeddingModel.from_pretrained(staging)
-                        if saved.has_lora:
-                            saved.merge_lora()
-                            save_model_files(saved, staging)
-                        if self.args.save_sentence_transformers:
-                            card = {"training_args": self.args, "method": self.method_card(), **(model_card_data or {})}
-                            write_inference_extras(
-                                saved,
-                                staging,
-                                published_as=output_dir,
-                                model_card_data=card,
-                                generation=self._generation_settings(),
-                            )
-                    publish_dir(staging, output_dir, keep_existing=is_run_state)
+            if self.args.should_save:
+                _remove_leftovers(output_dir.parent, f"{glob.escape('.' + output_dir.name)}.final-save*")
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self._publish_final_save(output_dir, staging, hold, model_card_data)
         finally:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            if hold is not None:
+                hold.release()
+            if run_folder:
+                self._release_run_folder()  # the run is complete: the folder is free
         self.accelerator.wait_for_everyone()
         return str(output_dir)
+
+    def _publish_final_save(self, output_dir: pathlib.Path, staging: pathlib.Path, hold, model_card_data) -> None:
+        """Write the final model and its exports into `staging` (weights gathered on every rank), then publish it as
+        `output_dir` in one rename, if this run still holds that folder's lock."""
+        from ..export.final_save import is_run_state, save_model_files, write_inference_extras
+
+        with disk_full_as_clear_error(output_dir, "the final model"):
+            self._save_final_weights(str(staging))
+            self.accelerator.wait_for_everyone()
+            if not self.args.should_save:
+                return
+            with _without_zero3_init():  # plain, whole copies loaded on this process only
+                saved = MultimodalEmbeddingModel.from_pretrained(staging)
+                if saved.has_lora:
+                    saved.merge_lora()
+                    save_model_files(saved, staging)
+                if self.args.save_sentence_transformers:
+                    card = {"training_args": self.args, "method": self.method_card(), **(model_card_data or {})}
+                    write_inference_extras(
+                        saved, staging, published_as=output_dir, model_card_data=card,
+                        generation=self._generation_settings(),
+                    )
+            if hold is not None:
+                hold.check_held()
+            publish_dir(staging, output_dir, keep_existing=is_run_state)
+
+
+def _remove_leftovers(folder, pattern: str) -> None:
+    """Remove the entries of `folder` matching `pattern`: staging folders of killed saves (call it only while holding
+    the run folder's lock, so that no live run is writing them)."""
+    for leftover in pathlib.Path(folder).glob(pattern):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _checkpoints(output_dir: str) -> list[str]:
