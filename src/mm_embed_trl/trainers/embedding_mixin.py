@@ -9,9 +9,9 @@ sentence-transformers export, card) published in one rename. `EmbeddingTrainer` 
 A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
 (`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
 
-A subclass may override two hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
-the unwrapped training model) and `_save_final_weights(directory)` (writes that model's files, gathered under
-ZeRO-3/FSDP; by default the Trainer's `save_model`).
+A subclass may override three hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
+the unwrapped training model), `_save_final_weights(directory)` (writes that model's files, gathered under
+ZeRO-3/FSDP; by default the Trainer's `save_model`) and `_save_resume_state(directory)` (more state in a checkpoint).
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ class EmbeddingTrainerMixin:
     def inference_model(self) -> MultimodalEmbeddingModel:
         """The embedding model being trained (probed by checkpoint health checks, saved at the end)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def _save_resume_state(self, directory: str) -> None:
+        """Write into the checkpoint being staged in `directory` what a resumed run needs beyond the Trainer's state
+        (every rank; read back in `_load_optimizer_and_scheduler`, as TRL does). Nothing by default."""
 
     def _generation_settings(self) -> dict[str, Any] | None:
         """`encode` generation options saved with a generative export (None: the export's defaults)."""
@@ -307,6 +311,7 @@ class EmbeddingTrainerMixin:
         try:
             with disk_full_as_clear_error(final, os.path.basename(final)):
                 super()._save_checkpoint(model, trial)
+                self._save_resume_state(staged)
         except BaseException:
             if self.args.should_save:
                 shutil.rmtree(staging_root, ignore_errors=True)
@@ -341,6 +346,28 @@ class EmbeddingTrainerMixin:
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`Trainer._load_from_checkpoint`, also for a model whose `save_pretrained` writes other parameter names
+        than its own: transformers 5 reverts its weight conversions on save (a Qwen2-VL policy's
+        `model.language_model.*` is saved as `model.*`) but Trainer loads the file with `load_state_dict(strict=False)`,
+        which then matches nothing and only warns (transformers issue 43701): a resumed GRPO run went on from its
+        initial weights. Such a checkpoint is loaded by the model's own `from_pretrained`, which converts the names."""
+        from transformers import PreTrainedModel
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved = _saved_weight_names(resume_from_checkpoint)
+        if (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not isinstance(target, PreTrainedModel)
+            or saved is None
+            or saved <= target.state_dict().keys()
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map=None)
+        target.load_state_dict(loaded.state_dict(), strict=True)
 
     def _checkpoint_health(self) -> dict[str, Any]:
         """Whether the weights being checkpointed are usable: the last training loss, every weight and the
@@ -446,6 +473,21 @@ def _checkpoints(output_dir: str) -> list[str]:
     found = [m for m in map(_CHECKPOINT_NAME.fullmatch, os.listdir(output_dir)) if m]
     paths = [os.path.join(output_dir, m.group(0)) for m in sorted(found, key=lambda m: int(m.group(1)))]
     return [p for p in paths if os.path.isdir(p)]
+
+
+def _saved_weight_names(checkpoint: str) -> set[str] | None:
+    """The parameter names in a checkpoint's safetensors weights (one file or an index), None without them."""
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return set(f.keys())
 
 
 def _read_health(checkpoint: str) -> dict | None:
