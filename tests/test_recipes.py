@@ -103,7 +103,7 @@ def test_use_peft_is_honoured_on_the_built_in_tiny_backbone(recipe, tmp_path, ti
     config.write_text(yaml.safe_dump(settings))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [f"{example}.py", "--config", str(config), "--use_peft", "true", "--lora_r", "4"])
-    _, adapters = _run_example(example, monkeypatch)
+    _, adapters = _run_example(example, monkeypatch, train=False)
     assert adapters
 
 
@@ -113,16 +113,16 @@ def _trains_adapters(trainer) -> bool:
     return bool(trained) and all("lora_" in name for name in trained)
 
 
-def _run_example(example: str, monkeypatch):
-    """Run the example's `main()` (it parses `sys.argv`); returns the trainer it built and whether, as built, it
-    trained LoRA adapters only (the final save merges them)."""
+def _run_example(example: str, monkeypatch, *, train: bool = True):
+    """Run the example's `main()` (it parses `sys.argv`; without `train`, up to the trainer it builds); returns that
+    trainer and whether, as built, it trained LoRA adapters only (the final save merges them)."""
     module = _example(example)
     built = []
     tail = module.train_evaluate_save
 
     def keep_trainer(trainer, *args, **kwargs):
         built.append((trainer, _trains_adapters(trainer)))
-        return tail(trainer, *args, **kwargs)
+        return tail(trainer, *args, **kwargs) if train else None
 
     monkeypatch.setattr(module, "train_evaluate_save", keep_trainer)
     module.main()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -599,7 +600,7 @@ def _mark(batch, accelerator) -> None:
     batch and accelerate completed it across processes with repeated rows (`gradient_state.remainder`: what
     `Accelerator.gather_for_metrics` keeps)."""
     state = accelerator.gradient_state
-    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0 and isinstance(batch, dict):
+    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0 and isinstance(batch, Mapping):
         batch[REAL_ROWS_KEY] = state.remainder
 
 
