@@ -352,7 +352,8 @@ class EmbeddingTrainerMixin:
         than its own: transformers 5 reverts its weight conversions on save (a Qwen2-VL policy's
         `model.language_model.*` is saved as `model.*`) but Trainer loads the file with `load_state_dict(strict=False)`,
         which then matches nothing and only warns (transformers issue 43701): a resumed GRPO run went on from its
-        initial weights. Such a checkpoint is loaded by the model's own `from_pretrained`, which converts the names."""
+        initial weights. Such a checkpoint is loaded by the model's own `from_pretrained`, which converts the names (a
+        second copy of the weights on the CPU while it is copied in)."""
         from transformers import PreTrainedModel
 
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
