@@ -37,6 +37,7 @@ setup(
         "huggingface_hub>=1.0,<3",
         "evaluate>=0.4,<0.5",  # the retrieval metric module (mm_embed_trl.evaluation.RETRIEVAL_METRIC_PATH)
         "pillow",
+        "psutil",  # the run folder lock tells a live holder from a dead one (also accelerate's dependency)
         "tokenizers",
         "numpy",
         "pyarrow",

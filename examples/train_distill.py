@@ -161,7 +161,7 @@ def main():
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        peft_config=None if is_tiny else get_peft_config(model_args),
+        peft_config=get_peft_config(model_args),
     )
     title = "Held-out student/teacher agreement (Spearman of pairwise cosine similarities; texts never seen):"
     dataset = script_args.dataset_name or "generated text corpus (mm_embed_trl.demo.text_corpus)"

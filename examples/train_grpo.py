@@ -104,7 +104,7 @@ def main():
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        peft_config=None if is_tiny else get_peft_config(model_args),
+        peft_config=get_peft_config(model_args),
     )
     evaluator = ume_r1_evaluator(eval_dataset, image_root, max_new_tokens=training_args.max_completion_length)
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"

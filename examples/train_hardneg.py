@@ -58,7 +58,7 @@ def main():
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        peft_config=None if is_tiny else get_peft_config(model_args),
+        peft_config=get_peft_config(model_args),
     )
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
     dataset = script_args.dataset_name or "generated shapes (mm_embed_trl.demo.generated)"

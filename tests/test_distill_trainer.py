@@ -197,6 +197,26 @@ def test_a_single_text_batch_contributes_nothing(tiny_backbone, tmp_path):
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def test_rows_marked_as_repeats_stay_out_of_the_loss(tiny_backbone, tmp_path):
+    """A batch accelerate completed with repeated rows (marked as its data loader yields it; a 2-process run is in
+    test_hardneg_trainer) contributes its real rows only: the loss of 8 rows marked "5 real" is the loss of the 5."""
+    from mm_embed_trl.trainers.base import REAL_ROWS_KEY
+
+    data = _random_teacher_data(8)
+    model = _model(tiny_backbone)
+    trainer = DistillEmbedTrainer(model=model, args=_config(tmp_path, temperature=0.1), train_dataset=data)
+    model.eval()
+    def batch(n):
+        return trainer._prepare_inputs(trainer.data_collator([data[i] for i in range(n)]))
+
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {**batch(8), REAL_ROWS_KEY: 5})
+        unique, whole = trainer.compute_loss(model, batch(5)), trainer.compute_loss(model, batch(8))
+    # the 5 rows embed in a batch of 8 or of 5: padding changes the reduction order only
+    assert_loss_close(loss.item(), unique.item(), rtol=rounding_rtol(**TINY_FORWARD, gain=1 / 0.1))
+    assert abs(whole.item() - unique.item()) > 0.01  # the repeats would have changed it
+
+
 _STEP_SCRIPT = """
 import sys, numpy as np, torch, datasets
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel

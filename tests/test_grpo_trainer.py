@@ -592,3 +592,25 @@ def test_freeze_vision_tower_keeps_the_vision_weights_through_rl(tiny_backbone, 
         vision_moved = {k for k in moved if ".visual." in k}
         assert any(".language_model.layers." in k for k in moved)
         assert bool(vision_moved) is not freeze, sorted(vision_moved)[:3]
+
+
+@pytest.mark.slow
+def test_resuming_loads_the_policy_weights_of_the_checkpoint(tiny_backbone, shapes_data, tmp_path):
+    """`save_pretrained` writes a Qwen2-VL policy's `model.language_model.*` as `model.*` (transformers 5's original
+    format); Trainer's resume loaded that file with plain `load_state_dict`, matched nothing, and went on from the
+    initial weights with only a warning. (The whole kill -9 resume through the CLI: test_resume_cli.)"""
+    args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root), max_steps=1,
+                   save_strategy="steps", save_steps=1)
+    trained = EmbeddingGRPOTrainer(model=_model(tiny_backbone), args=args,
+                                   train_dataset=shapes_data["train"].select(range(16)))
+    _fixed_completions(trained)
+    trained.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    resumed = EmbeddingGRPOTrainer(model=_model(tiny_backbone), args=args,
+                                   train_dataset=shapes_data["train"].select(range(16)))
+    start = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    resumed._load_from_checkpoint(str(checkpoint))
+    want, got = trained.model.state_dict(), resumed.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(start[k], want[k]) for k in want)  # the step moved the weights

@@ -23,6 +23,7 @@ from mm_embed_trl.trainers import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_SCRIPT = ROOT / "tests" / "dist_scripts" / "hardneg_trainer_step.py"
+PADDED_BATCH_SCRIPT = ROOT / "tests" / "dist_scripts" / "padded_last_batch.py"
 
 
 def _config(tmp_path, **kw):
@@ -119,6 +120,45 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
         assert got["grads"].keys() == ref["grads"].keys()
         for key in ref["grads"]:
             assert_close(got["grads"][key], ref["grads"][key], rtol=GRAD_RTOL, msg=key)
+
+
+@pytest.mark.slow
+def test_rows_repeated_to_even_out_the_last_batch_across_processes_stay_out_of_the_loss(tmp_path):
+    """12 rows, a global batch of 8 on 2 processes: accelerate completes the epoch's last batch (4 rows) with 4 rows
+    from the start of the epoch (`even_batches`), which then weighed in the softmax as extra negatives. The step must
+    equal one process's step on the 4 unique rows (loss and gradients, to rounding)."""
+    outputs = {}
+    for name, processes in (("single", 1), ("ddp", 2)):
+        out = tmp_path / f"{name}.pt"
+        launching.run(PADDED_BATCH_SCRIPT, out, processes=processes)
+        outputs[name] = torch.load(out)
+    one, two = outputs["single"], outputs["ddp"]
+    assert one["world"] == 1 and two["world"] == 2
+    assert one["ids"].numel() == 4 and two["ids"].numel() == 8  # the 2-process batch was padded ...
+    assert torch.equal(two["ids"][:4], one["ids"])  # ... after the same 4 rows
+    assert_loss_close(two["loss"], one["loss"], rtol=LOSS_RTOL)
+    assert two["grads"].keys() == one["grads"].keys()
+    for key in one["grads"]:
+        assert_close(two["grads"][key], one["grads"][key], rtol=GRAD_RTOL, msg=key)
+
+
+def test_repeats_a_trainer_cannot_leave_out_are_reported_with_their_count(tiny_backbone, shapes_data, tmp_path, caplog):
+    """Without gather_across_devices each rank's loss sees only its own rows, so the repeats cannot be cut from the
+    global batch: a warning names them instead of training on them silently."""
+    from mm_embed_trl.trainers.base import REAL_ROWS_KEY
+
+    rows = [shapes_data["train"][i] for i in range(8)]
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), gather_across_devices=False, num_negatives=0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    trainer = HardNegContrastiveTrainer(model=model, args=config)
+    model.train()
+    batch = {**trainer.data_collator(rows), REAL_ROWS_KEY: 3}
+    with caplog.at_level("WARNING", logger="mm_embed_trl.trainers.base"):
+        trainer.compute_loss(model, trainer._prepare_inputs(batch))
+        trainer.compute_loss(model, trainer._prepare_inputs(batch))
+    warnings = [r.getMessage() for r in caplog.records if "even_batches" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per run
+    assert "holds 3 rows for 1 processes" in warnings[0] and "with 5 rows repeated" in warnings[0]
 
 
 def test_logs_loss_diagnostics(tiny_backbone, shapes_data, tmp_path):
@@ -282,6 +322,30 @@ def test_lora_run_saves_merged_weights_loadable_both_ways(tiny_backbone, shapes_
     assert_close(saved.encode(texts), trained, rtol=rounding_rtol(**TINY_FORWARD))
     st = SentenceTransformer(str(out / "sentence_transformers"))
     assert_close(torch.as_tensor(st.encode_query(texts)), trained, rtol=rounding_rtol(**TINY_FORWARD))
+
+
+def test_lora_runs_with_the_same_seed_are_bit_identical(tiny_backbone, shapes_data, tmp_path):
+    """LoRA draws its initial A matrices from the global RNG: they must come from `seed`, not from whatever state the
+    process was in (before the fix the adapters were added before the Trainer seeded, so two runs differed)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    train = shapes_data["train"].select(range(16))
+    checkpoints = []
+    for run, process_state in (("a", 1), ("b", 2)):
+        torch.manual_seed(process_state)  # what a fresh process holds before anything seeds it
+        config = _config(
+            tmp_path / run, image_root=str(shapes_data.image_root), max_steps=2, num_negatives=0, seed=7,
+            save_strategy="steps", save_steps=2,
+        )
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+        HardNegContrastiveTrainer(
+            model=model, args=config, train_dataset=train, peft_config=LoraConfig(r=4, lora_alpha=8)
+        ).train()
+        checkpoints.append(load_file(Path(config.output_dir) / "checkpoint-2" / "model.safetensors"))
+    a, b = checkpoints
+    assert any("lora_A" in k for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 
 
 def test_best_checkpoint_paths_point_at_final_folders(tiny_backbone, shapes_data, tmp_path):

@@ -1,9 +1,15 @@
 """kill -9 mid-run, then `--resume_from_checkpoint last` through the example's CLI: the resumed run ends with the
-same weights as a run that was never interrupted (both examples; 1 and 2 processes).
+same weights as a run that was never interrupted (the UniME examples and GRPO; 1 and 2 processes).
 
 Before the fix the examples accepted `--resume_from_checkpoint` and ignored it: the "resumed" run started at step 0
 and overwrote the checkpoints. The kill lands right after the first checkpoint is published, while the run is still
 training (asserted), so the resumed run must restore weights, optimizer, scheduler, RNG and data position.
+
+GRPO diverged after the resume point for two reasons: Trainer loaded the policy's checkpoint with plain
+`load_state_dict`, which matched none of the names `save_pretrained` had written (transformers 5 saves a Qwen2-VL's
+`model.language_model.*` as `model.*`), so the run went on from its initial weights; and a checkpoint between two
+generations (here step 4 of generations every 3 steps) lost TRL's buffer of completions, which the resumed run
+generated anew with other weights.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ EXAMPLES = {
     ],
     "distill": [
         "--generated_train_size", "256", "--generated_eval_size", "16", "--per_device_train_batch_size", "8",
+    ],
+    # a generation every 3 steps: checkpoint-4 falls between two; 4 pairs x 2 sides x 2 rollouts per step
+    "grpo": [
+        "--generated_train_size", "64", "--generated_eval_size", "8", "--per_device_train_batch_size", "8",
+        "--num_generations", "2", "--steps_per_generation", "3", "--max_completion_length", "8",
+        "--learning_rate", "1e-3",
     ],
 }
 
@@ -54,14 +66,16 @@ def _weights(run_dir: Path) -> dict:
 @pytest.mark.slow
 # Both examples and both process counts, without their full product (each case is three runs, ~50 s): the resume path
 # is the trainers' shared mixin, and the 2-process case is the one that needs the whole process tree killed.
-@pytest.mark.parametrize(("example", "nproc"), [("hardneg", 2), ("distill", 1)])
-def test_kill_9_then_resume_last_reaches_the_uninterrupted_weights(example, nproc, tmp_path):
+@pytest.mark.parametrize(("example", "nproc"), [("hardneg", 2), ("distill", 1), ("grpo", 1)])
+def test_kill_9_then_resume_last_reaches_the_uninterrupted_weights(example, nproc, tmp_path, tiny_backbone):
     import torch
 
-    _run(_launch(example, nproc, tmp_path / "full"), tmp_path)
+    # GRPO starts from the SFT stage's output: the tiny backbone stands in for it
+    start = ["--sft_output_dir", tiny_backbone("qwen2_vl")] if example == "grpo" else []
+    _run(_launch(example, nproc, tmp_path / "full", *start), tmp_path)
 
     run_dir = tmp_path / "interrupted"
-    launch = _launch(example, nproc, run_dir)
+    launch = _launch(example, nproc, run_dir, *start)
     proc = launching.spawn(
         launch["script"], *launch["args"], processes=nproc, launcher=launch["launcher"], cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -77,7 +91,7 @@ def test_kill_9_then_resume_last_reaches_the_uninterrupted_weights(example, npro
     assert still_training, "the run finished before it could be killed: raise MAX_STEPS"
     assert not (run_dir / "model.safetensors").exists()
 
-    log = _run(_launch(example, nproc, run_dir, "--resume_from_checkpoint", "last"), tmp_path)
+    log = _run(_launch(example, nproc, run_dir, *start, "--resume_from_checkpoint", "last"), tmp_path)
     assert "Resuming from" in log and "checkpoint-" in log
     full, resumed = _weights(tmp_path / "full"), _weights(run_dir)
     assert full.keys() == resumed.keys()

@@ -265,6 +265,33 @@ def test_a_fresh_run_into_another_runs_output_dir_is_refused_or_replaces_it(tiny
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
+@pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
+def test_resuming_a_run_complete_at_its_last_checkpoint_only_finishes_its_final_save(
+    save_strategy, tiny_backbone, shapes_data, tmp_path
+):
+    """A run killed during its final save left checkpoint-3 at max_steps=3 (mid-epoch: 2 steps per epoch). Resuming it
+    must train nothing (Trainer took one step more before its step-end check stopped it) and save checkpoint-3's
+    weights as the final model (and, saving every epoch, not rewrite checkpoint-3 at the end of the epoch it stops
+    in)."""
+    from safetensors.torch import load_file
+
+    config = _config(
+        tmp_path, save_strategy=save_strategy, save_steps=3, max_steps=3, image_root=str(shapes_data.image_root)
+    )
+    _trainer(tiny_backbone, shapes_data, config).train()  # ... and killed before save_for_inference published
+    out = Path(config.output_dir)
+    checkpoint = out / "checkpoint-3"
+    before = _tree(out)
+
+    resumed = _trainer(tiny_backbone, shapes_data, config)
+    resumed.train(resume_from_checkpoint="last")
+    assert resumed.state.global_step == 3
+    assert _tree(out) == before  # no step, no checkpoint rewritten
+    resumed.save_for_inference()
+    final, last = load_file(out / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in last)
+
+
 def test_resume_last_picks_the_newest_complete_checkpoint_or_says_there_is_none(
     tiny_backbone, shapes_data, tmp_path
 ):

@@ -9,6 +9,9 @@ goes through these helpers, so that
 - a full disk raises one :class:`DiskFullError` naming the path, and no staging folder is left behind;
 - files get the mode the umask gives every other file (safetensors writes weights 0600 through a private temporary
   file, ``tempfile.mkdtemp`` makes 0700 folders).
+
+A training run's folder is also locked from the run's claim to its final publish (:func:`hold_run_folder`), so two
+runs never write into one folder, on one host or several sharing the filesystem; a dead run's lock is taken over.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ import pathlib
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DiskFullError",
+    "RunFolderHold",
+    "RunFolderLock",
+    "RunFolderLockedError",
     "disk_full_as_clear_error",
     "follow_umask",
+    "hold_run_folder",
     "make_staging_dir",
     "publish_dir",
+    "run_folder_lock_path",
     "staged_dir",
     "write_text_atomic",
 ]
@@ -214,3 +223,266 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ run folder lock
+# A live holder refreshes its lock's mtime every HEARTBEAT_S; another host's lock left unrefreshed for
+# STALE_LOCK_AFTER_S is taken for a dead run's (a holder on this host is checked directly, by pid and start time).
+# The bound is many heartbeats long: a busy or briefly paused holder, or clocks a few minutes apart, keep their lock.
+HEARTBEAT_S = 30.0
+STALE_LOCK_AFTER_S = 600.0
+
+
+class RunFolderLockedError(RuntimeError):
+    """Another live run holds the run folder (or this run lost its lock); nothing of this run was published there."""
+
+
+def run_folder_lock_path(folder: str | os.PathLike) -> pathlib.Path:
+    """Where the lock of ``folder`` lives: ``.<name>.lock`` beside it (not inside: a final save swaps the folder)."""
+    folder = pathlib.Path(folder).expanduser().absolute()
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _process_start(pid: int) -> float | None:
+    """When ``pid`` started (a recycled pid starts later than the one recorded), None when it does not exist."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:  # alive but not ours to inspect
+        return -1.0
+
+
+class RunFolderLock:
+    """An exclusive claim on a run folder, held by one process from the run's claim to its final publish, against
+    other processes and other hosts sharing the filesystem. Get one with :func:`hold_run_folder`.
+
+    The lock is a file beside the folder (:func:`run_folder_lock_path`) that appears whole or not at all (a complete
+    temporary file hard-linked into place, which fails when the lock exists, NFS included). It names its holder
+    (host, pid and the pid's start time, command line, start time, a random token). A lock left by a dead run is
+    taken over with a warning: on this host when its pid is gone or now belongs to a later process; from another
+    host when its heartbeat (the holder's thread refreshes the file's mtime every ``heartbeat`` seconds) is older
+    than ``stale_after`` seconds. A live holder's lock is an error that names it.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, *, stale_after: float = STALE_LOCK_AFTER_S, heartbeat: float = HEARTBEAT_S
+    ):
+        import socket
+
+        self.folder = pathlib.Path(folder).expanduser().absolute()
+        self.path = run_folder_lock_path(self.folder)
+        self.stale_after, self.heartbeat = stale_after, heartbeat
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()),
+            "started": _utc_now(),
+            "command": " ".join(sys.argv)[:1000],
+            "token": secrets.token_hex(8),
+        }
+        self._lost: str | None = None
+        self._stop = None  # threading.Event of the heartbeat thread while held
+
+    # -------------------------------------------------------------- acquire / release
+    def acquire(self) -> None:
+        """Take the lock (a dead run's is taken over); raises :class:`RunFolderLockedError` naming a live holder."""
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{self.record['token']}")
+        tmp.write_text(json.dumps(self.record, indent=2) + "\n", encoding="utf-8")
+        try:
+            for _ in range(5):  # each round either takes the lock, refuses, or removed a dead run's lock
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    holder, reason = self._judge_existing()
+                    if reason is None:
+                        raise RunFolderLockedError(self._busy_message(holder)) from None
+                    self._break(holder, reason)
+            else:
+                raise RunFolderLockedError(f"Could not take the lock {self.path} (claimed and released by others "
+                                           "in a loop); retry.")
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._lost = None
+        self._start_heartbeat()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock (if it is still this run's)."""
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        if self._lost is None and self._owns_file():
+            self.path.unlink(missing_ok=True)
+
+    @property
+    def held(self) -> bool:
+        return self._stop is not None
+
+    def check_held(self) -> None:
+        """Raise :class:`RunFolderLockedError` unless this run still holds its lock: call right before publishing."""
+        if self._lost is None and not self._owns_file():
+            self._lost = "the lock file was removed or replaced by another run"
+        if self._lost is not None:
+            raise RunFolderLockedError(
+                f"This run lost its lock on {str(self.folder)!r} ({self._lost}): another run may be writing there, so "
+                "nothing was published. Check which run owns the folder, then save again or into another folder."
+            )
+
+    # -------------------------------------------------------------- internals
+    def _read(self, path: pathlib.Path | None = None) -> dict | None:
+        import json
+
+        try:
+            return json.loads((path or self.path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # not a lock this package wrote: judged by its age alone
+
+    def _owns_file(self) -> bool:
+        return (self._read() or {}).get("token") == self.record["token"]
+
+    def _judge_existing(self) -> tuple[dict | None, str | None]:
+        """(the existing lock's record, why it is stale or None while its holder lives)."""
+        holder = self._read()
+        if holder is None:
+            return None, "it was just released"
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return holder, "it was just released"
+        if holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int):
+            started = _process_start(holder["pid"])
+            if started is None:
+                return holder, f"its pid {holder['pid']} is gone"
+            recorded = holder.get("pid_started")
+            if started != -1.0 and isinstance(recorded, (int, float)) and started > recorded + 1:
+                return holder, f"its pid {holder['pid']} now belongs to a process started later"
+            return holder, None
+        if age > self.stale_after:
+            return holder, f"no heartbeat from host {holder.get('host', '?')!r} for {age:.0f} s"
+        return holder, None
+
+    def _break(self, holder: dict | None, reason: str) -> None:
+        """Remove a dead run's lock. It is moved aside first, so a lock that a live run created meanwhile (after
+        ours was judged) is recognised by its token and put back."""
+        if holder is None:
+            return
+        logger.warning("Taking over the lock %s of a run that is gone (%s): %s", self.path, reason, _describe(holder))
+        aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = self._read(aside)
+        if moved and moved.get("token") != holder.get("token"):
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+
+    def _busy_message(self, holder: dict) -> str:
+        return (
+            f"output_dir {str(self.folder)!r} is in use by another run: {_describe(holder)}. Two runs in one folder "
+            "would mix their checkpoints and final model. Wait for it to finish or stop it, or choose another "
+            f"--output_dir. (Its lock is {self.path}; a lock whose run is gone is taken over by itself: at once on "
+            f"this host, after {self.stale_after:.0f} s without a heartbeat from another host.)"
+        )
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        stop = threading.Event()
+        self._stop = stop
+
+        def beat():
+            while not stop.wait(self.heartbeat):
+                if not self._owns_file():
+                    self._lost = "the lock file was removed or replaced by another run"
+                    logger.error("The lock %s is no longer this run's (%s).", self.path, self._lost)
+                    return
+                with contextlib.suppress(OSError):  # a transient error: the next beat retries
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name=f"lock heartbeat {self.folder.name}", daemon=True).start()
+
+
+def _utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a lock file this package cannot read"
+    command = f", running {holder['command']!r}" if holder.get("command") else ""
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')!r}, started {holder.get('started', '?')}"
+        f"{command}"
+    )
+
+
+class RunFolderHold:
+    """One holder's share of a :class:`RunFolderLock` (see :func:`hold_run_folder`); ``release()`` is idempotent."""
+
+    def __init__(self, lock: RunFolderLock):
+        self.lock = lock
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        holders = _HELD.get(self.lock.path)
+        if holders is not None and self in holders[1]:
+            holders[1].remove(self)
+            if not holders[1]:
+                del _HELD[self.lock.path]
+                self.lock.release()
+
+    def check_held(self) -> None:
+        """Raise :class:`RunFolderLockedError` unless the lock is still this run's (see `RunFolderLock.check_held`)."""
+        self.lock.check_held()
+
+
+# lock path -> (the lock this process holds, its holds)
+_HELD: dict[pathlib.Path, tuple[RunFolderLock, list[RunFolderHold]]] = {}
+_release_all_at_exit: list[bool] = []  # non-empty once the exit handler is registered
+
+
+def hold_run_folder(folder: str | os.PathLike, *, stale_after: float = STALE_LOCK_AFTER_S) -> RunFolderHold:
+    """A hold on the lock of the run folder ``folder`` (see :class:`RunFolderLock`): taken when this process does not
+    hold it yet, shared otherwise (two trainers of one process may use a folder one after the other). The lock is
+    released with its last hold, or when the process exits.
+
+    Raises:
+        RunFolderLockedError: another live run holds it.
+    """
+    path = run_folder_lock_path(folder)
+    if path not in _HELD:
+        lock = RunFolderLock(folder, stale_after=stale_after)
+        lock.acquire()
+        _HELD[path] = (lock, [])
+        if not _release_all_at_exit:
+            import atexit
+
+            atexit.register(_release_all)
+            _release_all_at_exit.append(True)
+    lock, holds = _HELD[path]
+    hold = RunFolderHold(lock)
+    holds.append(hold)
+    return hold
+
+
+def _release_all() -> None:
+    for lock, _ in list(_HELD.values()):
+        if lock.record["pid"] == os.getpid():  # not in a forked child
+            lock.release()
+    _HELD.clear()

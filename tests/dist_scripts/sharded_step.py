@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -66,7 +67,8 @@ def main():
     torch.manual_seed(0)
     model = MultimodalEmbeddingModel.from_pretrained(str(get_tiny_backbone("qwen2_vl")))
     config = HardNegContrastiveConfig(
-        output_dir="/tmp/ds-gradcache-test",
+        # this run's own folder: a fixed one is locked by whichever test session trains into it first
+        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "trainer"),
         per_device_train_batch_size=8,
         # one step of AdamW with eps=1 and no decay moves each weight by ~lr * its gradient (linear, unlike Adam's
         # sign-like first step), so equal parameters afterwards mean equal gradients

@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import Any
 
@@ -124,6 +124,20 @@ def lora_config_dict(peft_config) -> dict:
     for key in ("peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision"):
         config_dict.pop(key, None)
     return config_dict
+
+
+def with_lora_target(peft_config, target: str = "language_model"):
+    """A copy of the PEFT `LoraConfig` ``peft_config`` whose `target_modules` is the ``target`` preset of
+    `LORA_TARGETS`, unless it names modules itself (anything but None, empty or "all-linear").
+
+    PEFT infers no modules for vision-language backbones (their model types are not in its table) and its
+    "all-linear" would put adapters in the vision tower too."""
+    if target not in LORA_TARGETS:
+        raise ValueError(f"Unknown LoRA target {target!r}; choose one of {sorted(LORA_TARGETS)}.")
+    targets = peft_config.target_modules
+    if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
+        return replace(peft_config, target_modules=LORA_TARGETS[target])
+    return peft_config
 
 
 def _is_vision_language(config) -> bool:
@@ -338,6 +352,11 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         if isinstance(lora_config, dict):
             lora_config = LoraConfig(**lora_config)
+        if lora_config.task_type is not None:
+            # A task's wrapper (TRL's get_peft_config says CAUSAL_LM) needs generation plumbing a bare backbone
+            # lacks (`prepare_inputs_for_generation`); this model drives its encoder itself, so the plain PeftModel
+            # serves every backbone kind, and is what a saved LoRA model is rebuilt with (no task_type is stored).
+            lora_config = replace(lora_config, task_type=None)
         self.encoder = get_peft_model(self.encoder, lora_config)
         self._register_tied_weights()
 
@@ -363,13 +382,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         if self.has_lora:
             raise ValueError("The model already has LoRA adapters; call merge_lora() first to stack a new set.")
-        if target not in LORA_TARGETS:
-            raise ValueError(f"Unknown LoRA target {target!r}; choose one of {sorted(LORA_TARGETS)}.")
         if peft_config is None:
             peft_config = LoraConfig(**{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, **lora_kwargs})
-        targets = peft_config.target_modules
-        if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
-            peft_config.target_modules = LORA_TARGETS[target]
+        peft_config = with_lora_target(peft_config, target)
         self._wrap_with_lora(peft_config)
         self.config.lora_config = lora_config_dict(peft_config)
 

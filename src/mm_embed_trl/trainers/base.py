@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 
 from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
@@ -28,6 +28,10 @@ from ..modeling import MultimodalEmbeddingModel
 from .embedding_mixin import EmbeddingTrainerMixin
 
 logger = logging.getLogger(__name__)
+
+# Set in a batch that accelerate completed with repeated rows (see `EmbeddingTrainer.get_batch_samples`): how many
+# rows of the gathered global batch are real. Absent from every other batch.
+REAL_ROWS_KEY = "real_global_rows"
 
 
 @dataclass
@@ -384,6 +388,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         if args.freeze_vision_tower:
             freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
         if peft_config is not None:
+            # LoRA draws its A matrices from the global RNG, and Trainer.__init__ seeds only later: seed as it does.
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             model.add_lora(peft_config, target=args.lora_target)
         if args.gradient_checkpointing and model.has_lora:
             # Reentrant checkpointing needs an input that requires grad when only adapters train.
@@ -533,9 +539,35 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             return [select(model(**encs[0]))]
         return [select(output) for output in model(batches=list(encs)).outputs_per_batch]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples`, marking a batch that accelerate completed with repeated rows (see
+        `without_repeated_rows`) as it leaves the data loader (Trainer takes a whole accumulation window ahead, so
+        the data loader's state at loss time may already be the next batch's)."""
+        marked = _mark_repeated_rows(epoch_iterator, self.accelerator)
+        return super().get_batch_samples(marked, num_batches, device)
+
+    def without_repeated_rows(self, inputs, *gathered):
+        """The global-batch tensors ``gathered`` (every rank's rows in rank order, as `gather_with_grad` and
+        `gather_no_grad` return them; None passes) cut to the rows that are not repeats.
+
+        Across processes accelerate completes an uneven last batch of the data loader with rows from the start of
+        the epoch (`even_batches`, its default): as extra copies among the negatives they would weigh twice or more
+        in the softmax. They come after the real rows of the gathered batch (what `gather_for_metrics` drops), so
+        the step equals a single process's step on the unique rows. A trainer calls this on its gathered batch;
+        one that does not gets a warning naming the count of repeated rows.
+        """
+        self._repeated_rows_left_out = True
+        real = inputs.get(REAL_ROWS_KEY)
+        if real is None:
+            return gathered
+        return tuple(None if t is None else t[:real] for t in gathered)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._cache_handles: list = []
+        self._repeated_rows_left_out = False
         loss, metrics = self.compute_embedding_loss(model, inputs)
+        if inputs.get(REAL_ROWS_KEY) is not None and not self._repeated_rows_left_out:
+            self._warn_repeated_rows(inputs[REAL_ROWS_KEY], model.training)
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():
             # kept as device tensors: converting here would sync host and device at every step
@@ -614,8 +646,24 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             engine.step()
         return loss.detach() / self.current_gradient_accumulation_steps
 
+    def _warn_repeated_rows(self, real: int, training: bool) -> None:
+        if getattr(self, "_warned_repeated_rows", False):
+            return
+        self._warned_repeated_rows = True
+        per_device = self._train_batch_size if training else self.args.per_device_eval_batch_size
+        total = per_device * self.accelerator.num_processes
+        logger.warning(
+            "The last %s batch of the epoch holds %d rows for %d processes: accelerate completed it with %d rows "
+            "repeated from the start of the epoch (even_batches), and %s keeps them in its loss (without "
+            "gather_across_devices it cannot tell them apart), where they weigh twice. Set dataloader_drop_last=True, "
+            "or a batch that divides the dataset, to avoid them.",
+            "training" if training else "evaluation", real, self.accelerator.num_processes, total - real,
+            type(self).__name__,
+        )
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # transformers computes no loss for a label-free model: compute ours.
+        _mark(inputs, self.accelerator)  # the evaluation loop takes one batch at a time
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -635,6 +683,21 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         super().log(logs, start_time)
 
 
+
+
+def _mark(batch, accelerator) -> None:
+    """Record in ``batch`` how many rows of its gathered global batch are real, when it is a data loader's last
+    batch and accelerate completed it across processes with repeated rows (`gradient_state.remainder`: what
+    `Accelerator.gather_for_metrics` keeps)."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0 and isinstance(batch, Mapping):
+        batch[REAL_ROWS_KEY] = state.remainder
+
+
+def _mark_repeated_rows(batches, accelerator):
+    for batch in batches:
+        _mark(batch, accelerator)  # right after the data loader yields it: its state is this batch's
+        yield batch
 
 
 def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool = False) -> int:

@@ -242,6 +242,7 @@ class DistillEmbedTrainer(EmbeddingTrainer):
         teacher = inputs["teacher_embeddings"]
         if args.gather_across_devices:
             student, teacher = gather_with_grad(student), gather_no_grad(teacher)
+            student, teacher = self.without_repeated_rows(inputs, student, teacher)
         if student.shape[0] < 2:
             # One text has no in-batch distribution (its softmax is [1] for both): contribute nothing, keep the
             # graph connected so every rank runs the same backward (DDP), and say how to avoid it.

@@ -1,33 +1,36 @@
 """What every embedding trainer shares whatever runs its step (`transformers.Trainer` or `trl.GRPOTrainer`).
 
 `EmbeddingTrainerMixin` holds the machinery that is not the optimisation step: the run folder (resume from "last",
-refusing to mix two runs), the parallelism queries (`zero_stage`, `shards_weights`), the finite-loss guard, staged
-checkpoints with a health record, and the end-of-run save (model, sentence-transformers export, card) published in
-one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer` (GRPOTrainer) both put it first in their bases.
+refusing to mix two runs, locked against a concurrent one), the parallelism queries (`zero_stage`,
+`shards_weights`), the finite-loss guard, staged checkpoints with a health record, and the end-of-run save (model,
+sentence-transformers export, card) published in one rename. `EmbeddingTrainer` (Trainer) and `EmbeddingGRPOTrainer`
+(GRPOTrainer) both put it first in their bases.
 
 A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
 (`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
 
-A subclass may override two hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
-the unwrapped training model) and `_save_final_weights(directory)` (writes that model's files, gathered under
-ZeRO-3/FSDP; by default the Trainer's `save_model`).
+A subclass may override three hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
+the unwrapped training model), `_save_final_weights(directory)` (writes that model's files, gathered under
+ZeRO-3/FSDP; by default the Trainer's `save_model`) and `_save_resume_state(directory)` (more state in a checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
 import pathlib
 import re
+import secrets
 import shutil
 from typing import Any
 
 import torch
 
-from .._files import disk_full_as_clear_error, publish_dir
+from .._files import RunFolderLockedError, disk_full_as_clear_error, hold_run_folder, publish_dir
 from ..distributed.process_group import destroy_process_group_at_exit
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.modeling import count_degenerate_rows
@@ -62,6 +65,12 @@ class EmbeddingTrainerMixin:
     """Non-step machinery of the embedding trainers; mixed in before `Trainer` / `GRPOTrainer` (see module doc)."""
 
     _output_dir_claimed = False
+    # The main process's hold on output_dir's lock (see `_lock_run_folder`), from the run's claim to its final
+    # publish; `_run_locked` is the same fact on every rank. `_staging_tag` makes this run's staging names unique.
+    _run_hold = None
+    _run_locked = False
+    _staging_tag: str | None = None
+    _complete_at_resume = False  # resumed at max_steps: the run trains nothing (see get_batch_samples)
     _last_train_loss: torch.Tensor | None = None
     # What a method trainer declares of itself (with TRL's `_name` and `_paper`): read by the model card through
     # `method_card()` and by `trainers.identity.trainer_for_method` (the export CLI's --method).
@@ -92,6 +101,10 @@ class EmbeddingTrainerMixin:
         """The embedding model being trained (probed by checkpoint health checks, saved at the end)."""
         return self.accelerator.unwrap_model(self.model)
 
+    def _save_resume_state(self, directory: str) -> None:
+        """Write into the checkpoint being staged in `directory` what a resumed run needs beyond the Trainer's state
+        (every rank; read back in `_load_optimizer_and_scheduler`, as TRL does). Nothing by default."""
+
     def _generation_settings(self) -> dict[str, Any] | None:
         """`encode` generation options saved with a generative export (None: the export's defaults)."""
         return None
@@ -103,10 +116,32 @@ class EmbeddingTrainerMixin:
     # ------------------------------------------------------------------ run folder
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, with `resume_from_checkpoint="last"` (or True): the newest complete checkpoint of
-        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`)."""
+        `output_dir`; a fresh run into an `output_dir` holding another run is refused (see `overwrite_output_dir`),
+        and so is any run while another live run holds `output_dir` (its lock, held until the final save)."""
         resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
-        with destroy_process_group_at_exit():
-            return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        try:
+            with destroy_process_group_at_exit():
+                return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        except BaseException:
+            self._release_run_folder()  # this run will not publish: free the folder
+            raise
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples`, except when the run is already complete (resumed from a checkpoint at
+        `max_steps`, e.g. after a kill during the final save): Trainer checks `max_steps` only after a step, so it
+        would take one step more and change the model; stop before fetching that step's batches instead."""
+        if self.state.global_step >= self.state.max_steps > 0:
+            if not self._complete_at_resume:
+                logger.warning(
+                    "The checkpoint resumed from is at step %d of max_steps %d: nothing left to train, only the final "
+                    "save remains.",
+                    self.state.global_step,
+                    self.state.max_steps,
+                )
+            self._complete_at_resume = True
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def resolve_resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint folder a run resumes from (None: a fresh run, once `output_dir` is known to be free).
@@ -116,6 +151,7 @@ class EmbeddingTrainerMixin:
             FileExistsError: a fresh run into an `output_dir` holding another run, without `overwrite_output_dir`.
         """
         output_dir = self.args.output_dir
+        self._lock_run_folder()
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             self._claim_output_dir()
             return None
@@ -134,6 +170,45 @@ class EmbeddingTrainerMixin:
                 "a run, or 'last' for the newest complete one in output_dir."
             )
         return str(resume_from_checkpoint)
+
+    def _hold_folder(self, folder) -> Any:
+        """Collective: the main process takes a hold on `folder`'s lock (`hold_run_folder`) and proposes this run's
+        staging tag. Every rank raises `RunFolderLockedError` when another live run holds the folder. Returns the
+        hold on the main process, None elsewhere."""
+        from accelerate.utils import broadcast_object_list
+
+        hold, failure = None, None
+        if self.accelerator.is_main_process:
+            try:
+                hold = hold_run_folder(folder)
+            except RunFolderLockedError as err:
+                failure = str(err)
+        shared = [failure, secrets.token_hex(4)]
+        broadcast_object_list(shared)  # the main process's: every rank names staging folders alike
+        if shared[0] is not None:
+            raise RunFolderLockedError(shared[0])
+        self._staging_tag = self._staging_tag or shared[1]
+        return hold
+
+    def _lock_run_folder(self) -> None:
+        """Hold `output_dir`'s lock from the run's claim to its final publish (`save_for_inference`): a second run
+        into the same folder, on any host sharing it, is refused with an error naming this one (see
+        `RunFolderLock`). Only the main process locks; the lock is released at the final publish, when training
+        fails, or when the process ends (a killed run's lock is taken over by the next run)."""
+        if self._run_locked:
+            return
+        self._run_hold = self._hold_folder(self.args.output_dir)
+        self._run_locked = True
+
+    def _release_run_folder(self) -> None:
+        if self._run_hold is not None:
+            self._run_hold.release()
+        self._run_hold, self._run_locked = None, False
+
+    def _check_run_folder_held(self) -> None:
+        """Before publishing into the run folder: this run still holds it (main process)."""
+        if self._run_hold is not None:
+            self._run_hold.check_held()
 
     def _claim_output_dir(self) -> None:
         """A fresh run must not mix its checkpoints and final model with another run's (rotation, "last" and
@@ -220,12 +295,15 @@ class EmbeddingTrainerMixin:
         """
         from transformers.trainer_utils import rotate_checkpoints
 
+        if self._complete_at_resume:
+            return  # the epoch-end save of a run that trained nothing would rewrite the checkpoint it resumed from
+        self._lock_run_folder()  # held since the run's claim, unless the Trainer's loop was driven by hand
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-        staging_root = os.path.join(run_dir, ".staging")
+        staging_root = os.path.join(run_dir, f".staging-{self._staging_tag}")
         staged = os.path.join(staging_root, os.path.basename(final))
         if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left
+            _remove_leftovers(run_dir, ".staging*")  # what killed saves left (this run holds the folder)
         self.accelerator.wait_for_everyone()  # before any rank writes its part (DeepSpeed: every rank does)
         original_get_output_dir, original_push = self._get_output_dir, self._push_from_checkpoint
         self._get_output_dir = lambda trial=None: staging_root
@@ -233,6 +311,7 @@ class EmbeddingTrainerMixin:
         try:
             with disk_full_as_clear_error(final, os.path.basename(final)):
                 super()._save_checkpoint(model, trial)
+                self._save_resume_state(staged)
         except BaseException:
             if self.args.should_save:
                 shutil.rmtree(staging_root, ignore_errors=True)
@@ -244,6 +323,7 @@ class EmbeddingTrainerMixin:
         if self.args.should_save:
             with open(os.path.join(staged, CHECKPOINT_HEALTH_FILE), "w") as f:
                 json.dump(health, f, indent=2)
+            self._check_run_folder_held()
             publish_dir(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             best = self.state.best_model_checkpoint
@@ -266,6 +346,29 @@ class EmbeddingTrainerMixin:
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`Trainer._load_from_checkpoint`, also for a model whose `save_pretrained` writes other parameter names
+        than its own: transformers 5 reverts its weight conversions on save (a Qwen2-VL policy's
+        `model.language_model.*` is saved as `model.*`) but Trainer loads the file with `load_state_dict(strict=False)`,
+        which then matches nothing and only warns (transformers issue 43701): a resumed GRPO run went on from its
+        initial weights. Such a checkpoint is loaded by the model's own `from_pretrained`, which converts the names (a
+        second copy of the weights on the CPU while it is copied in)."""
+        from transformers import PreTrainedModel
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved = _saved_weight_names(resume_from_checkpoint)
+        if (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not isinstance(target, PreTrainedModel)
+            or saved is None
+            or saved <= target.state_dict().keys()
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map=None)
+        target.load_state_dict(loaded.state_dict(), strict=True)
 
     def _checkpoint_health(self) -> dict[str, Any]:
         """Whether the weights being checkpointed are usable: the last training loss, every weight and the
@@ -309,40 +412,59 @@ class EmbeddingTrainerMixin:
         processor, card, export) is written to a staging folder beside `output_dir` and published in one rename, so a
         kill at any point leaves the previous model or the new one, never a mix; the run's checkpoints and other
         files in `output_dir` are kept. (A model outside a trainer: `mm_embed_trl.export.save_model_for_inference`.)
+        The save holds `output_dir`'s lock (see `_lock_run_folder`); saved into the run folder, it ends the run's hold.
         """
-        from ..export.final_save import is_run_state, save_model_files, write_inference_extras
-
         output_dir = pathlib.Path(output_dir or self.args.output_dir).absolute()
-        staging = output_dir.parent / f".{output_dir.name}.final-save"  # the same path on every rank
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
+        run_folder = output_dir == pathlib.Path(self.args.output_dir).absolute()
+        hold = self._hold_folder(output_dir)  # the run's own lock when saving into its folder: another hold on it
+        staging = output_dir.parent / f".{output_dir.name}.final-save-{self._staging_tag}"  # alike on every rank
         try:
-            with disk_full_as_clear_error(output_dir, "the final model"):
-                self._save_final_weights(str(staging))
-                self.accelerator.wait_for_everyone()
-                if self.args.should_save:
-                    with _without_zero3_init():  # plain, whole copies loaded on this process only
-                        saved = MultimodalEmbeddingModel.from_pretrained(staging)
-                        if saved.has_lora:
-                            saved.merge_lora()
-                            save_model_files(saved, staging)
-                        if self.args.save_sentence_transformers:
-                            card = {"training_args": self.args, "method": self.method_card(), **(model_card_data or {})}
-                            write_inference_extras(
-                                saved,
-                                staging,
-                                published_as=output_dir,
-                                model_card_data=card,
-                                generation=self._generation_settings(),
-                            )
-                    publish_dir(staging, output_dir, keep_existing=is_run_state)
+            if self.args.should_save:
+                _remove_leftovers(output_dir.parent, f"{glob.escape('.' + output_dir.name)}.final-save*")
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self._publish_final_save(output_dir, staging, hold, model_card_data)
         finally:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            if hold is not None:
+                hold.release()
+            if run_folder:
+                self._release_run_folder()  # the run is complete: the folder is free
         self.accelerator.wait_for_everyone()
         return str(output_dir)
+
+    def _publish_final_save(self, output_dir: pathlib.Path, staging: pathlib.Path, hold, model_card_data) -> None:
+        """Write the final model and its exports into `staging` (weights gathered on every rank), then publish it as
+        `output_dir` in one rename, if this run still holds that folder's lock."""
+        from ..export.final_save import is_run_state, save_model_files, write_inference_extras
+
+        with disk_full_as_clear_error(output_dir, "the final model"):
+            self._save_final_weights(str(staging))
+            self.accelerator.wait_for_everyone()
+            if not self.args.should_save:
+                return
+            with _without_zero3_init():  # plain, whole copies loaded on this process only
+                saved = MultimodalEmbeddingModel.from_pretrained(staging)
+                if saved.has_lora:
+                    saved.merge_lora()
+                    save_model_files(saved, staging)
+                if self.args.save_sentence_transformers:
+                    card = {"training_args": self.args, "method": self.method_card(), **(model_card_data or {})}
+                    write_inference_extras(
+                        saved, staging, published_as=output_dir, model_card_data=card,
+                        generation=self._generation_settings(),
+                    )
+            if hold is not None:
+                hold.check_held()
+            publish_dir(staging, output_dir, keep_existing=is_run_state)
+
+
+def _remove_leftovers(folder, pattern: str) -> None:
+    """Remove the entries of `folder` matching `pattern`: staging folders of killed saves (call it only while holding
+    the run folder's lock, so that no live run is writing them)."""
+    for leftover in pathlib.Path(folder).glob(pattern):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -352,6 +474,21 @@ def _checkpoints(output_dir: str) -> list[str]:
     found = [m for m in map(_CHECKPOINT_NAME.fullmatch, os.listdir(output_dir)) if m]
     paths = [os.path.join(output_dir, m.group(0)) for m in sorted(found, key=lambda m: int(m.group(1)))]
     return [p for p in paths if os.path.isdir(p)]
+
+
+def _saved_weight_names(checkpoint: str) -> set[str] | None:
+    """The parameter names in a checkpoint's safetensors weights (one file or an index), None without them."""
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return set(f.keys())
 
 
 def _read_health(checkpoint: str) -> dict | None:

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather
+from accelerate.utils import gather, send_to_device
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
-from ..modeling.modeling import lora_config_dict
+from ..modeling.modeling import lora_config_dict, with_lora_target
 from ..modeling.pooling import special_token_indices
 from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
@@ -189,6 +189,8 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             weights = weights + [args.retrieval_reward_weight]
         args.reward_weights = weights
         self._stash: dict[str, Any] = {}
+        if peft_config is not None:  # TRL wraps the policy; PEFT finds no modules of a VLM by itself
+            peft_config = with_lora_target(peft_config)
         super().__init__(
             model=policy,
             reward_funcs=reward_funcs,
@@ -253,6 +255,36 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
                 self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         finally:
             config.lora_config = None
+
+    # ------------------------------------------------------------------ resume
+    # A checkpoint between two generations (steps_per_generation x num_iterations micro-steps apart) keeps TRL's
+    # buffer of the current generation: without it TRL generates anew on resume (its `_buffered_inputs` is None)
+    # with the resumed weights and RNG, and the run leaves the path of an uninterrupted one.
+    def _generation_buffer_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"grpo_generation_buffer_rank{self.args.process_index}.pt")
+
+    def _save_resume_state(self, directory: str) -> None:
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            return  # the next step generates anyway
+        os.makedirs(directory, exist_ok=True)
+        state = {"step": self._step, "world_size": self.args.world_size, "buffer": self._buffered_inputs}
+        torch.save(state, self._generation_buffer_file(directory))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = self._generation_buffer_file(checkpoint) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.args.world_size:
+            logger.warning(
+                "%s was written by %d processes, this run has %d: its generation buffer cannot be split alike, so the "
+                "resumed run generates anew at its first step (it will not match an uninterrupted run).",
+                checkpoint, state["world_size"], self.args.world_size,
+            )
+            return
+        self._step, self._buffered_inputs = state["step"], send_to_device(state["buffer"], self.accelerator.device)
 
     def _generation_settings(self) -> dict[str, Any]:
         return {"max_new_tokens": self.args.max_completion_length}

@@ -19,8 +19,8 @@ def check_last_batch(train_dataset, args: HardNegContrastiveConfig) -> None:
     """Before any model work: refuse batches that cannot contrast, and say what `dataloader_drop_last` leaves out.
 
     The global batch is per_device_train_batch_size x processes. Accelerate completes the last batch of a
-    multi-process epoch with rows from its start (`even_batches`), so only a single process (or `even_batches=False`)
-    sees a short one.
+    multi-process epoch with rows from its start (`even_batches`), but those repeats stay out of the loss
+    (`EmbeddingTrainer.without_repeated_rows`): the batch is as short as a single process's.
     """
     from ..data.schema import NEG_IMAGE, NEG_TEXT
 
@@ -53,8 +53,8 @@ def check_last_batch(train_dataset, args: HardNegContrastiveConfig) -> None:
                 remainder, rows, size,
             )
         return
-    pads_last_batch = world > 1 and args.accelerator_config.even_batches
-    if remainder == 1 and not explicit_negatives and not pads_last_batch:
+    # Rows accelerate repeats to complete the last batch across processes (even_batches) stay out of the loss.
+    if remainder == 1 and not explicit_negatives:
         raise ValueError(
             f"The last batch of every epoch would hold 1 row ({rows} rows, global batch {size}), which has no "
             "negatives to contrast with, so training would stop at the end of the first epoch. Set "
@@ -132,11 +132,17 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
 
         positive_ids = inputs["positive_ids"]
         negative_ids = inputs.get("negative_ids")
+        if negatives is not None:
+            negatives = negatives.view(query.shape[0], num_negatives, -1)
+            negative_ids = negative_ids.view(query.shape[0], num_negatives)
         if args.gather_across_devices:
             query, positive = gather_with_grad(query), gather_with_grad(positive)
             positive_ids = gather_no_grad(positive_ids)
             if negatives is not None:
                 negatives, negative_ids = gather_with_grad(negatives), gather_no_grad(negative_ids)
+            query, positive, positive_ids, negatives, negative_ids = self.without_repeated_rows(
+                inputs, query, positive, positive_ids, negatives, negative_ids
+            )
         if query.shape[0] < 2 and negatives is None:
             raise ValueError(
                 "A global batch of 1 row without explicit negatives has no negatives to contrast with. A short last "
@@ -145,9 +151,6 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
                 "neg_text/neg_image_path columns."
             )
         batch = query.shape[0]
-        if negatives is not None:
-            negatives = negatives.view(batch, num_negatives, -1)
-            negative_ids = negative_ids.view(batch, num_negatives)
         out = hard_negative_infonce_loss(
             query,
             positive,
