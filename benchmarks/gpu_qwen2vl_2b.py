@@ -187,6 +187,7 @@ def bench_sft(model, rows, image_root: str, work: dict, out: Path, device, chunk
     trainer.train()
     peak = _peak_gib(device)
     del trainer
+    model.zero_grad(set_to_none=True)  # the next measurement starts without this one's gradients
     return {"step_s": statistics.median(timer.times[work["warmup"]:]), "peak_gib": peak,
             "pairs": work["sft_batch"], "grad_cache_chunk": chunk}
 
@@ -224,6 +225,7 @@ def bench_grpo(model, rows, image_root: str, work: dict, out: Path, device) -> d
     trainer.train()
     peak = _peak_gib(device)
     del trainer
+    model.zero_grad(set_to_none=True)
     measured = slice(work["warmup"], None)
     tokens, seconds = sum(generation["tokens"][measured]), sum(generation["seconds"][measured])
     return {"step_s": statistics.median(timer.times[measured]), "peak_gib": peak, "rollouts": 2 * g * pairs,
