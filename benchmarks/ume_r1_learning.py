@@ -28,8 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("heldout_disc_recall@1", "heldout_gen_recall@1", "heldout_oracle_recall@1", "heldout_format_rate")
 
 
-def _run(script: str, args: list[str], log: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+def run_example(script: str, args: list[str], log: Path) -> float:
+    """Run `examples/<script>` with `args`, its output into `log`; the seconds it took (exits on failure)."""
+    # One thread unless told otherwise: on a shared CPU torch's second thread mostly waits at OpenMP barriers (an
+    # SFT demo step took 5x longer with two threads than with one while other jobs ran).
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
     start = time.perf_counter()
     with open(log, "w") as handle:
         proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], env=env, stdout=handle,
@@ -39,13 +43,24 @@ def _run(script: str, args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def _logged_rewards(log: Path) -> list[dict[str, float]]:
-    """The `{'loss': ...}` dicts the Trainer printed, reward keys only."""
+def training_logs(log: Path) -> list[dict[str, float]]:
+    """The `{'loss': ...}` dicts the Trainer printed, numeric values only (transformers 5 prints them as strings)."""
     rows = []
     for match in re.finditer(r"\{'loss'.*?\}", log.read_text()):
-        values = ast.literal_eval(match.group(0))
-        rows.append({k: float(v) for k, v in values.items() if k.startswith("rewards/") and k.endswith("/mean")})
+        row = {}
+        for key, value in ast.literal_eval(match.group(0)).items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+        rows.append(row)
     return rows
+
+
+def _logged_rewards(log: Path) -> list[dict[str, float]]:
+    """The mean rewards of each logged step."""
+    return [{k: v for k, v in row.items() if k.startswith("rewards/") and k.endswith("/mean")}
+            for row in training_logs(log)]
 
 
 def main() -> None:
@@ -57,11 +72,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sft = out / "sft"
     if not (sft / "retrieval_report.json").is_file():
-        seconds = _run("train_sft_reasoning.py", ["--output_dir", str(sft), "--overwrite_output_dir", "true"],
+        seconds = run_example("train_sft_reasoning.py", ["--output_dir", str(sft), "--overwrite_output_dir", "true"],
                        out / "sft.log")
         print(f"SFT: {seconds / 60:.1f} min")
     grpo = out / "grpo"
-    seconds = _run("train_grpo.py", ["--sft_output_dir", str(sft), "--output_dir", str(grpo),
+    seconds = run_example("train_grpo.py", ["--sft_output_dir", str(sft), "--output_dir", str(grpo),
                                      "--overwrite_output_dir", "true", *shlex.split(args.grpo_args)], out / "grpo.log")
     print(f"GRPO: {seconds / 60:.1f} min ({args.grpo_args or 'tiny defaults'})")
 

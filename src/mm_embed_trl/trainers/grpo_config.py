@@ -60,6 +60,17 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
+
+    > Parameters that control which groups fill the batch
+
+    Parameters:
+        dynamic_sampling_rounds (`int`, defaults to `0`): DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476,
+            §3.2): a group whose G rewards are all equal has zero advantage, so it teaches nothing; while a rank holds
+            fewer rows of groups with a spread than its generation batch, up to this many extra generation batches
+            of other pairs are generated and scored (each its own retrieval pool), and the batch is rebuilt from
+            the groups with a spread, topped up with zero-spread ones when the rounds run out. 0 keeps TRL's
+            behaviour (UME-R1's). Each round costs a generation; `dynamic_sampling/*` logs the rounds and the
+            share of kept groups with a spread.
     """
 
     # TRL's default of 8 rows cannot hold one pair: both sides x num_generations (8) rollouts
@@ -100,6 +111,11 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         default=None,
         metadata={"help": "Prompt template; default: the SFT model's, else ume_r1_blank_image (UME-R1's)."},
     )
+    dynamic_sampling_rounds: int = field(
+        default=0,
+        metadata={"help": "DAPO's dynamic sampling: extra generation batches (at most) that replace groups whose "
+                  "rewards do not spread (0: off, as UME-R1 and TRL)."},
+    )
 
     def __post_init__(self):
         if self.retrieval_pool not in RETRIEVAL_POOLS:
@@ -122,6 +138,20 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
                     f"{option}={value}: GRPO needs at least {least} rollout(s) per prompt"
                     + (" to compare each with its group (UME-R1: 8)." if least == 2 else ".")
                 )
+        if self.dynamic_sampling_rounds < 0:
+            raise ValueError(f"dynamic_sampling_rounds must be >= 0 (0: off), got {self.dynamic_sampling_rounds}.")
+        if self.dynamic_sampling_rounds and self.per_device_train_batch_size % (2 * self.num_generations):
+            raise ValueError(
+                f"dynamic_sampling_rounds needs whole pairs on every rank: per_device_train_batch_size "
+                f"({self.per_device_train_batch_size}) must be a multiple of 2 x num_generations "
+                f"({2 * self.num_generations})."
+            )
+        if self.dynamic_sampling_rounds and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "dynamic_sampling_rounds tests each group's summed reward for a spread, as TRL's "
+                "multi_objective_aggregation='sum_then_normalize' scores it; it does not support "
+                f"{self.multi_objective_aggregation!r}."
+            )
         adapt_to_cpu(self)  # as the other trainers' configs: a CPU-only machine trains on the CPU, in fp32
         super().__post_init__()
         if self.generation_batch_size % (2 * self.num_generations) != 0:

@@ -309,6 +309,12 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         )
 
     def _generate_and_score_completions(self, inputs):
+        output = self._score_rows(inputs)
+        if self.args.dynamic_sampling_rounds and self.model.training:
+            output = self._refill_zero_spread_groups(output)
+        return output
+
+    def _score_rows(self, inputs):
         # Rows hold the pair's text and image; the prompt is built here, in the one template SFT and encode use, and
         # images are loaded now (only this generation batch's).
         from ..data.images import load_image
@@ -340,9 +346,63 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             images = [found if found is not None else [] for found in images]
         return prompt_ids, images, fields
 
+    # ------------------------------------------------------------------ dynamic sampling (DAPO)
+    def _refill_zero_spread_groups(self, output: dict[str, Any]) -> dict[str, Any]:
+        """Replace the local groups whose rewards do not spread by groups of extra generation batches (see
+        :mod:`.dynamic_sampling`). Every rank runs the same rounds: the decision reads the gathered rewards."""
+        from .dynamic_sampling import group_has_spread, select_rows
+
+        g = self.num_generations
+        rows = output["prompt_ids"].shape[0]  # local rollouts: whole groups (the config checks it)
+        first = self.accelerator.process_index * (rows // g)
+        outputs, informative = [output], []
+        rounds = 0
+        while True:
+            spread = group_has_spread(self._round_rewards, self.reward_weights, g)[first:first + rows // g]
+            informative += [(len(outputs) - 1, group) for group in spread.nonzero().flatten().tolist()]
+            fewest = gather(torch.tensor([len(informative)], device=self.accelerator.device)).min().item()
+            if fewest * g >= rows or rounds == self.args.dynamic_sampling_rounds:
+                break
+            outputs.append(self._score_rows(self._refill_rows()))
+            rounds += 1
+        zero_spread = [(0, group) for group in range(rows // g) if (0, group) not in informative]
+        kept = (informative + zero_spread)[: rows // g]
+        picks = [(k, group * g + j) for k, group in kept for j in range(g)]
+        result = select_rows(outputs, picks, self.processing_class.tokenizer.pad_token_id)
+        result["num_items_in_batch"] = gather(result["completion_mask"].sum()).sum()  # as TRL counts it
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["dynamic_sampling/rounds"].append(float(rounds))
+        kept_spread = torch.tensor([min(len(informative), rows // g) / (rows // g)], device=self.accelerator.device)
+        self._metrics[mode]["dynamic_sampling/kept_spread_fraction"].append(gather(kept_spread).mean().item())
+        return result
+
+    def _refill_rows(self) -> list[dict[str, Any]]:
+        """The local rows of the next generation batch of a second pass over the pairs (its own shuffle), endless."""
+        from ..data.samplers import PairedRepeatSampler
+
+        if getattr(self, "_refill_iterator", None) is None:
+            sampler = PairedRepeatSampler(self.train_dataset, num_generations=self.num_generations,
+                                          generation_batch_size=self.args.generation_batch_size,
+                                          shuffle=True, seed=self.args.seed + 1)
+            self._refill_loader = self._get_dataloader(
+                dataset=self.train_dataset, description="Dynamic sampling",
+                batch_size=self._train_batch_size * self.args.steps_per_generation,
+                sampler_fn=lambda dataset: sampler, is_training=True,
+            )
+            self._refill_epoch = 0
+            self._refill_iterator = iter(self._refill_loader)
+        try:
+            return next(self._refill_iterator)
+        except StopIteration:
+            self._refill_epoch += 1
+            self._refill_loader.set_epoch(self._refill_epoch)
+            self._refill_iterator = iter(self._refill_loader)
+            return next(self._refill_iterator)
+
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (global N, funcs)
+        self._round_rewards = rewards  # every function's, for dynamic sampling's spread test (filled in below)
         if self._retrieval_column is None:
             return rewards
         from ..losses import reciprocal_rank_reward, ume_r1_retrieval_reward
