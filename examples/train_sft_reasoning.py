@@ -39,6 +39,10 @@ TINY_DEFAULTS = dict(  # on top of scripts.TINY_CPU_DEFAULTS; used only when no 
     temperature=0.05,
     max_new_tokens=96,
     logging_steps=5,
+    # demo-specific, unlike UME-R1 (docs/UME-R1.md): shuffled batches (the generated rows have no task order), and
+    # text-only sides without UME-R1's blank image (half the demo's sides; its figures were measured so)
+    train_sampling_strategy="random",
+    prompt_template="ume_r1",
 )
 
 

@@ -48,3 +48,32 @@ def qwen2_vl_model(tiny_backbone):
     from mm_embed_trl.modeling import MultimodalEmbeddingModel
 
     return MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def instruct_generation_config():
+    """instruct_generation_config(tokenizer) -> what Qwen2-VL-Instruct ships as generation_config.json (two EOS ids,
+    sampling defaults that make sampling greedy: top_k=1, top_p=0.001, temperature=0.01), on the tiny backbone's
+    ids."""
+    from transformers import GenerationConfig
+
+    def build(tokenizer):
+        return GenerationConfig(
+            do_sample=True, top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=1.05,
+            bos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+        )
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def generation_settings():
+    """generation_settings(model) -> the backbone's generation config as saved, without the transformers version."""
+
+    def read(model) -> dict:
+        settings = model.backbone.generation_config.to_diff_dict()
+        settings.pop("transformers_version", None)
+        return settings
+
+    return read

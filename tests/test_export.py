@@ -221,6 +221,25 @@ def test_special_token_pooling_is_exact_without_remote_code(tiny_backbone, expor
     assert ((model.encode(inputs) - last).abs().amax(dim=1) > 1e-3).all()
 
 
+def test_a_text_only_image_template_is_recorded_and_reproduced_with_the_image_given(tiny_backbone, export_dir):
+    """UME-R1's template embeds a text after a 28x28 white image, which sentence-transformers cannot add by itself:
+    the export records it (export info, card) and, given that image, reproduces model.encode of the bare text."""
+    path = tiny_backbone("qwen2_vl")
+    model = _with_ume_tokens(MultimodalEmbeddingModel.from_pretrained(path, prompt_template="ume_r1_blank_image"))
+    model.config.pooling, model.config.pooling_token = "special_token", "<disc_emb>"
+    model.set_processor(model.processor)
+    out = export_sentence_transformers(model, export_dir / "ume_r1_blank_image")
+    assert json.loads((out / EXPORT_INFO_FILE).read_text())["text_only_image_size"] == 28
+    assert 'Image.new("RGB", (28, 28), "white")' in (out / "README.md").read_text()
+    texts = ["a red circle on the left", "two blue squares"]
+    white = Image.new("RGB", (28, 28), "white")
+    st = _st(out)
+    given = st.encode_query([{"text": t, "image": white} for t in texts], convert_to_tensor=True)
+    assert_close(given.float(), model.encode(texts), rtol=EXPORT_RTOL)
+    bare = st.encode_query(texts, convert_to_tensor=True)
+    assert (bare.float() - model.encode(texts)).abs().max() > 1e-3  # without the image: another input
+
+
 def test_text_lm_without_chat_template(tiny_backbone, export_dir):
     """A text LM without chat template: the collator tokenises format_text as is; so does the export."""
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text"))

@@ -4,6 +4,7 @@ an independent computation, the loss against UME-R1's objective, 1 vs 2 processe
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import launching
@@ -109,6 +110,38 @@ def test_paired_sampler_groups_sides_and_keeps_pairs_in_one_generation_batch(wor
         PairedRepeatSampler(flat, G, 2 * G)
 
 
+def test_flattened_rows_hash_their_own_input_so_shared_queries_and_targets_are_not_negatives():
+    """Each flattened row's content_id hashes that row's own input (query text + image, or target text + image), as
+    retrieval_pool's duplicate mask expects: a pair sharing its query with another is not that pair's target
+    rollouts' negative (it was: both rows carried the target's hash), and one sharing its target is not the query
+    rollouts' negative."""
+    import datasets
+
+    from mm_embed_trl.losses.retrieval_reward import retrieval_pool
+
+    pairs = datasets.Dataset.from_dict({
+        "qry": ["a red circle", "a red circle", "two blue stars", "a green cross"],  # pairs 0 and 1: one query
+        "qry_image_path": ["", "", "", ""],
+        "pos_text": ["red", "round", "red", "green"],  # pairs 0 and 2: one target
+        "pos_image_path": ["", "", "", ""],
+    })
+    flat = flatten_pairs(pairs)
+    content = dict(zip(zip(flat["pair_id"], flat["side"]), flat["content_id"]))
+    assert content[0, "query"] == content[1, "query"] != content[2, "query"]
+    assert content[0, "target"] == content[2, "target"] != content[1, "target"]
+    assert content[0, "query"] != content[0, "target"]
+    side = torch.tensor([0 if s == "query" else 1 for s in flat["side"]])
+    pool = retrieval_pool(torch.randn(len(flat), 8, generator=torch.Generator().manual_seed(0)), side,
+                          torch.tensor(flat["pair_id"]), 1, content_ids=torch.tensor(flat["content_id"]))
+    row = {key: i for i, key in enumerate(zip(flat["pair_id"], flat["side"]))}
+    negatives_of = {key: {k for k, j in row.items() if pool.negative[i, j]} for key, i in row.items()}
+    # pair 1 asks pair 0's query (its target is another answer to it), pair 2 has pair 0's target (its query is
+    # another match for it): neither is a negative of pair 0, on either side; pair 3 shares nothing
+    assert negatives_of[0, "query"] == {(3, "target")} and negatives_of[0, "target"] == {(3, "query")}
+    assert negatives_of[1, "target"] == {(2, "query"), (3, "query")}
+    assert negatives_of[3, "query"] == {(0, "target"), (1, "target"), (2, "target")}
+
+
 # ------------------------------------------------------------------------------- rollout embeddings and rewards
 def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embeddings(
     tiny_backbone, shapes_data, tmp_path
@@ -130,6 +163,8 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     trainer.train()
     inputs, completions, rewards = captured["inputs"], captured["completions"], captured["rewards"]
     # the reference embeddings: our model's forward per row, prompt built from the row by the collator's template
+    from PIL import Image
+
     from mm_embed_trl.data.images import load_image
     from mm_embed_trl.data.reasoning import append_completions
     from mm_embed_trl.data.schema import EmbeddingInput
@@ -138,11 +173,14 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     model.eval()
     tok = model.processor.tokenizer
     gen_id = tok.convert_tokens_to_ids("<gen_emb>")
+    # a model no SFT run trained gets UME-R1's inputs: its prompt, a 28x28 white image before text-only sides
+    assert trainer.template.name == model.config.prompt_template == "ume_r1_blank_image"
+    assert any(not row["image"] for row in inputs) and trainer._stash["image_counts"] == [1] * len(inputs)
     collator = model.make_collator(template="ume_r1")
     reference, found = [], []
     with torch.no_grad():
         for row, completion in zip(inputs, completions):
-            image = load_image(row["image"], str(shapes_data.image_root))
+            image = load_image(row["image"], str(shapes_data.image_root)) or Image.new("RGB", (28, 28), "white")
             prompt = collator.encode_inputs([EmbeddingInput(row["text"], image)], side=row["side"])
             batch = append_completions(prompt, [completion], tok.pad_token_id)
             out = model(**batch, pool_tokens={"gen": TokenPooling(gen_id, "completion")})
@@ -164,49 +202,79 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     assert logged["gen_emb_found_rate/query"] < 1.0
 
 
-def test_loss_matches_ume_r1s_objective_on_a_fixed_buffer(tiny_backbone, shapes_data, tmp_path):
-    """TRL's dr_grpo loss (beta 0.04, eps 0.2 / 0.28) on a buffer of query and target rollouts equals UME-R1's
-    (qry_loss + pos_loss) / 2 with each side sum_t(loss) / max_completion_length (grpo_trainer.py L929-972)."""
-    model = _model(tiny_backbone)
-    trainer = EmbeddingGRPOTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)),
-                                   train_dataset=shapes_data["train"].select(range(8)))
-    tok = trainer.processing_class.tokenizer
+def _loss_and_grad_against_ume_r1(trainer, tok, *, on_policy_kl_only: bool = False):
+    """On a fixed buffer of query and target rollouts: (TRL's loss, its gradient on the LM head) and (UME-R1's loss,
+    its gradient): UME-R1 sums each side's clipped policy term plus beta * k3 KL over the tokens, divides by
+    max_completion_length and averages the sides (grpo_trainer.py L929-972). ``on_policy_kl_only``: old log-probs
+    equal to the policy's and zero advantages, so only the KL term is left."""
     g = torch.Generator().manual_seed(0)
     rows, prompt_len, completion_len = 8, 6, 5
-    vocab = len(tok)
     prompt_ids = torch.randint(0, 1000, (rows, prompt_len), generator=g)
     completion_ids = torch.randint(0, 1000, (rows, completion_len), generator=g)
     completion_mask = torch.ones(rows, completion_len, dtype=torch.long)
     completion_mask[1, 3:] = 0
     completion_mask[6, 2:] = 0
     policy = trainer.model
-    with torch.no_grad():
+    head = policy.lm_head.weight
+
+    def logps_of_policy():
         logits = policy(input_ids=torch.cat([prompt_ids, completion_ids], 1)).logits[:, prompt_len - 1 : -1].float()
-    logps = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+        return torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+
+    with torch.no_grad():
+        logps = logps_of_policy()
     old = logps + 0.3 * torch.randn(rows, completion_len, generator=g)  # some ratios fall outside the clip range
     ref = logps + 0.2 * torch.randn(rows, completion_len, generator=g)
     advantages = torch.randn(rows, generator=g)
+    if on_policy_kl_only:
+        old, advantages = logps.clone(), torch.zeros(rows)
     inputs = {
         "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
         "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
         "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum(),
     }
-    trainer.model.train()
+    policy.train()
     trainer.current_gradient_accumulation_steps = 1
-    loss = trainer._compute_loss(trainer.model, inputs)
+    policy.zero_grad()
+    loss = trainer._compute_loss(policy, inputs)
+    loss.backward()
+    trl = (loss.detach(), head.grad.clone())
+    beta, max_len = trainer.args.beta, trainer.args.max_completion_length
 
-    def side_loss(r):  # UME-R1, transcribed
+    def side_loss(r, logps):  # UME-R1, transcribed
         coef_1 = torch.exp(logps[r] - old[r])
         coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
         per_token = -torch.min(coef_1 * advantages[r, None], coef_2 * advantages[r, None])
         kl = torch.exp(ref[r] - logps[r]) - (ref[r] - logps[r]) - 1
-        per_token = per_token + 0.04 * kl
-        return ((per_token * completion_mask[r]).sum(1) / trainer.args.max_completion_length).mean()
+        per_token = per_token + beta * kl
+        return ((per_token * completion_mask[r]).sum(1) / max_len).mean()
 
+    policy.zero_grad()
+    logps = logps_of_policy()
     query_rows, target_rows = torch.arange(0, rows, 2), torch.arange(1, rows, 2)  # half of each, as in the sampler
-    expected = (side_loss(query_rows) + side_loss(target_rows)) / 2
-    assert_loss_close(loss, expected, rtol=rounding_rtol(terms=vocab, depth=2 * 8 + 3))
-    assert vocab > 0
+    expected = (side_loss(query_rows, logps) + side_loss(target_rows, logps)) / 2
+    expected.backward()
+    return trl, (expected.detach(), head.grad.clone())
+
+
+def test_loss_matches_ume_r1s_objective_on_a_fixed_buffer(tiny_backbone, shapes_data, tmp_path):
+    """TRL's dr_grpo loss (beta 0.04, eps 0.2 / 0.28) with use_bias_correction_kl=False (UME-R1's preset) equals
+    UME-R1's objective in value and gradient; TRL's default (the KL times the differentiable importance ratio)
+    moves the gradient, even where the ratio is 1, which is why the preset and the recipe turn it off."""
+    model = _model(tiny_backbone)
+    args = _config(tmp_path, image_root=str(shapes_data.image_root), use_bias_correction_kl=False)
+    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(8)))
+    tok = trainer.processing_class.tokenizer
+    (loss, grad), (want_loss, want_grad) = _loss_and_grad_against_ume_r1(trainer, tok)
+    # the vocabulary-wide log-softmax after the tiny model's forward; the gradient runs it back (x 3)
+    assert_loss_close(loss, want_loss, rtol=rounding_rtol(terms=len(tok), depth=2 * 8 + 3))
+    assert_close(grad, want_grad, rtol=rounding_rtol(terms=len(tok), depth=3 * (2 * 8 + 3)))
+    # the KL term alone, on-policy (every importance ratio is 1): UME-R1's gradient without the correction...
+    (_, kl_grad), (_, want_kl_grad) = _loss_and_grad_against_ume_r1(trainer, tok, on_policy_kl_only=True)
+    assert_close(kl_grad, want_kl_grad, rtol=rounding_rtol(terms=len(tok), depth=3 * (2 * 8 + 3)))
+    trainer.args.use_bias_correction_kl = True  # ...and TRL's default moves it by far more than rounding
+    (_, corrected), _ = _loss_and_grad_against_ume_r1(trainer, tok, on_policy_kl_only=True)
+    assert (corrected - want_kl_grad).norm() > 0.05 * want_kl_grad.norm()
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
@@ -229,13 +297,17 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
 
 
 def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_card(
-    tiny_backbone, shapes_data, tmp_path
+    tiny_backbone, shapes_data, instruct_generation_config, generation_settings, tmp_path
 ):
-    """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens kept), the
-    discriminative ST export (no remote code) and the generative one (trust_remote_code) reproducing encode."""
+    """save_for_inference after RL: the trained policy inside its MultimodalEmbeddingModel (pooling tokens and the
+    backbone's generation config kept), the discriminative ST export (no remote code) and the generative one
+    (trust_remote_code) reproducing encode."""
+    from PIL import Image
     from sentence_transformers import SentenceTransformer
 
     model = _model(tiny_backbone)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    expected = generation_settings(model)
     args = _config(tmp_path, beta=0.0, learning_rate=1e-3, image_root=str(shapes_data.image_root), max_steps=2)
     trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(16)))
     start = {k: v.clone() for k, v in model.state_dict().items()}  # after the trainer added UME-R1's tokens
@@ -244,6 +316,7 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     out = Path(trainer.save_for_inference())
     saved = MultimodalEmbeddingModel.from_pretrained(out)
     assert saved.config.generative_pooling_token == "<gen_emb>" and saved.config.pooling_token == "<disc_emb>"
+    assert generation_settings(saved) == expected
     trained = saved.state_dict()
     # the RL update, not the start, was saved
     assert any(not torch.equal(trained[k], start[k]) for k in start if ".language_model.layers." in k)
@@ -252,7 +325,9 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
     texts = ["a red circle on the left", "two blue squares"]
     rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
     disc = SentenceTransformer(str(out / "sentence_transformers"))
-    assert_close(torch.as_tensor(disc.encode_query(texts)), saved.encode(texts), rtol=rtol)
+    white = Image.new("RGB", (28, 28), "white")  # UME-R1's template: sentence-transformers is given its blank image
+    assert_close(torch.as_tensor(disc.encode_query([{"text": t, "image": white} for t in texts])), saved.encode(texts),
+                 rtol=rtol)
     gen = SentenceTransformer(str(out / "sentence_transformers_generative"), trust_remote_code=True)
     want = saved.encode(texts, mode="generative", max_new_tokens=16)  # the run's max_completion_length
     assert_close(torch.as_tensor(gen.encode_query(texts)), want, rtol=rtol)
@@ -264,12 +339,50 @@ def test_the_run_ends_with_the_model_both_sentence_transformers_exports_and_a_ca
         again.train()
 
 
+# UME-R1's RL run (README; grpo_trainer.py L494-503, L1056-1077): 64 GPUs x 2 rollouts of each side per GPU, G = 8,
+# GA 2, a new generation and retrieval pool every micro-step.
+UME_R1_GPUS, UME_R1_ROLLOUTS_PER_SIDE, UME_R1_G, UME_R1_GA = 64, 2, 8, 2
+
+
+def _pairs_per_pool_and_step(args, processes: int) -> tuple[float, float]:
+    """(pairs in one retrieval pool, pairs per optimizer step) of a config run on `processes` (a row is one side's
+    rollout: a pair is 2 x G rows)."""
+    rows_per_micro_step = args.per_device_train_batch_size * processes
+    pool_rows = rows_per_micro_step * (1 if args.retrieval_pool == "micro_step" else args.steps_per_generation)
+    pair_rows = 2 * args.num_generations
+    return pool_rows / pair_rows, rows_per_micro_step * args.gradient_accumulation_steps / pair_rows
+
+
 def test_ume_r1_preset_holds_the_papers_settings(tmp_path):
-    args = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    assert (args.num_generations, args.temperature, args.beta, args.epsilon, args.epsilon_high) == (8, 1.0, 0.04, 0.2,
-                                                                                                    0.28)
-    assert (args.learning_rate, args.max_completion_length, args.loss_type) == (1e-6, 2048, "dr_grpo")
-    assert args.steps_per_generation == 1 and args.retrieval_pool == "micro_step"
+    ume_r1_pool = UME_R1_GPUS * UME_R1_ROLLOUTS_PER_SIDE / UME_R1_G  # its sampler repeats each pair G times
+    assert (ume_r1_pool, ume_r1_pool * UME_R1_GA) == (16, 32)
+    for processes in (1, 8, 16):  # (this machine runs 1: 64 would leave 4 rows per generation, under one pair)
+        args = EmbeddingGRPOConfig.ume_r1(processes, output_dir=str(tmp_path), use_cpu=True, bf16=False)
+        assert (args.num_generations, args.temperature, args.beta, args.epsilon, args.epsilon_high) == (
+            8, 1.0, 0.04, 0.2, 0.28)
+        assert (args.learning_rate, args.max_completion_length, args.loss_type) == (1e-6, 2048, "dr_grpo")
+        assert args.steps_per_generation == 1 and args.retrieval_pool == "micro_step"
+        assert (args.top_k, args.use_bias_correction_kl, args.lr_scheduler_type, args.shuffle_dataset) == (
+            50, False, "linear", False)
+        assert _pairs_per_pool_and_step(args, processes) == (ume_r1_pool, ume_r1_pool * UME_R1_GA)
+    with pytest.raises(ValueError, match="does not split over 6 processes"):
+        EmbeddingGRPOConfig.ume_r1(6, output_dir=str(tmp_path), use_cpu=True)
+
+
+def test_rollouts_sample_as_ume_r1_whatever_the_policys_generation_config(
+    tiny_backbone, shapes_data, instruct_generation_config, tmp_path
+):
+    """The generation TRL runs for the rollouts samples at the preset's temperature 1 and top_k 50 (UME-R1's, under
+    transformers 4.49) even from a policy whose saved generation config is Qwen2-VL-Instruct's greedy-like one:
+    what generate() resolves from TRL's config and the policy's."""
+    model = _model(tiny_backbone)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    preset = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True)
+    args = _config(tmp_path, temperature=preset.temperature, top_k=preset.top_k, top_p=preset.top_p)
+    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(8)))
+    resolved, _ = trainer.model._prepare_generation_config(trainer.generation_config)
+    assert (resolved.do_sample, resolved.temperature, resolved.top_k, resolved.top_p) == (True, 1.0, 50, 1.0)
+    assert resolved.repetition_penalty == 1.0 and resolved.typical_p in (None, 1.0)
 
 
 GRPO_STEP = ROOT / "tests" / "dist_scripts" / "grpo_step.py"
@@ -388,9 +501,10 @@ def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
 
     from mm_embed_trl.scripts import EmbeddingScriptArguments
 
-    preset = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    keys = ("num_generations", "temperature", "beta", "epsilon", "epsilon_high", "learning_rate",
-            "max_completion_length", "loss_type", "steps_per_generation", "retrieval_pool")
+    preset = EmbeddingGRPOConfig.ume_r1(8, output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    keys = ("num_generations", "temperature", "top_k", "beta", "use_bias_correction_kl", "epsilon", "epsilon_high",
+            "learning_rate", "lr_scheduler_type", "max_completion_length", "loss_type", "steps_per_generation",
+            "gradient_accumulation_steps", "shuffle_dataset", "retrieval_pool")
     for name in ("grpo_qwen2vl_2b.yaml", "grpo_tiny_cpu.yaml"):
         parser = TrlParser((EmbeddingScriptArguments, EmbeddingGRPOConfig, ModelConfig))
         _, args, _ = parser.parse_args_and_config(
@@ -399,7 +513,12 @@ def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
         assert args.output_dir == str(tmp_path)  # the command line overrides the recipe
         if "2b" in name:
             assert {k: getattr(args, k) for k in keys} == {k: getattr(preset, k) for k in keys}
-            assert args.per_device_train_batch_size == 2 * 2 * args.num_generations  # 2 pairs, both sides
+            # the processes of the accelerate config its launch line names: UME-R1's 16-pair pool, 32 pairs a step
+            launch = re.search(r"--config_file (\S+)", (ROOT / "recipes" / name).read_text()).group(1)
+            processes = yaml.safe_load((ROOT / launch).read_text())["num_processes"]
+            ume_r1_pool = UME_R1_GPUS * UME_R1_ROLLOUTS_PER_SIDE / UME_R1_G
+            assert _pairs_per_pool_and_step(args, processes) == (ume_r1_pool, ume_r1_pool * UME_R1_GA) == (16, 32)
+            assert args.per_device_train_batch_size == preset.per_device_train_batch_size
     spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -280,3 +280,32 @@ def test_resume_last_picks_the_newest_complete_checkpoint_or_says_there_is_none(
     (out / "checkpoint-7" / "optimizer.pt").write_bytes(b"partial")
     assert trainer.resolve_resume_checkpoint("last") == str(out / "checkpoint-2")
     assert trainer.resolve_resume_checkpoint(True) == str(out / "checkpoint-2")
+
+
+def test_the_backbones_generation_config_survives_every_save(
+    tiny_backbone, instruct_generation_config, generation_settings, tmp_path
+):
+    """The backbone's generation config (Qwen's EOS list, its sampling defaults) is saved beside the model and
+    restored on loading: by save_pretrained, the staged file-by-file save of the final model (LoRA merged) and the
+    model inside the generative sentence-transformers export. Dropping it made a reloaded model stop on one EOS."""
+    from peft import LoraConfig
+
+    from mm_embed_trl.export.final_save import save_model_files
+    from mm_embed_trl.export.generative import export_generative_sentence_transformers
+    from mm_embed_trl.trainers.sft_trainer import prepare_embedding_tokens
+
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    prepare_embedding_tokens(model, model.processor)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    expected = generation_settings(model)
+    assert expected["eos_token_id"] == [model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                        model.processor.tokenizer.pad_token_id]
+    model.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "generation_config.json").is_file()
+    assert generation_settings(MultimodalEmbeddingModel.from_pretrained(tmp_path / "plain")) == expected
+    model.add_lora(LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0))
+    model.merge_lora()
+    save_model_files(model, tmp_path / "final")
+    assert generation_settings(MultimodalEmbeddingModel.from_pretrained(tmp_path / "final")) == expected
+    export = export_generative_sentence_transformers(model, tmp_path / "st_gen", generation={"max_new_tokens": 4})
+    assert generation_settings(MultimodalEmbeddingModel.from_pretrained(export / "mm_embedding")) == expected

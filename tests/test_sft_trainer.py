@@ -166,6 +166,40 @@ def test_grad_cache_gives_the_same_loss_and_gradients(variant, tiny_backbone, sh
         assert_close(cached[name], plain[name], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU), msg=name)
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_contrastive_groups_train_like_accumulated_micro_batches(chunk, tiny_backbone, shapes_data, tmp_path):
+    """contrastive_group_size=3 on a 6-pair batch (with and without GradCache) gives the loss and gradients of two
+    accumulated 3-pair micro-batches, each its own InfoNCE: UME-R1's 256-pair losses under GA 4, in one 1024-pair
+    GradCache step. (The CE terms are off: their token mean spans what one forward sees, in either layout.)"""
+    weights = dict(query_lm_weight=0.0, target_lm_weight=0.0, image_root=str(shapes_data.image_root))
+    rows = _rows(shapes_data)
+
+    def step(model, config, batches):
+        trainer = EmbeddingSFTTrainer(model=model, args=config)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in batches:  # accumulated as the Trainer does: each micro-batch's loss over their count
+            loss = trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator(part))) / len(batches)
+            trainer.accelerator.backward(loss)
+            total += loss.item()
+        return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _model(tiny_backbone)
+    grouped, grouped_grads = step(model, _config(tmp_path, contrastive_group_size=3, gradient_cache_chunk_size=chunk,
+                                                 **weights), [rows])
+    accumulated, accumulated_grads = step(model, _config(tmp_path, **weights), [rows[:3], rows[3:]])
+    whole, _ = step(model, _config(tmp_path, **weights), [rows])
+    assert_loss_close(grouped, accumulated, rtol=rounding_rtol(**TINY_IMAGE_FORWARD, gain=1 / TAU))
+    assert abs(whole - accumulated) > 0.05  # one 6-pair InfoNCE is another objective
+    assert grouped_grads.keys() == accumulated_grads.keys() and grouped_grads
+    for name in grouped_grads:
+        assert_close(grouped_grads[name], accumulated_grads[name],
+                     rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=1 / TAU), msg=name)
+    with pytest.raises(ValueError, match="contrastive_group_size"):
+        _config(tmp_path, contrastive_group_size=1)
+
+
 _STEP_SCRIPT = """
 import sys, torch
 from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
@@ -226,7 +260,7 @@ def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone,
     forced = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     row = {"qry": "a red circle on the left", "qry_image_path": "", "pos_text": "x", "pos_image_path": "",
            "qry_reasoning": target, "pos_reasoning": target}
-    batch = ReasoningCollator(model.processor)([row])["query"]
+    batch = ReasoningCollator(model.processor, template=model.config.prompt_template)([row])["query"]
     start = int(batch["completion_start"][0])
 
     def force(batch_id, ids):  # generate exactly `forced`
@@ -241,7 +275,8 @@ def test_teacher_forced_gen_state_equals_the_state_after_generate(tiny_backbone,
         embedding, (text,) = model.encode([row["qry"]], mode="generative", return_reasoning=True, max_new_tokens=40,
                                           generation_kwargs={"prefix_allowed_tokens_fn": force})
         prompt = {k: v for k, v in batch.items() if k not in ("labels", "completion_start", "image_counts")}
-        prompt = {k: v[:, :start] for k, v in prompt.items()}
+        prompt = {k: (v[:, :start] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                  for k, v in prompt.items()}
         generated = model.backbone.generate(**prompt, max_new_tokens=40, do_sample=False,
                                             prefix_allowed_tokens_fn=force, output_hidden_states=True,
                                             return_dict_in_generate=True)
@@ -279,6 +314,66 @@ def test_generative_encode_modes_samples_and_the_missing_token_policy(tiny_backb
         plain.encode(texts, mode="generative")
 
 
+def test_sampling_samples_whatever_the_backbones_generation_config_says(tiny_backbone, instruct_generation_config,
+                                                                       tmp_path):
+    """pass@k draws k different completions even from a backbone whose generation_config is Qwen2-VL-Instruct's
+    (top_k=1, top_p=0.001, temperature=0.01): generate() fills every sampling field left unset from it, which made
+    the k samples one greedy completion k times. Greedy stays greedy, and the sampling knobs passed are obeyed."""
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    texts = ["a red circle", "two blue stars"]
+    plain_greedy = model.encode(texts, mode="generative", max_new_tokens=8)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    torch.manual_seed(0)
+    _, samples = model.encode(texts, mode="generative", max_new_tokens=8, do_sample=True, num_samples=4,
+                              return_reasoning=True)
+    # 8 tokens drawn from the tiny model's ~1.4k-token vocabulary at temperature 1: equal samples mean no sampling
+    assert all(len(set(per_input)) == 4 for per_input in samples), samples
+    greedy = model.encode(texts, mode="generative", max_new_tokens=8)
+    assert_close(greedy, plain_greedy, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    torch.manual_seed(0)
+    _, narrow = model.encode(texts, mode="generative", max_new_tokens=8, do_sample=True, num_samples=3, top_k=1,
+                             return_reasoning=True)
+    assert all(len(set(per_input)) == 1 for per_input in narrow)  # top_k=1 asked for: one completion
+    model.backbone.generation_config.top_h = 0.5  # a warper generate() cannot switch off per call
+    with pytest.raises(ValueError, match="top_h"):
+        model.encode(texts, mode="generative", max_new_tokens=2, do_sample=True, num_samples=2)
+
+
+def test_reasonings_cut_short_are_counted_and_the_default_lengths_are_ume_r1s(tiny_backbone, tmp_path, caplog):
+    """A reasoning that reaches max_new_tokens before its end is cut short (its <gen_emb> never comes, the
+    embedding falls back): every such completion is counted in a warning. The default length is UME-R1's evaluation
+    length (8192) in encode, the SFT config's evaluation and the generative export."""
+    import inspect
+    import json
+
+    from mm_embed_trl.evaluation import ReasoningFormatEvaluator
+    from mm_embed_trl.export.generative import export_generative_sentence_transformers
+
+    assert inspect.signature(MultimodalEmbeddingModel.encode).parameters["max_new_tokens"].default == 8192
+    assert EmbeddingSFTConfig(output_dir=str(tmp_path), use_cpu=True).max_new_tokens == 8192
+    assert inspect.signature(ReasoningFormatEvaluator).parameters["max_new_tokens"].default == 8192
+    model = _model(tiny_backbone)
+    EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    export = export_generative_sentence_transformers(model, tmp_path / "gen")
+    assert json.loads((export / "mm_embed_generative_config.json").read_text())["generation"]["max_new_tokens"] == 8192
+    tok = model.processor.tokenizer
+    ended = tok(format_reasoning("a", "b"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    cut = tok("<think>a long reasoning", add_special_tokens=False)["input_ids"][:4]
+
+    def generate(prompt, kwargs):  # row 1 stopped by the length limit, rows 0 and 2 by their end of turn
+        return [ended, cut, ended[:3] + [tok.eos_token_id]]
+
+    with caplog.at_level("WARNING"):
+        model.encode(["x", "y", "z"], mode="generative", max_new_tokens=len(cut), generate_fn=generate)
+    assert "1 of 3 generated completions reached max_new_tokens=4 before ending" in caplog.text
+    assert "2 of 3 generated completions never wrote <gen_emb>" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model.encode(["x", "y", "z"], mode="generative", max_new_tokens=len(ended), generate_fn=generate)
+    assert "reached max_new_tokens" not in caplog.text  # short completions without an end are not cut short
+
+
 def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data, tmp_path):
     """A completion holding <|image_pad|> would make the prefill forward expand image features it does not have
     (transformers: "Image features and image tokens do not match"): generation suppresses the placeholder ids, here
@@ -314,6 +409,68 @@ def test_generation_never_writes_an_image_placeholder(tiny_backbone, shapes_data
 
 
 # ----------------------------------------------------------------------------------------------------- options
+def test_batches_follow_the_file_order_by_default(tiny_backbone, shapes_data, tmp_path):
+    """UME-R1 trains on its JSON in file order (`--data_group True`: task-grouped batches, a SequentialSampler):
+    so does the SFT config by default; train_sampling_strategy="random" shuffles."""
+    model = _model(tiny_backbone)
+    train = shapes_data["train"].select(range(24))
+    in_order = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)),
+                                   train_dataset=train)
+    assert in_order.args.train_sampling_strategy == "sequential"
+    assert list(in_order._get_train_sampler()) == list(range(len(train)))
+    first = next(iter(in_order.get_train_dataloader()))
+    assert torch.equal(first["positive_ids"], in_order.data_collator(list(train.select(range(6))))["positive_ids"])
+    args = _config(tmp_path, image_root=str(shapes_data.image_root), train_sampling_strategy="random")
+    shuffled = EmbeddingSFTTrainer(model=model, args=args, train_dataset=train)
+    assert sorted(shuffled._get_train_sampler()) == list(range(len(train)))
+    assert list(shuffled._get_train_sampler()) != list(range(len(train)))
+
+
+def test_text_only_sides_get_ume_r1s_blank_image_in_training_and_encoding(tiny_backbone, shapes_data, tmp_path):
+    """With UME-R1's template (the SFT default) every text-only input is embedded as UME-R1 embeds it, after a 28x28
+    white image: in the SFT batches and in encode (hence evaluation and the generative export), exactly as if the
+    input carried that image under the plain "ume_r1" template. The tiny demo's "ume_r1" keeps text alone."""
+    from PIL import Image
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    model = _model(tiny_backbone)
+    trainer = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, image_root=str(shapes_data.image_root)))
+    assert trainer.args.prompt_template == model.config.prompt_template == "ume_r1_blank_image"
+    white = Image.new("RGB", (28, 28), (255, 255, 255))
+    texts = ["a red circle", "two blue stars on the left"]
+    blank = model.make_collator().encode_inputs([EmbeddingInput(t) for t in texts])
+    explicit = model.make_collator(template="ume_r1").encode_inputs([EmbeddingInput(t, white) for t in texts])
+    assert blank.keys() == explicit.keys() and "pixel_values" in blank
+    for key in blank:
+        assert torch.equal(blank[key], explicit[key]), key
+    batch = trainer.data_collator(_rows(shapes_data))
+    text_sides = [i for i, r in enumerate(_rows(shapes_data)) if not r["pos_image_path"]]
+    assert text_sides and batch["positive"]["image_counts"].tolist() == [1] * len(_rows(shapes_data))
+    rtol = rounding_rtol(**TINY_IMAGE_FORWARD)
+    assert_close(model.encode(texts), model.encode([(white, t) for t in texts]), rtol=rtol)
+    model.config.prompt_template = "ume_r1"
+    assert "pixel_values" not in model.make_collator().encode_inputs([EmbeddingInput(t) for t in texts])
+
+
+def test_input_texts_are_not_cut_by_default(tiny_backbone, tmp_path):
+    """UME-R1 never cuts an input text on its own (only the whole row, at model_max_length): the SFT collator keeps a
+    text longer than the 1024 tokens the other trainers cut at, unless max_length asks for a cut."""
+    model = _model(tiny_backbone)
+    long_text = " ".join(["red circle"] * 700)
+    row = {"qry": long_text, "qry_image_path": "", "pos_text": "a red circle", "pos_image_path": "",
+           "qry_reasoning": format_reasoning("a", "b"), "pos_reasoning": format_reasoning("c", "d")}
+    text_tokens = len(model.processor.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    assert text_tokens > 1024
+    trainer = EmbeddingSFTTrainer(model=model, args=_config(tmp_path))
+    assert trainer.args.max_length is None
+    whole = trainer.data_collator([row])["query"]
+    assert int(whole["completion_start"][0]) > text_tokens and trainer.data_collator.num_truncated == 0
+    cut = EmbeddingSFTTrainer(model=model, args=_config(tmp_path, max_length=1024)).data_collator
+    assert int(cut([row])["query"]["completion_start"][0]) < text_tokens and cut.num_truncated == 1
+
+
+
 def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_path):
     """UME-R1's DUME variant: plain embedding rows, <disc_emb> pooled, one contrastive term."""
     model = _model(tiny_backbone)
@@ -328,13 +485,18 @@ def test_discriminative_only_needs_no_reasoning(tiny_backbone, shapes_data, tmp_
     assert torch.equal(loss.detach(), trainer._metrics["train"]["disc_contrastive_loss"][-1])
 
 
-def test_lora_run_ends_with_a_merged_model_that_reloads(tiny_backbone, shapes_data, tmp_path):
+def test_lora_run_ends_with_a_merged_model_that_reloads(
+    tiny_backbone, shapes_data, instruct_generation_config, generation_settings, tmp_path
+):
     """SFT with LoRA on a generative backbone whose lm_head is its input embedding (Qwen2-VL-2B's case): the end of
     the run reloads the adapters it saved, merges them and publishes a plain model with the tie intact, which
-    encodes as the trained model does (reloading such adapters failed inside transformers' tie_weights)."""
+    encodes as the trained model does (reloading such adapters failed inside transformers' tie_weights), and keeps
+    the backbone's generation config (Qwen's EOS list)."""
     from peft import LoraConfig
 
     model = _model(tiny_backbone)
+    model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
+    expected = generation_settings(model)
     config = _config(tmp_path, image_root=str(shapes_data.image_root), max_steps=2, learning_rate=1e-2)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
     train = shapes_data["train"].select(range(12))
@@ -343,6 +505,7 @@ def test_lora_run_ends_with_a_merged_model_that_reloads(tiny_backbone, shapes_da
     saved = MultimodalEmbeddingModel.from_pretrained(trainer.save_for_inference())
     assert not saved.has_lora and saved.config.lora_config is None
     assert saved.backbone.lm_head.weight is saved.backbone.model.language_model.embed_tokens.weight
+    assert generation_settings(saved) == expected
     texts = ["a red circle on the left", "two blue squares"]
     model.eval()
     with_adapters = model.encode(texts)
@@ -413,6 +576,13 @@ def test_reasoning_format_evaluator_counts_what_the_model_writes(tiny_backbone, 
 
 
 def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
+    """The 2B/7B recipes train UME-R1's objective: 256 pairs per InfoNCE (its 4 per GPU x 64 GPUs, one forward) and
+    1024 per optimizer step (GA 4), on the processes of the accelerate config their launch line names; the tiny
+    recipe is the example's no-argument default."""
+    import importlib.util
+    import re
+
+    import yaml
     from trl import ModelConfig, TrlParser
 
     from mm_embed_trl.scripts import EmbeddingScriptArguments
@@ -428,4 +598,15 @@ def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
         if "tiny" not in recipe.name:
             assert model.model_name_or_path.startswith("Qwen/Qwen2-VL-")
             assert (args.learning_rate, args.temperature, args.warmup_ratio, args.max_steps) == (5e-5, 0.02, 0.03, 5000)
-            assert args.per_device_train_batch_size * (8 if "2b" in recipe.name else 16) == 1024
+            assert (args.train_sampling_strategy, args.max_length, args.max_new_tokens) == ("sequential", None, 8192)
+            assert args.prompt_template == "ume_r1_blank_image"
+            launch = re.search(r"--config_file (\S+)", recipe.read_text()).group(1)
+            processes = yaml.safe_load((ROOT / launch).read_text())["num_processes"]
+            global_batch = args.per_device_train_batch_size * processes
+            pairs_per_infonce = args.contrastive_group_size or global_batch
+            assert (pairs_per_infonce, global_batch * args.gradient_accumulation_steps) == (4 * 64, 4 * 64 * 4)
+    spec = importlib.util.spec_from_file_location("train_sft_reasoning", ROOT / "examples" / "train_sft_reasoning.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    recipe = yaml.safe_load((ROOT / "recipes" / "sft_reasoning_tiny_cpu.yaml").read_text())
+    assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS

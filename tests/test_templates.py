@@ -165,6 +165,24 @@ def test_ume_r1_texts():
     assert content[-1]["text"].count(DISC_EMB_TOKEN) == 1 and content[-1]["text"].endswith("entire input.")
 
 
+def test_ume_r1_blank_image_gives_every_text_only_input_ume_r1s_white_square():
+    """UME-R1 never embeds text alone: a 28x28 white image comes before every text-only side (SFT's blank.jpg, RL's
+    and evaluation's Image.new("RGB", (28, 28), (255, 255, 255))). The "ume_r1" template keeps text alone."""
+    t = get_template("ume_r1_blank_image")
+    text_only = t.with_text_only_image(EmbeddingInput(text="A cat."))
+    assert text_only.image.size == (28, 28) and text_only.image.mode == "RGB"
+    assert set(text_only.image.getdata()) == {(255, 255, 255)}
+    assert _user_content(t.build_messages(text_only, "query")) == [
+        {"type": "image"}, {"type": "text", "text": "\nA cat.\n<disc_emb>\n" + UME_R1_TEXT}]
+    with_image = EmbeddingInput(text="A cat.", image=IMG)
+    assert t.with_text_only_image(with_image) is with_image
+    plain = EmbeddingInput(text="A cat.")
+    assert get_template("ume_r1").with_text_only_image(plain) is plain
+    assert t.build_messages(with_image) == get_template("ume_r1").build_messages(with_image)
+    with pytest.raises(ValueError, match="text_only_image_size"):
+        PromptTemplate(name="bad", text_only_image_size=0)
+
+
 def test_plain_text_as_is():
     t = get_template("plain")
     assert t.format_text(EmbeddingInput(text="  hello {world}  "), "query") == "hello {world}"

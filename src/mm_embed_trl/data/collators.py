@@ -134,6 +134,14 @@ class EmbeddingCollator:
         """One processor call over `inputs`: template → chat template → tokenize (+ image processing)."""
         if not inputs:
             raise ValueError("encode_inputs got an empty list of inputs.")
+        if self.template.text_only_image_size is not None:
+            if not self.is_multimodal:
+                raise ValueError(
+                    f"The prompt template {self.template.name!r} gives text-only inputs an image, which this "
+                    f"processor ({type(self.processor).__name__}) cannot take: use a vision-language backbone, or a "
+                    "template without text_only_image_size (e.g. 'ume_r1')."
+                )
+            inputs = [self.template.with_text_only_image(x) for x in inputs]
         images = [x.image for x in inputs if x.image is not None]
         if images and not self.is_multimodal:
             raise ValueError(

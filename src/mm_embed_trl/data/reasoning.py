@@ -233,7 +233,8 @@ def load_ume_r1_sft_json(
     is cut at its ``<disc_emb>`` (the ``ume_r1`` prompt template adds it and the instruction back), ``<image>``
     placeholders are removed by the template, the gpt turn becomes the side's reasoning target as it is, and image
     paths join ``data_path`` when the record has one. Text-only sides carry a blank placeholder image in UME-R1
-    (``images/blank.jpg``): a path whose file name is in ``placeholder_images`` becomes "no image". Sides with a
+    (``images/blank.jpg``, 28x28 white): a path whose file name is in ``placeholder_images`` becomes "no image",
+    and the ``ume_r1_blank_image`` template (the SFT default) gives such sides that same image back. Sides with a
     video are not supported by this library yet: such records raise an error naming them.
     """
     import datasets

@@ -2,9 +2,9 @@
 rollouts together.
 
 :func:`flatten_pairs` turns MMEB-train rows into two rows per pair, ``side`` ``"query"`` (row ``2k``) and
-``"target"`` (row ``2k + 1``), each with its ``text`` and ``image`` value, the ``pair_id`` k and the target's
-``content_id`` (identical targets share it). :class:`PairedRepeatSampler` then yields, per generation batch of
-``generation_batch_size`` rows, ``generation_batch_size // (2 G)`` pairs laid out as::
+``"target"`` (row ``2k + 1``), each with its ``text`` and ``image`` value, the ``pair_id`` k and the ``content_id`` of
+its own input (identical queries share it, and so do identical targets). :class:`PairedRepeatSampler` then yields,
+per generation batch of ``generation_batch_size`` rows, ``generation_batch_size // (2 G)`` pairs laid out as::
 
     [q_a × G, t_a × G, q_b × G, t_b × G, ...]
 
@@ -30,7 +30,8 @@ SIDES = ("query", "target")
 
 def flatten_pairs(dataset):
     """Two rows per (query, target) pair of an MMEB-train dataset: ``text``, ``image``, ``side``, ``pair_id``,
-    ``content_id`` (a hash of the target's text and image, equal for identical targets; on both rows of the pair).
+    ``content_id`` (a hash of the row's own text and image: equal for identical queries, and for identical targets;
+    the duplicate mask of :func:`~mm_embed_trl.losses.retrieval_reward.retrieval_pool` reads it so).
 
     Rows that already carry ``side`` and ``pair_id`` (flattened before) come back unchanged.
     """
@@ -53,7 +54,6 @@ def flatten_pairs(dataset):
         n = len(indices)
         query_images = batch.get(QUERY_IMAGE, [""] * n)
         target_images = batch.get(POS_IMAGE, [""] * n)
-        content = [_content_id(t, i, i or None) for t, i in zip(batch[POS_TEXT], target_images)]
         out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": []}
         for k in range(n):
             for side, text, image in (("query", batch[QUERY_TEXT][k], query_images[k]),
@@ -62,7 +62,7 @@ def flatten_pairs(dataset):
                 out["image"].append(image if isinstance(image, str) else (image or ""))
                 out["side"].append(side)
                 out["pair_id"].append(indices[k])
-                out["content_id"].append(content[k])
+                out["content_id"].append(_content_id(text, image, image or None))
         return out
 
     features = datasets.Features(

@@ -12,8 +12,11 @@ Built-in templates (``available_templates()``):
   ``<image>\\n{instruction}\\nSummary above image in one word:``.
 * ``"mmeb"``   - VLM2Vec / MMEB style: the row text as is (the task instruction is part of the data), the
   image item first.
-* ``"ume_r1"`` - UME-R1: ``{input}\\n<disc_emb>\\nRepresent the above input ... <gen_emb> tag ...``
-  (wording as in the public UME-R1 code, ``qwen_module.py``).
+* ``"ume_r1_blank_image"`` - UME-R1 as published: ``{input}\\n<disc_emb>\\nRepresent the above input ... <gen_emb>
+  tag ...`` (wording as in the public UME-R1 code, ``qwen_module.py``), and a text-only input gets UME-R1's 28x28
+  white image first, as in all its stages (SFT ``blank.jpg``, RL and evaluation ``Image.new``): the inputs its
+  released checkpoints were trained and evaluated on.
+* ``"ume_r1"`` - the same prompt, text-only inputs without an image (the tiny demo's).
 * ``"plain"``  - the text as is, no instruction (text LMs, baselines).
 
 Register your own with :func:`register_template`; all behaviour lives in dataclass fields.
@@ -21,6 +24,7 @@ Register your own with :func:`register_template`; all behaviour lives in datacla
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,12 +34,14 @@ __all__ = [
     "DISC_EMB_TOKEN",
     "GEN_EMB_TOKEN",
     "IMAGE_PLACEHOLDER_PATTERN",
+    "UME_R1_BLANK_IMAGE_SIZE",
     "UME_R1_FORMAT",
     "UME_R1_INSTRUCTION",
     "UNIME_IMAGE_SUMMARY",
     "UNIME_TEXT_SUMMARY",
     "PromptTemplate",
     "available_templates",
+    "blank_image",
     "get_template",
     "normalize_side",
     "register_template",
@@ -116,6 +122,8 @@ class PromptTemplate:
         image_separator: Starts the text item when it directly follows the image item; ``"\\n"``
             reproduces the published ``<image>\\n...`` prompts.
         system_prompt: Optional system message; ``None`` leaves the processor's chat-template default.
+        text_only_image_size: Side in pixels of a white square image given to every input without an image
+            (:meth:`with_text_only_image`; UME-R1: 28); ``None`` leaves text-only inputs without one.
 
     ``{text}`` is substituted with ``str.replace``, so braces in data or instructions need no escaping.
     """
@@ -130,10 +138,16 @@ class PromptTemplate:
     image_first: bool = True
     image_separator: str = "\n"
     system_prompt: str | None = None
+    text_only_image_size: int | None = None
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("PromptTemplate needs a non-empty name.")
+        if self.text_only_image_size is not None and self.text_only_image_size < 1:
+            raise ValueError(
+                f"PromptTemplate {self.name!r}: text_only_image_size must be a positive number of pixels or None, "
+                f"got {self.text_only_image_size}."
+            )
         for field_name in ("text_format", "image_text_format"):
             if _TEXT_FIELD not in getattr(self, field_name):
                 raise ValueError(
@@ -171,6 +185,13 @@ class PromptTemplate:
         else:
             body = self.text_format.replace(_TEXT_FIELD, text)
         return self.instruction(side) + body
+
+    def with_text_only_image(self, inp: EmbeddingInput) -> EmbeddingInput:
+        """``inp`` as this template embeds it: with the white square of ``text_only_image_size`` when it has no
+        image (every caller that turns inputs into model inputs calls this before :meth:`build_messages`)."""
+        if self.text_only_image_size is None or inp.image is not None:
+            return inp
+        return EmbeddingInput(text=inp.text, image=blank_image(self.text_only_image_size))
 
     def build_messages(self, inp: EmbeddingInput, side: str = "query") -> list[dict]:
         """Chat messages for ``inp``: an ``{"type": "image"}`` item iff ``inp.image`` is set, then the text."""
@@ -226,7 +247,18 @@ def get_template(name: str | PromptTemplate) -> PromptTemplate:
         ) from None
 
 
+@functools.lru_cache(maxsize=4)
+def blank_image(size: int):
+    """A white ``size`` x ``size`` RGB image (UME-R1's placeholder for text-only inputs at 28). One shared object
+    per size: callers never modify it."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (255, 255, 255))
+
+
 _UME_R1_SUFFIX = f"\n{DISC_EMB_TOKEN}\n{UME_R1_INSTRUCTION}"
+# Side of the white image UME-R1 puts before every text-only input (its SFT blank.jpg; RL and evaluation build it).
+UME_R1_BLANK_IMAGE_SIZE = 28
 
 for _template in (
     PromptTemplate(
@@ -242,10 +274,19 @@ for _template in (
     ),
     PromptTemplate(
         name="ume_r1",
-        description="UME-R1: input, then <disc_emb> and the reasoning instruction ending with <gen_emb>.",
+        description="UME-R1's prompt: input, then <disc_emb> and the reasoning instruction ending with <gen_emb>; "
+        "text-only inputs stay text-only.",
         text_format="{text}" + _UME_R1_SUFFIX,
         image_format=_UME_R1_SUFFIX.lstrip("\n"),  # the image item + separator already supply the newline
         image_text_format="{text}" + _UME_R1_SUFFIX,
+    ),
+    PromptTemplate(
+        name="ume_r1_blank_image",
+        description="UME-R1 as published: its prompt, and a 28x28 white image before every text-only input.",
+        text_format="{text}" + _UME_R1_SUFFIX,
+        image_format=_UME_R1_SUFFIX.lstrip("\n"),
+        image_text_format="{text}" + _UME_R1_SUFFIX,
+        text_only_image_size=UME_R1_BLANK_IMAGE_SIZE,
     ),
     PromptTemplate(
         name="plain",

@@ -25,6 +25,7 @@ from ..data.schema import (
     QUERY_TEXT,
     row_negatives,
 )
+from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
 from .inputs import Deduper, EvalItem, encode_items, materialize, parse_input, row_input
 from .metrics import _PER_K, _check_k_values, candidate_list_metrics, ranking_metrics, retrieval_metrics
 from .mmeb import index_mmeb_rows, load_mmeb_eval, validate_mmeb_eval_rows
@@ -55,7 +56,7 @@ class RetrievalEvaluator:
         image_root: folder that relative image paths are resolved against.
         chunk_size: queries scored at once (memory bound of the metric computation).
         encode_block_size: inputs whose images are decoded and encoded per ``model.encode`` call.
-        encode_kwargs: passed to ``model.encode``. UME-R1 models: ``{"mode": "both", "max_new_tokens": 512}`` reports
+        encode_kwargs: passed to ``model.encode``. UME-R1 models: ``{"mode": "both", "max_new_tokens": 8192}`` reports
             ``disc_*``, ``gen_*`` and the per-query ``oracle_*`` from one generation per input; ``{"mode":
             "generative", "do_sample": True, "num_samples": k}`` adds ``pass@k_*`` (queries sampled k times, the
             corpus greedy). The full query x corpus score matrices are held for these.
@@ -431,7 +432,7 @@ class ReasoningFormatEvaluator:
     greater_is_better = True
 
     def __init__(self, inputs: Sequence[Any], *, name: str = "heldout", side: str = "query", image_root=None,
-                 batch_size: int = 32, max_new_tokens: int = 512):
+                 batch_size: int = 32, max_new_tokens: int = UME_R1_MAX_NEW_TOKENS):
         if not inputs:
             raise ValueError("ReasoningFormatEvaluator needs at least one input.")
         self.items = [parse_input(x, f"input #{i}") for i, x in enumerate(inputs)]

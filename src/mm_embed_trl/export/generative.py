@@ -40,12 +40,13 @@ def export_generative_sentence_transformers(
             backbone) or the directory of a saved one. LoRA adapters are merged into the saved copy.
         output_dir: the export directory (written to a staging sibling, then renamed into place).
         generation: ``encode`` options saved with the export (``max_new_tokens``, ``do_sample``, ...; greedy with
-            512 new tokens by default).
+            up to UME-R1's 8192 new tokens by default).
         overwrite: replace a non-empty ``output_dir``.
     """
     import copy
 
     from .._files import publish_dir, staged_dir
+    from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
     from .checkpoint import _prepare_output_dir, _refuse_overlap_with_source, load_model_for_export
 
     output_dir = pathlib.Path(output_dir).expanduser().absolute()
@@ -59,7 +60,7 @@ def export_generative_sentence_transformers(
             "train it with EmbeddingSFTTrainer / EmbeddingGRPOTrainer, or export the discriminative embedding with "
             "export_sentence_transformers."
         )
-    settings = {"max_new_tokens": 512, **dict(generation or {})}
+    settings = {"max_new_tokens": UME_R1_MAX_NEW_TOKENS, **dict(generation or {})}
     with staged_dir(output_dir, what="the generative sentence-transformers export") as staging:
         final = staging / "export"
         final.mkdir()

@@ -335,6 +335,7 @@ def collect_card_metadata(
             "system_prompt": template.system_prompt,
         },
         "prompts": prompts,
+        "text_only_image_size": template.text_only_image_size,
         "pooling": config.pooling,
         "pooling_token": export_info.get("pooling_token", config.pooling_token),
         "normalize": bool(config.normalize),

@@ -98,6 +98,7 @@ def describe_export(
         "encoder_kind": config.encoder_kind,
         "prompts": resolved_prompts,
         "default_prompt_name": default_prompt_name,
+        "text_only_image_size": template.text_only_image_size,
     }
 
 
@@ -162,6 +163,14 @@ def export_sentence_transformers(
     template = get_template(config.prompt_template)
     info = describe_export(model, prompts, default_prompt_name)
     resolved_prompts, pooling_token = info["prompts"], info["pooling_token"]
+    if template.text_only_image_size is not None:
+        size = template.text_only_image_size
+        logger.warning(
+            "The prompt template %r embeds a text after a %dx%d white image (as UME-R1 does), which "
+            "sentence-transformers cannot add by itself: give the export text-only inputs as {'text': text, "
+            "'image': Image.new('RGB', (%d, %d), 'white')} (model.encode adds it itself). The card says so.",
+            template.name, size, size, size, size,
+        )
 
     processor = copy.deepcopy(model.processor)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -16,7 +16,8 @@ that holds one is an error naming the row.
 
 A completion that never writes ``<gen_emb>`` follows ``missing_token``: ``"last_token"`` (UME-R1's fallback: the
 state at the completion's last token), ``"discriminative"`` (that row's discriminative embedding) or ``"error"``;
-every such row is counted in one warning per call.
+every such row is counted in one warning per call, and so is every completion cut short by ``max_new_tokens``
+(the usual reason for a missing ``<gen_emb>``; UME-R1 evaluates with up to ``UME_R1_MAX_NEW_TOKENS``).
 
 Generation can run elsewhere (e.g. vLLM): pass ``generate_fn(prompt_batch, generation_kwargs) -> list[list[int]]``
 returning each row's completion token ids; the prefill phase stays here (it needs the hidden states vLLM does not
@@ -36,6 +37,29 @@ logger = logging.getLogger(__name__)
 
 MODES = ("discriminative", "generative", "both")
 MISSING_TOKEN_POLICIES = ("last_token", "discriminative", "error")
+# New tokens per reasoning at inference, as UME-R1 evaluates (README: --max_new_tokens 8192; it trains RL at 2048).
+UME_R1_MAX_NEW_TOKENS = 8192
+
+
+def sampling_settings(model, *, temperature: float, top_p: float, top_k: int, min_p: float | None = None) -> dict:
+    """``generate`` options that sample with exactly these settings, whatever the backbone's generation config says.
+
+    ``generate`` fills every option left unset from ``backbone.generation_config``, and hub checkpoints ship sampling
+    defaults there (Qwen2-VL-Instruct: ``top_k=1, top_p=0.001, temperature=0.01``, i.e. greedy): every warper is
+    therefore set here, to its value or to "off" (``top_k=0``, ``typical_p=1``, ``min_p=0``, no cut-offs).
+    """
+    config = getattr(model.backbone, "generation_config", None)
+    top_h = getattr(config, "top_h", None)
+    if top_h is not None:
+        raise ValueError(
+            f"The backbone's generation_config sets top_h={top_h}, which generate() cannot switch off per call; "
+            "set model.backbone.generation_config.top_h = None to sample with encode's settings."
+        )
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, typical_p=1.0,
+                    epsilon_cutoff=0.0, eta_cutoff=0.0)
+    if min_p is not None or getattr(config, "min_p", None) is not None:
+        settings["min_p"] = 0.0 if min_p is None else min_p  # min_p=0 keeps every token
+    return settings
 
 
 @dataclass
@@ -46,6 +70,7 @@ class GenerativeBatch:
     discriminative: torch.Tensor
     found: torch.Tensor  # (rows,) bool: the completion wrote <gen_emb>
     completion_ids: list[list[int]]
+    cut_short: torch.Tensor  # (rows,) bool: the completion reached max_new_tokens without a stop token
 
 
 def stop_ids(model) -> set[int]:
@@ -126,7 +151,16 @@ def encode_generative_batch(
         discriminative=out.named_embeddings["disc"],
         found=out.named_token_found["gen"],
         completion_ids=completions,
+        cut_short=_cut_short(completions, stop_ids(model), generation_kwargs.get("max_new_tokens")),
     )
+
+
+def _cut_short(completions: list[list[int]], stops: set[int], max_new_tokens: int | None) -> torch.Tensor:
+    """Which completions the length limit ended: as long as the limit, and not ended by a stop token."""
+    if max_new_tokens is None:
+        return torch.zeros(len(completions), dtype=torch.bool)
+    return torch.tensor([len(c) >= max_new_tokens and not (c and c[-1] in stops) for c in completions],
+                        dtype=torch.bool)
 
 
 def _check_no_placeholders(completions: list[list[int]], placeholders: list[int]) -> None:

@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .._tensors import iter_tensors
 from .configuration import MultimodalEmbeddingConfig
+from .generative import UME_R1_MAX_NEW_TOKENS
 from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indices
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for key, value in options.items():
             setattr(model.config, key, value)
+        model._load_generation_config(pretrained_model_name_or_path, kwargs)
         if processor is None and load_processor:
             processor = load_processor_for(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
@@ -277,6 +279,19 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if processor is not None:
             model.set_processor(processor)
         return model
+
+    def _load_generation_config(self, name_or_path, kwargs: dict) -> None:
+        """Restore the backbone's generation config saved by :meth:`save_pretrained` (a model saved before it was
+        kept has none: the backbone then keeps the one built from its model config)."""
+        from transformers import GenerationConfig
+
+        if getattr(self.backbone, "generation_config", None) is None:
+            return
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        try:
+            self.backbone.generation_config = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+        except OSError:
+            logger.debug("No generation_config.json with %s; the backbone keeps its default one.", name_or_path)
 
     def set_processor(self, processor) -> None:
         """Attach the processor (or tokenizer) used by `encode`; resolves `pooling_token_id` from its vocabulary."""
@@ -295,7 +310,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, save_processor: bool = True, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        if save_processor and self.processor is not None and kwargs.get("is_main_process", True):
+        if not kwargs.get("is_main_process", True):
+            return
+        # The wrapper cannot generate, so transformers saves no generation config for it: save the backbone's (its
+        # EOS ids and sampling defaults, e.g. Qwen's two EOS tokens) beside the weights.
+        generation_config = getattr(self.backbone, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(save_directory)
+        if save_processor and self.processor is not None:
             self.processor.save_pretrained(save_directory)
 
     # ------------------------------------------------------------------ LoRA
@@ -553,10 +575,12 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         image_root: str | os.PathLike | None = None,
         max_length: int | None = None,
         convert_to_numpy: bool = False,
-        max_new_tokens: int = 512,
+        max_new_tokens: int = UME_R1_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 50,
+        min_p: float | None = None,
         num_samples: int = 1,
         missing_token: str = "last_token",
         return_reasoning: bool = False,
@@ -575,16 +599,18 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         * ``"generative"``: batched generation of a reasoning, then one prefill forward reading the state at the last
           ``<gen_emb>`` the completion wrote (see :mod:`mm_embed_trl.modeling.generative`); ``missing_token``
           (``"last_token"``, ``"discriminative"``, ``"error"``) decides for completions that never write it, and a
-          warning counts them. Greedy by default; ``do_sample``/``temperature``/``top_p`` sample, ``num_samples=k``
-          draws k completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also
-          returns the generated texts (a list, of lists with ``num_samples > 1``); ``generate_fn`` replaces the
-          generation phase (e.g. vLLM).
+          warning counts them. Greedy by default. ``do_sample`` samples with ``temperature``, ``top_p``,
+          ``top_k`` (transformers' default 50, as in UME-R1's RL rollouts; 0: the whole vocabulary) and ``min_p``
+          alone, never with the sampling defaults of the backbone's generation config; ``num_samples=k`` draws k
+          completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also returns the
+          generated texts (a list, of lists with ``num_samples > 1``); ``generate_fn`` replaces the generation phase
+          (e.g. vLLM).
         * ``"both"``: ``{"discriminative": ..., "generative": ...}`` from the same generation and forward.
         """
         from tqdm.auto import tqdm
 
         from ..data.images import to_embedding_input
-        from .generative import MODES, apply_missing_token_policy, encode_generative_batch
+        from .generative import MODES, apply_missing_token_policy, encode_generative_batch, sampling_settings
 
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -600,15 +626,16 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         batches = range(0, len(items), batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 8 or (mode != "discriminative" and len(batches) > 1)
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **(generation_kwargs or {}))
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        if do_sample and mode != "discriminative":
+            gen_kwargs.update(sampling_settings(self, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p))
+        gen_kwargs.update(generation_kwargs or {})
         was_training = self.training
         self.eval()
         disc_chunks: list[torch.Tensor] = []
         gen_chunks: list[torch.Tensor] = []
         completions: list[list[int]] = []
-        missing = 0
+        missing = cut_short = 0
         try:
             for start in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
                 enc = collator.encode_inputs(items[start : start + batch_size], side=side)
@@ -620,11 +647,18 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                     enc = _repeat_rows(enc, num_samples)
                 result = encode_generative_batch(self, enc, generation_kwargs=gen_kwargs, generate_fn=generate_fn)
                 missing += int((~result.found).sum())
+                cut_short += int(result.cut_short.sum())
                 gen_chunks.append(apply_missing_token_policy(result, missing_token).float().cpu())
                 disc_chunks.append(result.discriminative.float().cpu())
                 completions += result.completion_ids
         finally:
             self.train(was_training)
+        if cut_short:
+            logger.warning(
+                "%d of %d generated completions reached max_new_tokens=%s before ending: their reasoning was cut "
+                "short (UME-R1 evaluates with up to %d new tokens).",
+                cut_short, len(completions), gen_kwargs.get("max_new_tokens"), UME_R1_MAX_NEW_TOKENS,
+            )
         if missing:
             logger.warning(
                 "%d of %d generated completions never wrote %s; their generative embedding follows "

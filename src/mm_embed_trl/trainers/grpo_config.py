@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -11,6 +12,8 @@ from trl import GRPOConfig
 from .base import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
+# Pairs in UME-R1's retrieval pool: one micro-step across its 64 GPUs of 2 rollouts per side each, G = 8.
+UME_R1_POOL_PAIRS = 16
 MISSING_TOKEN_POLICIES = ("last_token", "zero")
 
 
@@ -22,9 +25,10 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     embedding reward; for the GRPO ones (`num_generations`, `beta`, `epsilon`, `loss_type`, `use_vllm`, ...) see
     `trl.GRPOConfig`, whose options all keep working, and for the run-level ones (`image_root`, `on_bad_row`,
     `overwrite_output_dir`, `save_sentence_transformers`) [`EmbeddingRunArguments`]. TRL's defaults differ from
-    UME-R1's: the recipe `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, β = 0.04, ε = 0.2 /
-    ε_high = 0.28, lr 1e-6, completions up to 2048 tokens, `loss_type="dr_grpo"`, `steps_per_generation=1`), and
-    :meth:`ume_r1` returns them as a config.
+    UME-R1's: the recipe `recipes/grpo_qwen2vl_2b.yaml` sets UME-R1's (G = 8, temperature 1, top_k 50, β = 0.04 on
+    the plain k3 KL, ε = 0.2 / ε_high = 0.28, lr 1e-6 decaying linearly, completions up to 2048 tokens,
+    `loss_type="dr_grpo"`, a pool of 16 pairs per micro-step, 32 pairs per optimizer step, pairs in file order), and
+    :meth:`ume_r1` returns them as a config (`docs/UME-R1.md` lists what still differs).
 
     > Parameters that control the retrieval reward
 
@@ -39,8 +43,9 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         retrieval_pool (`str`, defaults to `"micro_step"`): which rollouts compete: those of one micro-step across
             ranks (`per_device_train_batch_size x world` rows, UME-R1's pool) or the whole generation batch
             (`x steps_per_generation`). The pool size sets the reward's scale.
-        mask_duplicate_targets (`bool`, defaults to `True`): rollouts of identical targets (shared labels) are never
-            negatives of each other (UME-R1 does not mask them).
+        mask_duplicate_targets (`bool`, defaults to `True`): a pair whose target is identical to this pair's (shared
+            labels) or whose query is (several answers to one query) is no negative of this pair's rollouts, on
+            either side (UME-R1 masks nothing).
         missing_gen_token (`str`, defaults to `"last_token"`): the embedding of a completion that never writes
             `<gen_emb>`: the state at its last token (UME-R1 silently reads the prompt's copy of the token instead;
             here only the completion counts), or `"zero"` (a zero vector: its similarities, hence its retrieval
@@ -49,6 +54,9 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector. UME-R1 trains
             them in RL (`freeze_vision_modules=False` in its `grpo_embed.py`); the tiny CPU demo freezes them, as its
             SFT stage did, because a random vision tower's features are what its language model learned on.
+        prompt_template (`str`, *optional*): the prompt of the rollouts; default: the one the model was trained with
+            in SFT (saved in its config), or, for a model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a
+            28x28 white image before text-only inputs). Saved with the trained model.
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
@@ -72,7 +80,7 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
                   "choices": list(RETRIEVAL_POOLS)},
     )
     mask_duplicate_targets: bool = field(
-        default=True, metadata={"help": "Rollouts of identical targets are never each other's negatives."}
+        default=True, metadata={"help": "Pairs with an identical target or query are never each other's negatives."}
     )
     missing_gen_token: str = field(
         default="last_token",
@@ -88,7 +96,10 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
     )
-    prompt_template: str = field(default="ume_r1", metadata={"help": "Prompt template (UME-R1's)."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Prompt template; default: the SFT model's, else ume_r1_blank_image (UME-R1's)."},
+    )
 
     def __post_init__(self):
         if self.retrieval_pool not in RETRIEVAL_POOLS:
@@ -117,21 +128,47 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
         return setup_devices_with_timeout(self)
 
     @classmethod
-    def ume_r1(cls, **overrides) -> EmbeddingGRPOConfig:
-        """A config with UME-R1's RL settings (README run): ``overrides`` win."""
+    def ume_r1(cls, num_processes: int | None = None, **overrides) -> EmbeddingGRPOConfig:
+        """A config with UME-R1's RL settings (its README run, `grpo_trainer.py` under transformers 4.49): ``overrides``
+        win.
+
+        UME-R1 ran 64 GPUs x ``per_device_train_batch_size=2`` rollouts *per side* (its sampler repeats each pair G=8
+        times, and both sides are rolled out): one micro-step across ranks holds 64 x 2 / 8 = 16 pairs, its
+        retrieval pool, and GA 2 makes 32 pairs per optimizer step. Here a row is one side's rollout, so the
+        per-device batch that keeps that pool is 2 x G x 16 / ``num_processes`` rows (32 on 8 processes, 4 on 64),
+        with GA 2. ``num_processes`` defaults to the launcher's ``WORLD_SIZE`` (1 without one).
+
+        Sampling and objective as UME-R1's: top_k 50 (transformers 4.49's default, which its sampling config left
+        in place; TRL samples the whole vocabulary), plain beta x k3 KL (TRL multiplies it by the importance ratio
+        by default), the learning rate decaying linearly to 0 over the epoch, pairs in file order.
+        """
+        generations = overrides.get("num_generations", 8)
         settings = dict(
-            num_generations=8,
+            num_generations=generations,
             temperature=1.0,
+            top_k=50,
             beta=0.04,
+            use_bias_correction_kl=False,
             epsilon=0.2,
             epsilon_high=0.28,
             learning_rate=1e-6,
+            lr_scheduler_type="linear",
             max_completion_length=2048,
             loss_type="dr_grpo",
             steps_per_generation=1,
             num_train_epochs=1,
-            per_device_train_batch_size=2 * 8,  # one pair (both sides x G) per device and micro-step
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=2,
+            shuffle_dataset=False,
         )
+        if "per_device_train_batch_size" not in overrides:
+            processes = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+            pool_rows = 2 * generations * UME_R1_POOL_PAIRS
+            if pool_rows % processes:
+                raise ValueError(
+                    f"UME-R1's pool of {UME_R1_POOL_PAIRS} pairs ({pool_rows} rollouts) does not split over "
+                    f"{processes} processes; pass per_device_train_batch_size (a multiple of 2 x num_generations "
+                    "across all processes)."
+                )
+            settings["per_device_train_batch_size"] = pool_rows // processes
         settings.update(overrides)
         return cls(**settings)

@@ -141,12 +141,16 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         if processing_class is None:
             raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
         self.embedding_model = model
+        if args.prompt_template is not None:
+            model.config.prompt_template = args.prompt_template
+        elif model.config.generative_pooling_token is None:  # not trained by EmbeddingSFTTrainer: UME-R1's inputs
+            model.config.prompt_template = "ume_r1_blank_image"
+        self.template = get_template(model.config.prompt_template)  # the SFT model's: rollouts look like its inputs
         self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         tokenizer.padding_side = "left"  # TRL pads prompts on the left; mm_token_type_ids must be padded alike
         if hasattr(processing_class, "tokenizer"):
             processing_class.padding_side = "left"
-        self.template = get_template(args.prompt_template)
         if model.has_lora:
             model.merge_lora()
         if args.freeze_vision_tower:
@@ -281,8 +285,9 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         for row in inputs:
             where = f"pair {row['pair_id']} ({row['side']} side)"
             image = load_image(row.get("image"), self.args.image_root, where=where)
-            messages = self.template.build_messages(EmbeddingInput(text=row.get("text"), image=image), row["side"])
-            prepared.append({**row, "prompt": messages, "images": [image] if image is not None else []})
+            inp = self.template.with_text_only_image(EmbeddingInput(text=row.get("text"), image=image))
+            messages = self.template.build_messages(inp, row["side"])
+            prepared.append({**row, "prompt": messages, "images": [inp.image] if inp.image is not None else []})
         return super()._generate_and_score_completions(prepared)
 
     def _tokenize_prompts(self, prompts):

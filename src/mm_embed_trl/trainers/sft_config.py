@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
 from .base import EmbeddingTrainingArguments
 
 
@@ -18,7 +19,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
 
     loss = w_gen · InfoNCE(gen) + w_disc · InfoNCE(disc) + w_q · CE(query reasoning) + w_t · CE(target reasoning)
     [+ w_align · InfoNCE(disc queries, gen targets)], the InfoNCE terms symmetric at logit scale 1/τ over the global
-    batch, the CE terms the token mean of each side over the global batch.
+    batch (per_device_train_batch_size x processes, however GradCache chunks it; or groups of it, see
+    `contrastive_group_size`), the CE terms the token mean of each side over the global batch. Gradient
+    accumulation averages such losses: UME-R1 contrasted 256 pairs per loss (4 per GPU x 64) and accumulated 4.
 
     > Loss
 
@@ -37,6 +40,12 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
             need no reasoning columns then.
         mask_duplicate_targets (`bool`, defaults to `True`): identical targets (shared labels) are never each
             other's negatives (UME-R1 does not mask them).
+        contrastive_group_size (`int`, *optional*): pairs per InfoNCE. `None` (default): each pair is contrasted with
+            the whole global batch, UME-R1's setting when that batch is its 256 pairs per forward (the recipes:
+            32 per GPU x 8, GA 4). An integer cuts the global batch into groups of that many consecutive pairs (in
+            rank order), each contrasted on its own and the losses averaged: the gradient of as many accumulated
+            micro-batches, so a 1024-pair GradCache step with groups of 256 trains UME-R1's objective without
+            gradient accumulation. Without it such a step puts 1024 pairs in one loss: 4x the negatives at the same τ.
 
     > Data
 
@@ -44,7 +53,15 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         max_sequence_length (`int`, defaults to `12288`): the longest prompt + reasoning in tokens (UME-R1's
             `model_max_length`); a longer row is an error naming it, never silently cut (cutting would drop
             ``<gen_emb>``).
-        prompt_template (`str`, defaults to `"ume_r1"`): the prompt with ``<disc_emb>`` and UME-R1's instruction.
+        train_sampling_strategy (`str`, defaults to `"sequential"`): rows in file order, as UME-R1 trains
+            (`--data_group True`: its JSON is grouped, so are its batches, whose in-batch negatives are harder than
+            a shuffle's); `"random"` shuffles (transformers' default).
+        max_length (`int`, *optional*): text tokens kept from each input's raw text. `None` (default): whole texts,
+            as UME-R1, which never cuts an input text on its own (only `max_sequence_length` bounds a row); the other
+            trainers cut at 1024.
+        prompt_template (`str`, defaults to `"ume_r1_blank_image"`): UME-R1's prompt (the input, ``<disc_emb>``, its
+            instruction) and its 28x28 white image before every text-only input, the inputs its released checkpoints
+            know; saved with the model, so encode and evaluation build the same. `"ume_r1"` leaves text alone.
 
     > Model
 
@@ -58,8 +75,9 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     > Evaluation
 
     Parameters:
-        max_new_tokens (`int`, defaults to `512`): tokens generated per input for generative embeddings at
-            evaluation (UME-R1 allows 2048 at RL time).
+        max_new_tokens (`int`, defaults to `8192`): tokens generated per input for generative embeddings at
+            evaluation and in the generative export (UME-R1 evaluates with 8192); a reasoning cut short by it is
+            counted in a warning.
     """
 
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (UME-R1: logit scale 50)."})
@@ -77,12 +95,29 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     mask_duplicate_targets: bool = field(
         default=True, metadata={"help": "Identical targets are never negatives of each other."}
     )
+    contrastive_group_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per InfoNCE: None contrasts the whole global batch (UME-R1's 256-pair forwards); "
+                  "an integer contrasts groups of that many consecutive pairs apart, as accumulated micro-batches."},
+    )
     max_sequence_length: int | None = field(
         default=12288,
         metadata={"help": "Longest prompt + reasoning in tokens (UME-R1: 12288); longer rows are an error."},
     )
+    train_sampling_strategy: str = field(
+        default="sequential",
+        metadata={"help": "Training order: sequential (file order, UME-R1's task-grouped batches) or random.",
+                  "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Text tokens kept per input text; None (UME-R1) keeps whole texts, max_sequence_length "
+                  "bounds the row."},
+    )
     prompt_template: str | None = field(
-        default="ume_r1", metadata={"help": "Prompt template (UME-R1's: input, <disc_emb>, instruction)."}
+        default="ume_r1_blank_image",
+        metadata={"help": "Prompt template: ume_r1_blank_image (UME-R1's prompt, a 28x28 white image before text-only "
+                  "inputs) or ume_r1 (text alone)."},
     )
     freeze_vision_tower: bool = field(
         default=True, metadata={"help": "Freeze the vision encoder (UME-R1 does)."}
@@ -91,7 +126,8 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
         default=True, metadata={"help": "With a frozen vision tower, still train its projector/merger (UME-R1)."}
     )
     max_new_tokens: int = field(
-        default=512, metadata={"help": "Tokens generated per input when evaluating generative embeddings."}
+        default=UME_R1_MAX_NEW_TOKENS,
+        metadata={"help": "Tokens generated per input for generative embeddings (evaluation, export; UME-R1: 8192)."},
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "UME-R1 SFT: 5e-5."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "UME-R1 SFT: cosine."})
@@ -117,6 +153,11 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
             self.disc_gen_alignment_weight = 0.0
         if not any(v > 0 for v in (self.gen_contrastive_weight, self.disc_contrastive_weight)):
             raise ValueError("At least one of gen_contrastive_weight and disc_contrastive_weight must be > 0.")
+        if self.contrastive_group_size is not None and self.contrastive_group_size < 2:
+            raise ValueError(
+                f"contrastive_group_size must be >= 2 (a pair needs negatives) or None, got "
+                f"{self.contrastive_group_size}."
+            )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be positive or None, got {self.max_sequence_length}.")
         super().__post_init__()

@@ -32,7 +32,9 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
     the local gradient kept) and each CE the token mean over the global batch, so N processes x B rows train exactly
     like 1 process x N·B rows. With GradCache (`gradient_cache_chunk_size`) the batch can be far larger than memory
     allows: each chunk's two embeddings and its summed CE are cached from one no-grad forward and back-propagated
-    from one re-forward, with the same gradients (UME-R1 trained batch 1024 on 64 GPUs; this fits it on a few).
+    from one re-forward, with the same gradients. UME-R1 contrasted 256 pairs per loss (4 per GPU x 64 GPUs) and
+    accumulated 4 such losses per step: the recipes do the same on 8 GPUs (32 each, GA 4), and
+    `contrastive_group_size` contrasts groups of a larger batch apart, as accumulated micro-batches.
 
     Options beyond the paper: `discriminative_only` (UME-R1's DUME variant: no reasoning, no generation) and
     `disc_gen_alignment_weight` (one space for both embeddings: index a corpus with generative embeddings once, query
@@ -127,6 +129,10 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
         query, target = self.embed(model, *sides, select=select)
         positive_ids = gather_no_grad(inputs["positive_ids"]) if args.gather_across_devices else inputs["positive_ids"]
         duplicates = positive_ids[:, None] == positive_ids[None, :] if args.mask_duplicate_targets else None
+        if args.contrastive_group_size is not None:  # pairs of other groups are never candidates
+            group = torch.arange(len(positive_ids), device=positive_ids.device) // args.contrastive_group_size
+            other_group = group[:, None] != group[None, :]
+            duplicates = other_group if duplicates is None else duplicates | other_group
         gather = gather_with_grad if args.gather_across_devices else (lambda t: t)
         gather_counts = gather_no_grad if args.gather_across_devices else (lambda t: t)
 
