@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import unicodedata
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,13 @@ def vlm2vec_encode(checkpoint, inputs, base_model=None):
         "base_model_name_or_path"
     ]
     base = Qwen2VLForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, checkpoint, is_trainable=False).merge_and_unload().eval()
+    # VLM2Vec's adapters name Qwen2-VL's modules as transformers < 4.52 did; 4.52's own conversion mapping of
+    # Qwen2VLForConditionalGeneration (its _checkpoint_conversion_mapping) renames them for the current layout
+    legacy = {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a missing adapter key would make this port vacuous
+        adapted = PeftModel.from_pretrained(base, checkpoint, is_trainable=False, key_mapping=legacy)
+    model = adapted.merge_and_unload().eval()
 
     def process_input_text(instruction, add_image_token):  # processor.py:650-673 (text=None: the row is the prompt)
         prompt = instruction

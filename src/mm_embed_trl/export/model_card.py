@@ -336,6 +336,8 @@ def collect_card_metadata(
         },
         "prompts": prompts,
         "text_only_image_size": template.text_only_image_size,
+        "preset": _preset_card(config.preset),
+        "sequential_positions": bool(config.sequential_positions),
         "pooling": config.pooling,
         "pooling_token": export_info.get("pooling_token", config.pooling_token),
         "normalize": bool(config.normalize),
@@ -350,6 +352,19 @@ def collect_card_metadata(
         "library_version": __version__,
         "sentence_transformers_subdir": sentence_transformers_subdir,
     }
+
+
+def _preset_card(name: str | None) -> dict[str, Any] | None:
+    """What the card says of the published model's preset the wrapper started from (None: a plain backbone)."""
+    if name is None:
+        return None
+    from ..presets import get_preset
+
+    try:
+        preset = get_preset(name)
+    except ValueError:  # saved by a version that knew a preset this one does not
+        return {"name": name, "title": name, "hub_ids": [], "verified": True}
+    return {"name": preset.name, "title": preset.title, "hub_ids": list(preset.hub_ids), "verified": preset.verified}
 
 
 # ---------------------------------------------------------------------------------------------------- rendering

@@ -246,6 +246,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             auto_cls = _encoder_auto_class(backbone_config, options.get("encoder_kind", "base"))
             load_kwargs = {"use_kernels": USE_HUB_KERNELS_DEFAULT, **kwargs}
             try:
+                encoder = None
                 if preset is not None and preset.adapter:
                     encoder = presets.load_adapter_backbone(
                         name,
@@ -254,7 +255,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                         base_model=preset_args.get("base_model"),
                         bare=options.get("encoder_kind", "base") == "base",
                     )
-                else:
+                if encoder is None:
                     encoder = auto_cls.from_pretrained(name, **load_kwargs)
             except ValueError as err:
                 if "Unrecognized configuration class" in str(err):

@@ -14,24 +14,7 @@ docs/PRESETS.md: the per-model table with the authors' file:line for each settin
 """
 
 from . import catalog as _catalog  # noqa: F401  (registers the published models)
-from .registry import (
-    FAMILY_RELEASES,
-    REMOTE_CODE_MODELS,
-    CheckpointFacts,
-    Preset,
-    available_presets,
-    find_preset,
-    get_preset,
-    register_preset,
-)
+from . import registry as _registry
+from .registry import *  # noqa: F403  (the public API is the registry's)
 
-__all__ = [
-    "FAMILY_RELEASES",
-    "REMOTE_CODE_MODELS",
-    "CheckpointFacts",
-    "Preset",
-    "available_presets",
-    "find_preset",
-    "get_preset",
-    "register_preset",
-]
+__all__ = list(_registry.__all__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,21 +138,50 @@ def load_adapter_backbone(
     adapter loaded and merged, as VLM2Vec's loader does (``MMEBModel.load``: ``PeftModel.from_pretrained`` on the
     ``...ForConditionalGeneration`` it trained, ``merge_and_unload``). The adapter goes onto that generative class,
     whose parameter names its keys carry (PEFT maps keys saved by older transformers); ``bare`` returns its inner
-    model without the LM head (``encoder_kind="base"``)."""
+    model without the LM head (``encoder_kind="base"``); ``None`` when ``name`` holds no adapter (a merged copy)."""
     from peft import PeftModel
 
     hub_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir") if k in load_kwargs}
     adapter_config = _read_json(name, "adapter_config.json", hub_kwargs)
+    if not adapter_config:  # a merged copy of the release: its own weights
+        return None
     base = base_model or adapter_config.get("base_model_name_or_path")
     if not base:
         raise ValueError(
-            f"{name!r} is published as a PEFT adapter, but it holds no adapter_config.json naming its base model; "
-            "pass base_model=<the base model's id or directory>."
+            f"The adapter_config.json of {name!r} names no base model; pass base_model=<the base model's id or "
+            "directory>."
         )
     generative = generative_cls.from_pretrained(base, **load_kwargs)
     peft_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token")}
-    merged = PeftModel.from_pretrained(generative, name, **peft_kwargs).merge_and_unload()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapping = _legacy_key_mapping(generative)
+        adapted = PeftModel.from_pretrained(generative, name, key_mapping=mapping, **peft_kwargs)
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:  # PEFT only warns: an adapter that did not load would silently give the base model's vectors
+        raise ValueError(
+            f"The adapter of {name!r} does not fit {type(generative).__name__} of {base!r}: {missing[0][:300]}... "
+            "Check base_model (the adapter's base) and the installed transformers."
+        )
+    merged = adapted.merge_and_unload()
     return merged.model if bare and hasattr(merged, "lm_head") else merged
+
+
+def _legacy_key_mapping(model) -> dict[str, str]:
+    """Regex renames from the parameter names of older transformers releases to this model's: adapters trained then
+    (VLM2Vec's keys put Qwen2-VL's language model under ``model.``, transformers >= 4.52 under
+    ``model.language_model.``) load like the checkpoint's own weights. Taken from transformers' own conversion
+    mapping of the model's plain renames (PEFT applies the first pattern that matches each key)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # another transformers layout: nothing to rename, a missing key is then an error above
+        return {}
+    mapping = {}
+    for transform in get_model_conversion_mapping(model):
+        if type(transform) is WeightRenaming and len(transform.target_patterns) == 1:
+            mapping.update(dict.fromkeys(transform.source_patterns, transform.target_patterns[0]))
+    return mapping
 
 
 def apply_pixel_budget(processor, preset: Preset | None, overrides: Mapping[str, int]) -> None:
