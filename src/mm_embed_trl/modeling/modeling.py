@@ -126,6 +126,15 @@ def lora_config_dict(peft_config) -> dict:
     return config_dict
 
 
+def fill_lora_targets(peft_config, target: str = "language_model") -> None:
+    """Give a `LoraConfig` that names no modules (or "all-linear") the `target` preset of LORA_TARGETS."""
+    if target not in LORA_TARGETS:
+        raise ValueError(f"Unknown LoRA target {target!r}; choose one of {sorted(LORA_TARGETS)}.")
+    targets = peft_config.target_modules
+    if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
+        peft_config.target_modules = LORA_TARGETS[target]
+
+
 def _is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
@@ -410,13 +419,13 @@ class MultimodalEmbeddingModel(PreTrainedModel):
 
         if self.has_lora:
             raise ValueError("The model already has LoRA adapters; call merge_lora() first to stack a new set.")
-        if target not in LORA_TARGETS:
-            raise ValueError(f"Unknown LoRA target {target!r}; choose one of {sorted(LORA_TARGETS)}.")
         if peft_config is None:
             peft_config = LoraConfig(**{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, **lora_kwargs})
-        targets = peft_config.target_modules
-        if targets is None or targets == "all-linear" or (isinstance(targets, (set, list)) and not targets):
-            peft_config.target_modules = LORA_TARGETS[target]
+        fill_lora_targets(peft_config, target)
+        if self.lm_head is None and peft_config.task_type is not None:
+            # TRL's configs say CAUSAL_LM, whose PEFT wrapper needs generation methods a bare backbone (AutoModel:
+            # LlavaOnevisionModel, ...) lacks; the adapters are the same without a task type.
+            peft_config.task_type = None
         self._wrap_with_lora(peft_config)
         self.config.lora_config = lora_config_dict(peft_config)
 
