@@ -231,3 +231,24 @@ def test_presets_cli_lists_shows_and_detects(preset_replica, capsys):
     assert "pooling_token: '<disc_emb>'" in capsys.readouterr().out
     main(["--detect", preset_replica("ume-r1", "my-ume-fork")])
     assert "preset 'ume-r1'" in capsys.readouterr().out
+
+
+def test_retrieval_evaluation_of_a_published_model_uses_its_query_instruction(preset_replica, shapes_data):
+    """The evaluator encodes queries with the task instruction where the model takes it (the system message of
+    Qwen3-VL-Embedding) and the corpus with its default: the same vectors as encode's."""
+    from mm_embed_trl.evaluation import RetrievalEvaluator
+
+    model = MultimodalEmbeddingModel.from_pretrained(preset_replica("qwen3-vl-embedding"), dtype=torch.float32)
+    rows = shapes_data["eval"].select(range(8))
+    evaluator = RetrievalEvaluator.from_rows(rows, shapes_data.image_root, query_instruction=INSTRUCTION)
+    seen = []
+    original = model.encode
+
+    def spy(inputs, **kwargs):
+        seen.append((kwargs.get("side"), kwargs.get("instruction")))
+        return original(inputs, **kwargs)
+
+    model.encode = spy
+    metrics = evaluator(model)
+    assert {"recall@1", "mrr"} <= set(metrics)
+    assert set(seen) == {("query", INSTRUCTION), ("document", None)}
