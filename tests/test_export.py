@@ -573,3 +573,23 @@ def test_export_of_a_published_model_reproduces_its_preset(preset, preset_replic
         ours = model.encode(inputs, instruction=instruction)
         assert_close(theirs, ours, rtol=EXPORT_RTOL)
         assert (ours - model.encode(inputs)).abs().max() > 1e-3
+
+
+def test_export_cli_exports_a_published_model_as_released(preset_replica, tmp_path, monkeypatch):
+    """examples/export.py --checkpoint <a published model> (hub id or local copy): wrapped with its preset, exported,
+    and the export embeds as the preset does; a plain backbone is still refused (it is not an embedding model)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    source = preset_replica("unime-v2-qwen2vl")
+    script = Path(__file__).resolve().parents[1] / "examples" / "export.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--checkpoint", source, "--output_dir", str(tmp_path / "st")])
+    runpy.run_path(str(script), run_name="__main__")
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "as its authors released it" in card and "`unime-v2-qwen2vl`" in card
+    texts = ["a red circle on the left", "two blue squares"]
+    ours = MultimodalEmbeddingModel.from_pretrained(source).encode(texts)
+    assert_close(torch.as_tensor(_st(tmp_path / "st").encode_query(texts)), ours, rtol=EXPORT_RTOL)
+    with pytest.raises(ValueError, match="not a trained MultimodalEmbeddingModel"):
+        export_sentence_transformers(preset_replica("unime-v2-qwen2vl", "plain-qwen2-vl"), tmp_path / "plain")

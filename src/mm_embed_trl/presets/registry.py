@@ -162,13 +162,16 @@ class CheckpointFacts:
         config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
         if not config_dict:
             config_dict = _read_json(name, "config.json", hub_kwargs)
-        # Added tokens live in added_tokens.json / tokenizer_config.json (older transformers) or tokenizer.json.
-        tokens = set(_read_json(name, "added_tokens.json", hub_kwargs))
-        decoder = _read_json(name, "tokenizer_config.json", hub_kwargs).get("added_tokens_decoder", {})
-        tokens.update(entry.get("content") for entry in decoder.values() if isinstance(entry, Mapping))
-        if not tokens:
-            listed = _read_json(name, "tokenizer.json", hub_kwargs).get("added_tokens", [])
-            tokens.update(entry.get("content") for entry in listed if isinstance(entry, Mapping))
+        # Added tokens live in added_tokens.json / tokenizer_config.json (older transformers) or tokenizer.json; read
+        # only for a family some preset recognises by its tokens (tokenizer.json runs to megabytes).
+        tokens: set[str] = set()
+        if config_dict.get("model_type") in {p.model_type for p in _PRESETS.values() if p.added_tokens}:
+            tokens.update(_read_json(name, "added_tokens.json", hub_kwargs))
+            decoder = _read_json(name, "tokenizer_config.json", hub_kwargs).get("added_tokens_decoder", {})
+            tokens.update(entry.get("content") for entry in decoder.values() if isinstance(entry, Mapping))
+            if not tokens:
+                listed = _read_json(name, "tokenizer.json", hub_kwargs).get("added_tokens", [])
+                tokens.update(entry.get("content") for entry in listed if isinstance(entry, Mapping))
         return cls(
             name=name,
             model_type=config_dict.get("model_type"),
