@@ -109,6 +109,11 @@ def test_query_instruction_goes_where_the_authors_put_it(preset, preset_replica)
     assert (expected - port(path, inputs)).abs().max() > 1e-3  # the instruction matters
     if preset == "gme-qwen2vl":
         assert_close(_ours(model, inputs, side="document"), port(path, inputs, is_query=False), rtol=RTOL)
+        # GME runs its language model without position ids: with Qwen2-VL's own image positions, image inputs
+        # (not texts, whose positions are sequential either way) embed otherwise
+        mrope = MultimodalEmbeddingModel.from_pretrained(path, sequential_positions=False, dtype=torch.float32)
+        gap = (_ours(mrope, inputs, instruction=INSTRUCTION) - expected).abs().amax(dim=-1)
+        assert gap[0] < 1e-5 and (gap[1:] > 1e-3).all(), gap
 
 
 class _ForcedCompletion:
