@@ -7,7 +7,8 @@
         --push_to_hub --hub_model_id my-org/qwen2vl-unime --license apache-2.0 \
         --dataset_name TIGER-Lab/MMEB-train --prompt_query "Represent the given query: "
 
-`--checkpoint` is a training run's output_dir (or any directory written by `MultimodalEmbeddingModel.save_pretrained`).
+`--checkpoint` is a training run's output_dir (or any directory written by `MultimodalEmbeddingModel.save_pretrained`),
+or a published embedding model (hub id or local copy, e.g. `zhibinlan/UME-R1-2B`), exported with its preset.
 The export loads with `SentenceTransformer(output_dir)` (no trust_remote_code) and embeds exactly like
 `MultimodalEmbeddingModel.encode`: `encode_query(x)` ~ `encode(x, side="query")`, `encode_document(x)` ~
 `encode(x, side="document")`. The model card (README.md) reads the run's `retrieval_report.json` (before/after
@@ -29,7 +30,9 @@ from transformers import HfArgumentParser
 
 @dataclass
 class ExportArguments:
-    checkpoint: str = field(metadata={"help": "Training output_dir / saved MultimodalEmbeddingModel directory."})
+    checkpoint: str = field(
+        metadata={"help": "Training output_dir / saved MultimodalEmbeddingModel directory / published model (preset)."}
+    )
     output_dir: str = field(metadata={"help": "Where to write the sentence-transformers export."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
     prompt_query: str | None = field(

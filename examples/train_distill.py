@@ -141,11 +141,9 @@ def main():
     eval_dataset = add_teacher_embeddings(eval_dataset, script_args, training_args, "held-out data")
 
     model_path, is_tiny = resolve_model_path(model_args, script_args)
-    model = MultimodalEmbeddingModel.from_pretrained(
-        model_path,
-        prompt_template=training_args.prompt_template or "unime",
-        **model_init_kwargs(model_args, script_args),
-    )
+    # A published model keeps its own prompt format (its preset) unless --prompt_template says otherwise; a plain
+    # backbone gets UniME's (the trainer applies --prompt_template to either).
+    model = MultimodalEmbeddingModel.from_pretrained(model_path, **model_init_kwargs(model_args, script_args))
 
     evaluator = None
     if eval_dataset is not None:

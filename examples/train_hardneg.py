@@ -44,11 +44,9 @@ def main():
     train_dataset, eval_dataset, image_root = resolve_datasets(script_args, training_args)
     training_args.image_root = image_root
     model_path, is_tiny = resolve_model_path(model_args, script_args)
-    model = MultimodalEmbeddingModel.from_pretrained(
-        model_path,
-        prompt_template=training_args.prompt_template or "unime",
-        **model_init_kwargs(model_args, script_args),
-    )
+    # A published model keeps its own prompt format (its preset) unless --prompt_template says otherwise; a plain
+    # backbone gets UniME's (the trainer applies --prompt_template to either).
+    model = MultimodalEmbeddingModel.from_pretrained(model_path, **model_init_kwargs(model_args, script_args))
 
     evaluator = None
     if eval_dataset is not None:

@@ -82,3 +82,20 @@ def generation_settings():
         return settings
 
     return read
+
+
+@pytest.fixture(scope="session")
+def preset_replica(_session_cache, tmp_path_factory):
+    """preset_replica(preset, folder=None) -> path of the tiny random replica of that preset's published checkpoint
+    (tests/preset_replicas.py), in a folder named as its Hub repository unless ``folder`` says otherwise."""
+    from preset_replicas import build_replica
+
+    root = tmp_path_factory.mktemp("preset_replicas")
+    built = {}
+
+    def get(preset: str, folder: str | None = None) -> str:
+        if (preset, folder) not in built:
+            built[preset, folder] = str(build_replica(preset, root, folder=folder))
+        return built[preset, folder]
+
+    return get

@@ -599,3 +599,65 @@ def test_hub_kernels_stay_off_unless_asked(tiny_backbone, export_dir):
     assert MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), use_kernels=True).backbone.use_kernels
     asked = SentenceTransformer(str(out), device="cpu", model_kwargs={"use_kernels": True})
     assert asked[0].model.use_kernels is True
+
+
+# Presets whose templates exercise each way of rendering a published model's prompt: no chat template (VLM2Vec),
+# the instruction as system message with Qwen3's punctuation rule, GME's suffix (texts only: see below), UME-R1's
+# <disc_emb> cut and blank image, LLaVA-OneVision's chat template.
+PRESET_EXPORTS = {
+    "vlm2vec-v2": (56, None),
+    "qwen3-vl-embedding": (64, "Find an image that matches the given text"),
+    "gme-qwen2vl": (56, "Find an image that matches the given text."),
+    "ume-r1": (56, None),
+    "unime-llava-ov": (56, None),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPORTS))
+def test_export_of_a_published_model_reproduces_its_preset(preset, preset_replica, export_dir):
+    size, instruction = PRESET_EXPORTS[preset]
+    model = MultimodalEmbeddingModel.from_pretrained(preset_replica(preset))
+    prompts = {"task": instruction} if instruction else None
+    out = export_sentence_transformers(model, export_dir / f"preset-{preset}", prompts=prompts)
+    assert not list(out.glob("*.py"))  # stock modules: SentenceTransformer(out) needs no remote code
+    info = json.loads((out / EXPORT_INFO_FILE).read_text())
+    assert f"`{preset}`" in (out / "README.md").read_text()
+    st = _st(out)
+    white = Image.new("RGB", (28, 28), "white")
+    texts = ["a red circle on the left", "two blue squares"]
+    if preset == "ume-r1":  # the blank image UME-R1 puts before a text, given to sentence-transformers
+        st_texts = [{"text": t, "image": white} for t in texts]
+    else:
+        st_texts = texts
+    images = [_image((255, 0, 0), size), {"image": _image((0, 0, 255), size), "text": "What colour is the shape?"}]
+    with_images = not info["sequential_positions"]  # GME's positions do not travel: texts only (the card says so)
+    assert with_images == (preset != "gme-qwen2vl")
+    inputs, st_inputs = (texts + images, st_texts + images) if with_images else (texts, st_texts)
+    for side, fn in (("query", st.encode_query), ("document", st.encode_document)):
+        theirs = fn(st_inputs, convert_to_tensor=True, batch_size=3).float()
+        assert_close(theirs, model.encode(inputs, side=side), rtol=EXPORT_RTOL)
+    if instruction:
+        theirs = st.encode(st_inputs, prompt_name="task", convert_to_tensor=True).float()
+        ours = model.encode(inputs, instruction=instruction)
+        assert_close(theirs, ours, rtol=EXPORT_RTOL)
+        assert (ours - model.encode(inputs)).abs().max() > 1e-3
+
+
+def test_export_cli_exports_a_published_model_as_released(preset_replica, tmp_path, monkeypatch):
+    """examples/export.py --checkpoint <a published model> (hub id or local copy): wrapped with its preset, exported,
+    and the export embeds as the preset does; a plain backbone is still refused (it is not an embedding model)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    source = preset_replica("unime-v2-qwen2vl")
+    script = Path(__file__).resolve().parents[1] / "examples" / "export.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--checkpoint", source, "--output_dir", str(tmp_path / "st")])
+    runpy.run_path(str(script), run_name="__main__")
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "as its authors released it" in card and "`unime-v2-qwen2vl`" in card
+    texts = ["a red circle on the left", "two blue squares"]
+    ours = MultimodalEmbeddingModel.from_pretrained(source).encode(texts)
+    assert_close(torch.as_tensor(_st(tmp_path / "st").encode_query(texts)), ours, rtol=EXPORT_RTOL)
+    with pytest.raises(ValueError, match="not a trained MultimodalEmbeddingModel"):
+        export_sentence_transformers(preset_replica("unime-v2-qwen2vl", "plain-qwen2-vl"), tmp_path / "plain")

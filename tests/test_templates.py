@@ -231,3 +231,29 @@ def test_messages_render_through_a_chat_template():
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n"
         "Summary above image in one word:<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_published_models_templates_place_instructions_and_images_as_their_code_does():
+
+    red = Image.new("RGB", (8, 8), "red")
+    qwen3 = get_template("qwen3_vl_embedding")
+    # the instruction is the system message, "." added unless it ends in punctuation (any Unicode P* character)
+    assert qwen3.system_message("query") == "Represent the user's input."
+    assert qwen3.system_message("query", "  Find the image ") == "Find the image."
+    assert qwen3.system_message("query", "Trouve l'image ?") == "Trouve l'image ?"
+    assert qwen3.system_message("query", "找到图片。") == "找到图片。"
+    messages = qwen3.build_messages(EmbeddingInput(text="a cat", image=red), "query", "Find the image")
+    assert messages[0]["content"][0]["text"] == "Find the image."
+    assert messages[1]["content"] == [{"type": "image"}, {"type": "text", "text": "a cat"}]  # no instruction in text
+    gme = get_template("gme")
+    assert gme.system_message("document") == "You are a helpful assistant." and gme.generation_suffix == "<|endoftext|>"
+    assert gme.system_message("query", "Find the image.") == "Find the image."
+    vlm2vec = get_template("vlm2vec")
+    assert vlm2vec.render_plain(EmbeddingInput(text="Represent it: a", image=red), "<|image_pad|>") == (
+        "<|image_pad|> Represent it: a"
+    )
+    # VLM2Vec's process_input_text keeps the space after the image token when the text is empty
+    assert vlm2vec.render_plain(EmbeddingInput(image=red), "<|image_pad|>") == "<|image_pad|> "
+    assert vlm2vec.render_plain(EmbeddingInput(text="a"), "<|image_pad|>") == "a"
+    with pytest.raises(ValueError, match="belong to a chat template"):
+        PromptTemplate(name="bad", use_chat_template=False, system_prompt="You are...")

@@ -131,8 +131,11 @@ class EmbeddingCollator:
         self.is_multimodal = hasattr(processor, "image_processor")
 
     # ------------------------------------------------------------------ one side
-    def encode_inputs(self, inputs: Sequence[EmbeddingInput], side: str = "query"):
-        """One processor call over `inputs`: template → chat template → tokenize (+ image processing)."""
+    def encode_inputs(self, inputs: Sequence[EmbeddingInput], side: str = "query", instruction: str | None = None):
+        """One processor call over `inputs`: template → chat template → tokenize (+ image processing).
+
+        ``instruction`` replaces the side's instruction of the template for every input (a task instruction, e.g.
+        Qwen3-VL-Embedding's or GME's query instruction)."""
         if not inputs:
             raise ValueError("encode_inputs got an empty list of inputs.")
         if self.template.text_only_image_size is not None:
@@ -151,8 +154,7 @@ class EmbeddingCollator:
             )
         if self.max_length is not None:
             inputs = self._truncate_texts(inputs)
-        conversations = [self.template.build_messages(x, side) for x in inputs]
-        texts, templated = self._render(conversations, inputs, side)
+        texts, templated = self._render(inputs, side, instruction)
         kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt", "padding_side": "left"}
         # A chat template already writes BOS & co. (Llama-3 style); tokenizing it with special tokens doubles them.
         kwargs["add_special_tokens"] = not templated
@@ -188,17 +190,29 @@ class EmbeddingCollator:
                     f"{type(image_processor).__name__}: {single}. Crop or pad the image, or drop the row.",
                 ) from err
 
-    def _render(self, conversations, inputs, side) -> tuple[list[str], bool]:
+    def _render(self, inputs, side, instruction) -> tuple[list[str], bool]:
         """(prompt strings, whether a chat template rendered them)."""
+        template = self.template
+        if self.is_multimodal and not template.use_chat_template:
+            image_token = getattr(self.processor, "image_token", None)
+            if image_token is None:
+                raise ValueError(
+                    f"The prompt template {template.name!r} writes the processor's image token, but "
+                    f"{type(self.processor).__name__} names none (processor.image_token)."
+                )
+            return [template.render_plain(x, image_token, side, instruction) for x in inputs], False
+        conversations = [template.build_messages(x, side, instruction) for x in inputs]
         if self.is_multimodal:
-            return self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False), True
+            texts = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+            return [text + template.generation_suffix for text in texts], True
         if getattr(self.tokenizer, "chat_template", None):
             flat = [
                 [{"role": m["role"], "content": "".join(c.get("text", "") for c in m["content"])} for m in conv]
                 for conv in conversations
             ]
-            return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), True
-        return [self.template.format_text(x, side) for x in inputs], False
+            texts = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+            return [text + template.generation_suffix for text in texts], True
+        return [template.format_text(x, side, instruction) for x in inputs], False
 
     def prompt_lengths(self, inputs: Sequence[EmbeddingInput], side: str = "query") -> np.ndarray:
         """Tokens of each input's prompt as :meth:`encode_inputs` makes it, without touching an image: the same text

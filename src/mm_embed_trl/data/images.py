@@ -347,9 +347,10 @@ def load_images(
     ]
 
 
-def set_image_pixel_budget(processor, max_pixels: int) -> None:
-    """Cap the pixels per image of a Qwen-VL-style processor (dynamic resolution): larger images are downscaled to
-    at most ``max_pixels`` before patching, e.g. ``336 * 336`` for UniME's setting.
+def set_image_pixel_budget(processor, max_pixels: int | None = None, *, min_pixels: int | None = None) -> None:
+    """Bound the pixels per image of a Qwen-VL-style processor (dynamic resolution): larger images are downscaled to
+    at most ``max_pixels`` before patching, e.g. ``336 * 336`` for UniME's setting, smaller ones upscaled to at least
+    ``min_pixels``; ``None`` keeps that bound as it is.
 
     The setting lives in the processor, so it is saved with the model and applies alike to training, ``encode``
     and the sentence-transformers export. Processors with a fixed input resolution (LLaVA-OneVision's anyres
@@ -364,7 +365,10 @@ def set_image_pixel_budget(processor, max_pixels: int) -> None:
             f"{type(image_processor).__name__ if image_processor is not None else type(processor).__name__} "
             "has a fixed input resolution. Leave image_max_pixels unset for this backbone."
         )
-    min_pixels = size["shortest_edge"] if "shortest_edge" in size else None
+    if min_pixels is None:
+        min_pixels = size["shortest_edge"] if "shortest_edge" in size else None
+    if max_pixels is None:
+        max_pixels = size["longest_edge"]
     if min_pixels is not None and max_pixels < min_pixels:
         raise ValueError(f"image_max_pixels={max_pixels} is below the processor's minimum of {min_pixels} pixels.")
     image_processor.size = {"longest_edge": int(max_pixels), "shortest_edge": min_pixels}

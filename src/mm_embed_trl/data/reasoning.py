@@ -159,8 +159,10 @@ class ReasoningCollator(EmbeddingCollator):
         self._fixed_prompt_bytes: dict[str, int] = {}
 
     def _assistant_turn_end(self) -> str:
-        """What the chat template writes after an assistant message (``<|im_end|>\\n``), checked to be a pure suffix:
-        prompt-with-generation-prompt + message + this suffix must equal the rendered conversation."""
+        """What the chat template writes after an assistant message (``<|im_end|>\\n``). Training sequences are
+        prompt-with-generation-prompt + completion + this, the tokens generation produces, even where the template
+        renders a whole assistant turn otherwise (LLaVA-OneVision writes ``assistant \\n`` there, ``assistant\\n`` as
+        its generation prompt)."""
         user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
         full = user + [{"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
         if self.is_multimodal:
@@ -171,13 +173,12 @@ class ReasoningCollator(EmbeddingCollator):
             full = user + [{"role": "assistant", "content": _PROBE}]
         prompt = render(user, add_generation_prompt=True, tokenize=False)
         whole = render(full, tokenize=False)
-        if not whole.startswith(prompt + _PROBE):
+        if _PROBE not in whole:
             raise ValueError(
-                "The processor's chat template does not render an assistant turn as 'prompt with generation prompt + "
-                f"message + end of turn' (got {whole!r} for prompt {prompt!r}); reasoning SFT needs a template that "
-                "does, so that training sees the tokens generation produces."
+                "The processor's chat template does not render an assistant message after the user turn (got "
+                f"{whole!r} for prompt {prompt!r}); reasoning SFT needs a chat template with assistant turns."
             )
-        return whole[len(prompt) + len(_PROBE) :]
+        return whole[whole.rindex(_PROBE) + len(_PROBE) :]
 
     def completion_ids(self, targets: Sequence[str]) -> list[list[int]]:
         """The token ids of each target as the model is trained to write it: the target, then the end of the turn."""

@@ -19,6 +19,10 @@ Built-in templates (``available_templates()``):
 * ``"ume_r1"`` - the same prompt, text-only inputs without an image (the tiny demo's).
 * ``"plain"``  - the text as is, no instruction (text LMs, baselines).
 
+The published models' own formats (their presets, :mod:`mm_embed_trl.presets`, pick them; docs/PRESETS.md cites the
+code each one follows): ``"vlm2vec"`` (no chat template, ``<|image_pad|> {text}``), ``"unime_llava_ov"``,
+``"unime_v2_llava_ov"``, ``"gme"``, ``"qwen3_vl_embedding"`` and ``"ume_r1_eval"``.
+
 Register your own with :func:`register_template`; all behaviour lives in dataclass fields.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from .schema import EmbeddingInput
@@ -130,6 +135,16 @@ class PromptTemplate:
         system_prompt: Optional system message; ``None`` leaves the processor's chat-template default.
         text_only_image_size: Side in pixels of a white square image given to every input without an image
             (:meth:`with_text_only_image`; UME-R1: 28); ``None`` leaves text-only inputs without one.
+        instruction_in_system: The instruction (the side's, or one given per call) is the system message, and
+            ``system_prompt`` the system message of inputs without one (GME, Qwen3-VL-Embedding); ``False``
+            prepends it to the text.
+        punctuate_instruction: A system instruction that does not end in punctuation gets a ``"."``
+            (Qwen3-VL-Embedding's ``format_model_input``).
+        use_chat_template: ``False`` renders no chat template: the prompt is the processor's bare image token
+            (``<|image_pad|>``, ``<image>``), ``image_separator`` and the text, as VLM2Vec and UniME-V2 (Qwen2-VL)
+            feed their models; the tokenizer adds its own special tokens, if any.
+        generation_suffix: Text after the chat template's generation prompt (GME ends every input with
+            ``<|endoftext|>`` and pools it).
 
     ``{text}`` is substituted with ``str.replace``, so braces in data or instructions need no escaping.
     """
@@ -145,6 +160,10 @@ class PromptTemplate:
     image_separator: str = "\n"
     system_prompt: str | None = None
     text_only_image_size: int | None = None
+    instruction_in_system: bool = False
+    punctuate_instruction: bool = False
+    use_chat_template: bool = True
+    generation_suffix: str = ""
 
     def __post_init__(self):
         if not self.name:
@@ -165,12 +184,28 @@ class PromptTemplate:
                 f"PromptTemplate {self.name!r}: image_format is used for image-only inputs (no text), so it "
                 f"cannot contain '{_TEXT_FIELD}'; got {self.image_format!r}."
             )
+        if not self.use_chat_template and (self.instruction_in_system or self.system_prompt or self.generation_suffix):
+            raise ValueError(
+                f"PromptTemplate {self.name!r}: system messages and a generation suffix belong to a chat template; "
+                "use_chat_template=False renders the text alone."
+            )
 
-    def instruction(self, side: str) -> str:
-        """The side's instruction prefix (``""`` when none)."""
+    def instruction(self, side: str, override: str | None = None) -> str:
+        """The side's instruction (``""`` when none); ``override`` (an instruction given per call) replaces it."""
+        if override is not None:
+            return override
         return self.query_instruction if normalize_side(side) == "query" else self.document_instruction
 
-    def format_text(self, inp: EmbeddingInput, side: str = "query") -> str:
+    def system_message(self, side: str, instruction: str | None = None) -> str | None:
+        """The system message of an input on ``side`` (``None``: the chat template's default)."""
+        if not self.instruction_in_system:
+            return self.system_prompt
+        text = self.instruction(side, instruction).strip()
+        if text and self.punctuate_instruction and not unicodedata.category(text[-1]).startswith("P"):
+            text += "."
+        return text or self.system_prompt
+
+    def format_text(self, inp: EmbeddingInput, side: str = "query", instruction: str | None = None) -> str:
         """The text item for ``inp`` (image placeholders removed; no image tokens). May be ``""``.
 
         Raises:
@@ -190,7 +225,7 @@ class PromptTemplate:
             body = self.image_format
         else:
             body = self.text_format.replace(_TEXT_FIELD, text)
-        return self.instruction(side) + body
+        return body if self.instruction_in_system else self.instruction(side, instruction) + body
 
     def with_text_only_image(self, inp: EmbeddingInput) -> EmbeddingInput:
         """``inp`` as this template embeds it: with the white square of ``text_only_image_size`` when it has no
@@ -199,9 +234,9 @@ class PromptTemplate:
             return inp
         return EmbeddingInput(text=inp.text, image=blank_image(self.text_only_image_size))
 
-    def build_messages(self, inp: EmbeddingInput, side: str = "query") -> list[dict]:
+    def build_messages(self, inp: EmbeddingInput, side: str = "query", instruction: str | None = None) -> list[dict]:
         """Chat messages for ``inp``: an ``{"type": "image"}`` item iff ``inp.image`` is set, then the text."""
-        text = self.format_text(inp, side)
+        text = self.format_text(inp, side, instruction)
         content: list[dict] = []
         if inp.image is not None and self.image_first:
             content.append({"type": "image"})
@@ -213,10 +248,19 @@ class PromptTemplate:
             if inp.image is not None:
                 content.append({"type": "image"})
         messages: list[dict] = []
-        if self.system_prompt is not None:
-            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        system = self.system_message(side, instruction)
+        if system is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         messages.append({"role": "user", "content": content})
         return messages
+
+    def render_plain(self, inp: EmbeddingInput, image_token: str, side: str = "query", instruction: str | None = None):
+        """The prompt of a ``use_chat_template=False`` template: ``image_token``, the separator and the text. The
+        separator stays when the text is empty, as VLM2Vec's ``process_input_text`` writes ``"<|image_pad|> "``."""
+        text = self.format_text(inp, side, instruction)
+        if inp.image is None:
+            return text
+        return image_token + self.image_separator + text if self.image_first else text + image_token
 
 
 _REGISTRY: dict[str, PromptTemplate] = {}
@@ -298,6 +342,57 @@ for _template in (
         name="plain",
         description="The text as is, no instruction and no separator (text LMs, baselines).",
         image_separator="",
+    ),
+    # The published models' formats (docs/PRESETS.md cites the code each follows).
+    PromptTemplate(
+        name="vlm2vec",
+        description="VLM2Vec / UniME-V2 on Qwen2-VL: no chat template, the bare image token, a space, the text "
+        "(the task instruction is part of the text).",
+        use_chat_template=False,
+        image_separator=" ",
+    ),
+    PromptTemplate(
+        name="unime_llava_ov",
+        description="UniME (LLaVA-OneVision) card: 'in one word' prompts ending in a newline; the chat template "
+        "puts the newline after the image.",
+        text_format=f"{{text}}\n{UNIME_TEXT_SUMMARY}\n",
+        image_format=f"{UNIME_IMAGE_SUMMARY}\n",
+        image_text_format=f"{{text}}\n{UNIME_IMAGE_SUMMARY}\n",
+        image_separator="",
+    ),
+    PromptTemplate(
+        name="unime_v2_llava_ov",
+        description="UniME-V2 (LLaVA-OneVision): the text as is after the image; the chat template puts the "
+        "newline after the image.",
+        image_separator="",
+    ),
+    PromptTemplate(
+        name="gme",
+        description="GME: the instruction as the system message ('You are a helpful assistant.' for documents and "
+        "inputs without one), image then text, <|endoftext|> after the generation prompt (pooled).",
+        system_prompt="You are a helpful assistant.",
+        instruction_in_system=True,
+        image_separator="",
+        generation_suffix="<|endoftext|>",
+    ),
+    PromptTemplate(
+        name="qwen3_vl_embedding",
+        description="Qwen3-VL-Embedding: the instruction as the system message (a '.' added when it ends without "
+        "punctuation; 'Represent the user's input.' by default), image then text.",
+        system_prompt="Represent the user's input.",
+        instruction_in_system=True,
+        punctuate_instruction=True,
+        image_separator="",
+    ),
+    PromptTemplate(
+        name="ume_r1_eval",
+        description="UME-R1 as its evaluation feeds the released checkpoints: image, then the text with no newline, "
+        "<disc_emb> and the instruction; a 28x28 white image before every text-only input.",
+        text_format="{text}" + _UME_R1_SUFFIX,
+        image_format=_UME_R1_SUFFIX,
+        image_text_format="{text}" + _UME_R1_SUFFIX,
+        image_separator="",
+        text_only_image_size=UME_R1_BLANK_IMAGE_SIZE,
     ),
 ):
     register_template(_template)

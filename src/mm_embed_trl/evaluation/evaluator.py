@@ -51,6 +51,8 @@ class RetrievalEvaluator:
         k_values: cutoffs reported for every metric.
         batch_size: passed to ``model.encode``.
         query_side, corpus_side: the ``side`` (prompt) used to encode each.
+        query_instruction: the task instruction of the queries (``model.encode(..., instruction=)``: the system
+            message of GME and Qwen3-VL-Embedding, a text prefix otherwise); the corpus keeps its side's.
         show_progress_bar: passed to ``model.encode`` (None lets the model decide).
         main_metric: the key (without name) of the headline metric; ``self.primary_metric`` is its full key.
         image_root: folder that relative image paths are resolved against.
@@ -75,6 +77,7 @@ class RetrievalEvaluator:
         batch_size: int = 32,
         query_side: str = "query",
         corpus_side: str = "document",
+        query_instruction: str | None = None,
         show_progress_bar: bool | None = None,
         main_metric: str = "recall@1",
         image_root: str | None = None,
@@ -112,6 +115,7 @@ class RetrievalEvaluator:
         self.batch_size = batch_size
         self.query_side = query_side
         self.corpus_side = corpus_side
+        self.query_instruction = query_instruction
         self.show_progress_bar = show_progress_bar
         self.main_metric = main_metric
         self.encode_kwargs = dict(encode_kwargs or {})
@@ -205,7 +209,8 @@ class RetrievalEvaluator:
     @torch.no_grad()
     def __call__(self, model: Any) -> dict[str, float]:
         """Embed queries and corpus with ``model.encode`` and return the metrics."""
-        query_emb = self._encode(model, self.queries, self.query_side, "queries", self._query_labels)
+        instruction = {} if self.query_instruction is None else {"instruction": self.query_instruction}
+        query_emb = self._encode(model, self.queries, self.query_side, "queries", self._query_labels, **instruction)
         # pass@k samples the queries; the corpus is embedded once, greedily
         greedy = {"num_samples": 1, "do_sample": False} if self.encode_kwargs.get("num_samples", 1) > 1 else {}
         corpus_emb = self._encode(model, self.corpus, self.corpus_side, "corpus", self._corpus_labels, **greedy)

@@ -3,7 +3,10 @@ the messages a model's prompt template builds, then the backbone's own chat temp
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+import unicodedata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import mm_embed_trl.export` must be cheap
@@ -150,6 +153,7 @@ def build_embedding_chat_template(
     pooling_token: str | None = None,
     special_prefix: str = "",
     special_suffix: str = "",
+    image_token: str | None = None,
 ) -> str:
     """The Jinja chat template that makes ``apply_chat_template`` render exactly what our collator renders.
 
@@ -164,11 +168,14 @@ def build_embedding_chat_template(
         pooling_token: for ``special_token`` pooling, the rendered prompt ends right after the last occurrence of
             this token (causal backbone: the hidden state there does not depend on what follows), so last-token
             pooling reads the same vector.
+        special_prefix / special_suffix: what the tokenizer adds around a text, for prompts rendered without the
+            backbone's chat template (a text LM without one, ``use_chat_template=False`` templates).
+        image_token: the processor's image token, for ``use_chat_template=False`` templates.
 
     Returns:
         The template source. It declares the ``task`` variable, so sentence-transformers forwards ``task``.
     """
-    if multimodal and not base_chat_template:
+    if multimodal and not base_chat_template and template.use_chat_template:
         raise ValueError(
             "The processor of this vision-language model has no chat template, so MultimodalEmbeddingModel.encode "
             "cannot render prompts either. Set `processor.chat_template` (e.g. from the base model's "
@@ -178,15 +185,25 @@ def build_embedding_chat_template(
     d = template.document_instruction if document_instruction is None else document_instruction
     doc_tasks = "[" + ", ".join(_jinja_str(t) for t in _DOCUMENT_TASKS) + "]"
     text_item = "{'type': 'text', 'text': %s}"
+    # The system message: the template's fixed one, or (instruction_in_system) the input's instruction with the
+    # template's as fallback, set in the preamble as `mmembed_system`.
+    if template.instruction_in_system:
+        system = "mmembed_system"
+    elif template.system_prompt is not None:
+        system = _jinja_str(template.system_prompt)
+    else:
+        system = None
     # Vision-language processors get structured contents (a list of typed items, as build_messages makes them);
     # text LMs get plain string contents (the collator flattens them before the tokenizer's chat template).
-    if template.system_prompt is None:
+    if system is None:
         system_prefix = "[]"
     elif multimodal:
-        system_prefix = "[{'role': 'system', 'content': [" + text_item % _jinja_str(template.system_prompt) + "]}]"
+        system_prefix = "[{'role': 'system', 'content': [" + text_item % system + "]}]"
     else:
-        system_prefix = "[{'role': 'system', 'content': " + _jinja_str(template.system_prompt) + "}]"
-    if multimodal:
+        system_prefix = "[{'role': 'system', 'content': " + system + "}]"
+    if multimodal and not template.use_chat_template:
+        build = ""  # rendered below without messages: image token, separator, text
+    elif multimodal:
         sep = _jinja_str(template.image_separator)
         if template.image_first:
             image_first_branch = (
@@ -302,14 +319,26 @@ def build_embedding_chat_template(
 {{%- else -%}}
 {{%- set mmembed_text = {_jinja_str(template.text_format)}.replace('{{text}}', mmembed_text) -%}}
 {{%- endif -%}}
-{{%- set mmembed_text = mmembed_instruction + mmembed_text -%}}
+{_instruction_placement(template)}
 {build}
 {{%- set add_generation_prompt = true %}}
 """
     # The newline right after the last preamble tag is eaten by trim_blocks, so the base template starts at the
     # beginning of a line exactly as it does on its own (lstrip_blocks behaves the same).
-    if base_chat_template:
+    if multimodal and not template.use_chat_template:
+        # The collator's render_plain, with the tokenizer's own special tokens (it tokenises with them).
+        token = _jinja_str(image_token or "")
+        sep = _jinja_str(template.image_separator)
+        image_text = (token + " ~ " + sep + " ~ mmembed_text") if template.image_first else ("mmembed_text ~ " + token)
+        body = (
+            "{{- " + _jinja_str(special_prefix) + " -}}"
+            + "{%- if mmembed_has_image -%}{{- " + image_text + " -}}{%- else -%}{{- mmembed_text -}}{%- endif -%}"
+            + "{{- " + _jinja_str(special_suffix) + " -}}"
+        )
+    elif base_chat_template:
         body = base_chat_template
+        if template.generation_suffix:  # after the generation prompt, as the collator appends it
+            body += "{{ " + _jinja_str(template.generation_suffix) + " }}"
     else:
         # A text LM without chat template: the collator tokenises format_text as is, with the tokenizer's own
         # special tokens (BOS/EOS); apply_chat_template adds none, so they are written out here.
@@ -369,6 +398,28 @@ def recover_base_chat_template(
         "this chat template is not the embedding chat template mm-embed-trl writes for the export's settings "
         "(edited, or written by another version)"
     )
+
+
+def _instruction_placement(template: PromptTemplate) -> str:
+    """Jinja placing ``mmembed_instruction``: before the text, or (``instruction_in_system``) as ``mmembed_system``,
+    trimmed, with a final ``"."`` when the template punctuates and the last character is no Unicode punctuation."""
+    if not template.instruction_in_system:
+        return "{%- set mmembed_text = mmembed_instruction + mmembed_text -%}"
+    fallback = _jinja_str(template.system_prompt or "")
+    lines = ["{%- set mmembed_system = mmembed_instruction | trim -%}"]
+    if template.punctuate_instruction:
+        lines.append(
+            "{%- if mmembed_system and mmembed_system[-1] not in " + _jinja_str(_punctuation()) + " -%}"
+            "{%- set mmembed_system = mmembed_system + '.' -%}{%- endif -%}"
+        )
+    lines.append("{%- if not mmembed_system -%}{%- set mmembed_system = " + fallback + " -%}{%- endif -%}")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _punctuation() -> str:
+    """Every Unicode punctuation character (category P*), as PromptTemplate.system_message tests it."""
+    return "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("P"))
 
 
 def _special_token_affixes(tokenizer) -> tuple[str, str]:

@@ -20,6 +20,19 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+def _is_published_model(name: str | os.PathLike) -> bool:
+    """A published embedding model (a preset's hub id, or a local copy a preset recognises), exported as released."""
+    from ..presets import CheckpointFacts, find_preset
+
+    path = pathlib.Path(name).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file() or json.loads(config_file.read_text()).get("model_type") == "mm_embedding":
+            return False
+        return find_preset(CheckpointFacts.read(path))[0] is not None
+    return not path.exists() and find_preset(CheckpointFacts(name=os.fspath(name)))[0] is not None
+
+
 def _looks_like_weights(path: pathlib.Path) -> bool:
     return path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES)
 
@@ -27,7 +40,8 @@ def _looks_like_weights(path: pathlib.Path) -> bool:
 def load_model_for_export(
     model_or_path: MultimodalEmbeddingModel | str | os.PathLike, **kwargs
 ) -> MultimodalEmbeddingModel:
-    """Return the model to export: the instance itself, or a saved ``MultimodalEmbeddingModel`` loaded from a directory.
+    """Return the model to export: the instance itself, a saved ``MultimodalEmbeddingModel`` loaded from a directory,
+    or a published embedding model (hub id or local copy) wrapped with its preset.
 
     Raises clear errors for a path that does not exist, is not a directory, holds no ``config.json`` or weights, is
     not a ``MultimodalEmbeddingModel`` (a plain backbone, a sentence-transformers export, ...) or has no processor.
@@ -36,6 +50,8 @@ def load_model_for_export(
 
     if isinstance(model_or_path, MultimodalEmbeddingModel):
         model = model_or_path
+    elif isinstance(model_or_path, (str, os.PathLike)) and _is_published_model(model_or_path):
+        model = MultimodalEmbeddingModel.from_pretrained(model_or_path, **kwargs)  # wrapped with its preset
     elif isinstance(model_or_path, (str, os.PathLike)):
         path = pathlib.Path(model_or_path).expanduser()
         if not path.exists():

@@ -293,6 +293,15 @@ def collect_card_metadata(
     base_model = _hub_id(base_name)
     base_display = base_model or (pathlib.Path(base_name).name if base_name else encoder_config.model_type)
     info = _method_card(method)
+    preset = _preset_card(config.preset)
+    if method is None and preset is not None:  # a published model as its authors trained it
+        info = {
+            **info,
+            "key": "published",
+            "title": f"{preset['title']} as its authors released it (preset `{preset['name']}`)",
+            "short": f"{preset['title']}, released",
+            "description": f"The published {preset['title']} weights, wrapped with their authors' encode settings.",
+        }
     paper = info["paper"]
     datasets = [dataset_name] if isinstance(dataset_name, str) else [str(d) for d in (dataset_name or [])]
     template = get_template(config.prompt_template)
@@ -336,6 +345,8 @@ def collect_card_metadata(
         },
         "prompts": prompts,
         "text_only_image_size": template.text_only_image_size,
+        "preset": preset,
+        "sequential_positions": bool(config.sequential_positions),
         "pooling": config.pooling,
         "pooling_token": export_info.get("pooling_token", config.pooling_token),
         "normalize": bool(config.normalize),
@@ -350,6 +361,19 @@ def collect_card_metadata(
         "library_version": __version__,
         "sentence_transformers_subdir": sentence_transformers_subdir,
     }
+
+
+def _preset_card(name: str | None) -> dict[str, Any] | None:
+    """What the card says of the published model's preset the wrapper started from (None: a plain backbone)."""
+    if name is None:
+        return None
+    from ..presets import get_preset
+
+    try:
+        preset = get_preset(name)
+    except ValueError:  # saved by a version that knew a preset this one does not
+        return {"name": name, "title": name, "hub_ids": [], "verified": True}
+    return {"name": preset.name, "title": preset.title, "hub_ids": list(preset.hub_ids), "verified": preset.verified}
 
 
 # ---------------------------------------------------------------------------------------------------- rendering

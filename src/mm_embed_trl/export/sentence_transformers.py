@@ -99,6 +99,7 @@ def describe_export(
         "prompts": resolved_prompts,
         "default_prompt_name": default_prompt_name,
         "text_only_image_size": template.text_only_image_size,
+        "sequential_positions": bool(config.sequential_positions),
     }
 
 
@@ -172,13 +173,19 @@ def export_sentence_transformers(
             template.name, size, size, size, size,
         )
 
+    if config.sequential_positions:
+        logger.warning(
+            "This model reads its inputs with sequential position ids (GME's encoder), which sentence-transformers' "
+            "Transformer does not pass: the export embeds texts exactly, inputs with an image with the backbone's "
+            "own multimodal positions instead. Its export info and card say so; embed images with model.encode."
+        )
     processor = copy.deepcopy(model.processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     multimodal = hasattr(processor, "image_processor")
     base_template = processor.chat_template if multimodal else getattr(tokenizer, "chat_template", None)
     if isinstance(base_template, dict):  # named templates: the collator renders the default one
         base_template = base_template.get("default")
-    prefix, suffix = ("", "") if base_template else _special_token_affixes(tokenizer)
+    prefix, suffix = ("", "") if base_template and template.use_chat_template else _special_token_affixes(tokenizer)
     chat_template = build_embedding_chat_template(
         template,
         base_template,
@@ -188,6 +195,7 @@ def export_sentence_transformers(
         pooling_token=pooling_token,
         special_prefix=prefix,
         special_suffix=suffix,
+        image_token=getattr(processor, "image_token", None),
     )
     processor.chat_template = chat_template
     if tokenizer is not processor:

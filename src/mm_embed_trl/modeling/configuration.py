@@ -34,6 +34,12 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
             the generative embedding (UME-R1's `"<gen_emb>"`); set for models that can `encode(mode="generative")`.
         lora_config (`dict`, *optional*): the PEFT `LoraConfig` (as a dict) of adapters that are part of the
             saved weights (intermediate checkpoints); `None` for merged / full-weight models.
+        sequential_positions (`bool`, defaults to `False`): give the backbone plain sequential position ids (0, 1,
+            2, ... over each input's tokens, images included) instead of its own multimodal ones (Qwen-VL's 3D
+            M-RoPE image positions): GME's encoder calls the language model without position ids, so its vectors
+            are computed so.
+        preset (`str`, *optional*): the published model's preset the wrapper options came from (`"ume-r1"`,
+            `"gme-qwen2vl"`, ...; see `mm_embed_trl.presets`); `None` for a plain backbone.
     """
 
     model_type = "mm_embedding"
@@ -49,6 +55,8 @@ class MultimodalEmbeddingConfig(PreTrainedConfig):
     prompt_template: str = "unime"
     generative_pooling_token: str | None = None
     lora_config: dict | None = None
+    sequential_positions: bool = False
+    preset: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -41,6 +41,7 @@ WRAPPER_OPTIONS = (
     "embedding_dim",
     "prompt_template",
     "generative_pooling_token",
+    "sequential_positions",
 )
 
 # transformers >= 5.25 turns Hub kernels on by default (`use_kernels=None` -> True): on CUDA it swaps layers such as
@@ -150,6 +151,16 @@ def _encoder_auto_class(config, kind: str):
     return AutoModelForImageTextToText if _is_vision_language(config) else AutoModelForCausalLM
 
 
+def _log_preset(name: str, preset, found_by: str) -> None:
+    logger.info("%s: preset %r (%s), found by %s.", name, preset.name, preset.title, found_by)
+    if not preset.verified:
+        logger.warning(
+            "The preset %r (%s) is assumed, not read from its authors' code (none was public): %s. Check its vectors "
+            "against the authors' before relying on them, or pass the options yourself.",
+            preset.name, preset.title, preset.source,
+        )
+
+
 def _unsupported_backbone_error(name: str, config, err: Exception | None = None) -> ValueError:
     return ValueError(
         f"Cannot wrap {name!r} (model_type={getattr(config, 'model_type', '?')!r}) as an embedding backbone: "
@@ -221,20 +232,46 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         load_processor: bool = True,
         **kwargs,
     ) -> MultimodalEmbeddingModel:
-        """Wrap a plain backbone (hub id, directory, or an instantiated model) with embedding pooling."""
+        """Wrap a plain backbone (hub id, directory, or an instantiated model) with embedding pooling.
+
+        A published embedding model gets its preset's options (see :mod:`mm_embed_trl.presets`; ``preset=`` picks
+        one, ``preset=None`` none); keyword arguments override them.
+        """
+        from ..presets import loading as presets
+
         options = {k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs}
-        encoder_kind = options.get("encoder_kind", "base")
+        preset_args = {k: kwargs.pop(k) for k in presets.PRESET_LOAD_OPTIONS if k in kwargs}
+        choice = preset_args.pop("preset", presets.AUTO)
         if isinstance(backbone, PreTrainedModel):
             encoder, name = backbone, getattr(backbone.config, "_name_or_path", type(backbone).__name__)
+            preset = presets.resolve_preset(name, encoder.config, choice if choice != presets.AUTO else None, {})[0]
+            options = {**(preset.wrapper_options() if preset else {}), **options}
             if hasattr(encoder, "lm_head"):
                 options.setdefault("encoder_kind", "generative")
         else:
             name = str(backbone)
             hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
             backbone_config = AutoConfig.from_pretrained(name, **hub_kwargs)
-            auto_cls = _encoder_auto_class(backbone_config, encoder_kind)
+            preset, found_by = presets.resolve_preset(name, backbone_config, choice, hub_kwargs)
+            if preset is not None:
+                _log_preset(name, preset, found_by)
+                options = {**preset.wrapper_options(), **options}
+            else:
+                presets.warn_assumed_defaults(name, options, MultimodalEmbeddingConfig().to_dict())
+            auto_cls = _encoder_auto_class(backbone_config, options.get("encoder_kind", "base"))
+            load_kwargs = {"use_kernels": USE_HUB_KERNELS_DEFAULT, **kwargs}
             try:
-                encoder = auto_cls.from_pretrained(name, **{"use_kernels": USE_HUB_KERNELS_DEFAULT, **kwargs})
+                encoder = None
+                if preset is not None and preset.adapter:
+                    encoder = presets.load_adapter_backbone(
+                        name,
+                        _encoder_auto_class(backbone_config, "generative"),
+                        load_kwargs,
+                        base_model=preset_args.get("base_model"),
+                        bare=options.get("encoder_kind", "base") == "base",
+                    )
+                if encoder is None:
+                    encoder = auto_cls.from_pretrained(name, **load_kwargs)
             except ValueError as err:
                 if "Unrecognized configuration class" in str(err):
                     raise _unsupported_backbone_error(name, backbone_config, err) from err
@@ -244,7 +281,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if getattr(text_config, "hidden_size", None) is None:
             raise _unsupported_backbone_error(name, encoder_config)
         attn_implementation = encoder_config._attn_implementation
-        config = MultimodalEmbeddingConfig(encoder_config=encoder_config, **options)
+        config = MultimodalEmbeddingConfig(
+            encoder_config=encoder_config, preset=preset.name if preset is not None else None, **options
+        )
         model = cls(config, encoder=encoder)
         if attn_implementation is not None:
             # Wrapping re-resolves the sub-config's attention; keep what the backbone was loaded with.
@@ -253,6 +292,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if processor is None and load_processor and not isinstance(backbone, PreTrainedModel):
             processor = load_processor_for(name, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
         if processor is not None:
+            presets.apply_pixel_budget(processor, preset, preset_args)
             model.set_processor(processor)
         return model
 
@@ -262,11 +302,16 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         sentence-transformers export of this library (`export_sentence_transformers`, `examples/export.py`) gives
         back the model it was made from.
 
-        Wrapper options (`pooling`, `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`,
-        `encoder_kind`) may be given as keyword arguments; other keyword arguments go to transformers
-        (`dtype`, `attn_implementation`, `revision`, `token`, ...). The processor saved next to the weights is
-        attached as `model.processor` (pass `load_processor=False` to skip). Hub kernels stay off unless
-        `use_kernels=True` (see `USE_HUB_KERNELS_DEFAULT`).
+        A published embedding model (UME-R1, VLM2Vec, UniME, GME, Qwen3-VL-Embedding, ...; `python -m
+        mm_embed_trl.presets --list`) is recognised by hub id, repository name or fingerprint and wrapped with its
+        preset, so `encode` embeds as its authors' code does; `preset=<name>` picks one, `preset=None` none, and a
+        backbone without preset loads with a warning naming the defaults assumed. Wrapper options (`pooling`,
+        `normalize`, `embedding_dim`, `prompt_template`, `pooling_token`, `encoder_kind`) and the processor's
+        `image_min_pixels` / `image_max_pixels` may be given as keyword arguments and win over the preset's;
+        `base_model` names the base of a release published as an adapter (default: its adapter_config.json's).
+        Other keyword arguments go to transformers (`dtype`, `attn_implementation`, `revision`, `token`, ...). The
+        processor saved next to the weights is attached as `model.processor` (pass `load_processor=False` to skip).
+        Hub kernels stay off unless `use_kernels=True` (see `USE_HUB_KERNELS_DEFAULT`).
         """
         load_processor = kwargs.pop("load_processor", True)
         processor = kwargs.pop("processor", None)
@@ -283,6 +328,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             try:
                 found = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             except (OSError, ValueError) as err:
+                from ..presets.loading import raise_for_unloadable
+
+                raise_for_unloadable(pretrained_model_name_or_path, err, hub_kwargs)
                 raise OSError(
                     f"{pretrained_model_name_or_path!r} is neither a saved MultimodalEmbeddingModel nor a backbone "
                     f"transformers can load ({err}). Pass a hub model id or a directory with a config.json."
@@ -292,6 +340,13 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                     pretrained_model_name_or_path, processor=processor, load_processor=load_processor, **kwargs
                 )
         options = {k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs}
+        pixel_budget = {k: kwargs.pop(k) for k in ("image_min_pixels", "image_max_pixels") if k in kwargs}
+        if kwargs.pop("preset", None) not in (None, "auto"):
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is a saved MultimodalEmbeddingModel: its options are in its config "
+                "(config.preset names the preset it started from). preset= applies when wrapping a backbone; pass the "
+                "options themselves (pooling=, prompt_template=, ...) to change them."
+            )
         kwargs.setdefault("use_kernels", USE_HUB_KERNELS_DEFAULT)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for key, value in options.items():
@@ -303,6 +358,10 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs}
             )
         if processor is not None:
+            if pixel_budget:
+                from ..presets.loading import apply_pixel_budget
+
+                apply_pixel_budget(processor, None, pixel_budget)
             model.set_processor(processor)
         return model
 
@@ -500,6 +559,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 "labels were given, but this model has no language-model head: load the backbone with "
                 "encoder_kind='generative' (MultimodalEmbeddingModel.from_pretrained(..., encoder_kind='generative'))."
             )
+        if self.config.sequential_positions and backbone_inputs.get("position_ids") is None:
+            # 0, 1, 2, ... over each row's real tokens (left padding skipped), images included (see the config)
+            backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if self._blank_image is not None:
             self._blank_image.pending = backbone_inputs.get("pixel_values") is None
         try:
@@ -596,6 +658,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         inputs: Sequence[Any] | Any,
         *,
         side: str = "query",
+        instruction: str | None = None,
         mode: str = "discriminative",
         batch_size: int = 16,
         show_progress_bar: bool | None = None,
@@ -616,7 +679,9 @@ class MultimodalEmbeddingModel(PreTrainedModel):
     ):
         """Embed texts, images, (image, text) pairs or {"text", "image"} dicts; returns a (N, D) float32 CPU tensor.
 
-        `side` picks the prompt side of the template ("query" or "document"). Images may be PIL images, paths
+        `side` picks the prompt side of the template ("query" or "document"); `instruction` replaces that side's
+        instruction for every input (a task instruction: the system message of Qwen3-VL-Embedding and GME, a text
+        prefix for the other templates). Images may be PIL images, paths
         (relative to `image_root`) or `datasets.Image` values. A progress bar shows for more than 8 batches unless
         `show_progress_bar` says otherwise.
 
@@ -667,7 +732,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         missing = cut_short = 0
         try:
             for start in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
-                enc = collator.encode_inputs(items[start : start + batch_size], side=side)
+                enc = collator.encode_inputs(items[start : start + batch_size], side=side, instruction=instruction)
                 enc = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in enc.items()}
                 if mode == "discriminative":
                     disc_chunks.append(self(**enc).embeddings.float().cpu())

@@ -49,6 +49,16 @@ def _retrieval_placeholder(name: str):
     return placeholder
 
 
+def _batched_field(value) -> torch.Tensor:
+    """A multimodal field of TRL's prompt batch as the backbone takes it: Qwen-VL's patches come as one tensor;
+    LLaVA-OneVision's per image (crops x C x H x W, the crop count varying with the aspect ratio), which are padded
+    with zero crops and stacked as its processor does, and its image sizes and counts as lists."""
+    if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
+        crops = max(v.shape[0] for v in value)
+        return torch.stack([F.pad(v, (0, 0) * (v.dim() - 1) + (0, crops - v.shape[0])) for v in value])
+    return torch.as_tensor(value)
+
+
 class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
     r"""GRPO with UME-R1's retrieval reward, on TRL's own `GRPOTrainer` (UME-R1 stage 2).
 
@@ -454,9 +464,9 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         if "mm_token_type_ids" in fields:
             types = [torch.as_tensor(t) for t in fields["mm_token_type_ids"]]
             prompt["mm_token_type_ids"] = torch.stack([F.pad(t, (width - len(t), 0)) for t in types])
-        for key in ("pixel_values", "image_grid_thw"):
-            if key in fields:
-                prompt[key] = torch.as_tensor(fields[key])
+        for key, value in fields.items():
+            if key != "mm_token_type_ids":
+                prompt[key] = _batched_field(value)
         return append_completions(prompt, completion_ids_list, pad)
 
     @torch.no_grad()
