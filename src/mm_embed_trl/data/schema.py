@@ -5,6 +5,10 @@ MMEB-train rows (TIGER-Lab/MMEB-train) are used unchanged: ``qry``, ``qry_image_
 ``pos_reasoning``, each side's assistant target ``<think>...</think><answer>...</answer><gen_emb>``. MMEB-eval rows
 carry ``qry_text``, ``qry_img_path``, ``tgt_text`` (list) and ``tgt_img_path`` (list), the first target being the
 correct one.
+
+Several images per side: an image column holds a list of image values (``qry_image_path: ["a.jpg", "b.jpg"]``).
+A video per side: ``qry_video_path`` / ``pos_video_path`` hold a video file, a folder of frames or a list of frames
+(see :mod:`mm_embed_trl.data.videos`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ POS_TEXT = "pos_text"
 POS_IMAGE = "pos_image_path"
 NEG_TEXT = "neg_text"
 NEG_IMAGE = "neg_image_path"
+QUERY_VIDEO = "qry_video_path"
+POS_VIDEO = "pos_video_path"
 # UME-R1 reasoning targets (the assistant turn of each side): "<think>...</think><answer>...</answer><gen_emb>"
 QUERY_REASONING = "qry_reasoning"
 POS_REASONING = "pos_reasoning"
 TRAIN_COLUMNS = (QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE)
-OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE, QUERY_REASONING, POS_REASONING)
+OPTIONAL_TRAIN_COLUMNS = (NEG_TEXT, NEG_IMAGE, QUERY_REASONING, POS_REASONING, QUERY_VIDEO, POS_VIDEO)
+# side name -> its video column (negatives carry none)
+VIDEO_COLUMNS = {"query": QUERY_VIDEO, "positive": POS_VIDEO}
 
 # Added by the pre-training row check (data/validation.py): each row's position in the dataset the trainer was given,
 # so a collator error names the dataset row rather than the row's place in a shuffled batch.
@@ -51,22 +59,37 @@ def is_missing(value: Any) -> bool:
 
 @dataclass
 class EmbeddingInput:
-    """One thing to embed: text, an image, or both. ``image`` is a loaded ``PIL.Image`` (or None)."""
+    """One thing to embed: a text, images, a video, or a mix. ``image`` is a loaded ``PIL.Image``, a list of them
+    (several images, in order) or None; ``video`` a loaded :class:`~mm_embed_trl.data.videos.Video` or None."""
 
     text: str | None = None
     image: Any = None
+    video: Any = None
 
     def __post_init__(self):
         if is_missing(self.text):
             self.text = None
-        if self.text is None and self.image is None:
-            raise ValueError("An embedding input needs a text, an image, or both; got neither.")
+        if isinstance(self.image, (list, tuple)):
+            self.image = list(self.image) if len(self.image) > 1 else (self.image[0] if self.image else None)
+        if self.text is None and self.image is None and self.video is None:
+            raise ValueError("An embedding input needs a text, an image or a video; got none.")
+
+    @property
+    def images(self) -> list:
+        """The input's images, in order (``[]`` for none)."""
+        if self.image is None:
+            return []
+        return list(self.image) if isinstance(self.image, list) else [self.image]
+
+    @property
+    def has_visual(self) -> bool:
+        return self.image is not None or self.video is not None
 
     @property
     def modality(self) -> str:
-        if self.image is not None and self.text is not None:
-            return "image+text"
-        return "image" if self.image is not None else "text"
+        parts = [name for name, present in (("image", self.image is not None), ("video", self.video is not None),
+                                            ("text", self.text is not None)) if present]
+        return "+".join(parts)
 
 
 def _as_list(value: Any) -> list:
@@ -98,22 +121,30 @@ def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
     """Parse a user-facing input into (text or None, image value or None) without loading the image.
 
     Accepts a str, a PIL image, an ``EmbeddingInput``, an (image, text) tuple (the image may be a path string; a
-    (text, image) tuple with a non-str image is accepted too), or a ``{"text": ..., "image": ...}`` dict. Empty
-    strings count as missing, as in MMEB rows.
+    (text, image) tuple with a non-str image is accepted too), or a ``{"text": ..., "image": ..., "video": ...}``
+    dict (``image`` may be a list of images; ``video`` a video file, a frame folder or a list of frames). Empty
+    strings count as missing, as in MMEB rows. Use :func:`split_visual_input` to get the video too.
     """
+    text, image, _ = split_visual_input(value, where=where)
+    return text, image
+
+
+def split_visual_input(value: Any, *, where: str = "input") -> tuple[str | None, Any, Any]:
+    """:func:`split_input` with the video: ``(text or None, image value(s) or None, video value or None)``."""
     from PIL import Image
 
+    video = None
     if isinstance(value, EmbeddingInput):
-        text, image = value.text, value.image
+        text, image, video = value.text, value.image, value.video
     elif isinstance(value, str):
         text, image = value, None
     elif isinstance(value, Image.Image):
         text, image = None, value
     elif isinstance(value, Mapping):
-        unknown = set(value) - {"text", "image"}
+        unknown = set(value) - {"text", "image", "video"}
         if unknown:
-            raise ValueError(f"{where} has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
-        text, image = value.get("text"), value.get("image")
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)}; use 'text', 'image' and/or 'video'.")
+        text, image, video = value.get("text"), value.get("image"), value.get("video")
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         # (image, text); an image may itself be a path string, so only a non-str second item flips the order
         first, second = value
@@ -124,9 +155,10 @@ def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:
             "an (image, text) tuple or a {'text': ..., 'image': ...} dict."
         )
     text = None if is_missing(text) else text
-    image = None if is_missing(image) else image
+    image = None if is_missing(image) or (isinstance(image, (list, tuple)) and len(image) == 0) else image
+    video = None if is_missing(video) or (isinstance(video, (list, tuple)) and len(video) == 0) else video
     if text is not None and not isinstance(text, str):
         raise TypeError(f"{where} has a text of type {type(text).__name__}; texts must be str.")
-    if text is None and image is None:
-        raise ValueError(f"{where} has neither a text nor an image (an empty text?); give at least one.")
-    return text, image
+    if text is None and image is None and video is None:
+        raise ValueError(f"{where} has neither a text, an image nor a video (an empty text?); give at least one.")
+    return text, image, video

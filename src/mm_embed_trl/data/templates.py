@@ -44,6 +44,7 @@ __all__ = [
     "UME_R1_INSTRUCTION",
     "UNIME_IMAGE_SUMMARY",
     "UNIME_TEXT_SUMMARY",
+    "VIDEO_PLACEHOLDER_PATTERN",
     "VISION_TOKEN_PATTERN",
     "PromptTemplate",
     "available_templates",
@@ -78,12 +79,18 @@ IMAGE_PLACEHOLDER_PATTERN: re.Pattern[str] = re.compile(
     r"|<image(?:_\d+)?>"  # <image>, <image_1>
     r"|<\|image_pad\|>"
 )
+# Video placeholders (MMEB-V2 / LLaVA "<video>", "<|video_1|>", Qwen-VL's pad and its expanded block): the video's
+# place is its {"type": "video"} content item, as for images.
+VIDEO_PLACEHOLDER_PATTERN: re.Pattern[str] = re.compile(
+    r"<\|vision_start\|>(?:<\|video_pad\|>)*<\|vision_end\|>|<\|video(?:_\d+)?\|>|<video(?:_\d+)?>|<\|video_pad\|>"
+)
 # The tokens processors expand into image / video features (Qwen-VL's pads, LLaVA-OneVision's <image> / <video>).
 # One left in a text asks for features no image gave: the processor refuses the batch, or the model does ("Image
 # features and image tokens do not match"). Prompt texts lose the image ones with the placeholders above; reasoning
 # targets are tokenized as they are.
 VISION_TOKEN_PATTERN: re.Pattern[str] = re.compile(r"<\|image_pad\|>|<\|video_pad\|>|<image>|<video>")
-_PLACEHOLDER_WITH_SPACE = re.compile(r"[ \t]*(?:" + IMAGE_PLACEHOLDER_PATTERN.pattern + r")[ \t]*")
+_VISUAL_PLACEHOLDER = re.compile(IMAGE_PLACEHOLDER_PATTERN.pattern + "|" + VIDEO_PLACEHOLDER_PATTERN.pattern)
+_PLACEHOLDER_WITH_SPACE = re.compile(r"[ \t]*(?:" + _VISUAL_PLACEHOLDER.pattern + r")[ \t]*")
 _SPACE_AROUND_NEWLINE = re.compile(r"[ \t]*\n[ \t]*")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
@@ -92,13 +99,13 @@ _DOCUMENT_ALIASES = {"document", "positive", "negative", "target", "candidate", 
 
 
 def strip_image_placeholders(text: str | None) -> str:
-    """Remove image placeholders from ``text`` and tidy the whitespace they leave behind.
+    """Remove image and video placeholders from ``text`` and tidy the whitespace they leave behind.
 
     Text without placeholders is only stripped at both ends (its inner whitespace is the user's).
     """
     if text is None:
         return ""
-    if IMAGE_PLACEHOLDER_PATTERN.search(text) is None:
+    if _VISUAL_PLACEHOLDER.search(text) is None:
         return text.strip()
     text = _PLACEHOLDER_WITH_SPACE.sub(" ", text)
     text = _SPACE_AROUND_NEWLINE.sub("\n", text)
@@ -213,7 +220,7 @@ class PromptTemplate:
                 (a row whose text says ``<|image_1|>`` but whose image column is empty).
         """
         text = strip_image_placeholders(inp.text)
-        has_image = inp.image is not None
+        has_image = inp.has_visual  # an image-only format serves videos and several images too
         if not has_image and not text:
             raise ValueError(
                 f"Input text {inp.text!r} holds only an image placeholder but the input has no image; check "
@@ -230,23 +237,24 @@ class PromptTemplate:
     def with_text_only_image(self, inp: EmbeddingInput) -> EmbeddingInput:
         """``inp`` as this template embeds it: with the white square of ``text_only_image_size`` when it has no
         image (every caller that turns inputs into model inputs calls this before :meth:`build_messages`)."""
-        if self.text_only_image_size is None or inp.image is not None:
+        if self.text_only_image_size is None or inp.has_visual:
             return inp
         return EmbeddingInput(text=inp.text, image=blank_image(self.text_only_image_size))
 
     def build_messages(self, inp: EmbeddingInput, side: str = "query", instruction: str | None = None) -> list[dict]:
-        """Chat messages for ``inp``: an ``{"type": "image"}`` item iff ``inp.image`` is set, then the text."""
+        """Chat messages for ``inp``: one ``{"type": "image"}`` item per image, then ``{"type": "video"}`` for its
+        video, then the text (the visual items after the text when ``image_first`` is False)."""
         text = self.format_text(inp, side, instruction)
+        visual = [{"type": "image"} for _ in inp.images] + ([{"type": "video"}] if inp.video is not None else [])
         content: list[dict] = []
-        if inp.image is not None and self.image_first:
-            content.append({"type": "image"})
+        if visual and self.image_first:
+            content.extend(visual)
             if text:
                 content.append({"type": "text", "text": self.image_separator + text})
         else:
             if text:
                 content.append({"type": "text", "text": text})
-            if inp.image is not None:
-                content.append({"type": "image"})
+            content.extend(visual)
         messages: list[dict] = []
         system = self.system_message(side, instruction)
         if system is not None:
@@ -258,6 +266,11 @@ class PromptTemplate:
         """The prompt of a ``use_chat_template=False`` template: ``image_token``, the separator and the text. The
         separator stays when the text is empty, as VLM2Vec's ``process_input_text`` writes ``"<|image_pad|> "``."""
         text = self.format_text(inp, side, instruction)
+        if inp.video is not None or len(inp.images) > 1:
+            raise ValueError(
+                f"PromptTemplate {self.name!r} renders without a chat template, which places one image token: it "
+                "takes no video or several images. Use a template with use_chat_template=True for them."
+            )
         if inp.image is None:
             return text
         return image_token + self.image_separator + text if self.image_first else text + image_token

@@ -27,8 +27,14 @@ from functools import partial
 import numpy as np
 
 from .loading import check_training_columns, keep_source, source_file, source_lines
-from .schema import NEG_IMAGE, NEG_TEXT, POS_REASONING, QUERY_REASONING, ROW_INDEX_COLUMN, SIDES
-from .templates import GEN_EMB_TOKEN, IMAGE_PLACEHOLDER_PATTERN, UME_R1_FORMAT, VISION_TOKEN_PATTERN
+from .schema import NEG_IMAGE, NEG_TEXT, POS_REASONING, QUERY_REASONING, ROW_INDEX_COLUMN, SIDES, VIDEO_COLUMNS
+from .templates import (
+    GEN_EMB_TOKEN,
+    IMAGE_PLACEHOLDER_PATTERN,
+    UME_R1_FORMAT,
+    VIDEO_PLACEHOLDER_PATTERN,
+    VISION_TOKEN_PATTERN,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +61,7 @@ __all__ = [
 
 ON_BAD_ROW_CHOICES = ("raise", "skip")
 # Part of every cache key: bump when a contract's facts change for the same data.
-_CONTRACT_VERSION = 4
+_CONTRACT_VERSION = 5
 _BATCH_ROWS = 10_000
 # Fingerprints (+ contract options) of datasets a contrastive check returned in this process: the example checks
 # before the model loads, the trainer checks again, and the second check must cost nothing.
@@ -355,6 +361,9 @@ def _checked_key(dataset, options: dict) -> str:
 
 # ------------------------------------------------------------------------------------ the contrastive contract
 _PLACEHOLDER_REGEX = IMAGE_PLACEHOLDER_PATTERN.pattern
+# what the templates strip from prompt texts: image and video placeholders (a video's place is its content item)
+_VISUAL_PLACEHOLDER_REGEX = _PLACEHOLDER_REGEX + "|" + VIDEO_PLACEHOLDER_PATTERN.pattern
+_VIDEO_PLACEHOLDERS = "a video placeholder (<video>, <|video_pad|>, <|video_1|>)"
 _VISION_REGEX = VISION_TOKEN_PATTERN.pattern
 # UME-R1's format check in Arrow's regex engine (RE2): the same pattern, DOTALL as an inline flag
 _FORMAT_REGEX = "(?s)" + UME_R1_FORMAT.pattern
@@ -362,8 +371,6 @@ _FORMAT_REGEX = "(?s)" + UME_R1_FORMAT.pattern
 _ROW_SIDES = ("query", "positive")
 # side -> its reasoning target (UME-R1 SFT)
 REASONING_COLUMNS = {"query": QUERY_REASONING, "positive": POS_REASONING}
-_VIDEO_TOKENS = "a video token (<|video_pad|>, <video>)"
-_VIDEO_FIX = "Video input is not supported yet: remove the token from the text, or drop these rows."
 
 
 def text_causes(column: str) -> list[tuple[str, str]]:
@@ -374,19 +381,31 @@ def text_causes(column: str) -> list[tuple[str, str]]:
     ]
 
 
-def _check_image_column(array, column: str, *, what: str) -> None:
-    """One image value per row: a path, a ``datasets.Image`` struct, encoded bytes, or nothing."""
+def _check_image_column(array, column: str, *, what: str, kind: str = "image") -> None:
+    """Image values per row: a path, a ``datasets.Image`` struct, encoded bytes, nothing, or a list of those (several
+    images; a video's frames)."""
     import pyarrow as pa
 
     t = array.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
     if _is_json(array) or pa.types.is_null(t) or pa.types.is_struct(t):
         return
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return
     raise TypeError(
-        f"Column {column!r} of the {what} holds {t} values; it needs one image per row: a path (relative to "
-        "image_root), a datasets.Image value, encoded bytes, or '' for none."
+        f"Column {column!r} of the {what} holds {array.type} values; it needs an {kind} per row: a path (relative to "
+        "image_root), a datasets.Image value, encoded bytes, a list of those, or '' for none."
     )
+
+
+def _per_row(array, per_value: Callable) -> np.ndarray:
+    """``per_value`` (a per-value mask function) of an image column, with a list column's values folded to rows."""
+    import pyarrow as pa
+
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        return _per_element_to_rows(array, per_value(array.flatten()))
+    return per_value(array)
 
 
 _UNREADABLE_FIX = (
@@ -470,7 +489,11 @@ def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list
                 f"Fill in {image_col!r} with the row's image path (relative to image_root), or drop these rows.",
             ),
             (f"an image path in {image_col!r} that is not valid UTF-8", "Re-encode the data file as UTF-8."),
-            (f"{_VIDEO_TOKENS} in {text_col!r}", _VIDEO_FIX),
+            (
+                f"{_VIDEO_PLACEHOLDERS} in {text_col!r} but no video in {VIDEO_COLUMNS[side]!r}",
+                f"Put the row's video (a video file, a frame folder or a list of frames) in {VIDEO_COLUMNS[side]!r}, "
+                "or remove the placeholder, or drop these rows.",
+            ),
             (f"an image in {image_col!r} that is not a readable image", _UNREADABLE_FIX),
         ]
     causes += [
@@ -487,7 +510,10 @@ def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list
             f"a negative in {NEG_IMAGE!r} that is not an image value",
             f"Give each row a list of image paths in {NEG_IMAGE!r}, one per negative ('' for none).",
         ),
-        (f"{_VIDEO_TOKENS} in {NEG_TEXT!r}", _VIDEO_FIX),
+        (
+            f"{_VIDEO_PLACEHOLDERS} in {NEG_TEXT!r}",
+            "Explicit negatives carry no video: remove the placeholder, or drop these rows.",
+        ),
         (f"an image in {NEG_IMAGE!r} that is not a readable image", _UNREADABLE_FIX),
     ]
     if reasoning:
@@ -540,26 +566,31 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
         texts, not_text, bad_utf8 = text_values(as_array(batch[text_col]), text_col, what=what)
         placeholder = pc.match_substring_regex(texts, _PLACEHOLDER_REGEX).fill_null(False)
         placeholder = placeholder.to_numpy(zero_copy_only=False)
-        without_placeholders = pc.replace_substring_regex(texts, _PLACEHOLDER_REGEX, "")
+        without_placeholders = pc.replace_substring_regex(texts, _VISUAL_PLACEHOLDER_REGEX, "")
         stripped = pc.utf8_trim_whitespace(without_placeholders)
         empty = pc.equal(pc.utf8_length(stripped), 0).fill_null(True).to_numpy(zero_copy_only=False)
         image_bad_utf8 = unreadable = np.zeros(n, dtype=bool)
         if image_col in batch.column_names:
             images = as_array(batch[image_col])
             _check_image_column(images, image_col, what=what)
-            if pa.types.is_string(images.type) or pa.types.is_large_string(images.type):
-                image_bad_utf8 = invalid_utf8_mask(images)
+            image_bad_utf8 = _per_row(images, _invalid_utf8_paths)
             has_image = present_mask(images) & ~image_bad_utf8
-            unreadable = _unreadable_images(images)
+            unreadable = _per_row(images, _unreadable_images)
         else:
             has_image = np.zeros(n, dtype=bool)
+        has_video = np.zeros(n, dtype=bool)
+        video_col = VIDEO_COLUMNS[side]
+        if video_col in batch.column_names:  # read when its batch comes: files and folders are not opened here
+            videos = as_array(batch[video_col])
+            _check_image_column(videos, video_col, what=what, kind="video (a file, a frame folder or frames)")
+            has_video = present_mask(videos)
         usable = ~not_text & ~bad_utf8
         flag(not_text)
         flag(bad_utf8)
-        flag(usable & empty & ~placeholder & ~has_image)
-        flag(usable & empty & placeholder & ~has_image)
+        flag(usable & empty & ~placeholder & ~has_image & ~has_video)
+        flag(usable & empty & placeholder & ~has_image & ~has_video)
         flag(image_bad_utf8)
-        flag(usable & _matches(without_placeholders, _VISION_REGEX))
+        flag(usable & _matches(texts, VIDEO_PLACEHOLDER_PATTERN.pattern) & ~has_video)
         flag(unreadable)
         facts[f"{side}_placeholder"] = placeholder
         facts[f"{side}_image"] = has_image
@@ -578,8 +609,7 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
             lists = value_lists(as_array(batch[NEG_TEXT]))
             flat = lists.flatten()
             if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-                without = pc.replace_substring_regex(flat, _PLACEHOLDER_REGEX, "")
-                negative_video = _per_element_to_rows(lists, _matches(without, _VISION_REGEX))
+                negative_video = _per_element_to_rows(lists, _matches(flat, VIDEO_PLACEHOLDER_PATTERN.pattern))
         if NEG_IMAGE in batch.column_names and not not_values[NEG_IMAGE].any():
             lists = value_lists(as_array(batch[NEG_IMAGE]))
             negative_unreadable = _per_element_to_rows(lists, _unreadable_images(lists.flatten()))
@@ -603,6 +633,14 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
     facts["problems"] = problems
     facts["num_negatives"] = counts
     return facts
+
+
+def _invalid_utf8_paths(array) -> np.ndarray:
+    import pyarrow as pa
+
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return invalid_utf8_mask(array)
+    return np.zeros(len(array), dtype=bool)
 
 
 def _matches(texts, regex: str) -> np.ndarray:
@@ -758,7 +796,7 @@ def check_training_rows(
     Column problems raise: missing or misspelt MMEB columns (:func:`~mm_embed_trl.data.loading.check_training_columns`),
     a text column without texts, image placeholders in a side's texts while its image column is absent or empty in
     every row, an empty dataset. Row problems (a text that is not a string or not valid UTF-8, a side with neither a
-    text nor an image, a video token in a text, negatives that do not pair up or differ in number) follow
+    text, an image nor a video, negatives that do not pair up or differ in number) follow
     ``on_bad_row`` (see :func:`enforce_on_bad_row`). With ``reasoning`` (UME-R1's reasoning SFT, whose batches carry
     no explicit negatives) both reasoning columns must exist, and a row must have a target per side that is a text in
     UME-R1's format ending with ``<gen_emb>``, without image or video tokens. The returned dataset carries a row

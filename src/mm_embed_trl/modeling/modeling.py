@@ -29,7 +29,7 @@ from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indi
 logger = logging.getLogger(__name__)
 
 # Keys the collator adds for bookkeeping (GradCache splitting); never passed to the backbone.
-METADATA_KEYS = ("image_counts",)
+METADATA_KEYS = ("image_counts", "video_counts")
 
 # Options of the wrapper that `from_pretrained` accepts next to the usual transformers kwargs.
 WRAPPER_OPTIONS = (
@@ -563,14 +563,14 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             # 0, 1, 2, ... over each row's real tokens (left padding skipped), images included (see the config)
             backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if self._blank_image is not None:
-            self._blank_image.pending = backbone_inputs.get("pixel_values") is None
+            self._blank_image.arm(backbone_inputs)
         try:
             outputs = self._hidden_state_module()(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
             )
         finally:
             if self._blank_image is not None:
-                self._blank_image.pending = False
+                self._blank_image.arm(None)
         hidden = outputs.last_hidden_state
         token_found = None
         if self.config.pooling == "special_token":
@@ -677,12 +677,15 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         generate_fn=None,
         generation_kwargs: dict[str, Any] | None = None,
     ):
-        """Embed texts, images, (image, text) pairs or {"text", "image"} dicts; returns a (N, D) float32 CPU tensor.
+        """Embed texts, images, (image, text) pairs or {"text", "image", "video"} dicts; returns a (N, D) float32 CPU
+        tensor.
 
         `side` picks the prompt side of the template ("query" or "document"); `instruction` replaces that side's
         instruction for every input (a task instruction: the system message of Qwen3-VL-Embedding and GME, a text
-        prefix for the other templates). Images may be PIL images, paths
-        (relative to `image_root`) or `datasets.Image` values. A progress bar shows for more than 8 batches unless
+        prefix for the other templates). Images may be PIL images, paths (relative to `image_root`) or
+        `datasets.Image` values, and a list of them (several images in one input); a video is a video file, a folder
+        of frames or a list of frames, sampled as the processor is set to
+        (:func:`mm_embed_trl.data.videos.set_video_options`). A progress bar shows for more than 8 batches unless
         `show_progress_bar` says otherwise.
 
         Models trained for UME-R1 (``config.generative_pooling_token`` set) have three modes:
@@ -715,7 +718,10 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         )
         if single:
             inputs = [inputs]
-        items = [to_embedding_input(x, index=i, image_root=image_root) for i, x in enumerate(inputs)]
+        items = [
+            to_embedding_input(x, index=i, image_root=image_root, processor=self.processor)
+            for i, x in enumerate(inputs)
+        ]
         collator = self.make_collator(max_length=max_length)
         batches = range(0, len(items), batch_size)
         if show_progress_bar is None:
@@ -813,9 +819,13 @@ class BlankImageHook:
     """Runs a vision-language backbone's vision tower in forwards without images, on a tiny blank image whose output
     joins the language model's input embeddings times 0: results are unchanged, every rank runs the same modules.
 
+    Backbones that take videos run the tower once for a batch's images and once for its videos, so a forward without
+    videos also gets a blank two-frame video: a rank with images and videos, one with videos only and one with text
+    only all run the tower twice.
+
     The blank image runs where real images do, between the token embedding and the language model (a forward
     pre-hook on ``inner.language_model``), so the backward visits the modules in the same order too and a trainable
-    vision tower gets an explicit zero gradient. A forward arms it by setting ``pending`` (MultimodalEmbeddingModel's
+    vision tower gets an explicit zero gradient. A forward arms it with :meth:`arm` (MultimodalEmbeddingModel's
     forward does), or :meth:`hook_top_level` arms it for every prefill call of a module without ``pixel_values``
     (not for cached decoding steps).
 
@@ -836,8 +846,16 @@ class BlankImageHook:
         accepted = inspect.signature(inner.get_image_features).parameters
         encoded = image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
         self.inputs = {k: v for k, v in encoded.items() if k in accepted and torch.is_tensor(v)}
+        self.video_inputs = None
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None and hasattr(inner, "get_video_features"):
+            accepted = inspect.signature(inner.get_video_features).parameters
+            blank = [Image.new("RGB", (64, 64))] * 2
+            encoded = video_processor(videos=[blank], return_tensors="pt", do_sample_frames=False)
+            self.video_inputs = {k: v for k, v in encoded.items() if k in accepted and torch.is_tensor(v)}
         self.inner = inner
         self.pending = False
+        self.pending_video = False
         self._top_level: set[int] = set()
         inner.language_model.register_forward_pre_hook(self._add_blank_image_features, with_kwargs=True)
 
@@ -850,21 +868,35 @@ class BlankImageHook:
     def _arm(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 names it `cache`
         prefill = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
-        self.pending = prefill and kwargs.get("pixel_values") is None
+        self.arm(kwargs if prefill else None)
         return None
+
+    def arm(self, inputs: Mapping[str, Any] | None) -> None:
+        """Arm for one forward over ``inputs`` (None: disarm): blank inputs for what it lacks."""
+        self.pending = inputs is not None and inputs.get("pixel_values") is None
+        self.pending_video = (
+            inputs is not None and self.video_inputs is not None and inputs.get("pixel_values_videos") is None
+        )
 
     def _add_blank_image_features(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        if not self.pending or embeds is None:
+        if not (self.pending or self.pending_video) or embeds is None:
             return None
-        self.pending = False
-        inputs = {k: v.to(embeds.device) for k, v in self.inputs.items()}
-        features = self.inner.get_image_features(**inputs, return_dict=True)
+        zero = embeds.new_zeros(())
+        if self.pending:
+            zero = zero + self._blank_features(self.inner.get_image_features, self.inputs, embeds.device)
+        if self.pending_video:
+            zero = zero + self._blank_features(self.inner.get_video_features, self.video_inputs, embeds.device)
+        self.pending = self.pending_video = False
+        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
+
+    @staticmethod
+    def _blank_features(get_features, inputs, device) -> torch.Tensor:
+        features = get_features(**{k: v.to(device) for k, v in inputs.items()}, return_dict=True)
         # Exactly the outputs the backbone consumes for real images: each module output that receives a gradient
         # triggers ZeRO-3's pre-backward fetch, so using more (e.g. last_hidden_state) would change the order.
         used = (features.pooler_output, getattr(features, "deepstack_features", None))
-        zero = sum(t.float().sum() for t in iter_tensors(used) if t.is_floating_point()) * 0.0
-        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
+        return sum(t.float().sum() for t in iter_tensors(used) if t.is_floating_point()) * 0.0
 
 
 def count_degenerate_rows(embeddings: torch.Tensor) -> int:

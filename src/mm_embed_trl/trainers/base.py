@@ -176,6 +176,9 @@ class EmbeddingTrainingArguments(EmbeddingRunArguments, TrainingArguments):
             are never cut); longer texts are truncated and the first batch that cuts any logs a warning with the
             count. `None` (YAML `null`) keeps whole texts, at the risk of running out of memory on a stray long one.
         image_max_pixels (`int`, *optional*): pixel budget per image for dynamic-resolution (Qwen-VL) processors.
+        video_fps (`float`, *optional*), video_max_frames (`int`, *optional*), video_max_pixels (`int`, *optional*):
+            how videos are sampled (frames per second of a video file, the most frames per video) and the pixel budget
+            of one frame; saved with the processor (`mm_embed_trl.data.videos.set_video_options`).
         num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
         gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
             graph in chunks, the loss is computed on the full (global) batch, then each chunk is re-run with graph
@@ -211,6 +214,16 @@ class EmbeddingTrainingArguments(EmbeddingRunArguments, TrainingArguments):
             "help": "Pixel budget per image for dynamic-resolution processors (Qwen-VL family), e.g. 112896 = "
             "336x336 as in UniME; saved with the processor so inference uses the same budget."
         },
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={"help": "Frames sampled per second of a video file (None: video_max_frames evenly spaced)."},
+    )
+    video_max_frames: int | None = field(
+        default=None, metadata={"help": "Most frames kept per video (default 8, MMEB-V2's); saved with the processor."}
+    )
+    video_max_pixels: int | None = field(
+        default=None, metadata={"help": "Pixel budget per video frame (Qwen-VL); saved with the processor."}
     )
     gradient_cache_chunk_size: int | None = field(
         default=None,
@@ -380,6 +393,12 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             from ..data.images import set_image_pixel_budget
 
             set_image_pixel_budget(processing_class, args.image_max_pixels)
+        if any(getattr(args, f"video_{name}", None) is not None for name in ("fps", "max_frames", "max_pixels")):
+            from ..data.videos import set_video_options
+
+            set_video_options(
+                processing_class, fps=args.video_fps, max_frames=args.video_max_frames, max_pixels=args.video_max_pixels
+            )
         if args.freeze_vision_tower and peft_config is not None and args.lora_target == "all":
             raise ValueError(
                 "freeze_vision_tower=True contradicts lora_target='all' (adapters in the vision tower would train); "
