@@ -308,7 +308,7 @@ class ReasoningCollator(EmbeddingCollator):
         image only)."""
         if side not in self._fixed_prompt_bytes:
             probes = [EmbeddingInput(text="x"), EmbeddingInput(text="x", image=True), EmbeddingInput(image=True)]
-            texts, _ = self._render([self.template.build_messages(p, side) for p in probes], probes, side)
+            texts, _ = self._render(probes, side, None)
             self._fixed_prompt_bytes[side] = max(len(t.encode("utf-8")) for t in texts)
         return self._fixed_prompt_bytes[side]
 
