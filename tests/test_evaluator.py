@@ -129,7 +129,7 @@ def test_retrieval_evaluator_argument_errors():
         RetrievalEvaluator(["a", "b"], ["x"], [{0}, {5}])
     with pytest.raises(ValueError, match="main_metric 'recall@3'"):
         RetrievalEvaluator(["a"], ["x"], [{0}], k_values=(1,), main_metric="recall@3")
-    with pytest.raises(ValueError, match="query #1 has neither a text nor an image"):
+    with pytest.raises(ValueError, match="query #1 has neither a text, an image nor a video"):
         RetrievalEvaluator(["a", {"text": "", "image": None}], ["x"], [{0}, {0}])
     with pytest.raises(TypeError, match="corpus document #0 has unsupported type int"):
         RetrievalEvaluator(["a"], [3], [{0}])
