@@ -19,7 +19,7 @@ def test_tuple_is_image_then_text_even_for_path_strings(tmp_path):
 
 def test_empty_values_count_as_missing():
     assert split_input({"text": "", "image": "x.png"}) == (None, "x.png")
-    with pytest.raises(ValueError, match="neither a text nor an image"):
+    with pytest.raises(ValueError, match="neither a text, an image nor a video"):
         split_input({"text": "  ", "image": ""}, where="row 7")
     with pytest.raises(ValueError, match="needs a text, an image"):
         EmbeddingInput()
