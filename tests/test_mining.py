@@ -142,28 +142,43 @@ def test_search_with_fewer_allowed_candidates_than_k_pads_with_minus_one():
 
 # ------------------------------------------------------------------------------------------------- drop rules
 def test_filter_candidates_on_a_hand_made_case():
-    # one row, candidates best first; pool item 0 is its positive, item 3 a copy of it (same content key)
-    indices = np.array([[0, 3, 5, 6, 7, 8, 9]])
-    scores = np.array([[0.95, 0.95, 0.93, 0.85, 0.70, 0.60, 0.50]], dtype=np.float32)
-    pool_keys = np.arange(10, dtype=np.int64) + 100
-    pool_keys[3] = pool_keys[0]
-    units = np.array([0])
     from mm_embed_trl.mining.miner import _pair_hash
 
-    excluded = np.unique(_pair_hash(units, pool_keys[[0]]))
-    config = MiningConfig(num_negatives=2, false_negative_margin=-0.05, range_min=1, range_max=5)
-    out = filter_candidates(indices, scores, np.array([0.95], dtype=np.float32), units, pool_keys, excluded, config)
-    # non-duplicates by rank: 5 (0), 6 (1), 7 (2), 8 (3), 9 (4); the window drops rank 0 (item 5) and rank >= 5;
-    # the margin keeps scores <= 0.95 - 0.05 = 0.90: items 6, 7, 8, 9; the 2 best: 6, 7
-    assert out["negatives"].tolist() == [[6, 7]]
-    assert out["survivors"].tolist() == [4]
+    # two rows (search units 0 and 1) whose positives are pool items 0 and 2; item 3 is a copy of item 0 (same
+    # content key), item 4 a copy of item 6
+    pool_keys = np.arange(10, dtype=np.int64) + 100
+    pool_keys[3], pool_keys[4] = pool_keys[0], pool_keys[6]
+    units = np.array([0, 1])
+    excluded = np.unique(_pair_hash(units, pool_keys[[0, 2]]))
+    indices = np.array([[0, 3, 5, 6, 4, 7, 8, 9, 2],
+                        [5, 2, 6, 4, 7, 9, 8, 1, 0]])
+    scores = np.array([[0.95, 0.95, 0.93, 0.88, 0.88, 0.70, 0.60, 0.50, 0.40],
+                       [0.97, 0.90, 0.86, 0.86, 0.79, 0.72, 0.65, 0.30, 0.20]], dtype=np.float32)
+    positive_scores = np.array([0.80, 0.70], dtype=np.float32)
+    config = MiningConfig(num_negatives=2, false_negative_margin=0.1, range_min=1, range_max=5, depth=8)
+    out = filter_candidates(indices, scores, positive_scores, units, pool_keys, excluded, config)
+    # row 0: 0 and 3 are its positive; 4 repeats 6. Ranks of the rest: 5 (0), 6 (1), 7 (2), 8 (3), 9 (4), 2 (5);
+    # the window [1, 5) drops 5 and 2; the margin keeps scores <= 0.80 + 0.1: all of 6, 7, 8, 9 -> the 2 best 6, 7.
+    # row 1: 2 is its positive (item 0 is not: another row's positive, of another query); 4 repeats 6. Ranks: 5 (0),
+    # 6 (1), 7 (2), 9 (3), 8 (4), 1 (5), 0 (6); the window drops 5, 1, 0; the margin (<= 0.80) drops 6 (0.86).
+    assert out["negatives"].tolist() == [[6, 7], [7, 9]]
+    assert out["survivors"].tolist() == [4, 3]
+    assert_close(torch.as_tensor(out["negative_scores"]), torch.tensor([[0.88, 0.70], [0.79, 0.72]]), rtol=1e-7)
     dropped = dict(zip(REASONS, out["dropped"].tolist()))
-    assert dropped == {"positive_or_duplicate": 2, "outside_rank_window": 1, "above_margin": 0}
-    # UniME's margin +0.1 with the whole window: item 5 (0.93 <= 1.05) comes first
+    assert dropped == {"positive_or_duplicate": 3, "repeated_candidate": 2, "outside_rank_window": 5,
+                       "above_margin": 1}
+    assert out["candidates"].tolist() == [18]  # every retrieved item within depth 8 of the distinct candidates
+    # UniME's defaults: margin 0.1, the whole window (depth 4 x 3 = 12 covers every candidate)
     config = MiningConfig(num_negatives=3, false_negative_margin=0.1)
-    out = filter_candidates(indices, scores, np.array([0.80], dtype=np.float32), units, pool_keys, excluded, config)
+    out = filter_candidates(indices[:1], scores[:1], np.array([0.80], np.float32), units[:1], pool_keys, excluded,
+                            config)
     assert out["negatives"].tolist() == [[6, 7, 8]]  # 5 (0.93 > 0.80 + 0.1) is a likely false negative
     assert dict(zip(REASONS, out["dropped"].tolist()))["above_margin"] == 1
+    # no margin rule: the best distinct non-positives in rank order
+    config = MiningConfig(num_negatives=3, false_negative_margin=None)
+    out = filter_candidates(indices[:1], scores[:1], np.array([0.80], np.float32), units[:1], pool_keys, excluded,
+                            config)
+    assert out["negatives"].tolist() == [[5, 6, 7]]
 
 
 def test_mining_config_refuses_bad_options():
@@ -226,12 +241,14 @@ def test_planted_duplicates_of_the_positive_are_never_mined(planted, qwen2_vl_mo
         forbidden = positives_of_query[(row["qry"], row["qry_image_path"])]
         mined_keys = {_content_of(t, i, root) for t, i in zip(row["neg_text"], row["neg_image_path"])}
         assert not mined_keys & forbidden, row
+        assert len(mined_keys) == 6, row  # the planted copies of other rows' positives never give one negative twice
     # the whole pool was retrieved (depth 1000): every positive, planted copy and other positive of the same query
     # was examined and dropped, row by row
     pool = {(r["pos_text"], r["pos_image_path"]) for r in rows} | set(zip(corpus["text"], corpus["image"]))
     pool_keys = [_content_of(t, i, root) for t, i in pool]
     expected = sum(sum(k in positives_of_query[(r["qry"], r["qry_image_path"])] for k in pool_keys) for r in rows)
     assert summary.dropped["positive_or_duplicate"] == expected > 2 * len(rows)
+    assert summary.dropped["repeated_candidate"] > 0
 
 
 def test_mining_writes_each_schema_and_the_output_passes_the_row_check(planted, qwen2_vl_model, tmp_path):
@@ -321,7 +338,11 @@ def test_a_sentence_transformers_export_embeds_as_the_model(planted, qwen2_vl_mo
     save_model_for_inference(qwen2_vl_model, tmp_path / "model")
     st = SentenceTransformer(str(tmp_path / "model" / "sentence_transformers"))
     items = [(r["pos_text"], r["pos_image_path"]) for r in rows.select(range(12))]
-    ours = load_embedder(qwen2_vl_model, image_root=root).embed(items, "document")
+    ours = load_embedder(qwen2_vl_model, image_root=root, batch_size=5).embed(items, "document")
+    # the embedder (inputs decoded and processed in dataloader workers) embeds as the model's own encode
+    encoded = qwen2_vl_model.encode([{"text": t, "image": i or None} for t, i in items], side="document",
+                                    image_root=root, batch_size=12)
+    assert_close(torch.as_tensor(ours[0]), encoded, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
     theirs = load_embedder(st, image_root=root).embed(items, "document")
     assert np.array_equal(ours[1], theirs[1])  # content keys do not depend on the model
     assert_close(torch.as_tensor(theirs[0]), torch.as_tensor(ours[0]), rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
@@ -355,3 +376,38 @@ def test_the_cli_on_two_ranks_equals_one_process_and_its_output_trains_through_t
     ).output
     assert "'num_valid_negatives'" in log  # trained on the mined rows, explicit negatives included
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_cli_killed_mid_run_resumes_to_the_same_file_from_its_recipe(shapes_data, tiny_backbone, tmp_path):
+    import subprocess
+    import time
+
+    root = shapes_data.image_root
+    shapes_data["train"].select(range(96)).to_parquet(str(tmp_path / "rows.parquet"))
+
+    def options(name):  # the shipped recipe, sized down on the command line
+        return ["--config", ROOT / "recipes" / "mining" / "mine_mmeb_qwen2vl_2b.yaml", "--model",
+                tiny_backbone("qwen2_vl"), "--dataset", tmp_path / "rows.parquet", "--split", "train", "--image_root",
+                root, "--dtype", "float32", "--num_negatives", 3, "--batch_size", 4, "--chunk_size", 8,
+                "--num_workers", 0, "--output", tmp_path / f"{name}.jsonl"]
+
+    proc = launching.spawn("-m mm_embed_trl.mining", *options("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL)
+    work = tmp_path / "killed.jsonl.mining-work"  # the default work folder, beside the output
+    deadline = time.monotonic() + 300
+    chunks = "embeddings-*/*/chunk-*.npz"
+    while len(list(work.glob(chunks))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    still_mining = proc.poll() is None
+    launching.kill_tree(proc)  # kill -9, mid-run
+    _, err = proc.communicate()
+    assert still_mining, f"the run ended before it could be killed: {err[-3000:]}"
+    assert not (tmp_path / "killed.jsonl").exists() and not (tmp_path / "killed.mining.json").exists()
+    done = {p: p.stat().st_mtime_ns for p in work.glob(chunks)}
+    assert len(done) >= 2, err[-3000:]
+
+    resumed = launching.run("-m mm_embed_trl.mining", *options("killed"), "--keep_work_dir", "true", cwd=tmp_path)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items()), resumed.output  # reused, not redone
+    launching.run("-m mm_embed_trl.mining", *options("fresh"), cwd=tmp_path)
+    assert (tmp_path / "killed.jsonl").read_bytes() == (tmp_path / "fresh.jsonl").read_bytes()
+    assert not (tmp_path / "fresh.jsonl.mining-work").exists()  # removed once the output is written

@@ -3,9 +3,11 @@
     python -m mm_embed_trl.mining --model outputs/hardneg --dataset train.jsonl --image_root /data/MMEB-train \\
         --output train.mined.jsonl --num_negatives 8 --false_negative_margin 0.1
 
-Several processes share the work (``torchrun --nproc_per_node 8 -m mm_embed_trl.mining ...`` or ``accelerate launch
--m mm_embed_trl.mining ...``); a killed run started again with the same arguments resumes from its last chunk. The
-output trains as it is: ``examples/train_hardneg.py --dataset_name train.mined.jsonl --image_root ...``.
+or from a recipe (the command line overrides it): ``python -m mm_embed_trl.mining --config
+recipes/mining/mine_mmeb_qwen2vl_2b.yaml``. Several processes share the work (``torchrun --nproc_per_node 8 -m
+mm_embed_trl.mining ...`` or ``accelerate launch -m mm_embed_trl.mining ...``); a killed run started again with the
+same arguments resumes from its last chunk. The output trains as it is: ``examples/train_hardneg.py --dataset_name
+train.mined.jsonl --image_root ...``.
 """
 
 from __future__ import annotations
@@ -35,24 +37,34 @@ class MiningArguments:
         metadata={"help": "auto | mm_embed_trl | sentence_transformers", "choices": ["auto", "mm_embed_trl",
                                                                                "sentence_transformers"]},
     )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto (the checkpoint's), bfloat16, float16 or float32.",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
 
 
 def main(argv=None) -> None:
     import logging
 
-    from transformers import HfArgumentParser
+    import torch
+    from trl import TrlParser
 
     from ..data.loading import load_rows_dataset
+    from ..trainers.base import check_option_types
     from .miner import mine_hard_negatives
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    parser = HfArgumentParser((MiningArguments, MiningConfig))
-    args, config = parser.parse_args_into_dataclasses(args=argv)
+    parser = TrlParser((MiningArguments, MiningConfig))
+    args, config = parser.parse_args_and_config(args=argv)
+    for options in (args, config):
+        check_option_types(options)
     dataset = load_rows_dataset(args.dataset, config=args.dataset_config, split=args.split)
     corpus = load_rows_dataset(args.corpus) if args.corpus else None
+    model_kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
     _, summary = mine_hard_negatives(
         dataset, args.model, output=args.output, corpus=corpus, image_root=args.image_root, work_dir=args.work_dir,
-        model_type=args.model_type, config=config,
+        model_type=args.model_type, model_kwargs=model_kwargs, config=config,
     )
     print(f"[mm-embed-trl] Mined {summary.rows_mined} rows into {args.output}")
 

@@ -6,8 +6,10 @@ when given), retrieve the candidates most similar to the query, drop those that 
 
 1. **a positive, or a duplicate of one**: a candidate whose content (text up to case and spacing, decoded pixels) is
    that of a positive of the same query, its own or another row's: never mined, whatever the other options;
-2. **outside the rank window** ``[range_min, range_max)``: ranks count the candidates left after 1., from 0;
-3. **above the margin** (UniME's false-negative rule): ``cos(q, c) > cos(q, p) + false_negative_margin``.
+2. **a repeat of a better candidate**: the same content as a candidate ranked above it (one image under two paths):
+   a row never gets one negative twice by way of two copies;
+3. **outside the rank window** ``[range_min, range_max)``: ranks count the candidates left after 1. and 2., from 0;
+4. **above the margin** (UniME's false-negative rule): ``cos(q, c) > cos(q, p) + false_negative_margin``.
 
 Candidates of another modality than the row's positive (``match_modality``), or of another value of
 ``group_column``, are never candidates. A row left with fewer survivors than ``num_negatives`` gets its survivors
@@ -45,7 +47,7 @@ __all__ = ["MiningConfig", "MiningSummary", "mine_hard_negatives"]
 OUTPUT_FORMATS = ("mmeb", "ume_r1")
 SHORT_ROWS = ("repeat", "drop")
 # drop reasons, in the order they are applied (the summary's keys)
-REASONS = ("positive_or_duplicate", "outside_rank_window", "above_margin")
+REASONS = ("positive_or_duplicate", "repeated_candidate", "outside_rank_window", "above_margin")
 _MODALITIES = ("text", "image", "image+text")
 
 
@@ -176,6 +178,7 @@ class MiningSummary:
             f"  {self.rows_dropped} row(s) dropped (no negative left)",
             f"Candidates retrieved: {self.candidates}; dropped:",
             f"  a positive of the query, or a duplicate of one: {self.dropped['positive_or_duplicate']}",
+            f"  the same content as a better candidate:         {self.dropped['repeated_candidate']}",
             f"  outside the rank window:                        {self.dropped['outside_rank_window']}",
             f"  above the false-negative margin:                {self.dropped['above_margin']}",
             f"Mean cosine: query-positive {self.positive_score_mean:.4f}, "
@@ -385,6 +388,7 @@ def mine_hard_negatives(
     image_root: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     model_type: str = "auto",
+    model_kwargs: dict[str, Any] | None = None,
     config: MiningConfig | None = None,
     **options,
 ):
@@ -394,7 +398,8 @@ def mine_hard_negatives(
         dataset: rows in the MMEB-train schema (a ``datasets.Dataset``, or a hub id / file / folder for
             :func:`~mm_embed_trl.data.loading.load_rows_dataset`). Rows are checked first (``on_bad_row``).
         model: a ``MultimodalEmbeddingModel``, a ``SentenceTransformer``, or the path / hub id of either (see
-            :func:`~mm_embed_trl.mining.embedders.load_embedder`; ``model_type`` forces one).
+            :func:`~mm_embed_trl.mining.embedders.load_embedder`; ``model_type`` forces one, ``model_kwargs`` go to
+            the loader, e.g. ``{"dtype": torch.bfloat16}``).
         output: where to write the result (``.jsonl``, ``.parquet``, a folder for ``save_to_disk``, or ``.json`` for
             ``output_format="ume_r1"``); None writes nothing. The summary goes beside it (``*.mining.json``).
         corpus: more candidates beside the rows' positives: a ``datasets.Dataset`` with ``text`` and/or ``image``
@@ -428,8 +433,8 @@ def mine_hard_negatives(
     from .embedders import load_embedder
 
     device = ranks.device()
-    embedder = load_embedder(model, model_type=model_type, batch_size=config.batch_size,
-                             num_workers=config.num_workers, image_root=image_root, device=device)
+    embedder = load_embedder(model, model_type=model_type, batch_size=config.batch_size, num_workers=config.num_workers,
+                             image_root=image_root, device=device, **(model_kwargs or {}))
     work = _work_dir(work_dir, output)
     table = checked.with_format("arrow")[:]
     rows = _RowTable(table, config, corpus)
@@ -581,7 +586,8 @@ def filter_candidates(indices: np.ndarray, scores: np.ndarray, positive_scores: 
     valid = indices >= 0
     keys = pool_keys[np.maximum(indices, 0)]
     duplicate = valid & np.isin(_pair_hash(np.broadcast_to(units[:, None], indices.shape), keys), excluded)
-    candidate = valid & ~duplicate
+    repeated = _repeats_earlier(keys, valid & ~duplicate)
+    candidate = valid & ~duplicate & ~repeated
     rank = np.cumsum(candidate, axis=1) - 1
     examined = candidate & (rank < config.retrieval_depth)
     in_window = examined & (rank >= config.range_min) & (rank < config.window_stop)
@@ -593,6 +599,7 @@ def filter_candidates(indices: np.ndarray, scores: np.ndarray, positive_scores: 
     kept = np.take_along_axis(keep, order, axis=1)
     dropped = np.array([
         int(duplicate.sum()),
+        int(repeated.sum()),
         int((examined & ~in_window).sum()),
         int((in_window & ~below_margin).sum()),
     ], dtype=np.int64)
@@ -600,9 +607,20 @@ def filter_candidates(indices: np.ndarray, scores: np.ndarray, positive_scores: 
         "negatives": np.where(kept, np.take_along_axis(indices, order, axis=1), -1),
         "negative_scores": np.where(kept, np.take_along_axis(scores, order, axis=1), np.nan).astype(np.float32),
         "survivors": keep.sum(axis=1),
-        "candidates": np.array([int((valid & (duplicate | examined)).sum())], dtype=np.int64),
+        "candidates": np.array([int((valid & (duplicate | repeated | examined)).sum())], dtype=np.int64),
         "dropped": dropped,
     }
+
+
+def _repeats_earlier(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Where a row's key (content keys are >= 0) already stands at an earlier position of ``among`` in that row."""
+    columns = np.arange(keys.shape[1])
+    keys = np.where(among, keys, -1 - columns)  # positions outside `among`: keys that match nothing
+    order = np.argsort(keys, axis=1, kind="stable")  # equal keys stay in rank order: the first of each is kept
+    ordered = np.take_along_axis(keys, order, axis=1)
+    repeat = np.zeros_like(among)
+    np.put_along_axis(repeat, order, np.pad(ordered[:, 1:] == ordered[:, :-1], ((0, 0), (1, 0))), axis=1)
+    return repeat
 
 
 def _assemble(checked, rows: _RowTable, result_dir: Path, num_chunks: int, config: MiningConfig):
