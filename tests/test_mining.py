@@ -190,6 +190,17 @@ def test_mining_config_refuses_bad_options():
         MiningConfig(num_negatives=0)
 
 
+def test_a_rank_waiting_for_chunks_that_never_come_stops_naming_them(tmp_path, monkeypatch):
+    from mm_embed_trl.mining.miner import _Ranks
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = _Ranks(timeout=0.2)
+    (tmp_path / "chunk-000000.npz").touch()  # rank 0's; rank 1's never comes
+    with pytest.raises(TimeoutError, match=r"Rank 0 of 2 waited 0 s for 1 result chunk.*chunk-000001\.npz"):
+        ranks.wait_for([tmp_path / "chunk-000000.npz", tmp_path / "chunk-000001.npz"], "result", poll_seconds=0.05)
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def planted(shapes_data, tmp_path_factory):
@@ -249,6 +260,65 @@ def test_planted_duplicates_of_the_positive_are_never_mined(planted, qwen2_vl_mo
     expected = sum(sum(k in positives_of_query[(r["qry"], r["qry_image_path"])] for k in pool_keys) for r in rows)
     assert summary.dropped["positive_or_duplicate"] == expected > 2 * len(rows)
     assert summary.dropped["repeated_candidate"] > 0
+
+
+def test_mined_negatives_are_the_brute_force_top_k_of_encode_with_video_queries(shapes_data, qwen2_vl_model,
+                                                                                tmp_path):
+    """The whole pipeline against a reference built from `encode` alone: every score of every row's query against
+    every candidate of its positive's modality, its positive left out, UniME's margin applied, the best k kept.
+    Four rows have a video query (a folder of frames) and a caption positive."""
+    from datasets import Dataset, concatenate_datasets
+    from PIL import Image
+
+    root = Path(shapes_data.image_root)
+    rows = shapes_data["train"].select(range(24)).remove_columns(["neg_text", "neg_image_path"])
+    rows = rows.add_column("qry_video_path", [""] * len(rows))
+    video_rows = {name: [] for name in rows.column_names}
+    for i in range(4):  # a video of frames of four shapes images; positive: another caption
+        folder = tmp_path / f"video_{i}"
+        folder.mkdir()
+        for j in range(4):
+            source = rows[4 * i + j]
+            Image.open(root / (source["pos_image_path"] or source["qry_image_path"])).save(folder / f"frame_{j}.png")
+        extra = {"qry": "What happens in this clip?", "qry_image_path": "", "qry_video_path": str(folder),
+                 "pos_text": f"clip number {i}", "pos_image_path": ""}
+        for name in rows.column_names:
+            video_rows[name].append(extra.get(name, rows[0][name]))
+    rows = concatenate_datasets([rows, Dataset.from_dict(video_rows, features=rows.features)])
+    k, margin = 3, 0.1
+    mined, _ = mine_hard_negatives(rows, qwen2_vl_model, image_root=str(root), num_workers=1, num_negatives=k,
+                                   false_negative_margin=margin, depth=200, chunk_size=8, batch_size=4,
+                                   work_dir=tmp_path / "work")
+    assert len(mined) == len(rows)
+
+    def inputs(texts, images, videos=None):
+        videos = videos or [""] * len(texts)
+        return [{"text": t or None, "image": i or None, "video": v or None} for t, i, v in zip(texts, images, videos)]
+
+    queries = qwen2_vl_model.encode(inputs(rows["qry"], rows["qry_image_path"], rows["qry_video_path"]),
+                                    side="query", image_root=str(root), batch_size=7)
+    pool = sorted(set(zip(rows["pos_text"], rows["pos_image_path"])))
+    documents = qwen2_vl_model.encode(inputs([t for t, _ in pool], [i for _, i in pool]), side="document",
+                                      image_root=str(root), batch_size=7)
+    scores = (queries.double() @ documents.double().T).numpy()
+    at = {item: j for j, item in enumerate(pool)}
+    # float32 forwards in other batches than the reference's: scores differ by rounding in the model's depth
+    tolerance = 4 * rounding_rtol(**TINY_IMAGE_FORWARD)
+    for r, (row, out) in enumerate(zip(rows, mined)):
+        positive = at[(row["pos_text"], row["pos_image_path"])]
+        same_modality = np.array([bool(i) == bool(row["pos_image_path"]) for _, i in pool])
+        allowed = same_modality & (np.arange(len(pool)) != positive)
+        allowed &= scores[r] <= scores[r, positive] + margin + tolerance
+        expected = np.sort(scores[r][allowed])[::-1][:k]
+        got = [scores[r, at[(t, i)]] for t, i in zip(out["neg_text"], out["neg_image_path"])]
+        assert np.allclose(got, expected, rtol=0, atol=tolerance), (r, got, expected)
+
+
+def test_a_video_positive_is_refused_by_row(shapes_data, qwen2_vl_model, tmp_path):
+    rows = shapes_data["train"].select(range(4)).remove_columns(["neg_text", "neg_image_path"])
+    rows = rows.add_column("pos_video_path", ["", "", str(tmp_path), ""])
+    with pytest.raises(ValueError, match=r"Row 2 \(and 0 more\) has a video positive"):
+        mine_hard_negatives(rows, qwen2_vl_model, image_root=shapes_data.image_root, work_dir=tmp_path / "work")
 
 
 def test_mining_writes_each_schema_and_the_output_passes_the_row_check(planted, qwen2_vl_model, tmp_path):
@@ -337,10 +407,10 @@ def test_a_sentence_transformers_export_embeds_as_the_model(planted, qwen2_vl_mo
     rows, _, root = planted
     save_model_for_inference(qwen2_vl_model, tmp_path / "model")
     st = SentenceTransformer(str(tmp_path / "model" / "sentence_transformers"))
-    items = [(r["pos_text"], r["pos_image_path"]) for r in rows.select(range(12))]
+    items = [(r["pos_text"], r["pos_image_path"], "") for r in rows.select(range(12))]
     ours = load_embedder(qwen2_vl_model, image_root=root, batch_size=5).embed(items, "document")
     # the embedder (inputs decoded and processed in dataloader workers) embeds as the model's own encode
-    encoded = qwen2_vl_model.encode([{"text": t, "image": i or None} for t, i in items], side="document",
+    encoded = qwen2_vl_model.encode([{"text": t, "image": i or None} for t, i, _ in items], side="document",
                                     image_root=root, batch_size=12)
     assert_close(torch.as_tensor(ours[0]), encoded, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
     theirs = load_embedder(st, image_root=root).embed(items, "document")

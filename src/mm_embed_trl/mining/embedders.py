@@ -1,11 +1,12 @@
 """What mining embeds with: a model of this library or a sentence-transformers model, behind one call that also gives
 each input's content key.
 
-``embed(items, side) -> (embeddings, keys)``: ``items`` are ``(text, image value)`` pairs (an image value is what a row
-holds: a path, a ``datasets.Image`` dict, ...), ``side`` is ``"query"`` or ``"document"``; the embeddings come back
-L2-normalised (float32, CPU) and ``keys[i]`` identifies item i's *content* (its text up to case and spacing, and its
-decoded pixels), so that the same image under two paths, or a caption written twice, count as one when mining asks
-whether a candidate duplicates a positive. Images are decoded and processed in dataloader workers.
+``embed(items, side) -> (embeddings, keys)``: ``items`` are ``(text, image value, video value)`` triples (a value is
+what a row holds: a path, a ``datasets.Image`` dict, a frame folder, ...; "" for none), ``side`` is ``"query"`` or
+``"document"``; the embeddings come back L2-normalised (float32, CPU) and ``keys[i]`` identifies item i's *content*
+(its text up to case and spacing, and its decoded pixels), so that the same image under two paths, or a caption
+written twice, count as one when mining asks whether a candidate duplicates a positive. Images and videos are decoded
+and processed in dataloader workers.
 """
 
 from __future__ import annotations
@@ -19,40 +20,50 @@ import numpy as np
 import torch
 
 from ..data.images import image_identity, load_image
-from ..data.schema import EmbeddingInput
+from ..data.schema import EmbeddingInput, is_missing
 from ..data.templates import strip_image_placeholders
+from ..data.videos import load_video
 
 __all__ = ["MODEL_TYPES", "content_key", "load_embedder"]
 
 MODEL_TYPES = ("auto", "mm_embed_trl", "sentence_transformers")
 
 
-def content_key(text: str | None, image) -> int:
-    """A 63-bit key of an input's content: the text without image placeholders, case and runs of spaces, and the
-    decoded image's pixels (``image`` a loaded PIL image or None)."""
+def content_key(text: str | None, image, video=None) -> int:
+    """A 63-bit key of an input's content: the text without image placeholders, case and runs of spaces, the decoded
+    image's pixels (``image`` a loaded PIL image or None) and the sampled frames' pixels (``video`` a loaded
+    :class:`~mm_embed_trl.data.videos.Video` or None)."""
     h = hashlib.blake2b(digest_size=8)
     words = (strip_image_placeholders(text) or "").split()
     h.update(" ".join(words).casefold().encode("utf-8"))
     h.update(b"\x00")
     if image is not None:
         h.update(image_identity(image).encode("utf-8"))
+    if video is not None:
+        for frame in video.frames:
+            h.update(b"\x00frame:" + image_identity(frame).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1
 
 
 class _Loaded:
-    """Collate function run in the dataloader workers: decode each item's image, key its content, and (for a model
-    of this library) run the processor, so the main process only runs the model."""
+    """Collate function run in the dataloader workers: decode each item's image and video, key its content, and
+    (for a model of this library) run the processor, so the main process only runs the model. ``labels[i]`` names
+    item i's image and video in errors: ``(image where, video where)``."""
 
-    def __init__(self, image_root, collator=None, side: str = "query", labels: Sequence[str] | None = None):
+    def __init__(self, image_root, collator=None, side: str = "query", labels: Sequence[tuple[str, str]] | None = None):
         self.image_root, self.collator, self.side, self.labels = image_root, collator, side, labels
 
-    def __call__(self, batch: list[tuple[int, tuple[str | None, Any]]]):
+    def __call__(self, batch: list[tuple[int, tuple[str | None, Any, Any]]]):
         inputs, keys = [], []
-        for position, (text, image_value) in batch:
-            where = self.labels[position] if self.labels is not None else f"input #{position}"
-            image = load_image(image_value, self.image_root, where=where)
-            inputs.append(EmbeddingInput(text=text, image=image))
-            keys.append(content_key(text, image))
+        processor = getattr(self.collator, "processor", None)  # its saved video sampling, as encode samples
+        for position, (text, image_value, video_value) in batch:
+            image_where, video_where = self.labels[position] if self.labels is not None else (f"input #{position}",) * 2
+            image = load_image(image_value, self.image_root, where=image_where)
+            video = None
+            if not is_missing(video_value):
+                video = load_video(video_value, self.image_root, where=video_where, processor=processor)
+            inputs.append(EmbeddingInput(text=text, image=image, video=video))
+            keys.append(content_key(text, image, video))
         encoded = self.collator.encode_inputs(inputs, side=self.side) if self.collator is not None else inputs
         return encoded, np.asarray(keys, dtype=np.int64)
 
@@ -85,7 +96,8 @@ class Embedder:
     def _forward(self, encoded, side: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def embed(self, items: Sequence[tuple[str | None, Any]], side: str, labels: Sequence[str] | None = None):
+    def embed(self, items: Sequence[tuple[str | None, Any, Any]], side: str,
+              labels: Sequence[tuple[str, str]] | None = None):
         loader = torch.utils.data.DataLoader(
             _Items(items),
             batch_size=self.batch_size,
@@ -139,6 +151,11 @@ class SentenceTransformerEmbedder(Embedder):
 
 
 def _st_input(x: EmbeddingInput):
+    if x.video is not None:
+        raise ValueError(
+            f"{x.video.source}: mining with a sentence-transformers model embeds texts and images only; mine rows with "
+            "videos with a model of this library (MultimodalEmbeddingModel)."
+        )
     if x.image is None:
         return x.text
     if x.text is None:

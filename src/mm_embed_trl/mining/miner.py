@@ -11,7 +11,9 @@ when given), retrieve the candidates most similar to the query, drop those that 
 3. **outside the rank window** ``[range_min, range_max)``: ranks count the candidates left after 1. and 2., from 0;
 4. **above the margin** (UniME's false-negative rule): ``cos(q, c) > cos(q, p) + false_negative_margin``.
 
-Candidates of another modality than the row's positive (``match_modality``), or of another value of
+Queries may hold a video (``qry_video_path``: a file or a frame folder); candidates are texts, images or both, as
+the negative columns are. Candidates of another modality than the row's positive (``match_modality``), or of another
+value of
 ``group_column``, are never candidates. A row left with fewer survivors than ``num_negatives`` gets its survivors
 repeated (``short_rows="repeat"``, as UniME repeats its hard negatives) or is dropped (``"drop"``); a row with none
 is dropped. The summary counts each.
@@ -37,7 +39,17 @@ import numpy as np
 import torch
 
 from .._files import publish_dir, staged_dir, staged_file, write_text_atomic
-from ..data.schema import NEG_IMAGE, NEG_TEXT, POS_IMAGE, POS_TEXT, QUERY_IMAGE, QUERY_TEXT, ROW_INDEX_COLUMN
+from ..data.schema import (
+    NEG_IMAGE,
+    NEG_TEXT,
+    POS_IMAGE,
+    POS_TEXT,
+    POS_VIDEO,
+    QUERY_IMAGE,
+    QUERY_TEXT,
+    QUERY_VIDEO,
+    ROW_INDEX_COLUMN,
+)
 from .search import SEARCH_BACKENDS, search_top_k
 
 logger = logging.getLogger(__name__)
@@ -116,6 +128,11 @@ class MiningConfig:
     keep_work_dir: bool = field(
         default=False, metadata={"help": "Keep the embeddings in work_dir after success (to mine again cheaply)."}
     )
+    rank_timeout: float = field(
+        default=1800.0,
+        metadata={"help": "Seconds a rank waits for the other ranks' chunks while none of them appears, before it "
+                  "stops with an error naming the missing ones (a rank that died, a work_dir not shared)."},
+    )
 
     def __post_init__(self):
         if self.num_negatives < 1:
@@ -131,6 +148,8 @@ class MiningConfig:
                               ("output_format", OUTPUT_FORMATS), ("on_bad_row", ("raise", "skip"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if self.rank_timeout <= 0:
+            raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout}.")
         for name in ("batch_size", "chunk_size", "corpus_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
@@ -204,7 +223,7 @@ def _texts(table, name: str) -> np.ndarray:
 
 
 def _image_values(table, name: str, what: str) -> np.ndarray:
-    """Image values as path strings ("" for none): mining writes negatives as MMEB's image paths."""
+    """Image (or video) values as path strings ("" for none): mining writes negatives as MMEB's image paths."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -221,7 +240,10 @@ def _image_values(table, name: str, what: str) -> np.ndarray:
             )
         column = column.field("path")
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-        raise TypeError(f"Column {name!r} of the {what} holds {column.type}; mining needs image paths (strings).")
+        raise TypeError(
+            f"Column {name!r} of the {what} holds {column.type}; mining needs one path (a string) per row there: "
+            "one image per side (a video as a file or a frame folder)."
+        )
     return np.asarray(pc.fill_null(column, "").to_pylist(), dtype=object)
 
 
@@ -325,9 +347,10 @@ def _claim(folder: Path, identity: dict, what: str) -> None:
 class _Ranks:
     """This process's share of the chunks. Ranks meet through the files of the work folder (a shared filesystem
     across machines), not through collectives: a rank that is slow to embed its share cannot time out a process
-    group, and a missing chunk is named when waiting for it takes long."""
+    group, and a rank that waits ``timeout`` seconds without any awaited chunk appearing stops, naming them."""
 
-    def __init__(self):
+    def __init__(self, timeout: float = 1800.0):
+        self.timeout = timeout
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         else:  # torchrun / accelerate launch set these
@@ -347,18 +370,23 @@ class _Ranks:
         return range(self.rank, num_chunks, self.world)
 
     def wait_for(self, paths: Sequence[Path], what: str, poll_seconds: float = 0.5) -> None:
-        """Block until every path exists (the other ranks' chunks), logging which are missing now and then."""
+        """Block until every path exists (the other ranks' chunks); the clock restarts whenever one appears."""
         import time
 
-        waiting, last_report = list(paths), time.monotonic()
+        waiting, last_progress = list(paths), time.monotonic()
         while waiting:
-            waiting = [p for p in waiting if not p.exists()]
-            if not waiting:
+            left = [p for p in waiting if not p.exists()]
+            if not left:
                 return
-            if time.monotonic() - last_report > 600:
-                last_report = time.monotonic()
-                logger.warning("Rank %d waits for %d %s chunk(s) of other ranks (e.g. %s); is every rank running?",
-                               self.rank, len(waiting), what, waiting[0])
+            if len(left) < len(waiting):
+                last_progress = time.monotonic()
+            waiting = left
+            if time.monotonic() - last_progress > self.timeout:
+                raise TimeoutError(
+                    f"Rank {self.rank} of {self.world} waited {self.timeout:.0f} s for {len(waiting)} {what} chunk(s) "
+                    f"of other ranks without any appearing (e.g. {waiting[0]}). Is every rank running, and is the "
+                    "work folder on a filesystem they all share? Start the run again to resume from the chunks done."
+                )
             time.sleep(poll_seconds)
 
 
@@ -417,7 +445,7 @@ def mine_hard_negatives(
         config = MiningConfig(**options)
     elif options:
         config = MiningConfig(**{**asdict(config), **options})
-    ranks = _Ranks()
+    ranks = _Ranks(config.rank_timeout)
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_rows_dataset(str(dataset))
     if not isinstance(dataset, datasets.Dataset):
@@ -499,6 +527,13 @@ class _RowTable:
         n = table.num_rows
         query_text, query_image = _texts(table, QUERY_TEXT), _image_values(table, QUERY_IMAGE, "dataset")
         pos_text, pos_image = _texts(table, POS_TEXT), _image_values(table, POS_IMAGE, "dataset")
+        with_video = np.flatnonzero(_image_values(table, POS_VIDEO, "dataset") != "")
+        if len(with_video):
+            raise ValueError(
+                f"Row {with_video[0]} (and {len(with_video) - 1} more) has a video positive ({POS_VIDEO!r}); mined "
+                f"negatives are written as texts and images ({NEG_TEXT!r}, {NEG_IMAGE!r}), which hold no video. Mine "
+                "rows whose positives are texts or images (video queries are fine), or leave these rows out."
+            )
         group = _texts(table, config.group_column) if config.group_column else np.full(n, "", dtype=object)
         texts, images, groups, origins = [pos_text], [pos_image], [group], [np.arange(n)]
         if corpus is not None:
@@ -507,6 +542,9 @@ class _RowTable:
                 raise KeyError(f"The corpus needs a 'text' and/or an 'image' column; it has {ctable.column_names}.")
             if config.group_column and config.group_column not in ctable.column_names:
                 raise KeyError(f"group_column {config.group_column!r} is not a column of the corpus.")
+            if "video" in ctable.column_names and (_image_values(ctable, "video", "corpus") != "").any():
+                raise ValueError("The corpus holds videos; mined negatives are texts and images: drop its 'video' "
+                                 "column, or its rows with a video.")
             ctexts, cimages = _texts(ctable, "text"), _image_values(ctable, "image", "corpus")
             texts.append(ctexts)
             images.append(cimages)
@@ -519,12 +557,15 @@ class _RowTable:
         first, inverse = _unique(all_text, all_image, group_ids)
         self.pool_text, self.pool_image, self.pool_group = all_text[first], all_image[first], group_ids[first]
         origin = np.concatenate(origins)[first]
-        self.pool_items = list(zip(self.pool_text.tolist(), self.pool_image.tolist()))
-        self.pool_labels = [f"row {o}, column {POS_IMAGE!r}" if o >= 0 else f"corpus row {-1 - o}" for o in origin]
+        self.pool_items = [(text, image, "") for text, image in zip(self.pool_text.tolist(), self.pool_image.tolist())]
+        self.pool_labels = [(f"row {o}, column {POS_IMAGE!r}", "") if o >= 0 else (f"corpus row {-1 - o}", "")
+                            for o in origin]
         self.row_positive = inverse[:n]
-        q_first, self.row_query = _unique(query_text, query_image)
-        self.query_items = list(zip(query_text[q_first].tolist(), query_image[q_first].tolist()))
-        self.query_labels = [f"row {r}, column {QUERY_IMAGE!r}" for r in q_first]
+        query_video = _image_values(table, QUERY_VIDEO, "dataset")
+        q_first, self.row_query = _unique(query_text, query_image, query_video)
+        self.query_items = list(zip(query_text[q_first].tolist(), query_image[q_first].tolist(),
+                                    query_video[q_first].tolist()))
+        self.query_labels = [(f"row {r}, column {QUERY_IMAGE!r}", f"row {r}, column {QUERY_VIDEO!r}") for r in q_first]
         unit_first, self.row_unit = _unique(self.row_query, self.pool_group[self.row_positive])
         self.unit_query = self.row_query[unit_first]
         self.unit_group = self.pool_group[self.row_positive][unit_first]
@@ -695,14 +736,16 @@ def to_ume_r1_records(dataset) -> list[dict[str, Any]]:
     from ..data.schema import POS_REASONING, QUERY_REASONING
     from ..data.templates import DISC_EMB_TOKEN, UME_R1_INSTRUCTION, strip_image_placeholders
 
-    def side(text, image, reasoning=None):
-        prompt = ("<image>\n" if image else "") + strip_image_placeholders(text or "")
+    def side(text, image, reasoning=None, video=None):
+        prompt = ("<video>\n" if video else "") + ("<image>\n" if image else "") + strip_image_placeholders(text or "")
         turns = [{"from": "human", "value": f"{prompt}\n{DISC_EMB_TOKEN}\n{UME_R1_INSTRUCTION}"}]
         if reasoning:
             turns.append({"from": "gpt", "value": reasoning})
         out = {"conversations": turns}
         if image:
             out["image"] = image
+        if video:
+            out["video"] = video
         return out
 
     columns = dataset.column_names
@@ -710,7 +753,7 @@ def to_ume_r1_records(dataset) -> list[dict[str, Any]]:
     for row in dataset:
         records.append({
             "qry": side(row[QUERY_TEXT], row.get(QUERY_IMAGE), row.get(QUERY_REASONING) if QUERY_REASONING in columns
-                        else None),
+                        else None, row.get(QUERY_VIDEO)),
             "pos": side(row[POS_TEXT], row.get(POS_IMAGE), row.get(POS_REASONING) if POS_REASONING in columns
                         else None),
             "neg": [side(t, i) for t, i in zip(row[NEG_TEXT], row[NEG_IMAGE])],
