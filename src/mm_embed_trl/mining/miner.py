@@ -362,7 +362,8 @@ class _Ranks:
         return self.rank == 0
 
     def device(self) -> torch.device | None:
-        if self.world > 1 and torch.cuda.is_available():
+        """This rank's GPU where there is one (the model and the search run there), else None (the CPU)."""
+        if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return None
 
@@ -480,7 +481,7 @@ def mine_hard_negatives(
 
     result_dir = embed_dir / f"results-{_stage_key(config.search_options())}"
     result_dir.mkdir(exist_ok=True)
-    searcher = _Searcher(rows, config, query_emb, pool_emb, pool_keys)
+    searcher = _Searcher(rows, config, query_emb, pool_emb, pool_keys, device=device)
     mine = [c for c in ranks.mine(searcher.num_chunks) if not (result_dir / f"chunk-{c:06d}.npz").is_file()]
     for chunk in _progress(mine, len(mine), f"Searching (rank {ranks.rank})", ranks):
         _save_npz(result_dir / f"chunk-{chunk:06d}.npz", **searcher.chunk(chunk))
@@ -582,8 +583,8 @@ def _pair_hash(units: np.ndarray, keys: np.ndarray) -> np.ndarray:
 class _Searcher:
     """Search one chunk of units and apply the filters to their rows."""
 
-    def __init__(self, rows: _RowTable, config: MiningConfig, query_emb, pool_emb, pool_keys):
-        self.rows, self.config = rows, config
+    def __init__(self, rows: _RowTable, config: MiningConfig, query_emb, pool_emb, pool_keys, device=None):
+        self.rows, self.config, self.device = rows, config, device
         self.query_emb, self.pool_emb, self.pool_keys = query_emb, pool_emb, pool_keys
         self.num_chunks = -(-len(rows.unit_query) // config.chunk_size)
         positive_keys = pool_keys[rows.row_positive]
@@ -604,11 +605,11 @@ class _Searcher:
         queries = torch.from_numpy(np.asarray(self.query_emb[rows.unit_query[lo:hi]]))
         found = search_top_k(
             queries, self.pool_emb, k, query_groups=rows.unit_group[lo:hi], corpus_groups=rows.pool_group,
-            corpus_chunk_size=config.corpus_chunk_size, backend=config.search_backend,
+            corpus_chunk_size=config.corpus_chunk_size, backend=config.search_backend, device=self.device,
         )
         row_ids = self.rows_by_unit[self.unit_row_bounds[lo] : self.unit_row_bounds[hi]]
         local = rows.row_unit[row_ids] - lo
-        indices, scores = found.indices[local].numpy(), found.scores[local].numpy()
+        indices, scores = found.indices.cpu()[local].numpy(), found.scores.cpu()[local].numpy()
         query_vectors = np.asarray(self.query_emb[rows.row_query[row_ids]])
         positive_vectors = np.asarray(self.pool_emb[rows.row_positive[row_ids]])
         positive_scores = np.einsum("nd,nd->n", query_vectors, positive_vectors)
