@@ -190,6 +190,21 @@ def test_mining_config_refuses_bad_options():
         MiningConfig(num_negatives=0)
 
 
+@pytest.mark.parametrize(("output", "output_format", "message"), [
+    ("mined.json", "mmeb", "output_format='ume_r1'"),
+    ("mined.jsonl", "ume_r1", r"name the output '\*\.json'"),
+    ("mined.csv", "mmeb", "jsonl, .parquet or a folder"),
+])
+def test_an_output_name_that_does_not_fit_its_format_is_refused_before_any_work(output, output_format, message,
+                                                                                 tmp_path):
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"qry": ["a"], "pos_text": ["b"]})
+    with pytest.raises(ValueError, match=message):  # no model is needed to get there
+        mine_hard_negatives(rows, None, output=tmp_path / output, output_format=output_format)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_rank_waiting_for_chunks_that_never_come_stops_naming_them(tmp_path, monkeypatch):
     from mm_embed_trl.mining.miner import _Ranks
 

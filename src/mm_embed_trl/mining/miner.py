@@ -446,6 +446,8 @@ def mine_hard_negatives(
         config = MiningConfig(**options)
     elif options:
         config = MiningConfig(**{**asdict(config), **options})
+    if output is not None:
+        _check_output(output, config.output_format)
     ranks = _Ranks(config.rank_timeout)
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_rows_dataset(str(dataset))
@@ -707,7 +709,7 @@ def _assemble(checked, rows: _RowTable, result_dir: Path, num_chunks: int, confi
 def write_mined(dataset, output: str | os.PathLike, output_format: str = "mmeb") -> Path:
     """Write a mined dataset: ``.jsonl`` / ``.parquet`` / a ``save_to_disk`` folder in the MMEB schema, or UME-R1's
     JSON (``output_format="ume_r1"``). Written beside the destination, then renamed: never half-written."""
-    output = Path(output)
+    output = _check_output(output, output_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output_format == "ume_r1":
         text = json.dumps(to_ume_r1_records(dataset), ensure_ascii=False, indent=1)
@@ -721,11 +723,25 @@ def write_mined(dataset, output: str | os.PathLike, output_format: str = "mmeb")
             else:
                 dataset.to_parquet(str(staging))
         return output
-    if suffix:
-        raise ValueError(f"Unsupported output {output}: use .jsonl, .parquet, a folder, or .json with ume_r1.")
     with staged_dir(output, what="the mined dataset") as staging:
         dataset.save_to_disk(str(staging))
         publish_dir(staging, output)
+    return output
+
+
+def _check_output(output: str | os.PathLike, output_format: str) -> Path:
+    """The output path, if its name fits the format (checked before mining: a long run never fails at its end)."""
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}.")
+    if output_format == "ume_r1" and suffix != ".json":
+        raise ValueError(f"output {output}: UME-R1's format is one JSON list; name the output '*.json'.")
+    if output_format == "mmeb" and suffix not in ("", ".jsonl", ".parquet"):
+        raise ValueError(
+            f"output {output}: the MMEB schema is written as .jsonl, .parquet or a folder (save_to_disk); "
+            "for UME-R1's JSON pass output_format='ume_r1' and a '.json' name."
+        )
     return output
 
 
