@@ -60,6 +60,14 @@ def test_exact_search_breaks_ties_by_the_lower_index_across_chunks():
     found = search_top_k(queries, corpus, 4, corpus_chunk_size=2)
     assert found.indices.tolist() == [[0, 2, 3, 5], [1, 4, 0, 2]]
     assert found.scores.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # ties across the cut inside a chunk wider than k (the float top-k's own choice among them is overruled)
+    shuffle = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    corpus = torch.tensor([[0.5, 0.0]] * 40 + [[1.0, 0.0]] * 40 + [[0.0, 1.0]] * 40)[shuffle]
+    for chunk in (50, 120):
+        found = search_top_k(queries, corpus, 3, corpus_chunk_size=chunk)
+        for query, row in zip(queries, found.indices.tolist()):
+            best = torch.nonzero(corpus @ query == 1.0)[:, 0]
+            assert row == best[:3].tolist()
 
 
 class _LargestBuffer(TorchDispatchMode):

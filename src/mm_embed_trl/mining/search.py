@@ -2,8 +2,8 @@
 
 Scores are inner products of the (normalised) embeddings, so cosine similarities. The exact search scores one block
 of queries against one block of the corpus at a time and keeps a running top-k per query, so memory is bounded by
-``len(queries) x corpus_chunk_size`` scores whatever the corpus size (as int64 keys: ``8 x len(queries) x
-(k + corpus_chunk_size)`` bytes at most). Results are ordered by score, ties by the lower corpus index, in every
+``len(queries) x corpus_chunk_size`` scores whatever the corpus size (``8 x len(queries) x (k + corpus_chunk_size)``
+bytes at most). Results are ordered by score, ties by the lower corpus index, in every
 chunking: each (score, index) pair is folded into one int64 key whose order is that order, so ``torch.topk`` on the
 keys is exact and deterministic. faiss orders its results the same way, but which of several items tied at the k-th
 score make the cut is its own choice.
@@ -39,15 +39,34 @@ def faiss_available() -> bool:
     return True
 
 
-def _ordered_keys(scores: torch.Tensor, first_index: int) -> torch.Tensor:
-    """int64 keys ordered as (score descending, corpus index ascending); masked (-inf / NaN) scores get the lowest."""
-    scores = scores.float()
-    scores = scores.masked_fill(torch.isnan(scores), -torch.inf)
+def _fold(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (score descending, corpus index ascending); -inf scores (masked) get the lowest."""
     bits = scores.view(torch.int32).to(torch.int64)
     # IEEE floats order as their bit patterns for positives, reversed for negatives: flip the magnitude of negatives
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered << _INDEX_BITS) | ((1 << _INDEX_BITS) - 1 - indices)
+
+
+def _chunk_top_keys(scores: torch.Tensor, first_index: int, k: int) -> torch.Tensor:
+    """The keys of each row's k best (score, index) pairs in one chunk of scores.
+
+    A float top-k first (folding every score into a key costs several passes over the chunk); where items tied with
+    a row's k-th score were left out by top-k's own choice, that row's every score is folded, so the lower indices
+    win the tie as in any other chunking.
+    """
+    scores = scores.float().masked_fill(torch.isnan(scores), -torch.inf)
     index = torch.arange(first_index, first_index + scores.shape[1], dtype=torch.int64, device=scores.device)
-    return (ordered << _INDEX_BITS) | ((1 << _INDEX_BITS) - 1 - index)
+    if scores.shape[1] <= k:
+        return _fold(scores, index)
+    top = torch.topk(scores, k, dim=1, sorted=False)
+    keys = _fold(top.values, top.indices + first_index)
+    kth = top.values.min(dim=1, keepdim=True).values
+    # a k-th score of -inf: the row has fewer than k allowed items here, and masked ones decode to "none" anyway
+    tied = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > k)
+    if tied.any():
+        rows = tied.nonzero()[:, 0]
+        keys[rows] = torch.topk(_fold(scores[rows], index), k, dim=1).values
+    return keys
 
 
 def _decode(keys: torch.Tensor) -> SearchResult:
@@ -107,7 +126,7 @@ def search_top_k(
         if qg is not None:
             cg = torch.as_tensor(np.asarray(corpus_groups[start : start + len(block)]), device=q.device)
             scores = scores.masked_fill(qg[:, None] != cg[None, :], -torch.inf)
-        keys = torch.cat([best, _ordered_keys(scores, start)], dim=1)
+        keys = torch.cat([best, _chunk_top_keys(scores, start, k)], dim=1)
         best = torch.topk(keys, k, dim=1, sorted=True).values
     return _decode(best)
 
