@@ -224,6 +224,14 @@ def test_a_rank_waiting_for_chunks_that_never_come_stops_naming_them(tmp_path, m
         ranks.wait_for([tmp_path / "chunk-000000.npz", tmp_path / "chunk-000001.npz"], "result", poll_seconds=0.05)
 
 
+def test_several_ranks_without_a_shared_folder_are_refused(monkeypatch):
+    from datasets import Dataset
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 ranks share the work through files: pass output= or work_dir="):
+        mine_hard_negatives(Dataset.from_dict({"qry": ["a"], "pos_text": ["b"]}), None)
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def planted(shapes_data, tmp_path_factory):

@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +370,12 @@ class _Ranks:
     def mine(self, num_chunks: int) -> range:
         return range(self.rank, num_chunks, self.world)
 
+    def done_path(self, work: Path, rank: int) -> Path:
+        """The file rank ``rank`` leaves when it has read all it needs; named by the launch (torchrun's run id), so a
+        file left by a killed earlier launch is not taken for this one's."""
+        launch = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "")
+        return work / f"done-{launch}-rank-{rank}"
+
     def wait_for(self, paths: Sequence[Path], what: str, poll_seconds: float = 0.5) -> None:
         """Block until every path exists (the other ranks' chunks); the clock restarts whenever one appears."""
         import time
@@ -449,6 +455,10 @@ def mine_hard_negatives(
     if output is not None:
         _check_output(output, config.output_format)
     ranks = _Ranks(config.rank_timeout)
+    if ranks.world > 1 and work_dir is None and output is None:
+        raise ValueError(
+            f"{ranks.world} ranks share the work through files: pass output= or work_dir= (a folder every rank sees)."
+        )
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_rows_dataset(str(dataset))
     if not isinstance(dataset, datasets.Dataset):
@@ -497,10 +507,9 @@ def mine_hard_negatives(
         if output is not None:
             write_mined(result, output, config.output_format)
             write_text_atomic(_summary_path(output), json.dumps(asdict(summary), indent=2))
-    done = work / f"done-rank-{ranks.rank}"
-    done.touch()
+    ranks.done_path(work, ranks.rank).touch()
     if ranks.main and not config.keep_work_dir and work_dir is None:
-        ranks.wait_for([work / f"done-rank-{r}" for r in range(ranks.world)], "finished-rank")
+        ranks.wait_for([ranks.done_path(work, r) for r in range(ranks.world)], "finished-rank")
         shutil.rmtree(work, ignore_errors=True)  # every rank has read what it needed
     return result, summary
 
@@ -572,8 +581,6 @@ class _RowTable:
         unit_first, self.row_unit = _unique(self.row_query, self.pool_group[self.row_positive])
         self.unit_query = self.row_query[unit_first]
         self.unit_group = self.pool_group[self.row_positive][unit_first]
-        # the reasoning of each candidate that is a row's positive (UME-R1's output gives negatives their target)
-        self.pool_origin = origin
 
 
 def _pair_hash(units: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -776,7 +783,3 @@ def to_ume_r1_records(dataset) -> list[dict[str, Any]]:
             "neg": [side(t, i) for t, i in zip(row[NEG_TEXT], row[NEG_IMAGE])],
         })
     return records
-
-
-def config_fields() -> Sequence[str]:
-    return [f.name for f in fields(MiningConfig)]
