@@ -58,7 +58,8 @@ def launch_env(**extra: str) -> dict[str, str]:
 def command(script, *args, processes: int = 1, launcher: str | None = None, launcher_args=()) -> list[str]:
     """The command line: `python script` for 1 process (unless `launcher` says otherwise), else `torchrun
     --standalone` (its own free port) or `accelerate launch` (a free `--main_process_port`; `launcher_args` add e.g.
-    `--config_file`, `--multi_gpu` being the default without one)."""
+    `--config_file`, `--multi_gpu` being the default without one). A `script` of the form `"-m package.module"`
+    runs that module, with every launcher."""
     launcher = launcher or ("python" if processes == 1 else "torchrun")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -74,7 +75,8 @@ def command(script, *args, processes: int = 1, launcher: str | None = None, laun
             launcher_args = ["--multi_gpu", *launcher_args]
         head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                 "--main_process_port", str(free_port()), *launcher_args]
-    return [*head, str(script), *map(str, args)]
+    target = str(script).split(" ", 1) if str(script).startswith("-m ") else [str(script)]
+    return [*head, *target, *map(str, args)]
 
 
 @dataclass

@@ -213,16 +213,25 @@ def publish_dir(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file through a temporary sibling and a rename: readers see the old or the new file."""
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, *, suffix: str = "") -> Iterator[pathlib.Path]:
+    """A hidden sibling of ``path`` to write; renamed onto ``path`` when the block ends without error, removed
+    otherwise: readers see the old file or the whole new one, never part of it. ``suffix`` ends the sibling's name
+    (for writers that add their own extension, e.g. ``numpy.savez``)."""
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
     try:
         with disk_full_as_clear_error(path, f"{path.name}"):
-            tmp.write_text(text, encoding="utf-8")
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file through a temporary sibling and a rename: readers see the old or the new file."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ run folder lock

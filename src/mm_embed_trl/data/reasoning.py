@@ -29,6 +29,8 @@ import torch
 from .collators import EmbeddingCollator, _content_id, _describe_row
 from .images import has_image, image_size, max_image_tokens
 from .schema import (
+    NEG_IMAGE,
+    NEG_TEXT,
     POS_IMAGE,
     POS_REASONING,
     POS_TEXT,
@@ -378,6 +380,30 @@ class ReasoningCollator(EmbeddingCollator):
 
 
 # ---------------------------------------------------------------------------------------- UME-R1's released data
+def _ume_r1_side(side, record, where: str, placeholder_images: Sequence[str]) -> tuple[str, str, str | None]:
+    """(text, image path or "", reasoning target or None) of one side of a UME-R1 record."""
+    if not isinstance(side, Mapping) or "conversations" not in side:
+        raise ValueError(f"{where}: expected {{'conversations': [...], 'image': ...}}, got {side!r:.120}.")
+    if side.get("video"):
+        raise ValueError(f"{where} holds a video ({side['video']!r}); videos are not supported yet.")
+    turns = {turn.get("from", turn.get("role")): turn.get("value", turn.get("content")) for turn in
+             side["conversations"]}
+    user, target = turns.get("human", turns.get("user")), turns.get("gpt", turns.get("assistant"))
+    if not isinstance(user, str):
+        raise ValueError(f"{where}: needs a human turn, got {sorted(turns)}.")
+    text = user.split(DISC_EMB_TOKEN)[0].rstrip("\n")
+    image = side.get("image") or ""
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise ValueError(f"{where} holds {len(image)} images; one image per side is supported.")
+        image = image[0] if image else ""
+    if image and Path(image).name in placeholder_images:
+        image = ""
+    elif image and record.get("data_path"):
+        image = os.path.join(record["data_path"], image)
+    return text, image, target if isinstance(target, str) else None
+
+
 def load_ume_r1_sft_json(
     path: str | os.PathLike,
     *,
@@ -390,7 +416,9 @@ def load_ume_r1_sft_json(
     {"from": "gpt", "value": "<think>...</think><answer>...<gen_emb>"}], "image": path (optional)}``. The user turn
     is cut at its ``<disc_emb>`` (the ``ume_r1`` prompt template adds it and the instruction back), ``<image>``
     placeholders are removed by the template, the gpt turn becomes the side's reasoning target as it is, and image
-    paths join ``data_path`` when the record has one. Text-only sides carry a blank placeholder image in UME-R1
+    paths join ``data_path`` when the record has one. A record's optional ``"neg"`` list of sides (what
+    ``mm_embed_trl.mining`` writes; a gpt turn is optional there) becomes ``neg_text`` / ``neg_image_path``. Text-only
+    sides carry a blank placeholder image in UME-R1
     (``images/blank.jpg``, 28x28 white): a path whose file name is in ``placeholder_images`` becomes "no image",
     and the ``ume_r1_blank_image`` template (the SFT default) gives such sides that same image back. Sides with a
     video are not supported by this library yet: such records raise an error naming them.
@@ -403,30 +431,22 @@ def load_ume_r1_sft_json(
     columns: dict[str, list] = {c: [] for c in (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, POS_TEXT, POS_IMAGE,
                                                 POS_REASONING)}
     names = {"qry": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING), "pos": (POS_TEXT, POS_IMAGE, POS_REASONING)}
+    with_negatives = any(isinstance(r, Mapping) and "neg" in r for r in records)
+    if with_negatives:
+        columns[NEG_TEXT], columns[NEG_IMAGE] = [], []
     for index, record in enumerate(records):
         for key, (text_col, image_col, target_col) in names.items():
             where = f"{path}: record {index}, side {key!r}"
             side = record.get(key) if isinstance(record, Mapping) else None
-            if not isinstance(side, Mapping) or "conversations" not in side:
-                raise ValueError(f"{where}: expected {{'conversations': [...], 'image': ...}}, got {side!r:.120}.")
-            if side.get("video"):
-                raise ValueError(f"{where} holds a video ({side['video']!r}); videos are not supported yet.")
-            turns = {turn.get("from", turn.get("role")): turn.get("value", turn.get("content")) for turn in
-                     side["conversations"]}
-            user, target = turns.get("human", turns.get("user")), turns.get("gpt", turns.get("assistant"))
-            if not isinstance(user, str) or not isinstance(target, str):
-                raise ValueError(f"{where}: needs a human and a gpt turn, got {sorted(turns)}.")
-            text = user.split(DISC_EMB_TOKEN)[0].rstrip("\n")
-            image = side.get("image") or ""
-            if isinstance(image, list):
-                if len(image) > 1:
-                    raise ValueError(f"{where} holds {len(image)} images; one image per side is supported.")
-                image = image[0] if image else ""
-            if image and Path(image).name in placeholder_images:
-                image = ""
-            elif image and record.get("data_path"):
-                image = os.path.join(record["data_path"], image)
+            text, image, target = _ume_r1_side(side, record, where, placeholder_images)
+            if not isinstance(target, str):
+                raise ValueError(f"{where}: needs a human and a gpt turn.")
             columns[text_col].append(text)
             columns[image_col].append(image)
             columns[target_col].append(target)
+        if with_negatives:  # mined negatives (mm_embed_trl.mining): sides without a reasoning target
+            sides = [_ume_r1_side(side, record, f"{path}: record {index}, negative {j}", placeholder_images)
+                     for j, side in enumerate(record.get("neg") or [])]
+            columns[NEG_TEXT].append([text for text, _, _ in sides])
+            columns[NEG_IMAGE].append([image for _, image, _ in sides])
     return datasets.Dataset.from_dict(columns)
