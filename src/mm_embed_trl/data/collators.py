@@ -242,8 +242,7 @@ class EmbeddingCollator:
         token the processor expands (add its image tokens - 1). ``x.image`` only needs to be set or None."""
         if self.max_length is not None:
             inputs, _ = self._truncated(inputs)
-        conversations = [self.template.build_messages(x, side) for x in inputs]
-        texts, templated = self._render(conversations, inputs, side)
+        texts, templated = self._render(inputs, side, None)
         ids = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
         return np.array([len(i) for i in ids], dtype=np.int64)
 
