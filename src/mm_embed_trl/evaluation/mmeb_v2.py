@@ -1,0 +1,644 @@
+"""MMEB-V2: the 78 tasks its papers report (images 36, videos 18, visual documents 24), read from the released data
+layout, scored with each task's official metric, and tabulated per category as the papers do.
+
+The task list, categories, splits, ranking kind (a query against its own candidates, VLM2Vec's ``eval_type: local``,
+or against the task's whole corpus, ``global``) and metrics follow VLM2Vec's evaluation code at the pinned data
+version :data:`MMEB_V2_DATA_VERSION` (``experiments/public/eval/{image,video,visdoc}.yaml``,
+``src/constant/dataset_hf_path.py`` and ``experiments/report_score_v2.py``): Hit@1 for image and video tasks,
+NDCG@5 with linear gain for visual documents.
+
+The layout under ``data_root`` is the one VLM2Vec's local loaders read (``dataset_hflocal_path.py``):
+
+* ``image-tasks/<task>/test-*.parquet``: MMEB_Test_Instruct rows (``qry_inst``, ``qry_text``, ``qry_img_path``,
+  ``tgt_inst``, ``tgt_text`` list, ``tgt_img_path`` list; the first target is the answer), image paths relative to
+  ``image-tasks/``;
+* ``visdoc-tasks/<dataset>/{queries,corpus,qrels}/<split>-*.parquet``: BEIR layout (``query-id``, ``query``;
+  ``corpus-id``, ``image``; ``query-id``, ``corpus-id``, ``score``), graded relevance from ``score`` (> 0 relevant);
+* ``video-tasks/<dataset>/<split>-*.parquet`` with ``video_id`` and ``pos_text`` (the class), frames in
+  ``video-tasks/frames/video_cls/<task>/<video_id>/`` (video classification; the other video parsers are not ported
+  yet and say so).
+
+Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
+data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
+one encodes only the blocks it had not finished. Under ``torch.distributed`` each rank encodes every ``world``-th
+block; rank 0 scores and writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .metrics import graded_ranking_metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MMEB_V2_CATEGORIES",
+    "MMEB_V2_DATA_VERSION",
+    "MMEB_V2_TASKS",
+    "MMEBV2Results",
+    "MMEBV2Task",
+    "TaskData",
+    "evaluate_mmeb_v2",
+    "format_table",
+    "load_task",
+    "select_tasks",
+    "task_folder",
+]
+
+# VLM2Vec at 6e1e1d4 (2026-01-27): visdoc page tasks on the "-fixed" datasets (55b056a, 2025-11-03), whose split
+# moved published VisDoc-OOD scores by about a point. Scores of other versions are not comparable.
+MMEB_V2_DATA_VERSION = "vlm2vec-6e1e1d4"
+
+# category -> the papers' sub-columns, in their order
+MMEB_V2_CATEGORIES = {
+    "image": ("CLS", "QA", "RET", "VG"),
+    "video": ("CLS", "QA", "RET", "MRET"),
+    "visdoc": ("VDRv1", "VDRv2", "VR", "OOD"),
+}
+_METRICS = {"image": "hit@1", "video": "hit@1", "visdoc": "ndcg_linear@5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MMEBV2Task:
+    """One MMEB-V2 task as VLM2Vec evaluates it.
+
+    ``parser``: VLM2Vec's ``dataset_parser``; ``source``: (hub repository, subset, split) as VLM2Vec pins it;
+    ``local_dir``: the folder under the category's root in the released layout; ``ranking``: ``"candidates"`` (each
+    query its own list) or ``"corpus"`` (every query against all candidates)."""
+
+    name: str
+    category: str
+    group: str
+    parser: str
+    source: tuple[str, str | None, str]
+    local_dir: str
+    ranking: str
+
+    @property
+    def metric(self) -> str:
+        return _METRICS[self.category]
+
+    @property
+    def split(self) -> str:
+        return self.source[2]
+
+
+def _tasks() -> dict[str, MMEBV2Task]:
+    tasks: list[MMEBV2Task] = []
+
+    def image(group, parser, names):
+        for name in names:
+            tasks.append(MMEBV2Task(name, "image", group, parser, ("ziyjiang/MMEB_Test_Instruct", name, "test"),
+                                    name, "candidates"))
+
+    image("CLS", "image_cls", ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365",
+                               "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"])
+    image("QA", "image_qa", ["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA",
+                             "VizWiz", "GQA", "TextVQA"])
+    image("RET", "image_i2t", ["MSCOCO_i2t", "VisualNews_i2t"])
+    image("RET", "image_t2i", ["VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ"])
+    image("RET", "image_i2i_vg", ["CIRR", "NIGHTS", "OVEN", "FashionIQ"])
+    image("VG", "image_i2i_vg", ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"])
+
+    def video(group, parser, ranking, entries):
+        for name, repo, subset, split in entries:
+            tasks.append(MMEBV2Task(name, "video", group, parser, (f"VLM2Vec/{repo}", subset, split), repo, ranking))
+
+    video("CLS", "ssv2", "candidates", [("SmthSmthV2", "SmthSmthV2", None, "test")])
+    video("CLS", "video_classification", "corpus", [
+        ("HMDB51", "HMDB51", None, "test"), ("UCF101", "UCF101", None, "test"),
+        ("K700", "Kinetics-700", None, "test"), ("Breakfast", "Breakfast", None, "test")])
+    video("QA", "videomme", "candidates", [("Video-MME", "Video-MME", None, "test")])
+    video("QA", "nextqa", "candidates", [("NExTQA", "NExTQA", "MC", "test")])
+    video("QA", "egoschema", "candidates", [("EgoSchema", "EgoSchema", "Subset", "test")])
+    video("QA", "mvbench", "candidates", [("MVBench", "MVBench", None, "train")])
+    video("QA", "activitynetqa", "candidates", [("ActivityNetQA", "ActivityNetQA", None, "test")])
+    video("RET", "msrvtt", "corpus", [("MSR-VTT", "MSR-VTT", "test_1k", "test")])
+    video("RET", "msvd", "corpus", [("MSVD", "MSVD", None, "test")])
+    video("RET", "didemo", "corpus", [("DiDeMo", "DiDeMo", None, "test")])
+    video("RET", "youcook2", "corpus", [("YouCook2", "YouCook2", None, "val")])
+    video("RET", "vatex", "corpus", [("VATEX", "VATEX", None, "test")])
+    video("MRET", "moment_retrieval", "candidates", [("QVHighlight", "QVHighlight", None, "test"),
+                                                     ("Charades-STA", "Charades-STA", None, "test")])
+    video("MRET", "momentseeker", "candidates", [("MomentSeeker", "MomentSeeker", None, "test")])
+
+    def visdoc(group, parser, entries):
+        for name, repo, split in entries:
+            tasks.append(MMEBV2Task(name, "visdoc", group, parser, (repo, None, split), repo.split("/")[1], "corpus"))
+
+    vidore = [("arxivqa", "arxivqa_test_subsampled_beir"), ("docvqa", "docvqa_test_subsampled_beir"),
+              ("infovqa", "infovqa_test_subsampled_beir"), ("tabfquad", "tabfquad_test_subsampled_beir"),
+              ("tatdqa", "tatdqa_test_beir"), ("shiftproject", "shiftproject_test_beir")]
+    vidore += [(f"syntheticDocQA_{topic}", f"syntheticDocQA_{topic}_test_beir") for topic in
+               ("artificial_intelligence", "energy", "government_reports", "healthcare_industry")]
+    visdoc("VDRv1", "vidore", [(f"ViDoRe_{name}", f"vidore/{repo}", "test") for name, repo in vidore])
+    # the report's four ViDoRe v2 tasks: the human-labeled ESG set and the multilingual (all-language) sets
+    visdoc("VDRv2", "vidore", [("ViDoRe_esg_reports_human_labeled_v2", "vidore/esg_reports_human_labeled_v2", "test")]
+           + [(f"ViDoRe_{name}_v2_multilingual", f"vidore/{name}_v2", "test")
+              for name in ("biomedical_lectures", "economics_reports", "esg_reports")])
+    visdoc("VR", "visrag", [(f"VisRAG_{name}", f"openbmb/VisRAG-Ret-Test-{name}", "train")
+                            for name in ("ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA")])
+    visdoc("OOD", "vidore", [("ViDoSeek-page", "VLM2Vec/ViDoSeek-page-fixed", "test"),
+                             ("ViDoSeek-doc", "VLM2Vec/ViDoSeek", "test"),
+                             ("MMLongBench-page", "VLM2Vec/MMLongBench-page-fixed", "test"),
+                             ("MMLongBench-doc", "VLM2Vec/MMLongBench-doc", "test")])
+    return {task.name: task for task in tasks}
+
+
+MMEB_V2_TASKS: dict[str, MMEBV2Task] = _tasks()
+
+
+def select_tasks(selection: str | Iterable[str] = "all") -> list[MMEBV2Task]:
+    """Tasks by ``"all"``, a category (``"image"``, ``"video"``, ``"visdoc"``), task names, or a comma-separated mix
+    of these; in the registry's order, each once."""
+    names = selection.split(",") if isinstance(selection, str) else list(selection)
+    chosen: set[str] = set()
+    for name in (n.strip() for n in names if n.strip()):
+        if name == "all":
+            chosen.update(MMEB_V2_TASKS)
+        elif name in MMEB_V2_CATEGORIES:
+            chosen.update(t.name for t in MMEB_V2_TASKS.values() if t.category == name)
+        elif name in MMEB_V2_TASKS:
+            chosen.add(name)
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(name, MMEB_V2_TASKS, n=3)
+            raise ValueError(
+                f"{name!r} is no MMEB-V2 task or category; use 'all', one of {sorted(MMEB_V2_CATEGORIES)}, or task "
+                f"names{f' (did you mean {close}?)' if close else ''}."
+            )
+    if not chosen:
+        raise ValueError("No MMEB-V2 task selected: pass 'all', a category or task names.")
+    return [task for name, task in MMEB_V2_TASKS.items() if name in chosen]
+
+
+# ------------------------------------------------------------------------------------------------ reading the layout
+@dataclasses.dataclass
+class TaskData:
+    """A task's inputs and judgments, ready to embed and score.
+
+    ``queries`` and ``candidates``: ``model.encode`` inputs (dicts of text / image / video), each candidate once;
+    ``candidate_lists``: per query the candidates it ranks (``None``: all of them); ``relevance``: per query
+    ``{candidate index: gain}`` (gain > 0)."""
+
+    task: MMEBV2Task
+    queries: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    candidate_lists: list[list[int]] | None
+    relevance: list[dict[int, float]]
+    candidate_keys: list[str]
+
+
+def _read_parquet(folder: Path, split: str, task: MMEBV2Task):
+    import datasets
+
+    files = sorted(glob.glob(str(folder / f"{split}-*.parquet"))) or sorted(glob.glob(str(folder / "*.parquet")))
+    if not files:
+        raise FileNotFoundError(
+            f"MMEB-V2 task {task.name}: no parquet file in {folder} (looked for {split}-*.parquet). Download the "
+            f"released data ({task.source[0]}) into that folder, or point data_root at the folder that holds "
+            "image-tasks/, video-tasks/ and visdoc-tasks/."
+        )
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def _text(*parts: Any) -> str:
+    return " ".join(str(p).replace("<|image_1|>", "").strip() for p in parts if p and str(p).strip())
+
+
+def _check_columns(table, columns: Sequence[str], where: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {missing} (it has {table.column_names}); MMEB-V2 needs {columns}.")
+
+
+class _Candidates:
+    """Candidates named once each (as VLM2Vec keys its candidate embeddings by name)."""
+
+    def __init__(self):
+        self.inputs: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def add(self, key: str, value: dict[str, Any]) -> int:
+        if key not in self.index:
+            self.index[key] = len(self.inputs)
+            self.inputs.append(value)
+            self.keys.append(key)
+        return self.index[key]
+
+
+def _load_image_task(task: MMEBV2Task, root: Path) -> TaskData:
+    image_root = root / "image-tasks"
+    folder = image_root / task.local_dir
+    rows = _read_parquet(folder, task.split, task)
+    _check_columns(rows, ("qry_inst", "qry_text", "qry_img_path", "tgt_text", "tgt_img_path"), str(folder))
+    candidates, queries, lists = _Candidates(), [], []
+
+    def path(value):
+        return str(image_root / value) if value else None
+
+    for i, row in enumerate(rows):
+        if len(row["tgt_text"]) != len(row["tgt_img_path"]) or not row["tgt_text"]:
+            raise ValueError(
+                f"{folder}: row {i} has {len(row['tgt_text'])} tgt_text and {len(row['tgt_img_path'])} tgt_img_path; "
+                "each candidate needs one of each (\"\" for none), the first being the answer."
+            )
+        queries.append({"text": _text(row["qry_inst"], row["qry_text"]), "image": path(row["qry_img_path"])})
+        instruction = row.get("tgt_inst") or ""
+        lists.append([
+            candidates.add(json.dumps([text, image]), {"text": _text(instruction, text), "image": path(image)})
+            for text, image in zip(row["tgt_text"], row["tgt_img_path"])
+        ])
+    relevance = [{cands[0]: 1.0} for cands in lists]
+    return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
+
+
+def _load_visdoc_task(task: MMEBV2Task, root: Path) -> TaskData:
+    folder = root / "visdoc-tasks" / task.local_dir
+    queries = _read_parquet(folder / "queries", task.split, task)
+    corpus = _read_parquet(folder / "corpus", task.split, task)
+    qrels = _read_parquet(folder / "qrels", task.split, task)
+    _check_columns(queries, ("query-id", "query"), str(folder / "queries"))
+    _check_columns(corpus, ("corpus-id", "image"), str(folder / "corpus"))
+    _check_columns(qrels, ("query-id", "corpus-id", "score"), str(folder / "qrels"))
+    candidates = _Candidates()
+    for doc_id, image in zip(corpus["corpus-id"], corpus.cast_column("image", _undecoded_image())["image"]):
+        candidates.add(str(doc_id), {"image": image})
+    judged: dict[str, dict[int, float]] = {}
+    for query_id, doc_id, score in zip(qrels["query-id"], qrels["corpus-id"], qrels["score"]):
+        if score <= 0:  # VLM2Vec keeps positive judgments only, the highest one of duplicates
+            continue
+        if str(doc_id) not in candidates.index:
+            raise ValueError(
+                f"{folder / 'qrels'}: query {query_id!r} is judged against page {doc_id!r}, which is not in "
+                f"{folder / 'corpus'}; the three parts must come from the same data version ({MMEB_V2_DATA_VERSION})."
+            )
+        gains = judged.setdefault(str(query_id), {})
+        doc = candidates.index[str(doc_id)]
+        gains[doc] = max(gains.get(doc, 0.0), float(score))
+    unjudged = [q for q in queries["query-id"] if str(q) not in judged]
+    if unjudged:
+        raise ValueError(
+            f"{folder}: {len(unjudged)} queries have no positive judgment in qrels (first: {unjudged[0]!r}); every "
+            "query needs one. Use the queries, corpus and qrels of one data version."
+        )
+    return TaskData(
+        task, [{"text": text} for text in queries["query"]], candidates.inputs, None,
+        [judged[str(q)] for q in queries["query-id"]], candidates.keys,
+    )
+
+
+def _undecoded_image():
+    import datasets
+
+    return datasets.Image(decode=False)  # pages stay encoded until encode loads each batch
+
+
+# VLM2Vec's query of each video classification task (video_classification_utils.DATASET_INSTRUCTION)
+_VIDEO_CLS_INSTRUCTIONS = {
+    "Kinetics-700": "Recognize the category of the video content.",
+    "UCF101": "What activities or sports are being performed by the person in the video?",
+    "HMDB51": "What actions or objects interactions are the person in the video doing?",
+    "Breakfast": "Recognize the breakfast type that the person is cooking in the video.",
+}
+
+
+def _load_video_classification(task: MMEBV2Task, root: Path) -> TaskData:
+    rows = _read_parquet(root / "video-tasks" / task.local_dir, task.split, task)
+    _check_columns(rows, ("video_id", "pos_text"), str(root / "video-tasks" / task.local_dir))
+    frames = root / "video-tasks" / "frames" / "video_cls" / task.name
+    labels = sorted(set(rows["pos_text"]))  # the class names are the corpus; each video's class is its answer
+    candidates = _Candidates()
+    for label in labels:
+        candidates.add(label, {"text": label})
+    instruction = _VIDEO_CLS_INSTRUCTIONS[task.local_dir]
+    queries = [{"text": instruction, "video": str(frames / str(video_id))} for video_id in rows["video_id"]]
+    relevance = [{candidates.index[label]: 1.0} for label in rows["pos_text"]]
+    return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
+
+
+_LOADERS = {"image": _load_image_task, "visdoc": _load_visdoc_task, "video_classification": _load_video_classification}
+
+
+def _reader(task: MMEBV2Task):
+    return _LOADERS.get(task.category if task.category != "video" else task.parser)
+
+
+def task_folder(task: MMEBV2Task, data_root: str | os.PathLike) -> Path:
+    """Where the released layout keeps ``task``'s annotations under ``data_root``."""
+    return Path(data_root) / f"{task.category}-tasks" / task.local_dir
+
+
+def _unavailable(tasks: Sequence[MMEBV2Task], data_root) -> dict[str, str]:
+    """Task name -> why it cannot be evaluated here (no reader yet, or its folder is absent)."""
+    out = {}
+    for task in tasks:
+        if _reader(task) is None:
+            out[task.name] = f"no reader for VLM2Vec's {task.parser!r} parser yet"
+        elif not task_folder(task, data_root).is_dir():
+            out[task.name] = f"{task_folder(task, data_root)} is absent"
+    return out
+
+
+def load_task(task: MMEBV2Task | str, data_root: str | os.PathLike, *, max_queries: int | None = None) -> TaskData:
+    """Read one task from the released layout under ``data_root`` (see the module docstring)."""
+    task = MMEB_V2_TASKS[task] if isinstance(task, str) else task
+    loader = _reader(task)
+    if loader is None:
+        raise NotImplementedError(
+            f"MMEB-V2 task {task.name} (VLM2Vec parser {task.parser!r}) has no reader in this library yet; evaluate "
+            "the other tasks (e.g. --tasks image,visdoc,HMDB51) or add its reader to mm_embed_trl.evaluation.mmeb_v2."
+        )
+    data = loader(task, Path(data_root))
+    if max_queries is not None:
+        data.queries, data.relevance = data.queries[:max_queries], data.relevance[:max_queries]
+        if data.candidate_lists is not None:
+            data.candidate_lists = data.candidate_lists[:max_queries]
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ embedding, cached
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def _input_key(value: dict[str, Any]) -> Any:
+    from ..data.images import image_identity
+
+    return {k: image_identity(v) if k == "image" else v for k, v in sorted(value.items())}
+
+
+def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, show_progress_bar,
+           encode_kwargs) -> dict[str, Tensor]:
+    """``{mode: (N, D)}`` embeddings of ``inputs``: blocks found in ``folder`` are read, the others encoded (each rank
+    every ``world``-th block) and written there (through a staging name, so a block file is whole or absent)."""
+    rank, world = _distributed()
+    folder.mkdir(parents=True, exist_ok=True)
+    blocks = range(0, len(inputs), block_size)
+    mode = "both" if len(modes) > 1 else _ENCODE_MODES[modes[0]]
+    for number, start in enumerate(blocks):
+        final = folder / f"block-{number:05d}.pt"
+        if number % world != rank or final.exists():
+            continue
+        out = model.encode(inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
+                           show_progress_bar=show_progress_bar, **encode_kwargs)
+        named = out if isinstance(out, Mapping) else {_ENCODE_MODES[modes[0]]: out}
+        staging = folder / f".{final.name}.{secrets.token_hex(4)}"
+        torch.save({key: torch.as_tensor(value).float().cpu() for key, value in named.items()}, staging)
+        os.replace(staging, final)
+    _barrier()
+    parts = [torch.load(folder / f"block-{number:05d}.pt") for number in range(len(blocks))]
+    return {m: F.normalize(torch.cat([p[_ENCODE_MODES[m]] for p in parts]), dim=-1) for m in modes}
+
+
+_ENCODE_MODES = {"disc": "discriminative", "gen": "generative"}
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def task_scores(data: TaskData, query_emb: Tensor, candidate_emb: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """Per query, the task's metric (Hit@1 or NDCG@5 with linear gain) of its ranking of its candidates (its own
+    list, or all of them), ranked by cosine similarity, ties by list order."""
+    k = int(data.task.metric.split("@")[1])
+    out = []
+    for start in range(0, len(data.queries), chunk_size):
+        end = min(start + chunk_size, len(data.queries))
+        q = query_emb[start:end]
+        if data.candidate_lists is None:
+            scores = q @ candidate_emb.T
+            gains = torch.zeros_like(scores, dtype=torch.float64)
+            for row, judged in enumerate(data.relevance[start:end]):
+                gains[row, list(judged)] = torch.tensor(list(judged.values()), dtype=torch.float64)
+        else:
+            lists = data.candidate_lists[start:end]
+            width = max(len(c) for c in lists)
+            index = torch.zeros(len(lists), width, dtype=torch.long)
+            valid = torch.zeros(len(lists), width, dtype=torch.bool)
+            gains = torch.zeros(len(lists), width, dtype=torch.float64)
+            for row, (cands, judged) in enumerate(zip(lists, data.relevance[start:end])):
+                index[row, : len(cands)] = torch.tensor(cands)
+                valid[row, : len(cands)] = True
+                positions = [j for j, c in enumerate(cands) if c in judged]
+                gains[row, positions] = torch.tensor([judged[cands[j]] for j in positions], dtype=torch.float64)
+            scores = torch.einsum("qd,qcd->qc", q, candidate_emb[index]).masked_fill(~valid, float("-inf"))
+        out.append(graded_ranking_metrics(scores, gains, k_values=(k,))[data.task.metric])
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class MMEBV2Results:
+    """Per mode (``"disc"``, ``"gen"``, ``"oracle"``), per task, the score in [0, 1]; :meth:`table` lays them out as
+    the papers do."""
+
+    scores: dict[str, dict[str, float]]
+    data_version: str = MMEB_V2_DATA_VERSION
+    model_id: str = ""
+
+    def table(self) -> str:
+        return format_table(self.scores)
+
+    def to_json(self) -> str:
+        summary = {mode: _summary(per_task) for mode, per_task in self.scores.items()}
+        return json.dumps({"data_version": self.data_version, "model": self.model_id, "scores": self.scores,
+                           "summary": summary}, indent=2)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _summary(per_task: Mapping[str, float]) -> dict[str, float | None]:
+    """Per category and sub-column, the mean over its evaluated tasks; ``All``: the mean over every evaluated task."""
+    out: dict[str, float | None] = {}
+    for category, groups in MMEB_V2_CATEGORIES.items():
+        tasks = [t for t in MMEB_V2_TASKS.values() if t.category == category and t.name in per_task]
+        for group in groups:
+            out[f"{category}/{group}"] = _mean([per_task[t.name] for t in tasks if t.group == group])
+        out[f"{category}/Overall"] = _mean([per_task[t.name] for t in tasks])
+    out["All"] = _mean(list(per_task.values()))
+    return out
+
+
+def format_table(scores: Mapping[str, Mapping[str, float]]) -> str:
+    """A markdown table in the papers' layout: one row per mode, the sub-columns and overall of each category and
+    All, in percent ("-" where no task of a column was evaluated)."""
+    columns = [f"{c}/{g}" for c, groups in MMEB_V2_CATEGORIES.items() for g in (*groups, "Overall")] + ["All"]
+    counts = {col: 0 for col in columns}
+    for task in MMEB_V2_TASKS.values():
+        if any(task.name in per_task for per_task in scores.values()):
+            counts[f"{task.category}/{task.group}"] += 1
+            counts[f"{task.category}/Overall"] += 1
+            counts["All"] += 1
+    header = ["Mode"] + [f"{col.replace('/', ' ')} ({counts[col]})" for col in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for mode, per_task in scores.items():
+        summary = _summary(per_task)
+        cells = ["-" if summary[col] is None else f"{100 * summary[col]:.1f}" for col in columns]
+        lines.append("| " + " | ".join([mode, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _model_modes(model, modes: Sequence[str] | None) -> tuple[str, ...]:
+    generative = getattr(getattr(model, "config", None), "generative_pooling_token", None) is not None
+    if modes is None:
+        return ("disc", "gen") if generative else ("disc",)
+    unknown = [m for m in modes if m not in _ENCODE_MODES]
+    if unknown:
+        raise ValueError(f"modes {unknown} are not among {sorted(_ENCODE_MODES)} (oracle is derived from both).")
+    if "gen" in modes and not generative:
+        raise ValueError("mode 'gen' needs a UME-R1 model (config.generative_pooling_token set); use modes=('disc',).")
+    return tuple(dict.fromkeys(modes))
+
+
+def _model_id(model) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or type(model).__name__)
+
+
+def evaluate_mmeb_v2(
+    model,
+    data_root: str | os.PathLike,
+    tasks: str | Iterable[str] = "all",
+    *,
+    modes: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
+    batch_size: int = 16,
+    block_size: int = 256,
+    max_queries: int | None = None,
+    show_progress_bar: bool | None = None,
+    encode_kwargs: Mapping[str, Any] | None = None,
+    skip_missing: bool = False,
+) -> MMEBV2Results:
+    """Evaluate ``model`` (anything with this library's ``encode``) on the selected MMEB-V2 tasks.
+
+    ``modes``: ``("disc",)``, ``("gen",)`` or both (the default for UME-R1 models, which adds ``oracle``: per query
+    the better of the two, an upper bound as UME-R1 reports it). ``cache_dir``: where embeddings are kept between runs
+    (default ``~/.cache/mm_embed_trl/mmeb_v2``), keyed by ``model_id`` (default: the model's path; give one per
+    checkpoint when a path is reused) and the data version. ``encode_kwargs`` go to ``model.encode`` (e.g.
+    ``max_new_tokens`` of the generative mode) and into the cache key. Every rank of a ``torch.distributed`` job
+    calls this; each returns the same results. A selected task without data under ``data_root`` (or without a
+    reader yet) stops the run before anything is encoded, unless ``skip_missing`` (then it is left out, with a
+    warning, and the table's task counts show it)."""
+    from tqdm.auto import tqdm
+
+    from .._cache import cache_root
+
+    modes = _model_modes(model, modes)
+    encode_kwargs = dict(encode_kwargs or {})
+    model_id = model_id or _model_id(model)
+    cache = Path(cache_dir) if cache_dir is not None else cache_root("mmeb_v2")
+    selected = select_tasks(tasks)
+    unavailable = _unavailable(selected, data_root)
+    if unavailable and not skip_missing:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(unavailable.items())[:5])
+        raise FileNotFoundError(
+            f"{len(unavailable)} of the {len(selected)} selected MMEB-V2 tasks cannot be evaluated ({listed}"
+            f"{'; ...' if len(unavailable) > 5 else ''}). Download their data into {data_root} in the released layout, "
+            "select fewer tasks, or pass skip_missing=True (--skip_missing) to evaluate the others."
+        )
+    if unavailable:
+        logger.warning("MMEB-V2: skipping %d tasks without data or reader: %s", len(unavailable),
+                       ", ".join(unavailable))
+        selected = [task for task in selected if task.name not in unavailable]
+    rank, _ = _distributed()
+    scores: dict[str, dict[str, float]] = {m: {} for m in modes}
+    if len(modes) > 1:
+        scores["oracle"] = {}
+    for task in tqdm(selected, desc="MMEB-V2 tasks", disable=rank > 0 or show_progress_bar is False):
+        data = load_task(task, data_root, max_queries=max_queries)
+        embedded = {}
+        for side, inputs, encode_side in (("queries", data.queries, "query"),
+                                          ("candidates", data.candidates, "document")):
+            key = _fingerprint(model_id, MMEB_V2_DATA_VERSION, task.name, side, modes, block_size, encode_kwargs,
+                               [_input_key(x) for x in inputs])
+            embedded[side] = _embed(model, inputs, side=encode_side, modes=modes,
+                                    folder=cache / task.name / f"{side}-{key}", block_size=block_size,
+                                    batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                    encode_kwargs=encode_kwargs)
+        per_mode = {m: task_scores(data, embedded["queries"][m], embedded["candidates"][m]) for m in modes}
+        for m, values in per_mode.items():
+            scores[m][task.name] = float(values.mean())
+        if len(modes) > 1:
+            scores["oracle"][task.name] = float(torch.stack(list(per_mode.values())).amax(dim=0).mean())
+        logger.info("%s (%s): %s", task.name, task.metric,
+                    ", ".join(f"{m} {s[task.name]:.4f}" for m, s in scores.items()))
+    return MMEBV2Results(scores, model_id=model_id)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> MMEBV2Results:
+    """``python -m mm_embed_trl.evaluation.mmeb_v2 --model PATH --data_root DIR [--tasks all|image|video|visdoc|
+    NAMES] [--output_dir DIR]``; under ``torchrun`` the ranks share the encoding. Prints the table and writes
+    ``mmeb_v2.json`` and ``mmeb_v2.md`` to ``--output_dir``."""
+    import argparse
+
+    from .._files import write_text_atomic
+    from ..modeling import MultimodalEmbeddingModel
+
+    parser = argparse.ArgumentParser(prog="python -m mm_embed_trl.evaluation.mmeb_v2", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="a saved model folder or a published model's id")
+    parser.add_argument("--data_root", required=True, help="the folder of image-tasks/, video-tasks/, visdoc-tasks/")
+    parser.add_argument("--tasks", default="all", help="'all', a category, task names, or a comma-separated mix")
+    parser.add_argument("--modes", default=None, help="comma-separated: disc, gen (default: both for UME-R1 models)")
+    parser.add_argument("--output_dir", default="mmeb_v2_results")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--model_id", default=None, help="the cache key of this model (default: --model)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--block_size", type=int, default=256, help="inputs per cached block")
+    parser.add_argument("--max_queries", type=int, default=None, help="the first N queries of each task")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="generative mode: reasoning length")
+    parser.add_argument("--skip_missing", action="store_true", help="leave out tasks without data (or reader)")
+    args = parser.parse_args(argv)
+
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, _ = _distributed()
+    model = MultimodalEmbeddingModel.from_pretrained(args.model)
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    results = evaluate_mmeb_v2(
+        model, args.data_root, args.tasks, modes=args.modes.split(",") if args.modes else None,
+        cache_dir=args.cache_dir, model_id=args.model_id or args.model, batch_size=args.batch_size,
+        block_size=args.block_size, max_queries=args.max_queries,
+        encode_kwargs={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None,
+        skip_missing=args.skip_missing,
+    )
+    if rank == 0:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "mmeb_v2.json", results.to_json())
+        write_text_atomic(out / "mmeb_v2.md", f"MMEB-V2 ({MMEB_V2_DATA_VERSION}), {results.model_id}\n\n"
+                          f"{results.table()}\n")
+        print(results.table())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""The MMEB-V2 harness: its task registry against VLM2Vec's configs, its metric against a port of VLM2Vec's, the
+whole harness on small fixtures in the released layout (built here) against a reference computed from the fixtures'
+own description, the embedding cache (a repeated run encodes nothing, an interrupted one only what was left), bad
+data, and the command line under 1 and 2 processes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import datasets
+import launching
+import numpy as np
+import pytest
+import torch
+import vlm2vec_reference as ref
+from PIL import Image
+
+from mm_embed_trl.evaluation.metrics import graded_ranking_metrics
+from mm_embed_trl.evaluation.mmeb_v2 import (
+    MMEB_V2_TASKS,
+    evaluate_mmeb_v2,
+    format_table,
+    load_task,
+    select_tasks,
+)
+
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_the_registry_holds_the_78_tasks_of_vlm2vecs_report_in_the_papers_columns():
+    by_category = {c: [t for t in MMEB_V2_TASKS.values() if t.category == c] for c in ("image", "video", "visdoc")}
+    assert {c: len(ts) for c, ts in by_category.items()} == {"image": 36, "video": 18, "visdoc": 24}
+    groups = {c: sorted({t.group for t in ts}, key=[t.group for t in ts].index) for c, ts in by_category.items()}
+    counts = {(t.category, t.group): 0 for t in MMEB_V2_TASKS.values()}
+    for t in MMEB_V2_TASKS.values():
+        counts[t.category, t.group] += 1
+    assert groups == {"image": ["CLS", "QA", "RET", "VG"], "video": ["CLS", "QA", "RET", "MRET"],
+                      "visdoc": ["VDRv1", "VDRv2", "VR", "OOD"]}
+    assert [counts["image", g] for g in groups["image"]] == [10, 10, 12, 4]
+    assert [counts["video", g] for g in groups["video"]] == [5, 5, 5, 3]
+    assert [counts["visdoc", g] for g in groups["visdoc"]] == [10, 4, 6, 4]
+    assert {t.metric for t in by_category["visdoc"]} == {"ndcg_linear@5"}
+    assert {t.metric for t in by_category["image"] + by_category["video"]} == {"hit@1"}
+    # the pinned version: the page tasks on the fixed datasets, split and subset as VLM2Vec loads them
+    assert MMEB_V2_TASKS["ViDoSeek-page"].source == ("VLM2Vec/ViDoSeek-page-fixed", None, "test")
+    assert MMEB_V2_TASKS["MMLongBench-page"].source == ("VLM2Vec/MMLongBench-page-fixed", None, "test")
+    assert MMEB_V2_TASKS["MVBench"].split == "train" and MMEB_V2_TASKS["VisRAG_PlotQA"].split == "train"
+    assert MMEB_V2_TASKS["K700"].local_dir == "Kinetics-700" and MMEB_V2_TASKS["MSR-VTT"].source[1] == "test_1k"
+    assert MMEB_V2_TASKS["HMDB51"].ranking == "corpus" and MMEB_V2_TASKS["SmthSmthV2"].ranking == "candidates"
+    assert len(select_tasks("all")) == 78 and len(select_tasks("video")) == 18
+    assert [t.name for t in select_tasks("HMDB51,visdoc")][:2] == ["HMDB51", "ViDoRe_arxivqa"]
+    with pytest.raises(ValueError, match=r"'ImageNet1K' is no MMEB-V2 task.*did you mean \['ImageNet-1K'"):
+        select_tasks("ImageNet1K")
+
+
+# ------------------------------------------------------------------------------------------------ metric
+def test_the_metric_equals_vlm2vecs_on_random_graded_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        queries, docs = int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        scores = torch.tensor(rng.standard_normal((queries, docs)))
+        gains = torch.tensor(rng.choice([0, 0, 0, 1, 2, 3], size=(queries, docs)), dtype=torch.float64)
+        ours = graded_ranking_metrics(scores, gains, k_values=(1, 5))
+        names = [f"d{j}" for j in range(docs)]
+        for q in range(queries):
+            labels = [names[j] for j in range(docs) if gains[q, j] > 0]
+            rels = [float(gains[q, j]) for j in range(docs) if gains[q, j] > 0]
+            prediction = ref.ranked(scores[q].numpy(), names)
+            for k in (1, 5):
+                assert ours[f"hit@{k}"][q] == ref.hit_at_k(prediction, labels, k)
+                expected = ref.ndcg_at_k(prediction, labels, k, rels) if labels else 0.0
+                assert math.isclose(float(ours[f"ndcg_linear@{k}"][q]), expected, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_the_metric_by_hand_with_padding_and_ties():
+    # ranking 0, 1, 2, 3: gains 0, 2, 0, 1 -> DCG = 2/log2(3) + 1/log2(5), IDCG = 2 + 1/log2(3)
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, float("-inf"), 0.5]])
+    gains = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    out = graded_ranking_metrics(scores, gains, k_values=(1, 5))
+    assert math.isclose(float(out["ndcg_linear@5"][0]), (2 / math.log2(3) + 1 / math.log2(5)) / (2 + 1 / math.log2(3)))
+    assert out["hit@1"].tolist() == [0.0, 0.0]  # query 1: a tie at the top goes to the earlier candidate
+    assert out["hit@5"].tolist() == [1.0, 1.0]
+    # query 1 ranks 0, 1, 3: the padding column (-inf) is no candidate, its gain counts nowhere
+    assert math.isclose(float(out["ndcg_linear@5"][1]), 1 / math.log2(3))
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _image(path: Path, rng) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(path)
+
+
+def _parquet(rows: list[dict], path: Path, features=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def build_fixture(root: Path) -> dict[str, dict]:
+    """A few rows of five tasks in the released layout, and per task what a reader must make of them: each query's
+    encode input, its candidates' names (``None``: the whole corpus), each candidate's input, the judged names."""
+    rng = np.random.default_rng(1)
+    spec: dict[str, dict] = {}
+    images = root / "image-tasks"
+
+    classes = ["cat", "dog", "bird", "fish", "horse"]
+    rows, queries, lists, judged = [], [], [], []
+    for i in range(6):
+        _image(images / "images" / "ImageNet-1K" / f"{i}.png", rng)
+        answer = classes[i % 5]
+        targets = [answer] + [c for c in classes if c != answer][:3]
+        rows.append(dict(qry_inst="<|image_1|> Represent the given image for classification", qry_text="",
+                         qry_img_path=f"images/ImageNet-1K/{i}.png", tgt_inst="", tgt_text=targets,
+                         tgt_img_path=[""] * 4))
+        queries.append({"text": "Represent the given image for classification",
+                        "image": str(images / "images" / "ImageNet-1K" / f"{i}.png")})
+        lists.append(targets)
+        judged.append({answer: 1.0})
+    _parquet(rows, images / "ImageNet-1K" / "test-00000-of-00001.parquet")
+    spec["ImageNet-1K"] = dict(queries=queries, lists=lists, judged=judged,
+                               candidates={c: {"text": c, "image": None} for c in classes})
+
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    for i in range(4):
+        paths = [f"images/coco/{i}-{j}.png" for j in range(3)]
+        for p in paths:
+            _image(images / p, rng)
+            candidates[p] = {"text": "Represent the given image.", "image": str(images / p)}
+        rows.append(dict(qry_inst="Find me an everyday image that matches the given caption:",
+                         qry_text=f"caption {i}", qry_img_path="", tgt_inst="<|image_1|> Represent the given image.",
+                         tgt_text=["", "", ""], tgt_img_path=paths))
+        queries.append({"text": f"Find me an everyday image that matches the given caption: caption {i}",
+                        "image": None})
+        lists.append(paths)
+        judged.append({paths[0]: 1.0})
+    _parquet(rows, images / "MSCOCO_t2i" / "test-00000-of-00001.parquet")
+    spec["MSCOCO_t2i"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
+    videos = root / "video-tasks"
+    actions = ["run", "jump", "wave"]
+    rows, queries, judged = [], [], []
+    for i in range(5):
+        for f in range(4):
+            _image(videos / "frames" / "video_cls" / "HMDB51" / f"v{i}" / f"{f:04d}.jpg", rng)
+        rows.append({"video_id": f"v{i}", "pos_text": actions[i % 3]})
+        queries.append({"text": "What actions or objects interactions are the person in the video doing?",
+                        "video": str(videos / "frames" / "video_cls" / "HMDB51" / f"v{i}")})
+        judged.append({actions[i % 3]: 1.0})
+    _parquet(rows, videos / "HMDB51" / "test-00000-of-00001.parquet")
+    spec["HMDB51"] = dict(queries=queries, lists=None, judged=judged,
+                          candidates={a: {"text": a} for a in sorted(actions)})
+
+    for name, folder, graded in (("ViDoRe_arxivqa", "arxivqa_test_subsampled_beir", False),
+                                 ("ViDoRe_esg_reports_human_labeled_v2", "esg_reports_human_labeled_v2", True)):
+        base = root / "visdoc-tasks" / folder
+        pages, page_inputs = [], {}
+        for p in range(7):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buffer, format="PNG")
+            pages.append({"corpus-id": f"page{p}", "image": {"bytes": buffer.getvalue(), "path": None}})
+            page_inputs[f"page{p}"] = {"image": buffer.getvalue()}
+        _parquet(pages, base / "corpus" / "test-00000-of-00001.parquet",
+                 datasets.Features({"corpus-id": datasets.Value("string"), "image": datasets.Image()}))
+        qrels, queries, judged = [], [], []
+        for q in range(5):
+            relevant = rng.choice(7, size=3 if graded else 1, replace=False)
+            scores = [int(s) for s in rng.integers(1, 3, size=len(relevant))] if graded else [1]
+            qrels += [{"query-id": f"q{q}", "corpus-id": f"page{int(d)}", "score": s} for d, s in zip(relevant, scores)]
+            qrels.append({"query-id": f"q{q}", "corpus-id": f"page{int((relevant[0] + 1) % 7)}", "score": 0})
+            queries.append({"text": f"question {q}"})
+            judged.append({})
+            for d, s in zip(relevant, scores):
+                judged[-1][f"page{int(d)}"] = float(s)
+        _parquet([{"query-id": f"q{q}", "query": f"question {q}"} for q in range(5)],
+                 base / "queries" / "test-00000-of-00001.parquet")
+        _parquet(qrels, base / "qrels" / "test-00000-of-00001.parquet")
+        spec[name] = dict(queries=queries, lists=None, judged=judged, candidates=page_inputs)
+    return spec
+
+
+class KeyedEncoder:
+    """A stand-in model whose embedding of an input is a function of that input alone (its text, image content or
+    path, video path), so the harness's numbers can be recomputed from the fixture's description. Counts calls."""
+
+    def __init__(self, generative: bool = False):
+        self.calls = 0
+        self.fail_at_call: int | None = None
+
+        class Config:
+            _name_or_path = "keyed-encoder"
+            generative_pooling_token = "<gen_emb>" if generative else None
+
+        self.config = Config()
+
+    @staticmethod
+    def key(value: dict) -> str:
+        image = value.get("image")
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, bytes):
+            image = hashlib.sha256(image).hexdigest()
+        return json.dumps([value.get("text") or "", str(image or ""), str(value.get("video") or "")])
+
+    @classmethod
+    def vector(cls, value: dict, mode: str, side: str) -> torch.Tensor:
+        seed = int(hashlib.sha256(f"{cls.key(value)}|{mode}".encode()).hexdigest()[:12], 16)
+        return torch.randn(16, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, inputs, *, side, mode="discriminative", batch_size=16, show_progress_bar=None, **kwargs):
+        self.calls += 1
+        if self.fail_at_call == self.calls:
+            raise RuntimeError("killed")
+        modes = ("discriminative", "generative") if mode == "both" else (mode,)
+        out = {m: torch.stack([self.vector(x, m, side) for x in inputs]) for m in modes}
+        return out if mode == "both" else out[mode]
+
+
+def _reference_scores(spec: dict, mode: str) -> list[float]:
+    """Per query, VLM2Vec's metric (the port) of the ranking the keyed embeddings give."""
+    out = []
+    names_all = list(spec["candidates"])
+    metric_k = 5 if "gain" in spec else 1
+    for query, names, judged in zip(spec["queries"], spec["lists"] or [None] * len(spec["queries"]), spec["judged"]):
+        names = names or names_all
+        q = torch.nn.functional.normalize(KeyedEncoder.vector(query, mode, "query"), dim=0)
+        c = torch.nn.functional.normalize(torch.stack([KeyedEncoder.vector(spec["candidates"][n], mode, "document")
+                                                       for n in names]), dim=1)
+        prediction = ref.ranked((c @ q).numpy(), names)
+        labels, rels = list(judged), list(judged.values())
+        if spec.get("gain"):
+            out.append(ref.ndcg_at_k(prediction, labels, metric_k, rels))
+        else:
+            out.append(ref.hit_at_k(prediction, labels, metric_k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmeb_v2")
+    spec = build_fixture(root)
+    for name in ("ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"):
+        spec[name]["gain"] = True
+    return root, spec
+
+
+def test_the_readers_make_the_inputs_and_judgments_the_layout_describes(fixture_data):
+    root, spec = fixture_data
+    for name in FIXTURE_TASKS:
+        data, expected = load_task(name, root), spec[name]
+        keys = [KeyedEncoder.key(x) for x in data.candidates]
+        by_key = {KeyedEncoder.key(v): n for n, v in expected["candidates"].items()}
+        assert sorted(keys) == sorted(by_key), name  # each candidate once
+        assert [KeyedEncoder.key(x) for x in data.queries] == [KeyedEncoder.key(q) for q in expected["queries"]]
+        names = [by_key[k] for k in keys]
+        if expected["lists"] is None:
+            assert data.candidate_lists is None
+        else:
+            assert [[names[i] for i in c] for c in data.candidate_lists] == expected["lists"]
+        assert [{names[i]: g for i, g in r.items()} for r in data.relevance] == expected["judged"], name
+
+
+@pytest.mark.parametrize("generative", [False, True])
+def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, generative):
+    root, spec = fixture_data
+    model = KeyedEncoder(generative=generative)
+    results = evaluate_mmeb_v2(model, root, ",".join(FIXTURE_TASKS), cache_dir=tmp_path / "cache", block_size=3)
+    modes = ["disc", "gen", "oracle"] if generative else ["disc"]
+    assert list(results.scores) == modes
+    for name in FIXTURE_TASKS:
+        per_mode = {m: _reference_scores(spec[name], e) for m, e in (("disc", "discriminative"),
+                                                                       ("gen", "generative"))}
+        per_mode["oracle"] = list(np.maximum(per_mode["disc"], per_mode["gen"]))
+        for mode in modes:
+            assert math.isclose(results.scores[mode][name], float(np.mean(per_mode[mode])), abs_tol=1e-9), (mode, name)
+    summary = json.loads(results.to_json())["summary"]["disc"]
+    image = [results.scores["disc"][n] for n in ("ImageNet-1K", "MSCOCO_t2i")]
+    assert math.isclose(summary["image/Overall"], np.mean(image)) and summary["image/VG"] is None
+    assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
+    table = results.table().splitlines()
+    assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (5) |")
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
+    assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
+
+
+def test_a_repeated_run_encodes_nothing_and_an_interrupted_one_only_what_was_left(fixture_data, tmp_path):
+    root, _ = fixture_data
+    tasks = "MSCOCO_t2i,ViDoRe_arxivqa"
+    first = KeyedEncoder()
+    whole = evaluate_mmeb_v2(first, root, tasks, cache_dir=tmp_path / "a", block_size=2)
+    again = KeyedEncoder()
+    assert evaluate_mmeb_v2(again, root, tasks, cache_dir=tmp_path / "a", block_size=2).scores == whole.scores
+    assert again.calls == 0
+    killed = KeyedEncoder()
+    killed.fail_at_call = 5
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_mmeb_v2(killed, root, tasks, cache_dir=tmp_path / "b", block_size=2)
+    assert not list((tmp_path / "b").rglob(".block-*"))  # no half-written block left
+    resumed = KeyedEncoder()
+    assert evaluate_mmeb_v2(resumed, root, tasks, cache_dir=tmp_path / "b", block_size=2).scores == whole.scores
+    assert resumed.calls == first.calls - 4  # the 4 blocks done before the kill were read back
+    other = KeyedEncoder()
+    evaluate_mmeb_v2(other, root, tasks, cache_dir=tmp_path / "a", block_size=2, model_id="another-checkpoint")
+    assert other.calls == first.calls  # another model never reads this one's embeddings
+
+
+def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
+    root, _ = fixture_data
+    with pytest.raises(FileNotFoundError, match=r"no parquet file in .*image-tasks/OK-VQA.*MMEB_Test_Instruct"):
+        load_task("OK-VQA", root)
+    with pytest.raises(NotImplementedError, match=r"MSR-VTT \(VLM2Vec parser 'msrvtt'\) has no reader"):
+        load_task("MSR-VTT", root)
+    broken = tmp_path / "broken"
+    base = broken / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
+    source = root / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
+    for part in ("queries", "corpus"):
+        (base / part).mkdir(parents=True)
+        for file in (source / part).iterdir():
+            (base / part / file.name).write_bytes(file.read_bytes())
+    _parquet([{"query-id": "q0", "corpus-id": "page99", "score": 1}], base / "qrels" / "test-0.parquet")
+    with pytest.raises(ValueError, match=r"qrels: query 'q0' is judged against page 'page99', which is not in"):
+        load_task("ViDoRe_arxivqa", broken)
+    _parquet([{"query-id": "q0", "corpus-id": "page1", "score": 1}], base / "qrels" / "test-0.parquet")
+    with pytest.raises(ValueError, match=r"4 queries have no positive judgment in qrels \(first: 'q1'\)"):
+        load_task("ViDoRe_arxivqa", broken)
+    with pytest.raises(FileNotFoundError, match=r"2 of the 3 selected .*UCF101: .*video-tasks/UCF101 is absent; "
+                       r"MSR-VTT: no reader for VLM2Vec's 'msrvtt'.*--skip_missing"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSR-VTT,UCF101", cache_dir=tmp_path / "c")
+    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSR-VTT,UCF101", cache_dir=tmp_path / "c",
+                               skip_missing=True)
+    assert list(skipped.scores["disc"]) == ["HMDB51"] and "| All (1) |" in skipped.table()
+    with pytest.raises(ValueError, match="mode 'gen' needs a UME-R1 model"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", modes=["gen"], cache_dir=tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+_CLI = "from mm_embed_trl.evaluation.mmeb_v2 import main\nmain()\n"
+
+
+@pytest.mark.slow
+def test_the_command_line_on_the_tiny_model_gives_the_same_table_under_1_and_2_processes(fixture_data, tiny_backbone,
+                                                                                          tmp_path):
+    root, _ = fixture_data
+    script = tmp_path / "mmeb_v2_cli.py"
+    script.write_text(_CLI)
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        finished = launching.run(
+            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,HMDB51,visdoc",
+            "--output_dir", out, "--cache_dir", tmp_path / f"cache{processes}", "--block_size", "4", "--skip_missing",
+            processes=processes, timeout=420,
+        )
+        assert "| Mode | image CLS (1)" in finished.stdout
+        results[processes] = json.loads((out / "mmeb_v2.json").read_text())
+        assert (out / "mmeb_v2.md").read_text().count("| disc |") == 1
+    one, two = results[1]["scores"]["disc"], results[2]["scores"]["disc"]
+    assert sorted(one) == sorted(FIXTURE_TASKS) and all(0.0 <= v <= 1.0 for v in one.values())
+    for name in FIXTURE_TASKS:
+        assert math.isclose(two[name], one[name], abs_tol=1e-9), name
+    assert results[1]["data_version"] == "vlm2vec-6e1e1d4"
+    blocks = sorted(p.name for p in (tmp_path / "cache2" / "HMDB51").glob("queries-*/block-*.pt"))
+    assert blocks == ["block-00000.pt", "block-00001.pt"]  # 5 videos, blocks of 4: one block per rank
