@@ -28,7 +28,8 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     select_tasks,
 )
 
-FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "MSR-VTT", "ViDoRe_arxivqa",
+                 "ViDoRe_esg_reports_human_labeled_v2"]
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -153,6 +154,19 @@ def build_fixture(root: Path) -> dict[str, dict]:
     _parquet(rows, videos / "HMDB51" / "test-00000-of-00001.parquet")
     spec["HMDB51"] = dict(queries=queries, lists=None, judged=judged,
                           candidates={a: {"text": a} for a in sorted(actions)})
+
+    rows, queries, judged, candidates = [], [], [], {}
+    for i in range(5):
+        name = f"video{i % 4}"  # two captions of one video: the corpus holds it once
+        for f in range(3):
+            _image(videos / "frames" / "video_ret" / "MSR-VTT" / name / f"{f:04d}.jpg", rng)
+        rows.append({"video_id": name, "video": f"{name}.mp4", "caption": f"caption {i}"})
+        queries.append({"text": f"Find a video that contains the following visual content: caption {i}"})
+        judged.append({name: 1.0})
+        candidates[name] = {"text": "Understand the content of the provided video.",
+                            "video": str(videos / "frames" / "video_ret" / "MSR-VTT" / name)}
+    _parquet(rows, videos / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
+    spec["MSR-VTT"] = dict(queries=queries, lists=None, judged=judged, candidates=candidates)
 
     for name, folder, graded in (("ViDoRe_arxivqa", "arxivqa_test_subsampled_beir", False),
                                  ("ViDoRe_esg_reports_human_labeled_v2", "esg_reports_human_labeled_v2", True)):
@@ -282,7 +296,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (5) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (6) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -312,8 +326,8 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     root, _ = fixture_data
     with pytest.raises(FileNotFoundError, match=r"no parquet file in .*image-tasks/OK-VQA.*MMEB_Test_Instruct"):
         load_task("OK-VQA", root)
-    with pytest.raises(NotImplementedError, match=r"MSR-VTT \(VLM2Vec parser 'msrvtt'\) has no reader"):
-        load_task("MSR-VTT", root)
+    with pytest.raises(NotImplementedError, match=r"QVHighlight \(VLM2Vec parser 'moment_retrieval'\) has no reader"):
+        load_task("QVHighlight", root)
     broken = tmp_path / "broken"
     base = broken / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
     source = root / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
@@ -328,9 +342,9 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     with pytest.raises(ValueError, match=r"4 queries have no positive judgment in qrels \(first: 'q1'\)"):
         load_task("ViDoRe_arxivqa", broken)
     with pytest.raises(FileNotFoundError, match=r"2 of the 3 selected .*UCF101: .*video-tasks/UCF101 is absent; "
-                       r"MSR-VTT: no reader for VLM2Vec's 'msrvtt'.*--skip_missing"):
-        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSR-VTT,UCF101", cache_dir=tmp_path / "c")
-    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSR-VTT,UCF101", cache_dir=tmp_path / "c",
+                       r"Video-MME: no reader for VLM2Vec's 'videomme'.*--skip_missing"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,Video-MME,UCF101", cache_dir=tmp_path / "c")
+    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,Video-MME,UCF101", cache_dir=tmp_path / "c",
                                skip_missing=True)
     assert list(skipped.scores["disc"]) == ["HMDB51"] and "| All (1) |" in skipped.table()
     with pytest.raises(ValueError, match="mode 'gen' needs a UME-R1 model"):
@@ -351,7 +365,7 @@ def test_the_command_line_on_the_tiny_model_gives_the_same_table_under_1_and_2_p
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
         finished = launching.run(
-            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,HMDB51,visdoc",
+            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,HMDB51,MSR-VTT,visdoc",
             "--output_dir", out, "--cache_dir", tmp_path / f"cache{processes}", "--block_size", "4", "--skip_missing",
             processes=processes, timeout=420,
         )

@@ -14,9 +14,10 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
   ``image-tasks/``;
 * ``visdoc-tasks/<dataset>/{queries,corpus,qrels}/<split>-*.parquet``: BEIR layout (``query-id``, ``query``;
   ``corpus-id``, ``image``; ``query-id``, ``corpus-id``, ``score``), graded relevance from ``score`` (> 0 relevant);
-* ``video-tasks/<dataset>/<split>-*.parquet`` with ``video_id`` and ``pos_text`` (the class), frames in
-  ``video-tasks/frames/video_cls/<task>/<video_id>/`` (video classification; the other video parsers are not ported
-  yet and say so).
+* ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
+  class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
+  caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``); the QA and
+  moment-retrieval parsers are not ported yet and say so.
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
 data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
@@ -319,9 +320,16 @@ _VIDEO_CLS_INSTRUCTIONS = {
 }
 
 
+def _video_rows(task: MMEBV2Task, root: Path, columns: Sequence[str]):
+    folder = task_folder(task, root)
+    folder = folder / task.source[1] if task.source[1] else folder  # a subset is a sub-folder (MSR-VTT's test_1k)
+    rows = _read_parquet(folder, task.split, task)
+    _check_columns(rows, columns, str(folder))
+    return rows
+
+
 def _load_video_classification(task: MMEBV2Task, root: Path) -> TaskData:
-    rows = _read_parquet(root / "video-tasks" / task.local_dir, task.split, task)
-    _check_columns(rows, ("video_id", "pos_text"), str(root / "video-tasks" / task.local_dir))
+    rows = _video_rows(task, root, ("video_id", "pos_text"))
     frames = root / "video-tasks" / "frames" / "video_cls" / task.name
     labels = sorted(set(rows["pos_text"]))  # the class names are the corpus; each video's class is its answer
     candidates = _Candidates()
@@ -333,7 +341,38 @@ def _load_video_classification(task: MMEBV2Task, root: Path) -> TaskData:
     return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
 
 
-_LOADERS = {"image": _load_image_task, "visdoc": _load_visdoc_task, "video_classification": _load_video_classification}
+# VLM2Vec's video retrieval parsers: task -> (query instruction, video name column, caption column)
+_VIDEO_RETRIEVAL = {
+    "MSR-VTT": ("Find a video that contains the following visual content:", "video_id", "caption"),
+    "MSVD": ("Find the video snippet that corresponds to the given summary:", "video_id", "caption"),
+    "DiDeMo": ("Find a video that includes the following described scenes:", "video", "caption"),
+    "VATEX": ("Select a video that fits the description provided:", "videoID", "enCap"),
+    "YouCook2": ("Find a video that demonstrates the following action while making a recipe:", "id", "sentence"),
+}
+
+
+def _load_video_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
+    """A caption finds its video among every video of the task (the rows' videos, each once)."""
+    instruction, name_column, caption_column = _VIDEO_RETRIEVAL[task.name]
+    rows = _video_rows(task, root, (name_column, caption_column))
+    frames = root / "video-tasks" / "frames" / "video_ret" / task.name
+    candidates, queries, relevance = _Candidates(), [], []
+    for name, caption in zip(rows[name_column], rows[caption_column]):
+        name = Path(name).stem if name_column == "video" else str(name)  # DiDeMo names a file
+        caption = caption[0] if isinstance(caption, list) else caption  # MSVD, VATEX: the first caption
+        queries.append({"text": _text(instruction, caption)})
+        video = candidates.add(name, {"text": "Understand the content of the provided video.",
+                                      "video": str(frames / name)})
+        relevance.append({video: 1.0})
+    return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
+
+
+_LOADERS = {
+    "image": _load_image_task,
+    "visdoc": _load_visdoc_task,
+    "video_classification": _load_video_classification,
+    **{parser: _load_video_retrieval for parser in ("msrvtt", "msvd", "didemo", "vatex", "youcook2")},
+}
 
 
 def _reader(task: MMEBV2Task):
@@ -426,27 +465,30 @@ def task_scores(data: TaskData, query_emb: Tensor, candidate_emb: Tensor, *, chu
     """Per query, the task's metric (Hit@1 or NDCG@5 with linear gain) of its ranking of its candidates (its own
     list, or all of them), ranked by cosine similarity, ties by list order."""
     k = int(data.task.metric.split("@")[1])
+    num_queries, num_candidates = len(data.queries), len(data.candidates)
+    # judgments as coordinates (query, candidate, gain), and the candidate lists as a padded index matrix
+    counts = torch.tensor([len(judged) for judged in data.relevance])
+    judged_query = torch.repeat_interleave(torch.arange(num_queries), counts)
+    judged_candidate = torch.tensor([c for judged in data.relevance for c in judged], dtype=torch.long)
+    judged_gain = torch.tensor([g for judged in data.relevance for g in judged.values()], dtype=torch.float64)
+    if data.candidate_lists is not None:
+        lengths = torch.tensor([len(c) for c in data.candidate_lists])
+        valid = torch.arange(int(lengths.max())) < lengths[:, None]
+        index = torch.zeros(valid.shape, dtype=torch.long)
+        index[valid] = torch.tensor([c for cands in data.candidate_lists for c in cands], dtype=torch.long)
     out = []
-    for start in range(0, len(data.queries), chunk_size):
-        end = min(start + chunk_size, len(data.queries))
-        q = query_emb[start:end]
+    for start in range(0, num_queries, chunk_size):
+        end = min(start + chunk_size, num_queries)
+        in_chunk = (judged_query >= start) & (judged_query < end)
+        gains = torch.zeros(end - start, num_candidates, dtype=torch.float64)
+        gains[judged_query[in_chunk] - start, judged_candidate[in_chunk]] = judged_gain[in_chunk]
         if data.candidate_lists is None:
-            scores = q @ candidate_emb.T
-            gains = torch.zeros_like(scores, dtype=torch.float64)
-            for row, judged in enumerate(data.relevance[start:end]):
-                gains[row, list(judged)] = torch.tensor(list(judged.values()), dtype=torch.float64)
+            scores = query_emb[start:end] @ candidate_emb.T
         else:
-            lists = data.candidate_lists[start:end]
-            width = max(len(c) for c in lists)
-            index = torch.zeros(len(lists), width, dtype=torch.long)
-            valid = torch.zeros(len(lists), width, dtype=torch.bool)
-            gains = torch.zeros(len(lists), width, dtype=torch.float64)
-            for row, (cands, judged) in enumerate(zip(lists, data.relevance[start:end])):
-                index[row, : len(cands)] = torch.tensor(cands)
-                valid[row, : len(cands)] = True
-                positions = [j for j, c in enumerate(cands) if c in judged]
-                gains[row, positions] = torch.tensor([judged[cands[j]] for j in positions], dtype=torch.float64)
-            scores = torch.einsum("qd,qcd->qc", q, candidate_emb[index]).masked_fill(~valid, float("-inf"))
+            rows = index[start:end]
+            scores = torch.einsum("qd,qcd->qc", query_emb[start:end], candidate_emb[rows])
+            scores = scores.masked_fill(~valid[start:end], float("-inf"))
+            gains = gains.gather(1, rows)
         out.append(graded_ranking_metrics(scores, gains, k_values=(k,))[data.task.metric])
     return torch.cat(out)
 
