@@ -28,8 +28,10 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     select_tasks,
 )
 
-FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "MSR-VTT", "ViDoRe_arxivqa",
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "Video-MME", "ActivityNetQA", "MSR-VTT", "ViDoRe_arxivqa",
                  "ViDoRe_esg_reports_human_labeled_v2"]
+QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
+             "the exact text of your chosen answer. Question:")
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -168,6 +170,37 @@ def build_fixture(root: Path) -> dict[str, dict]:
     _parquet(rows, videos / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
     spec["MSR-VTT"] = dict(queries=queries, lists=None, judged=judged, candidates=candidates)
 
+    qa_frames = videos / "frames" / "video_qa"
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    for i in range(4):
+        for f in range(2):
+            _image(qa_frames / "Video-MME" / f"clip{i}" / f"{f:04d}.jpg", rng)
+        options = [f"{letter}. answer {letter.lower()}{i % 2}" for letter in "ABCD"]
+        answer = "ABCD"[i]
+        rows.append({"question": f"what happens {i}?", "videoID": f"clip{i}", "options": options, "answer": answer})
+        queries.append({"text": f"{QA_PROMPT} what happens {i}?\n" + "\n".join(options),
+                        "video": str(qa_frames / "Video-MME" / f"clip{i}")})
+        lists.append(options)
+        judged.append({options["ABCD".index(answer)]: 1.0})
+        candidates.update({o: {"text": o[3:]} for o in options})  # two questions share each option: embedded once
+    _parquet(rows, videos / "Video-MME" / "test-00000-of-00001.parquet")
+    spec["Video-MME"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
+    rows, queries, lists, judged = [], [], [], []
+    for i in range(4):
+        for f in range(2):
+            _image(qa_frames / "ActivityNetQA" / f"v_act{i}" / f"{f:04d}.jpg", rng)
+        answer = ("yes", "no")[i % 2]
+        rows.append({"video_name": f"act{i}", "question": f"is it raining {i}", "answer": answer,
+                     "question_id": str(i)})
+        queries.append({"text": f"{QA_PROMPT} is it raining {i}? (A) yes; (B) no.",
+                        "video": str(qa_frames / "ActivityNetQA" / f"v_act{i}")})
+        lists.append(["yes", "no"])
+        judged.append({answer: 1.0})
+    _parquet(rows, videos / "ActivityNetQA" / "test-00000-of-00001.parquet")
+    spec["ActivityNetQA"] = dict(queries=queries, lists=lists, judged=judged,
+                                 candidates={"yes": {"text": "yes"}, "no": {"text": "no"}})
+
     for name, folder, graded in (("ViDoRe_arxivqa", "arxivqa_test_subsampled_beir", False),
                                  ("ViDoRe_esg_reports_human_labeled_v2", "esg_reports_human_labeled_v2", True)):
         base = root / "visdoc-tasks" / folder
@@ -296,7 +329,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (6) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (8) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -342,11 +375,15 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     with pytest.raises(ValueError, match=r"4 queries have no positive judgment in qrels \(first: 'q1'\)"):
         load_task("ViDoRe_arxivqa", broken)
     with pytest.raises(FileNotFoundError, match=r"2 of the 3 selected .*UCF101: .*video-tasks/UCF101 is absent; "
-                       r"Video-MME: no reader for VLM2Vec's 'videomme'.*--skip_missing"):
-        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,Video-MME,UCF101", cache_dir=tmp_path / "c")
-    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,Video-MME,UCF101", cache_dir=tmp_path / "c",
+                       r"NExTQA: no reader for VLM2Vec's 'nextqa'.*--skip_missing"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,NExTQA,UCF101", cache_dir=tmp_path / "c")
+    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,NExTQA,UCF101", cache_dir=tmp_path / "c",
                                skip_missing=True)
     assert list(skipped.scores["disc"]) == ["HMDB51"] and "| All (1) |" in skipped.table()
+    qa = broken / "video-tasks" / "Video-MME"
+    _parquet([{"question": "why?", "videoID": "v", "options": ["A. x", "B. y"], "answer": "C"}], qa / "test-0.parquet")
+    with pytest.raises(ValueError, match=r"Video-MME: question 'why\?' has answer 'C', not the letter of one of its 2"):
+        load_task("Video-MME", broken)
     with pytest.raises(ValueError, match="mode 'gen' needs a UME-R1 model"):
         evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", modes=["gen"], cache_dir=tmp_path / "c")
 
@@ -365,7 +402,7 @@ def test_the_command_line_on_the_tiny_model_gives_the_same_table_under_1_and_2_p
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
         finished = launching.run(
-            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,HMDB51,MSR-VTT,visdoc",
+            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,video,visdoc",
             "--output_dir", out, "--cache_dir", tmp_path / f"cache{processes}", "--block_size", "4", "--skip_missing",
             processes=processes, timeout=420,
         )

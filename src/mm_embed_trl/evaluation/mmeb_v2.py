@@ -16,8 +16,9 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
   ``corpus-id``, ``image``; ``query-id``, ``corpus-id``, ``score``), graded relevance from ``score`` (> 0 relevant);
 * ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
   class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
-  caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``); the QA and
-  moment-retrieval parsers are not ported yet and say so.
+  caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
+  (Video-MME, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``); NExTQA, EgoSchema, MVBench,
+  SmthSmthV2 and moment retrieval are not ported yet and say so.
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
 data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
@@ -367,11 +368,46 @@ def _load_video_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
     return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
 
 
+_VIDEO_QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
+                    "Return only the exact text of your chosen answer. Question:")
+
+
+def _load_video_qa(task: MMEBV2Task, root: Path) -> TaskData:
+    """Video-MME (lettered options, the answer's letter) and ActivityNetQA (yes / no): a question about a video ranks
+    its answer options, named as VLM2Vec names them (Video-MME: the whole option, embedded without its letter)."""
+    frames = root / "video-tasks" / "frames" / "video_qa" / task.name
+    candidates, queries, lists, relevance = _Candidates(), [], [], []
+    if task.name == "Video-MME":
+        rows = _video_rows(task, root, ("question", "videoID", "options", "answer"))
+        for question, video, options, answer in zip(rows["question"], rows["videoID"], rows["options"],
+                                                    rows["answer"]):
+            queries.append({"text": _text(_VIDEO_QA_PROMPT, question + "\n" + "\n".join(options)),
+                            "video": str(frames / str(video))})
+            if answer not in "ABCD"[: len(options)] or len(answer) != 1:
+                raise ValueError(f"{task_folder(task, root)}: question {question!r} has answer {answer!r}, not the "
+                                 f"letter of one of its {len(options)} options; fix the row or drop it.")
+            lists.append([candidates.add(o, {"text": o[o.find(". "):].strip(". ")}) for o in options])
+            relevance.append({lists[-1]["ABCD".index(answer)]: 1.0})
+    else:
+        rows = _video_rows(task, root, ("video_name", "question", "answer"))
+        for video, question, answer in zip(rows["video_name"], rows["question"], rows["answer"]):
+            queries.append({"text": _text(_VIDEO_QA_PROMPT, question + "? (A) yes; (B) no."),
+                            "video": str(frames / f"v_{video}")})
+            if answer not in ("yes", "no"):
+                raise ValueError(f"{task_folder(task, root)}: question {question!r} has answer {answer!r}; "
+                                 "ActivityNetQA answers are 'yes' or 'no'. Fix the row or drop it.")
+            lists.append([candidates.add(o, {"text": o}) for o in ("yes", "no")])
+            relevance.append({candidates.index[answer]: 1.0})
+    return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
+
+
 _LOADERS = {
     "image": _load_image_task,
     "visdoc": _load_visdoc_task,
     "video_classification": _load_video_classification,
     **{parser: _load_video_retrieval for parser in ("msrvtt", "msvd", "didemo", "vatex", "youcook2")},
+    "videomme": _load_video_qa,
+    "activitynetqa": _load_video_qa,
 }
 
 
