@@ -416,3 +416,21 @@ def test_the_command_line_on_the_tiny_model_gives_the_same_table_under_1_and_2_p
     assert results[1]["data_version"] == "vlm2vec-6e1e1d4"
     blocks = sorted(p.name for p in (tmp_path / "cache2" / "HMDB51").glob("queries-*/block-*.pt"))
     assert blocks == ["block-00000.pt", "block-00001.pt"]  # 5 videos, blocks of 4: one block per rank
+
+
+def test_a_ume_r1_model_is_scored_in_its_three_modes(fixture_data, tiny_backbone, tmp_path):
+    """The real encode path of a UME-R1 model: disc and gen from one generation (mode="both"), and the oracle at
+    least as good as either on every task (per query the better of the two)."""
+    from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
+
+    root, _ = fixture_data
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    EmbeddingSFTTrainer(model=model, args=EmbeddingSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none",
+                                                             use_cpu=True))  # adds and sets UME-R1's tokens
+    results = evaluate_mmeb_v2(model, root, "ImageNet-1K,ActivityNetQA,ViDoRe_arxivqa", cache_dir=tmp_path / "cache",
+                               encode_kwargs={"max_new_tokens": 4}, show_progress_bar=False)
+    assert list(results.scores) == ["disc", "gen", "oracle"]
+    for name, oracle in results.scores["oracle"].items():
+        assert oracle >= max(results.scores["disc"][name], results.scores["gen"][name]), name
+    assert "| oracle |" in results.table()
