@@ -28,8 +28,8 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     select_tasks,
 )
 
-FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "Video-MME", "ActivityNetQA", "MSR-VTT", "ViDoRe_arxivqa",
-                 "ViDoRe_esg_reports_human_labeled_v2"]
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA",
+                 "MSR-VTT", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
              "the exact text of your chosen answer. Question:")
 
@@ -187,6 +187,37 @@ def build_fixture(root: Path) -> dict[str, dict]:
     spec["Video-MME"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
 
     rows, queries, lists, judged = [], [], [], []
+    for i in range(3):
+        for f in range(2):
+            _image(qa_frames / "NExTQA" / f"n{i}" / f"{f:04d}.jpg", rng)
+        options = [f"option {j} of {i}" for j in range(5)]
+        rows.append({"video": f"n{i}", "question": f"why {i}", "answer": (i + 1) % 5, "qid": i, "type": "CW",
+                     **{f"a{j}": o for j, o in enumerate(options)}})
+        listed = "\n".join(f"({'ABCDE'[j]}) {o}" for j, o in enumerate(options))
+        queries.append({"text": f"{QA_PROMPT} why {i}\nOptions:\n{listed}",
+                        "video": str(qa_frames / "NExTQA" / f"n{i}")})
+        lists.append(options)
+        judged.append({options[(i + 1) % 5]: 1.0})
+    _parquet(rows, videos / "NExTQA" / "MC" / "test-00000-of-00001.parquet")
+    spec["NExTQA"] = dict(queries=queries, lists=lists, judged=judged,
+                          candidates={o: {"text": o} for options in lists for o in options})
+
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    for i in range(3):
+        for f in range(2):
+            _image(qa_frames / "EgoSchema" / f"e{i}" / f"{f:04d}.jpg", rng)
+        options = [f"{letter}. doing {letter.lower()}{i}" for letter in "ABCDE"]
+        rows.append({"video_idx": f"e{i}", "question": f"what is c doing {i}?", "answer": str(4 - i),
+                     "question_idx": str(i), "option": options})
+        queries.append({"text": f"{QA_PROMPT} what is c doing {i}?" + " ".join(options),
+                        "video": str(qa_frames / "EgoSchema" / f"e{i}")})
+        lists.append(options)
+        judged.append({options[4 - i]: 1.0})
+        candidates.update({o: {"text": o[3:]} for o in options})
+    _parquet(rows, videos / "EgoSchema" / "Subset" / "test-00000-of-00001.parquet")
+    spec["EgoSchema"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
+    rows, queries, lists, judged = [], [], [], []
     for i in range(4):
         for f in range(2):
             _image(qa_frames / "ActivityNetQA" / f"v_act{i}" / f"{f:04d}.jpg", rng)
@@ -329,7 +360,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (8) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (10) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -375,14 +406,14 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     with pytest.raises(ValueError, match=r"4 queries have no positive judgment in qrels \(first: 'q1'\)"):
         load_task("ViDoRe_arxivqa", broken)
     with pytest.raises(FileNotFoundError, match=r"2 of the 3 selected .*UCF101: .*video-tasks/UCF101 is absent; "
-                       r"NExTQA: no reader for VLM2Vec's 'nextqa'.*--skip_missing"):
-        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,NExTQA,UCF101", cache_dir=tmp_path / "c")
-    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,NExTQA,UCF101", cache_dir=tmp_path / "c",
+                       r"MVBench: no reader for VLM2Vec's 'mvbench'.*--skip_missing"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MVBench,UCF101", cache_dir=tmp_path / "c")
+    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MVBench,UCF101", cache_dir=tmp_path / "c",
                                skip_missing=True)
     assert list(skipped.scores["disc"]) == ["HMDB51"] and "| All (1) |" in skipped.table()
     qa = broken / "video-tasks" / "Video-MME"
     _parquet([{"question": "why?", "videoID": "v", "options": ["A. x", "B. y"], "answer": "C"}], qa / "test-0.parquet")
-    with pytest.raises(ValueError, match=r"Video-MME: question 'why\?' has answer 'C', not the letter of one of its 2"):
+    with pytest.raises(ValueError, match=r"Video-MME: question 'why\?' has answer 'C', which names none of its 2 opt"):
         load_task("Video-MME", broken)
     with pytest.raises(ValueError, match="mode 'gen' needs a UME-R1 model"):
         evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", modes=["gen"], cache_dir=tmp_path / "c")

@@ -17,7 +17,7 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
 * ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
   class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
   caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
-  (Video-MME, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``); NExTQA, EgoSchema, MVBench,
+  (Video-MME, NExTQA, EgoSchema, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``); MVBench,
   SmthSmthV2 and moment retrieval are not ported yet and say so.
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
@@ -372,32 +372,57 @@ _VIDEO_QA_PROMPT = ("Given a video and a question, select the most accurate answ
                     "Return only the exact text of your chosen answer. Question:")
 
 
-def _load_video_qa(task: MMEBV2Task, root: Path) -> TaskData:
-    """Video-MME (lettered options, the answer's letter) and ActivityNetQA (yes / no): a question about a video ranks
-    its answer options, named as VLM2Vec names them (Video-MME: the whole option, embedded without its letter)."""
-    frames = root / "video-tasks" / "frames" / "video_qa" / task.name
-    candidates, queries, lists, relevance = _Candidates(), [], [], []
+def _strip_letter(option: str) -> str:
+    """"A. a dog" -> "a dog": the text VLM2Vec embeds for a lettered option (its name stays whole)."""
+    return option[option.find(". "):].strip(". ")
+
+
+def _video_qa_rows(task: MMEBV2Task, root: Path):
+    """Per question, as VLM2Vec's parser of the task builds it: (video folder name, question text, option names,
+    option texts, the answer's position among the options as given)."""
     if task.name == "Video-MME":
         rows = _video_rows(task, root, ("question", "videoID", "options", "answer"))
         for question, video, options, answer in zip(rows["question"], rows["videoID"], rows["options"],
                                                     rows["answer"]):
-            queries.append({"text": _text(_VIDEO_QA_PROMPT, question + "\n" + "\n".join(options)),
-                            "video": str(frames / str(video))})
-            if answer not in "ABCD"[: len(options)] or len(answer) != 1:
-                raise ValueError(f"{task_folder(task, root)}: question {question!r} has answer {answer!r}, not the "
-                                 f"letter of one of its {len(options)} options; fix the row or drop it.")
-            lists.append([candidates.add(o, {"text": o[o.find(". "):].strip(". ")}) for o in options])
-            relevance.append({lists[-1]["ABCD".index(answer)]: 1.0})
-    else:
+            position = "ABCD".find(answer) if len(answer) == 1 else -1
+            yield str(video), question + "\n" + "\n".join(options), options, [_strip_letter(o) for o in options], \
+                position, answer
+    elif task.name == "ActivityNetQA":
         rows = _video_rows(task, root, ("video_name", "question", "answer"))
         for video, question, answer in zip(rows["video_name"], rows["question"], rows["answer"]):
-            queries.append({"text": _text(_VIDEO_QA_PROMPT, question + "? (A) yes; (B) no."),
-                            "video": str(frames / f"v_{video}")})
-            if answer not in ("yes", "no"):
-                raise ValueError(f"{task_folder(task, root)}: question {question!r} has answer {answer!r}; "
-                                 "ActivityNetQA answers are 'yes' or 'no'. Fix the row or drop it.")
-            lists.append([candidates.add(o, {"text": o}) for o in ("yes", "no")])
-            relevance.append({candidates.index[answer]: 1.0})
+            options = ["yes", "no"]
+            yield f"v_{video}", question + "? (A) yes; (B) no.", options, options, \
+                options.index(answer) if answer in options else -1, answer
+    elif task.name == "NExTQA":
+        columns = [f"a{i}" for i in range(5)]
+        rows = _video_rows(task, root, ("video", "question", "answer", *columns))
+        for row in rows:
+            options = [row[c] for c in columns]
+            listed = "\n".join(f"({'ABCDE'[i]}) {o}" for i, o in enumerate(options))
+            yield str(row["video"]), f"{row['question']}\nOptions:\n{listed}", options, options, int(row["answer"]), \
+                row["answer"]
+    else:  # EgoSchema: the options follow the question without a separator, as in VLM2Vec's query
+        rows = _video_rows(task, root, ("video_idx", "question", "answer", "option"))
+        for video, question, answer, options in zip(rows["video_idx"], rows["question"], rows["answer"],
+                                                    rows["option"]):
+            yield str(video), question + " ".join(options), options, [_strip_letter(o) for o in options], \
+                int(answer), answer
+
+
+def _load_video_qa(task: MMEBV2Task, root: Path) -> TaskData:
+    """Video QA (Video-MME, ActivityNetQA, NExTQA, EgoSchema): a question about a video ranks its answer options,
+    named as VLM2Vec names them."""
+    frames = root / "video-tasks" / "frames" / "video_qa" / task.name
+    candidates, queries, lists, relevance = _Candidates(), [], [], []
+    for video, question, names, texts, position, answer in _video_qa_rows(task, root):
+        if not 0 <= position < len(names):
+            raise ValueError(
+                f"{task_folder(task, root)}: question {question.splitlines()[0]!r} has answer {answer!r}, which names "
+                f"none of its {len(names)} options; fix the row or drop it."
+            )
+        queries.append({"text": _text(_VIDEO_QA_PROMPT, question), "video": str(frames / video)})
+        lists.append([candidates.add(name, {"text": text}) for name, text in zip(names, texts)])
+        relevance.append({lists[-1][position]: 1.0})
     return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
 
 
@@ -406,8 +431,7 @@ _LOADERS = {
     "visdoc": _load_visdoc_task,
     "video_classification": _load_video_classification,
     **{parser: _load_video_retrieval for parser in ("msrvtt", "msvd", "didemo", "vatex", "youcook2")},
-    "videomme": _load_video_qa,
-    "activitynetqa": _load_video_qa,
+    **{parser: _load_video_qa for parser in ("videomme", "activitynetqa", "nextqa", "egoschema")},
 }
 
 
