@@ -28,8 +28,8 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     select_tasks,
 )
 
-FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "HMDB51", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA",
-                 "MSR-VTT", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
+                 "ActivityNetQA", "MSR-VTT", "Charades-STA", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
              "the exact text of your chosen answer. Question:")
 
@@ -55,6 +55,7 @@ def test_the_registry_holds_the_78_tasks_of_vlm2vecs_report_in_the_papers_column
     assert MMEB_V2_TASKS["MVBench"].split == "train" and MMEB_V2_TASKS["VisRAG_PlotQA"].split == "train"
     assert MMEB_V2_TASKS["K700"].local_dir == "Kinetics-700" and MMEB_V2_TASKS["MSR-VTT"].source[1] == "test_1k"
     assert MMEB_V2_TASKS["HMDB51"].ranking == "corpus" and MMEB_V2_TASKS["SmthSmthV2"].ranking == "candidates"
+    assert MMEB_V2_TASKS["SmthSmthV2"].sample == 1000 and MMEB_V2_TASKS["HMDB51"].sample is None
     assert len(select_tasks("all")) == 78 and len(select_tasks("video")) == 18
     assert [t.name for t in select_tasks("HMDB51,visdoc")][:2] == ["HMDB51", "ViDoRe_arxivqa"]
     with pytest.raises(ValueError, match=r"'ImageNet1K' is no MMEB-V2 task.*did you mean \['ImageNet-1K'"):
@@ -169,6 +170,38 @@ def build_fixture(root: Path) -> dict[str, dict]:
                             "video": str(videos / "frames" / "video_ret" / "MSR-VTT" / name)}
     _parquet(rows, videos / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
     spec["MSR-VTT"] = dict(queries=queries, lists=None, judged=judged, candidates=candidates)
+
+    rows, queries, lists, judged = [], [], [], []
+    ssv2_classes = ["pushing", "pulling", "lifting", "dropping", "holding"]
+    for i in range(3):
+        for f in range(2):
+            _image(videos / "frames" / "video_cls" / "SSv2" / str(100 + i) / f"{f:04d}.jpg", rng)
+        classes = ssv2_classes[i:i + 3]
+        rows.append({"video_id": str(100 + i), "pos_text": classes[1], "neg_text": classes})
+        queries.append({"text": "What actions or object interactions are being performed by the person in the video?",
+                        "video": str(videos / "frames" / "video_cls" / "SSv2" / str(100 + i))})
+        lists.append(classes)
+        judged.append({classes[1]: 1.0})
+    _parquet(rows, videos / "SmthSmthV2" / "test-00000-of-00001.parquet")
+    spec["SmthSmthV2"] = dict(queries=queries, lists=lists, judged=judged,
+                              candidates={c: {"text": c} for c in ssv2_classes})
+
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    moments = videos / "frames" / "video_mret" / "Charades_STA"
+    for i in range(3):
+        clips = ["negative_0", "negative_1", "positive", "negative_2"]
+        for part in ["query", *clips]:
+            for f in range(2):
+                _image(moments / f"movie{i}" / part / f"{f:04d}.jpg", rng)
+        rows.append({"query": f"a person opens door {i}", "video_path": f"videos/movie{i}.mp4"})
+        queries.append({"text": f"Find the clip that corresponds to the described scene in the given video: a person "
+                                f"opens door {i}", "video": str(moments / f"movie{i}" / "query")})
+        names = [str(moments / f"movie{i}" / c) for c in sorted(clips)]
+        lists.append(names)
+        judged.append({str(moments / f"movie{i}" / "positive"): 1.0})
+        candidates.update({n: {"text": "Understand the content of the provided video.", "video": n} for n in names})
+    _parquet(rows, videos / "Charades-STA" / "test-00000-of-00001.parquet")
+    spec["Charades-STA"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
 
     qa_frames = videos / "frames" / "video_qa"
     rows, queries, lists, judged, candidates = [], [], [], [], {}
@@ -360,7 +393,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (10) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (12) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -390,8 +423,8 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     root, _ = fixture_data
     with pytest.raises(FileNotFoundError, match=r"no parquet file in .*image-tasks/OK-VQA.*MMEB_Test_Instruct"):
         load_task("OK-VQA", root)
-    with pytest.raises(NotImplementedError, match=r"QVHighlight \(VLM2Vec parser 'moment_retrieval'\) has no reader"):
-        load_task("QVHighlight", root)
+    with pytest.raises(NotImplementedError, match=r"MomentSeeker \(VLM2Vec parser 'momentseeker'\) has no reader"):
+        load_task("MomentSeeker", root)
     broken = tmp_path / "broken"
     base = broken / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
     source = root / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
@@ -415,6 +448,12 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     _parquet([{"question": "why?", "videoID": "v", "options": ["A. x", "B. y"], "answer": "C"}], qa / "test-0.parquet")
     with pytest.raises(ValueError, match=r"Video-MME: question 'why\?' has answer 'C', which names none of its 2 opt"):
         load_task("Video-MME", broken)
+    _parquet([{"query": "q", "video_path": "v/m.mp4"}], broken / "video-tasks" / "Charades-STA" / "test-0.parquet")
+    for part in ("query", "negative_0"):
+        _image(broken / "video-tasks" / "frames" / "video_mret" / "Charades_STA" / "m" / part / "0.jpg",
+               np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"Charades_STA/m: .*exactly one named positive\*.*found \['negative_0'\]"):
+        load_task("Charades-STA", broken)
     with pytest.raises(ValueError, match="mode 'gen' needs a UME-R1 model"):
         evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", modes=["gen"], cache_dir=tmp_path / "c")
 

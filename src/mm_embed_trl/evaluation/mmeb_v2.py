@@ -17,8 +17,9 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
 * ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
   class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
   caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
-  (Video-MME, NExTQA, EgoSchema, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``); MVBench,
-  SmthSmthV2 and moment retrieval are not ported yet and say so.
+  (Video-MME, NExTQA, EgoSchema, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``),
+  Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video); MVBench and
+  MomentSeeker are not ported yet and say so.
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
 data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
@@ -89,6 +90,7 @@ class MMEBV2Task:
     source: tuple[str, str | None, str]
     local_dir: str
     ranking: str
+    sample: int | None = None  # VLM2Vec's num_sample_per_subset: the first rows it evaluates
 
     @property
     def metric(self) -> str:
@@ -121,6 +123,7 @@ def _tasks() -> dict[str, MMEBV2Task]:
             tasks.append(MMEBV2Task(name, "video", group, parser, (f"VLM2Vec/{repo}", subset, split), repo, ranking))
 
     video("CLS", "ssv2", "candidates", [("SmthSmthV2", "SmthSmthV2", None, "test")])
+    tasks[-1] = dataclasses.replace(tasks[-1], sample=1000)
     video("CLS", "video_classification", "corpus", [
         ("HMDB51", "HMDB51", None, "test"), ("UCF101", "UCF101", None, "test"),
         ("K700", "Kinetics-700", None, "test"), ("Breakfast", "Breakfast", None, "test")])
@@ -368,6 +371,43 @@ def _load_video_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
     return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
 
 
+def _load_ssv2(task: MMEBV2Task, root: Path) -> TaskData:
+    """Something-Something V2: a video ranks its row's own class list (``neg_text``, the class ``pos_text`` in it)."""
+    rows = _video_rows(task, root, ("video_id", "pos_text", "neg_text"))
+    frames = root / "video-tasks" / "frames" / "video_cls" / "SSv2"
+    instruction = "What actions or object interactions are being performed by the person in the video?"
+    candidates, queries, lists, relevance = _Candidates(), [], [], []
+    for video, label, classes in zip(rows["video_id"], rows["pos_text"], rows["neg_text"]):
+        if label not in classes:
+            raise ValueError(f"{task_folder(task, root)}: video {video!r} is of class {label!r}, which its candidate "
+                             "list (neg_text) lacks; fix the row or drop it.")
+        queries.append({"text": instruction, "video": str(frames / str(video))})
+        lists.append([candidates.add(c, {"text": c}) for c in classes])
+        relevance.append({candidates.index[label]: 1.0})
+    return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
+
+
+def _load_moment_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
+    """QVHighlight, Charades-STA: a sentence and its whole video rank the clips cut from that video, frames in
+    ``video-tasks/frames/video_mret/<task>/<video>/{query,positive*,negative*}/``."""
+    rows = _video_rows(task, root, ("query", "video_path"))
+    frames = root / "video-tasks" / "frames" / "video_mret" / task.name.replace("-", "_")
+    candidates, queries, lists, relevance = _Candidates(), [], [], []
+    clip = {"text": "Understand the content of the provided video."}
+    for sentence, video in zip(rows["query"], rows["video_path"]):
+        folder = frames / Path(video).stem
+        clips = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "query") if folder.is_dir() else []
+        positive = [name for name in clips if name.startswith("positive")]
+        if len(positive) != 1:
+            raise ValueError(f"{folder}: a moment-retrieval video needs its clips as frame folders, exactly one named "
+                             f"positive*, beside query/; found {clips}. Extract the frames as VLM2Vec's loader does.")
+        queries.append({"text": _text("Find the clip that corresponds to the described scene in the given video:",
+                                      sentence), "video": str(folder / "query")})
+        lists.append([candidates.add(str(folder / name), {**clip, "video": str(folder / name)}) for name in clips])
+        relevance.append({candidates.index[str(folder / positive[0])]: 1.0})
+    return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
+
+
 _VIDEO_QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
                     "Return only the exact text of your chosen answer. Question:")
 
@@ -432,6 +472,8 @@ _LOADERS = {
     "video_classification": _load_video_classification,
     **{parser: _load_video_retrieval for parser in ("msrvtt", "msvd", "didemo", "vatex", "youcook2")},
     **{parser: _load_video_qa for parser in ("videomme", "activitynetqa", "nextqa", "egoschema")},
+    "ssv2": _load_ssv2,
+    "moment_retrieval": _load_moment_retrieval,
 }
 
 
@@ -465,6 +507,8 @@ def load_task(task: MMEBV2Task | str, data_root: str | os.PathLike, *, max_queri
             "the other tasks (e.g. --tasks image,visdoc,HMDB51) or add its reader to mm_embed_trl.evaluation.mmeb_v2."
         )
     data = loader(task, Path(data_root))
+    if task.sample is not None:
+        max_queries = task.sample if max_queries is None else min(max_queries, task.sample)
     if max_queries is not None:
         data.queries, data.relevance = data.queries[:max_queries], data.relevance[:max_queries]
         if data.candidate_lists is not None:
