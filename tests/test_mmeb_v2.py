@@ -29,7 +29,8 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
 )
 
 FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
-                 "ActivityNetQA", "MSR-VTT", "Charades-STA", "ViDoRe_arxivqa", "ViDoRe_esg_reports_human_labeled_v2"]
+                 "ActivityNetQA", "MSR-VTT", "Charades-STA", "MomentSeeker", "ViDoRe_arxivqa",
+                 "ViDoRe_esg_reports_human_labeled_v2"]
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
              "the exact text of your chosen answer. Question:")
 
@@ -202,6 +203,37 @@ def build_fixture(root: Path) -> dict[str, dict]:
         candidates.update({n: {"text": "Understand the content of the provided video.", "video": n} for n in names})
     _parquet(rows, videos / "Charades-STA" / "test-00000-of-00001.parquet")
     spec["Charades-STA"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
+    seeker = videos / "frames" / "video_mret" / "MomentSeeker"
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    kinds = [("", "Find the clip that corresponds to the given text:", None),
+             ("ego/seg0.jpg", "Select the video clip that aligns with the given text and image:", "image"),
+             ("ego/seg1.mp4", "Find the clip that corresponds to the given sentence and video segment:", "video")]
+    for i, (given, instruction, kind) in enumerate(kinds):
+        positives = [f"clips/m{i}/pos{j}.mp4" for j in range(1 + i % 2)]
+        negatives = [f"clips/m{i}/neg{j}.mp4" for j in range(2)]
+        for path in positives + negatives:
+            for f in range(2):
+                _image(seeker / "video_frames" / path.replace("/", "_")[:-4] / f"{f:04d}.jpg", rng)
+        rows.append({"query": f"the moment {i}", "input_frames": given,
+                     "positive_frames": [{"output_path": p} for p in positives],
+                     "negative_frames": [{"output_path": p} for p in negatives]})
+        query = {"text": f"{instruction} the moment {i}"}
+        if kind == "image":
+            _image(seeker / "query_ego/seg0.jpg", rng)
+            query["image"] = str(seeker / "query_ego/seg0.jpg")
+        elif kind == "video":
+            for f in range(2):
+                _image(seeker / "video_frames" / "ego_seg1" / f"{f:04d}.jpg", rng)
+            query["video"] = str(seeker / "video_frames" / "ego_seg1")
+        queries.append(query)
+        names = [str(seeker / "video_frames" / p.replace("/", "_")[:-4]) for p in positives + negatives]
+        lists.append(names)
+        judged.append(dict.fromkeys(names[: len(positives)], 1.0))
+        candidates.update({n: {"text": "Understand the content of the provided video clip.", "video": n}
+                           for n in names})
+    _parquet(rows, videos / "MomentSeeker" / "test-00000-of-00001.parquet")
+    spec["MomentSeeker"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
 
     qa_frames = videos / "frames" / "video_qa"
     rows, queries, lists, judged, candidates = [], [], [], [], {}
@@ -393,7 +425,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (12) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (13) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -423,8 +455,8 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     root, _ = fixture_data
     with pytest.raises(FileNotFoundError, match=r"no parquet file in .*image-tasks/OK-VQA.*MMEB_Test_Instruct"):
         load_task("OK-VQA", root)
-    with pytest.raises(NotImplementedError, match=r"MomentSeeker \(VLM2Vec parser 'momentseeker'\) has no reader"):
-        load_task("MomentSeeker", root)
+    with pytest.raises(NotImplementedError, match=r"MVBench \(VLM2Vec parser 'mvbench'\) has no reader"):
+        load_task("MVBench", root)
     broken = tmp_path / "broken"
     base = broken / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
     source = root / "visdoc-tasks" / "arxivqa_test_subsampled_beir"

@@ -18,8 +18,8 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
   class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
   caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
   (Video-MME, NExTQA, EgoSchema, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``),
-  Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video); MVBench and
-  MomentSeeker are not ported yet and say so.
+  Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video;
+  MomentSeeker: clip frame folders named by their path); MVBench is not ported yet and says so.
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
 data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
@@ -408,6 +408,38 @@ def _load_moment_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
     return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
 
 
+def _load_momentseeker(task: MMEBV2Task, root: Path) -> TaskData:
+    """MomentSeeker: a text, a text and an image (``input_frames`` a .jpg), or a text and a video segment (a .mp4)
+    ranks its positive and negative clips; any positive is a hit. Frames in
+    ``video-tasks/frames/video_mret/MomentSeeker/`` (``video_frames/<path with / as _>/``, ``query_<image>``)."""
+    rows = _video_rows(task, root, ("query", "positive_frames", "negative_frames", "input_frames"))
+    frames = root / "video-tasks" / "frames" / "video_mret" / task.name
+    instructions = {"video": "Find the clip that corresponds to the given sentence and video segment:",
+                    "image": "Select the video clip that aligns with the given text and image:",
+                    "text": "Find the clip that corresponds to the given text:"}
+
+    def clip_folder(path: str) -> str:
+        return str(frames / "video_frames" / path.replace("/", "_").split(".mp4")[0])
+
+    candidates, queries, lists, relevance = _Candidates(), [], [], []
+    clip = {"text": "Understand the content of the provided video clip."}
+    for sentence, positives, negatives, given in zip(rows["query"], rows["positive_frames"], rows["negative_frames"],
+                                                     rows["input_frames"]):
+        if not positives:
+            raise ValueError(f"{task_folder(task, root)}: query {sentence!r} has no positive clip; fix the row or "
+                             "drop it.")
+        if given and given.endswith(".mp4"):
+            queries.append({"text": _text(instructions["video"], sentence), "video": clip_folder(given)})
+        elif given and given.endswith(".jpg"):
+            queries.append({"text": _text(instructions["image"], sentence), "image": str(frames / f"query_{given}")})
+        else:
+            queries.append({"text": _text(instructions["text"], sentence)})
+        names = [clip_folder(entry["output_path"]) for entry in [*positives, *negatives]]
+        lists.append([candidates.add(name, {**clip, "video": name}) for name in names])
+        relevance.append(dict.fromkeys(lists[-1][: len(positives)], 1.0))
+    return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
+
+
 _VIDEO_QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
                     "Return only the exact text of your chosen answer. Question:")
 
@@ -474,6 +506,7 @@ _LOADERS = {
     **{parser: _load_video_qa for parser in ("videomme", "activitynetqa", "nextqa", "egoschema")},
     "ssv2": _load_ssv2,
     "moment_retrieval": _load_moment_retrieval,
+    "momentseeker": _load_momentseeker,
 }
 
 
