@@ -29,8 +29,14 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
 )
 
 FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
-                 "ActivityNetQA", "MSR-VTT", "Charades-STA", "MomentSeeker", "ViDoRe_arxivqa",
+                 "ActivityNetQA", "MVBench", "MSR-VTT", "Charades-STA", "MomentSeeker", "ViDoRe_arxivqa",
                  "ViDoRe_esg_reports_human_labeled_v2"]
+MVBENCH_SUBSETS = [  # VLM2Vec's mvbench_dataset.subset_meta, in its order
+    "episodic_reasoning", "action_sequence", "action_prediction", "action_antonym", "fine_grained_action",
+    "unexpected_action", "object_existence", "object_interaction", "object_shuffle", "moving_direction",
+    "action_localization", "scene_transition", "action_count", "moving_count", "moving_attribute", "state_change",
+    "fine_grained_pose", "character_order", "egocentric_navigation", "counterfactual_inference",
+]
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
              "the exact text of your chosen answer. Question:")
 
@@ -282,6 +288,21 @@ def build_fixture(root: Path) -> dict[str, dict]:
     _parquet(rows, videos / "EgoSchema" / "Subset" / "test-00000-of-00001.parquet")
     spec["EgoSchema"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
 
+    queries, lists, judged, candidates = [], [], [], {}
+    for i, subset in enumerate(MVBENCH_SUBSETS):  # one question per subset, in VLM2Vec's order of subsets
+        for f in range(2):
+            _image(qa_frames / "MVBench" / subset / f"c{i}.mp4" / f"{f:04d}.jpg", rng)
+        options = ["left", "right", "up"][: 2 + i % 2]
+        _parquet([{"question": f"where {i}?", "video": f"c{i}.mp4", "candidates": options, "answer": options[i % 2]}],
+                 videos / "MVBench" / subset / "train-00000-of-00001.parquet")
+        lettered = [f"({'ABC'[j]}) {o}" for j, o in enumerate(options)]
+        queries.append({"text": f"{QA_PROMPT} where {i}?\nOptions:\n" + "\n".join(lettered),
+                        "video": str(qa_frames / "MVBench" / subset / f"c{i}.mp4")})
+        lists.append(lettered)
+        judged.append({lettered[i % 2]: 1.0})
+        candidates.update({o: {"text": o} for o in lettered})
+    spec["MVBench"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
     rows, queries, lists, judged = [], [], [], []
     for i in range(4):
         for f in range(2):
@@ -425,7 +446,7 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
     assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (13) |")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (14) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 
@@ -455,8 +476,11 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     root, _ = fixture_data
     with pytest.raises(FileNotFoundError, match=r"no parquet file in .*image-tasks/OK-VQA.*MMEB_Test_Instruct"):
         load_task("OK-VQA", root)
-    with pytest.raises(NotImplementedError, match=r"MVBench \(VLM2Vec parser 'mvbench'\) has no reader"):
-        load_task("MVBench", root)
+    import dataclasses
+
+    unknown = dataclasses.replace(MMEB_V2_TASKS["HMDB51"], name="NewTask", parser="new_parser")
+    with pytest.raises(NotImplementedError, match=r"NewTask \(VLM2Vec parser 'new_parser'\) has no reader"):
+        load_task(unknown, root)
     broken = tmp_path / "broken"
     base = broken / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
     source = root / "visdoc-tasks" / "arxivqa_test_subsampled_beir"
@@ -471,9 +495,9 @@ def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):
     with pytest.raises(ValueError, match=r"4 queries have no positive judgment in qrels \(first: 'q1'\)"):
         load_task("ViDoRe_arxivqa", broken)
     with pytest.raises(FileNotFoundError, match=r"2 of the 3 selected .*UCF101: .*video-tasks/UCF101 is absent; "
-                       r"MVBench: no reader for VLM2Vec's 'mvbench'.*--skip_missing"):
-        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MVBench,UCF101", cache_dir=tmp_path / "c")
-    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MVBench,UCF101", cache_dir=tmp_path / "c",
+                       r"MSVD: .*video-tasks/MSVD is absent.*--skip_missing"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSVD,UCF101", cache_dir=tmp_path / "c")
+    skipped = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51,MSVD,UCF101", cache_dir=tmp_path / "c",
                                skip_missing=True)
     assert list(skipped.scores["disc"]) == ["HMDB51"] and "| All (1) |" in skipped.table()
     qa = broken / "video-tasks" / "Video-MME"
@@ -504,7 +528,7 @@ def test_the_command_line_on_the_tiny_model_gives_the_same_table_under_1_and_2_p
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
         finished = launching.run(
-            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "image,video,visdoc",
+            script, "--model", tiny_backbone("qwen2_vl"), "--data_root", root, "--tasks", "all",
             "--output_dir", out, "--cache_dir", tmp_path / f"cache{processes}", "--block_size", "4", "--skip_missing",
             processes=processes, timeout=420,
         )

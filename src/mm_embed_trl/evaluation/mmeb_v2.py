@@ -17,9 +17,10 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
 * ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
   class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
   caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
-  (Video-MME, NExTQA, EgoSchema, ActivityNetQA: frames in ``video-tasks/frames/video_qa/<task>/``),
+  (Video-MME, NExTQA, EgoSchema, ActivityNetQA, MVBench: frames in ``video-tasks/frames/video_qa/<task>/``, MVBench's
+  annotations and frames one folder per subset),
   Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video;
-  MomentSeeker: clip frame folders named by their path); MVBench is not ported yet and says so.
+  MomentSeeker: clip frame folders named by their path).
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
 data version, the task, the side, the mode and the inputs themselves: a repeated run reads them back, an interrupted
@@ -465,14 +466,15 @@ def _video_qa_rows(task: MMEBV2Task, root: Path):
             options = ["yes", "no"]
             yield f"v_{video}", question + "? (A) yes; (B) no.", options, options, \
                 options.index(answer) if answer in options else -1, answer
-    elif task.name == "NExTQA":
+    elif task.name == "NExTQA":  # the options are listed in the query, and embedded as given
         columns = [f"a{i}" for i in range(5)]
         rows = _video_rows(task, root, ("video", "question", "answer", *columns))
         for row in rows:
             options = [row[c] for c in columns]
-            listed = "\n".join(f"({'ABCDE'[i]}) {o}" for i, o in enumerate(options))
-            yield str(row["video"]), f"{row['question']}\nOptions:\n{listed}", options, options, int(row["answer"]), \
+            yield str(row["video"]), _lettered(row["question"], options)[0], options, options, int(row["answer"]), \
                 row["answer"]
+    elif task.name == "MVBench":
+        yield from _mvbench_rows(task, root)
     else:  # EgoSchema: the options follow the question without a separator, as in VLM2Vec's query
         rows = _video_rows(task, root, ("video_idx", "question", "answer", "option"))
         for video, question, answer, options in zip(rows["video_idx"], rows["question"], rows["answer"],
@@ -481,9 +483,36 @@ def _video_qa_rows(task: MMEBV2Task, root: Path):
                 int(answer), answer
 
 
+# MVBench's 20 subsets, in the order VLM2Vec concatenates them (mvbench_dataset.subset_meta)
+_MVBENCH_SUBSETS = (
+    "episodic_reasoning", "action_sequence", "action_prediction", "action_antonym", "fine_grained_action",
+    "unexpected_action", "object_existence", "object_interaction", "object_shuffle", "moving_direction",
+    "action_localization", "scene_transition", "action_count", "moving_count", "moving_attribute", "state_change",
+    "fine_grained_pose", "character_order", "egocentric_navigation", "counterfactual_inference",
+)
+
+
+def _lettered(question: str, options: Sequence[str]) -> tuple[str, list[str]]:
+    """VLM2Vec's qa_template: the question followed by its options as "(A) ...", and those lettered options."""
+    lettered = [f"({chr(ord('A') + i)}) {o}" for i, o in enumerate(options)]
+    return f"{question}\nOptions:\n" + "\n".join(lettered), lettered
+
+
+def _mvbench_rows(task: MMEBV2Task, root: Path):
+    for subset in _MVBENCH_SUBSETS:
+        folder = task_folder(task, root) / subset
+        rows = _read_parquet(folder, task.split, task)
+        _check_columns(rows, ("question", "video", "candidates", "answer"), str(folder))
+        for question, video, options, answer in zip(rows["question"], rows["video"], rows["candidates"],
+                                                    rows["answer"]):
+            query, lettered = _lettered(question, options)
+            yield f"{subset}/{video}", query, lettered, lettered, options.index(answer) if answer in options else -1, \
+                answer
+
+
 def _load_video_qa(task: MMEBV2Task, root: Path) -> TaskData:
-    """Video QA (Video-MME, ActivityNetQA, NExTQA, EgoSchema): a question about a video ranks its answer options,
-    named as VLM2Vec names them."""
+    """Video QA (Video-MME, ActivityNetQA, NExTQA, EgoSchema, MVBench): a question about a video ranks its answer
+    options, named as VLM2Vec names them."""
     frames = root / "video-tasks" / "frames" / "video_qa" / task.name
     candidates, queries, lists, relevance = _Candidates(), [], [], []
     for video, question, names, texts, position, answer in _video_qa_rows(task, root):
@@ -503,7 +532,7 @@ _LOADERS = {
     "visdoc": _load_visdoc_task,
     "video_classification": _load_video_classification,
     **{parser: _load_video_retrieval for parser in ("msrvtt", "msvd", "didemo", "vatex", "youcook2")},
-    **{parser: _load_video_qa for parser in ("videomme", "activitynetqa", "nextqa", "egoschema")},
+    **{parser: _load_video_qa for parser in ("videomme", "activitynetqa", "nextqa", "egoschema", "mvbench")},
     "ssv2": _load_ssv2,
     "moment_retrieval": _load_moment_retrieval,
     "momentseeker": _load_momentseeker,
