@@ -350,8 +350,8 @@ class KeyedEncoder:
     """A stand-in model whose embedding of an input is a function of that input alone (its text, image content or
     path, video path), so the harness's numbers can be recomputed from the fixture's description. Counts calls."""
 
-    def __init__(self, generative: bool = False):
-        self.calls = 0
+    def __init__(self, generative: bool = False, noise: float = 0.0):
+        self.calls, self.noise = 0, noise
         self.fail_at_call: int | None = None
 
         class Config:
@@ -374,16 +374,22 @@ class KeyedEncoder:
         seed = int(hashlib.sha256(f"{cls.key(value)}|{mode}".encode()).hexdigest()[:12], 16)
         return torch.randn(16, generator=torch.Generator().manual_seed(seed))
 
-    def encode(self, inputs, *, side, mode="discriminative", batch_size=16, show_progress_bar=None, **kwargs):
+    def encode(self, inputs, *, side, mode="discriminative", batch_size=16, show_progress_bar=None, num_samples=1,
+               do_sample=False, **kwargs):
         self.calls += 1
         if self.fail_at_call == self.calls:
             raise RuntimeError("killed")
+        if do_sample:  # sample j: its own keyed vector, plus noise from torch's generator when asked
+            return torch.stack([
+                torch.stack([self.vector(x, f"sample{j}", side) + self.noise * torch.randn(16)
+                             for j in range(num_samples)]) for x in inputs
+            ])
         modes = ("discriminative", "generative") if mode == "both" else (mode,)
         out = {m: torch.stack([self.vector(x, m, side) for x in inputs]) for m in modes}
         return out if mode == "both" else out[mode]
 
 
-def _reference_scores(spec: dict, mode: str) -> list[float]:
+def _reference_scores(spec: dict, mode: str, candidate_mode: str | None = None) -> list[float]:
     """Per query, VLM2Vec's metric (the port) of the ranking the keyed embeddings give."""
     out = []
     names_all = list(spec["candidates"])
@@ -391,7 +397,8 @@ def _reference_scores(spec: dict, mode: str) -> list[float]:
     for query, names, judged in zip(spec["queries"], spec["lists"] or [None] * len(spec["queries"]), spec["judged"]):
         names = names or names_all
         q = torch.nn.functional.normalize(KeyedEncoder.vector(query, mode, "query"), dim=0)
-        c = torch.nn.functional.normalize(torch.stack([KeyedEncoder.vector(spec["candidates"][n], mode, "document")
+        c = torch.nn.functional.normalize(torch.stack([KeyedEncoder.vector(spec["candidates"][n],
+                                                                           candidate_mode or mode, "document")
                                                        for n in names]), dim=1)
         prediction = ref.ranked((c @ q).numpy(), names)
         labels, rels = list(judged), list(judged.values())
@@ -449,6 +456,27 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
     assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (14) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
+
+
+def test_pass_at_k_is_per_query_the_best_of_k_sampled_reasonings(fixture_data, tmp_path):
+    root, spec = fixture_data
+    tasks = ["ImageNet-1K", "Charades-STA", "ViDoRe_esg_reports_human_labeled_v2"]
+    results = evaluate_mmeb_v2(KeyedEncoder(generative=True), root, tasks, cache_dir=tmp_path / "a", pass_at_k=3,
+                               block_size=2)
+    assert list(results.scores) == ["disc", "gen", "oracle", "pass@3"] and "| pass@3 |" in results.table()
+    for name in tasks:
+        per_sample = [_reference_scores(spec[name], f"sample{j}", "generative") for j in range(3)]
+        expected = float(np.mean(np.max(per_sample, axis=0)))
+        assert math.isclose(results.scores["pass@3"][name], expected, abs_tol=1e-9), name
+    # sampling draws from a generator seeded per block: a rerun (or another split of blocks over ranks) samples alike
+    noisy = []
+    for i in range(2):
+        torch.manual_seed(i)  # the caller's generator state must not matter
+        noisy.append(evaluate_mmeb_v2(KeyedEncoder(generative=True, noise=2.0), root, tasks,
+                                      cache_dir=tmp_path / f"n{i}", pass_at_k=3, block_size=2).scores["pass@3"])
+    assert noisy[0] == noisy[1]
+    with pytest.raises(ValueError, match="pass_at_k=2 needs the generative mode"):
+        evaluate_mmeb_v2(KeyedEncoder(), root, tasks, cache_dir=tmp_path / "c", pass_at_k=2)
 
 
 def test_a_repeated_run_encodes_nothing_and_an_interrupted_one_only_what_was_left(fixture_data, tmp_path):

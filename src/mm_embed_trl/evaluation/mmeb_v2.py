@@ -601,9 +601,10 @@ def _input_key(value: dict[str, Any]) -> Any:
 
 
 def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, show_progress_bar,
-           encode_kwargs) -> dict[str, Tensor]:
+           encode_kwargs, seed: int | None = None) -> dict[str, Tensor]:
     """``{mode: (N, D)}`` embeddings of ``inputs``: blocks found in ``folder`` are read, the others encoded (each rank
-    every ``world``-th block) and written there (through a staging name, so a block file is whole or absent)."""
+    every ``world``-th block) and written there (through a staging name, so a block file is whole or absent).
+    ``seed``: sampling draws block ``b`` from ``seed + b``, so samples do not depend on ranks or on resuming."""
     rank, world = _distributed()
     folder.mkdir(parents=True, exist_ok=True)
     blocks = range(0, len(inputs), block_size)
@@ -612,8 +613,11 @@ def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, 
         final = folder / f"block-{number:05d}.pt"
         if number % world != rank or final.exists():
             continue
-        out = model.encode(inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
-                           show_progress_bar=show_progress_bar, **encode_kwargs)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            if seed is not None:
+                torch.manual_seed(seed + number)
+            out = model.encode(inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
+                               show_progress_bar=show_progress_bar, **encode_kwargs)
         named = out if isinstance(out, Mapping) else {_ENCODE_MODES[modes[0]]: out}
         staging = folder / f".{final.name}.{secrets.token_hex(4)}"
         torch.save({key: torch.as_tensor(value).float().cpu() for key, value in named.items()}, staging)
@@ -743,6 +747,8 @@ def evaluate_mmeb_v2(
     show_progress_bar: bool | None = None,
     encode_kwargs: Mapping[str, Any] | None = None,
     skip_missing: bool = False,
+    pass_at_k: int | None = None,
+    sampling_kwargs: Mapping[str, Any] | None = None,
 ) -> MMEBV2Results:
     """Evaluate ``model`` (anything with this library's ``encode``) on the selected MMEB-V2 tasks.
 
@@ -753,12 +759,16 @@ def evaluate_mmeb_v2(
     ``max_new_tokens`` of the generative mode) and into the cache key. Every rank of a ``torch.distributed`` job
     calls this; each returns the same results. A selected task without data under ``data_root`` (or without a
     reader yet) stops the run before anything is encoded, unless ``skip_missing`` (then it is left out, with a
-    warning, and the table's task counts show it)."""
+    warning, and the table's task counts show it). ``pass_at_k=k`` (UME-R1 models) adds ``pass@k``: each query's
+    reasoning sampled k times (``sampling_kwargs``: temperature, top_p, ... for ``encode``; each block seeded from
+    the cache key), per query the best of the k against the greedy generative candidates."""
     from tqdm.auto import tqdm
 
     from .._cache import cache_root
 
     modes = _model_modes(model, modes)
+    if pass_at_k is not None and ("gen" not in modes or pass_at_k < 1):
+        raise ValueError(f"pass_at_k={pass_at_k} needs the generative mode (a UME-R1 model, 'gen' in modes), k >= 1.")
     encode_kwargs = dict(encode_kwargs or {})
     model_id = model_id or _model_id(model)
     cache = Path(cache_dir) if cache_dir is not None else cache_root("mmeb_v2")
@@ -779,6 +789,8 @@ def evaluate_mmeb_v2(
     scores: dict[str, dict[str, float]] = {m: {} for m in modes}
     if len(modes) > 1:
         scores["oracle"] = {}
+    if pass_at_k is not None:
+        scores[f"pass@{pass_at_k}"] = {}
     for task in tqdm(selected, desc="MMEB-V2 tasks", disable=rank > 0 or show_progress_bar is False):
         data = load_task(task, data_root, max_queries=max_queries)
         embedded = {}
@@ -795,6 +807,16 @@ def evaluate_mmeb_v2(
             scores[m][task.name] = float(values.mean())
         if len(modes) > 1:
             scores["oracle"][task.name] = float(torch.stack(list(per_mode.values())).amax(dim=0).mean())
+        if pass_at_k is not None:
+            sampled = {**encode_kwargs, **(sampling_kwargs or {}), "do_sample": True, "num_samples": pass_at_k}
+            key = _fingerprint(model_id, MMEB_V2_DATA_VERSION, task.name, "sampled", block_size, sampled,
+                               [_input_key(x) for x in data.queries])
+            samples = _embed(model, data.queries, side="query", modes=("gen",),
+                             folder=cache / task.name / f"sampled-{key}", block_size=block_size,
+                             batch_size=batch_size, show_progress_bar=show_progress_bar, encode_kwargs=sampled,
+                             seed=int(key[:8], 16))["gen"]  # (queries, k, dim)
+            per_sample = [task_scores(data, samples[:, j], embedded["candidates"]["gen"]) for j in range(pass_at_k)]
+            scores[f"pass@{pass_at_k}"][task.name] = float(torch.stack(per_sample).amax(dim=0).mean())
         logger.info("%s (%s): %s", task.name, task.metric,
                     ", ".join(f"{m} {s[task.name]:.4f}" for m, s in scores.items()))
     return MMEBV2Results(scores, model_id=model_id)
@@ -823,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results:
     parser.add_argument("--max_queries", type=int, default=None, help="the first N queries of each task")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="generative mode: reasoning length")
     parser.add_argument("--skip_missing", action="store_true", help="leave out tasks without data (or reader)")
+    parser.add_argument("--pass_at_k", type=int, default=None, help="UME-R1 models: also pass@k of sampled reasoning")
+    parser.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature")
     args = parser.parse_args(argv)
 
     if "RANK" in os.environ and not torch.distributed.is_initialized():
@@ -836,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results:
         cache_dir=args.cache_dir, model_id=args.model_id or args.model, batch_size=args.batch_size,
         block_size=args.block_size, max_queries=args.max_queries,
         encode_kwargs={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None,
-        skip_missing=args.skip_missing,
+        skip_missing=args.skip_missing, pass_at_k=args.pass_at_k, sampling_kwargs={"temperature": args.temperature},
     )
     if rank == 0:
         out = Path(args.output_dir)
