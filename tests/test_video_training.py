@@ -177,3 +177,21 @@ def test_a_rank_with_videos_beside_a_rank_without_equals_one_process(tmp_path, t
         for key in ref["grads"]:
             assert_close(got["grads"][key], ref["grads"][key], rtol=rounding_rtol(**TINY_IMAGE_BACKWARD, gain=20),
                          msg=f"{name}: {key}")
+
+
+def test_rl_pairs_refuse_videos_and_several_images_by_name(tmp_path):
+    """GRPO prompts take one image per side (TRL's GRPOTrainer): a video or an image list would vanish in the
+    flattening; they are named instead, and a one-image list is that image."""
+    from mm_embed_trl.data.samplers import flatten_pairs
+
+    rows = _rows(tmp_path)  # row 0: a video query; row 1: two query images; row 2: a frame-list target
+    with pytest.raises(ValueError, match=r"2 rows hold a video in 'qry_video_path' \(first: row 0\).*EmbeddingSFT"):
+        flatten_pairs(rows.remove_columns(["pos_video_path"]).map(
+            lambda row, i: {"qry_video_path": row["qry_video_path"] or ("clip" if i == 3 else "")}, with_indices=True))
+    with pytest.raises(ValueError, match=r"1 rows hold several images in 'qry_image_path' \(first: row 1\)"):
+        flatten_pairs(rows.remove_columns(["qry_video_path", "pos_video_path"]))
+    single = rows.select([1, 3]).remove_columns(["qry_video_path", "pos_video_path"])
+    single = single.map(lambda row: {"qry_image_path": row["qry_image_path"][:1]})
+    flat = flatten_pairs(single)
+    assert flat["image"] == [rows[1]["qry_image_path"][0], rows[1]["pos_image_path"][0], "", ""]
+
