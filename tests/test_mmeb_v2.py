@@ -326,7 +326,8 @@ def build_fixture(root: Path) -> dict[str, dict]:
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buffer, format="PNG")
             pages.append({"corpus-id": f"page{p}", "image": {"bytes": buffer.getvalue(), "path": None}})
-            page_inputs[f"page{p}"] = {"image": buffer.getvalue()}
+            page_inputs[f"page{p}"] = {"text": "Understand the content of the provided document image.",
+                                       "image": buffer.getvalue()}
         _parquet(pages, base / "corpus" / "test-00000-of-00001.parquet",
                  datasets.Features({"corpus-id": datasets.Value("string"), "image": datasets.Image()}))
         qrels, queries, judged = [], [], []
@@ -335,7 +336,7 @@ def build_fixture(root: Path) -> dict[str, dict]:
             scores = [int(s) for s in rng.integers(1, 3, size=len(relevant))] if graded else [1]
             qrels += [{"query-id": f"q{q}", "corpus-id": f"page{int(d)}", "score": s} for d, s in zip(relevant, scores)]
             qrels.append({"query-id": f"q{q}", "corpus-id": f"page{int((relevant[0] + 1) % 7)}", "score": 0})
-            queries.append({"text": f"question {q}"})
+            queries.append({"text": f"Find a document image that matches the given query: question {q}"})
             judged.append({})
             for d, s in zip(relevant, scores):
                 judged[-1][f"page{int(d)}"] = float(s)

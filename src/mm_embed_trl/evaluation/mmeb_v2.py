@@ -284,8 +284,9 @@ def _load_visdoc_task(task: MMEBV2Task, root: Path) -> TaskData:
     _check_columns(corpus, ("corpus-id", "image"), str(folder / "corpus"))
     _check_columns(qrels, ("query-id", "corpus-id", "score"), str(folder / "qrels"))
     candidates = _Candidates()
+    page = "Understand the content of the provided document image."  # VLM2Vec's vidore / visrag instructions
     for doc_id, image in zip(corpus["corpus-id"], corpus.cast_column("image", _undecoded_image())["image"]):
-        candidates.add(str(doc_id), {"image": image})
+        candidates.add(str(doc_id), {"text": page, "image": image})
     judged: dict[str, dict[int, float]] = {}
     for query_id, doc_id, score in zip(qrels["query-id"], qrels["corpus-id"], qrels["score"]):
         if score <= 0:  # VLM2Vec keeps positive judgments only, the highest one of duplicates
@@ -304,8 +305,9 @@ def _load_visdoc_task(task: MMEBV2Task, root: Path) -> TaskData:
             f"{folder}: {len(unjudged)} queries have no positive judgment in qrels (first: {unjudged[0]!r}); every "
             "query needs one. Use the queries, corpus and qrels of one data version."
         )
+    instruction = "Find a document image that matches the given query:"
     return TaskData(
-        task, [{"text": text} for text in queries["query"]], candidates.inputs, None,
+        task, [{"text": _text(instruction, text)} for text in queries["query"]], candidates.inputs, None,
         [judged[str(q)] for q in queries["query-id"]], candidates.keys,
     )
 
