@@ -28,7 +28,7 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     select_tasks,
 )
 
-FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
+FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "CIRR", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
                  "ActivityNetQA", "MVBench", "MSR-VTT", "Charades-STA", "MomentSeeker", "ViDoRe_arxivqa",
                  "ViDoRe_esg_reports_human_labeled_v2"]
 MVBENCH_SUBSETS = [  # VLM2Vec's mvbench_dataset.subset_meta, in its order
@@ -125,8 +125,8 @@ def build_fixture(root: Path) -> dict[str, dict]:
         answer = classes[i % 5]
         targets = [answer] + [c for c in classes if c != answer][:3]
         rows.append(dict(qry_inst="<|image_1|> Represent the given image for classification", qry_text="",
-                         qry_img_path=f"images/ImageNet-1K/{i}.png", tgt_inst="", tgt_text=targets,
-                         tgt_img_path=[""] * 4))
+                         qry_img_path=f"images/ImageNet-1K/{i}.png", tgt_inst="Represent the class label:",
+                         tgt_text=targets, tgt_img_path=[""] * 4))  # VLM2Vec's cls parser ignores tgt_inst
         queries.append({"text": "Represent the given image for classification",
                         "image": str(images / "images" / "ImageNet-1K" / f"{i}.png")})
         lists.append(targets)
@@ -150,6 +150,26 @@ def build_fixture(root: Path) -> dict[str, dict]:
         judged.append({paths[0]: 1.0})
     _parquet(rows, images / "MSCOCO_t2i" / "test-00000-of-00001.parquet")
     spec["MSCOCO_t2i"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
+
+    rows, queries, lists, judged, candidates = [], [], [], [], {}
+    for i in range(3):
+        paths = [f"images/cirr/{i}-{j}.png" for j in range(3)]
+        for p in [f"images/cirr/q{i}.png", *paths]:
+            _image(images / p, rng)
+        captions = [f'"target {i}-{j}"' for j in range(3)]
+        rows.append(dict(qry_inst="<|image_1|> Given an image, find a similar image with the changes:",
+                         qry_text=f"make it blue {i}", qry_img_path=f"images/cirr/q{i}.png",
+                         tgt_inst="<|image_1|> Represent the given image with the caption:", tgt_text=captions,
+                         tgt_img_path=paths))
+        queries.append({"text": f"Given an image, find a similar image with the changes: make it blue {i}",
+                        "image": str(images / f"images/cirr/q{i}.png")})
+        names = [f"{p}:target {i}-{j}" for j, p in enumerate(paths)]  # VLM2Vec's i2i names: path:caption
+        lists.append(names)
+        judged.append({names[0]: 1.0})
+        candidates.update({n: {"text": f"Represent the given image with the caption: {c}", "image": str(images / p)}
+                           for n, c, p in zip(names, captions, paths)})
+    _parquet(rows, images / "CIRR" / "test-00000-of-00001.parquet")
+    spec["CIRR"] = dict(queries=queries, lists=lists, judged=judged, candidates=candidates)
 
     videos = root / "video-tasks"
     actions = ["run", "jump", "wave"]
@@ -449,12 +469,12 @@ def test_the_harness_scores_every_task_as_vlm2vec_would(fixture_data, tmp_path, 
         for mode in modes:
             assert math.isclose(results.scores[mode][name], float(np.mean(per_mode[mode])), abs_tol=1e-9), (mode, name)
     summary = json.loads(results.to_json())["summary"]["disc"]
-    image = [results.scores["disc"][n] for n in ("ImageNet-1K", "MSCOCO_t2i")]
+    image = [results.scores["disc"][n] for n in ("ImageNet-1K", "MSCOCO_t2i", "CIRR")]
     assert math.isclose(summary["image/Overall"], np.mean(image)) and summary["image/VG"] is None
     assert math.isclose(summary["All"], np.mean([results.scores["disc"][n] for n in FIXTURE_TASKS]))
     table = results.table().splitlines()
-    assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (1) | image VG (0) | image Overall")
-    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (14) |")
+    assert table[0].startswith("| Mode | image CLS (1) | image QA (0) | image RET (2) | image VG (0) | image Overall")
+    assert table[0].endswith("visdoc OOD (0) | visdoc Overall (2) | All (15) |")
     assert [line.split(" | ")[0] for line in table[2:]] == [f"| {m}" for m in modes]
     assert format_table({"disc": {}}).splitlines()[2].count("-") == 16
 

@@ -249,6 +249,9 @@ class _Candidates:
         return self.index[key]
 
 
+_TEXT_CANDIDATES = ("image_cls", "image_qa", "image_i2t")
+
+
 def _load_image_task(task: MMEBV2Task, root: Path) -> TaskData:
     image_root = root / "image-tasks"
     folder = image_root / task.local_dir
@@ -266,9 +269,14 @@ def _load_image_task(task: MMEBV2Task, root: Path) -> TaskData:
                 "each candidate needs one of each (\"\" for none), the first being the answer."
             )
         queries.append({"text": _text(row["qry_inst"], row["qry_text"]), "image": path(row["qry_img_path"])})
+        if task.parser in _TEXT_CANDIDATES:  # VLM2Vec embeds these candidates as bare texts, named by their text
+            lists.append([candidates.add(text, {"text": text}) for text in row["tgt_text"]])
+            continue
+        # image candidates with the target instruction (and caption, where there is one), named by path
         instruction = row.get("tgt_inst") or ""
         lists.append([
-            candidates.add(json.dumps([text, image]), {"text": _text(instruction, text), "image": path(image)})
+            candidates.add(image if task.parser == "image_t2i" else f"{image}:{text.strip(chr(34))}",
+                           {"text": _text(instruction, text), "image": path(image)})
             for text, image in zip(row["tgt_text"], row["tgt_img_path"])
         ])
     relevance = [{cands[0]: 1.0} for cands in lists]
