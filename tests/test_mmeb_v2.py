@@ -69,6 +69,17 @@ def test_the_registry_holds_the_78_tasks_of_vlm2vecs_report_in_the_papers_column
         select_tasks("ImageNet1K")
 
 
+def test_the_command_line_lists_the_tasks(capsys):
+    from mm_embed_trl.evaluation.mmeb_v2 import main
+
+    main(["--list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 78
+    assert "ViDoSeek-page\tvisdoc\tOOD\tndcg_linear@5\tVLM2Vec/ViDoSeek-page-fixed/None/test" in lines
+    with pytest.raises(SystemExit):
+        main(["--tasks", "image"])  # no model, no data: the usage error
+
+
 # ------------------------------------------------------------------------------------------------ metric
 def test_the_metric_equals_vlm2vecs_on_random_graded_cases():
     rng = np.random.default_rng(0)

@@ -833,18 +833,19 @@ def evaluate_mmeb_v2(
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def main(argv: Sequence[str] | None = None) -> MMEBV2Results:
+def main(argv: Sequence[str] | None = None) -> MMEBV2Results | None:
     """``python -m mm_embed_trl.evaluation.mmeb_v2 --model PATH --data_root DIR [--tasks all|image|video|visdoc|
-    NAMES] [--output_dir DIR]``; under ``torchrun`` the ranks share the encoding. Prints the table and writes
-    ``mmeb_v2.json`` and ``mmeb_v2.md`` to ``--output_dir``."""
+    NAMES] [--output_dir DIR]`` (``--list``: the tasks); under ``torchrun`` the ranks share the encoding. Prints the
+    table and writes ``mmeb_v2.json`` and ``mmeb_v2.md`` to ``--output_dir``."""
     import argparse
 
     from .._files import write_text_atomic
     from ..modeling import MultimodalEmbeddingModel
 
     parser = argparse.ArgumentParser(prog="python -m mm_embed_trl.evaluation.mmeb_v2", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="a saved model folder or a published model's id")
-    parser.add_argument("--data_root", required=True, help="the folder of image-tasks/, video-tasks/, visdoc-tasks/")
+    parser.add_argument("--model", help="a saved model folder or a published model's id")
+    parser.add_argument("--data_root", help="the folder of image-tasks/, video-tasks/, visdoc-tasks/")
+    parser.add_argument("--list", action="store_true", help="list the tasks (name, category, column, metric, source)")
     parser.add_argument("--tasks", default="all", help="'all', a category, task names, or a comma-separated mix")
     parser.add_argument("--modes", default=None, help="comma-separated: disc, gen (default: both for UME-R1 models)")
     parser.add_argument("--output_dir", default="mmeb_v2_results")
@@ -858,6 +859,12 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results:
     parser.add_argument("--pass_at_k", type=int, default=None, help="UME-R1 models: also pass@k of sampled reasoning")
     parser.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature")
     args = parser.parse_args(argv)
+    if args.list:
+        for task in MMEB_V2_TASKS.values():
+            print(f"{task.name}\t{task.category}\t{task.group}\t{task.metric}\t{'/'.join(map(str, task.source))}")
+        return None
+    if not args.model or not args.data_root:
+        parser.error("--model and --data_root are required (or --list)")
 
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
