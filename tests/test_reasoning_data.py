@@ -180,7 +180,22 @@ def test_ume_r1_sft_json_converts_to_rows(tmp_path):
         "pos_image_path": "",  # UME-R1's blank placeholder of text-only sides
         "pos_reasoning": "<think>text about a cat</think><answer>cat</answer><gen_emb>",
     }
-    records[0]["qry"]["video"] = "clip.mp4"
+    # a video side (LLaVA-Hound, MMEB-V2 video) and a side of several images, blank placeholders dropped from lists
+    records[0]["qry"]["video"] = "videos/clip.mp4"
+    records[0]["pos"]["image"] = ["images/a.jpg", "images/blank.jpg", "images/b.jpg"]
+    records[0]["pos"]["video"] = ["frames/0.jpg", "frames/1.jpg"]
     path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="record 0, side 'qry' holds a video"):
+    (row,) = load_ume_r1_sft_json(path)
+    assert row["qry_video_path"] == "/data/MMEB-train/videos/clip.mp4"
+    assert row["qry_image_path"] == "/data/MMEB-train/images/cat.jpg"  # one image per row in this column: plain
+    assert row["pos_image_path"] == ["/data/MMEB-train/images/a.jpg", "/data/MMEB-train/images/b.jpg"]
+    assert row["pos_video_path"] == ["/data/MMEB-train/frames/0.jpg", "/data/MMEB-train/frames/1.jpg"]
+
+
+def test_ume_r1_sft_json_names_a_file_that_mixes_frame_lists_and_video_paths(tmp_path):
+    side = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    records = [{"qry": {**side, "video": "clip.mp4"}, "pos": side}, {"qry": {**side, "video": ["0.jpg"]}, "pos": side}]
+    path = tmp_path / "UME-sft-train.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"'qry_video_path' holds a list of frames \(record 1\) and a video path"):
         load_ume_r1_sft_json(path)

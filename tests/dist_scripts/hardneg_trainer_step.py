@@ -13,6 +13,7 @@ import argparse
 import os
 
 import torch
+from one_step import save_one_step
 
 from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.demo.generated import make_shapes_dataset
@@ -54,19 +55,7 @@ def main():
         use_cpu=True,
     )
     trainer = HardNegContrastiveTrainer(model=model, args=config)
-    accelerator = trainer.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = GLOBAL_BATCH // world
-    batch = trainer.data_collator(rows[rank * per_rank : (rank + 1) * per_rank])
-    wrapped = accelerator.prepare_model(trainer.model)
-    wrapped.train()
-    torch.manual_seed(1234)  # same dropout stream in every configuration
-    loss = trainer.compute_loss(wrapped, trainer._prepare_inputs(batch))
-    accelerator.backward(loss)
-    if rank == 0:
-        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        torch.save({"loss": loss.detach().item(), "grads": grads, "world": world}, args.out)
-    accelerator.wait_for_everyone()
+    save_one_step(trainer, rows, args.out, seed=1234)
 
 
 if __name__ == "__main__":

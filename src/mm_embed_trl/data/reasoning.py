@@ -34,14 +34,18 @@ from .schema import (
     POS_IMAGE,
     POS_REASONING,
     POS_TEXT,
+    POS_VIDEO,
     QUERY_IMAGE,
     QUERY_REASONING,
     QUERY_TEXT,
+    QUERY_VIDEO,
     ROW_INDEX_COLUMN,
+    VIDEO_COLUMNS,
     EmbeddingInput,
     is_missing,
 )
 from .templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN, UME_R1_FORMAT, PromptTemplate
+from .videos import video_sampling
 
 __all__ = [
     "UME_R1_FORMAT",
@@ -235,19 +239,42 @@ class ReasoningCollator(EmbeddingCollator):
         3. the image's own token count, from its size read from its header (:meth:`image_token_counts`).
 
         A processor without a pixel budget (LLaVA-OneVision's tiles) leaves steps 1 and 2 no bound for an image:
-        each image is then read (its header only).
+        each image is then read (its header only). A side with a video or several images is measured by building
+        its prompt (:meth:`exact_prompt_lengths`): its frames are loaded once, before training.
 
         ``rows``: a ``pyarrow.Table`` of rows that passed the reasoning row contract.
         """
+        import pyarrow as pa
+
+        table = rows if isinstance(rows, pa.Table) else pa.table(rows)
+        out = {}
+        for side in _SIDES:
+            visual = self._video_or_image_list(table, side)
+            if not visual.any():
+                out[side] = self._bounded_lengths(table, side)
+                continue
+            # a video or several images: measured whole; the bounds read one image per row
+            rest = table.filter(pa.array(~visual))
+            image_col = _SIDES[side][1]
+            if image_col in rest.column_names and pa.types.is_list(rest.schema.field(image_col).type):
+                rest = rest.drop_columns([image_col])  # the rows left have no image (lists of images are measured)
+            lengths = np.zeros(table.num_rows, dtype=np.int64)
+            lengths[~visual] = self._bounded_lengths(rest, side)
+            lengths[visual] = self.exact_prompt_lengths(table.filter(pa.array(visual)), side)
+            out[side] = lengths
+        return out
+
+    def _bounded_lengths(self, table, side: str) -> np.ndarray:
+        """:meth:`sequence_lengths` of one side for rows with at most one image each (the three steps)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         from .validation import as_array, present_mask
 
-        table = rows if isinstance(rows, pa.Table) else pa.table(rows)
         n = table.num_rows
         limit = self.max_sequence_length
         budget = max_image_tokens(self.processor)
+        text_col, image_col, target_col, prompt_side = _SIDES[side]
 
         def column(name):
             return as_array(table[name]) if name in table.column_names else pa.nulls(n, pa.string())
@@ -260,32 +287,61 @@ class ReasoningCollator(EmbeddingCollator):
         blank_size = self.template.text_only_image_size if self.is_multimodal else None
         blank_tokens = self.image_token_counts([(blank_size, blank_size)])[0] if blank_size is not None else 0
 
-        out = {}
-        for side, (text_col, image_col, target_col, prompt_side) in _SIDES.items():
-            with_image = present_mask(column(image_col))
-            with_blank = ~with_image if blank_size is not None else np.zeros(n, dtype=bool)
-            fixed = self._prompt_bytes(prompt_side) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
-            lengths = fixed + byte_lengths(column(text_col)) + byte_lengths(column(target_col))
-            lengths[with_blank] += blank_tokens
-            if budget is not None:
-                lengths[with_image] += budget
-            settled = np.zeros(n, dtype=bool) if limit is None else lengths <= limit
-            if budget is None:
-                settled &= ~with_image
-            todo = np.flatnonzero(~settled)
-            if len(todo):
-                picked = table.take(pa.array(todo)).to_pydict()
-                inputs = [
-                    EmbeddingInput(text=t, image=True if has_image(v) or blank_size is not None else None)
-                    for t, v in zip(picked[text_col], picked.get(image_col) or [None] * len(todo))
-                ]
-                # each image (the blank one too) counted as its one placeholder token for now
-                exact = self.prompt_lengths(inputs, prompt_side)
-                exact += [len(c) for c in self.completion_ids(picked[target_col])]
-                exact[with_blank[todo]] += blank_tokens - 1
-                lengths[todo] = exact + self._image_tokens(todo, picked, side, with_image[todo], exact, budget)
-            out[side] = lengths
-        return out
+        with_image = present_mask(column(image_col))
+        with_blank = ~with_image if blank_size is not None else np.zeros(n, dtype=bool)
+        fixed = self._prompt_bytes(prompt_side) + len(self._turn_end.encode("utf-8")) + _SPECIAL_TOKEN_SLACK
+        lengths = fixed + byte_lengths(column(text_col)) + byte_lengths(column(target_col))
+        lengths[with_blank] += blank_tokens
+        if budget is not None:
+            lengths[with_image] += budget
+        settled = np.zeros(n, dtype=bool) if limit is None else lengths <= limit
+        if budget is None:
+            settled &= ~with_image
+        todo = np.flatnonzero(~settled)
+        if len(todo):
+            picked = table.take(pa.array(todo)).to_pydict()
+            inputs = [
+                EmbeddingInput(text=t, image=True if has_image(v) or blank_size is not None else None)
+                for t, v in zip(picked[text_col], picked.get(image_col) or [None] * len(todo))
+            ]
+            # each image (the blank one too) counted as its one placeholder token for now
+            exact = self.prompt_lengths(inputs, prompt_side)
+            exact += [len(c) for c in self.completion_ids(picked[target_col])]
+            exact[with_blank[todo]] += blank_tokens - 1
+            lengths[todo] = exact + self._image_tokens(todo, picked, side, with_image[todo], exact, budget)
+        return lengths
+
+    @staticmethod
+    def _video_or_image_list(table, side: str) -> np.ndarray:
+        """Rows whose ``side`` has a video or a list of images (more than one image's tokens to count)."""
+        import pyarrow as pa
+
+        from .validation import as_array, present_mask
+
+        found = np.zeros(table.num_rows, dtype=bool)
+        video_col, image_col = VIDEO_COLUMNS[side], _SIDES[side][1]
+        if video_col in table.column_names:
+            found |= present_mask(as_array(table[video_col]))
+        if image_col in table.column_names:
+            images = as_array(table[image_col])
+            if pa.types.is_list(images.type) or pa.types.is_large_list(images.type):
+                found |= present_mask(images)
+        return found
+
+    def exact_prompt_lengths(self, table, side: str, chunk_size: int = 16) -> np.ndarray:
+        """Tokens of each row's sequence on ``side`` (prompt + target), counted on its prompt as the collator builds
+        it (frames and images loaded), ``chunk_size`` rows per processor call."""
+        text_col, image_col, target_col, prompt_side = _SIDES[side]
+        lengths = np.zeros(table.num_rows, dtype=np.int64)
+        for start in range(0, table.num_rows, chunk_size):
+            rows = table.slice(start, chunk_size).to_pylist()
+            inputs = [
+                self._side_input(row, start + i, text_col, image_col, VIDEO_COLUMNS[side]) for i, row in enumerate(rows)
+            ]
+            prompts = self.encode_inputs(inputs, side=prompt_side)["attention_mask"].sum(dim=1).numpy()
+            targets = [len(ids) for ids in self.completion_ids([row[target_col] for row in rows])]
+            lengths[start:start + len(rows)] = prompts + np.array(targets, dtype=np.int64)
+        return lengths
 
     def _image_tokens(self, rows, picked, side, with_image, lengths, budget) -> np.ndarray:
         """Image tokens - 1 (the placeholder is counted) of ``rows``: their budget where it keeps the row within the
@@ -341,11 +397,14 @@ class ReasoningCollator(EmbeddingCollator):
         import hashlib
 
         image_processor = getattr(self.processor, "image_processor", None)
+        video_processor = getattr(self.processor, "video_processor", None)
         described = {
             "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
             "chat_template": str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template),
             "template": dataclasses.asdict(self.template),
             "image_processor": repr(getattr(image_processor, "size", None)),
+            # a video's tokens follow its sampling and its frames' pixel budget
+            "video": repr((video_sampling(self.processor), getattr(video_processor, "size", None))),
             "image_root": str(self.image_root),
             "max_text_length": self.max_length,
             "max_sequence_length": self.max_sequence_length,
@@ -368,40 +427,42 @@ class ReasoningCollator(EmbeddingCollator):
                         f"SFT needs one per side ({QUERY_REASONING}, {POS_REASONING}: '<think>...</think><answer>..."
                         f"</answer>{GEN_EMB_TOKEN}'). Fill it in or filter such rows out."
                     )
-                inp = self._side_input(row, i, text_col, image_col)
+                inp = self._side_input(row, i, text_col, image_col, VIDEO_COLUMNS[side])
                 inputs.append(inp)
                 targets.append(target)
                 labels.append(where)
                 if side == "positive":
-                    positive_ids.append(_content_id(inp.text, row.get(POS_IMAGE), inp.image))
+                    positive_ids.append(_content_id(inp.text, row.get(POS_IMAGE), inp.image, row.get(POS_VIDEO)))
             batch[side] = self.encode_side(inputs, targets, prompt_side, labels)
         batch["positive_ids"] = torch.tensor(positive_ids, dtype=torch.long)
         return batch
 
 
 # ---------------------------------------------------------------------------------------- UME-R1's released data
-def _ume_r1_side(side, record, where: str, placeholder_images: Sequence[str]) -> tuple[str, str, str | None]:
-    """(text, image path or "", reasoning target or None) of one side of a UME-R1 record."""
+def _ume_r1_side(side, record, where: str, placeholder_images: Sequence[str]):
+    """(text, image paths (a list, placeholders left out), video ("" , a path or a list of frames), reasoning target
+    or None) of one side of a UME-R1 record; paths join the record's ``data_path``."""
     if not isinstance(side, Mapping) or "conversations" not in side:
         raise ValueError(f"{where}: expected {{'conversations': [...], 'image': ...}}, got {side!r:.120}.")
-    if side.get("video"):
-        raise ValueError(f"{where} holds a video ({side['video']!r}); videos are not supported yet.")
     turns = {turn.get("from", turn.get("role")): turn.get("value", turn.get("content")) for turn in
              side["conversations"]}
     user, target = turns.get("human", turns.get("user")), turns.get("gpt", turns.get("assistant"))
     if not isinstance(user, str):
         raise ValueError(f"{where}: needs a human turn, got {sorted(turns)}.")
     text = user.split(DISC_EMB_TOKEN)[0].rstrip("\n")
-    image = side.get("image") or ""
-    if isinstance(image, list):
-        if len(image) > 1:
-            raise ValueError(f"{where} holds {len(image)} images; one image per side is supported.")
-        image = image[0] if image else ""
-    if image and Path(image).name in placeholder_images:
-        image = ""
-    elif image and record.get("data_path"):
-        image = os.path.join(record["data_path"], image)
-    return text, image, target if isinstance(target, str) else None
+    root = record.get("data_path")
+    images = side.get("image") or []
+    images = [
+        os.path.join(root, image) if root else image
+        for image in (images if isinstance(images, list) else [images])
+        if image and Path(image).name not in placeholder_images
+    ]
+    video = side.get("video") or ""
+    if isinstance(video, list):
+        video = [os.path.join(root, frame) if root else frame for frame in video]
+    elif video and root:
+        video = os.path.join(root, video)
+    return text, images, video, target if isinstance(target, str) else None
 
 
 def load_ume_r1_sft_json(
@@ -420,33 +481,59 @@ def load_ume_r1_sft_json(
     ``mm_embed_trl.mining`` writes; a gpt turn is optional there) becomes ``neg_text`` / ``neg_image_path``. Text-only
     sides carry a blank placeholder image in UME-R1
     (``images/blank.jpg``, 28x28 white): a path whose file name is in ``placeholder_images`` becomes "no image",
-    and the ``ume_r1_blank_image`` template (the SFT default) gives such sides that same image back. Sides with a
-    video are not supported by this library yet: such records raise an error naming them.
+    and the ``ume_r1_blank_image`` template (the SFT default) gives such sides that same image back. A side's
+    ``video`` (a file, a frame folder or a list of frames) goes to ``qry_video_path`` / ``pos_video_path``, and a
+    list of several images stays a list (several images of one side).
     """
     import datasets
 
     records = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of {{'qry': ..., 'pos': ...}} records.")
-    columns: dict[str, list] = {c: [] for c in (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, POS_TEXT, POS_IMAGE,
-                                                POS_REASONING)}
-    names = {"qry": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING), "pos": (POS_TEXT, POS_IMAGE, POS_REASONING)}
+    columns: dict[str, list] = {c: [] for c in (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, QUERY_VIDEO, POS_TEXT,
+                                                POS_IMAGE, POS_REASONING, POS_VIDEO)}
+    names = {"qry": (QUERY_TEXT, QUERY_IMAGE, QUERY_REASONING, QUERY_VIDEO),
+             "pos": (POS_TEXT, POS_IMAGE, POS_REASONING, POS_VIDEO)}
     with_negatives = any(isinstance(r, Mapping) and "neg" in r for r in records)
     if with_negatives:
         columns[NEG_TEXT], columns[NEG_IMAGE] = [], []
     for index, record in enumerate(records):
-        for key, (text_col, image_col, target_col) in names.items():
+        for key, (text_col, image_col, target_col, video_col) in names.items():
             where = f"{path}: record {index}, side {key!r}"
             side = record.get(key) if isinstance(record, Mapping) else None
-            text, image, target = _ume_r1_side(side, record, where, placeholder_images)
+            text, images, video, target = _ume_r1_side(side, record, where, placeholder_images)
             if not isinstance(target, str):
                 raise ValueError(f"{where}: needs a human and a gpt turn.")
             columns[text_col].append(text)
-            columns[image_col].append(image)
+            columns[image_col].append(images)
+            columns[video_col].append(video)
             columns[target_col].append(target)
         if with_negatives:  # mined negatives (mm_embed_trl.mining): sides without a reasoning target
-            sides = [_ume_r1_side(side, record, f"{path}: record {index}, negative {j}", placeholder_images)
-                     for j, side in enumerate(record.get("neg") or [])]
-            columns[NEG_TEXT].append([text for text, _, _ in sides])
-            columns[NEG_IMAGE].append([image for _, image, _ in sides])
+            texts, images = [], []
+            for j, side in enumerate(record.get("neg") or []):
+                where = f"{path}: record {index}, negative {j}"
+                text, side_images, video, _ = _ume_r1_side(side, record, where, placeholder_images)
+                if video or len(side_images) > 1:
+                    raise ValueError(f"{where}: a negative holds one image at most and no video (neg_image_path).")
+                texts.append(text)
+                images.append(side_images[0] if side_images else "")
+            columns[NEG_TEXT].append(texts)
+            columns[NEG_IMAGE].append(images)
+    if not any(columns[QUERY_VIDEO] + columns[POS_VIDEO]):
+        del columns[QUERY_VIDEO], columns[POS_VIDEO]
+    for video_col in (QUERY_VIDEO, POS_VIDEO):  # one Arrow type per column: frame lists, or paths
+        values = columns.get(video_col, [])
+        lists = [i for i, v in enumerate(values) if isinstance(v, list)]
+        paths = [i for i, v in enumerate(values) if isinstance(v, str) and v]
+        if lists and paths:
+            raise ValueError(
+                f"{path}: {video_col!r} holds a list of frames (record {lists[0]}) and a video path (record "
+                f"{paths[0]}); one file must use one form. Split the file by form, or turn the frame lists into "
+                "frame folders."
+            )
+        if lists:
+            columns[video_col] = [v if isinstance(v, list) else [] for v in values]
+    for image_col in (QUERY_IMAGE, POS_IMAGE):  # one image per side everywhere: plain values, as before
+        if all(len(images) <= 1 for images in columns[image_col]):
+            columns[image_col] = [images[0] if images else "" for images in columns[image_col]]
     return datasets.Dataset.from_dict(columns)

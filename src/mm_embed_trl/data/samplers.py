@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .schema import POS_IMAGE, POS_TEXT, QUERY_IMAGE, QUERY_TEXT
+from .schema import POS_IMAGE, POS_TEXT, POS_VIDEO, QUERY_IMAGE, QUERY_TEXT, QUERY_VIDEO
 
 __all__ = ["PairedRepeatSampler", "flatten_pairs"]
 
@@ -49,6 +49,7 @@ def flatten_pairs(dataset):
         )
     if len(dataset) < 2:
         raise ValueError(f"The dataset holds {len(dataset)} pair(s); GRPO with a retrieval reward needs at least 2.")
+    _refuse_videos_and_image_lists(dataset)
 
     def flatten(batch, indices):
         n = len(indices)
@@ -58,6 +59,8 @@ def flatten_pairs(dataset):
         for k in range(n):
             for side, text, image in (("query", batch[QUERY_TEXT][k], query_images[k]),
                                       ("target", batch[POS_TEXT][k], target_images[k])):
+                if isinstance(image, list):  # a list column: one image at most (checked above)
+                    image = image[0] if image else ""
                 out["text"].append(text)
                 out["image"].append(image if isinstance(image, str) else (image or ""))
                 out["side"].append(side)
@@ -78,6 +81,34 @@ def flatten_pairs(dataset):
         flatten, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         desc="Flattening pairs into prompt rows",
     )
+
+
+def _refuse_videos_and_image_lists(dataset) -> None:
+    """GRPO prompts hold one image per side: a video, or several images, would be dropped here without a word."""
+    import numpy as np
+    import pyarrow as pa
+
+    from .validation import as_array, present_mask
+
+    table = dataset.data.table
+    for column in (QUERY_VIDEO, POS_VIDEO, QUERY_IMAGE, POS_IMAGE):
+        if column not in table.column_names:
+            continue
+        values = as_array(table[column])
+        if column in (QUERY_IMAGE, POS_IMAGE):
+            if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
+                continue
+            bad = np.flatnonzero(values.value_lengths().fill_null(0).to_numpy(zero_copy_only=False) > 1)
+            what = "several images"
+        else:
+            bad = np.flatnonzero(present_mask(values))
+            what = "a video"
+        if len(bad):
+            raise ValueError(
+                f"{len(bad)} rows hold {what} in {column!r} (first: row {int(bad[0])}); EmbeddingGRPOTrainer rolls out "
+                "through TRL's GRPOTrainer, whose prompts take one image per side and no video. Train such rows with "
+                "EmbeddingSFTTrainer or HardNegContrastiveTrainer, or filter them out of the RL dataset."
+            )
 
 
 class PairedRepeatSampler(Sampler[int]):

@@ -34,6 +34,7 @@ __all__ = [
     "ranking_metrics",
     "retrieval_metrics",
     "candidate_list_metrics",
+    "graded_ranking_metrics",
     "mmeb_precision_at_1",
     "similarity_spearman",
 ]
@@ -287,6 +288,44 @@ def candidate_list_metrics(
     for k in ks:
         out[f"recall@{k}"] = float((rank <= k).to(torch.float64).mean())
         out[f"ndcg@{k}"] = float(torch.where(rank <= k, 1.0 / torch.log2(rank + 1.0), 0.0).mean())
+    return out
+
+
+@torch.no_grad()
+def graded_ranking_metrics(scores: Tensor, gains: Tensor, *, k_values: Iterable[int] = (1, 5)) -> dict[str, Tensor]:
+    """Per-query ``hit@k`` and ``ndcg_linear@k`` with graded relevance, as MMEB-V2 reports them (VLM2Vec's
+    ``RankingMetrics``: Hit@1 for image and video tasks, NDCG@5 with linear gain for visual documents).
+
+    Args:
+        scores: (Q, N) scores, higher is better; ``-inf`` marks a column that is not a candidate of that query (its
+            gain is ignored).
+        gains: (Q, N) relevance of each document to each query, 0 for irrelevant (MMEB-V2's qrels ``score``).
+        k_values: cutoffs.
+
+    Returns:
+        ``{"hit@k": (Q,), "ndcg_linear@k": (Q,)}`` float64 tensors: hit@k = 1 if a relevant document is among the
+        top k; ndcg_linear@k = sum over the top k of gain / log2(rank + 1), over the same sum for the documents
+        sorted by gain (0 for a query without relevant documents, as VLM2Vec). Ranking order is (score descending,
+        column ascending), so ties never depend on the sort's algorithm.
+    """
+    if scores.ndim != 2 or scores.shape != gains.shape or scores.shape[1] == 0:
+        raise ValueError(
+            f"scores and gains must be (num_queries, num_documents >= 1) of one shape, got {tuple(scores.shape)} and "
+            f"{tuple(gains.shape)}."
+        )
+    ks = _check_k_values(k_values)
+    max_k = min(ks[-1], scores.shape[1])
+    gains = gains.to(torch.float64).masked_fill(scores == float("-inf"), 0.0)  # not a candidate of that query
+    top = _topk_deterministic(scores.to(torch.float64), max_k)
+    ranked = gains.gather(1, top)
+    ideal = gains.topk(max_k, dim=1).values
+    discounts = 1.0 / torch.log2(torch.arange(max_k, dtype=torch.float64, device=scores.device) + 2.0)
+    out = {}
+    for k in ks:
+        kk = min(k, max_k)
+        out[f"hit@{k}"] = (ranked[:, :kk] > 0).any(dim=1).to(torch.float64)
+        dcg, idcg = (ranked[:, :kk] * discounts[:kk]).sum(dim=1), (ideal[:, :kk] * discounts[:kk]).sum(dim=1)
+        out[f"ndcg_linear@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(1e-300), 0.0)
     return out
 
 

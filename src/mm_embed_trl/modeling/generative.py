@@ -100,7 +100,9 @@ def generate_completions(model, prompt: dict[str, Any], generation_kwargs: dict[
     stop token (which is kept, as TRL keeps it). The placeholder tokens are suppressed (added to any the caller
     passes in ``suppress_tokens``)."""
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
-    inputs = {k: v for k, v in prompt.items() if k != "image_counts"}
+    from .modeling import METADATA_KEYS  # at call time: modeling imports this module
+
+    inputs = {k: v for k, v in prompt.items() if k not in METADATA_KEYS}  # generate takes model inputs only
     kwargs = {"pad_token_id": tokenizer.pad_token_id, **generation_kwargs}
     suppressed = sorted({*map(int, kwargs.get("suppress_tokens") or ()), *placeholder_ids(model)})
     if suppressed:
