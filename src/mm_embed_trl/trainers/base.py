@@ -355,6 +355,9 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     """
 
     _tag_names = ["mm-embed-trl"]
+    # Per-row dataset columns the method's loss reads (judge scores, teacher vectors): the default collator hands
+    # them through as ``inputs[column]``, one (B, ...) tensor each.
+    extra_columns: tuple[str, ...] = ()
     # True when no batch ever carries images (then ranks run the same modules without a blank-image forward).
     _text_only_batches = False
 
@@ -527,6 +530,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             image_root=args.image_root,
             max_length=args.max_length,
             num_negatives=args.num_negatives,
+            extra_columns=self.extra_columns,
         )
 
     def compute_embedding_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:

@@ -7,7 +7,8 @@ sentence-transformers export, card) published in one rename. `EmbeddingTrainer` 
 (GRPOTrainer) both put it first in their bases.
 
 A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
-(`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
+(`trainers/papers.py`), its method key and aliases, its config class, and the model card's title and description of
+the method. Declaring a `method_key` registers the class when it is created (`trainers/registry.py`).
 
 A subclass may override three hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
 the unwrapped training model), `_save_final_weights(directory)` (writes that model's files, gathered under
@@ -34,6 +35,7 @@ from .._files import RunFolderLockedError, disk_full_as_clear_error, hold_run_fo
 from ..distributed.process_group import destroy_process_group_at_exit
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.modeling import count_degenerate_rows
+from .registry import register_method
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,12 @@ class EmbeddingTrainerMixin:
     method_title: str | None = None  # the card's "Training method"
     method_short_title: str | None = None  # in the card's model name
     method_description: str | None = None  # the card's "Training" section
+    config_class: type | None = None  # the method's config (its TrlParser dataclass)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "method_key" in cls.__dict__ and cls.method_key is not None:  # declared here, not inherited
+            register_method(cls)
 
     @classmethod
     def method_card(cls) -> dict[str, Any] | None:

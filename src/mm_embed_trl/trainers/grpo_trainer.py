@@ -80,6 +80,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
     _tag_names = ["mm-embed-trl", "ume-r1", "grpo", "generative-embedding"]
     _name = "Embedding GRPO"
     _paper = UME_R1_PAPER  # TRL's create_model_card reads its title, id and citation
+    config_class = EmbeddingGRPOConfig
     method_key = "ume_r1_rl"
     method_aliases = ("grpo", "embeddinggrpo", "embeddinggrpoconfig", "embeddinggrpotrainer", "ume_r1_stage2")
     method_title = "UME-R1 stage 2: reinforcement learning with a retrieval reward"

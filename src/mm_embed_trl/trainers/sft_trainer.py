@@ -65,6 +65,7 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
     _tag_names = ["mm-embed-trl", "ume-r1", "reasoning", "generative-embedding"]
     _name = "Embedding SFT"
     _paper = UME_R1_PAPER
+    config_class = EmbeddingSFTConfig
     method_key = "ume_r1_sft"
     method_aliases = ("sft", "embeddingsft", "embeddingsftconfig", "embeddingsfttrainer", "ume_r1_stage1")
     method_title = "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings"
