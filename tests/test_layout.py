@@ -59,18 +59,28 @@ def test_run_level_options_are_declared_once_for_every_trainer_config(tmp_path):
     same check of on_bad_row, in every config the CLI parses."""
     import dataclasses
 
-    from mm_embed_trl import EmbeddingRunArguments
+    from mm_embed_trl import EmbeddingRunArguments, EmbeddingTrainingArguments
     from mm_embed_trl.trainers.registry import method_trainers
 
     shared = {f.name: f for f in dataclasses.fields(EmbeddingRunArguments)}
-    assert set(shared) == {"image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers"}
-    for config in [trainer.config_class for trainer in method_trainers()]:
+    assert set(shared) == {
+        "image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers",  # the run
+        "prompt_template", "image_max_pixels", "video_fps", "video_max_frames", "video_max_pixels",  # model, inputs
+        "freeze_vision_tower",
+    }
+    # a method may give one of the model's options its paper's default (as TRL's configs change TrainingArguments')
+    method_defaults = {"prompt_template", "freeze_vision_tower"}
+    for config in [EmbeddingTrainingArguments] + [trainer.config_class for trainer in method_trainers()]:
         assert issubclass(config, EmbeddingRunArguments), config
         fields = {f.name: f for f in dataclasses.fields(config)}
+        redeclared = set(shared) & {
+            name for cls in config.__mro__ if cls is not EmbeddingRunArguments
+            for name in vars(cls).get("__annotations__", {})
+        }
+        assert redeclared <= method_defaults, (config, redeclared)
         for name, want in shared.items():
-            assert (fields[name].default, fields[name].metadata) == (want.default, want.metadata), (config, name)
-        # every field is owned by the mixin: no config declares one of them again
-        assert not set(shared) & set(vars(config).get("__annotations__", {})), config
+            if name not in redeclared:
+                assert (fields[name].default, fields[name].metadata) == (want.default, want.metadata), (config, name)
         with pytest.raises(ValueError, match="on_bad_row must be 'raise' or 'skip'"):
             config(output_dir=str(tmp_path), on_bad_row="ignore", report_to="none")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import EmbeddingRunArguments, EmbeddingTrainer, EmbeddingTrainingArguments, freeze_vision_tower
+from ..modeling.preparation import freeze_vision_tower
+from .arguments import EmbeddingRunArguments, EmbeddingTrainingArguments
+from .base import EmbeddingTrainer
 from .embedding_mixin import EmbeddingTrainerMixin, NonFiniteLossError
 from .registry import iter_method_trainers
 

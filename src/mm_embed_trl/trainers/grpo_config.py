@@ -11,7 +11,7 @@ from trl import GRPOConfig
 
 from ..modeling.generative import MISSING_TOKEN_POLICIES
 from ..rewards import RETRIEVAL_REWARDS
-from .base import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
+from .arguments import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
 # Pairs in UME-R1's retrieval pool: one micro-step across its 64 GPUs of 2 rollouts per side each, G = 8.
@@ -30,6 +30,13 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     the plain k3 KL, ε = 0.2 / ε_high = 0.28, lr 1e-6 decaying linearly, completions up to 2048 tokens,
     `loss_type="dr_grpo"`, a pool of 16 pairs per micro-step, 32 pairs per optimizer step, pairs in file order), and
     :meth:`ume_r1` returns them as a config (`docs/UME-R1.md` lists what still differs).
+
+    Of the options every embedding config shares ([`EmbeddingRunArguments`]), two read differently here:
+    `freeze_vision_tower` (default `False`) as UME-R1, which trains the vision encoder and projector in RL
+    (`freeze_vision_modules=False` in its `grpo_embed.py`; the tiny CPU demo freezes them, as its SFT stage did,
+    because a random vision tower's features are what its language model learned on), and `prompt_template`: the
+    prompt of the rollouts, by default the one the model was trained with in SFT (saved in its config), or, for a
+    model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a 28x28 white image before text-only inputs).
 
     > Parameters that control the retrieval reward
 
@@ -53,12 +60,6 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
             its similarities, hence its retrieval reward, are 0), `"discriminative"` (the prompt's `<disc_emb>`
             state) or `"error"`. Such completions are counted in `gen_emb_found_rate`.
         embedding_batch_size (`int`, *optional*): rows per no-grad embedding forward (default: the per-device batch).
-        freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector. UME-R1 trains
-            them in RL (`freeze_vision_modules=False` in its `grpo_embed.py`); the tiny CPU demo freezes them, as its
-            SFT stage did, because a random vision tower's features are what its language model learned on.
-        prompt_template (`str`, *optional*): the prompt of the rollouts; default: the one the model was trained with
-            in SFT (saved in its config), or, for a model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a
-            28x28 white image before text-only inputs). Saved with the trained model.
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
@@ -105,13 +106,6 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     )
     reasoning_sensitivity_rows: int = field(
         default=8, metadata={"help": "Completions re-embedded with an empty <think> per generation batch (0: off)."}
-    )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
-    )
-    prompt_template: str | None = field(
-        default=None,
-        metadata={"help": "Prompt template; default: the SFT model's, else ume_r1_blank_image (UME-R1's)."},
     )
     dynamic_sampling_rounds: int = field(
         default=0,

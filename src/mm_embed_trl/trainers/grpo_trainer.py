@@ -19,8 +19,9 @@ from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.generative import apply_missing_token_policy, embed_completions
 from ..modeling.modeling import lora_config_dict, with_lora_target
+from ..modeling.preparation import prepare_embedding_tokens
 from ..rewards import RETRIEVAL_REWARDS, RolloutRetrievalReward, ume_r1_format_reward
-from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
+from .embedding_mixin import EmbeddingTrainerMixin, without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
 from .papers import UME_R1_PAPER
 
@@ -104,7 +105,6 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         **kwargs,
     ):
         from ..data.samplers import flatten_pairs
-        from .sft_trainer import prepare_embedding_tokens
 
         if args is None:
             args = EmbeddingGRPOConfig(output_dir="grpo-output")
@@ -121,35 +121,22 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
                 "EmbeddingGRPOTrainer evaluates retrieval, not rewards: pass evaluators to the example's tail "
                 "(RetrievalEvaluator with encode_kwargs={'mode': 'generative'}) instead of an eval_dataset."
             )
-        if isinstance(model, (str, os.PathLike)):
-            model = MultimodalEmbeddingModel.from_pretrained(model, encoder_kind="generative")
-        if not isinstance(model, MultimodalEmbeddingModel) or model.lm_head is None:
+        if model is not None and not isinstance(model, (str, os.PathLike, MultimodalEmbeddingModel)):
             raise ValueError(
                 "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
                 "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
             )
-        processing_class = processing_class or model.processor
-        if processing_class is None:
-            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        model, processing_class = self.prepare_embedding_model(
+            model, processing_class, args, encoder_kind="generative"
+        )
         self.embedding_model = model
-        if args.prompt_template is not None:
-            model.config.prompt_template = args.prompt_template
-        elif model.config.generative_pooling_token is None:  # not trained by EmbeddingSFTTrainer: UME-R1's inputs
-            model.config.prompt_template = "ume_r1_blank_image"
         self.template = get_template(model.config.prompt_template)  # the SFT model's: rollouts look like its inputs
-        self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
         # the retrieval reward's prompts, built from the rows as encode builds them (texts whole, as TRL's prompts)
         self._prompt_collator = model.make_collator(max_length=None)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         tokenizer.padding_side = "left"  # TRL pads prompts on the left; mm_token_type_ids must be padded alike
         if hasattr(processing_class, "tokenizer"):
             processing_class.padding_side = "left"
-        if model.has_lora:
-            model.merge_lora()
-        if args.freeze_vision_tower:
-            from .base import freeze_vision_tower
-
-            freeze_vision_tower(model)
         policy = model.backbone
         if args.beta != 0.0 and peft_config is None:
             # TRL rebuilds the reference model from the policy's name: point it at a plain copy of THIS policy (its
@@ -197,6 +184,18 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self._run_vision_tower_everywhere()
 
+    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
+        if model.lm_head is None:
+            raise ValueError(
+                "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
+                "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
+            )
+        if args.prompt_template is None and model.config.generative_pooling_token is None:
+            model.config.prompt_template = "ume_r1_blank_image"  # not trained by EmbeddingSFTTrainer: UME-R1's inputs
+        self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
+        if model.has_lora:  # TRL trains the policy whole, or wraps it in adapters of its own (peft_config)
+            model.merge_lora()
+
     def _run_vision_tower_everywhere(self) -> None:
         """Under DeepSpeed/FSDP every rank must run the same modules: text-only rollouts run the vision tower on a
         blank image (times 0) in the policy's and the reference model's forwards (see BlankImageHook)."""
@@ -243,7 +242,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         config = self.embedding_model.config
         config.lora_config = lora_config
         try:
-            with _without_zero3_init():
+            with without_zero3_init():
                 self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         finally:
             config.lora_config = None

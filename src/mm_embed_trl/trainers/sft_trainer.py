@@ -10,8 +10,8 @@ import torch
 from ..data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
 from ..distributed import gather_no_grad, gather_with_grad
 from ..losses import UmeR1SFTLoss
-from ..modeling import MultimodalEmbeddingModel
 from ..modeling.pooling import TokenPooling
+from ..modeling.preparation import prepare_embedding_tokens
 from .base import EmbeddingTrainer
 from .papers import UME_R1_PAPER
 from .sft_config import EmbeddingSFTConfig
@@ -165,16 +165,3 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
         if reasoning:
             metrics["gen_emb_found_rate"] = torch.cat([query[4], target[4]]).detach().mean()
         return loss, metrics
-
-
-def prepare_embedding_tokens(model: MultimodalEmbeddingModel, processor) -> tuple[int, int]:
-    """Add UME-R1's ``<disc_emb>`` / ``<gen_emb>`` (idempotent) and make the model pool ``<disc_emb>`` by default,
-    with ``<gen_emb>`` as its generative token; returns (disc id, gen id)."""
-    from ..modeling.special_tokens import add_embedding_tokens
-
-    ids = add_embedding_tokens(model, processor)
-    model.config.pooling = "special_token"
-    model.config.pooling_token = DISC_EMB_TOKEN
-    model.config.generative_pooling_token = GEN_EMB_TOKEN
-    model.set_processor(processor)  # resolves pooling_token_id
-    return ids[DISC_EMB_TOKEN], ids[GEN_EMB_TOKEN]
