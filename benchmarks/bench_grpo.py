@@ -97,7 +97,9 @@ def run_embedding_trainer(width, data, steps, generate):
     if not generate:
         _fixed_completions(trainer)
     embed_time = []
-    original = trainer._rollout_embeddings
+    # the retrieval reward function's embedding forward (its prompts' processor call included)
+    reward = trainer.reward_funcs[trainer._retrieval_column]
+    original = reward.embed_rollouts
 
     def timed(*a, **k):
         start = time.perf_counter()
@@ -105,7 +107,7 @@ def run_embedding_trainer(width, data, steps, generate):
         embed_time.append(time.perf_counter() - start)
         return out
 
-    trainer._rollout_embeddings = timed
+    reward.embed_rollouts = timed
     trainer.train()
     return timer.times[1:], embed_time[1:]
 

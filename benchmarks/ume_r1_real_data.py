@@ -118,7 +118,7 @@ def probe_rollouts(model_dir: str, rows, image_root: str, options: dict, *, pair
     from mm_embed_trl.data.reasoning import follows_format
     from mm_embed_trl.data.samplers import flatten_pairs
     from mm_embed_trl.evaluation.inputs import materialize, row_input
-    from mm_embed_trl.losses import reciprocal_rank_reward, ume_r1_retrieval_reward
+    from mm_embed_trl.rewards import RETRIEVAL_REWARDS
 
     g = options["num_generations"]
     pairs = min(pairs, len(rows)) // POOL_PAIRS * POOL_PAIRS
@@ -146,7 +146,7 @@ def probe_rollouts(model_dir: str, rows, image_root: str, options: dict, *, pair
     content = torch.tensor([c for p in range(pairs) for s in ("query", "target") for c in [sides[s][2][p]] * g])
     side = torch.tensor([0] * g + [1] * g).repeat(pairs)
     pair_id = torch.arange(pairs).repeat_interleave(2 * g)
-    score = ume_r1_retrieval_reward if options["retrieval_reward"] == "ume_r1" else reciprocal_rank_reward
+    score = RETRIEVAL_REWARDS[options["retrieval_reward"]]
     out = score(emb, side, pair_id, g, pool_id=pair_id // POOL_PAIRS, content_ids=content)
     formats = torch.tensor([float(follows_format(t)) for t in texts])
     reward = options["format_reward_weight"] * formats + options["retrieval_reward_weight"] * out.reward.float()

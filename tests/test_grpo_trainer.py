@@ -175,7 +175,7 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     gen_id = tok.convert_tokens_to_ids("<gen_emb>")
     # a model no SFT run trained gets UME-R1's inputs: its prompt, a 28x28 white image before text-only sides
     assert trainer.template.name == model.config.prompt_template == "ume_r1_blank_image"
-    assert any(not row["image"] for row in inputs) and trainer._stash["image_counts"] == [1] * len(inputs)
+    assert any(not row["image"] for row in inputs) and all(len(row["images"]) == 1 for row in inputs)
     collator = model.make_collator(template="ume_r1")
     reference, found = [], []
     with torch.no_grad():
@@ -616,3 +616,34 @@ def test_resuming_loads_the_policy_weights_of_the_checkpoint(tiny_backbone, shap
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert any(not torch.equal(start[k], want[k]) for k in want)  # the step moved the weights
+
+
+def test_a_retrieval_reward_added_to_the_table_is_the_trainers_reward_column(tiny_backbone, shapes_data, tmp_path,
+                                                                              monkeypatch):
+    """A new retrieval reward is one entry of mm_embed_trl.rewards.RETRIEVAL_REWARDS: the config accepts its name and
+    the trainer's reward column is its value on the pool."""
+    from mm_embed_trl.rewards import RETRIEVAL_REWARDS, RetrievalRewardOutput
+
+    def rank_only(*args, **kwargs):
+        out = ume_r1_retrieval_reward(*args, **kwargs)
+        return RetrievalRewardOutput(out.rank, out.rank, out.gap, out.pos_sim, out.neg_sim, out.has_negative)
+
+    monkeypatch.setitem(RETRIEVAL_REWARDS, "rank_only", rank_only)
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), retrieval_reward="rank_only")
+    trainer = EmbeddingGRPOTrainer(model=_model(tiny_backbone), args=config,
+                                   train_dataset=shapes_data["train"].select(range(8)))
+    reward = trainer.reward_funcs[trainer._retrieval_column]
+    assert reward.reward is rank_only and reward.__name__ == "retrieval_rank_only"
+    _fixed_completions(trainer)
+    captured = {}
+    original = trainer._calculate_rewards
+
+    def spy(*args):
+        captured["rewards"] = original(*args)
+        return captured["rewards"]
+
+    trainer._calculate_rewards = spy
+    trainer.train()
+    column = captured["rewards"][:, trainer._retrieval_column]
+    assert set(column.tolist()) <= {0.0, 0.5, 1.0}  # ranks of G = 2 positives
+    assert "retrieval/query/rank" in trainer.state.log_history[0]

@@ -1,8 +1,9 @@
-"""The package layout's promises: one cache root for everything cached, and the demo fixtures' old import paths."""
+"""The package layout's promises: one cache root for everything cached, the demo fixtures in their own wing."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -29,26 +30,17 @@ def test_every_cache_reader_uses_one_root_with_home_expanded(tmp_path, monkeypat
     assert Path(teacher_cache_dir()) == tmp_path / "home" / ".cache" / "mm_embed_trl" / "teacher"
 
 
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("mm_embed_trl.tiny", "mm_embed_trl.demo.tiny"),
-        ("mm_embed_trl.data.generated", "mm_embed_trl.demo.generated"),
-        ("mm_embed_trl.data.text_corpus", "mm_embed_trl.demo.text_corpus"),
-    ],
-)
-def test_old_demo_import_paths_re_export_the_demo_wing(old, new):
-    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
-    assert old_module.__all__ == new_module.__all__
-    for name in new_module.__all__:
-        assert getattr(old_module, name) is getattr(new_module, name), name
+def test_the_removed_demo_shims_are_gone():
+    """mm_embed_trl.tiny, .data.generated and .data.text_corpus re-exported the demo wing for a release (CHANGELOG)."""
+    for old in ("mm_embed_trl.tiny", "mm_embed_trl.data.generated", "mm_embed_trl.data.text_corpus"):
+        assert importlib.util.find_spec(old) is None, old
 
 
-@pytest.mark.parametrize("module", ["mm_embed_trl.tiny", "mm_embed_trl.demo.tiny"])
-def test_tiny_cli_runs_from_old_and_new_module(module):
+def test_tiny_cli_runs_from_the_demo_wing():
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
     out = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, timeout=120, check=True
+        [sys.executable, "-m", "mm_embed_trl.demo.tiny", "--help"], capture_output=True, text=True, env=env,
+        timeout=120, check=True,
     ).stdout
     assert "--family" in out and "--output_dir" in out
 
@@ -67,23 +59,28 @@ def test_run_level_options_are_declared_once_for_every_trainer_config(tmp_path):
     same check of on_bad_row, in every config the CLI parses."""
     import dataclasses
 
-    from mm_embed_trl import (
-        DistillEmbedConfig,
-        EmbeddingGRPOConfig,
-        EmbeddingRunArguments,
-        EmbeddingSFTConfig,
-        HardNegContrastiveConfig,
-    )
+    from mm_embed_trl import EmbeddingRunArguments, EmbeddingTrainingArguments
+    from mm_embed_trl.trainers.registry import method_trainers
 
     shared = {f.name: f for f in dataclasses.fields(EmbeddingRunArguments)}
-    assert set(shared) == {"image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers"}
-    for config in (HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig):
+    assert set(shared) == {
+        "image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers",  # the run
+        "prompt_template", "image_max_pixels", "video_fps", "video_max_frames", "video_max_pixels",  # model, inputs
+        "freeze_vision_tower",
+    }
+    # a method may give one of the model's options its paper's default (as TRL's configs change TrainingArguments')
+    method_defaults = {"prompt_template", "freeze_vision_tower"}
+    for config in [EmbeddingTrainingArguments] + [trainer.config_class for trainer in method_trainers()]:
         assert issubclass(config, EmbeddingRunArguments), config
         fields = {f.name: f for f in dataclasses.fields(config)}
+        redeclared = set(shared) & {
+            name for cls in config.__mro__ if cls is not EmbeddingRunArguments
+            for name in vars(cls).get("__annotations__", {})
+        }
+        assert redeclared <= method_defaults, (config, redeclared)
         for name, want in shared.items():
-            assert (fields[name].default, fields[name].metadata) == (want.default, want.metadata), (config, name)
-        # every field is owned by the mixin: no config declares one of them again
-        assert not set(shared) & set(vars(config).get("__annotations__", {})), config
+            if name not in redeclared:
+                assert (fields[name].default, fields[name].metadata) == (want.default, want.metadata), (config, name)
         with pytest.raises(ValueError, match="on_bad_row must be 'raise' or 'skip'"):
             config(output_dir=str(tmp_path), on_bad_row="ignore", report_to="none")
 
@@ -93,9 +90,26 @@ def test_every_example_parser_prints_its_help():
     warm-up") is a format error that crashed the SFT example's --help."""
     from trl import ModelConfig, TrlParser
 
-    from mm_embed_trl import DistillEmbedConfig, EmbeddingGRPOConfig, EmbeddingSFTConfig, HardNegContrastiveConfig
     from mm_embed_trl.scripts import EmbeddingScriptArguments
+    from mm_embed_trl.trainers.registry import method_trainers
 
-    for config in (HardNegContrastiveConfig, DistillEmbedConfig, EmbeddingSFTConfig, EmbeddingGRPOConfig):
+    for config in [trainer.config_class for trainer in method_trainers()]:
         text = TrlParser((EmbeddingScriptArguments, config, ModelConfig)).format_help()
         assert "--on_bad_row" in text and "--output_dir" in text, config
+
+
+def test_the_registry_lists_every_method_and_the_readme_shows_it():
+    """Every method trainer registered itself (the built-in modules, found on disk); the package exports each trainer
+    and config by name, and the README's table is the registry's."""
+    import mm_embed_trl
+    from mm_embed_trl.trainers.registry import builtin_method_modules, method_table, method_trainers
+
+    trainers = method_trainers()
+    assert {t.__module__ for t in trainers} >= set(builtin_method_modules())
+    assert [t.method_key for t in trainers] == ["unime_stage1", "unime_stage2", "ume_r1_sft", "ume_r1_rl"]
+    for trainer in trainers:
+        assert getattr(mm_embed_trl, trainer.__name__) is trainer
+        assert getattr(mm_embed_trl, trainer.config_class.__name__) is trainer.config_class
+        assert trainer.__name__ in mm_embed_trl.__all__ and trainer.config_class.__name__ in mm_embed_trl.__all__
+    readme = (SRC.parent / "README.md").read_text()
+    assert method_table() in readme, "regenerate the README's table with trainers.registry.method_table()"

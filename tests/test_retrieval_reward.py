@@ -375,8 +375,8 @@ def test_format_reward_accepts_trl_formats_and_signature():
 
 
 def test_doctests():
-    for name in ("retrieval_reward", "reciprocal_rank", "format_reward"):
-        result = doctest.testmod(importlib.import_module(f"mm_embed_trl.losses.{name}"))
+    for name in ("", ".retrieval", ".reciprocal_rank", ".format"):
+        result = doctest.testmod(importlib.import_module(f"mm_embed_trl.rewards{name}"))
         assert result.attempted > 0 and result.failed == 0, name
 
 

@@ -1,6 +1,7 @@
 """mm-embed-trl: trainers that turn multimodal LLMs into universal multimodal embedding models.
 
-Public names are imported lazily so `import mm_embed_trl` stays cheap.
+Public names are imported lazily so `import mm_embed_trl` stays cheap. The trainers and configs of the methods are
+not listed here: they are found in the registry of methods (`mm_embed_trl.trainers.registry`).
 """
 
 from __future__ import annotations
@@ -10,28 +11,19 @@ import importlib
 import sys
 from typing import Any
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__ as __version__
 
 _EXPORTS = {
     "MultimodalEmbeddingConfig": "mm_embed_trl.modeling",
     "MultimodalEmbeddingModel": "mm_embed_trl.modeling",
     "EmbeddingCollator": "mm_embed_trl.data.collators",
-    "EmbeddingRunArguments": "mm_embed_trl.trainers.base",
-    "EmbeddingTrainingArguments": "mm_embed_trl.trainers.base",
+    "EmbeddingRunArguments": "mm_embed_trl.trainers.arguments",
+    "EmbeddingTrainingArguments": "mm_embed_trl.trainers.arguments",
     "EmbeddingTrainer": "mm_embed_trl.trainers.base",
-    "HardNegContrastiveConfig": "mm_embed_trl.trainers.hardneg_config",
-    "HardNegContrastiveTrainer": "mm_embed_trl.trainers.hardneg_trainer",
-    "DistillEmbedConfig": "mm_embed_trl.trainers.distill_config",
-    "DistillEmbedTrainer": "mm_embed_trl.trainers.distill_trainer",
-    "EmbeddingSFTConfig": "mm_embed_trl.trainers.sft_config",
-    "EmbeddingSFTTrainer": "mm_embed_trl.trainers.sft_trainer",
-    "EmbeddingGRPOConfig": "mm_embed_trl.trainers.grpo_config",
-    "EmbeddingGRPOTrainer": "mm_embed_trl.trainers.grpo_trainer",
     "RetrievalEvaluator": "mm_embed_trl.evaluation",
     "get_tiny_backbone": "mm_embed_trl.demo.tiny",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def _end_process_group_at_exit() -> None:
@@ -46,7 +38,23 @@ def _end_process_group_at_exit() -> None:
 atexit.register(_end_process_group_at_exit)
 
 
+def _method_names() -> list[str]:
+    from .trainers.registry import method_trainers
+
+    return [cls.__name__ for trainer in method_trainers() for cls in (trainer, trainer.config_class) if cls is not None]
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "__all__":  # every method registered (their modules imported): what `import *` takes
+        return sorted([*_EXPORTS, *_method_names()]) + ["__version__"]
+    if name[:1].isupper():  # a class name: a method's trainer or config?
+        found = importlib.import_module("mm_embed_trl.trainers").method_export(name)
+        if found is not None:
+            return found
     raise AttributeError(f"module 'mm_embed_trl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

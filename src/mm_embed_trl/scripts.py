@@ -73,7 +73,7 @@ def parse_args(parser, tiny_defaults: dict[str, Any]) -> tuple:
     A run that names a model keeps the config class's paper defaults; in both cases a `--config` recipe and then
     the command line override what they set.
     """
-    from .trainers.base import check_option_types
+    from .trainers.arguments import check_option_types
 
     parsed = parser.parse_args_and_config()
     if not any(getattr(a, "model_name_or_path", None) for a in parsed):

@@ -118,6 +118,9 @@ class EmbeddingCollator:
             warning with their count; `num_truncated` counts every cut text.
         num_negatives: use exactly this many explicit negatives per row (rows with fewer are an error); `None`
             uses however many the rows carry (all rows must carry the same number); `0` ignores them.
+        extra_columns: per-row columns handed through under their own names, stacked into one tensor each
+            (numbers, or vectors of one length: a method's judge scores, teacher vectors): a method that needs one
+            names it instead of wrapping the collator. A row without one is an error naming the row.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class EmbeddingCollator:
         image_root: str | os.PathLike | None = None,
         max_length: int | None = DEFAULT_MAX_TEXT_TOKENS,
         num_negatives: int | None = None,
+        extra_columns: Sequence[str] = (),
     ):
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be a positive number of text tokens (or None), got {max_length}.")
@@ -136,6 +140,7 @@ class EmbeddingCollator:
         self.image_root = image_root
         self.max_length = max_length
         self.num_negatives = num_negatives
+        self.extra_columns = tuple(extra_columns)
         self.num_truncated = 0  # texts cut to max_length so far (in this process / dataloader worker)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.is_multimodal = hasattr(processor, "image_processor")
@@ -336,6 +341,7 @@ class EmbeddingCollator:
             ),
             "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
             "num_negatives": 0,
+            **self.collate_extra_columns(rows),
         }
         if self.num_negatives == 0:
             return batch
@@ -366,6 +372,20 @@ class EmbeddingCollator:
         batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
         batch["num_negatives"] = k
         return batch
+
+
+    def collate_extra_columns(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """``{column: (B, ...) tensor}`` of the ``extra_columns`` of ``rows``."""
+        extras = {}
+        for column in self.extra_columns:
+            missing = [i for i, row in enumerate(rows) if row.get(column) is None]
+            if missing:
+                raise KeyError(
+                    f"{_describe_row(rows[missing[0]], missing[0])} has no value in column {column!r}, which this "
+                    f"method reads for every row ({len(missing)} of the batch's {len(rows)} rows lack it)."
+                )
+            extras[column] = torch.stack([torch.as_tensor(row[column]) for row in rows])
+        return extras
 
 
 def split_batch(enc: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:

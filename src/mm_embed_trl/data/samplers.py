@@ -31,7 +31,7 @@ SIDES = ("query", "target")
 def flatten_pairs(dataset):
     """Two rows per (query, target) pair of an MMEB-train dataset: ``text``, ``image``, ``side``, ``pair_id``,
     ``content_id`` (a hash of the row's own text and image: equal for identical queries, and for identical targets;
-    the duplicate mask of :func:`~mm_embed_trl.losses.retrieval_reward.retrieval_pool` reads it so).
+    the duplicate mask of :func:`~mm_embed_trl.rewards.retrieval_pool` reads it so).
 
     Rows that already carry ``side`` and ``pair_id`` (flattened before) come back unchanged.
     """

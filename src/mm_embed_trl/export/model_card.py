@@ -280,7 +280,7 @@ def collect_card_metadata(
         A dict of plain values; override any of them (``license``, ``model_name``, ``repo_id``, ``language``,
         ``tags``, ``base_model``) before rendering.
     """
-    from .. import __version__
+    from .._version import __version__
     from ..data.templates import get_template
 
     if isinstance(model, (str, os.PathLike)):

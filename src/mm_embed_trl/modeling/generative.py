@@ -14,10 +14,16 @@ Generation never writes the image/video placeholder tokens (``suppress_tokens``,
 the prefill forward would expand each one into image features it does not have. A completion from ``generate_fn``
 that holds one is an error naming the row.
 
-A completion that never writes ``<gen_emb>`` follows ``missing_token``: ``"last_token"`` (UME-R1's fallback: the
-state at the completion's last token), ``"discriminative"`` (that row's discriminative embedding) or ``"error"``;
-every such row is counted in one warning per call, and so is every completion cut short by ``max_new_tokens``
-(the usual reason for a missing ``<gen_emb>``; UME-R1 evaluates with up to ``UME_R1_MAX_NEW_TOKENS``).
+Phase 2 is :func:`embed_completions`, the one place that embeds prompt + completion at the last ``<gen_emb>``: encode
+calls it after its own generation, ``EmbeddingGRPOTrainer``'s retrieval reward after TRL's (through the policy as TRL
+wraps it).
+
+A completion that never writes ``<gen_emb>`` follows one of ``MISSING_TOKEN_POLICIES`` (encode's ``missing_token``,
+``EmbeddingGRPOConfig.missing_gen_token``): ``"last_token"`` (UME-R1's fallback: the state at the completion's last
+token), ``"discriminative"`` (that row's discriminative embedding), ``"zero"`` (a zero vector: every similarity, hence
+a retrieval reward, is 0) or ``"error"``; encode counts such rows in one warning per call, and every completion cut
+short by ``max_new_tokens`` too (the usual reason for a missing ``<gen_emb>``; UME-R1 evaluates with up to
+``UME_R1_MAX_NEW_TOKENS``).
 
 Generation can run elsewhere (e.g. vLLM): pass ``generate_fn(prompt_batch, generation_kwargs) -> list[list[int]]``
 returning each row's completion token ids; the prefill phase stays here (it needs the hidden states vLLM does not
@@ -36,7 +42,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 MODES = ("discriminative", "generative", "both")
-MISSING_TOKEN_POLICIES = ("last_token", "discriminative", "error")
+# What stands for the generative embedding of a completion without <gen_emb> (see the module docstring).
+MISSING_TOKEN_POLICIES = ("last_token", "discriminative", "zero", "error")
 # New tokens per reasoning at inference, as UME-R1 evaluates (README: --max_new_tokens 8192; it trains RL at 2048).
 UME_R1_MAX_NEW_TOKENS = 8192
 
@@ -63,12 +70,18 @@ def sampling_settings(model, *, temperature: float, top_p: float, top_k: int, mi
 
 
 @dataclass
-class GenerativeBatch:
+class CompletionEmbeddings:
+    """The embeddings read off one forward over prompt + completion (see :func:`embed_completions`)."""
+
+    generative: torch.Tensor  # (rows, dim): the state at the completion's last <gen_emb> (else its last token)
+    discriminative: torch.Tensor  # (rows, dim): the state at the prompt's <disc_emb>
+    found: torch.Tensor  # (rows,) bool: the completion wrote <gen_emb>
+
+
+@dataclass
+class GenerativeBatch(CompletionEmbeddings):
     """One batch of generative encoding: the embeddings read after generation and what was generated."""
 
-    generative: torch.Tensor
-    discriminative: torch.Tensor
-    found: torch.Tensor  # (rows,) bool: the completion wrote <gen_emb>
     completion_ids: list[list[int]]
     cut_short: torch.Tensor  # (rows,) bool: the completion reached max_new_tokens without a stop token
 
@@ -117,22 +130,8 @@ def generate_completions(model, prompt: dict[str, Any], generation_kwargs: dict[
     return completions
 
 
-@torch.no_grad()
-def encode_generative_batch(
-    model,
-    prompt: dict[str, Any],
-    *,
-    generation_kwargs: dict[str, Any],
-    generate_fn: Callable[[dict[str, Any], dict[str, Any]], Sequence[Sequence[int]]] | None = None,
-) -> GenerativeBatch:
-    """Generate for one prompt batch, then one prefill forward reading the disc and gen embeddings."""
-    from ..data.reasoning import append_completions
-    from .pooling import TokenPooling
-
-    if model.lm_head is None:
-        raise ValueError(
-            "Generative embeddings need a backbone that can generate: load the model with encoder_kind='generative'."
-        )
+def embedding_token_ids(model) -> tuple[int, int]:
+    """(``<disc_emb>`` id, ``<gen_emb>`` id) of a model trained for generative embeddings (UME-R1)."""
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
     gen_token = model.config.generative_pooling_token
     disc_id = model.config.pooling_token_id
@@ -141,17 +140,61 @@ def encode_generative_batch(
             "This model has no generative embedding: config.generative_pooling_token (e.g. '<gen_emb>') and "
             "special-token pooling at '<disc_emb>' are set by EmbeddingSFTTrainer (UME-R1 reasoning SFT)."
         )
-    gen_id = tokenizer.convert_tokens_to_ids(gen_token)
-    completions = (generate_fn or (lambda p, kw: generate_completions(model, p, kw)))(prompt, generation_kwargs)
-    completions = [list(map(int, c)) for c in completions]
-    _check_no_placeholders(completions, placeholder_ids(model))
-    batch = append_completions(prompt, completions, tokenizer.pad_token_id)
+    return disc_id, tokenizer.convert_tokens_to_ids(gen_token)
+
+
+@torch.no_grad()
+def embed_completions(
+    model, prompt: dict[str, Any], completion_ids: Sequence[Sequence[int]], *, run_backbone=None
+) -> CompletionEmbeddings:
+    """Embed each row's prompt + completion in one no-grad forward: the generative embedding at the last ``<gen_emb>``
+    *inside the completion* (the prompt's instruction holds a copy), the discriminative one at the prompt's
+    ``<disc_emb>``.
+
+    Args:
+        model: a :class:`~mm_embed_trl.modeling.MultimodalEmbeddingModel` trained for generative embeddings.
+        prompt: a left-padded prompt batch, as ``EmbeddingCollator.encode_inputs`` makes it.
+        completion_ids: each row's completion token ids (generated by ``generate``, TRL or vLLM).
+        run_backbone: the module to run in place of ``model.backbone`` (the same weights as the trainer wraps them:
+            TRL's policy under DDP, DeepSpeed or FSDP); default: the model's own forward.
+    """
+    from ..data.reasoning import append_completions
+    from .pooling import TokenPooling
+
+    disc_id, gen_id = embedding_token_ids(model)
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    batch = append_completions(prompt, [list(map(int, c)) for c in completion_ids], tokenizer.pad_token_id)
     pools = {"disc": TokenPooling(disc_id, "prompt"), "gen": TokenPooling(gen_id, "completion")}
-    out = model(**batch, pool_tokens=pools)
-    return GenerativeBatch(
+    out = model(**batch, pool_tokens=pools, run_backbone=run_backbone)
+    return CompletionEmbeddings(
         generative=out.named_embeddings["gen"],
         discriminative=out.named_embeddings["disc"],
         found=out.named_token_found["gen"],
+    )
+
+
+@torch.no_grad()
+def encode_generative_batch(
+    model,
+    prompt: dict[str, Any],
+    *,
+    generation_kwargs: dict[str, Any],
+    generate_fn: Callable[[dict[str, Any], dict[str, Any]], Sequence[Sequence[int]]] | None = None,
+) -> GenerativeBatch:
+    """Generate for one prompt batch, then :func:`embed_completions` reads the disc and gen embeddings."""
+    if model.lm_head is None:
+        raise ValueError(
+            "Generative embeddings need a backbone that can generate: load the model with encoder_kind='generative'."
+        )
+    embedding_token_ids(model)  # refuse a model without generative embeddings before generating
+    completions = (generate_fn or (lambda p, kw: generate_completions(model, p, kw)))(prompt, generation_kwargs)
+    completions = [list(map(int, c)) for c in completions]
+    _check_no_placeholders(completions, placeholder_ids(model))
+    embedded = embed_completions(model, prompt, completions)
+    return GenerativeBatch(
+        generative=embedded.generative,
+        discriminative=embedded.discriminative,
+        found=embedded.found,
         completion_ids=completions,
         cut_short=_cut_short(completions, stop_ids(model), generation_kwargs.get("max_new_tokens")),
     )
@@ -178,17 +221,22 @@ def _check_no_placeholders(completions: list[list[int]], placeholders: list[int]
         )
 
 
-def apply_missing_token_policy(batch: GenerativeBatch, policy: str) -> torch.Tensor:
-    """The generative embeddings with ``policy`` applied to rows whose completion lacks ``<gen_emb>``."""
+def apply_missing_token_policy(batch: CompletionEmbeddings, policy: str) -> torch.Tensor:
+    """The generative embeddings with ``policy`` (one of ``MISSING_TOKEN_POLICIES``) applied to rows whose completion
+    lacks ``<gen_emb>``."""
     if policy not in MISSING_TOKEN_POLICIES:
         raise ValueError(f"missing_token={policy!r} is not one of {MISSING_TOKEN_POLICIES}.")
     missing = ~batch.found
-    if not bool(missing.any()) or policy == "last_token":
+    if policy == "last_token":
+        return batch.generative
+    if policy == "zero":  # no host sync: a mask, not a test
+        return batch.generative * batch.found[:, None].to(batch.generative.dtype)
+    if not bool(missing.any()):
         return batch.generative
     if policy == "error":
         rows = missing.nonzero().flatten().tolist()
         raise ValueError(
             f"Completion(s) of batch row(s) {rows} never wrote the generative token; raise max_new_tokens, or pass "
-            "missing_token='last_token' / 'discriminative'."
+            "missing_token='last_token' / 'discriminative' / 'zero'."
         )
     return torch.where(missing[:, None], batch.discriminative, batch.generative)

@@ -506,6 +506,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         pool_tokens: Mapping[str, int | TokenPooling] | None = None,
         completion_start: torch.Tensor | int | None = None,
         labels: torch.Tensor | None = None,
+        run_backbone: torch.nn.Module | None = None,
         **backbone_inputs,
     ) -> EmbeddingOutput:
         """Embed one processed batch, or several (`batches=[enc_query, enc_target, ...]`) in ONE call.
@@ -524,6 +525,10 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 on the next-token predictions (generative backbones, ``encoder_kind="generative"``), computed only at
                 supervised positions and in chunks of tokens, so the vocabulary-sized logits of a whole batch never
                 exist at once.
+            run_backbone: a module to run in place of the backbone, holding the same weights: the backbone as a
+                trainer wraps it (TRL's policy under DDP, DeepSpeed or FSDP, whose wrappers gather or synchronise the
+                weights only when called themselves). It is called as a generative backbone (all hidden states, one
+                logit kept) and its last hidden state is pooled.
         """
         if batches is not None:
             outputs = tuple(self._embed(**enc) for enc in batches)
@@ -537,6 +542,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
             pool_tokens=pool_tokens,
             completion_start=completion_start,
             labels=labels,
+            run_backbone=run_backbone,
             **backbone_inputs,
         )
 
@@ -548,6 +554,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         pool_tokens: Mapping[str, int | TokenPooling] | None = None,
         completion_start: torch.Tensor | int | None = None,
         labels: torch.Tensor | None = None,
+        run_backbone: torch.nn.Module | None = None,
         **backbone_inputs,
     ) -> EmbeddingOutput:
         for key in METADATA_KEYS:
@@ -565,13 +572,19 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         if self._blank_image is not None:
             self._blank_image.arm(backbone_inputs)
         try:
-            outputs = self._hidden_state_module()(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **backbone_inputs
-            )
+            if run_backbone is None:
+                hidden = self._hidden_state_module()(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
+                    **backbone_inputs,
+                ).last_hidden_state
+            else:  # the generative backbone's last hidden state, its vocabulary-sized logits at one position only
+                hidden = run_backbone(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
+                    output_hidden_states=True, logits_to_keep=1, **backbone_inputs,
+                ).hidden_states[-1]
         finally:
             if self._blank_image is not None:
                 self._blank_image.arm(None)
-        hidden = outputs.last_hidden_state
         token_found = None
         if self.config.pooling == "special_token":
             _, token_found = special_token_indices(input_ids, self.config.pooling_token_id, attention_mask)
@@ -693,8 +706,8 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         * ``"discriminative"`` (default): one forward, the state at ``<disc_emb>`` (the configured pooling);
         * ``"generative"``: batched generation of a reasoning, then one prefill forward reading the state at the last
           ``<gen_emb>`` the completion wrote (see :mod:`mm_embed_trl.modeling.generative`); ``missing_token``
-          (``"last_token"``, ``"discriminative"``, ``"error"``) decides for completions that never write it, and a
-          warning counts them. Greedy by default. ``do_sample`` samples with ``temperature``, ``top_p``,
+          (``"last_token"``, ``"discriminative"``, ``"zero"``, ``"error"``) decides for completions that never write
+          it, and a warning counts them. Greedy by default. ``do_sample`` samples with ``temperature``, ``top_p``,
           ``top_k`` (transformers' default 50, as in UME-R1's RL rollouts; 0: the whole vocabulary) and ``min_p``
           alone, never with the sampling defaults of the backbone's generation config; ``num_samples=k`` draws k
           completions per input (pass@k): the result is then (N, k, D). ``return_reasoning=True`` also returns the

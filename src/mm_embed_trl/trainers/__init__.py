@@ -1,24 +1,37 @@
-from .base import EmbeddingRunArguments, EmbeddingTrainer, EmbeddingTrainingArguments, freeze_vision_tower
-from .distill_config import DistillEmbedConfig
-from .distill_trainer import DistillEmbedTrainer
+"""The trainers: the shared base and mixin here; each method's trainer and config found through the registry of
+methods (``registry.py``), imported when first named (``EmbeddingGRPOTrainer``'s module imports TRL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..modeling.preparation import freeze_vision_tower
+from .arguments import EmbeddingRunArguments, EmbeddingTrainingArguments
+from .base import EmbeddingTrainer
 from .embedding_mixin import EmbeddingTrainerMixin, NonFiniteLossError
-from .hardneg_config import HardNegContrastiveConfig
-from .hardneg_trainer import HardNegContrastiveTrainer
-from .sft_config import EmbeddingSFTConfig
-from .sft_trainer import EmbeddingSFTTrainer
+from .registry import iter_method_trainers
 
 __all__ = [
     "EmbeddingRunArguments",
     "EmbeddingTrainer",
     "EmbeddingTrainerMixin",
     "EmbeddingTrainingArguments",
-    "HardNegContrastiveConfig",
-    "HardNegContrastiveTrainer",
     "NonFiniteLossError",
     "freeze_vision_tower",
 ]
-__all__ += ["DistillEmbedConfig", "DistillEmbedTrainer"]
-__all__ += ["EmbeddingSFTConfig", "EmbeddingSFTTrainer"]
 
-# EmbeddingGRPOConfig / EmbeddingGRPOTrainer (trainers.grpo_*) import trl's GRPOTrainer: reached through
-# `mm_embed_trl.EmbeddingGRPOTrainer` (lazy), not imported here.
+
+def method_export(name: str) -> type | None:
+    """The method trainer or config class called ``name`` (a registry search), or None."""
+    for trainer in iter_method_trainers():
+        for candidate in (trainer, trainer.config_class):
+            if candidate is not None and candidate.__name__ == name:
+                return candidate
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    found = method_export(name) if name[:1].isupper() else None  # class names; submodules import as usual
+    if found is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return found

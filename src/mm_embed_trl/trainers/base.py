@@ -7,24 +7,21 @@ Method trainers (`HardNegContrastiveTrainer`, `DistillEmbedTrainer`, ...) only i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
+import importlib
 import logging
-import os
-import types
-import typing
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 
-from ..data.collators import DEFAULT_MAX_TEXT_TOKENS
 from ..distributed import GradCache, distributed_loss_scale
 from ..modeling import MultimodalEmbeddingModel
+from ..modeling.preparation import freeze_vision_tower as freeze_vision_tower  # its home before modeling/
+from ..modeling.preparation import is_vision_parameter
+from .arguments import EmbeddingTrainingArguments
 from .embedding_mixin import EmbeddingTrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -32,278 +29,6 @@ logger = logging.getLogger(__name__)
 # Set in a batch that accelerate completed with repeated rows (see `EmbeddingTrainer.get_batch_samples`): how many
 # rows of the gathered global batch are real. Absent from every other batch.
 REAL_ROWS_KEY = "real_global_rows"
-
-
-@dataclass
-class EmbeddingRunArguments:
-    r"""The run-level options every embedding trainer's config has, whatever runs its step (mixed in before
-    `transformers.TrainingArguments` or `trl.GRPOConfig`): where images are, what to do with bad rows, whether a run may
-    replace another's folder, and the sentence-transformers export at the end.
-
-    Parameters:
-        image_root (`str`, *optional*): directory relative image paths in the data are resolved against.
-        on_bad_row (`str`, defaults to `"raise"`): what the row check run before training (vectorised, cached with
-            the dataset's fingerprint) does with rows training cannot use (an empty side, a text that is not a
-            string or not UTF-8, negatives that do not pair up, ...): `"raise"` names the dataset, the rows and the
-            causes; `"skip"` logs each row with its cause, leaves it out and reports the count. Column problems
-            always raise.
-        overwrite_output_dir (`bool`, defaults to `False`): train afresh into an `output_dir` that holds another
-            run (checkpoints or a final model): its checkpoints are deleted when training starts, its final model
-            is replaced by the new one at the end. Without it such a run is refused unless it resumes.
-        save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write the
-            sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged), and for a UME-R1
-            model the generative one to `<output_dir>/sentence_transformers_generative`.
-    """
-
-    image_root: str | None = field(
-        default=None, metadata={"help": "Directory that relative image paths in the dataset are resolved against."}
-    )
-    on_bad_row: str = field(
-        default="raise",
-        metadata={
-            "help": "Rows the pre-training check finds unusable: 'raise' (name dataset, rows and causes) or 'skip' "
-            "(log each with its cause, leave it out, report the count).",
-            "choices": ["raise", "skip"],
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train afresh into an output_dir that holds another run (its checkpoint-* are deleted at the "
-            "start, its final model replaced at the end). Without it, such a run is refused unless it resumes."
-        },
-    )
-    save_sentence_transformers: bool = field(
-        default=True,
-        metadata={
-            "help": "At the end also write the sentence-transformers exports: sentence_transformers/ (LoRA merged) "
-            "and, for UME-R1 models, sentence_transformers_generative/."
-        },
-    )
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # Every config's own checks compare its options (`temperature <= 0`): the types come first, whatever the
-        # subclass's __post_init__ does before calling its parent's.
-        own = cls.__dict__.get("__post_init__")
-        if own is not None:
-
-            @functools.wraps(own)
-            def post_init(self, *args, **kw):
-                check_option_types(self)
-                own(self, *args, **kw)
-
-            cls.__post_init__ = post_init
-
-    def __post_init__(self):
-        check_option_types(self)
-        if self.on_bad_row not in ("raise", "skip"):
-            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}.")
-        super().__post_init__()
-
-    @property
-    def row_contract(self) -> dict[str, Any]:
-        """What this run asks of its rows: the options of the pre-training row check
-        (:func:`~mm_embed_trl.data.validation.check_training_rows`) that the trainer and the examples run."""
-        return {"num_negatives": getattr(self, "num_negatives", None)}
-
-
-_SCALAR_TYPES = (bool, int, float, str)
-
-
-@functools.cache
-def _scalar_options(cls) -> dict[str, tuple[tuple[type, ...], bool]]:
-    """``{field: (scalar types, whether None is one of them)}`` of the dataclass fields typed with scalars only
-    (``float``, ``int | None``, ...); fields of other types (lists, dicts, enums) are not looked at."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not resolve here: check only the fields whose types are objects
-        hints = {f.name: f.type for f in dataclasses.fields(cls) if not isinstance(f.type, str)}
-    scalar = {}
-    for name, hint in hints.items():
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        members = typing.get_args(hint) if union else (hint,)
-        kinds = tuple(m for m in members if m is not type(None))
-        if kinds and all(m in _SCALAR_TYPES for m in kinds):
-            scalar[name] = (kinds, len(kinds) < len(members))
-    return scalar
-
-
-def check_option_types(options) -> None:
-    """Refuse a list, a mapping or a null given to an option that takes one number, text or flag, naming it.
-
-    A YAML recipe's values reach a config as they are (argparse converts only the command line's strings), so
-    ``learning_rate: [1e-4]`` or ``temperature: null`` failed deep inside torch. A null stays allowed where the
-    option's default is None.
-    """
-    scalar = _scalar_options(type(options))
-    problems = []
-    for f in dataclasses.fields(options):
-        if f.name not in scalar or not hasattr(options, f.name):
-            continue
-        kinds, nullable = scalar[f.name]
-        value = getattr(options, f.name)
-        if value is None:
-            if nullable or f.default is None:
-                continue
-            got = "null (None)"
-        elif isinstance(value, (list, tuple, set)):
-            got = f"a list ({value!r})"
-        elif isinstance(value, Mapping):
-            got = f"a mapping ({value!r})"
-        else:
-            continue
-        wanted = " or ".join(k.__name__ for k in kinds)
-        problems.append(f"Option {f.name} (--{f.name}) takes one {wanted}, got {got}")
-    if problems:
-        raise ValueError(
-            "; ".join(problems) + ". Give a single value (in a YAML recipe e.g. `learning_rate: 1.0e-4`), or remove "
-            "the line to keep the default."
-        )
-
-
-@dataclass
-class EmbeddingTrainingArguments(EmbeddingRunArguments, TrainingArguments):
-    r"""Arguments shared by every Trainer-based embedding trainer (on top of `transformers.TrainingArguments`; the
-    run-level ones, `image_root`, `on_bad_row`, `overwrite_output_dir` and `save_sentence_transformers`, come from
-    [`EmbeddingRunArguments`], which `EmbeddingGRPOConfig` shares).
-
-    Parameters:
-        model_init_kwargs (`dict`, *optional*): kwargs for `MultimodalEmbeddingModel.from_pretrained` when the
-            trainer gets a model id/path (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
-        prompt_template (`str`, *optional*): prompt template name; defaults to the model config's.
-        max_length (`int`, *optional*, defaults to `1024`): max text tokens kept per input (prompt and image tokens
-            are never cut); longer texts are truncated and the first batch that cuts any logs a warning with the
-            count. `None` (YAML `null`) keeps whole texts, at the risk of running out of memory on a stray long one.
-        image_max_pixels (`int`, *optional*): pixel budget per image for dynamic-resolution (Qwen-VL) processors.
-        video_fps (`float`, *optional*), video_max_frames (`int`, *optional*), video_max_pixels (`int`, *optional*):
-            how videos are sampled (frames per second of a video file, the most frames per video) and the pixel budget
-            of one frame; saved with the processor (`mm_embed_trl.data.videos.set_video_options`).
-        num_negatives (`int`, *optional*): explicit negatives per row to use (`None`: what rows carry; 0: none).
-        gradient_cache_chunk_size (`int`, *optional*): GradCache chunk size. The whole batch is embedded without a
-            graph in chunks, the loss is computed on the full (global) batch, then each chunk is re-run with graph
-            and back-propagated with the cached embedding gradients: same gradients, memory bounded by the chunk.
-        gather_across_devices (`bool`, defaults to `True`): use every rank's targets as negatives.
-        lora_target (`str`, defaults to `"language_model"`): where LoRA adapters go (`"language_model"` or `"all"`).
-        freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector.
-        resume_from_checkpoint (`str`, *optional*): a checkpoint folder to resume from, or `"last"`: the newest
-            complete `checkpoint-N` of `output_dir`.
-    """
-
-    model_init_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "kwargs for MultimodalEmbeddingModel.from_pretrained (dict or JSON string)."}
-    )
-    prompt_template: str | None = field(
-        default=None, metadata={"help": "Prompt template name (unime, mmeb, ume_r1, plain); default: the model's."}
-    )
-    max_length: int | None = field(
-        default=DEFAULT_MAX_TEXT_TOKENS,
-        metadata={
-            "help": f"Max text tokens kept per input (default {DEFAULT_MAX_TEXT_TOKENS}); longer texts are truncated "
-            "with a logged count. "
-            "Prompt and image tokens are never cut. null (in a YAML recipe) keeps whole texts."
-        },
-    )
-    num_negatives: int | None = field(
-        default=None,
-        metadata={"help": "Explicit negatives per row (None: as many as rows carry; 0: ignore neg_* columns)."},
-    )
-    image_max_pixels: int | None = field(
-        default=None,
-        metadata={
-            "help": "Pixel budget per image for dynamic-resolution processors (Qwen-VL family), e.g. 112896 = "
-            "336x336 as in UniME; saved with the processor so inference uses the same budget."
-        },
-    )
-    video_fps: float | None = field(
-        default=None,
-        metadata={"help": "Frames sampled per second of a video file (None: video_max_frames evenly spaced)."},
-    )
-    video_max_frames: int | None = field(
-        default=None, metadata={"help": "Most frames kept per video (default 8, MMEB-V2's); saved with the processor."}
-    )
-    video_max_pixels: int | None = field(
-        default=None, metadata={"help": "Pixel budget per video frame (Qwen-VL); saved with the processor."}
-    )
-    gradient_cache_chunk_size: int | None = field(
-        default=None,
-        metadata={"help": "GradCache chunk size: large batches with memory bounded by the chunk (None: off)."},
-    )
-    gather_across_devices: bool = field(
-        default=True, metadata={"help": "All-gather embeddings so every rank's targets are negatives."}
-    )
-    lora_target: str = field(
-        default="language_model", metadata={"help": "LoRA placement: 'language_model' (vision untouched) or 'all'."}
-    )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "Freeze the vision encoder and multimodal projector."}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "Checkpoint folder to resume from, or 'last' for the newest complete checkpoint-N in output_dir "
-            "(the run continues bit-identically: optimizer, scheduler, RNG and data order are restored)."
-        },
-    )
-    # transformers' default would drop the raw MMEB columns our collator needs.
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep False: the embedding collator reads raw dataset columns."}
-    )
-    ddp_find_unused_parameters: bool | None = field(
-        default=None,
-        metadata={
-            "help": "DDP: allow parameters without gradient in a step. Default: on exactly when the vision tower "
-            "trains (text-only steps leave it unused), off otherwise (it costs a graph traversal per forward)."
-        },
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-
-    def __post_init__(self):
-        if isinstance(self.model_init_kwargs, str):
-            import json
-
-            self.model_init_kwargs = json.loads(self.model_init_kwargs)
-        if self.max_length is not None and self.max_length <= 0:
-            raise ValueError(f"max_length must be a positive number of text tokens (or None), got {self.max_length}.")
-        if self.push_to_hub and self.hub_model_id:
-            from ..export.hub import check_repo_id
-
-            check_repo_id(self.hub_model_id)  # now, not after a whole training run and export
-        if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size <= 0:
-            raise ValueError(f"gradient_cache_chunk_size must be positive, got {self.gradient_cache_chunk_size}.")
-        adapt_to_cpu(self)
-        super().__post_init__()
-
-    @cached_property
-    def _setup_devices(self) -> torch.device:
-        return setup_devices_with_timeout(self)
-
-
-def adapt_to_cpu(args: TrainingArguments) -> None:
-    """On a machine without an accelerator: `use_cpu`, no pinned memory, and no bf16 unless asked for (TRL's
-    configs default it to on). Called before `TrainingArguments.__post_init__`, which would refuse bf16 there."""
-    if not args.use_cpu and not _has_accelerator():
-        # Without it accelerate's PartialState treats `accelerate launch --multi_gpu` / torchrun processes on a
-        # CPU-only machine as N independent single-process runs (each saving, none sharing negatives).
-        args.use_cpu = True
-        if getattr(args, "bf16", None) is None:
-            args.bf16 = False
-    if args.use_cpu:
-        args.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on the CPU it only warns
-
-
-def setup_devices_with_timeout(args: TrainingArguments) -> torch.device:
-    """`TrainingArguments._setup_devices` with `ddp_timeout` given to a CPU (gloo) process group too."""
-    # transformers passes `ddp_timeout` to the process group on every backend but the CPU one: a CPU run (gloo)
-    # got the 30-minute default, so a stopped rank hung its peers that long. Creating the group here with the
-    # timeout first makes the parent's set-up reuse it (accelerate only creates a group when none exists).
-    if (args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")) and not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        from accelerate import PartialState
-
-        PartialState(cpu=True, backend=args.ddp_backend, timeout=args.ddp_timeout_delta)
-    return TrainingArguments._setup_devices.func(args)
 
 
 class _SkippedRowsReport(TrainerCallback):
@@ -318,15 +43,6 @@ class _SkippedRowsReport(TrainerCallback):
             logger.warning(
                 "Bad rows left out of training (on_bad_row='skip'): %s; each was logged before training.", counts
             )
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -355,6 +71,9 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     """
 
     _tag_names = ["mm-embed-trl"]
+    # Per-row dataset columns the method's loss reads (judge scores, teacher vectors): the default collator hands
+    # them through as ``inputs[column]``, one (B, ...) tensor each.
+    extra_columns: tuple[str, ...] = ()
     # True when no batch ever carries images (then ranks run the same modules without a blank-image forward).
     _text_only_batches = False
 
@@ -373,39 +92,14 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     ):
         # Check the data before any model work: a bad row found hours into training is the expensive kind.
         train_dataset, eval_dataset = self.check_datasets(train_dataset, eval_dataset, args)
-        if isinstance(model, (str, os.PathLike)):
-            model = MultimodalEmbeddingModel.from_pretrained(model, **(args.model_init_kwargs or {}))
-        if not isinstance(model, MultimodalEmbeddingModel):
-            raise TypeError(
-                f"{type(self).__name__} trains a MultimodalEmbeddingModel; got {type(model).__name__}. Wrap a "
-                "backbone with MultimodalEmbeddingModel.from_pretrained(<id or dir>) or pass its id/path."
-            )
-        if args.prompt_template is not None:
-            model.config.prompt_template = args.prompt_template
-        if processing_class is None:
-            processing_class = model.processor
-        elif model.processor is None:
-            model.set_processor(processing_class)
-        if processing_class is None:
-            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
-        self.prepare_model(model, processing_class, args)
-        if args.image_max_pixels is not None:
-            from ..data.images import set_image_pixel_budget
-
-            set_image_pixel_budget(processing_class, args.image_max_pixels)
-        if any(getattr(args, f"video_{name}", None) is not None for name in ("fps", "max_frames", "max_pixels")):
-            from ..data.videos import set_video_options
-
-            set_video_options(
-                processing_class, fps=args.video_fps, max_frames=args.video_max_frames, max_pixels=args.video_max_pixels
-            )
         if args.freeze_vision_tower and peft_config is not None and args.lora_target == "all":
             raise ValueError(
                 "freeze_vision_tower=True contradicts lora_target='all' (adapters in the vision tower would train); "
                 "use lora_target='language_model', or unfreeze the vision tower."
             )
-        if args.freeze_vision_tower:
-            freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
+        model, processing_class = self.prepare_embedding_model(
+            model, processing_class, args, **(args.model_init_kwargs or {})
+        )
         if peft_config is not None:
             # LoRA draws its A matrices from the global RNG, and Trainer.__init__ seeds only later: seed as it does.
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -413,7 +107,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         if args.gradient_checkpointing and model.has_lora:
             # Reentrant checkpointing needs an input that requires grad when only adapters train.
             model.backbone.enable_input_require_grads()
-        vision_trains = any(p.requires_grad for n, p in model.backbone.named_parameters() if _is_vision_parameter(n))
+        vision_trains = any(p.requires_grad for n, p in model.backbone.named_parameters() if is_vision_parameter(n))
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = vision_trains
         if data_collator is None:
@@ -491,10 +185,6 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
 
         return self._check_each(train_dataset, eval_dataset, args, check)
 
-    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
-        """Hook: ready the model for this method once it is loaded (after the data check) and its processor is known,
-        before LoRA and the collator (e.g. add tokens the method needs)."""
-
     def _check_each(self, train_dataset, eval_dataset, args, check):
         """Run `check(dataset, what) -> dataset` on the training and every eval dataset (main process first, so the
         others read its cached facts) and record the rows each check left out."""
@@ -527,6 +217,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             image_root=args.image_root,
             max_length=args.max_length,
             num_negatives=args.num_negatives,
+            extra_columns=self.extra_columns,
         )
 
     def compute_embedding_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -719,20 +410,6 @@ def _mark_repeated_rows(batches, accelerator):
         yield batch
 
 
-def freeze_vision_tower(model: MultimodalEmbeddingModel, *, keep_projector: bool = False) -> int:
-    """Freeze vision encoder + projector parameters (the projector stays trainable with ``keep_projector``); returns
-    how many tensors were frozen."""
-    from ..modeling.modeling import VISION_PROJECTOR_NAMES
-
-    frozen = 0
-    for name, param in model.backbone.named_parameters():
-        if _is_vision_parameter(name) and not (keep_projector and any(p in name for p in VISION_PROJECTOR_NAMES)):
-            param.requires_grad_(False)
-            frozen += 1
-    return frozen
-
-
-
 def _can_coalesce() -> bool:
     """Whether the installed DeepSpeed can coalesce ZeRO's gradient reduction over several backward calls."""
     try:
@@ -742,8 +419,17 @@ def _can_coalesce() -> bool:
     return hasattr(DeepSpeedEngine, "coalesce_grad_reduction")
 
 
-def _is_vision_parameter(name: str) -> bool:
-    from ..modeling.modeling import VISION_MODULE_NAMES
+# Moved to trainers/arguments.py (the options of both trainer families): the old names warn.
+_MOVED_TO_ARGUMENTS = ("EmbeddingRunArguments", "adapt_to_cpu", "check_option_types", "setup_devices_with_timeout")
 
-    return any(part in name for part in VISION_MODULE_NAMES)
 
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_ARGUMENTS:
+        warnings.warn(
+            f"mm_embed_trl.trainers.base.{name} moved to mm_embed_trl.trainers.arguments.{name}; the old name will be "
+            "removed.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f"{__package__}.arguments"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import EmbeddingTrainingArguments
+from .arguments import EmbeddingTrainingArguments
 
 KL_DIRECTIONS = ("teacher_student", "student_teacher")
 LOSS_REDUCTIONS = ("sum", "mean")

@@ -171,6 +171,7 @@ class DistillEmbedTrainer(EmbeddingTrainer):
     _tag_names = ["mm-embed-trl", "unime", "distillation", "text-distillation"]
     _name = "Distill Embed"
     _paper = UNIME_PAPER
+    config_class = DistillEmbedConfig
     method_key = "unime_stage1"
     method_aliases = ("distill", "unime1", "unime_1", "distillembed", "distillembedconfig", "distillembedtrainer")
     method_title = "UniME stage 1: textual discriminative knowledge distillation"

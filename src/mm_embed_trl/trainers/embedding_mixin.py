@@ -7,7 +7,12 @@ sentence-transformers export, card) published in one rename. `EmbeddingTrainer` 
 (GRPOTrainer) both put it first in their bases.
 
 A method trainer declares what it is (see `EmbeddingTrainerMixin.method_card`): TRL's `_name` and `_paper`
-(`trainers/papers.py`), its method key and aliases, and the model card's title and description of the method.
+(`trainers/papers.py`), its method key and aliases, its config class, and the model card's title and description of
+the method. Declaring a `method_key` registers the class when it is created (`trainers/registry.py`).
+
+Both families' `__init__` prepare the model in one step, `prepare_embedding_model`: load or wrap it, attach the
+processor and the run's prompt template, the method's own preparation (`prepare_model`, e.g. UME-R1's tokens), the
+pixel budget and video options saved with the processor, and the frozen vision tower.
 
 A subclass may override three hooks: `inference_model()` (the `MultimodalEmbeddingModel` to probe and save; by default
 the unwrapped training model), `_save_final_weights(directory)` (writes that model's files, gathered under
@@ -34,6 +39,8 @@ from .._files import RunFolderLockedError, disk_full_as_clear_error, hold_run_fo
 from ..distributed.process_group import destroy_process_group_at_exit
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.modeling import count_degenerate_rows
+from ..modeling.preparation import freeze_vision_tower
+from .registry import register_method
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ __all__ = [
     "NonFiniteLossError",
     "last_healthy_checkpoint",
     "latest_complete_checkpoint",
+    "without_zero3_init",
 ]
 
 # Written into every checkpoint: whether its last loss, its weights and the embeddings of a few fixed probe texts
@@ -79,6 +87,12 @@ class EmbeddingTrainerMixin:
     method_title: str | None = None  # the card's "Training method"
     method_short_title: str | None = None  # in the card's model name
     method_description: str | None = None  # the card's "Training" section
+    config_class: type | None = None  # the method's config (its TrlParser dataclass)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "method_key" in cls.__dict__ and cls.method_key is not None:  # declared here, not inherited
+            register_method(cls)
 
     @classmethod
     def method_card(cls) -> dict[str, Any] | None:
@@ -95,6 +109,52 @@ class EmbeddingTrainerMixin:
             "trainer": cls.__name__,
             "paper": dict(paper) if paper else None,
         }
+
+    # ------------------------------------------------------------------ preparation
+    def prepare_embedding_model(
+        self, model, processing_class, args, **load_kwargs
+    ) -> tuple[MultimodalEmbeddingModel, Any]:
+        """The model preparation both families run: ``(model, processor)`` ready for the method.
+
+        A hub id or a folder is loaded (``load_kwargs`` go to ``MultimodalEmbeddingModel.from_pretrained``); the
+        processor is ``processing_class`` or the model's; ``args.prompt_template`` replaces the model's; then the
+        method's :meth:`prepare_model`, the pixel budget and video options (saved with the processor, so inference
+        uses them) and, with ``args.freeze_vision_tower``, the frozen vision encoder (its projector kept trainable
+        with ``train_vision_projector``). LoRA and the row check stay with each family (Trainer adds adapters to the
+        model, TRL wraps the policy itself).
+        """
+        if isinstance(model, (str, os.PathLike)):
+            model = MultimodalEmbeddingModel.from_pretrained(model, **load_kwargs)
+        if not isinstance(model, MultimodalEmbeddingModel):
+            raise TypeError(
+                f"{type(self).__name__} trains a MultimodalEmbeddingModel; got {type(model).__name__}. Wrap a "
+                "backbone with MultimodalEmbeddingModel.from_pretrained(<id or dir>) or pass its id/path."
+            )
+        if processing_class is None:
+            processing_class = model.processor
+        elif model.processor is None:
+            model.set_processor(processing_class)
+        if processing_class is None:
+            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        if args.prompt_template is not None:
+            model.config.prompt_template = args.prompt_template
+        self.prepare_model(model, processing_class, args)
+        if getattr(args, "image_max_pixels", None) is not None:
+            from ..data.images import set_image_pixel_budget
+
+            set_image_pixel_budget(processing_class, args.image_max_pixels)
+        video = {name: getattr(args, f"video_{name}", None) for name in ("fps", "max_frames", "max_pixels")}
+        if any(value is not None for value in video.values()):
+            from ..data.videos import set_video_options
+
+            set_video_options(processing_class, **video)
+        if args.freeze_vision_tower:
+            freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
+        return model, processing_class
+
+    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
+        """Hook: ready the model for this method once it is loaded and its processor is known, before the pixel
+        budget, the frozen vision tower and LoRA (e.g. add tokens the method needs)."""
 
     # ------------------------------------------------------------------ hooks
     def inference_model(self) -> MultimodalEmbeddingModel:
@@ -444,7 +504,7 @@ class EmbeddingTrainerMixin:
             self.accelerator.wait_for_everyone()
             if not self.args.should_save:
                 return
-            with _without_zero3_init():  # plain, whole copies loaded on this process only
+            with without_zero3_init():  # plain, whole copies loaded on this process only
                 saved = MultimodalEmbeddingModel.from_pretrained(staging)
                 if saved.has_lora:
                     saved.merge_lora()
@@ -520,7 +580,7 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _without_zero3_init():
+def without_zero3_init():
     """Load a model normally although ZeRO-3 is configured: transformers would otherwise partition it with
     `deepspeed.zero.Init`, a collective that hangs when only the main process loads."""
     from transformers.integrations import deepspeed as hf_deepspeed

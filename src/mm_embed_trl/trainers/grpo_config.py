@@ -9,12 +9,13 @@ from functools import cached_property
 import torch
 from trl import GRPOConfig
 
-from .base import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
+from ..modeling.generative import MISSING_TOKEN_POLICIES
+from ..rewards import RETRIEVAL_REWARDS
+from .arguments import EmbeddingRunArguments, adapt_to_cpu, setup_devices_with_timeout
 
 RETRIEVAL_POOLS = ("micro_step", "generation_batch")
 # Pairs in UME-R1's retrieval pool: one micro-step across its 64 GPUs of 2 rollouts per side each, G = 8.
 UME_R1_POOL_PAIRS = 16
-MISSING_TOKEN_POLICIES = ("last_token", "zero")
 
 
 @dataclass
@@ -30,12 +31,19 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     `loss_type="dr_grpo"`, a pool of 16 pairs per micro-step, 32 pairs per optimizer step, pairs in file order), and
     :meth:`ume_r1` returns them as a config (`docs/UME-R1.md` lists what still differs).
 
+    Of the options every embedding config shares ([`EmbeddingRunArguments`]), two read differently here:
+    `freeze_vision_tower` (default `False`) as UME-R1, which trains the vision encoder and projector in RL
+    (`freeze_vision_modules=False` in its `grpo_embed.py`; the tiny CPU demo freezes them, as its SFT stage did,
+    because a random vision tower's features are what its language model learned on), and `prompt_template`: the
+    prompt of the rollouts, by default the one the model was trained with in SFT (saved in its config), or, for a
+    model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a 28x28 white image before text-only inputs).
+
     > Parameters that control the retrieval reward
 
     Parameters:
-        retrieval_reward (`str`, defaults to `"ume_r1"`): `"ume_r1"` (rank x gap of each rollout's generative
-            embedding against the other side's rollouts of the pool), `"reciprocal_rank"`, or `"none"` (only the
-            reward functions passed to the trainer).
+        retrieval_reward (`str`, defaults to `"ume_r1"`): a name of `mm_embed_trl.rewards.RETRIEVAL_REWARDS`:
+            `"ume_r1"` (rank x gap of each rollout's generative embedding against the other side's rollouts of the
+            pool), `"reciprocal_rank"`; or `"none"` (only the reward functions passed to the trainer).
         retrieval_reward_weight (`float`, defaults to `1.0`): its weight next to the other rewards (UME-R1 sums
             format and retrieval rewards with weight 1).
         format_reward_weight (`float`, defaults to `1.0`): weight of the default format reward (used when the
@@ -47,16 +55,11 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
             labels) or whose query is (several answers to one query) is no negative of this pair's rollouts, on
             either side (UME-R1 masks nothing).
         missing_gen_token (`str`, defaults to `"last_token"`): the embedding of a completion that never writes
-            `<gen_emb>`: the state at its last token (UME-R1 silently reads the prompt's copy of the token instead;
-            here only the completion counts), or `"zero"` (a zero vector: its similarities, hence its retrieval
-            reward, are 0). Such completions are counted in `gen_emb_found_rate`.
+            `<gen_emb>`, one of `encode`'s `missing_token` policies: the state at its last token (UME-R1 silently
+            reads the prompt's copy of the token instead; here only the completion counts), `"zero"` (a zero vector:
+            its similarities, hence its retrieval reward, are 0), `"discriminative"` (the prompt's `<disc_emb>`
+            state) or `"error"`. Such completions are counted in `gen_emb_found_rate`.
         embedding_batch_size (`int`, *optional*): rows per no-grad embedding forward (default: the per-device batch).
-        freeze_vision_tower (`bool`, defaults to `False`): freeze the vision encoder and projector. UME-R1 trains
-            them in RL (`freeze_vision_modules=False` in its `grpo_embed.py`); the tiny CPU demo freezes them, as its
-            SFT stage did, because a random vision tower's features are what its language model learned on.
-        prompt_template (`str`, *optional*): the prompt of the rollouts; default: the one the model was trained with
-            in SFT (saved in its config), or, for a model that was not, `"ume_r1_blank_image"` (UME-R1's prompt, a
-            28x28 white image before text-only inputs). Saved with the trained model.
         reasoning_sensitivity_rows (`int`, defaults to `8`): per generation batch, how many completions are
             re-embedded with their `<think>` emptied, to log how far the embedding moves when the reasoning changes
             (`diagnostics/reasoning_shift`; UME-R1's issue #12). 0 turns it off.
@@ -81,7 +84,7 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     retrieval_reward: str = field(
         default="ume_r1",
         metadata={"help": "Retrieval reward: ume_r1 (rank x gap), reciprocal_rank, or none.",
-                  "choices": ["ume_r1", "reciprocal_rank", "none"]},
+                  "choices": [*RETRIEVAL_REWARDS, "none"]},
     )
     retrieval_reward_weight: float = field(default=1.0, metadata={"help": "Weight of the retrieval reward."})
     format_reward_weight: float = field(default=1.0, metadata={"help": "Weight of the default format reward."})
@@ -95,7 +98,7 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     )
     missing_gen_token: str = field(
         default="last_token",
-        metadata={"help": "Embedding of a completion without <gen_emb>: last_token or zero.",
+        metadata={"help": "Embedding of a completion without <gen_emb>: last_token, discriminative, zero or error.",
                   "choices": list(MISSING_TOKEN_POLICIES)},
     )
     embedding_batch_size: int | None = field(
@@ -103,13 +106,6 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     )
     reasoning_sensitivity_rows: int = field(
         default=8, metadata={"help": "Completions re-embedded with an empty <think> per generation batch (0: off)."}
-    )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "Freeze the vision encoder and projector (UME-R1 trains them in RL)."}
-    )
-    prompt_template: str | None = field(
-        default=None,
-        metadata={"help": "Prompt template; default: the SFT model's, else ume_r1_blank_image (UME-R1's)."},
     )
     dynamic_sampling_rounds: int = field(
         default=0,
@@ -124,9 +120,9 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
             raise ValueError(
                 f"missing_gen_token must be one of {MISSING_TOKEN_POLICIES}, got {self.missing_gen_token!r}."
             )
-        if self.retrieval_reward not in ("ume_r1", "reciprocal_rank", "none"):
+        if self.retrieval_reward != "none" and self.retrieval_reward not in RETRIEVAL_REWARDS:  # the table, live
             raise ValueError(
-                f"retrieval_reward must be ume_r1, reciprocal_rank or none, got {self.retrieval_reward!r}."
+                f"retrieval_reward must be one of {[*RETRIEVAL_REWARDS, 'none']}, got {self.retrieval_reward!r}."
             )
         if self.reasoning_sensitivity_rows < 0:
             raise ValueError("reasoning_sensitivity_rows must be >= 0.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,9 +17,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from ..data.schema import EmbeddingInput
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
+from ..modeling.generative import apply_missing_token_policy, embed_completions
 from ..modeling.modeling import lora_config_dict, with_lora_target
-from ..modeling.pooling import special_token_indices
-from .embedding_mixin import EmbeddingTrainerMixin, _without_zero3_init
+from ..modeling.preparation import prepare_embedding_tokens
+from ..rewards import RETRIEVAL_REWARDS, RolloutRetrievalReward, ume_r1_format_reward
+from .embedding_mixin import EmbeddingTrainerMixin, without_zero3_init
 from .grpo_config import EmbeddingGRPOConfig
 from .papers import UME_R1_PAPER
 
@@ -37,28 +39,6 @@ OVERRIDDEN_TRL_METHODS = (
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
-def _retrieval_placeholder(name: str):
-    """A stand-in for the retrieval reward in TRL's reward table (TRL names the column after ``__name__``): filled in
-    by EmbeddingGRPOTrainer._calculate_rewards, which needs every rank's rollouts at once (a reward function only
-    sees its own rank's rows). A new function per trainer, so no trainer renames another's."""
-
-    def placeholder(prompts, completions, **kwargs):
-        return [None] * len(prompts)
-
-    placeholder.__name__ = name
-    return placeholder
-
-
-def _batched_field(value) -> torch.Tensor:
-    """A multimodal field of TRL's prompt batch as the backbone takes it: Qwen-VL's patches come as one tensor;
-    LLaVA-OneVision's per image (crops x C x H x W, the crop count varying with the aspect ratio), which are padded
-    with zero crops and stacked as its processor does, and its image sizes and counts as lists."""
-    if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
-        crops = max(v.shape[0] for v in value)
-        return torch.stack([F.pad(v, (0, 0) * (v.dim() - 1) + (0, crops - v.shape[0])) for v in value])
-    return torch.as_tensor(value)
-
-
 class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
     r"""GRPO with UME-R1's retrieval reward, on TRL's own `GRPOTrainer` (UME-R1 stage 2).
 
@@ -73,10 +53,12 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
     where ``rank`` is the share of its G positives (the other side's rollouts of its own pair) among its top-G
     candidates (the other side's rollouts of the pool) and ``gap`` its mean positive minus mean negative similarity
-    (:func:`~mm_embed_trl.losses.retrieval_reward`), queries scored against targets and targets against queries. TRL
-    then computes group advantages and the clipped GRPO loss with the KL to the reference, unchanged: every TRL option
-    (vLLM generation, loss types, ``num_iterations``, PEFT, DeepSpeed) keeps working. Rewards are pluggable: pass TRL
-    reward functions (they replace the default format reward) and/or set ``retrieval_reward``.
+    (:func:`~mm_embed_trl.rewards.ume_r1_retrieval_reward`), queries scored against targets and targets against
+    queries. The retrieval reward is a TRL reward function (:class:`~mm_embed_trl.rewards.RolloutRetrievalReward`, the
+    reward picked by name from :data:`~mm_embed_trl.rewards.RETRIEVAL_REWARDS`). TRL then computes group advantages
+    and the clipped GRPO loss with the KL to the reference, unchanged: every TRL option (vLLM generation, loss types,
+    ``num_iterations``, PEFT, DeepSpeed) keeps working. Rewards are pluggable: pass TRL reward functions (they replace
+    the default format reward) and/or set ``retrieval_reward``.
 
     Logged per side (``query``/``target``): the retrieval reward and its rank and gap parts, ``gen_emb_found_rate``,
     and two diagnostics UME-R1's users asked for (its issue #12): ``diagnostics/group_self_similarity`` (mean cosine
@@ -99,6 +81,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
     _tag_names = ["mm-embed-trl", "ume-r1", "grpo", "generative-embedding"]
     _name = "Embedding GRPO"
     _paper = UME_R1_PAPER  # TRL's create_model_card reads its title, id and citation
+    config_class = EmbeddingGRPOConfig
     method_key = "ume_r1_rl"
     method_aliases = ("grpo", "embeddinggrpo", "embeddinggrpoconfig", "embeddinggrpotrainer", "ume_r1_stage2")
     method_title = "UME-R1 stage 2: reinforcement learning with a retrieval reward"
@@ -122,8 +105,6 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         **kwargs,
     ):
         from ..data.samplers import flatten_pairs
-        from ..losses import ume_r1_format_reward
-        from .sft_trainer import prepare_embedding_tokens
 
         if args is None:
             args = EmbeddingGRPOConfig(output_dir="grpo-output")
@@ -140,33 +121,22 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
                 "EmbeddingGRPOTrainer evaluates retrieval, not rewards: pass evaluators to the example's tail "
                 "(RetrievalEvaluator with encode_kwargs={'mode': 'generative'}) instead of an eval_dataset."
             )
-        if isinstance(model, (str, os.PathLike)):
-            model = MultimodalEmbeddingModel.from_pretrained(model, encoder_kind="generative")
-        if not isinstance(model, MultimodalEmbeddingModel) or model.lm_head is None:
+        if model is not None and not isinstance(model, (str, os.PathLike, MultimodalEmbeddingModel)):
             raise ValueError(
                 "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
                 "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
             )
-        processing_class = processing_class or model.processor
-        if processing_class is None:
-            raise ValueError("No processor: pass processing_class=AutoProcessor.from_pretrained(<backbone>).")
+        model, processing_class = self.prepare_embedding_model(
+            model, processing_class, args, encoder_kind="generative"
+        )
         self.embedding_model = model
-        if args.prompt_template is not None:
-            model.config.prompt_template = args.prompt_template
-        elif model.config.generative_pooling_token is None:  # not trained by EmbeddingSFTTrainer: UME-R1's inputs
-            model.config.prompt_template = "ume_r1_blank_image"
         self.template = get_template(model.config.prompt_template)  # the SFT model's: rollouts look like its inputs
-        self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
+        # the retrieval reward's prompts, built from the rows as encode builds them (texts whole, as TRL's prompts)
+        self._prompt_collator = model.make_collator(max_length=None)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         tokenizer.padding_side = "left"  # TRL pads prompts on the left; mm_token_type_ids must be padded alike
         if hasattr(processing_class, "tokenizer"):
             processing_class.padding_side = "left"
-        if model.has_lora:
-            model.merge_lora()
-        if args.freeze_vision_tower:
-            from .base import freeze_vision_tower
-
-            freeze_vision_tower(model)
         policy = model.backbone
         if args.beta != 0.0 and peft_config is None:
             # TRL rebuilds the reference model from the policy's name: point it at a plain copy of THIS policy (its
@@ -195,10 +165,9 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         self._retrieval_column = None
         if args.retrieval_reward != "none":
             self._retrieval_column = len(reward_funcs)
-            reward_funcs = reward_funcs + [_retrieval_placeholder(f"retrieval_{args.retrieval_reward}")]
+            reward_funcs = reward_funcs + [self._retrieval_reward_function(args)]
             weights = weights + [args.retrieval_reward_weight]
         args.reward_weights = weights
-        self._stash: dict[str, Any] = {}
         if peft_config is not None:  # TRL wraps the policy; PEFT finds no modules of a VLM by itself
             peft_config = with_lora_target(peft_config)
         super().__init__(
@@ -214,6 +183,18 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         self._check_final_save_can_gather()
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self._run_vision_tower_everywhere()
+
+    def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
+        if model.lm_head is None:
+            raise ValueError(
+                "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
+                "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
+            )
+        if args.prompt_template is None and model.config.generative_pooling_token is None:
+            model.config.prompt_template = "ume_r1_blank_image"  # not trained by EmbeddingSFTTrainer: UME-R1's inputs
+        self._disc_id, self._gen_id = prepare_embedding_tokens(model, processing_class)
+        if model.has_lora:  # TRL trains the policy whole, or wraps it in adapters of its own (peft_config)
+            model.merge_lora()
 
     def _run_vision_tower_everywhere(self) -> None:
         """Under DeepSpeed/FSDP every rank must run the same modules: text-only rollouts run the vision tower on a
@@ -261,7 +242,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         config = self.embedding_model.config
         config.lora_config = lora_config
         try:
-            with _without_zero3_init():
+            with without_zero3_init():
                 self.embedding_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         finally:
             config.lora_config = None
@@ -340,16 +321,6 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
 
     def _tokenize_prompts(self, prompts):
         prompt_ids, images, fields = super()._tokenize_prompts(prompts)
-        # kept for the embedding forward of _calculate_rewards, so the processor never runs twice on these images
-        image_counts = [
-            sum(
-                isinstance(c, dict) and c.get("type") == "image"
-                for m in p
-                for c in (m["content"] if isinstance(m["content"], list) else [])
-            )
-            for p in prompts
-        ]
-        self._stash = {"prompt_ids": prompt_ids, "fields": fields, "image_counts": image_counts}
         if images is not None:
             # TRL marks a text-only prompt's images as None, which its second processor call rejects in a mixed
             # batch; the processor takes [] for "no image"
@@ -410,127 +381,61 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             return next(self._refill_iterator)
 
     # ------------------------------------------------------------------ rewards
+    def _retrieval_reward_function(self, args: EmbeddingGRPOConfig) -> RolloutRetrievalReward:
+        """The retrieval reward as a TRL reward function, embedding the rollouts with this trainer's policy."""
+        pool_rows = args.generation_batch_size
+        if args.retrieval_pool == "micro_step":
+            pool_rows = args.per_device_train_batch_size * args.world_size
+        return RolloutRetrievalReward(
+            args.retrieval_reward,
+            RETRIEVAL_REWARDS[args.retrieval_reward],
+            self._embed_rollouts,
+            num_generations=args.num_generations,
+            pool_rows=pool_rows,
+            mask_duplicates=args.mask_duplicate_targets,
+            empty_reasoning=self._empty_reasoning,
+            sensitivity_rows=args.reasoning_sensitivity_rows,
+        )
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (global N, funcs)
-        self._round_rewards = rewards  # every function's, for dynamic sampling's spread test (filled in below)
-        if self._retrieval_column is None:
-            return rewards
-        from ..losses import reciprocal_rank_reward, ume_r1_retrieval_reward
-
-        device = self.accelerator.device
-        embeddings, found = self._rollout_embeddings(completion_ids_list)
-        side = torch.tensor([0 if r["side"] == "query" else 1 for r in inputs], device=device)
-        pair_id = torch.tensor([int(r["pair_id"]) for r in inputs], device=device)
-        content = torch.tensor([int(r["content_id"]) for r in inputs], device=device)
-        all_embeddings, all_side, all_pair = gather(embeddings), gather(side), gather(pair_id)
-        all_found, all_content = gather(found), gather(content)
-        pool_rows = self.args.generation_batch_size
-        if self.args.retrieval_pool == "micro_step":
-            pool_rows = self.args.per_device_train_batch_size * self.accelerator.num_processes
-        pool_id = torch.arange(len(all_side), device=device) // pool_rows
-        score = ume_r1_retrieval_reward if self.args.retrieval_reward == "ume_r1" else reciprocal_rank_reward
-        out = score(
-            all_embeddings,
-            all_side,
-            all_pair,
-            self.num_generations,
-            pool_id=pool_id,
-            content_ids=all_content if self.args.mask_duplicate_targets else None,
-        )
-        rewards[:, self._retrieval_column] = out.reward.to(rewards.dtype)
-        self._log_retrieval(out, all_embeddings, all_side, all_pair, all_found)
-        if self.args.reasoning_sensitivity_rows:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["diagnostics/reasoning_shift"].append(
-                self._reasoning_shift(embeddings, completion_ids_list)
-            )
+        self._round_rewards = rewards  # every function's, for dynamic sampling's spread test
         return rewards
 
-    def _embedding_batch(self, completion_ids_list) -> dict[str, Any]:
-        """The local rollouts as one batch laid out as in SFT and encode: the stashed prompts (left-padded), the
-        completions (right-padded), the prompts' image tensors, ``completion_start``."""
-        from ..data.reasoning import append_completions
-
-        stash = self._stash
-        ids = [torch.as_tensor(p) for p in stash["prompt_ids"]]
-        width = max(len(p) for p in ids)
-        pad = self.processing_class.tokenizer.pad_token_id
-        prompt = {
-            "input_ids": torch.stack([F.pad(p, (width - len(p), 0), value=pad) for p in ids]),
-            "attention_mask": torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in ids]),
-            "image_counts": torch.tensor(stash["image_counts"]),
-        }
-        fields = stash["fields"]
-        if "mm_token_type_ids" in fields:
-            types = [torch.as_tensor(t) for t in fields["mm_token_type_ids"]]
-            prompt["mm_token_type_ids"] = torch.stack([F.pad(t, (width - len(t), 0)) for t in types])
-        for key, value in fields.items():
-            if key != "mm_token_type_ids":
-                prompt[key] = _batched_field(value)
-        return append_completions(prompt, completion_ids_list, pad)
-
     @torch.no_grad()
-    def _rollout_embeddings(self, completion_ids_list, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised state at the last <gen_emb> of each completion, whether it wrote one), from no-grad
-        forwards of the (wrapped) policy in chunks of ``embedding_batch_size`` rows, only the last layer's logits."""
-        from ..data.collators import split_batch
-
-        batch = batch if batch is not None else self._embedding_batch(completion_ids_list)
+    def _embed_rollouts(self, columns: dict[str, list], completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised generative embedding of each local rollout, whether it wrote ``<gen_emb>``): its prompt built
+        from its row as encode builds it, then :func:`~mm_embed_trl.modeling.generative.embed_completions` through the
+        policy as TRL wraps it, per side in chunks of ``embedding_batch_size`` rows."""
         size = self.args.embedding_batch_size or self.args.per_device_train_batch_size
         device = self.accelerator.device
-        outputs, found = [], []
+        inputs = [
+            EmbeddingInput(text=text, image=images[0] if images else None)
+            for text, images in zip(columns["text"], columns["images"])
+        ]
+        embeddings = [None] * len(inputs)
+        found = torch.zeros(len(inputs), dtype=torch.bool, device=device)
         with (
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            for chunk in split_batch(batch, size):
-                chunk = {k: v.to(device) for k, v in chunk.items() if torch.is_tensor(v)}
-                start = chunk.pop("completion_start")
-                chunk.pop("image_counts", None)
-                hidden = self.model(**chunk, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-                hidden = hidden.hidden_states[-1]
-                positions = torch.arange(hidden.shape[1], device=device)
-                region = chunk["attention_mask"].bool() & (positions >= start[:, None])
-                index, has = special_token_indices(chunk["input_ids"], self._gen_id, region)
-                states = hidden[torch.arange(hidden.shape[0], device=device), index].float()
-                if self.args.missing_gen_token == "zero":
-                    states = states * has[:, None]
-                outputs.append(F.normalize(states, dim=-1))
-                found.append(has)
-        return torch.cat(outputs), torch.cat(found)
+            for side in dict.fromkeys(columns["side"]):
+                rows = [i for i, s in enumerate(columns["side"]) if s == side]
+                for start in range(0, len(rows), size):
+                    chunk = rows[start : start + size]
+                    prompt = self._prompt_collator.encode_inputs([inputs[i] for i in chunk], side=side)
+                    prompt = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompt.items()}
+                    out = embed_completions(
+                        self.embedding_model, prompt, [completion_ids[i] for i in chunk], run_backbone=self.model
+                    )
+                    states = apply_missing_token_policy(out, self.args.missing_gen_token)
+                    for i, state in zip(chunk, F.normalize(states.float(), dim=-1)):
+                        embeddings[i] = state
+                    found[chunk] = out.found
+        return torch.stack(embeddings), found
 
-    def _log_retrieval(self, out, embeddings, side, pair_id, found) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        for name, value in (("query", 0), ("target", 1)):
-            rows = side == value
-            metrics[f"retrieval/{name}/reward"].append(out.reward[rows].mean().item())
-            metrics[f"retrieval/{name}/rank"].append(out.rank[rows].mean().item())
-            metrics[f"retrieval/{name}/gap"].append(out.gap[rows].mean().item())
-            metrics[f"gen_emb_found_rate/{name}"].append(found[rows].float().mean().item())
-        # within-group similarity: rollouts of one side of one pair (G rows), off-diagonal mean cosine
-        groups = defaultdict(list)
-        for row, key in enumerate(zip(pair_id.tolist(), side.tolist())):
-            groups[key].append(row)
-        index = torch.tensor(list(groups.values()), device=embeddings.device)  # (groups, G)
-        grouped = embeddings[index]
-        sims = grouped @ grouped.transpose(1, 2)
-        g = grouped.shape[1]
-        off_diagonal = (sims.sum(dim=(1, 2)) - sims.diagonal(dim1=1, dim2=2).sum(dim=1)) / (g * (g - 1))
-        metrics["diagnostics/group_self_similarity"].append(off_diagonal.mean().item())
-
-    def _reasoning_shift(self, embeddings: torch.Tensor, completion_ids_list) -> float:
-        """Mean 1 - cos(embedding, embedding of the same completion with its <think> emptied) over the first
-        ``reasoning_sensitivity_rows`` local rollouts, averaged over ranks (every rank runs the same forwards)."""
-        from ..data.collators import split_batch
-
+    def _empty_reasoning(self, completion_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The completions with their ``<think>`` emptied (the reasoning-shift diagnostic)."""
         tokenizer = self.processing_class.tokenizer
-        k = min(self.args.reasoning_sensitivity_rows, len(completion_ids_list))
-        texts = tokenizer.batch_decode(completion_ids_list[:k], skip_special_tokens=False)
-        ablated = [tokenizer(_THINK.sub("<think></think>", t), add_special_tokens=False)["input_ids"] for t in texts]
-        batch = split_batch(self._embedding_batch(ablated + list(completion_ids_list[k:])), k)[0]
-        moved, _ = self._rollout_embeddings(None, batch=batch)
-        shift = 1.0 - (embeddings[:k] * moved).sum(dim=-1)
-        local = torch.stack([shift.sum(), torch.tensor(float(k), device=shift.device)])
-        total, count = gather(local.view(1, 2)).sum(dim=0).tolist()
-        return total / max(count, 1.0)
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
+        return [tokenizer(_THINK.sub("<think></think>", t), add_special_tokens=False)["input_ids"] for t in texts]

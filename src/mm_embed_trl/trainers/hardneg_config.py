@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import EmbeddingTrainingArguments
+from .arguments import EmbeddingTrainingArguments
 
 
 @dataclass

@@ -95,6 +95,7 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
     _tag_names = ["mm-embed-trl", "unime", "contrastive", "hard-negatives"]
     _name = "Hard-Negative Contrastive"
     _paper = UNIME_PAPER
+    config_class = HardNegContrastiveConfig
     method_key = "unime_stage2"
     method_aliases = (
         "hardneg",

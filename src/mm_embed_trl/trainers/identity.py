@@ -2,13 +2,13 @@
 ``"unime_stage2"`` or an alias such as ``"hardneg"``).
 
 The identity itself (TRL's ``_name`` and ``_paper``, the method key, its aliases, the card's title and description)
-is declared on each trainer class and read through ``method_card()``; this module only searches those declarations.
-The trainer classes are imported when a lookup runs, not when this module is (``EmbeddingGRPOTrainer`` pulls in TRL).
+is declared on each trainer class and read through ``method_card()``; this module only searches the registry of
+methods (``trainers/registry.py``), which imports the built-in trainer modules as far as a search goes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from .registry import iter_method_trainers, method_trainers
 
 __all__ = ["UNTRAINED_METHOD", "canonical_method", "method_keys", "trainer_for_method"]
 
@@ -17,26 +17,15 @@ UNTRAINED_METHOD = "none"
 _UNTRAINED_ALIASES = ("baseline", "untrained")
 
 
-def _method_trainers() -> Iterator[type]:
-    """The trainers that declare a method, in pipeline order; TRL is imported only when the search reaches GRPO."""
-    from .distill_trainer import DistillEmbedTrainer
-    from .hardneg_trainer import HardNegContrastiveTrainer
-    from .sft_trainer import EmbeddingSFTTrainer
-
-    yield from (DistillEmbedTrainer, HardNegContrastiveTrainer, EmbeddingSFTTrainer)
-    from .grpo_trainer import EmbeddingGRPOTrainer
-
-    yield EmbeddingGRPOTrainer
-
-
 def method_keys() -> list[str]:
     """Every method key ``trainer_for_method`` knows, sorted (``"none"``: the untrained baseline)."""
-    return sorted([UNTRAINED_METHOD, *(trainer.method_key for trainer in _method_trainers())])
+    return sorted([UNTRAINED_METHOD, *(trainer.method_key for trainer in method_trainers())])
 
 
 def _short_aliases() -> list[str]:
     """Each trainer's first alias (its short name) and the baseline's, for error messages."""
-    return [trainer.method_aliases[0] for trainer in _method_trainers()] + [_UNTRAINED_ALIASES[0]]
+    shorts = [trainer.method_aliases[0] for trainer in method_trainers() if trainer.method_aliases]
+    return [*shorts, _UNTRAINED_ALIASES[0]]
 
 
 def _matches(key: str, canonical: str, aliases: tuple[str, ...]) -> bool:
@@ -53,7 +42,7 @@ def trainer_for_method(name: str) -> type | None:
     key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
     if _matches(key, UNTRAINED_METHOD, _UNTRAINED_ALIASES):
         return None
-    for trainer in _method_trainers():
+    for trainer in iter_method_trainers():
         if _matches(key, trainer.method_key, trainer.method_aliases):
             return trainer
     raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
-from .base import EmbeddingTrainingArguments
+from .arguments import EmbeddingTrainingArguments
 
 
 @dataclass

@@ -9,9 +9,9 @@ import torch
 
 from ..data.templates import DISC_EMB_TOKEN, GEN_EMB_TOKEN
 from ..distributed import gather_no_grad, gather_with_grad
-from ..losses import hard_negative_infonce_loss
-from ..modeling import MultimodalEmbeddingModel
+from ..losses import UmeR1SFTLoss
 from ..modeling.pooling import TokenPooling
+from ..modeling.preparation import prepare_embedding_tokens
 from .base import EmbeddingTrainer
 from .papers import UME_R1_PAPER
 from .sft_config import EmbeddingSFTConfig
@@ -29,7 +29,8 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
 
         w_gen · InfoNCE(gen) + w_disc · InfoNCE(disc) + w_q · CE(query reasoning) + w_t · CE(target reasoning)
 
-    with symmetric InfoNCE at logit scale 1/τ = 50 over the **global** batch (every rank's targets, gathered with
+    (:class:`~mm_embed_trl.losses.UmeR1SFTLoss`, its named parts logged) with symmetric InfoNCE at logit scale
+    1/τ = 50 over the **global** batch (every rank's targets, gathered with
     the local gradient kept) and each CE the token mean over the global batch, so N processes x B rows train exactly
     like 1 process x N·B rows. With GradCache (`gradient_cache_chunk_size`) the batch can be far larger than memory
     allows: each chunk's two embeddings and its summed CE are cached from one no-grad forward and back-propagated
@@ -64,6 +65,7 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
     _tag_names = ["mm-embed-trl", "ume-r1", "reasoning", "generative-embedding"]
     _name = "Embedding SFT"
     _paper = UME_R1_PAPER
+    config_class = EmbeddingSFTConfig
     method_key = "ume_r1_sft"
     method_aliases = ("sft", "embeddingsft", "embeddingsftconfig", "embeddingsfttrainer", "ume_r1_stage1")
     method_title = "UME-R1 stage 1: reasoning SFT with discriminative and generative embeddings"
@@ -84,6 +86,14 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._disc_id, self._gen_id = tokenizer.convert_tokens_to_ids([DISC_EMB_TOKEN, GEN_EMB_TOKEN])
+        self.loss_fn = UmeR1SFTLoss(
+            temperature=args.temperature,
+            disc_contrastive_weight=args.disc_contrastive_weight,
+            gen_contrastive_weight=args.gen_contrastive_weight,
+            query_lm_weight=args.query_lm_weight,
+            target_lm_weight=args.target_lm_weight,
+            disc_gen_alignment_weight=args.disc_gen_alignment_weight,
+        )
 
     def prepare_model(self, model, processing_class, args) -> None:
         if args.needs_reasoning and model.lm_head is None:
@@ -135,45 +145,23 @@ class EmbeddingSFTTrainer(EmbeddingTrainer):
             duplicates = other_group if duplicates is None else duplicates | other_group
         gather = gather_with_grad if args.gather_across_devices else (lambda t: t)
         gather_counts = gather_no_grad if args.gather_across_devices else (lambda t: t)
-
-        def contrastive(q, t):
-            out = hard_negative_infonce_loss(
-                gather(q), gather(t), temperature=args.temperature, margin=None, top_k=None, symmetric=True,
-                candidate_duplicate_mask=duplicates,
-            )
-            return out.loss, out.logs["accuracy"]
-
-        metrics: dict[str, torch.Tensor] = {}
-        loss = 0.0
-        disc_loss, metrics["disc_accuracy"] = contrastive(query[0], target[0])
-        metrics["disc_contrastive_loss"] = disc_loss.detach()
-        loss = loss + args.disc_contrastive_weight * disc_loss
+        reasoning_parts = {}
         if reasoning:
-            gen_loss, metrics["gen_accuracy"] = contrastive(query[1], target[1])
-            metrics["gen_contrastive_loss"] = gen_loss.detach()
-            loss = loss + args.gen_contrastive_weight * gen_loss
-            lm_sides = (("query", query, args.query_lm_weight), ("target", target, args.target_lm_weight))
-            for name, side, weight in lm_sides:
-                # the token mean over the global batch: every rank's summed CE over every rank's token count
-                lm = gather(side[2].sum().view(1)).sum() / gather_counts(side[3].sum().view(1)).sum().clamp_min(1)
-                metrics[f"{name}_lm_loss"] = lm.detach()
-                loss = loss + weight * lm
-            if args.disc_gen_alignment_weight > 0:
-                align, metrics["alignment_accuracy"] = contrastive(query[0], target[1])
-                metrics["alignment_loss"] = align.detach()
-                loss = loss + args.disc_gen_alignment_weight * align
+            # the token mean over the global batch: every rank's summed CE over every rank's token count
+            reasoning_parts = {
+                "query_gen": gather(query[1]),
+                "target_gen": gather(target[1]),
+                **{
+                    f"{name}_lm": (gather(side[2].sum().view(1)).sum(), gather_counts(side[3].sum().view(1)).sum())
+                    for name, side in (("query", query), ("target", target))
+                },
+            }
+        parts = self.loss_fn(
+            gather(query[0]), gather(target[0]), **reasoning_parts, candidate_duplicate_mask=duplicates,
+            output_dict=True,
+        )
+        loss = parts.pop("loss")
+        metrics = {name: value.detach() for name, value in parts.items()}
+        if reasoning:
             metrics["gen_emb_found_rate"] = torch.cat([query[4], target[4]]).detach().mean()
         return loss, metrics
-
-
-def prepare_embedding_tokens(model: MultimodalEmbeddingModel, processor) -> tuple[int, int]:
-    """Add UME-R1's ``<disc_emb>`` / ``<gen_emb>`` (idempotent) and make the model pool ``<disc_emb>`` by default,
-    with ``<gen_emb>`` as its generative token; returns (disc id, gen id)."""
-    from ..modeling.special_tokens import add_embedding_tokens
-
-    ids = add_embedding_tokens(model, processor)
-    model.config.pooling = "special_token"
-    model.config.pooling_token = DISC_EMB_TOKEN
-    model.config.generative_pooling_token = GEN_EMB_TOKEN
-    model.set_processor(processor)  # resolves pooling_token_id
-    return ids[DISC_EMB_TOKEN], ids[GEN_EMB_TOKEN]
