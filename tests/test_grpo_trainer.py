@@ -117,7 +117,7 @@ def test_flattened_rows_hash_their_own_input_so_shared_queries_and_targets_are_n
     rollouts' negative."""
     import datasets
 
-    from mm_embed_trl.losses.retrieval_reward import retrieval_pool
+    from mm_embed_trl.rewards import retrieval_pool
 
     pairs = datasets.Dataset.from_dict({
         "qry": ["a red circle", "a red circle", "two blue stars", "a green cross"],  # pairs 0 and 1: one query

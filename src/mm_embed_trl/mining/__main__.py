@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     from trl import TrlParser
 
     from ..data.loading import load_rows_dataset
-    from ..trainers.base import check_option_types
+    from ..trainers.arguments import check_option_types
     from .miner import mine_hard_negatives
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
