@@ -55,7 +55,7 @@ def bench_generative_encode(model, n_inputs, repeats, batch_size):
     import torch
     import torch.nn.functional as F
 
-    from mm_embed_trl.data.images import to_embedding_input
+    from mm_embed_trl.data.inputs import to_embedding_input
     from mm_embed_trl.data.reasoning import format_reasoning
 
     tok = model.processor.tokenizer

@@ -253,7 +253,7 @@ def eval_twomode_encode(model, inputs, *, batch_size: int, max_new_tokens: int, 
     import torch
     import torch.nn.functional as F
 
-    from mm_embed_trl.data.images import to_embedding_input
+    from mm_embed_trl.data.inputs import to_embedding_input
 
     collator = model.make_collator()
     gen_id = model.processor.tokenizer.convert_tokens_to_ids("<gen_emb>")

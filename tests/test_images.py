@@ -283,7 +283,7 @@ def test_modes_convert_the_same_from_a_file(case, tmp_path):
 
 def test_encode_inputs_from_pil_images_get_the_same_conversion():
     """`to_embedding_input` (the path of model.encode) converts user PIL images like load_image does."""
-    from mm_embed_trl.data.images import to_embedding_input
+    from mm_embed_trl.data.inputs import to_embedding_input
 
     for case in ("RGBA", "I;16", "LA"):
         image, expected, tolerance = _MODES[case]

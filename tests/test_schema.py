@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from mm_embed_trl.data.images import to_embedding_input
+from mm_embed_trl.data.inputs import to_embedding_input
 from mm_embed_trl.data.schema import EmbeddingInput, split_input
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from .schema import EmbeddingInput, is_missing, split_visual_input
+from .schema import is_missing
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ __all__ = [
     "load_images",
     "max_image_tokens",
     "resolve_image_path",
-    "to_embedding_input",
 ]
 
 
@@ -420,22 +419,3 @@ def load_image_values(value: Any, image_root: Any = None, *, where: str = "image
         return images if len(images) > 1 else images[0]
     return load_image(value, image_root, where=where)
 
-
-def to_embedding_input(
-    value: Any, *, index: int | None = None, image_root: Any = None, processor: Any = None
-) -> EmbeddingInput:
-    """Convert a user-facing input (see :func:`.schema.split_input`) into an ``EmbeddingInput`` with its image(s)
-    loaded (:func:`load_image`) and its video sampled as ``processor`` is set to (:func:`.videos.load_video`)."""
-    where = f"input #{index}" if index is not None else "input"
-    if isinstance(value, EmbeddingInput):
-        return value
-    if isinstance(value, tuple):
-        where += " (read as an (image, text) pair; pass a list for a batch of texts)"
-    text, image, video = split_visual_input(value, where=where)
-    if image is not None:  # paths, bytes, ... and PIL images alike: one conversion to 8-bit RGB
-        image = load_image_values(image, image_root, where=where)
-    if video is not None:
-        from .videos import load_video
-
-        video = load_video(video, image_root, where=f"{where}, video", processor=processor)
-    return EmbeddingInput(text=text, image=image, video=video)

@@ -42,7 +42,7 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
         else:
             ds = loaded
     elif path.is_file() and _is_ume_r1_sft_json(path):
-        from .reasoning import load_ume_r1_sft_json
+        from .ume_r1_json import load_ume_r1_sft_json
 
         ds = load_ume_r1_sft_json(path)
     elif path.is_file():

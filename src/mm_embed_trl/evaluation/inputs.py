@@ -1,6 +1,6 @@
 """Evaluation inputs: parsed once (cheap, validates early), de-duplicated, images loaded lazily at encode time.
 
-Inputs are what ``mm_embed_trl.data.images.to_embedding_input`` accepts: a str, a PIL image, an ``(image, text)``
+Inputs are what ``mm_embed_trl.data.inputs.to_embedding_input`` accepts: a str, a PIL image, an ``(image, text)``
 tuple or a ``{"text", "image"}`` dict. Images given as paths (or ``datasets.Image`` values) are loaded block by block
 in :func:`encode_items`, so a large eval set never sits in memory decoded.
 """

@@ -717,7 +717,7 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         """
         from tqdm.auto import tqdm
 
-        from ..data.images import to_embedding_input
+        from ..data.inputs import to_embedding_input
         from .generative import MODES, apply_missing_token_policy, encode_generative_batch, sampling_settings
 
         if mode not in MODES:
