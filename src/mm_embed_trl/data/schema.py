@@ -17,6 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Keys the collator adds to a batch for bookkeeping (images and videos per row, for GradCache's splitting); never
+# passed to the backbone.
+BATCH_METADATA_KEYS = ("image_counts", "video_counts")
+
 # MMEB-train columns
 QUERY_TEXT = "qry"
 QUERY_IMAGE = "qry_image_path"

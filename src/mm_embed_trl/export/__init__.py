@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ST_SUBDIR": "mm_embed_trl.export.sentence_transformers",
-    "build_embedding_chat_template": "mm_embed_trl.export.chat_template",
+    "build_embedding_chat_template": "mm_embed_trl.data.chat_template",
     "export_sentence_transformers": "mm_embed_trl.export.sentence_transformers",
     "load_model_for_export": "mm_embed_trl.export.checkpoint",
     "save_model_for_inference": "mm_embed_trl.export.final_save",

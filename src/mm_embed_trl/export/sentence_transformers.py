@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._files import publish_dir, staged_dir
-from .chat_template import _special_token_affixes, build_embedding_chat_template
+from ..data.chat_template import _special_token_affixes, build_embedding_chat_template
+from ..modeling.export_reader import EXPORT_INFO_FILE, read_export_info
 from .checkpoint import _prepare_output_dir, _refuse_overlap_with_source, load_model_for_export
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import mm_embed_trl.export` must be cheap
@@ -42,7 +43,6 @@ __all__ = [
 ST_SUBDIR = "sentence_transformers"
 ST_GENERATIVE_SUBDIR = "sentence_transformers_generative"  # UME-R1 models: the generative embedding (remote code)
 # Small JSON written into every export: what was exported and how to reproduce the embeddings.
-EXPORT_INFO_FILE = "mm_embed_trl_export.json"
 
 
 def _bare_backbone(model: MultimodalEmbeddingModel):
@@ -261,92 +261,10 @@ def _keep_hub_kernels_off(export_dir: pathlib.Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading back
-_LOAD_TRAINED = (
-    "Load the output_dir of the training run (the MultimodalEmbeddingModel the export was made from) instead."
-)
-
-
-def read_export_info(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any] | None:
-    """The :data:`EXPORT_INFO_FILE` of a sentence-transformers export this library wrote (a folder or a Hub repo),
-    or None for anything else (a saved model, a backbone, another sentence-transformers model)."""
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(
-            str(name_or_path), EXPORT_INFO_FILE, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **{k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")},
-        )
-    except OSError:  # e.g. not a folder and not a valid repo id
-        return None
-    if found is None:
-        return None
-    info = json.loads(pathlib.Path(found).read_text())
-    return info if str(info.get("format", "")).startswith("mm_embed_trl.sentence_transformers") else None
-
-
-def load_sentence_transformers_export(
-    model_class, name_or_path, info: Mapping[str, Any], *, processor=None, load_processor: bool = True, **kwargs
-) -> MultimodalEmbeddingModel:
-    """The model an export was made from, rebuilt from the export (``MultimodalEmbeddingModel.from_pretrained``
-    calls this for a folder or repo with an :data:`EXPORT_INFO_FILE`).
-
-    The discriminative export holds the bare backbone and a processor whose chat template wraps the backbone's own
-    in the model's prompts (see :func:`export_sentence_transformers`): the backbone is wrapped again with the
-    recorded pooling, pooling token, normalisation, dimension and prompt template, and the processor gets the
-    backbone's chat template back, so the model embeds as the trained one did (the export's ST prompts are the
-    export's; the model keeps its template's instructions). The generative export holds the whole model.
-    Wrapper options in ``kwargs`` override the recorded ones.
-    """
-    from ..data.templates import get_template
-    from ..modeling.modeling import WRAPPER_OPTIONS, load_processor_for
-
-    if info["format"].endswith(".generative"):  # the saved MultimodalEmbeddingModel is inside, whole
-        inner = pathlib.Path(name_or_path) / "mm_embedding"
-        if not inner.is_dir():
-            from huggingface_hub import snapshot_download
-
-            hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-            inner = pathlib.Path(snapshot_download(str(name_or_path), allow_patterns=["mm_embedding/*"], **hub))
-            inner = inner / "mm_embedding"
-        return model_class.from_pretrained(inner, processor=processor, load_processor=load_processor, **kwargs)
-    if kwargs.get("encoder_kind", "base") != "base":
-        raise ValueError(
-            f"{str(name_or_path)!r} is a sentence-transformers export: it holds the bare backbone, with no "
-            f"language-model head, so it cannot be loaded with encoder_kind={kwargs['encoder_kind']!r}. "
-            + _LOAD_TRAINED
-        )
-    options = {k: info[k] for k in ("prompt_template", "pooling", "pooling_token", "normalize", "embedding_dim")}
-    options.update({k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs})
-    if processor is None and load_processor:
-        processor = load_processor_for(name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
-        if processor is not None:
-            _restore_backbone_chat_template(processor, get_template(options["prompt_template"]), info, name_or_path)
-    return model_class.from_backbone(name_or_path, processor=processor, load_processor=False, **options, **kwargs)
-
-
-def _restore_backbone_chat_template(processor, template: PromptTemplate, info: Mapping[str, Any], where) -> None:
-    from .chat_template import recover_base_chat_template
-
-    tokenizer = getattr(processor, "tokenizer", processor)
-    multimodal = hasattr(processor, "image_processor")
-    current = processor.chat_template if multimodal else tokenizer.chat_template
-    prompts = info.get("prompts") or {}
-    try:
-        base = recover_base_chat_template(
-            current or "", template, tokenizer=tokenizer, multimodal=multimodal,
-            query_instruction=prompts.get("query", template.query_instruction),
-            document_instruction=prompts.get("document", template.document_instruction),
-            pooling_token=info.get("pooling_token"),
-        )
-    except ValueError as err:
-        raise ValueError(
-            f"The chat template of the sentence-transformers export {str(where)!r} cannot be turned back into the "
-            f"backbone's: {err}, so the model's prompts cannot be rebuilt. {_LOAD_TRAINED}"
-        ) from err
-    processor.chat_template = base
-    if tokenizer is not processor:
-        tokenizer.chat_template = base
+def load_sentence_transformers_export(model_class, name_or_path, info: Mapping[str, Any], **kwargs):
+    """The model an export was made from, rebuilt from it: what ``MultimodalEmbeddingModel.from_pretrained`` does
+    for a folder or repo with an :data:`EXPORT_INFO_FILE` (the reader: :mod:`mm_embed_trl.modeling.export_reader`)."""
+    return model_class.from_sentence_transformers_export(name_or_path, info, **kwargs)
 
 
 @contextlib.contextmanager

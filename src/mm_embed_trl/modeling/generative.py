@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from ..data.schema import BATCH_METADATA_KEYS
+
 logger = logging.getLogger(__name__)
 
 MODES = ("discriminative", "generative", "both")
@@ -113,9 +115,7 @@ def generate_completions(model, prompt: dict[str, Any], generation_kwargs: dict[
     stop token (which is kept, as TRL keeps it). The placeholder tokens are suppressed (added to any the caller
     passes in ``suppress_tokens``)."""
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
-    from .modeling import METADATA_KEYS  # at call time: modeling imports this module
-
-    inputs = {k: v for k, v in prompt.items() if k not in METADATA_KEYS}  # generate takes model inputs only
+    inputs = {k: v for k, v in prompt.items() if k not in BATCH_METADATA_KEYS}  # generate takes model inputs only
     kwargs = {"pad_token_id": tokenizer.pad_token_id, **generation_kwargs}
     suppressed = sorted({*map(int, kwargs.get("suppress_tokens") or ()), *placeholder_ids(model)})
     if suppressed:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from numbers import Integral
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +23,15 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .._tensors import iter_tensors
+from ..data.schema import BATCH_METADATA_KEYS
 from .configuration import MultimodalEmbeddingConfig
+from .export_reader import LOAD_TRAINED_HINT, RECORDED_WRAPPER_OPTIONS, read_export_info, restore_backbone_chat_template
 from .generative import UME_R1_MAX_NEW_TOKENS
 from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indices
 
 logger = logging.getLogger(__name__)
 
-# Keys the collator adds for bookkeeping (GradCache splitting); never passed to the backbone.
-METADATA_KEYS = ("image_counts", "video_counts")
+METADATA_KEYS = BATCH_METADATA_KEYS  # the collator's bookkeeping keys, never passed to the backbone
 
 # Options of the wrapper that `from_pretrained` accepts next to the usual transformers kwargs.
 WRAPPER_OPTIONS = (
@@ -297,6 +299,45 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         return model
 
     @classmethod
+    def from_sentence_transformers_export(
+        cls, name_or_path, info: Mapping[str, Any], *, processor=None, load_processor: bool = True, **kwargs
+    ) -> MultimodalEmbeddingModel:
+        """The model an export was made from, rebuilt from the export (`from_pretrained` calls this for a folder or
+        repo with an `EXPORT_INFO_FILE`; ``info`` is that file, see `modeling.export_reader`).
+
+        The discriminative export holds the bare backbone and a processor whose chat template wraps the backbone's
+        own in the model's prompts (see `export_sentence_transformers`): the backbone is wrapped again with the
+        recorded pooling, pooling token, normalisation, dimension and prompt template, and the processor gets the
+        backbone's chat template back, so the model embeds as the trained one did (the export's ST prompts are the
+        export's; the model keeps its template's instructions). The generative export holds the whole model.
+        Wrapper options in ``kwargs`` override the recorded ones.
+        """
+        from ..data.templates import get_template
+
+        if info["format"].endswith(".generative"):  # the saved MultimodalEmbeddingModel is inside, whole
+            inner = Path(name_or_path) / "mm_embedding"
+            if not inner.is_dir():
+                from huggingface_hub import snapshot_download
+
+                hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+                inner = Path(snapshot_download(str(name_or_path), allow_patterns=["mm_embedding/*"], **hub))
+                inner = inner / "mm_embedding"
+            return cls.from_pretrained(inner, processor=processor, load_processor=load_processor, **kwargs)
+        if kwargs.get("encoder_kind", "base") != "base":
+            raise ValueError(
+                f"{str(name_or_path)!r} is a sentence-transformers export: it holds the bare backbone, with no "
+                f"language-model head, so it cannot be loaded with encoder_kind={kwargs['encoder_kind']!r}. "
+                + LOAD_TRAINED_HINT
+            )
+        options = {k: info[k] for k in RECORDED_WRAPPER_OPTIONS}
+        options.update({k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs})
+        if processor is None and load_processor:
+            processor = load_processor_for(name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
+            if processor is not None:
+                restore_backbone_chat_template(processor, get_template(options["prompt_template"]), info, name_or_path)
+        return cls.from_backbone(name_or_path, processor=processor, load_processor=False, **options, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MultimodalEmbeddingModel:
         """Load a saved `MultimodalEmbeddingModel`, or wrap a plain backbone (hub id or directory); a
         sentence-transformers export of this library (`export_sentence_transformers`, `examples/export.py`) gives
@@ -317,12 +358,10 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         processor = kwargs.pop("processor", None)
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
-            from ..export.sentence_transformers import load_sentence_transformers_export, read_export_info
-
             export = read_export_info(pretrained_model_name_or_path, **hub_kwargs)
             if export is not None:  # what examples/export.py writes: rebuild the model it was made from
-                return load_sentence_transformers_export(
-                    cls, pretrained_model_name_or_path, export, processor=processor, load_processor=load_processor,
+                return cls.from_sentence_transformers_export(
+                    pretrained_model_name_or_path, export, processor=processor, load_processor=load_processor,
                     **kwargs,
                 )
             try:
