@@ -173,3 +173,18 @@ def test_the_package_has_no_import_circles():
         if name not in state:
             visit(name, [name])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_looking_up_a_method_imports_only_its_own_trainer_module():
+    """The registry imports trainer modules as a search needs them: the one that names the class first, so
+    `from mm_embed_trl import HardNegContrastiveTrainer` does not pay for TRL's GRPO (it did, in file order)."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
+    code = (
+        "import sys\n"
+        "from mm_embed_trl import HardNegContrastiveTrainer, DistillEmbedConfig\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mm_embed_trl.trainers.') and m.endswith('_trainer')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True)
+    assert out.stdout.split() == [
+        "['mm_embed_trl.trainers.distill_trainer',", "'mm_embed_trl.trainers.hardneg_trainer']"
+    ]

@@ -23,7 +23,7 @@ __all__ = [
 
 def method_export(name: str) -> type | None:
     """The method trainer or config class called ``name`` (a registry search), or None."""
-    for trainer in iter_method_trainers():
+    for trainer in iter_method_trainers(mentioning=name):
         for candidate in (trainer, trainer.config_class):
             if candidate is not None and candidate.__name__ == name:
                 return candidate

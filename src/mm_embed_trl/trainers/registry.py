@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def builtin_method_modules() -> list[str]:
     return sorted(f"{__package__}.{m.name}" for m in pkgutil.iter_modules([str(here)]) if m.name.endswith("_trainer"))
 
 
-def iter_method_trainers() -> Iterator[type]:
-    """Every registered trainer: those already imported first, then each built-in module's as it is imported."""
+def iter_method_trainers(mentioning: str | None = None) -> Iterator[type]:
+    """Every registered trainer: those already imported first, then each built-in module's as it is imported.
+    ``mentioning`` (a class name being looked up): the modules whose source names it are imported first, so that
+    finding ``HardNegContrastiveTrainer`` does not import TRL's GRPO on the way."""
     seen: set[str] = set()
 
     def new_ones() -> Iterator[type]:
@@ -62,7 +65,12 @@ def iter_method_trainers() -> Iterator[type]:
                 yield trainer
 
     yield from new_ones()
-    for module in builtin_method_modules():
+    modules = builtin_method_modules()
+    if mentioning:
+        word = re.compile(rf"\b{re.escape(mentioning)}\b")
+        here = Path(__file__).parent
+        modules.sort(key=lambda m: not word.search((here / f"{m.rpartition('.')[2]}.py").read_text(encoding="utf-8")))
+    for module in modules:
         importlib.import_module(module)
         yield from new_ones()
 
