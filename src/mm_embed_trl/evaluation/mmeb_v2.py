@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._files import staged_file
 from .metrics import graded_ranking_metrics
 
 logger = logging.getLogger(__name__)
@@ -629,9 +629,8 @@ def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, 
             out = model.encode(inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
                                show_progress_bar=show_progress_bar, **encode_kwargs)
         named = out if isinstance(out, Mapping) else {_ENCODE_MODES[modes[0]]: out}
-        staging = folder / f".{final.name}.{secrets.token_hex(4)}"
-        torch.save({key: torch.as_tensor(value).float().cpu() for key, value in named.items()}, staging)
-        os.replace(staging, final)
+        with staged_file(final) as staging:
+            torch.save({key: torch.as_tensor(value).float().cpu() for key, value in named.items()}, staging)
     _barrier()
     parts = [torch.load(folder / f"block-{number:05d}.pt") for number in range(len(blocks))]
     return {m: F.normalize(torch.cat([p[_ENCODE_MODES[m]] for p in parts]), dim=-1) for m in modes}
