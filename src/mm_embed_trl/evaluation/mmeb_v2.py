@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._files import staged_file
+from ..distributed.gather import rank as process_rank
+from ..distributed.gather import world_size
 from .metrics import graded_ranking_metrics
 
 logger = logging.getLogger(__name__)
@@ -589,14 +591,8 @@ def load_task(task: MMEBV2Task | str, data_root: str | os.PathLike, *, max_queri
 
 
 # ------------------------------------------------------------------------------------------------ embedding, cached
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
-    if _distributed()[1] > 1:
+    if world_size() > 1:
         torch.distributed.barrier()
 
 
@@ -615,7 +611,7 @@ def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, 
     """``{mode: (N, D)}`` embeddings of ``inputs``: blocks found in ``folder`` are read, the others encoded (each rank
     every ``world``-th block) and written there (through a staging name, so a block file is whole or absent).
     ``seed``: sampling draws block ``b`` from ``seed + b``, so samples do not depend on ranks or on resuming."""
-    rank, world = _distributed()
+    rank, world = process_rank(), world_size()
     folder.mkdir(parents=True, exist_ok=True)
     blocks = range(0, len(inputs), block_size)
     mode = "both" if len(modes) > 1 else _ENCODE_MODES[modes[0]]
@@ -794,7 +790,7 @@ def evaluate_mmeb_v2(
         logger.warning("MMEB-V2: skipping %d tasks without data or reader: %s", len(unavailable),
                        ", ".join(unavailable))
         selected = [task for task in selected if task.name not in unavailable]
-    rank, _ = _distributed()
+    rank = process_rank()
     scores: dict[str, dict[str, float]] = {m: {} for m in modes}
     if len(modes) > 1:
         scores["oracle"] = {}
@@ -867,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results | None:
 
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, _ = _distributed()
+    rank = process_rank()
     model = MultimodalEmbeddingModel.from_pretrained(args.model)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
