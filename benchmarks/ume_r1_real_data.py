@@ -4,11 +4,12 @@
         [--seeds 0 1 2] [--settings default no_format ...] [--setting name="--grpo args"] [--shared_sft]
 
 Datasets: ``digits`` (real handwritten digits of scikit-learn with captions and reasoning targets,
-:mod:`mm_embed_trl.demo.digits`) and ``shapes`` (the examples' generated demo). For each seed, the two examples run
-with their tiny CPU defaults: `examples/train_sft_reasoning.py` (``--seed s``; with ``--shared_sft`` one SFT model,
-seed 0, is the start of every RL seed), then `examples/train_grpo.py` from that model with each setting's arguments
-(``--seed s``). Every run is kept under ``<out>/<dataset>/...`` and skipped when rerun, so a benchmark can be
-extended by more seeds or settings.
+:mod:`mm_embed_trl.demo.digits`), ``digits_split`` (the same scans, SFT on one half of the training pairs and RL on
+the other, so RL's pairs are as new to the model as the held-out ones) and ``shapes`` (the examples' generated demo).
+For each seed, the two examples run with their tiny CPU defaults: `examples/train_sft_reasoning.py` (``--seed s``;
+with ``--shared_sft`` one SFT model, seed 0, is the start of every RL seed), then `examples/train_grpo.py` from that
+model with each setting's arguments (``--seed s``). Every run is kept under ``<out>/<dataset>/...`` and skipped when
+rerun, so a benchmark can be extended by more seeds or settings.
 
 Reported per dataset and setting, before RL (the SFT model) and after, as mean +- standard error over seeds:
 
@@ -20,7 +21,9 @@ Reported per dataset and setting, before RL (the SFT model) and after, as mean +
   the fraction of advantage groups whose reward has zero spread (no gradient) and why (identical completions, or
   distinct completions that earn the same reward), the share of sampled answers that state the exact caption and
   the share of groups with at least one (pass@G), and whether the reward ranks exact answers first;
-* the training logs' zero-spread fraction and rewards over the first and last quarter of the run.
+* the training logs' zero-spread fraction and rewards over the first and last quarter of the run;
+* generative R@1 (mean over directions) on a fixed sample of 256 of the pairs RL trains on: whether RL learns its own
+  pairs, beside whether that carries over to held-out ones.
 
 RL "learns" when the mean paired change of held-out generative R@1 (the mean over directions) exceeds twice its
 standard error while the discriminative one does not fall by more than that (twice the generative change's
@@ -45,11 +48,12 @@ from ume_r1_learning import run_example, training_logs  # noqa: E402
 
 HELDOUT = ("disc_recall@1", "gen_recall@1", "oracle_recall@1", "format_rate")  # the examples' pooled report
 TABLE = ("i2t_gen_recall@1", "t2i_gen_recall@1", "macro_gen_recall@1", "macro_disc_recall@1", "macro_oracle_recall@1",
-         "gen_recall@1", "format_rate")
-DELTAS = ("macro_gen_recall@1", "macro_disc_recall@1", "gen_recall@1")
+         "gen_recall@1", "format_rate", "rl_train_macro_gen_recall@1")
+DELTAS = ("macro_gen_recall@1", "macro_disc_recall@1", "gen_recall@1", "rl_train_macro_gen_recall@1")
 TABLE_NAMES = {"i2t_gen_recall@1": "i2t gen R@1", "t2i_gen_recall@1": "t2i gen R@1",
                "macro_gen_recall@1": "gen R@1", "macro_disc_recall@1": "disc R@1",
-               "macro_oracle_recall@1": "oracle R@1", "gen_recall@1": "pooled gen R@1", "format_rate": "format"}
+               "macro_oracle_recall@1": "oracle R@1", "gen_recall@1": "pooled gen R@1", "format_rate": "format",
+               "rl_train_macro_gen_recall@1": "gen R@1 on RL's pairs"}
 # The examples' tiny GRPO defaults that the probe must sample with (examples/train_grpo.py TINY_DEFAULTS).
 PROBE_DEFAULTS = {"num_generations": 4, "temperature": 0.7, "top_k": 0, "max_completion_length": 48,
                   "format_reward_weight": 1.0, "retrieval_reward_weight": 1.0, "retrieval_reward": "ume_r1"}
@@ -95,19 +99,39 @@ def _setting_options(args: str) -> dict:
 
 
 def dataset_spec(name: str):
-    """(example arguments that select the data, held-out rows, image_root)."""
-    if name == "digits":
+    """(SFT's example arguments that select the data, GRPO's, held-out rows, rows RL trains on, image_root)."""
+    if name in ("digits", "digits_split"):
         from mm_embed_trl.demo.digits import make_digits_dataset
 
         data = make_digits_dataset()
         args = ["--dataset_name", data.image_root, "--dataset_eval_split", "eval", "--image_root", data.image_root]
-        return args, data["eval"], data.image_root
+        if name == "digits":
+            return args, args, data["eval"], _sample(data["train"]), data.image_root
+        # SFT on one half of the training scans, RL on the other: RL's pairs are as new to the model as held-out ones
+        halves = {"sft": data["train"].select(range(0, len(data["train"]), 2)),
+                  "rl": data["train"].select(range(1, len(data["train"]), 2)), "eval": data["eval"]}
+        folder = Path(data.image_root).parent / (Path(data.image_root).name + "-sft-rl-halves")
+        if not (folder / "dataset_dict.json").is_file():
+            import datasets
+
+            datasets.DatasetDict(halves).save_to_disk(str(folder))
+        stage = ["--dataset_name", str(folder), "--dataset_eval_split", "eval", "--image_root", data.image_root]
+        return ([*stage, "--dataset_train_split", "sft"], [*stage, "--dataset_train_split", "rl"], data["eval"],
+                _sample(halves["rl"]), data.image_root)
     if name == "shapes":  # the examples' built-in demo data, as scripts.resolve_datasets builds it
         from mm_embed_trl.demo.generated import make_shapes_dataset
 
         data = make_shapes_dataset(num_train=1024, num_eval=96, seed=0, num_negatives=0)
-        return [], data["eval"], data.image_root
-    raise ValueError(f"Unknown dataset {name!r}: digits or shapes.")
+        return [], [], data["eval"], _sample(data["train"]), data.image_root
+    raise ValueError(f"Unknown dataset {name!r}: digits, digits_split or shapes.")
+
+
+def _sample(rows, size: int = 256):
+    """A fixed sample of the rows RL trains on: retrieval there says whether RL learns its own pairs."""
+    import numpy as np
+
+    picked = np.random.default_rng(0).permutation(len(rows))[: min(size, len(rows))]
+    return rows.select(sorted(picked.tolist()))
 
 
 def probe_rollouts(model_dir: str, rows, image_root: str, options: dict, *, pairs: int, seed: int) -> dict:
@@ -236,13 +260,16 @@ def heldout_by_direction(model_dir: str, rows, image_root: str, max_new_tokens: 
     return result
 
 
-def _cached_by_direction(model_dir: Path, heldout, image_root, options) -> dict[str, float]:
-    path = model_dir / f"heldout-by-direction-{options['max_completion_length']}.json"
+def _cached_by_direction(model_dir: Path, rows, image_root, options, *, tag: str = "heldout") -> dict[str, float]:
+    """:func:`heldout_by_direction` on ``rows`` (cached in the model's folder); keys prefixed ``<tag>_`` but for the
+    held-out rows."""
+    path = model_dir / f"{tag}-by-direction-{options['max_completion_length']}.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    result = heldout_by_direction(str(model_dir), heldout, image_root, options["max_completion_length"])
-    path.write_text(json.dumps(result, indent=2))
-    return result
+        result = json.loads(path.read_text())
+    else:
+        result = heldout_by_direction(str(model_dir), rows, image_root, options["max_completion_length"])
+        path.write_text(json.dumps(result, indent=2))
+    return result if tag == "heldout" else {f"{tag}_{key}": value for key, value in result.items()}
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -262,7 +289,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def run_dataset(name: str, args, settings: dict[str, str]) -> list[dict]:
-    data_args, heldout, image_root = dataset_spec(name)
+    sft_data_args, grpo_data_args, heldout, trained, image_root = dataset_spec(name)
     base = Path(args.out) / name
     base.mkdir(parents=True, exist_ok=True)
     records = []
@@ -270,13 +297,14 @@ def run_dataset(name: str, args, settings: dict[str, str]) -> list[dict]:
         sft_seed = 0 if args.shared_sft else seed
         sft = base / f"sft-seed{sft_seed}"
         if not (sft / "retrieval_report.json").is_file():
-            sft_args = [*data_args, "--output_dir", str(sft), "--overwrite_output_dir", "true", "--seed",
+            sft_args = [*sft_data_args, "--output_dir", str(sft), "--overwrite_output_dir", "true", "--seed",
                         str(sft_seed), "--evaluate_before_training", "false", *shlex.split(args.sft_args)]
             seconds = run_example("train_sft_reasoning.py", sft_args, base / f"{sft.name}.log")
             print(f"[{name}] SFT seed {sft_seed}: {seconds / 60:.1f} min", flush=True)
         before = json.loads((sft / "retrieval_report.json").read_text())["after"]
         before = {k: before.get(f"heldout_{k}") for k in HELDOUT}
         before |= _cached_by_direction(sft, heldout, image_root, PROBE_DEFAULTS)
+        before |= _cached_by_direction(sft, trained, image_root, PROBE_DEFAULTS, tag="rl_train")
         for setting, extra in settings.items():
             options = _setting_options(extra)
             # one probe per model, sampling options and seed (the probe's own sampling varies with the seed)
@@ -290,7 +318,7 @@ def run_dataset(name: str, args, settings: dict[str, str]) -> list[dict]:
                 # the probe's options are passed explicitly, so training samples as the probe does whatever the
                 # example's defaults become
                 pinned = [w for k in sorted(PROBE_DEFAULTS) for w in (f"--{k}", str(options[k]))]
-                grpo_args = [*data_args, *pinned, "--sft_output_dir", str(sft), "--output_dir", str(run),
+                grpo_args = [*grpo_data_args, *pinned, "--sft_output_dir", str(sft), "--output_dir", str(run),
                              "--overwrite_output_dir", "true", "--seed", str(seed),
                              "--evaluate_before_training", "false",
                              *shlex.split(args.grpo_args), *shlex.split(extra)]
@@ -299,6 +327,7 @@ def run_dataset(name: str, args, settings: dict[str, str]) -> list[dict]:
             after = json.loads(report.read_text())["after"]
             after = {k: after.get(f"heldout_{k}") for k in HELDOUT}
             after |= _cached_by_direction(run, heldout, image_root, PROBE_DEFAULTS)
+            after |= _cached_by_direction(run, trained, image_root, PROBE_DEFAULTS, tag="rl_train")
             probe_after = _cached_probe(run, probe_key, heldout, image_root, options, args, seed)
             logs = _quarters(training_logs(run.parent / f"seed{seed}.log"),
                              ("frac_reward_zero_std", "reward", "rewards/ume_r1_format_reward/mean",
@@ -384,7 +413,8 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out/ume-r1-real")
-    parser.add_argument("--datasets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
+    parser.add_argument("--datasets", nargs="+", default=["digits", "shapes"],
+                        choices=["digits", "digits_split", "shapes"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--settings", nargs="*", default=["default"], help=f"named settings: {sorted(SETTINGS)}")
     parser.add_argument("--setting", action="append", default=[], metavar='NAME="ARGS"',

@@ -9,7 +9,8 @@
 
 `--checkpoint` is a training run's output_dir (or any directory written by `MultimodalEmbeddingModel.save_pretrained`),
 or a published embedding model (hub id or local copy, e.g. `zhibinlan/UME-R1-2B`), exported with its preset.
-The export loads with `SentenceTransformer(output_dir)` (no trust_remote_code) and embeds exactly like
+The export loads with `SentenceTransformer(output_dir)` (no trust_remote_code; with `--video_inputs`, which reads
+video paths as `encode` does, `trust_remote_code=True`) and embeds exactly like
 `MultimodalEmbeddingModel.encode`: `encode_query(x)` ~ `encode(x, side="query")`, `encode_document(x)` ~
 `encode(x, side="document")`. The model card (README.md) reads the run's `retrieval_report.json` (before/after
 metrics written by the training examples) when present, and hyper-parameters from `--training_args_json`.
@@ -42,6 +43,13 @@ class ExportArguments:
         default=None, metadata={"help": "Instruction for documents (ST prompt 'document'); default: the template's."}
     )
     default_prompt_name: str | None = field(default=None, metadata={"help": "ST default prompt name."})
+    video_inputs: bool = field(
+        default=False,
+        metadata={
+            "help": "Read {'video': frame folder | frame list | video file} as MultimodalEmbeddingModel.encode does "
+            "(mm-embed-trl's input module: loading needs trust_remote_code=True and mm-embed-trl installed)."
+        },
+    )
     method: str | None = field(
         default=None,
         metadata={
@@ -118,8 +126,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         default_prompt_name=args.default_prompt_name,
         model_card_data=card,
         overwrite=args.overwrite,
+        video_inputs=args.video_inputs,
     )
-    print(f"Exported to {out}: SentenceTransformer({str(out)!r}) loads it (no trust_remote_code).")
+    if args.video_inputs:
+        print(f"Exported to {out}: SentenceTransformer({str(out)!r}, trust_remote_code=True) loads it.")
+    else:
+        print(f"Exported to {out}: SentenceTransformer({str(out)!r}) loads it (no trust_remote_code).")
     if args.push_to_hub:
         url = push_to_hub(
             out,

@@ -31,6 +31,8 @@ from mm_embed_trl.scripts import (
     load_named_splits,
     model_init_kwargs,
     parse_args,
+    refuse_dataset_mixture,
+    refuse_streaming,
     resolve_model_path,
     train_evaluate_save,
 )
@@ -131,6 +133,10 @@ def add_teacher_embeddings(dataset, script_args, training_args, what: str):
 def main():
     parser = TrlParser((DistillScriptArguments, DistillEmbedConfig, ModelConfig))
     script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
+    refuse_dataset_mixture(script_args, "DistillEmbedTrainer")
+    refuse_streaming(
+        script_args, "DistillEmbedTrainer", "the teacher's embeddings are computed for every row before training"
+    )
 
     train_dataset, eval_dataset = load_text_datasets(script_args, training_args)
     # Bad texts are found (raised or skipped, --on_bad_row) before the teacher embeds them; the teacher runs (and is

@@ -63,13 +63,14 @@ def main():
         args=training_args,
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
+        dataset_mixture=script_args.dataset_mixture,
     )
     evaluator = ume_r1_evaluator(
         eval_dataset, image_root, max_new_tokens=training_args.max_new_tokens,
         discriminative_only=training_args.discriminative_only,
     )
     title = "Held-out retrieval (generated data never seen in training):" if is_tiny else "Held-out retrieval:"
-    dataset = script_args.dataset_name or "generated shapes with reasoning (mm_embed_trl.demo.generated)"
+    dataset = script_args.training_data_name("generated shapes with reasoning (mm_embed_trl.demo.generated)")
     train_evaluate_save(
         trainer, evaluator, title=title, dataset_name=dataset, evaluate_before=script_args.evaluate_before_training
     )

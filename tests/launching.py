@@ -6,6 +6,9 @@ every rank), and its output captured: a failed launch fails the test with the co
 rank aborted at exit after its work (the gloo exit abort, see `mm_embed_trl.distributed.process_group`) and the end
 of its output.
 
+Several machines are simulated on localhost by several `accelerate launch` commands, one per machine (`--num_machines`,
+`--machine_rank`, one `--main_process_port` shared; `spawn_machines`, `run_machines`), as a cluster runs one per node.
+
 When `MM_EMBED_TRL_LAUNCH_LOG` names a file, every launch appends one JSON line to it (test, launcher, processes,
 exit status, abort at exit, seconds): `benchmarks/exit_aborts.py` counts aborts over repeated runs this way.
 """
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +59,12 @@ def launch_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def command(script, *args, processes: int = 1, launcher: str | None = None, launcher_args=()) -> list[str]:
+def command(script, *args, processes: int = 1, launcher: str | None = None, launcher_args=(),
+            port: int | None = None) -> list[str]:
     """The command line: `python script` for 1 process (unless `launcher` says otherwise), else `torchrun
-    --standalone` (its own free port) or `accelerate launch` (a free `--main_process_port`; `launcher_args` add e.g.
-    `--config_file`, `--multi_gpu` being the default without one). A `script` of the form `"-m package.module"`
-    runs that module, with every launcher."""
+    --standalone` (its own free port) or `accelerate launch` (`--main_process_port port`, a free one by default;
+    `launcher_args` add e.g. `--config_file`, `--multi_gpu` being the default without one). A `script` of the form
+    `"-m package.module"` runs that module, with every launcher."""
     launcher = launcher or ("python" if processes == 1 else "torchrun")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -74,7 +79,7 @@ def command(script, *args, processes: int = 1, launcher: str | None = None, laun
         if processes > 1 and "--config_file" not in launcher_args:
             launcher_args = ["--multi_gpu", *launcher_args]
         head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                "--main_process_port", str(free_port()), *launcher_args]
+                "--main_process_port", str(port or free_port()), *launcher_args]
     target = str(script).split(" ", 1) if str(script).startswith("-m ") else [str(script)]
     return [*head, *target, *map(str, args)]
 
@@ -107,13 +112,18 @@ class Finished:
 
 
 def spawn(script, *args, processes: int = 1, launcher: str | None = None, launcher_args=(), env=None, cwd=None,
-          **popen_kwargs) -> subprocess.Popen:
+          port: int | None = None, **popen_kwargs) -> subprocess.Popen:
     """Start a launch without waiting (for tests that kill it mid-run): its own session, so `kill_tree` reaches the
     launcher and every rank."""
-    cmd = command(script, *args, processes=processes, launcher=launcher, launcher_args=launcher_args)
+    cmd = command(script, *args, processes=processes, launcher=launcher, launcher_args=launcher_args, port=port)
+    return _popen(cmd, env, cwd, **popen_kwargs)
+
+
+def _popen(cmd, env, cwd, **popen_kwargs) -> subprocess.Popen:
     popen_kwargs.setdefault("stdout", subprocess.PIPE)
     popen_kwargs.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen(cmd, env=env or launch_env(), cwd=cwd, start_new_session=True, text=True, **popen_kwargs)
+    return subprocess.Popen([str(part) for part in cmd], env=env or launch_env(), cwd=cwd, start_new_session=True,
+                            text=True, **popen_kwargs)
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -125,22 +135,78 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
                 process.send_signal(sig)
 
 
+def spawn_machines(script, *args, machines: int = 2, processes: int = 2, launcher_args=(), env=None, cwd=None,
+                   **popen_kwargs) -> list[subprocess.Popen]:
+    """Start `machines` simulated machines on localhost, each its own `accelerate launch` (machine rank 0 first, as
+    on a cluster's nodes): `--num_machines machines --machine_rank r --main_process_ip 127.0.0.1` and one free
+    `--main_process_port` for all. `processes` is accelerate's: the total over the machines."""
+    if machines < 2 or processes % machines:
+        raise ValueError(f"{machines} machines cannot share {processes} processes evenly")
+    port = free_port()
+    return [
+        spawn(script, *args, processes=processes, launcher="accelerate", env=env, cwd=cwd, port=port,
+              launcher_args=[*launcher_args, "--num_machines", str(machines), "--machine_rank", str(rank),
+                             "--main_process_ip", "127.0.0.1"], **popen_kwargs)
+        for rank in range(machines)
+    ]
+
+
+def _finish(proc: subprocess.Popen, start: float, timeout: float, on_timeout) -> Finished:
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=max(0.0, start + timeout - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        on_timeout()
+        stdout, stderr = proc.communicate()
+    return Finished(proc.args, proc.returncode, stdout, stderr, time.monotonic() - start, timed_out)
+
+
+def _check(finished: Finished, what: str = "launch") -> None:
+    if finished.timed_out or finished.returncode != 0:
+        pytest.fail(f"{what} failed: {finished.describe()}", pytrace=False)
+
+
 def run(script, *args, processes: int = 1, launcher: str | None = None, launcher_args=(), env=None, cwd=None,
         timeout: float = 600, check: bool = True) -> Finished:
     """Run a launch to its end. With `check`, anything but exit status 0 fails the test with `Finished.describe`."""
+    cmd = command(script, *args, processes=processes, launcher=launcher, launcher_args=launcher_args)
+    launcher = launcher or ("python" if processes == 1 else "torchrun")
+    return run_command(cmd, env=env, cwd=cwd, timeout=timeout, check=check, launcher=launcher, processes=processes)
+
+
+def run_command(cmd: list[str], *, env=None, cwd=None, timeout: float = 600, check: bool = True,
+                launcher: str = "command", processes: int = 1) -> Finished:
+    """`run` for a command line of the test's own (a job script that launches the processes itself): the same
+    environment, own session, timeout that kills the whole tree and report."""
     start = time.monotonic()
-    proc = spawn(script, *args, processes=processes, launcher=launcher, launcher_args=launcher_args, env=env, cwd=cwd)
-    timed_out = False
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_tree(proc)
-        stdout, stderr = proc.communicate()
-    finished = Finished(proc.args, proc.returncode, stdout, stderr, time.monotonic() - start, timed_out)
-    _log(finished, launcher or ("python" if processes == 1 else "torchrun"), processes)
-    if check and (timed_out or finished.returncode != 0):
-        pytest.fail(f"launch failed: {finished.describe()}", pytrace=False)
+    proc = _popen(cmd, env, cwd)
+    finished = _finish(proc, start, timeout, lambda: kill_tree(proc))
+    _log(finished, launcher, processes)
+    if check:
+        _check(finished)
+    return finished
+
+
+def run_machines(script, *args, machines: int = 2, processes: int = 2, launcher_args=(), env=None, cwd=None,
+                 timeout: float = 600, check: bool = True) -> list[Finished]:
+    """Run `spawn_machines` to its end, one `Finished` per machine. Past `timeout`, every machine's process tree is
+    killed. With `check`, a machine whose exit status is not 0 fails the test."""
+    start = time.monotonic()
+    procs = spawn_machines(script, *args, machines=machines, processes=processes, launcher_args=launcher_args,
+                           env=env, cwd=cwd)
+
+    def kill_all() -> None:
+        for proc in procs:
+            kill_tree(proc)
+
+    # one thread per machine reads its pipes: a machine blocked on a full pipe would stall the others' collectives
+    with ThreadPoolExecutor(len(procs)) as pool:
+        finished = list(pool.map(lambda proc: _finish(proc, start, timeout, kill_all), procs))
+    for rank, machine in enumerate(finished):
+        _log(machine, "accelerate", processes)
+        if check:
+            _check(machine, f"machine {rank} of {machines}")
     return finished
 
 

@@ -136,3 +136,19 @@ def test_hub_kernels_are_an_explicit_choice_of_every_example():
     for argv, expected in (([], None), (["--use_hub_kernels", "true"], True)):
         script, _, model = parser.parse_args_and_config(["--output_dir", "/tmp/x", "--bf16", "false", *argv])
         assert model_init_kwargs(model, script).get("use_kernels") is expected
+
+
+@pytest.mark.slow
+def test_train_hardneg_example_streams_its_data_on_two_processes(tmp_path):
+    """--streaming: each rank reads its own shard of the stream (dispatch_batches=False) and the loss sees both
+    ranks' rows."""
+    out = tmp_path / "run"
+    log = launching.run(
+        ROOT / "examples" / "train_hardneg.py",
+        "--output_dir", out, "--streaming", "true", "--max_steps", 3, "--generated_train_size", 64,
+        "--generated_eval_size", 16, "--per_device_train_batch_size", 8, "--evaluate_before_training", "false",
+        processes=2, launcher="accelerate", cwd=tmp_path,
+    ).output
+    assert "Training with MULTI_CPU on 2 process(es)" in log
+    assert "'num_valid_negatives': '15'" in log  # 2 x 8 targets minus the positive: rows from both ranks
+    assert (out / "sentence_transformers").is_dir()

@@ -11,7 +11,9 @@ import json
 import random
 import re
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
@@ -316,6 +318,25 @@ def test_an_export_that_cannot_be_rebuilt_is_refused_with_the_fix(tiny_backbone,
         MultimodalEmbeddingModel.from_pretrained(out)
 
 
+def test_an_export_written_before_video_inputs_loads_back(tiny_backbone, tmp_path):
+    """An export's chat template from the release before videos (its preamble rebuilt messages of one image; the
+    fixture is that release's chat_template.jinja of the tiny qwen2_vl export) still loads into the model: the
+    backbone's own template is recovered whatever the preamble's version, and one that is no such template (edited
+    before its header) is still refused."""
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
+    out = export_sentence_transformers(model, tmp_path / "export")
+    end = "{%- set add_generation_prompt = true %}\n"
+    old = (Path(__file__).parent / "fixtures" / "export_chat_template_before_videos.jinja").read_text()
+    current = (out / "chat_template.jinja").read_text()
+    assert old.split(end)[0] != current.split(end)[0]  # the preambles differ
+    (out / "chat_template.jinja").write_text(old.split(end)[0] + end + current.split(end, 1)[1])
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out)
+    assert reloaded.processor.chat_template == model.processor.chat_template
+    (out / "chat_template.jinja").write_text("{{ messages }}" + old.split(end)[0] + end + current.split(end, 1)[1])
+    with pytest.raises(ValueError, match=r"chat template.*edited"):
+        MultimodalEmbeddingModel.from_pretrained(out)
+
+
 def test_lora_export_merges_a_copy(tiny_backbone, export_dir):
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
@@ -471,14 +492,12 @@ def test_bad_messages_are_refused_clearly(tiny_backbone, export_dir):
         MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl")), export_dir / "bad"
     )
     st = _st(out)
-    two_images = [
-        {
-            "role": "user",
-            "content": [{"type": "image", "image": _image((1, 2, 3))}, {"type": "image", "image": _image((3, 2, 1))}],
-        }
-    ]
-    with pytest.raises(Exception, match="at most one text and one image"):
-        st.encode([two_images])
+    frames = [_image((1, 2, 3)), _image((3, 2, 1))]
+    two_videos = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "video", "video": frames}]}]
+    with pytest.raises(Exception, match="at most one text and one video"):
+        st.encode([two_videos])
+    with pytest.raises(Exception, match="only text, image and video content"):
+        st.encode([[{"role": "user", "content": [{"type": "audio", "audio": np.zeros(16, dtype=np.float32)}]}]])
     with pytest.raises(Exception, match="one user message"):
         st.encode([[{"role": "assistant", "content": [{"type": "text", "text": "hi"}]}]])
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import launching
 import pytest
 import torch
+from grpo_spies import capture_rewards
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
 
 from mm_embed_trl import MultimodalEmbeddingModel
@@ -17,7 +18,7 @@ from mm_embed_trl.data.reasoning import format_reasoning
 from mm_embed_trl.data.samplers import PairedRepeatSampler, flatten_pairs
 from mm_embed_trl.losses import ume_r1_retrieval_reward
 from mm_embed_trl.trainers.grpo_config import EmbeddingGRPOConfig
-from mm_embed_trl.trainers.grpo_trainer import OVERRIDDEN_TRL_METHODS, EmbeddingGRPOTrainer
+from mm_embed_trl.trainers.grpo_trainer import OVERRIDDEN_TRL_METHODS, ROW_INPUT, EmbeddingGRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 2
@@ -73,6 +74,11 @@ def test_the_overridden_trl_methods_keep_their_signatures():
         "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                                   "has_tool_images"],  # stubbed by these tests
         "_compute_loss": ["self", "model", "inputs"],
+        "_get_per_token_logps_and_entropies": [
+            "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+            "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+            "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+        ],
         "_save_checkpoint": ["self", "model", "trial"],  # EmbeddingTrainerMixin stages it
     }
     assert set(OVERRIDDEN_TRL_METHODS) <= set(expected)
@@ -151,15 +157,7 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     config = _config(tmp_path, image_root=str(shapes_data.image_root), learning_rate=0.0)
     trainer = EmbeddingGRPOTrainer(model=model, args=config, train_dataset=shapes_data["train"].select(range(8)))
     _fixed_completions(trainer, missing_every=7)
-    captured = {}
-    original = trainer._calculate_rewards
-
-    def spy(inputs, prompts, completions, completion_ids_list):
-        rewards = original(inputs, prompts, completions, completion_ids_list)
-        captured.update(inputs=inputs, completions=completion_ids_list, rewards=rewards.clone())
-        return rewards
-
-    trainer._calculate_rewards = spy
+    captured = capture_rewards(trainer)
     trainer.train()
     inputs, completions, rewards = captured["inputs"], captured["completions"], captured["rewards"]
     # the reference embeddings: our model's forward per row, prompt built from the row by the collator's template
@@ -175,7 +173,7 @@ def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embe
     gen_id = tok.convert_tokens_to_ids("<gen_emb>")
     # a model no SFT run trained gets UME-R1's inputs: its prompt, a 28x28 white image before text-only sides
     assert trainer.template.name == model.config.prompt_template == "ume_r1_blank_image"
-    assert any(not row["image"] for row in inputs) and all(len(row["images"]) == 1 for row in inputs)
+    assert any(not row["image"] for row in inputs) and all(len(row[ROW_INPUT].images) == 1 for row in inputs)
     collator = model.make_collator(template="ume_r1")
     reference, found = [], []
     with torch.no_grad():
@@ -635,14 +633,7 @@ def test_a_retrieval_reward_added_to_the_table_is_the_trainers_reward_column(tin
     reward = trainer.reward_funcs[trainer._retrieval_column]
     assert reward.reward is rank_only and reward.__name__ == "retrieval_rank_only"
     _fixed_completions(trainer)
-    captured = {}
-    original = trainer._calculate_rewards
-
-    def spy(*args):
-        captured["rewards"] = original(*args)
-        return captured["rewards"]
-
-    trainer._calculate_rewards = spy
+    captured = capture_rewards(trainer)
     trainer.train()
     column = captured["rewards"][:, trainer._retrieval_column]
     assert set(column.tolist()) <= {0.0, 0.5, 1.0}  # ranks of G = 2 positives

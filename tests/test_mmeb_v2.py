@@ -26,6 +26,7 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     format_table,
     load_task,
     select_tasks,
+    with_instruction_in_text,
 )
 
 FIXTURE_TASKS = ["ImageNet-1K", "MSCOCO_t2i", "CIRR", "SmthSmthV2", "HMDB51", "Video-MME", "NExTQA", "EgoSchema",
@@ -454,16 +455,48 @@ def test_the_readers_make_the_inputs_and_judgments_the_layout_describes(fixture_
     root, spec = fixture_data
     for name in FIXTURE_TASKS:
         data, expected = load_task(name, root), spec[name]
-        keys = [KeyedEncoder.key(x) for x in data.candidates]
+        keys = [KeyedEncoder.key(with_instruction_in_text(x)) for x in data.candidates]
         by_key = {KeyedEncoder.key(v): n for n, v in expected["candidates"].items()}
         assert sorted(keys) == sorted(by_key), name  # each candidate once
-        assert [KeyedEncoder.key(x) for x in data.queries] == [KeyedEncoder.key(q) for q in expected["queries"]]
+        assert [KeyedEncoder.key(with_instruction_in_text(x)) for x in data.queries] == [
+            KeyedEncoder.key(q) for q in expected["queries"]]
         names = [by_key[k] for k in keys]
         if expected["lists"] is None:
             assert data.candidate_lists is None
         else:
             assert [[names[i] for i in c] for c in data.candidate_lists] == expected["lists"]
         assert [{names[i]: g for i, g in r.items()} for r in data.relevance] == expected["judged"], name
+
+
+def test_task_instructions_go_where_the_models_prompt_template_puts_them(fixture_data, tiny_backbone, tmp_path):
+    """A model whose template makes the instruction the system message (GME, Qwen3-VL-Embedding) gets each task's
+    instruction as encode's ``instruction`` beside the bare inputs; one that prefixes it (UniME, as VLM2Vec) gets
+    VLM2Vec's texts and no ``instruction``. Either way every query and candidate is embedded once."""
+    from mm_embed_trl import MultimodalEmbeddingModel
+
+    root, _ = fixture_data
+    for template in ("gme", "unime"):
+        model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), prompt_template=template)
+        encode, calls = model.encode, []
+
+        def spy(inputs, encode=encode, calls=calls, **kwargs):
+            calls.append((kwargs["side"], kwargs.get("instruction"), list(inputs)))
+            return encode(inputs, **kwargs)
+
+        model.encode = spy
+        # image queries with a text, and video queries that are only an instruction; text classes
+        for name in ("ImageNet-1K", "HMDB51"):
+            calls.clear()
+            evaluate_mmeb_v2(model, root, [name], cache_dir=tmp_path / template, show_progress_bar=False)
+            data = load_task(name, root)
+            for side, inputs in (("query", data.queries), ("document", data.candidates)):
+                got = [(instruction, x) for s, instruction, batch in calls if s == side for x in batch]
+                if template == "unime":
+                    assert got == [(None, with_instruction_in_text(x)) for x in inputs], (name, side)
+                    continue
+                want = [(x.get("instruction"), {k: v for k, v in x.items() if k != "instruction"}) for x in inputs]
+                assert sorted(map(repr, got)) == sorted(map(repr, want)), (name, side)
+                assert any(instruction for instruction, _ in got) == any("instruction" in x for x in inputs)
 
 
 @pytest.mark.parametrize("generative", [False, True])

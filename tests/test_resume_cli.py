@@ -32,6 +32,13 @@ EXAMPLES = {
     "distill": [
         "--generated_train_size", "256", "--generated_eval_size", "16", "--per_device_train_batch_size", "8",
     ],
+    # a mixture of three generated sources (1:1:2, a global batch of 8 from one source): an epoch of 6 steps, so the
+    # kill lands mid-epoch and the resumed run crosses two epochs
+    "hardneg_mixture": [
+        "--config", ROOT / "recipes" / "hardneg_mixture_tiny_cpu.yaml", "--generated_train_size", "16",
+        "--generated_eval_size", "8", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
+        "--num_hard_negatives", "3",
+    ],
     # a generation every 3 steps: checkpoint-4 falls between two; 4 pairs x 2 sides x 2 rollouts per step
     "grpo": [
         "--generated_train_size", "64", "--generated_eval_size", "8", "--per_device_train_batch_size", "8",
@@ -49,7 +56,8 @@ def _launch(example: str, nproc: int, output_dir: Path, *extra) -> dict:
         "--logging_steps", 1, *extra,
     ]
     launcher = "accelerate" if nproc > 1 else "python"
-    return {"script": ROOT / "examples" / f"train_{example}.py", "args": args, "processes": nproc, "launcher": launcher}
+    script = ROOT / "examples" / f"train_{example.split('_')[0]}.py"  # hardneg_mixture: train_hardneg.py
+    return {"script": script, "args": args, "processes": nproc, "launcher": launcher}
 
 
 def _run(launch: dict, cwd) -> str:
@@ -66,7 +74,9 @@ def _weights(run_dir: Path) -> dict:
 @pytest.mark.slow
 # Both examples and both process counts, without their full product (each case is three runs, ~50 s): the resume path
 # is the trainers' shared mixin, and the 2-process case is the one that needs the whole process tree killed.
-@pytest.mark.parametrize(("example", "nproc"), [("hardneg", 2), ("distill", 1), ("grpo", 1)])
+@pytest.mark.parametrize(
+    ("example", "nproc"), [("hardneg", 2), ("distill", 1), ("grpo", 1), ("hardneg_mixture", 2)]
+)
 def test_kill_9_then_resume_last_reaches_the_uninterrupted_weights(example, nproc, tmp_path, tiny_backbone):
     import torch
 

@@ -1,4 +1,4 @@
-"""A video row and a several-image row train through the trainers on CPU (one step each, gradients reach the vision
+"""A video row and a several-image row train through every trainer on CPU (one step each, gradients reach the vision
 tower through both), the UME-R1 SFT length check measures them exactly, and 2 ranks, one with videos and one
 without, neither hang nor differ from one process."""
 
@@ -12,6 +12,7 @@ import launching
 import numpy as np
 import pytest
 import torch
+from grpo_spies import capture_rewards
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
 from PIL import Image
 
@@ -179,19 +180,153 @@ def test_a_rank_with_videos_beside_a_rank_without_equals_one_process(tmp_path, t
                          msg=f"{name}: {key}")
 
 
-def test_rl_pairs_refuse_videos_and_several_images_by_name(tmp_path):
-    """GRPO prompts take one image per side (TRL's GRPOTrainer): a video or an image list would vanish in the
-    flattening; they are named instead, and a one-image list is that image."""
+def test_rl_pairs_keep_every_image_and_video():
+    """Flattened GRPO rows keep a side's several images as a list, in order (plain paths when no side has more
+    than one), and its video: a file or folder in ``video``, a frame list in ``video_frames``; content ids hash all."""
     from mm_embed_trl.data.samplers import flatten_pairs
 
-    rows = _rows(tmp_path)  # row 0: a video query; row 1: two query images; row 2: a frame-list target
-    with pytest.raises(ValueError, match=r"2 rows hold a video in 'qry_video_path' \(first: row 0\).*EmbeddingSFT"):
-        flatten_pairs(rows.remove_columns(["pos_video_path"]).map(
-            lambda row, i: {"qry_video_path": row["qry_video_path"] or ("clip" if i == 3 else "")}, with_indices=True))
-    with pytest.raises(ValueError, match=r"1 rows hold several images in 'qry_image_path' \(first: row 1\)"):
-        flatten_pairs(rows.remove_columns(["qry_video_path", "pos_video_path"]))
-    single = rows.select([1, 3]).remove_columns(["qry_video_path", "pos_video_path"])
-    single = single.map(lambda row: {"qry_image_path": row["qry_image_path"][:1]})
-    flat = flatten_pairs(single)
-    assert flat["image"] == [rows[1]["qry_image_path"][0], rows[1]["pos_image_path"][0], "", ""]
+    pairs = datasets.Dataset.from_list([
+        dict(qry="two", qry_image_path=["a.png", "b.png"], qry_video_path="", pos_text="t", pos_image_path=["c.png"],
+             pos_video_path=[]),
+        dict(qry="clip", qry_image_path=[], qry_video_path="clips/0", pos_text="", pos_image_path=[],
+             pos_video_path=["f0.jpg", "f1.jpg"]),
+    ])
+    flat = flatten_pairs(pairs)
+    assert flat["image"] == [["a.png", "b.png"], ["c.png"], [], []]
+    assert flat["video"] == ["", "", "clips/0", ""] and flat["video_frames"] == [[], [], [], ["f0.jpg", "f1.jpg"]]
+    assert len(set(flat["content_id"])) == 4
+    plain = flatten_pairs(pairs.remove_columns(["qry_video_path", "pos_video_path"])
+                          .map(lambda row: {"qry_image_path": row["qry_image_path"][:1]}))
+    assert plain["image"] == ["a.png", "c.png", "", ""] and "video" not in plain.column_names
+    lists = flatten_pairs(pairs.remove_columns(["qry_video_path", "pos_video_path"]))
+    assert plain["content_id"][1] == lists["content_id"][1]  # the same input hashes alike in either form
 
+
+_BACKBONE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                  "pixel_values_videos", "video_grid_thw")
+
+
+def _grpo_pairs(tmp_path, kind: str):
+    folder, images = _media(tmp_path)
+    if kind == "images":  # a query of two images, a target of three
+        rows = [dict(qry="what changed?", qry_image_path=images[:2], pos_text="the light", pos_image_path=[]),
+                dict(qry="find them", qry_image_path=[], pos_text="three views", pos_image_path=images[2:5])]
+    else:  # a frame-folder video query, a frame-list video target
+        rows = [dict(qry="what happens?", qry_image_path=[], qry_video_path=folder, pos_text="a street",
+                     pos_image_path=[], pos_video_path=[]),
+                dict(qry="find the clip", qry_image_path=[], qry_video_path="", pos_text="", pos_image_path=[],
+                     pos_video_path=images[2:5])]
+    rows += [dict(qry="one picture", qry_image_path=[images[0]], pos_text="a picture", pos_image_path=[]),
+             dict(qry="plain text", qry_image_path=[], pos_text="words", pos_image_path=[])]
+    if kind == "video":
+        for row in rows:
+            row.setdefault("qry_video_path", "")
+            row.setdefault("pos_video_path", [])
+    return datasets.Dataset.from_list(rows)
+
+
+def _grpo_trainer(tiny_backbone, tmp_path, pairs, **overrides):
+    from mm_embed_trl import EmbeddingGRPOConfig, EmbeddingGRPOTrainer
+
+    torch.manual_seed(0)
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), encoder_kind="generative")
+    keep = _KeepGrads()
+    options = dict(
+        output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=16, max_completion_length=16,
+        max_steps=1, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+        learning_rate=0.0, seed=0, disable_tqdm=True, save_sentence_transformers=False, video_max_frames=4,
+    )
+    options.update(overrides)
+    trainer = EmbeddingGRPOTrainer(model=model, args=EmbeddingGRPOConfig(**options), train_dataset=pairs,
+                                   callbacks=[keep.callback])
+    return model, trainer, keep
+
+
+@pytest.mark.parametrize("kind", ["images", "video"])
+def test_grpo_rolls_out_several_images_and_videos_with_all_of_them(tiny_backbone, tmp_path, kind):
+    """Pairs with a side of several images, or a video (a frame folder, a frame list): generation gets every image and
+    video of each prompt, the vision tower gets gradients through the policy's loss, and each rollout's reward is the
+    UME-R1 reward of embeddings computed independently (the collator's prompt with all the side's visuals, the
+    completion appended, one forward per row)."""
+    from mm_embed_trl.data.images import load_images
+    from mm_embed_trl.data.reasoning import append_completions
+    from mm_embed_trl.data.schema import EmbeddingInput
+    from mm_embed_trl.data.videos import load_video
+    from mm_embed_trl.losses import ume_r1_retrieval_reward
+    from mm_embed_trl.modeling.pooling import TokenPooling
+    from mm_embed_trl.trainers.grpo_trainer import ROW_INPUT
+
+    model, trainer, keep = _grpo_trainer(tiny_backbone, tmp_path, _grpo_pairs(tmp_path, kind), beta=0.04)
+    tok = trainer.processing_class.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    placeholders = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    seen = []
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen.append(([[sum(t == p for t in ids) for p in placeholders] for ids in prompt_ids], multimodal_fields))
+        words = ["red", "blue", "green", "dark"]
+        texts = [format_reasoning(f"a {words[(sum(ids) + i) % 4]} thing" + " more" * (i % 2), words[i % 4])
+                 for i, ids in enumerate(prompt_ids)]
+        return [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts], None
+
+    trainer._generate_single_turn = generate
+    captured = capture_rewards(trainer)
+    scored = []
+    score = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda rows: scored.append(score(rows)) or scored[-1]
+    trainer.train()
+    assert keep.vision > 0
+    inputs, completions, rewards = captured["inputs"], captured["completions"], captured["rewards"]
+    given = {(r["pair_id"], r["side"]): r[ROW_INPUT] for r in inputs}
+    pads, fields = seen[0]
+    merge = model.processor.image_processor.merge_size ** 2
+    if kind == "images":  # every image of a side is in its prompt; text-only sides get UME-R1's white square
+        assert len(given[0, "query"].images) == 2 and len(given[1, "target"].images) == 3
+        assert fields["image_grid_thw"].shape[0] == sum(len(r[ROW_INPUT].images) for r in inputs)
+    else:
+        assert given[0, "query"].video is not None and given[1, "target"].video is not None
+        assert fields["video_grid_thw"].shape[0] == sum(r[ROW_INPUT].video is not None for r in inputs)
+        assert int(fields["video_grid_thw"].prod(-1).sum()) // merge == sum(p[1] for p in pads)
+    assert int(fields["image_grid_thw"].prod(-1).sum()) // merge == sum(p[0] for p in pads)
+    model.eval()
+    collator = model.make_collator(template=trainer.template.name)
+    gen_id = tok.convert_tokens_to_ids("<gen_emb>")
+    reference, reference_logps = [], []
+    with torch.no_grad():
+        for row, completion in zip(inputs, completions):
+            paths = row["image"] if isinstance(row["image"], list) else [row["image"]]
+            video = load_video(row.get("video_frames") or row.get("video"), processor=model.processor)
+            inp = EmbeddingInput(row["text"], load_images([p for p in paths if p]) or None, video)
+            prompt = collator.encode_inputs([inp], side=row["side"])
+            batch = append_completions(prompt, [completion], tok.pad_token_id)
+            out = model(**batch, pool_tokens={"gen": TokenPooling(gen_id, "completion")})
+            reference.append(out.named_embeddings["gen"][0])
+            # the reference model's log-probabilities of the completion (TRL's forward with the rows' visuals)
+            logits = model.backbone(**{k: v for k, v in batch.items() if k in _BACKBONE_KEYS}).logits[0].float()
+            start = batch["completion_start"]
+            logps = torch.log_softmax(logits[start - 1 : start - 1 + len(completion)], -1)
+            reference_logps.append(logps.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1))
+    got = scored[0]["ref_per_token_logps"]
+    for i, want_logps in enumerate(reference_logps):
+        assert_close(got[i, : len(want_logps)], want_logps, rtol=rounding_rtol(**TINY_IMAGE_FORWARD), msg=f"row {i}")
+    side = torch.tensor([0 if r["side"] == "query" else 1 for r in inputs])
+    want = ume_r1_retrieval_reward(torch.stack(reference), side, torch.tensor([r["pair_id"] for r in inputs]), 2,
+                                   content_ids=torch.tensor([r["content_id"] for r in inputs]),
+                                   pool_id=torch.zeros_like(side))
+    # one float32 reduction chain through the tiny model, then similarities of 64 features
+    assert_close(rewards[:, trainer._retrieval_column], want.reward, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+
+
+def test_grpo_generates_from_videos_and_trains(tiny_backbone, tmp_path):
+    """Real sampling (no stub) from prompts with videos and image lists, two optimizer steps with the generation
+    buffer split into micro-batches (TRL shuffles and cuts the rows' visual inputs with them): finite losses, the
+    vision tower moves."""
+    model, trainer, keep = _grpo_trainer(
+        tiny_backbone, tmp_path, _grpo_pairs(tmp_path, "video"), max_steps=2, per_device_train_batch_size=8,
+        steps_per_generation=2, max_completion_length=8, learning_rate=1e-3, beta=0.04, logging_steps=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "visual" in n}
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert losses and all(np.isfinite(losses))
+    assert keep.vision > 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "visual" in n)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from media import frame as _frame
+from media import frame_folder as _frame_folder
+from media import video_file as _video_file
 from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
-from PIL import Image
 
 from mm_embed_trl.data.collators import EmbeddingCollator, split_batch
 from mm_embed_trl.data.schema import EmbeddingInput
@@ -19,30 +21,6 @@ from mm_embed_trl.data.videos import (
     set_video_options,
     video_sampling,
 )
-
-
-def _frame(value: int, size=(56, 56)) -> Image.Image:
-    """A flat frame whose colour encodes its index, so a test can read which frames were kept."""
-    return Image.new("RGB", size, (value, 255 - value, (7 * value) % 256))
-
-
-def _frame_folder(path, count: int, ext: str = "jpg"):
-    path.mkdir(parents=True, exist_ok=True)
-    for i in range(count):  # names sort wrongly as strings (frame_10 < frame_2): natural order is expected
-        _frame(i * 10).save(path / f"frame_{i}.{ext}")
-    return path
-
-
-def _video_file(path, count: int, fps: int = 4):
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for i in range(count):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 8, dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
 
 
 def _red(image) -> int:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,37 @@ class EmbeddingScriptArguments:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. an MMEB subset)."})
+    # a recipe's list (or mapping) arrives as is; the command line gives JSON text or a YAML file's path
+    dataset_mixture: list | str | dict | None = field(
+        default=None,
+        metadata={
+            "help": "Several training datasets instead of --dataset_name: a list of sources ({name_or_path, config, "
+            "split, image_root, weight or num_samples, query_instruction, target_instruction}) or a mapping "
+            "{sources: [...], same_source_batches: true}; in a recipe, or as JSON / a YAML file on the command line. "
+            "name_or_path 'generated' is the built-in shapes data, its config the seed (see "
+            "mm_embed_trl.data.mixture)."
+        },
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
     dataset_eval_split: str | None = field(
         default=None, metadata={"help": "Held-out split in the same schema, used for retrieval evaluation."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training split (datasets' streaming=True, hub or local files) instead of loading it: "
+            "for corpora that do not fit on disk. Needs --max_steps; rows are checked as they stream in, each rank "
+            "and data-loader worker reads its own shards; the held-out split is still loaded whole."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "With --streaming: shuffle the stream in a buffer of this many rows (and its shards' order), "
+            "seeded by --data_seed (else --seed), reshuffled each pass over the stream; 0 keeps the stream's order."
+        },
+    )
     max_eval_samples: int | None = field(default=512, metadata={"help": "Evaluate on at most N held-out rows."})
     tiny_family: str = field(
         default="qwen2_vl",
@@ -52,6 +79,57 @@ class EmbeddingScriptArguments:
             "offline clusters need none (on the CPU there are no such kernels)."
         },
     )
+
+    def __post_init__(self):
+        if self.streaming and self.dataset_mixture is not None:
+            raise ValueError(
+                "--streaming does not apply to --dataset_mixture (a mixture draws rows by index): stream one dataset, "
+                "or interleave streams in Python with datasets.interleave_datasets."
+            )
+        if self.dataset_mixture is None:
+            return
+        from .data.mixture import DatasetMixture
+
+        value = self.dataset_mixture
+        if isinstance(value, str):
+            import yaml
+
+            # a file's path, else the JSON (a YAML subset) text itself
+            value = yaml.safe_load(Path(value).read_text() if os.path.isfile(value) else value)
+        if self.dataset_name is not None:
+            raise ValueError(
+                f"Both --dataset_name ({self.dataset_name!r}) and --dataset_mixture are set: list the dataset as one "
+                "of the mixture's sources, or drop the mixture."
+            )
+        if self.max_train_samples is not None:
+            raise ValueError(
+                f"--max_train_samples ({self.max_train_samples}) does not apply to a dataset mixture: give the sources "
+                "num_samples (rows per epoch) instead."
+            )
+        self.dataset_mixture = DatasetMixture.from_config(value)
+
+    def training_data_name(self, default: str) -> str | list[str]:
+        """What the model card names as the training data: the dataset, the mixture's sources, or `default`."""
+        if self.dataset_mixture is not None:
+            return list(dict.fromkeys(source.name_or_path for source in self.dataset_mixture.sources))
+        return self.dataset_name or default
+
+
+def refuse_streaming(script_args, method: str, why: str) -> None:
+    """For the examples whose trainer needs the whole training set at hand (``why``)."""
+    if script_args.streaming:
+        raise ValueError(
+            f"--streaming is not supported by {method}: {why}. Load the dataset whole (--streaming false)."
+        )
+
+
+def refuse_dataset_mixture(script_args, method: str) -> None:
+    """For the examples whose trainer samples its own way (GRPO's paired rollouts, distillation's text corpus)."""
+    if script_args.dataset_mixture is not None:
+        raise ValueError(
+            f"--dataset_mixture is not supported by {method}: train on one dataset (--dataset_name), e.g. the sources "
+            "concatenated with datasets.concatenate_datasets and saved to one file."
+        )
 
 
 # Shared by the examples' CPU demos (a tiny random backbone trained from scratch on generated data).
@@ -92,8 +170,11 @@ def resolve_model_path(model_args, script_args) -> tuple[str, bool]:
     from accelerate import PartialState
 
     from .demo.tiny import get_tiny_backbone
+    from .trainers.embedding_mixin import without_zero3_init
 
-    with PartialState().main_process_first():  # build once, the other ranks reuse the cached copy
+    # Built once, by the main process, the other ranks reusing the cached copy; and built whole: under ZeRO-3 the
+    # model's construction would be partitioned with collectives that the waiting ranks never join (a hang).
+    with PartialState().main_process_first(), without_zero3_init():
         path = get_tiny_backbone(script_args.tiny_family)
     print(
         f"[mm-embed-trl] No --model_name_or_path given: using the built-in tiny random {script_args.tiny_family} "
@@ -121,7 +202,10 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     """(train dataset, eval dataset or None, image_root), every row checked (`training_args.on_bad_row`)."""
     from .data.validation import check_training_rows
 
-    if script_args.dataset_name is None:
+    if script_args.dataset_mixture is not None:
+        image_root = training_args.image_root
+        train, evaluation = load_mixture_splits(script_args)
+    elif script_args.dataset_name is None:
         from accelerate import PartialState
 
         from .demo.generated import make_shapes_dataset
@@ -139,10 +223,18 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
             f"({len(data['train'])} train / {len(data['eval'])} held-out rows, images under {image_root})."
         )
         train, evaluation = data["train"], data["eval"]
+        if script_args.streaming:  # the demo as a stream: one shard per reader
+            train = train.to_iterable_dataset(
+                num_shards=max(1, training_args.world_size * max(1, training_args.dataloader_num_workers))
+            )
     else:
         image_root = training_args.image_root
         train, evaluation = load_named_splits(script_args)
-    # Checked here, before the model loads; the trainer's own check of the same datasets is then free.
+    if script_args.streaming and script_args.shuffle_buffer_size > 0:
+        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        train = train.shuffle(seed=seed, buffer_size=script_args.shuffle_buffer_size)
+    # Checked here, before the model loads (a stream: its columns; its rows as they stream in); the trainer's own
+    # check of the same datasets is then free.
     with training_args.main_process_first(desc="checking the dataset rows"):
         policy = dict(on_bad_row=training_args.on_bad_row, **training_args.row_contract)
         train = check_training_rows(train, what="training dataset", **policy)
@@ -156,18 +248,70 @@ def load_named_splits(script_args) -> tuple[Any, Any]:
     from .data.loading import first_rows, load_rows_dataset
 
     name, config = script_args.dataset_name, script_args.dataset_config
-    train = load_rows_dataset(name, config=config, split=script_args.dataset_train_split)
+    train = load_rows_dataset(
+        name, config=config, split=script_args.dataset_train_split, streaming=script_args.streaming
+    )
     evaluation = None
     if script_args.dataset_eval_split:
         evaluation = load_rows_dataset(name, config=config, split=script_args.dataset_eval_split)
     if script_args.max_train_samples is not None:
-        train = first_rows(train, script_args.max_train_samples)
+        n = script_args.max_train_samples
+        train = train.take(n) if script_args.streaming else first_rows(train, n)
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = first_rows(evaluation, script_args.max_eval_samples)
     return train, evaluation
 
 
-def train_evaluate_save(trainer, evaluator, *, title: str, dataset_name: str, evaluate_before: bool = True) -> dict:
+def load_mixture_splits(script_args) -> tuple[Any, Any]:
+    """(train, eval or None) of `--dataset_mixture`: each source's split, the held-out one (`dataset_eval_split` of
+    every source) capped at `max_eval_samples` shared among the sources. Sources named ``generated`` are the built-in
+    shapes data (``config``: its seed; sizes from the ``generated_*`` options), their images under their own folder."""
+    from accelerate import PartialState
+
+    from .data.loading import first_rows, load_rows_dataset
+
+    mixture, generated = script_args.dataset_mixture, {}
+    for source in mixture.sources:
+        if source.name_or_path == "generated":
+            from .demo.generated import make_shapes_dataset
+
+            with PartialState().main_process_first():  # built once, the other ranks reuse the cached copy
+                generated[source.name] = make_shapes_dataset(
+                    num_train=script_args.generated_train_size, num_eval=script_args.generated_eval_size,
+                    seed=int(source.config if source.config is not None else script_args.seed_data),
+                    num_negatives=script_args.generated_num_negatives,
+                )
+    if generated:  # their relative image paths are relative to their own folder
+        sources = [
+            dataclasses.replace(s, image_root=s.image_root or generated[s.name].image_root)
+            if s.name in generated else s
+            for s in mixture.sources
+        ]
+        mixture = dataclasses.replace(mixture, sources=sources)
+
+    def load(source, split, limit=None):
+        if source.name in generated:
+            rows = generated[source.name][split]
+        else:
+            rows = load_rows_dataset(source.name_or_path, config=source.config, split=split)
+        return first_rows(rows, limit) if limit is not None else rows
+
+    with PartialState().main_process_first():  # the main process writes the prepared sources' cache files
+        train = mixture.load(loader=load)
+        evaluation = None
+        if script_args.dataset_eval_split:
+            per_source = script_args.max_eval_samples
+            if per_source is not None:
+                per_source = max(1, per_source // len(mixture.sources))
+            evaluation = mixture.load(
+                split=script_args.dataset_eval_split, loader=lambda source, split: load(source, split, per_source)
+            )
+    return train, evaluation
+
+
+def train_evaluate_save(
+    trainer, evaluator, *, title: str, dataset_name: str | list[str], evaluate_before: bool = True
+) -> dict:
     """The examples' common tail: evaluate (on the ranks `evaluation.callback.evaluate_outside_training` picks), train,
     evaluate again, print the comparison, write `retrieval_report.json`, then save the model + sentence-transformers
     export with a card carrying the figures.

@@ -39,6 +39,9 @@ _SENTINEL = "\ue000"
 
 
 # ---------------------------------------------------------------------------------------------------- template
+# The preamble's last line: the base chat template follows it (in every version of the builder).
+_END_OF_PREAMBLE = "{%- set add_generation_prompt = true %}\n"
+
 def _jinja_str(value: str) -> str:
     """A Jinja string literal for ``value`` that survives any content (quotes, braces, ``%}``, newlines, emoji).
 
@@ -208,22 +211,27 @@ def build_embedding_chat_template(
     elif multimodal:
         sep = _jinja_str(template.image_separator)
         if template.image_first:
-            image_first_branch = (
-                "{%- if mmembed_has_image -%}\n"
+            visual_first_branch = (
+                "{%- if mmembed_has_visual -%}\n"
                 "{%- if mmembed_text -%}\n"
-                "{%- set mmembed_content = [{'type': 'image'}, " + text_item % f"{sep} + mmembed_text" + "] -%}\n"
-                "{%- else -%}{%- set mmembed_content = [{'type': 'image'}] -%}{%- endif -%}\n"
+                "{%- set mmembed_content = mmembed_visual + [" + text_item % f"{sep} + mmembed_text" + "] -%}\n"
+                "{%- else -%}{%- set mmembed_content = mmembed_visual -%}{%- endif -%}\n"
                 "{%- else -%}\n"
                 "{%- set mmembed_content = [" + text_item % "mmembed_text" + "] -%}\n"
                 "{%- endif -%}"
             )
         else:
-            image_first_branch = (
+            visual_first_branch = (
                 "{%- set mmembed_content = ([" + text_item % "mmembed_text" + "] if mmembed_text else []) "
-                "+ ([{'type': 'image'}] if mmembed_has_image else []) -%}"
+                "+ mmembed_visual -%}"
             )
+        # One image item per image, then the video (as build_messages orders them).
         build = (
-            image_first_branch
+            "{%- set mmembed_vis = namespace(items=[]) -%}\n"
+            "{%- for mmembed_i in range(mmembed_ns.n_image) -%}"
+            "{%- set mmembed_vis.items = mmembed_vis.items + [{'type': 'image'}] -%}{%- endfor -%}\n"
+            "{%- set mmembed_visual = mmembed_vis.items + ([{'type': 'video'}] if mmembed_ns.n_video else []) -%}\n"
+            + visual_first_branch
             + "\n{%- set messages = "
             + system_prefix
             + " + [{'role': 'user', 'content': mmembed_content}] -%}"
@@ -240,8 +248,8 @@ def build_embedding_chat_template(
         "the side chosen by `task`. -#}"
     )
     # Error branches of the template (raise_exception with the offending value).
-    fail_content = _fail("only text and image content is supported, got a {} item.", "mmembed_c['type']")
-    fail_system_image = _fail("a system message (the instruction / prompt) cannot hold an image.")
+    fail_content = _fail("only text, image and video content is supported, got a {} item.", "mmembed_c['type']")
+    fail_system_image = _fail("a system message (the instruction / prompt) cannot hold an image or a video.")
     fail_role = _fail(
         "each input is one user message (plus an optional system instruction); got a message with role {}. Embed "
         "queries and documents separately (encode_query / encode_document), not as pairs.",
@@ -249,37 +257,51 @@ def build_embedding_chat_template(
     )
     fail_messages = _fail("expected exactly one user message and at most one system message per input.")
     fail_counts = _fail(
-        "an input holds at most one text and one image (as in MultimodalEmbeddingModel.encode); "
-        "got {} texts and {} images.",
+        "an input holds at most one text and one video, besides its images (as in MultimodalEmbeddingModel.encode); "
+        "got {} texts and {} videos.",
         "mmembed_ns.n_text",
+        "mmembed_ns.n_video",
+    )
+    # A template rendered without the chat template places one image token, as render_plain does.
+    fail_plain = _fail(
+        f"the prompt template {template.name.replace('{', '')} renders without a chat template, which places one "
+        "image token: it takes no video and at most one image (got {} images and {} videos).",
         "mmembed_ns.n_image",
+        "mmembed_ns.n_video",
     )
     fail_text_only = _fail("this backbone is text-only and cannot embed images.")
     fail_empty = _fail(
         "the input has no image and its text is empty (once image placeholders are removed); "
         "give a non-empty text or an image."
     )
+    plain_check = ""
+    if multimodal and not template.use_chat_template:
+        plain_check = (
+            "\n{%- if mmembed_ns.n_image > 1 or mmembed_ns.n_video > 0 -%}\n" + fail_plain + "\n{%- endif -%}"
+        )
     preamble = f"""{header}
-{{%- set mmembed_ns = namespace(instruction='', text='', n_text=0, n_image=0, n_user=0, n_system=0) -%}}
+{{%- set mmembed_ns = namespace(instruction='', text='', n_text=0, n_image=0, n_video=0, n_user=0, n_system=0) -%}}
 {{%- for mmembed_m in messages -%}}
 {{%- if mmembed_m['content'] is string -%}}
 {{%- set mmembed_items = [{{'type': 'text', 'text': mmembed_m['content']}}] -%}}
 {{%- else -%}}
 {{%- set mmembed_items = mmembed_m['content'] -%}}
 {{%- endif -%}}
-{{%- set mmembed_acc = namespace(text='', n_text=0, n_image=0) -%}}
+{{%- set mmembed_acc = namespace(text='', n_text=0, n_image=0, n_video=0) -%}}
 {{%- for mmembed_c in mmembed_items -%}}
 {{%- if mmembed_c['type'] == 'text' -%}}
 {{%- set mmembed_acc.text = mmembed_acc.text + mmembed_c['text'] -%}}
 {{%- set mmembed_acc.n_text = mmembed_acc.n_text + 1 -%}}
 {{%- elif mmembed_c['type'] == 'image' or 'image' in mmembed_c or 'image_url' in mmembed_c -%}}
 {{%- set mmembed_acc.n_image = mmembed_acc.n_image + 1 -%}}
+{{%- elif mmembed_c['type'] == 'video' or 'video' in mmembed_c -%}}
+{{%- set mmembed_acc.n_video = mmembed_acc.n_video + 1 -%}}
 {{%- else -%}}
 {fail_content}
 {{%- endif -%}}
 {{%- endfor -%}}
 {{%- if mmembed_m['role'] == 'system' -%}}
-{{%- if mmembed_acc.n_image > 0 -%}}
+{{%- if mmembed_acc.n_image + mmembed_acc.n_video > 0 -%}}
 {fail_system_image}
 {{%- endif -%}}
 {{%- set mmembed_ns.n_system = mmembed_ns.n_system + 1 -%}}
@@ -289,6 +311,7 @@ def build_embedding_chat_template(
 {{%- set mmembed_ns.text = mmembed_acc.text -%}}
 {{%- set mmembed_ns.n_text = mmembed_acc.n_text -%}}
 {{%- set mmembed_ns.n_image = mmembed_acc.n_image -%}}
+{{%- set mmembed_ns.n_video = mmembed_acc.n_video -%}}
 {{%- else -%}}
 {fail_role}
 {{%- endif -%}}
@@ -296,10 +319,10 @@ def build_embedding_chat_template(
 {{%- if mmembed_ns.n_user != 1 or mmembed_ns.n_system > 1 -%}}
 {fail_messages}
 {{%- endif -%}}
-{{%- if mmembed_ns.n_text > 1 or mmembed_ns.n_image > 1 -%}}
+{{%- if mmembed_ns.n_text > 1 or mmembed_ns.n_video > 1 -%}}
 {fail_counts}
 {{%- endif -%}}
-{{%- if mmembed_ns.n_image > 0 and not {str(multimodal).lower()} -%}}
+{{%- if mmembed_ns.n_image + mmembed_ns.n_video > 0 and not {str(multimodal).lower()} -%}}
 {fail_text_only}
 {{%- endif -%}}
 {{%- if mmembed_ns.instruction -%}}
@@ -310,21 +333,20 @@ def build_embedding_chat_template(
 {{%- set mmembed_instruction = {_jinja_str(q)} -%}}
 {{%- endif -%}}
 {{%- set mmembed_raw = mmembed_ns.text -%}}{_placeholder_stripping_jinja()}
-{{%- set mmembed_has_image = mmembed_ns.n_image > 0 -%}}
-{{%- if not mmembed_has_image and not mmembed_text -%}}
+{{%- set mmembed_has_visual = mmembed_ns.n_image + mmembed_ns.n_video > 0 -%}}{plain_check}
+{{%- if not mmembed_has_visual and not mmembed_text -%}}
 {fail_empty}
 {{%- endif -%}}
-{{%- if mmembed_has_image and mmembed_text -%}}
+{{%- if mmembed_has_visual and mmembed_text -%}}
 {{%- set mmembed_text = {_jinja_str(template.image_text_format)}.replace('{{text}}', mmembed_text) -%}}
-{{%- elif mmembed_has_image -%}}
+{{%- elif mmembed_has_visual -%}}
 {{%- set mmembed_text = {_jinja_str(template.image_format)} -%}}
 {{%- else -%}}
 {{%- set mmembed_text = {_jinja_str(template.text_format)}.replace('{{text}}', mmembed_text) -%}}
 {{%- endif -%}}
 {_instruction_placement(template)}
 {build}
-{{%- set add_generation_prompt = true %}}
-"""
+{_END_OF_PREAMBLE}"""
     # The newline right after the last preamble tag is eaten by trim_blocks, so the base template starts at the
     # beginning of a line exactly as it does on its own (lstrip_blocks behaves the same).
     if multimodal and not template.use_chat_template:
@@ -334,7 +356,7 @@ def build_embedding_chat_template(
         image_text = (token + " ~ " + sep + " ~ mmembed_text") if template.image_first else ("mmembed_text ~ " + token)
         body = (
             "{{- " + _jinja_str(special_prefix) + " -}}"
-            + "{%- if mmembed_has_image -%}{{- " + image_text + " -}}{%- else -%}{{- mmembed_text -}}{%- endif -%}"
+            + "{%- if mmembed_has_visual -%}{{- " + image_text + " -}}{%- else -%}{{- mmembed_text -}}{%- endif -%}"
             + "{{- " + _jinja_str(special_suffix) + " -}}"
         )
     elif base_chat_template:
@@ -396,6 +418,15 @@ def recover_base_chat_template(
         len(chat_template) > len(prefix) + len(suffix)
     ):
         return chat_template[len(prefix) : len(chat_template) - len(suffix)]
+    # Written by an earlier version of this builder (its preamble rebuilt the messages another way, e.g. before
+    # videos): the same header, the same end of preamble and the same wrapping around the base template.
+    title = prefix[: prefix.index("), generated by")]  # "{#- Embedding prompt of mm-embed-trl (prompt template X"
+    after = prefix.partition(_END_OF_PREAMBLE)[2]
+    found = chat_template.find(_END_OF_PREAMBLE)
+    if chat_template.startswith(title) and found >= 0:
+        rest = chat_template[found + len(_END_OF_PREAMBLE) :]
+        if rest.startswith(after) and rest.endswith(suffix) and len(rest) > len(after) + len(suffix):
+            return rest[len(after) : len(rest) - len(suffix)]
     raise ValueError(
         "this chat template is not the embedding chat template mm-embed-trl writes for the export's settings "
         "(edited, or written by another version)"

@@ -17,6 +17,7 @@ from .schema import (
     QUERY_IMAGE,
     QUERY_TEXT,
     ROW_INDEX_COLUMN,
+    SKIPPED_ROWS_COLUMN,
     TRAIN_COLUMNS,
 )
 
@@ -25,10 +26,14 @@ _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".cs
 _SOURCE_FILES: dict[str, str] = {}
 
 
-def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: str = "train", **kwargs):
+def load_rows_dataset(
+    name_or_path: str, *, config: str | None = None, split: str = "train", streaming: bool = False, **kwargs
+):
     """A `datasets.Dataset` from a hub id (+ config), a local parquet/jsonl/csv file, or a `save_to_disk` dir.
 
-    Raises a clear error when the split is missing or a local file is empty.
+    With ``streaming`` a `datasets.IterableDataset` instead: a hub id or a file is read as it is iterated
+    (``load_dataset(..., streaming=True)``, a shard per file); a `save_to_disk` dir or UME-R1's JSON is loaded and
+    then streamed (``to_iterable_dataset``). Raises a clear error when the split is missing or a local file is empty.
     """
     import datasets
 
@@ -51,10 +56,13 @@ def load_rows_dataset(name_or_path: str, *, config: str | None = None, split: st
             raise ValueError(f"Unsupported data file {path}: use one of {sorted(_FILE_BUILDERS)}.")
         if _is_blank(path):  # datasets' json builder fails on it with a bare StopIteration
             raise ValueError(f"The data file {path} is empty: it holds no rows. Point --dataset_name at the data.")
-        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
-        _SOURCE_FILES[ds._fingerprint] = str(path)
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, **kwargs)
+        if not streaming:
+            _SOURCE_FILES[ds._fingerprint] = str(path)
     else:
-        ds = datasets.load_dataset(str(name_or_path), config, split=split, **kwargs)
+        ds = datasets.load_dataset(str(name_or_path), config, split=split, streaming=streaming, **kwargs)
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
     return ds
 
 
@@ -152,7 +160,7 @@ def check_training_columns(ds, *, name: str = "dataset") -> None:
     texts, silently.
     """
     columns = list(ds.column_names)
-    known = set(TRAIN_COLUMNS) | set(OPTIONAL_TRAIN_COLUMNS) | {ROW_INDEX_COLUMN}
+    known = set(TRAIN_COLUMNS) | set(OPTIONAL_TRAIN_COLUMNS) | {ROW_INDEX_COLUMN, SKIPPED_ROWS_COLUMN}
     unknown = [c for c in columns if c not in known]
     roles = {c: _column_role(c) for c in unknown}
     problems = []

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .schema import POS_IMAGE, POS_TEXT, POS_VIDEO, QUERY_IMAGE, QUERY_TEXT, QUERY_VIDEO
+from .schema import POS_IMAGE, POS_TEXT, POS_VIDEO, QUERY_IMAGE, QUERY_TEXT, QUERY_VIDEO, is_missing
 
 __all__ = ["PairedRepeatSampler", "flatten_pairs"]
 
@@ -30,10 +30,13 @@ SIDES = ("query", "target")
 
 def flatten_pairs(dataset):
     """Two rows per (query, target) pair of an MMEB-train dataset: ``text``, ``image``, ``side``, ``pair_id``,
-    ``content_id`` (a hash of the row's own text and image: equal for identical queries, and for identical targets;
-    the duplicate mask of :func:`~mm_embed_trl.rewards.retrieval_pool` reads it so).
+    ``content_id`` (a hash of the row's own text and image(s): equal for identical queries, and for identical
+    targets; the duplicate mask of :func:`~mm_embed_trl.rewards.retrieval_pool` reads it so).
 
-    Rows that already carry ``side`` and ``pair_id`` (flattened before) come back unchanged.
+    ``image`` is a path (``""`` for none) or, when some side of the dataset holds several images, a list of paths
+    for every row (``[]`` for none). A dataset with videos adds ``video`` (a video file or frame folder, ``""`` for
+    none) and ``video_frames`` (a list of frame paths, ``[]`` for none). Rows that already carry ``side`` and
+    ``pair_id`` (flattened before) come back unchanged.
     """
     import datasets
 
@@ -49,32 +52,41 @@ def flatten_pairs(dataset):
         )
     if len(dataset) < 2:
         raise ValueError(f"The dataset holds {len(dataset)} pair(s); GRPO with a retrieval reward needs at least 2.")
-    _refuse_videos_and_image_lists(dataset)
+    image_lists = _has_several_images(dataset)
+    videos = any(column in dataset.column_names for column in (QUERY_VIDEO, POS_VIDEO))
 
     def flatten(batch, indices):
         n = len(indices)
-        query_images = batch.get(QUERY_IMAGE, [""] * n)
-        target_images = batch.get(POS_IMAGE, [""] * n)
-        out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": []}
+        sides = [(side, batch[text], batch.get(image, [""] * n), batch.get(video, [""] * n))
+                 for side, text, image, video in (("query", QUERY_TEXT, QUERY_IMAGE, QUERY_VIDEO),
+                                                  ("target", POS_TEXT, POS_IMAGE, POS_VIDEO))]
+        out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": [], "video": [], "video_frames": []}
         for k in range(n):
-            for side, text, image in (("query", batch[QUERY_TEXT][k], query_images[k]),
-                                      ("target", batch[POS_TEXT][k], target_images[k])):
-                if isinstance(image, list):  # a list column: one image at most (checked above)
-                    image = image[0] if image else ""
+            for side, texts, images, side_videos in sides:
+                text, image, video = texts[k], images[k], side_videos[k]
+                paths = [p for p in (image if isinstance(image, list) else [image]) if not is_missing(p)]
+                frames = list(video) if isinstance(video, (list, tuple)) else []
+                video = "" if isinstance(video, (list, tuple)) or is_missing(video) else video
                 out["text"].append(text)
-                out["image"].append(image if isinstance(image, str) else (image or ""))
+                out["image"].append(paths if image_lists else (paths[0] if paths else ""))
                 out["side"].append(side)
                 out["pair_id"].append(indices[k])
-                out["content_id"].append(_content_id(text, image, image or None))
+                out["content_id"].append(_content_id(text, paths, paths or None, frames or video))
+                out["video"].append(video)
+                out["video_frames"].append(frames)
+        if not videos:
+            del out["video"], out["video_frames"]
         return out
 
     features = datasets.Features(
         {
             "text": datasets.Value("string"),
-            "image": datasets.Value("string"),
+            "image": datasets.List(datasets.Value("string")) if image_lists else datasets.Value("string"),
             "side": datasets.Value("string"),
             "pair_id": datasets.Value("int64"),
             "content_id": datasets.Value("int64"),
+            **({"video": datasets.Value("string"), "video_frames": datasets.List(datasets.Value("string"))}
+               if videos else {}),
         }
     )
     return dataset.map(
@@ -83,32 +95,22 @@ def flatten_pairs(dataset):
     )
 
 
-def _refuse_videos_and_image_lists(dataset) -> None:
-    """GRPO prompts hold one image per side: a video, or several images, would be dropped here without a word."""
-    import numpy as np
+def _has_several_images(dataset) -> bool:
+    """Whether a side of some pair holds more than one image (list image columns)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    from .validation import as_array, present_mask
+    from .validation import as_array
 
     table = dataset.data.table
-    for column in (QUERY_VIDEO, POS_VIDEO, QUERY_IMAGE, POS_IMAGE):
+    for column in (QUERY_IMAGE, POS_IMAGE):
         if column not in table.column_names:
             continue
         values = as_array(table[column])
-        if column in (QUERY_IMAGE, POS_IMAGE):
-            if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
-                continue
-            bad = np.flatnonzero(values.value_lengths().fill_null(0).to_numpy(zero_copy_only=False) > 1)
-            what = "several images"
-        else:
-            bad = np.flatnonzero(present_mask(values))
-            what = "a video"
-        if len(bad):
-            raise ValueError(
-                f"{len(bad)} rows hold {what} in {column!r} (first: row {int(bad[0])}); EmbeddingGRPOTrainer rolls out "
-                "through TRL's GRPOTrainer, whose prompts take one image per side and no video. Train such rows with "
-                "EmbeddingSFTTrainer or HardNegContrastiveTrainer, or filter them out of the RL dataset."
-            )
+        if (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)) and len(values):
+            if int(pc.max(values.value_lengths().fill_null(0)).as_py() or 0) > 1:
+                return True
+    return False
 
 
 class PairedRepeatSampler(Sampler[int]):

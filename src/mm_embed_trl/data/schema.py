@@ -41,6 +41,9 @@ VIDEO_COLUMNS = {"query": QUERY_VIDEO, "positive": POS_VIDEO}
 # Added by the pre-training row check (data/validation.py): each row's position in the dataset the trainer was given,
 # so a collator error names the dataset row rather than the row's place in a shuffled batch.
 ROW_INDEX_COLUMN = "_row_index"
+# Added by the streamed row check (a datasets.IterableDataset, on_bad_row="skip"): how many bad rows were left out just
+# before this row, which the trainer adds up batch by batch.
+SKIPPED_ROWS_COLUMN = "_bad_rows_before"
 
 # MMEB-eval columns
 EVAL_QUERY_TEXT = "qry_text"

@@ -12,7 +12,8 @@ The contrastive (MMEB-train) contract is :func:`check_training_rows`; with ``rea
 reasoning SFT contract (a target per side in UME-R1's format, without vision tokens), whose last clause, the length
 of prompt + target in tokens, needs the collator and runs once the trainer has one (:func:`check_reasoning_lengths`,
 still before training). The stage-1 distillation contract (:mod:`.distill_rows`) is built from the same pieces.
-Datasets without an Arrow table (``IterableDataset``) are checked batch by batch by the collators instead.
+A stream (``datasets.IterableDataset``) is checked as it streams in: the same contract, row by row batch by
+batch, bad rows raising or skipped (and counted) under the same policy (:func:`lazily_checked`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +29,17 @@ from functools import partial
 import numpy as np
 
 from .loading import check_training_columns, keep_source, source_file, source_lines
-from .schema import NEG_IMAGE, NEG_TEXT, POS_REASONING, QUERY_REASONING, ROW_INDEX_COLUMN, SIDES, VIDEO_COLUMNS
+from .schema import (
+    NEG_IMAGE,
+    NEG_TEXT,
+    POS_REASONING,
+    QUERY_REASONING,
+    QUERY_TEXT,
+    ROW_INDEX_COLUMN,
+    SIDES,
+    SKIPPED_ROWS_COLUMN,
+    VIDEO_COLUMNS,
+)
 from .templates import (
     GEN_EMB_TOKEN,
     IMAGE_PLACEHOLDER_PATTERN,
@@ -43,11 +55,13 @@ __all__ = [
     "BadRows",
     "BadRowsError",
     "check_reasoning_lengths",
+    "check_streamed_rows",
     "check_training_rows",
     "enforce_on_bad_row",
     "fact_column",
     "format_rows",
     "invalid_utf8_mask",
+    "lazily_checked",
     "present_mask",
     "require_column",
     "row_facts",
@@ -66,6 +80,8 @@ _BATCH_ROWS = 10_000
 # Fingerprints (+ contract options) of datasets a contrastive check returned in this process: the example checks
 # before the model loads, the trainer checks again, and the second check must cost nothing.
 _CHECKED: set[str] = set()
+# streams check_streamed_rows returned -> their contract options: the example checks, then the trainer; once is enough
+_CHECKED_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # fingerprint of a dataset enforce_on_bad_row returned -> how many bad rows it left out (reported after training)
 _LEFT_OUT: dict[str, int] = {}
 
@@ -265,6 +281,27 @@ def _rows_with_lines(rows: np.ndarray, where: dict[int, str], limit: int = 10) -
     return text
 
 
+def _bad_rows_error(problems: Sequence[BadRows], *, what: str, describe: Callable[[np.ndarray], str], when: str):
+    """The ``on_bad_row="raise"`` error: per cause, its rows (``describe(rows)``) and the fix."""
+    parts = [
+        f"{len(p.rows)} row(s) of the {what} with {p.cause} ({describe(p.rows)})." + (f" {p.fix}" if p.fix else "")
+        for p in problems
+    ]
+    return BadRowsError(
+        f"The {what} has rows that training cannot use ({when}):\n"
+        + "\n".join(f"  - {part}" for part in parts)
+        + "\nFix or drop these rows, or set on_bad_row='skip' (--on_bad_row skip) to leave them out (each is "
+        "logged)."
+    )
+
+
+def _log_skipped(problems: Sequence[BadRows], *, what: str, where: Callable[[int], str]) -> None:
+    """Under ``on_bad_row="skip"``: one warning per bad row, with its cause (``where(row)``: where it came from)."""
+    for p in problems:
+        for row in p.rows:
+            logger.warning("Skipping row %d%s of the %s: %s.", int(row), where(int(row)), what, p.cause)
+
+
 def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_bad_row: str):
     """Apply the ``on_bad_row`` policy to the rows ``problems`` name: raise a :class:`BadRowsError` that lists them
     per cause, or log each with its cause and return the dataset without them."""
@@ -275,22 +312,13 @@ def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_ba
         return dataset
     where = _locations(dataset, np.unique(np.concatenate([p.rows for p in problems])))
     if on_bad_row == "raise":
-        parts = [
-            f"{len(p.rows)} row(s) of the {what} with {p.cause} ({_rows_with_lines(p.rows, where)})."
-            + (f" {p.fix}" if p.fix else "")
-            for p in problems
-        ]
-        raise BadRowsError(
-            f"The {what} has rows that training cannot use (found before training, nothing was trained):\n"
-            + "\n".join(f"  - {part}" for part in parts)
-            + "\nFix or drop these rows, or set on_bad_row='skip' (--on_bad_row skip) to leave them out (each is "
-            "logged)."
+        raise _bad_rows_error(
+            problems, what=what, describe=lambda rows: _rows_with_lines(rows, where),
+            when="found before training, nothing was trained",
         )
+    _log_skipped(problems, what=what, where=lambda row: f" ({where[row]})" if row in where else "")
     bad = np.zeros(len(dataset), dtype=bool)
     for p in problems:
-        for row in p.rows:
-            location = f" ({where[int(row)]})" if int(row) in where else ""
-            logger.warning("Skipping row %d%s of the %s: %s.", int(row), location, what, p.cause)
         bad[p.rows] = True
     keep = np.flatnonzero(~bad)
     if len(keep) == 0:
@@ -474,7 +502,7 @@ def _undecoded(feature):
     return None
 
 
-def _contrastive_causes(columns: Sequence[str], reasoning: bool = False) -> list[tuple[str, str]]:
+def _contrastive_causes(reasoning: bool = False) -> list[tuple[str, str]]:
     """The (cause, fix) of each problem bit of :func:`_contrastive_facts`, in bit order."""
     causes = []
     for side in _ROW_SIDES:
@@ -742,24 +770,30 @@ def _negatives_of_other_types(array, column: str, *, what: str) -> np.ndarray:
     return np.zeros(len(array), dtype=bool)
 
 
-def _placeholder_problems(facts, dataset, *, what: str) -> None:
+def _placeholder_problems(facts, columns: Sequence[str], *, what: str, absent_only: bool = False) -> None:
     """A side whose texts ask for images (``<|image_1|>``) while its image column is absent or empty in every row:
-    the images were lost (a misspelt or dropped column), and training would embed the bare instruction."""
-    columns = dataset.column_names
+    the images were lost (a misspelt or dropped column), and training would embed the bare instruction. A stream
+    (``absent_only``) is judged a batch at a time, where "empty in every row" says nothing about the column."""
     for side in _ROW_SIDES:
         text_col, image_col = SIDES[side]
         asks, has = fact_column(facts, f"{side}_placeholder"), fact_column(facts, f"{side}_image")
+        if absent_only and image_col in columns:
+            continue
         if asks.any() and not has.any():
             state = "absent" if image_col not in columns else "empty in every row"
             raise ValueError(
                 f"{int(asks.sum())} row(s) of the {what} have an image placeholder (e.g. <|image_1|>) in {text_col!r}, "
                 f"but column {image_col!r} is {state}, so every such query would embed the bare instruction. Put each "
                 f"row's image (a path relative to image_root, or a datasets.Image) in {image_col!r}: rename the "
-                f"column that holds them (columns: {columns}) with dataset.rename_column(<old>, {image_col!r})."
+                f"column that holds them (columns: {list(columns)}) with dataset.rename_column(<old>, {image_col!r})."
             )
 
 
-def _negative_count_problems(counts: np.ndarray, num_negatives: int | None) -> list[BadRows]:
+def _negative_count_problems(
+    counts: np.ndarray, num_negatives: int | None, common: int | None = None, carried_by: str = "most rows"
+) -> list[BadRows]:
+    """Rows whose explicit negatives are fewer than ``num_negatives``, or (None) other than the ``common`` count
+    (default: the count most rows carry; a stream's is the one its first rows carry)."""
     if num_negatives is not None:
         few = np.flatnonzero(counts < num_negatives)
         return [
@@ -769,13 +803,14 @@ def _negative_count_problems(counts: np.ndarray, num_negatives: int | None) -> l
                 "Give these rows more negatives, or lower num_negatives (0 ignores explicit negatives).",
             )
         ]
-    values, seen = np.unique(counts, return_counts=True)
-    if len(values) <= 1:
-        return []
-    common = int(values[np.argmax(seen)])
+    if common is None:
+        values, seen = np.unique(counts, return_counts=True)
+        if len(values) <= 1:
+            return []
+        common = int(values[np.argmax(seen)])
     return [
         BadRows(
-            f"a number of explicit negatives other than the {common} most rows carry",
+            f"a number of explicit negatives other than the {common} {carried_by} carry",
             np.flatnonzero(counts != common),
             "Every batch needs the same number per row: pad or trim neg_text/neg_image_path, or set num_negatives "
             "to a count every row has (0 ignores explicit negatives).",
@@ -800,27 +835,24 @@ def check_training_rows(
     ``on_bad_row`` (see :func:`enforce_on_bad_row`). With ``reasoning`` (UME-R1's reasoning SFT, whose batches carry
     no explicit negatives) both reasoning columns must exist, and a row must have a target per side that is a text in
     UME-R1's format ending with ``<gen_emb>``, without image or video tokens. The returned dataset carries a row
-    index column for the collator's error messages. ``IterableDataset`` and plain lists are returned unchanged (the
-    collator checks each batch).
+    index column for the collator's error messages. An ``IterableDataset`` is checked as it streams
+    (:func:`check_streamed_rows`); plain lists are returned unchanged (the collator checks each batch).
     """
     import datasets
 
+    if isinstance(dataset, datasets.IterableDataset):
+        return check_streamed_rows(
+            dataset, what=what, num_negatives=num_negatives, on_bad_row=on_bad_row, reasoning=reasoning
+        )
     if not isinstance(dataset, datasets.Dataset):
-        return with_undecoded_images(dataset) if isinstance(dataset, datasets.IterableDataset) else dataset
+        return dataset
     with_negatives = num_negatives != 0 and not reasoning
     options = {"with_negatives": with_negatives, "reasoning": reasoning, "num_negatives": num_negatives}
     if _checked_key(dataset, options) in _CHECKED:
         return dataset
     check_training_columns(dataset, name=f"the {what}")
     if reasoning:
-        for column in REASONING_COLUMNS.values():
-            if column not in dataset.column_names:
-                raise KeyError(
-                    f"The {what} has no column {column!r} (columns: {dataset.column_names}): reasoning SFT trains on "
-                    f"each side's target '<think>...</think><answer>...</answer>{GEN_EMB_TOKEN}' in "
-                    f"{QUERY_REASONING!r} and {POS_REASONING!r}. Add them (load_ume_r1_sft_json reads UME-R1's "
-                    "released data), or train the discriminative embedding alone (discriminative_only=True)."
-                )
+        _require_reasoning_columns(dataset.column_names, what=what)
     if len(dataset) == 0:
         raise ValueError(f"The {what} has no rows (an empty file or split?); there is nothing to train on.")
     facts = row_facts(
@@ -830,22 +862,45 @@ def check_training_rows(
         options={"with_negatives": with_negatives, "reasoning": reasoning, "columns": dataset.column_names},
         what=what,
     )
-    _placeholder_problems(facts, dataset, what=what)
+    _placeholder_problems(facts, dataset.column_names, what=what)
+    problems = _contrastive_problems(
+        facts, reasoning=reasoning, with_negatives=with_negatives, num_negatives=num_negatives
+    )
+    dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
+    dataset = with_undecoded_images(dataset)
+    _CHECKED.add(_checked_key(dataset, options))
+    return dataset
+
+
+def _require_reasoning_columns(columns: Sequence[str], *, what: str) -> None:
+    for column in REASONING_COLUMNS.values():
+        if column not in columns:
+            raise KeyError(
+                f"The {what} has no column {column!r} (columns: {list(columns)}): reasoning SFT trains on "
+                f"each side's target '<think>...</think><answer>...</answer>{GEN_EMB_TOKEN}' in "
+                f"{QUERY_REASONING!r} and {POS_REASONING!r}. Add them (load_ume_r1_sft_json reads UME-R1's "
+                "released data), or train the discriminative embedding alone (discriminative_only=True)."
+            )
+
+
+def _contrastive_problems(
+    facts, *, reasoning: bool, with_negatives: bool, num_negatives: int | None, **count_options
+) -> list[BadRows]:
+    """The bad rows that :func:`_contrastive_facts` found, per cause; negatives counted only among rows without
+    another problem (``count_options``: see :func:`_negative_count_problems`)."""
     bits = fact_column(facts, "problems")
     problems = [
         BadRows(cause, np.flatnonzero(bits & (np.int64(1) << i)), fix)
-        for i, (cause, fix) in enumerate(_contrastive_causes(dataset.column_names, reasoning))
+        for i, (cause, fix) in enumerate(_contrastive_causes(reasoning))
     ]
     if with_negatives:
         counts = fact_column(facts, "num_negatives")
         usable = bits == 0
         problems += [
-            BadRows(p.cause, p.rows[usable[p.rows]], p.fix) for p in _negative_count_problems(counts, num_negatives)
+            BadRows(p.cause, p.rows[usable[p.rows]], p.fix)
+            for p in _negative_count_problems(counts, num_negatives, **count_options)
         ]
-    dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
-    dataset = with_undecoded_images(dataset)
-    _CHECKED.add(_checked_key(dataset, options))
-    return dataset
+    return problems
 
 
 def check_reasoning_lengths(dataset, collator, *, what: str = "training dataset", on_bad_row: str = "raise"):
@@ -859,14 +914,27 @@ def check_reasoning_lengths(dataset, collator, *, what: str = "training dataset"
     import datasets
 
     limit = collator.max_sequence_length
-    if limit is None or not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
+    if limit is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return lazily_checked(
+            dataset, lambda batch: _length_problems(collator.sequence_lengths(batch), limit), what=what,
+            on_bad_row=on_bad_row,
+        )
+    if not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
         return dataset
     facts = row_facts(
         dataset, collator.sequence_lengths, contract="reasoning_lengths", options=collator.length_options(), what=what
     )
+    problems = _length_problems({side: fact_column(facts, side) for side in REASONING_COLUMNS}, limit)
+    return enforce_on_bad_row(dataset, problems, what=what, on_bad_row=on_bad_row)
+
+
+def _length_problems(lengths_per_side: dict[str, np.ndarray], limit: int) -> list[BadRows]:
+    """Rows whose prompt + reasoning target (``lengths_per_side``: side -> tokens per row) exceed ``limit``."""
     problems = []
     for side, column in REASONING_COLUMNS.items():
-        lengths = fact_column(facts, side)
+        lengths = np.asarray(lengths_per_side[side])
         rows = np.flatnonzero(lengths > limit)
         if len(rows):
             problems.append(
@@ -878,5 +946,139 @@ def check_reasoning_lengths(dataset, collator, *, what: str = "training dataset"
                     f"cutting them would cut off the target's {GEN_EMB_TOKEN}.",
                 )
             )
-    return enforce_on_bad_row(dataset, problems, what=what, on_bad_row=on_bad_row)
+    return problems
 
+
+# ------------------------------------------------------------------------------------------------------ streams
+# Rows a streamed check reads and judges at once: its first batch waits for this many rows.
+_STREAM_BATCH_ROWS = 1_000
+
+
+def check_streamed_rows(
+    dataset, *, what: str = "training dataset", num_negatives: int | None = None, on_bad_row: str = "raise",
+    reasoning: bool = False,
+):
+    """:func:`check_training_rows` for a ``datasets.IterableDataset`` (a stream): the column problems raise now;
+    the row contract runs on each batch of rows as they stream in (:func:`lazily_checked`), with the same causes,
+    messages and ``on_bad_row`` policy. What a stream cannot know in advance is judged from what has streamed: with
+    ``num_negatives=None`` the count of explicit negatives every row must carry is the one the first rows carry, and
+    an image column "empty in every row" is not detected (an absent one is)."""
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}.")
+    options = json.dumps({"num_negatives": num_negatives, "reasoning": reasoning, "what": what, "on": on_bad_row})
+    if _CHECKED_STREAMS.get(dataset) == options:
+        return dataset
+    if dataset.column_names is None:  # a stream whose features are unknown until read: datasets reads its first row
+        dataset = dataset._resolve_features()
+    check_training_columns(dataset, name=f"the {what}")
+    if reasoning:
+        _require_reasoning_columns(dataset.column_names, what=what)
+    contract = _StreamedContract(what=what, num_negatives=num_negatives, reasoning=reasoning)
+    checked = lazily_checked(with_undecoded_images(dataset), contract, what=what, on_bad_row=on_bad_row)
+    _CHECKED_STREAMS[checked] = options
+    return checked
+
+
+class _StreamedContract:
+    """The contrastive contract of one batch of a stream, as :func:`check_training_rows` judges a whole dataset."""
+
+    def __init__(self, *, what: str, num_negatives: int | None, reasoning: bool):
+        self.what, self.num_negatives, self.reasoning = what, num_negatives, reasoning
+        self.with_negatives = num_negatives != 0 and not reasoning
+        self.common: int | None = None  # the negatives' count of the first usable rows (num_negatives=None)
+
+    def __call__(self, batch) -> list[BadRows]:
+        import pyarrow as pa
+
+        facts = pa.table(
+            _contrastive_facts(batch, what=self.what, with_negatives=self.with_negatives, reasoning=self.reasoning)
+        )
+        _placeholder_problems(facts, batch.column_names, what=self.what, absent_only=True)
+        if self.with_negatives and self.num_negatives is None and self.common is None:
+            usable = fact_column(facts, "problems") == 0
+            counts = fact_column(facts, "num_negatives")[usable]
+            if len(counts):
+                values, seen = np.unique(counts, return_counts=True)
+                self.common = int(values[np.argmax(seen)])
+        return _contrastive_problems(
+            facts, reasoning=self.reasoning, with_negatives=self.with_negatives, num_negatives=self.num_negatives,
+            common=self.common, carried_by="the first rows of the stream",
+        )
+
+
+def lazily_checked(dataset, problems_of: Callable, *, what: str, on_bad_row: str):
+    """The stream ``dataset`` with ``problems_of(batch: pyarrow.Table) -> [BadRows]`` (rows = positions in the
+    batch) applied to each batch of rows as they stream in, under ``on_bad_row``: "raise" stops at the first batch
+    with a bad row, naming it; "skip" logs each and leaves it out.
+
+    Each row gets :data:`~mm_embed_trl.data.schema.ROW_INDEX_COLUMN` (its place in the stream as the process or
+    data-loader worker reading it counts, when the stream has none: the row's text is named beside it) and
+    :data:`~mm_embed_trl.data.schema.SKIPPED_ROWS_COLUMN`: how many bad rows were left out just before it, which the
+    trainer adds up as the batches arrive (every rank and worker its own rows), so a skipped row is counted once.
+    Several checks chain (the reasoning lengths after the contrastive contract), adding to the same count.
+    """
+    import datasets
+
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}.")
+    features = dataset.features
+    if features is not None:
+        features = datasets.Features(
+            {**features, ROW_INDEX_COLUMN: datasets.Value("int64"), SKIPPED_ROWS_COLUMN: datasets.Value("int64")}
+        )
+    check = _LazyCheck(problems_of, what=what, on_bad_row=on_bad_row)
+    checked = dataset.with_format("arrow").map(check, batched=True, batch_size=_STREAM_BATCH_ROWS, features=features)
+    return checked.with_format(None)
+
+
+class _LazyCheck:
+    """One reader's (process or data-loader worker) check of the batches it streams: its position and the bad rows
+    skipped since its last kept row are its own state."""
+
+    def __init__(self, problems_of: Callable, *, what: str, on_bad_row: str):
+        self.problems_of, self.what, self.on_bad_row = problems_of, what, on_bad_row
+        self.position = 0
+        self.carried = 0
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        n = batch.num_rows
+        if ROW_INDEX_COLUMN not in batch.column_names:
+            batch = batch.append_column(ROW_INDEX_COLUMN, pa.array(np.arange(self.position, self.position + n)))
+        self.position += n
+        if SKIPPED_ROWS_COLUMN in batch.column_names:  # an earlier check's count
+            before = as_array(batch[SKIPPED_ROWS_COLUMN]).fill_null(0).to_numpy(zero_copy_only=False)
+            batch = batch.drop_columns([SKIPPED_ROWS_COLUMN])
+        else:
+            before = np.zeros(n, dtype=np.int64)
+        problems = [p for p in self.problems_of(batch) if len(p.rows)]
+        if problems:
+            index = as_array(batch[ROW_INDEX_COLUMN]).to_numpy(zero_copy_only=False)
+            queries = batch[QUERY_TEXT].to_pylist() if QUERY_TEXT in batch.column_names else [None] * n
+
+            def name(row: int) -> str:
+                return f"stream row {int(index[row])} ({QUERY_TEXT} {str(queries[row])[:40]!r})"
+
+            if self.on_bad_row == "raise":
+                raise _bad_rows_error(
+                    problems, what=self.what,
+                    describe=lambda rows: ", ".join(name(r) for r in rows[:10]) + (
+                        f", ... ({len(rows)} in all)" if len(rows) > 10 else ""
+                    ),
+                    when="found as the rows streamed in, before their batch trained",
+                )
+            for p in problems:
+                for row in p.rows:
+                    logger.warning("Skipping %s of the %s: %s.", name(int(row)), self.what, p.cause)
+        bad = np.zeros(n, dtype=bool)
+        for p in problems:
+            bad[p.rows] = True
+        skipped = np.zeros(n, dtype=np.int64)
+        for row in range(n):  # a kept row carries the bad rows (and what they carried) since the last kept row
+            if bad[row]:
+                self.carried += int(before[row]) + 1
+            else:
+                skipped[row], self.carried = int(before[row]) + self.carried, 0
+        batch = batch.append_column(SKIPPED_ROWS_COLUMN, pa.array(skipped))
+        return batch.filter(pa.array(~bad)) if bad.any() else batch

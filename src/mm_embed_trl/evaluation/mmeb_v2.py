@@ -229,6 +229,20 @@ def _text(*parts: Any) -> str:
     return " ".join(str(p).replace("<|image_1|>", "").strip() for p in parts if p and str(p).strip())
 
 
+def _instructed(instruction: str, text: Any = "", **visual: Any) -> dict[str, Any]:
+    """An input with its task instruction kept apart from its own text: :func:`_encode` puts the instruction where the
+    model's prompt template puts instructions."""
+    return {"instruction": instruction, "text": text, **visual}
+
+
+def with_instruction_in_text(value: dict[str, Any]) -> dict[str, Any]:
+    """VLM2Vec's form of an input: its task instruction, a space, its text (one ``text``)."""
+    if "instruction" not in value:
+        return value
+    out = {key: v for key, v in value.items() if key not in ("instruction", "text")}
+    return {"text": _text(value["instruction"], value.get("text")), **out}
+
+
 def _check_columns(table, columns: Sequence[str], where: str) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -270,7 +284,7 @@ def _load_image_task(task: MMEBV2Task, root: Path) -> TaskData:
                 f"{folder}: row {i} has {len(row['tgt_text'])} tgt_text and {len(row['tgt_img_path'])} tgt_img_path; "
                 "each candidate needs one of each (\"\" for none), the first being the answer."
             )
-        queries.append({"text": _text(row["qry_inst"], row["qry_text"]), "image": path(row["qry_img_path"])})
+        queries.append(_instructed(row["qry_inst"], row["qry_text"], image=path(row["qry_img_path"])))
         if task.parser in _TEXT_CANDIDATES:  # VLM2Vec embeds these candidates as bare texts, named by their text
             lists.append([candidates.add(text, {"text": text}) for text in row["tgt_text"]])
             continue
@@ -278,7 +292,7 @@ def _load_image_task(task: MMEBV2Task, root: Path) -> TaskData:
         instruction = row.get("tgt_inst") or ""
         lists.append([
             candidates.add(image if task.parser == "image_t2i" else f"{image}:{text.strip(chr(34))}",
-                           {"text": _text(instruction, text), "image": path(image)})
+                           _instructed(instruction, text, image=path(image)))
             for text, image in zip(row["tgt_text"], row["tgt_img_path"])
         ])
     relevance = [{cands[0]: 1.0} for cands in lists]
@@ -296,7 +310,7 @@ def _load_visdoc_task(task: MMEBV2Task, root: Path) -> TaskData:
     candidates = _Candidates()
     page = "Understand the content of the provided document image."  # VLM2Vec's vidore / visrag instructions
     for doc_id, image in zip(corpus["corpus-id"], corpus.cast_column("image", _undecoded_image())["image"]):
-        candidates.add(str(doc_id), {"text": page, "image": image})
+        candidates.add(str(doc_id), _instructed(page, image=image))
     judged: dict[str, dict[int, float]] = {}
     for query_id, doc_id, score in zip(qrels["query-id"], qrels["corpus-id"], qrels["score"]):
         if score <= 0:  # VLM2Vec keeps positive judgments only, the highest one of duplicates
@@ -317,7 +331,7 @@ def _load_visdoc_task(task: MMEBV2Task, root: Path) -> TaskData:
         )
     instruction = "Find a document image that matches the given query:"
     return TaskData(
-        task, [{"text": _text(instruction, text)} for text in queries["query"]], candidates.inputs, None,
+        task, [_instructed(instruction, text) for text in queries["query"]], candidates.inputs, None,
         [judged[str(q)] for q in queries["query-id"]], candidates.keys,
     )
 
@@ -353,7 +367,7 @@ def _load_video_classification(task: MMEBV2Task, root: Path) -> TaskData:
     for label in labels:
         candidates.add(label, {"text": label})
     instruction = _VIDEO_CLS_INSTRUCTIONS[task.local_dir]
-    queries = [{"text": instruction, "video": str(frames / str(video_id))} for video_id in rows["video_id"]]
+    queries = [_instructed(instruction, video=str(frames / str(video_id))) for video_id in rows["video_id"]]
     relevance = [{candidates.index[label]: 1.0} for label in rows["pos_text"]]
     return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
 
@@ -377,9 +391,9 @@ def _load_video_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
     for name, caption in zip(rows[name_column], rows[caption_column]):
         name = Path(name).stem if name_column == "video" else str(name)  # DiDeMo names a file
         caption = caption[0] if isinstance(caption, list) else caption  # MSVD, VATEX: the first caption
-        queries.append({"text": _text(instruction, caption)})
-        video = candidates.add(name, {"text": "Understand the content of the provided video.",
-                                      "video": str(frames / name)})
+        queries.append(_instructed(instruction, caption))
+        video = candidates.add(name, _instructed("Understand the content of the provided video.",
+                                                 video=str(frames / name)))
         relevance.append({video: 1.0})
     return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
 
@@ -394,7 +408,7 @@ def _load_ssv2(task: MMEBV2Task, root: Path) -> TaskData:
         if label not in classes:
             raise ValueError(f"{task_folder(task, root)}: video {video!r} is of class {label!r}, which its candidate "
                              "list (neg_text) lacks; fix the row or drop it.")
-        queries.append({"text": instruction, "video": str(frames / str(video))})
+        queries.append(_instructed(instruction, video=str(frames / str(video))))
         lists.append([candidates.add(c, {"text": c}) for c in classes])
         relevance.append({candidates.index[label]: 1.0})
     return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
@@ -406,7 +420,7 @@ def _load_moment_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
     rows = _video_rows(task, root, ("query", "video_path"))
     frames = root / "video-tasks" / "frames" / "video_mret" / task.name.replace("-", "_")
     candidates, queries, lists, relevance = _Candidates(), [], [], []
-    clip = {"text": "Understand the content of the provided video."}
+    clip = _instructed("Understand the content of the provided video.")
     for sentence, video in zip(rows["query"], rows["video_path"]):
         folder = frames / Path(video).stem
         clips = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "query") if folder.is_dir() else []
@@ -414,8 +428,8 @@ def _load_moment_retrieval(task: MMEBV2Task, root: Path) -> TaskData:
         if len(positive) != 1:
             raise ValueError(f"{folder}: a moment-retrieval video needs its clips as frame folders, exactly one named "
                              f"positive*, beside query/; found {clips}. Extract the frames as VLM2Vec's loader does.")
-        queries.append({"text": _text("Find the clip that corresponds to the described scene in the given video:",
-                                      sentence), "video": str(folder / "query")})
+        queries.append(_instructed("Find the clip that corresponds to the described scene in the given video:",
+                                   sentence, video=str(folder / "query")))
         lists.append([candidates.add(str(folder / name), {**clip, "video": str(folder / name)}) for name in clips])
         relevance.append({candidates.index[str(folder / positive[0])]: 1.0})
     return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
@@ -435,18 +449,18 @@ def _load_momentseeker(task: MMEBV2Task, root: Path) -> TaskData:
         return str(frames / "video_frames" / path.replace("/", "_").split(".mp4")[0])
 
     candidates, queries, lists, relevance = _Candidates(), [], [], []
-    clip = {"text": "Understand the content of the provided video clip."}
+    clip = _instructed("Understand the content of the provided video clip.")
     for sentence, positives, negatives, given in zip(rows["query"], rows["positive_frames"], rows["negative_frames"],
                                                      rows["input_frames"]):
         if not positives:
             raise ValueError(f"{task_folder(task, root)}: query {sentence!r} has no positive clip; fix the row or "
                              "drop it.")
         if given and given.endswith(".mp4"):
-            queries.append({"text": _text(instructions["video"], sentence), "video": clip_folder(given)})
+            queries.append(_instructed(instructions["video"], sentence, video=clip_folder(given)))
         elif given and given.endswith(".jpg"):
-            queries.append({"text": _text(instructions["image"], sentence), "image": str(frames / f"query_{given}")})
+            queries.append(_instructed(instructions["image"], sentence, image=str(frames / f"query_{given}")))
         else:
-            queries.append({"text": _text(instructions["text"], sentence)})
+            queries.append(_instructed(instructions["text"], sentence))
         names = [clip_folder(entry["output_path"]) for entry in [*positives, *negatives]]
         lists.append([candidates.add(name, {**clip, "video": name}) for name in names])
         relevance.append(dict.fromkeys(lists[-1][: len(positives)], 1.0))
@@ -533,7 +547,7 @@ def _load_video_qa(task: MMEBV2Task, root: Path) -> TaskData:
                 f"{task_folder(task, root)}: question {question.splitlines()[0]!r} has answer {answer!r}, which names "
                 f"none of its {len(names)} options; fix the row or drop it."
             )
-        queries.append({"text": _text(_VIDEO_QA_PROMPT, question), "video": str(frames / video)})
+        queries.append(_instructed(_VIDEO_QA_PROMPT, question, video=str(frames / video)))
         lists.append([candidates.add(name, {"text": text}) for name, text in zip(names, texts)])
         relevance.append({lists[-1][position]: 1.0})
     return TaskData(task, queries, candidates.inputs, lists, relevance, candidates.keys)
@@ -622,8 +636,8 @@ def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, 
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             if seed is not None:
                 torch.manual_seed(seed + number)
-            out = model.encode(inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
-                               show_progress_bar=show_progress_bar, **encode_kwargs)
+            out = _encode(model, inputs[start:start + block_size], side=side, mode=mode, batch_size=batch_size,
+                          show_progress_bar=show_progress_bar, **encode_kwargs)
         named = out if isinstance(out, Mapping) else {_ENCODE_MODES[modes[0]]: out}
         with staged_file(final) as staging:
             torch.save({key: torch.as_tensor(value).float().cpu() for key, value in named.items()}, staging)
@@ -633,6 +647,43 @@ def _embed(model, inputs, *, side, modes, folder: Path, block_size, batch_size, 
 
 
 _ENCODE_MODES = {"disc": "discriminative", "gen": "generative"}
+
+
+def instruction_in_system(model) -> bool:
+    """Whether the model's prompt template makes a task instruction the system message (GME, Qwen3-VL-Embedding), as
+    ``encode(instruction=...)`` does, rather than the text's prefix (VLM2Vec, UniME, UME-R1)."""
+    from ..data.templates import get_template
+
+    name = getattr(getattr(model, "config", None), "prompt_template", None)
+    return isinstance(name, str) and get_template(name).instruction_in_system
+
+
+def _for_model(inputs: Sequence[dict[str, Any]], in_system: bool) -> list[dict[str, Any]]:
+    """The harness's inputs as this model takes them: the instruction apart (system-message templates; its text
+    cleaned as VLM2Vec cleans it), or before the text as VLM2Vec writes it."""
+    if not in_system:
+        return [with_instruction_in_text(x) for x in inputs]
+    return [{**x, "text": _text(x["text"])} if "instruction" in x else x for x in inputs]
+
+
+def _encode(model, inputs: Sequence[dict[str, Any]], **kwargs):
+    """``model.encode`` of the inputs; inputs that carry an ``instruction`` are encoded per instruction, with it as
+    encode's ``instruction`` (the system message), and put back in order."""
+    if not any("instruction" in x for x in inputs):
+        return model.encode(list(inputs), **kwargs)
+    groups: dict[str | None, list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(x.get("instruction"), []).append(i)
+    result: dict[str, Tensor] = {}
+    for instruction, rows in groups.items():
+        bare = [{k: v for k, v in inputs[i].items() if k != "instruction"} for i in rows]
+        out = model.encode(bare, instruction=instruction, **kwargs)
+        for name, value in (out.items() if isinstance(out, Mapping) else [("", out)]):
+            value = torch.as_tensor(value)
+            if name not in result:
+                result[name] = value.new_empty((len(inputs), *value.shape[1:]))
+            result[name][torch.tensor(rows)] = value
+    return result if set(result) != {""} else result[""]
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -796,11 +847,12 @@ def evaluate_mmeb_v2(
         scores["oracle"] = {}
     if pass_at_k is not None:
         scores[f"pass@{pass_at_k}"] = {}
+    in_system = instruction_in_system(model)
     for task in tqdm(selected, desc="MMEB-V2 tasks", disable=rank > 0 or show_progress_bar is False):
         data = load_task(task, data_root, max_queries=max_queries)
+        queries, candidates = _for_model(data.queries, in_system), _for_model(data.candidates, in_system)
         embedded = {}
-        for side, inputs, encode_side in (("queries", data.queries, "query"),
-                                          ("candidates", data.candidates, "document")):
+        for side, inputs, encode_side in (("queries", queries, "query"), ("candidates", candidates, "document")):
             key = _fingerprint(model_id, MMEB_V2_DATA_VERSION, task.name, side, modes, block_size, encode_kwargs,
                                [_input_key(x) for x in inputs])
             embedded[side] = _embed(model, inputs, side=encode_side, modes=modes,
@@ -815,8 +867,8 @@ def evaluate_mmeb_v2(
         if pass_at_k is not None:
             sampled = {**encode_kwargs, **(sampling_kwargs or {}), "do_sample": True, "num_samples": pass_at_k}
             key = _fingerprint(model_id, MMEB_V2_DATA_VERSION, task.name, "sampled", block_size, sampled,
-                               [_input_key(x) for x in data.queries])
-            samples = _embed(model, data.queries, side="query", modes=("gen",),
+                               [_input_key(x) for x in queries])
+            samples = _embed(model, queries, side="query", modes=("gen",),
                              folder=cache / task.name / f"sampled-{key}", block_size=block_size,
                              batch_size=batch_size, show_progress_bar=show_progress_bar, encode_kwargs=sampled,
                              seed=int(key[:8], 16))["gen"]  # (queries, k, dim)

@@ -282,6 +282,7 @@ def collect_card_metadata(
     """
     from .._version import __version__
     from ..data.templates import get_template
+    from ..data.videos import video_sampling
 
     if isinstance(model, (str, os.PathLike)):
         from .checkpoint import load_model_for_export
@@ -312,6 +313,13 @@ def collect_card_metadata(
         export_info.get("prompts") or {"query": template.query_instruction, "document": template.document_instruction}
     )
     dim = int(config.embedding_dim or config.hidden_size)
+    # Several images and a video go through the chat template (as content items), which templates rendered without
+    # one cannot place. describe_export records the same judgement for exports.
+    several_images = multimodal and template.use_chat_template
+    takes_video = bool(
+        export_info.get("takes_video", several_images and getattr(processor, "video_processor", None) is not None)
+    )
+    sampling = video_sampling(processor) if takes_video else None
     family = encoder_config.model_type
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mm-embed-trl", family]
     if multimodal:
@@ -353,8 +361,14 @@ def collect_card_metadata(
         "embedding_dim": dim,
         "hidden_size": int(config.hidden_size),
         "truncated": config.embedding_dim is not None,
-        "modalities": ["text", "image", "image+text"] if multimodal else ["text"],
+        "modalities": (["text", "image", "image+text"] if multimodal else ["text"])
+        + (["images"] if several_images else []) + (["video"] if takes_video else []),
         "multimodal": multimodal,
+        "several_images": several_images,
+        "takes_video": takes_video,
+        "video_inputs": bool(export_info.get("video_inputs", False)),
+        "video_max_frames": sampling.max_frames if sampling else None,
+        "video_fps": sampling.fps if sampling else None,
         "license": None,
         "language": None,
         "tags": tags,
@@ -491,6 +505,8 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
         prompt_examples=_prompt_examples(metadata),
     )
     context.setdefault("sentence_transformers_subdir", None)
+    for key in ("several_images", "takes_video", "video_inputs", "video_max_frames", "video_fps"):
+        context.setdefault(key, None)  # metadata collected before these existed
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -65,12 +65,15 @@ def describe_export(
     model: MultimodalEmbeddingModel,
     prompts: Mapping[str, str] | None = None,
     default_prompt_name: str | None = None,
+    video_inputs: bool = False,
 ) -> dict[str, Any]:
     """What an export of ``model`` with these prompts records in :data:`EXPORT_INFO_FILE` (and its card shows):
-    template, pooling (with the pooling token's text), normalisation, dimension and the resolved prompts.
+    template, pooling (with the pooling token's text), normalisation, dimension, the resolved prompts, whether the
+    backbone takes videos and whether the export reads them itself (``video_inputs``).
 
     Raises:
-        ValueError: ``default_prompt_name`` is not one of the prompts, or ``embedding_dim`` exceeds the hidden size.
+        ValueError: ``default_prompt_name`` is not one of the prompts, ``embedding_dim`` exceeds the hidden size, or
+            ``video_inputs`` is asked of a model whose processor or prompt template takes no video.
     """
     from ..data.templates import get_template
     from ..modeling.configuration import check_embedding_dim
@@ -88,6 +91,14 @@ def describe_export(
     if config.pooling == "special_token":
         tokenizer = getattr(model.processor, "tokenizer", model.processor)
         pooling_token = config.pooling_token or tokenizer.convert_ids_to_tokens(int(config.pooling_token_id))
+    takes_video = getattr(model.processor, "video_processor", None) is not None and template.use_chat_template
+    if video_inputs and not takes_video:
+        raise ValueError(
+            "video_inputs=True makes the export read videos as model.encode does, but this model takes none: "
+            + (f"its prompt template {template.name!r} renders without a chat template (one image token)."
+               if getattr(model.processor, "video_processor", None) is not None
+               else f"its processor ({type(model.processor).__name__}) has no video processor.")
+        )
     return {
         "format": "mm_embed_trl.sentence_transformers",
         "prompt_template": template.name,
@@ -100,6 +111,8 @@ def describe_export(
         "default_prompt_name": default_prompt_name,
         "text_only_image_size": template.text_only_image_size,
         "sequential_positions": bool(config.sequential_positions),
+        "takes_video": takes_video,
+        "video_inputs": bool(video_inputs),
     }
 
 
@@ -113,6 +126,7 @@ def export_sentence_transformers(
     model_card_data: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     card_metadata: Mapping[str, Any] | None = None,
+    video_inputs: bool = False,
 ) -> pathlib.Path:
     """Write a sentence-transformers model directory that embeds exactly like ``model.encode``.
 
@@ -135,6 +149,12 @@ def export_sentence_transformers(
         card_metadata: metadata already collected by ``collect_card_metadata`` (with :func:`describe_export`'s
             info), rendered instead of collecting it again: the end-of-run save collects once for its two cards.
             ``model_card_data`` then carries overrides only.
+        video_inputs: make the input module :class:`~mm_embed_trl.export.st_input_module.MMEmbedInputTransformer`,
+            which reads a ``{"video": ...}`` value (frame folder, list of frames, video file) and image paths as
+            ``model.encode`` does, with the video options saved in the processor; loading the export then needs
+            ``trust_remote_code=True`` and ``mm-embed-trl`` installed. Without it the export is stock
+            sentence-transformers (no remote code): several images per input work alike, and a video given as a
+            list of frames that ``encode`` would keep whole (at most the saved ``max_frames``); see docs/EXPORT.md.
 
     Returns:
         The path of the export.
@@ -162,7 +182,7 @@ def export_sentence_transformers(
     owned = model is not model_or_path
     config = model.config
     template = get_template(config.prompt_template)
-    info = describe_export(model, prompts, default_prompt_name)
+    info = describe_export(model, prompts, default_prompt_name, video_inputs)
     resolved_prompts, pooling_token = info["prompts"], info["pooling_token"]
     if template.text_only_image_size is not None:
         size = template.text_only_image_size
@@ -215,8 +235,17 @@ def export_sentence_transformers(
         del model  # a checkpoint loaded here is ours: free it before sentence-transformers loads its own copy
         # Loading through sentence-transformers (rather than writing its JSON by hand) lets ST infer the modality
         # config and write every file in its own current format. unpad_inputs=False: Qwen-VL rope needs padding.
-        transformer = Transformer(
-            str(backbone_dir), unpad_inputs=False, model_kwargs={"use_kernels": USE_HUB_KERNELS_DEFAULT}
+        input_module = Transformer
+        if video_inputs:  # the video-reading subclass; importing it is only needed here
+            from .st_input_module import MMEmbedInputTransformer
+
+            input_module = MMEmbedInputTransformer
+        # A video reaches the processor as frames (the stock module: as the caller gives them; ours: sampled as
+        # encode samples them), which transformers refuses to sample again when the saved options sample by fps.
+        processing = {"video": {"do_sample_frames": False}} if info["takes_video"] else None
+        transformer = input_module(
+            str(backbone_dir), unpad_inputs=False, model_kwargs={"use_kernels": USE_HUB_KERNELS_DEFAULT},
+            processing_kwargs=processing,
         )
         hidden = transformer.get_embedding_dimension()
         modules: list[torch.nn.Module] = [

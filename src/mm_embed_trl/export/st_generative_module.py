@@ -23,7 +23,8 @@ _DOCUMENT_TASKS = ("document", "documents", "passage", "corpus", "positive", "ne
 
 
 class MMEmbedGenerativeEncoder(InputModule):
-    """Embeds texts, PIL images and ``{"image", "text"}`` dicts with the generative embedding (normalised).
+    """Embeds texts, PIL images and ``{"text", "image", "video"}`` dicts (several images, a video file, frame folder or
+    list of frames, read as ``model.encode`` reads them) with the generative embedding (normalised).
 
     ``encode_query`` / ``task="query"`` use the query side of the model's prompt template, ``encode_document`` the
     document side. ``generation`` holds the ``encode`` options (``max_new_tokens``, ``do_sample``, ...).
@@ -41,9 +42,12 @@ class MMEmbedGenerativeEncoder(InputModule):
 
     @property
     def modalities(self) -> list[str]:
-        # "message" tells sentence-transformers that one batch may mix texts, images and image+text dicts (as
+        # "message" tells sentence-transformers that one batch may mix texts, images, videos and dicts of them (as
         # model.encode does); chat-message inputs themselves are not supported.
-        if hasattr(self.model.processor, "image_processor"):
+        processor = self.model.processor
+        if getattr(processor, "video_processor", None) is not None:
+            return ["text", "image", "video", ("image", "text"), ("text", "video"), "message"]
+        if hasattr(processor, "image_processor"):
             return ["text", "image", ("image", "text"), "message"]
         return ["text"]
 

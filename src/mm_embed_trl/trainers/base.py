@@ -45,6 +45,50 @@ class _SkippedRowsReport(TrainerCallback):
             )
 
 
+# Set by `_CountingSkippedRows` in a batch of streamed rows: how many bad rows the streamed check left out before them.
+SKIPPED_ROWS_KEY = "bad_rows_skipped"
+
+
+class _StreamedSkippedRowsReport(TrainerCallback):
+    """Reports at the end of training how many bad rows of the streams the trainer read were left out
+    (on_bad_row="skip"), summed over the ranks (each counts the rows of its own batches)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        counts = torch.tensor(list(self.trainer._stream_skipped.values()), device=args.device)
+        train, evaluation = (int(n) for n in self.trainer.accelerator.reduce(counts, reduction="sum"))
+        if state.is_world_process_zero and (train or evaluation):
+            logger.warning(
+                "Bad rows left out of the streamed data (on_bad_row='skip'): %d of the training stream, %d of the "
+                "eval stream(s), among the rows read; each was logged as it streamed in.",
+                train, evaluation,
+            )
+
+
+class _CountingSkippedRows:
+    """A collator over streamed rows: the inner collator's batch, plus under :data:`SKIPPED_ROWS_KEY` the bad rows
+    the streamed check left out before these rows (their ``SKIPPED_ROWS_COLUMN``), as a plain int (no device sync).
+    Everything else is the inner collator's."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        from ..data.schema import SKIPPED_ROWS_COLUMN
+
+        skipped = sum(int(row.pop(SKIPPED_ROWS_COLUMN, None) or 0) for row in rows)
+        batch = self.collator(rows)
+        batch[SKIPPED_ROWS_KEY] = skipped
+        return batch
+
+    def __getattr__(self, name):
+        if name == "collator":  # not set yet (unpickling in a data-loader worker)
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity in the forward pass, multiplies the gradient in the backward pass (keeps logged losses honest)."""
 
@@ -68,6 +112,9 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         peft_config: a `peft.LoraConfig` (e.g. `trl.get_peft_config(model_args)`) to train adapters only.
         evaluators: callables `evaluator(model) -> dict` (e.g. `RetrievalEvaluator`, `TeacherAgreementEvaluator`)
             run by an `EmbeddingEvalCallback` at each evaluation and logged through the trainer.
+        dataset_mixture: the `DatasetMixture` that `train_dataset` was loaded from (`DatasetMixture.load()`): rows
+            are then drawn by its weights, seeded by `data_seed` (else `seed`), and with `same_source_batches` each
+            global batch from one source (`mm_embed_trl.data.mixture`).
     """
 
     _tag_names = ["mm-embed-trl"]
@@ -88,9 +135,20 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         callbacks=None,
         peft_config=None,
         evaluators=None,
+        dataset_mixture=None,
         **kwargs,
     ):
-        # Check the data before any model work: a bad row found hours into training is the expensive kind.
+        self.dataset_mixture = dataset_mixture
+        if dataset_mixture is not None and args.train_sampling_strategy != "random":
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} contradicts dataset_mixture, whose weights "
+                "decide the order of the rows: leave train_sampling_strategy at 'random' (its default)."
+            )
+        streams = _is_stream(train_dataset) or any(_is_stream(d) for d in _eval_datasets(eval_dataset))
+        if _is_stream(train_dataset):
+            self._check_stream_options(train_dataset, args)
+        # Check the data before any model work: a bad row found hours into training is the expensive kind. A stream
+        # is checked as it streams (data.validation.check_streamed_rows).
         train_dataset, eval_dataset = self.check_datasets(train_dataset, eval_dataset, args)
         if args.freeze_vision_tower and peft_config is not None and args.lora_target == "all":
             raise ValueError(
@@ -118,6 +176,10 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                 train_dataset, eval_dataset, args,
                 lambda dataset, what: check_rows(dataset, what=what, on_bad_row=args.on_bad_row),
             )
+        # bad rows a streamed check left out, per mode, counted as their batches arrive (the rows carry the count)
+        self._stream_skipped = {"train": 0, "eval": 0}
+        if streams:
+            data_collator = _CountingSkippedRows(data_collator)
         self.grad_cache = GradCache(args.gradient_cache_chunk_size) if args.gradient_cache_chunk_size else None
         self._chunk_cache = None  # (loss, GradCache handles) for the chunk-by-chunk backward (DeepSpeed, FSDP)
         self._last_train_loss: torch.Tensor | None = None
@@ -129,6 +191,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         callbacks = list(callbacks or [])
         if self.skipped_rows:
             callbacks.append(_SkippedRowsReport(self.skipped_rows))
+        if streams and args.on_bad_row == "skip":
+            callbacks.append(_StreamedSkippedRowsReport(self))
         eval_callback = None
         if evaluators:
             from ..evaluation import EmbeddingEvalCallback
@@ -185,6 +249,56 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
 
         return self._check_each(train_dataset, eval_dataset, args, check)
 
+    def _check_stream_options(self, stream, args) -> None:
+        """What training on a stream (a ``datasets.IterableDataset``) needs, checked before the model loads.
+
+        accelerate's default for an iterable dataset is ``dispatch_batches=True``: the main process reads every
+        batch, and the other ranks get slices of it cut along dim 0, which cuts Qwen-VL's flattened image patches
+        away from their rows (and puts all image decoding on one process). Each rank reads its own rows instead
+        (``dispatch_batches=False``): accelerate gives each rank ``stream.shard(world_size, rank)`` (its own shards)
+        when the stream has at least ``world_size`` shards, else every rank reads the whole stream and keeps its
+        slice of each batch (``IterableDatasetShard``); ``datasets`` then deals each rank's shards to its data-loader
+        workers, never one shard to two workers.
+        """
+        if args.max_steps is None or args.max_steps <= 0:
+            raise ValueError(
+                "The training dataset is a stream (a datasets.IterableDataset), which has no length, so the number of "
+                "steps cannot be derived from num_train_epochs: set max_steps (--max_steps N), the optimizer steps "
+                "to train (one pass over the stream ends when it runs out and the next begins, reshuffled by "
+                "set_epoch)."
+            )
+        if self.dataset_mixture is not None:
+            raise ValueError(
+                "dataset_mixture draws rows by index from a map-style dataset; a stream has none. Interleave the "
+                "streams with datasets.interleave_datasets(..., probabilities=...) instead."
+            )
+        config = args.accelerator_config
+        if config.dispatch_batches:
+            raise ValueError(
+                "accelerator_config.dispatch_batches=True with a streamed training dataset: the main process would "
+                "read every batch and the other ranks get slices cut along dim 0, which separates image patches from "
+                "their rows. Leave dispatch_batches unset (each rank then reads its own rows)."
+            )
+        config.dispatch_batches = False
+        workers = max(1, args.dataloader_num_workers)
+        readers = workers * args.world_size
+        shards = stream.num_shards
+        if shards < readers:
+            if shards < args.world_size:
+                where = (
+                    f"fewer than the {args.world_size} processes: every process reads the whole stream and keeps its "
+                    "slice of each batch (the same rows read world_size times)"
+                )
+            else:
+                where = f"fewer than {readers} readers ({args.world_size} processes x {workers} data-loader workers)"
+            logger.warning(
+                "The training stream has %d shard(s), %s; datasets gives a worker whole shards only, so %d reader(s) "
+                "idle (no row is read twice by one process). Stream from more files, or "
+                "Dataset.to_iterable_dataset(num_shards=...) / IterableDataset.reshard(), or lower "
+                "dataloader_num_workers.",
+                shards, where, readers - shards,
+            )
+
     def _check_each(self, train_dataset, eval_dataset, args, check):
         """Run `check(dataset, what) -> dataset` on the training and every eval dataset (main process first, so the
         others read its cached facts) and record the rows each check left out."""
@@ -223,6 +337,23 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     def compute_embedding_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (loss over the global batch, metrics to log). Embed all sides with ONE :meth:`embed` call."""
         raise NotImplementedError
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.dataset_mixture is None:
+            return super()._get_train_sampler(train_dataset)
+        sampler = self.mixture_sampler(train_dataset if train_dataset is not None else self.train_dataset, self.args)
+        if self.is_world_process_zero():
+            shares = ", ".join(f"{s.name!r} {n}" for s, n in zip(self.dataset_mixture.sources, sampler.counts))
+            logger.info("Dataset mixture, rows per epoch: %s (%d in all, seed %d).", shares, len(sampler), sampler.seed)
+        return sampler
+
+    def mixture_sampler(self, dataset, args):
+        """The `dataset_mixture`'s sampler over `dataset`, seeded by `data_seed` (else `seed`)."""
+        # accelerate deals the sampler's batches to the ranks in turn: a block of one global batch is one step
+        per_device = getattr(self, "_train_batch_size", args.per_device_train_batch_size)
+        block = per_device * args.world_size if self.dataset_mixture.same_source_batches else 1
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return self.dataset_mixture.sampler(dataset, seed=seed, block_size=block)
 
     # ------------------------------------------------------------------ shared machinery
     def embed(self, model, *encs: dict[str, Any], select=None) -> list[Any]:
@@ -273,6 +404,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         return tuple(None if t is None else t[:real] for t in gathered)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if SKIPPED_ROWS_KEY in inputs:
+            self._stream_skipped["train" if model.training else "eval"] += inputs.pop(SKIPPED_ROWS_KEY)
         self._cache_handles: list = []
         self._repeated_rows_left_out = False
         loss, metrics = self.compute_embedding_loss(model, inputs)
@@ -393,6 +526,18 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         super().log(logs, start_time)
 
 
+
+
+def _is_stream(dataset) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def _eval_datasets(eval_dataset) -> list:
+    if isinstance(eval_dataset, dict):
+        return list(eval_dataset.values())
+    return [] if eval_dataset is None else [eval_dataset]
 
 
 def _mark(batch, accelerator) -> None:

@@ -59,7 +59,8 @@ def select_rows(outputs: Sequence[dict[str, Any]], picks: Sequence[tuple[int, in
 
     Prompts stay left-padded and completions right-padded to the widest picked row (``pad_token_id`` in the ids, 0
     in masks and per-token tensors); ``mm_token_type_ids`` (prompt + completion) is split at each output's prompt
-    width and padded on both sides the same way; images follow their rows (TRL's ``split_pixel_values_by_grid``);
+    width and padded on both sides the same way; visual inputs follow their rows (the trainer's per-row
+    ``visual_inputs``, or TRL's image fields through its ``split_pixel_values_by_grid``);
     ``num_items_in_batch`` is left to the caller (it counts every rank's tokens).
     """
     from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
@@ -73,9 +74,12 @@ def select_rows(outputs: Sequence[dict[str, Any]], picks: Sequence[tuple[int, in
     for key in keys:
         present = [o[key] for o in split if o.get(key) is not None]
         sample = present[0]
-        if isinstance(sample, list):  # one entry per row: images and their metadata, num_images
+        if isinstance(sample, list):  # one entry per row: images and their metadata, num_images, visual inputs
             if key == "num_images":
                 result[key] = [split[k][key][i] if key in split[k] else 0 for k, i in picks]
+                continue
+            if not any(torch.is_tensor(t) for values in present for t in values):  # e.g. None or a dict per row
+                result[key] = [split[k][key][i] if split[k].get(key) is not None else None for k, i in picks]
                 continue
             empty = _empty_like_rows(next(t for values in present for t in values))
             result[key] = [split[k][key][i] if key in split[k] else empty for k, i in picks]

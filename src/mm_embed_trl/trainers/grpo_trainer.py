@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from accelerate.utils import gather, send_to_device
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from ..data.schema import EmbeddingInput
+from ..data.schema import EmbeddingInput, is_missing
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.generative import apply_missing_token_policy, embed_completions
@@ -35,8 +36,28 @@ OVERRIDDEN_TRL_METHODS = (
     "_tokenize_prompts",
     "_calculate_rewards",
     "_generate_and_score_completions",
+    "_get_per_token_logps_and_entropies",
+    "_compute_loss",
 )
+# Row keys this trainer adds for TRL to carry: each prompt row's loaded input, and each rollout's processor tensors
+# (pixel values and grids of its images and video; None for a text-only prompt), a list that TRL's buffer shuffles
+# and splits with the rows.
+ROW_INPUT = "embedding_input"
+VISUAL_INPUTS = "visual_inputs"
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def _cat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0, zero-padding the other dims to the largest (LLaVA-OneVision pads each processor
+    call's image tiles to its own largest count; rows from several calls meet here)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+            t = F.pad(t, pad)
+        padded.append(t)
+    return torch.cat(padded)
 
 
 class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
@@ -126,6 +147,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
                 "EmbeddingGRPOTrainer trains a generative MultimodalEmbeddingModel (the reasoning SFT stage's output, "
                 "or MultimodalEmbeddingModel.from_pretrained(<backbone>, encoder_kind='generative'))."
             )
+        self._prompt_rows = self._forward_visuals = None  # set while a generation batch / micro-batch is processed
         model, processing_class = self.prepare_embedding_model(
             model, processing_class, args, encoder_kind="generative"
         )
@@ -150,6 +172,14 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
             policy.name_or_path = reference_dir
         if train_dataset is None:
             raise ValueError("EmbeddingGRPOTrainer needs a train_dataset of (query, target) pairs (MMEB-train schema).")
+        import datasets
+
+        if isinstance(train_dataset, datasets.IterableDataset):
+            raise ValueError(
+                "EmbeddingGRPOTrainer does not train on a stream (a datasets.IterableDataset): its sampler repeats "
+                "each pair for its generations and keeps pairs in one generation batch, by index. Load the pairs as a "
+                "map-style dataset (streaming=False; a memory-mapped Arrow file need not fit in memory)."
+            )
         from ..data.validation import check_training_rows
 
         with args.main_process_first(desc="checking the dataset rows"):
@@ -306,26 +336,117 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         return output
 
     def _score_rows(self, inputs):
-        # Rows hold the pair's text and image; the prompt is built here, in the one template SFT and encode use, and
-        # images are loaded now (only this generation batch's).
-        from ..data.images import load_image
-
+        # Rows hold the pair's text, image(s) and video; each is loaded now (only this generation batch's), and its
+        # prompt is tokenized and processed by the collator SFT and encode use (`_tokenize_prompts`): TRL sees the
+        # prompts' token ids and their tensors, never images, so videos take the path images take.
         prepared = []
         for row in inputs:
-            where = f"pair {row['pair_id']} ({row['side']} side)"
-            image = load_image(row.get("image"), self.args.image_root, where=where)
-            inp = self.template.with_text_only_image(EmbeddingInput(text=row.get("text"), image=image))
-            messages = self.template.build_messages(inp, row["side"])
-            prepared.append({**row, "prompt": messages, "images": [inp.image] if inp.image is not None else []})
-        return super()._generate_and_score_completions(prepared)
+            inp = self.template.with_text_only_image(self._row_input(row))
+            # "images": [] tells TRL that it has no image to process (it would read the "image" paths otherwise)
+            prepared.append({**row, "prompt": self.template.build_messages(inp, row["side"]), ROW_INPUT: inp,
+                             "images": []})
+        self._prompt_rows = prepared
+        try:
+            output = super()._generate_and_score_completions(prepared)
+            output[VISUAL_INPUTS] = self._forward_visuals
+        finally:
+            self._prompt_rows = self._forward_visuals = None
+        return output
+
+    def _row_input(self, row) -> EmbeddingInput:
+        from ..data.images import load_images
+        from ..data.videos import load_video
+
+        where = f"pair {row['pair_id']} ({row['side']} side)"
+        values = row.get("image")
+        values = [v for v in (values if isinstance(values, list) else [values]) if not is_missing(v)]
+        images = load_images(values, self.args.image_root, where_prefix=f"{where} image")
+        video = load_video(row.get("video_frames") or row.get("video"), self.args.image_root,
+                           where=f"{where} video", processor=self.processing_class)
+        return EmbeddingInput(text=row.get("text"), image=images or None, video=video)
 
     def _tokenize_prompts(self, prompts):
-        prompt_ids, images, fields = super()._tokenize_prompts(prompts)
-        if images is not None:
-            # TRL marks a text-only prompt's images as None, which its second processor call rejects in a mixed
-            # batch; the processor takes [] for "no image"
-            images = [found if found is not None else [] for found in images]
-        return prompt_ids, images, fields
+        """Token ids of this generation batch's prompts and their tensors for `generate`, from the collator (one
+        processor call per side); each row's own tensors are kept for the log-probability forwards."""
+        from ..data.collators import IMAGE_KEYS, VIDEO_KEYS, split_batch
+
+        rows = self._prompt_rows
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("EmbeddingGRPOTrainer tokenizes the prompts of the rows _score_rows prepared; TRL asked "
+                               f"for {len(prompts)} prompts outside that call.")
+        keys = ("pixel_values", "pixel_values_videos", *IMAGE_KEYS, *VIDEO_KEYS)
+        prompt_ids: list = [None] * len(rows)
+        visuals: list = [None] * len(rows)
+        for side in dict.fromkeys(row["side"] for row in rows):
+            index = [i for i, row in enumerate(rows) if row["side"] == side]
+            enc = self._prompt_collator.encode_inputs([rows[i][ROW_INPUT] for i in index], side=side)
+            for i, ids, mask, one in zip(index, enc["input_ids"], enc["attention_mask"], split_batch(enc, 1)):
+                prompt_ids[i] = ids[mask.bool()].tolist()  # left-padded: the row's own tokens
+                visuals[i] = {key: one[key].to(self.accelerator.device) for key in keys if key in one} or None
+        self._forward_visuals = visuals
+        fields = self._visual_forward_kwargs(visuals)
+        if fields and self._takes_token_types:  # per prompt token, left-padded by TRL as it pads the ids
+            fields["mm_token_type_ids"] = [self._multimodal_token_types(torch.tensor(ids)).tolist()
+                                           for ids in prompt_ids]
+        return prompt_ids, None, fields
+
+    @property
+    def _takes_token_types(self) -> bool:
+        """Whether the backbone reads ``mm_token_type_ids`` (Qwen-VL's M-RoPE) beside its visual inputs."""
+        return "mm_token_type_ids" in getattr(self.processing_class, "model_input_names", ())
+
+    @staticmethod
+    def _visual_forward_kwargs(visuals: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+        """The backbone's visual arguments for these rows: each row's tensors, concatenated in row order."""
+        present = [v for v in visuals if v is not None]
+        keys = dict.fromkeys(key for v in present for key in v)
+        return {key: _cat_padded([v[key] for v in present if key in v]) for key in keys}
+
+    def _multimodal_token_types(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Qwen-VL's ``mm_token_type_ids`` of prompt tokens: 1 for an image placeholder, 2 for a video one."""
+        processor = self.processing_class
+        types = torch.zeros_like(prompt_ids)
+        for code, name in ((1, "image_token_id"), (2, "video_token_id")):
+            token = getattr(processor, name, None)
+            if token is not None:
+                types[prompt_ids == token] = code
+        return types
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **image_kwargs):
+        """TRL's forward, with the rows' images and videos (`_forward_visuals`, row-aligned with ``input_ids``)
+        passed to the backbone chunk by chunk: TRL itself passes image tensors only."""
+        visuals = self._forward_visuals
+        if visuals is None or all(v is None for v in visuals):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **image_kwargs)
+        if len(visuals) != input_ids.shape[0]:
+            raise RuntimeError(f"{len(visuals)} rows of visual inputs for a forward of {input_ids.shape[0]} rows.")
+        batch_size = batch_size or input_ids.shape[0]
+        parts = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            extra = self._visual_forward_kwargs(visuals[rows])
+            if extra and self._takes_token_types:
+                types = self._multimodal_token_types(input_ids[rows])
+                types[:, types.shape[1] - logits_to_keep:] = 0  # completion tokens are text
+                extra["mm_token_type_ids"] = types
+            forward = functools.partial(model, **extra) if extra else model
+            parts.append(super()._get_per_token_logps_and_entropies(
+                forward, input_ids[rows], attention_mask[rows], logits_to_keep, None, compute_entropy,
+                compute_aux_loss, **image_kwargs))
+        logps = torch.cat([p[0] for p in parts])
+        entropies = torch.cat([p[1] for p in parts]) if compute_entropy else None
+        aux_loss = torch.stack([p[2] for p in parts]).mean() if compute_aux_loss else None
+        return logps, entropies, aux_loss
+
+    def _compute_loss(self, model, inputs):
+        self._forward_visuals = inputs.get(VISUAL_INPUTS)  # this micro-batch's rows, as TRL's buffer split them
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._forward_visuals = None
 
     # ------------------------------------------------------------------ dynamic sampling (DAPO)
     def _refill_zero_spread_groups(self, output: dict[str, Any]) -> dict[str, Any]:
@@ -409,10 +530,7 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         policy as TRL wraps it, per side in chunks of ``embedding_batch_size`` rows."""
         size = self.args.embedding_batch_size or self.args.per_device_train_batch_size
         device = self.accelerator.device
-        inputs = [
-            EmbeddingInput(text=text, image=images[0] if images else None)
-            for text, images in zip(columns["text"], columns["images"])
-        ]
+        inputs = columns[ROW_INPUT]
         embeddings = [None] * len(inputs)
         found = torch.zeros(len(inputs), dtype=torch.bool, device=device)
         with (

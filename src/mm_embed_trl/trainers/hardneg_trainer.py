@@ -15,8 +15,9 @@ from .papers import UNIME_PAPER
 logger = logging.getLogger(__name__)
 
 
-def check_last_batch(train_dataset, args: HardNegContrastiveConfig) -> None:
+def check_last_batch(train_dataset, args: HardNegContrastiveConfig, rows: int | None = None) -> None:
     """Before any model work: refuse batches that cannot contrast, and say what `dataloader_drop_last` leaves out.
+    ``rows``: the rows an epoch draws when that is not the dataset's length (a dataset mixture's plan).
 
     The global batch is per_device_train_batch_size x processes. Accelerate completes the last batch of a
     multi-process epoch with rows from its start (`even_batches`), but those repeats stay out of the loss
@@ -26,7 +27,7 @@ def check_last_batch(train_dataset, args: HardNegContrastiveConfig) -> None:
 
     if train_dataset is None or not hasattr(train_dataset, "__len__"):
         return
-    rows = len(train_dataset)
+    rows = len(train_dataset) if rows is None else rows
     per_device, world = args.per_device_train_batch_size, args.world_size
     global_batch = per_device * world
     size = f"{per_device} per device x {world} process(es) = {global_batch}"
@@ -121,7 +122,10 @@ class HardNegContrastiveTrainer(EmbeddingTrainer):
 
     def check_datasets(self, train_dataset, eval_dataset, args):
         train_dataset, eval_dataset = super().check_datasets(train_dataset, eval_dataset, args)
-        check_last_batch(train_dataset, args)
+        drawn = None
+        if self.dataset_mixture is not None and train_dataset is not None:  # its errors too come before the model
+            drawn = len(self.mixture_sampler(train_dataset, args))
+        check_last_batch(train_dataset, args, drawn)
         return train_dataset, eval_dataset
 
     def compute_embedding_loss(self, model, inputs):
