@@ -97,6 +97,40 @@ def test_hardneg_trainer_takes_videos_and_several_images(tiny_backbone, tmp_path
     assert model.processor.video_processor.mm_embed_max_frames == 4  # the option is the processor's, saved with it
 
 
+def test_the_end_of_run_export_reads_videos_when_asked(tiny_backbone, tmp_path):
+    """`sentence_transformers_video_inputs=True`: the export the final save writes reads a frame folder as encode does
+    (with the video option trained with); a model that takes no video is refused before training, naming the option."""
+    from sentence_transformers import SentenceTransformer
+
+    from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer
+    from mm_embed_trl.data.videos import video_sampling
+    from mm_embed_trl.export.final_save import ST_SUBDIR
+
+    def config(name, **kw):
+        return HardNegContrastiveConfig(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+            report_to="none", save_strategy="no", disable_tqdm=True, sentence_transformers_video_inputs=True, **kw)
+
+    torch.manual_seed(0)
+    rows = _rows(tmp_path)
+    trainer = HardNegContrastiveTrainer(model=MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl")),
+                                        args=config("out", video_max_frames=4), train_dataset=rows)
+    trainer.train()
+    out = Path(trainer.save_for_inference())
+    info = json.loads((out / ST_SUBDIR / "mm_embed_trl_export.json").read_text())
+    assert info["video_inputs"]
+    st = SentenceTransformer(str(out / ST_SUBDIR), device="cpu", trust_remote_code=True)
+    assert video_sampling(st[0].processor).max_frames == 4
+    saved = MultimodalEmbeddingModel.from_pretrained(out)
+    clip = {"video": rows[0]["qry_video_path"], "text": "what is happening?"}
+    theirs = torch.as_tensor(st.encode_query([clip], convert_to_tensor=True)).float()
+    assert_close(theirs, saved.encode([clip], side="query"), rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+
+    with pytest.raises(ValueError, match="sentence_transformers_video_inputs=True: .*no video processor"):
+        HardNegContrastiveTrainer(model=MultimodalEmbeddingModel.from_pretrained(tiny_backbone("text")),
+                                  args=config("text"), train_dataset=rows)
+
+
 def test_reasoning_sft_takes_videos_and_several_images(tiny_backbone, tmp_path):
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer
 

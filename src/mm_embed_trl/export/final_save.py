@@ -98,17 +98,19 @@ def write_inference_extras(
     default_prompt_name: str | None = None,
     model_card_data: Mapping[str, Any] | None = None,
     generation: Mapping[str, Any] | None = None,
+    video_inputs: bool = False,
 ) -> None:
     """Next to the model saved in ``directory`` (a staging folder that will be published as ``published_as``, the
     path the cards' snippets name): its sentence-transformers export in ``ST_SUBDIR``, the model card and the
     export info. A UME-R1 model (a generative pooling token and an LM head) also gets its generative export in
-    ``ST_GENERATIVE_SUBDIR`` (a custom module: ``trust_remote_code=True``), with ``generation`` as its settings."""
+    ``ST_GENERATIVE_SUBDIR`` (a custom module: ``trust_remote_code=True``), with ``generation`` as its settings.
+    ``video_inputs`` as in :func:`~mm_embed_trl.export.sentence_transformers.export_sentence_transformers`."""
     from .model_card import card_for_export, collect_card_metadata, split_card_data
 
     # One collection serves both cards (the export's and the folder's): they differ only in the path they name.
     collect_args, overrides = split_card_data(model_card_data)
     metadata = collect_card_metadata(
-        model, **collect_args, export_info=describe_export(model, prompts, default_prompt_name)
+        model, **collect_args, export_info=describe_export(model, prompts, default_prompt_name, video_inputs)
     )
     export_sentence_transformers(
         model,
@@ -118,6 +120,7 @@ def write_inference_extras(
         model_card_data={"model_reference": str(published_as / ST_SUBDIR), **overrides},
         overwrite=True,
         card_metadata=metadata,
+        video_inputs=video_inputs,
     )
     card, reference = card_for_export(metadata, overrides, published_as, sentence_transformers_subdir=ST_SUBDIR)
     (directory / "README.md").write_text(card, encoding="utf-8")

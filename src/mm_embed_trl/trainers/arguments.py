@@ -52,6 +52,11 @@ class EmbeddingRunArguments:
         save_sentence_transformers (`bool`, defaults to `True`): at the end of training also write the
             sentence-transformers export to `<output_dir>/sentence_transformers` (LoRA merged), and for a UME-R1
             model the generative one to `<output_dir>/sentence_transformers_generative`.
+        sentence_transformers_video_inputs (`bool`, defaults to `False`): make that export read frame folders, frame
+            paths and video files itself, as `encode` does (`export_sentence_transformers(video_inputs=True)`:
+            loading it then needs `trust_remote_code=True` and mm-embed-trl installed). Without it the export takes
+            videos as lists of PIL frames, with stock sentence-transformers. Checked before training: the model must
+            take videos.
 
     > Parameters that control the model and its inputs (applied by `EmbeddingTrainerMixin.prepare_embedding_model`)
 
@@ -88,6 +93,13 @@ class EmbeddingRunArguments:
         metadata={
             "help": "At the end also write the sentence-transformers exports: sentence_transformers/ (LoRA merged) "
             "and, for UME-R1 models, sentence_transformers_generative/."
+        },
+    )
+    sentence_transformers_video_inputs: bool = field(
+        default=False,
+        metadata={
+            "help": "The end-of-run sentence-transformers export reads frame folders, frame paths and video files "
+            "itself, as encode does (loading it needs trust_remote_code=True). Default: videos as PIL frame lists."
         },
     )
     # the model and its inputs

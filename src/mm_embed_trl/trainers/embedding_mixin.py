@@ -150,6 +150,15 @@ class EmbeddingTrainerMixin:
             set_video_options(processing_class, **video)
         if args.freeze_vision_tower:
             freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
+        if args.save_sentence_transformers and args.sentence_transformers_video_inputs:
+            from ..export.sentence_transformers import describe_export
+
+            try:  # refused now, not after training, if the model takes no video
+                describe_export(model, video_inputs=True)
+            except ValueError as err:
+                raise ValueError(
+                    f"sentence_transformers_video_inputs=True: {err} Leave it False (videos as PIL frame lists)."
+                ) from None
         return model, processing_class
 
     def prepare_model(self, model: MultimodalEmbeddingModel, processing_class, args) -> None:
@@ -514,6 +523,7 @@ class EmbeddingTrainerMixin:
                     write_inference_extras(
                         saved, staging, published_as=output_dir, model_card_data=card,
                         generation=self._generation_settings(),
+                        video_inputs=self.args.sentence_transformers_video_inputs,
                     )
             if hold is not None:
                 hold.check_held()
