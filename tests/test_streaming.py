@@ -219,3 +219,26 @@ def test_set_epoch_on_the_prepared_loader_reshuffles_the_stream_the_same_on_ever
     for rank in (0, 1):
         assert orders[rank, 0] != orders[rank, 1] and sorted(orders[rank, 0]) == sorted(orders[rank, 1])
     assert not set(orders[0, 1]) & set(orders[1, 1])
+
+
+# ------------------------------------------------------------------------------------------ (d) resuming a stream
+def test_a_stream_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_backbone, shapes_data, tmp_path):
+    """12 shuffled rows in batches of 4: a checkpoint at step 2 is mid-way through the first pass, and step 4 runs in
+    the second (reshuffled) pass. Resuming there replays the stream to the same row and trains to the same weights,
+    bit for bit, as the run that was never stopped."""
+    stream = shapes_data["train"].select(range(12)).to_iterable_dataset(num_shards=2).shuffle(seed=7, buffer_size=4)
+
+    def trainer(run):
+        config = _config(
+            tmp_path / run, image_root=str(shapes_data.image_root), num_negatives=2, max_steps=4,
+            save_strategy="steps", save_steps=2,
+        )
+        return HardNegContrastiveTrainer(model=_model(tiny_backbone), args=config, train_dataset=stream)
+
+    whole = _final_weights(trainer("whole"))
+    resumed = trainer("resumed")
+    checkpoint = tmp_path / "whole" / "out" / "checkpoint-2"
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    changed = [n for n, p in resumed.model.named_parameters() if not torch.equal(p.detach(), whole[n])]
+    assert not changed, changed[:3]
