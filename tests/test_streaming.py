@@ -1,6 +1,6 @@
 """Training on a stream (a `datasets.IterableDataset`): the row checks run as rows stream in (skip counted, raise
-naming the row), ranks and data-loader workers each read their own rows, and a streamed run equals the same run on
-the map-style rows."""
+naming the row), ranks and data-loader workers each read their own rows, a streamed run equals the same run on the
+map-style rows, and a stream resumed from a checkpoint equals the run never stopped."""
 
 from __future__ import annotations
 
