@@ -31,8 +31,7 @@ from mm_embed_trl.scripts import (
     load_named_splits,
     model_init_kwargs,
     parse_args,
-    refuse_dataset_mixture,
-    refuse_streaming,
+    refuse_stream_and_mixture,
     resolve_model_path,
     train_evaluate_save,
 )
@@ -133,8 +132,7 @@ def add_teacher_embeddings(dataset, script_args, training_args, what: str):
 def main():
     parser = TrlParser((DistillScriptArguments, DistillEmbedConfig, ModelConfig))
     script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
-    refuse_dataset_mixture(script_args, "DistillEmbedTrainer")
-    refuse_streaming(
+    refuse_stream_and_mixture(
         script_args, "DistillEmbedTrainer", "the teacher's embeddings are computed for every row before training"
     )
 

@@ -31,8 +31,7 @@ from mm_embed_trl.scripts import (
     EmbeddingScriptArguments,
     model_init_kwargs,
     parse_args,
-    refuse_dataset_mixture,
-    refuse_streaming,
+    refuse_stream_and_mixture,
     resolve_datasets,
     train_evaluate_save,
     ume_r1_evaluator,
@@ -87,8 +86,9 @@ def build_tiny_sft_start(path: str) -> None:
 def main():
     parser = TrlParser((GRPOScriptArguments, EmbeddingGRPOConfig, ModelConfig))
     script_args, training_args, model_args = parse_args(parser, TINY_DEFAULTS)
-    refuse_dataset_mixture(script_args, "EmbeddingGRPOTrainer")
-    refuse_streaming(script_args, "EmbeddingGRPOTrainer", "its sampler repeats each pair for its generations by index")
+    refuse_stream_and_mixture(
+        script_args, "EmbeddingGRPOTrainer", "its sampler repeats each pair for its generations by index"
+    )
 
     is_tiny = not model_args.model_name_or_path
     model_path = model_args.model_name_or_path

@@ -220,7 +220,7 @@ def test_a_three_source_run_resumes_at_the_exact_row(three_sources, tiny_backbon
 def test_the_examples_take_a_mixture_from_a_recipe_json_or_a_yaml_file(tmp_path):
     from trl import TrlParser
 
-    from mm_embed_trl.scripts import EmbeddingScriptArguments, refuse_dataset_mixture
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, refuse_stream_and_mixture
 
     parser = TrlParser((EmbeddingScriptArguments,))
     listed = '[{"name_or_path": "a.jsonl", "num_samples": 5}, {"name_or_path": "b.jsonl", "image_root": "imgs"}]'
@@ -240,4 +240,4 @@ def test_the_examples_take_a_mixture_from_a_recipe_json_or_a_yaml_file(tmp_path)
     with pytest.raises(ValueError, match=r"Both --dataset_name \('x'\) and --dataset_mixture are set"):
         parser.parse_args_and_config(["--dataset_name", "x", "--dataset_mixture", listed])
     with pytest.raises(ValueError, match=r"--dataset_mixture is not supported by EmbeddingGRPOTrainer"):
-        refuse_dataset_mixture(script_args, "EmbeddingGRPOTrainer")  # the last one parsed holds a mixture
+        refuse_stream_and_mixture(script_args, "EmbeddingGRPOTrainer", "unused")  # the last one parsed holds a mixture

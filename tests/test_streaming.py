@@ -196,10 +196,10 @@ def test_the_example_streams_local_files_and_checks_once(shapes_data, tmp_path, 
 
 
 def test_grpo_and_distill_examples_refuse_a_stream():
-    from mm_embed_trl.scripts import EmbeddingScriptArguments, refuse_streaming
+    from mm_embed_trl.scripts import EmbeddingScriptArguments, refuse_stream_and_mixture
 
     with pytest.raises(ValueError, match="--streaming is not supported by EmbeddingGRPOTrainer: because"):
-        refuse_streaming(EmbeddingScriptArguments(streaming=True), "EmbeddingGRPOTrainer", "because")
+        refuse_stream_and_mixture(EmbeddingScriptArguments(streaming=True), "EmbeddingGRPOTrainer", "because")
     with pytest.raises(ValueError, match="--streaming does not apply to --dataset_mixture"):
         EmbeddingScriptArguments(streaming=True, dataset_mixture=[{"name_or_path": "generated"}])
 

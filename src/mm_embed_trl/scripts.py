@@ -115,20 +115,17 @@ class EmbeddingScriptArguments:
         return self.dataset_name or default
 
 
-def refuse_streaming(script_args, method: str, why: str) -> None:
-    """For the examples whose trainer needs the whole training set at hand (``why``)."""
-    if script_args.streaming:
-        raise ValueError(
-            f"--streaming is not supported by {method}: {why}. Load the dataset whole (--streaming false)."
-        )
-
-
-def refuse_dataset_mixture(script_args, method: str) -> None:
-    """For the examples whose trainer samples its own way (GRPO's paired rollouts, distillation's text corpus)."""
+def refuse_stream_and_mixture(script_args, method: str, why_no_stream: str) -> None:
+    """For the examples whose trainer samples its own way (GRPO's paired rollouts, distillation's text corpus) and
+    needs the whole training set at hand (``why_no_stream``): a dataset mixture and a stream are refused by name."""
     if script_args.dataset_mixture is not None:
         raise ValueError(
             f"--dataset_mixture is not supported by {method}: train on one dataset (--dataset_name), e.g. the sources "
             "concatenated with datasets.concatenate_datasets and saved to one file."
+        )
+    if script_args.streaming:
+        raise ValueError(
+            f"--streaming is not supported by {method}: {why_no_stream}. Load the dataset whole (--streaming false)."
         )
 
 
