@@ -3,9 +3,11 @@ handler must keep the exit clean for any script that uses the group directly. Ru
 ``torch.distributed.run --nproc_per_node 2``; ``--accelerator`` starts the group through accelerate instead,
 ``--ddp`` runs 20 steps of a small model under DistributedDataParallel, which keeps the model (and through it the group)
 alive until the interpreter shuts down, as a training script's module-level trainer does; ``--raise`` ends rank 1 on
-an uncaught exception after the collectives (its group is then left alone)."""
+an uncaught exception after the collectives (its group is then left alone); ``--time-exit`` runs the exit handler
+itself at the end (the model still alive, as at exit) and prints how long it took."""
 
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,3 +37,9 @@ for _ in range(20):
     dist.all_gather(gathered, t)
 if "--raise" in sys.argv and dist.get_rank() == 1:
     raise RuntimeError("failed after the collectives")
+if "--time-exit" in sys.argv:
+    from mm_embed_trl.distributed.process_group import destroy_process_group_on_clean_exit
+
+    rank, start = dist.get_rank(), time.monotonic()
+    destroy_process_group_on_clean_exit()
+    print(f"rank {rank}: the exit handler took {time.monotonic() - start:.2f} s", flush=True)

@@ -10,8 +10,8 @@ scheduler or CI. `destroy_process_group` shuts every backend down and joins thos
 but only when nothing else holds the group: a `DistributedDataParallel` model (its C++ reducer), a DeepSpeed engine or
 an FSDP mesh that lives until the interpreter clears its modules keeps the group, and its threads, alive (seen here
 in every trainer's 2-process run; a GRPO step aborted this way in CI). gloo offers no call that joins them then. So
-the handler then waits, with the GIL released, until those threads have gone quiet (asleep, not scheduled between
-two looks at `/proc`): a thread that is idle when the interpreter finalizes never asks for the GIL.
+the handler then waits, with the GIL released, until gloo's collective threads have gone quiet (asleep, not scheduled
+between two looks at `/proc`): a thread that is idle when the interpreter finalizes never asks for the GIL.
 
 Where. `import mm_embed_trl` registers `destroy_process_group_on_clean_exit` with `atexit` (see the package's
 `__init__`), so every process that imports the library gets it: the trainers, the examples, a user's own script that
@@ -38,9 +38,11 @@ import time
 __all__ = ["destroy_process_group_at_exit", "destroy_process_group_on_clean_exit", "wait_for_quiet_comm_threads"]
 
 _state = {"clean": True}
-# Native threads of torch.distributed's gloo backend and its store: "pt_gloo_runloop" (collectives), "gloo_tcp_loop",
-# "pt_tcpstore_uv" and the like.
-COMM_THREAD_PREFIXES = ("pt_", "gloo")
+# The native threads that run gloo's collectives and release their work objects: "pt_gloo_runloop". Not gloo's
+# transport thread "gloo_tcp_loop": it polls its sockets every 10 ms whatever happens (so it never looks quiet) and
+# never touches Python objects. Waiting for it made every exit of a process whose group was held (a DDP model: every
+# multi-process training run) sleep the full 10 s of the wait below.
+COMM_THREAD_PREFIXES = ("pt_gloo",)
 
 
 def _comm_thread_activity(prefixes: tuple[str, ...]) -> dict[int, tuple[str, str]] | None:
