@@ -65,6 +65,7 @@ def test_run_level_options_are_declared_once_for_every_trainer_config(tmp_path):
     shared = {f.name: f for f in dataclasses.fields(EmbeddingRunArguments)}
     assert set(shared) == {
         "image_root", "on_bad_row", "overwrite_output_dir", "save_sentence_transformers",  # the run
+        "sentence_transformers_video_inputs",
         "prompt_template", "image_max_pixels", "video_fps", "video_max_frames", "video_max_pixels",  # model, inputs
         "freeze_vision_tower",
     }

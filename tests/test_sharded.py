@@ -5,7 +5,9 @@ Reference: the plain (non-cached) step under ZeRO-1. Every ZeRO stage and FSDP2,
 reach the same parameters after one optimizer step. accelerate enables FSDP only on accelerators, so the script
 switches it on for CPU (FSDP2 itself runs there). Chunks of 3 rows of the generated data mix image and text-only
 queries, so ranks run text-only chunks while the other runs images: without the blank-image forward ZeRO-3 hangs
-and without coalesced reduction ZeRO-2's gradients are wrong (both measured before the fixes).
+and without coalesced reduction ZeRO-2's gradients are wrong (both measured before the fixes). The `_videos` cases
+turn a third of the image queries into videos, so a chunk may hold a video, images or neither (the text-only-rank
+rule for videos under ZeRO-3 and FSDP2).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def plain_zero1(tmp_path_factory):
     return _result(tmp_path_factory.mktemp("plain"), "plain", "--stage", "1")
 
 
+@pytest.fixture(scope="module")
+def plain_zero1_videos(tmp_path_factory):
+    return _result(tmp_path_factory.mktemp("plain_videos"), "plain_videos", "--stage", "1", "--videos")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name,extra",
@@ -50,9 +57,13 @@ def plain_zero1(tmp_path_factory):
         ("fsdp_gradcache", ["--fsdp", "--chunk", "3"]),
         # an older DeepSpeed: one engine.backward per chunk with the accumulation boundary held open
         ("zero1_gradcache_without_coalesce", ["--stage", "1", "--chunk", "3", "--without_coalesce"]),
+        # video queries beside image and text-only ones: chunks and ranks differ in which vision inputs they hold
+        ("zero3_gradcache_videos", ["--stage", "3", "--chunk", "3", "--videos"]),
+        ("fsdp_gradcache_videos", ["--fsdp", "--chunk", "3", "--videos"]),
     ],
 )
-def test_step_equals_the_plain_zero1_step(tmp_path, plain_zero1, name, extra):
+def test_step_equals_the_plain_zero1_step(tmp_path, request, name, extra):
+    plain_zero1 = request.getfixturevalue("plain_zero1_videos" if "--videos" in extra else "plain_zero1")
     result = _result(tmp_path, name, *extra)
     assert result["engine"] == ("fsdp" if "--fsdp" in extra else "deepspeed")
     # The same step computed another way (chunks, shards): rounding only. The script's AdamW step with eps=1 moves

@@ -1,7 +1,8 @@
 """One HardNegContrastiveTrainer optimizer step under DeepSpeed ZeRO (its CPU accelerator) or FSDP2 (gloo), with
 or without GradCache; rank 0 saves the resulting parameters. Run under ``torch.distributed.run --nproc_per_node 2``
-with ``DS_ACCELERATOR=cpu``: ``python sharded_step.py OUT.pt [--chunk N] [--stage 2 | --fsdp]``. The generated
-data mixes image and text-only queries, so chunks (and ranks) differ in modality.
+with ``DS_ACCELERATOR=cpu``: ``python sharded_step.py OUT.pt [--chunk N] [--stage 2 | --fsdp] [--videos]``. The
+generated data mixes image and text-only queries, so chunks (and ranks) differ in modality; ``--videos`` turns every
+third image query into a video query (a folder of frames), so some chunks hold a video, others images or text only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,39 @@ def _force_fsdp_on_cpu():
     AcceleratorState.__init__ = init
 
 
+def _with_videos(rows, image_root):
+    """Every third image query becomes a video of 3 frames (its image, flipped, its image again), written on disk by
+    whichever rank gets there first (each writes its own staging folder and renames it into place)."""
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    image_queries = [i for i, path in enumerate(rows["qry_image_path"]) if path][::3]
+    root = os.path.join(str(image_root), "videos")
+    staging = os.path.join(root, f".staging-{os.getpid()}")
+    for i in image_queries:
+        folder = os.path.join(root, f"clip{i:03d}")
+        if os.path.isdir(folder):
+            continue
+        os.makedirs(staging, exist_ok=True)
+        image = Image.open(os.path.join(str(image_root), rows[i]["qry_image_path"])).convert("RGB")
+        for k, frame in enumerate((image, ImageOps.mirror(image), image)):
+            frame.save(os.path.join(staging, f"{k:04d}.png"))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another rank put it in place first
+            shutil.rmtree(staging, ignore_errors=True)
+    chosen = set(image_queries)
+
+    def convert(row, index):
+        if index not in chosen:
+            return {**row, "qry_video_path": ""}
+        return {**row, "qry": "<video>\nRepresent the given video.", "qry_image_path": "",
+                "qry_video_path": os.path.join(root, f"clip{index:03d}")}
+
+    return rows.map(convert, with_indices=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -43,6 +77,7 @@ def main():
     parser.add_argument("--zero_options", default="{}", help="extra zero_optimization entries, as JSON")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding instead of DeepSpeed")
     parser.add_argument("--without_coalesce", action="store_true", help="act as a DeepSpeed without coalescing")
+    parser.add_argument("--videos", action="store_true", help="every third image query becomes a video query")
     args = parser.parse_args()
     if args.fsdp:
         _force_fsdp_on_cpu()
@@ -51,6 +86,7 @@ def main():
 
         delattr(DeepSpeedEngine, "coalesce_grad_reduction")
     data = make_shapes_dataset(num_train=64, num_eval=8, seed=3)
+    train = _with_videos(data["train"], data.image_root) if args.videos else data["train"]
     ds_config = {
         # the trainers refuse ZeRO-3 without it: their final save gathers the whole model
         "zero_optimization": {
@@ -97,10 +133,11 @@ def main():
         logging_steps=1,
         seed=0,
         data_seed=0,
+        video_max_frames=3,
     )
     # the model is loaded whole (before the config enables zero.Init): the starting point of every run
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=data["train"])
+    trainer = HardNegContrastiveTrainer(model=model, args=config, train_dataset=train)
     trainer.train()
     # FSDP2 parameters are DTensor shards: gather them (a collective, so on every rank)
     params = {
