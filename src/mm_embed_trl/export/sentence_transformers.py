@@ -61,6 +61,24 @@ def _resolve_prompts(template: PromptTemplate, prompts: Mapping[str, str] | None
     return resolved
 
 
+def _takes_video(model: MultimodalEmbeddingModel, template) -> bool:
+    return getattr(model.processor, "video_processor", None) is not None and template.use_chat_template
+
+
+def check_video_inputs(model: MultimodalEmbeddingModel) -> None:
+    """Raise ValueError, saying why, unless ``model`` takes videos (``video_inputs=True`` of an export needs that)."""
+    from ..data.templates import get_template
+
+    template = get_template(model.config.prompt_template)
+    if not _takes_video(model, template):
+        raise ValueError(
+            "video_inputs=True makes the export read videos as model.encode does, but this model takes none: "
+            + (f"its prompt template {template.name!r} renders without a chat template (one image token)."
+               if getattr(model.processor, "video_processor", None) is not None
+               else f"its processor ({type(model.processor).__name__}) has no video processor.")
+        )
+
+
 def describe_export(
     model: MultimodalEmbeddingModel,
     prompts: Mapping[str, str] | None = None,
@@ -91,14 +109,9 @@ def describe_export(
     if config.pooling == "special_token":
         tokenizer = getattr(model.processor, "tokenizer", model.processor)
         pooling_token = config.pooling_token or tokenizer.convert_ids_to_tokens(int(config.pooling_token_id))
-    takes_video = getattr(model.processor, "video_processor", None) is not None and template.use_chat_template
-    if video_inputs and not takes_video:
-        raise ValueError(
-            "video_inputs=True makes the export read videos as model.encode does, but this model takes none: "
-            + (f"its prompt template {template.name!r} renders without a chat template (one image token)."
-               if getattr(model.processor, "video_processor", None) is not None
-               else f"its processor ({type(model.processor).__name__}) has no video processor.")
-        )
+    if video_inputs:
+        check_video_inputs(model)
+    takes_video = _takes_video(model, template)
     return {
         "format": "mm_embed_trl.sentence_transformers",
         "prompt_template": template.name,

@@ -151,10 +151,10 @@ class EmbeddingTrainerMixin:
         if args.freeze_vision_tower:
             freeze_vision_tower(model, keep_projector=getattr(args, "train_vision_projector", False))
         if args.save_sentence_transformers and args.sentence_transformers_video_inputs:
-            from ..export.sentence_transformers import describe_export
+            from ..export.sentence_transformers import check_video_inputs
 
             try:  # refused now, not after training, if the model takes no video
-                describe_export(model, video_inputs=True)
+                check_video_inputs(model)
             except ValueError as err:
                 raise ValueError(
                     f"sentence_transformers_video_inputs=True: {err} Leave it False (videos as PIL frame lists)."
