@@ -131,6 +131,25 @@ def test_the_end_of_run_export_reads_videos_when_asked(tiny_backbone, tmp_path):
                                   args=config("text"), train_dataset=rows)
 
 
+def test_the_examples_command_line_passes_the_video_inputs_option_to_the_final_export(tmp_path, monkeypatch):
+    """`--sentence_transformers_video_inputs true` on the example's command line reaches the end-of-run export."""
+    import runpy
+    import sys
+
+    from mm_embed_trl.export.final_save import ST_SUBDIR
+
+    out = tmp_path / "run"
+    argv = [
+        "train_hardneg.py", "--output_dir", str(out), "--sentence_transformers_video_inputs", "true",
+        "--max_steps", "1", "--generated_train_size", "16", "--generated_eval_size", "8",
+        "--per_device_train_batch_size", "4", "--evaluate_before_training", "false", "--report_to", "none",
+        "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "train_hardneg.py"), run_name="__main__")
+    assert json.loads((out / ST_SUBDIR / "mm_embed_trl_export.json").read_text())["video_inputs"]
+
+
 def test_reasoning_sft_takes_videos_and_several_images(tiny_backbone, tmp_path):
     from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer
 
