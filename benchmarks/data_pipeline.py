@@ -97,8 +97,10 @@ def main() -> None:
     from mm_embed_trl.demo.generated import make_shapes_dataset
 
     rows = args.batch * (args.batches + 2) * args.repeats
+    start = time.perf_counter()
     data = make_shapes_dataset(num_train=rows, num_eval=8, seed=0, image_size=args.image_size,
                                num_negatives=args.negatives)
+    print(f"# generated {rows}+8 rows in {time.perf_counter() - start:.1f} s")
     print(f"# {rows} rows, {args.negatives} hard negatives each, {args.image_size}px images, batch {args.batch}, "
           f"{os.cpu_count()} CPUs; rows/s, median of {args.repeats}")
     print("| text width | workers | pipeline rows/s | step rows/s | pipeline / step | loop rows/s |")

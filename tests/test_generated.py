@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections import Counter, deque
 
 import numpy as np
@@ -390,9 +389,7 @@ def test_invalid_params(tmp_path):
         make_shapes_dataset(tmp_path / "x", image_size=8)
 
 
-def test_default_size_generates_quickly(tmp_path):
-    start = time.perf_counter()
+def test_default_size(tmp_path):
+    # its speed is a benchmark figure (benchmarks/data_pipeline.py prints the generation time), not a timed test
     ds = make_shapes_dataset(tmp_path / "full", num_negatives=2)
-    elapsed = time.perf_counter() - start
     assert len(ds["train"]) == 512 and len(ds["eval"]) == 128
-    assert elapsed < 15, f"generating 512+128 images took {elapsed:.1f}s"
