@@ -13,12 +13,23 @@ failure as "other". When the checkout has the launch harness (tests/launching.py
 `--root` points at another checkout (e.g. a `git worktree` of an older commit) to measure it with the same packages:
 its own `src` and `tests` are used. The run resumes: repetitions already in `--out` are kept. Prints and writes
 `summary.md` / `summary.json`.
+
+30 repetitions of every multi-process test take 10-15 hours of a 2-core machine, more than one working session, so
+the count is kept across sessions: `--record FILE` appends one JSON line per finished repetition (commit, date, load,
+each test's outcome and launches) and `--summarise-record FILE` adds them up. Repetitions count together only when
+they ran the same exit path: the same `EXIT_PATH` files (the handler, the launch harness, the test scripts that
+launch) and the same locked packages, which the record keys by a hash of those files.
+
+    python benchmarks/exit_aborts.py --runs 4 --load 2 --record benchmarks/results/exit_aborts.jsonl
+    python benchmarks/exit_aborts.py --summarise-record benchmarks/results/exit_aborts.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
+import hashlib
 import json
 import os
 import re
@@ -62,6 +73,36 @@ ABORT_SIGNS = re.compile(
 )
 
 
+# What decides whether an exit aborts: the handler, the package's import-time registration of it, the harness that
+# launches, the scripts the tests launch, and the packages (torch's gloo, DeepSpeed, accelerate) the lock pins.
+EXIT_PATH = (
+    "src/mm_embed_trl/distributed/process_group.py",
+    "src/mm_embed_trl/__init__.py",
+    "tests/launching.py",
+    "tests/dist_scripts",
+    "constraints.txt",
+)
+
+
+def exit_path_key(root: Path) -> str:
+    """A short hash of the `EXIT_PATH` files' contents in `root` (directories: every file in them, sorted)."""
+    digest = hashlib.sha256()
+    for name in EXIT_PATH:
+        path = root / name
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        else:
+            files = [path] if path.is_file() else []
+        for file in files:
+            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _commit(root: Path) -> str:
+    found = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
+
+
 def _busy_processes(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
@@ -73,7 +114,7 @@ def _repetition(root: Path, out: Path, index: int, expression: str, timeout: flo
         "PYTHONPATH": str(root / "src"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "MM_EMBED_TRL_LAUNCH_LOG": str(out / "launches.jsonl"),
+        "MM_EMBED_TRL_LAUNCH_LOG": str(out / f"rep-{index:03d}.launches.jsonl"),
         "MM_EMBED_TRL_CACHE": str(out / "cache"),
     }
     files = multi_process_files(root)
@@ -86,45 +127,96 @@ def _repetition(root: Path, out: Path, index: int, expression: str, timeout: flo
     return time.monotonic() - start
 
 
+def _report_outcomes(report: Path) -> dict[str, str]:
+    """Each test case of one JUnit report: passed, skipped, aborted (a failure with the abort's signs) or other."""
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        if case.find("skipped") is not None:
+            outcomes[name] = "skipped"
+        elif failure is None:
+            outcomes[name] = "passed"
+        else:
+            text = (failure.get("message") or "") + (failure.text or "")
+            outcomes[name] = "aborted" if ABORT_SIGNS.search(text) else "other failure"
+    return outcomes
+
+
 def _outcomes(out: Path) -> dict[str, collections.Counter]:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for report in sorted(out.glob("rep-*.xml")):
-        for case in ET.parse(report).getroot().iter("testcase"):
-            name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
-            failure = case.find("failure")
-            if failure is None:
-                failure = case.find("error")
-            if case.find("skipped") is not None:
-                counts[name]["skipped"] += 1
-            elif failure is None:
-                counts[name]["passed"] += 1
-            else:
-                text = (failure.get("message") or "") + (failure.text or "")
-                counts[name]["aborted" if ABORT_SIGNS.search(text) else "other failure"] += 1
+        for name, outcome in _report_outcomes(report).items():
+            counts[name][outcome] += 1
             counts[name]["runs"] += 1
     return counts
 
 
-def _launches(out: Path) -> dict[str, collections.Counter]:
+def _launch_counts(lines) -> dict[str, collections.Counter]:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    path = out / "launches.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record["processes"] < 2:
-                continue
-            name = record["test"].split("/")[-1].replace(".py::", "::", 1)
-            counts[name]["launches"] += 1
-            counts[name]["aborted launches"] += bool(record["aborted_at_exit"])
+    for line in lines:
+        record = json.loads(line)
+        if record["processes"] < 2:
+            continue
+        name = record["test"].split("/")[-1].replace(".py::", "::", 1)
+        counts[name]["launches"] += 1
+        counts[name]["aborted launches"] += bool(record["aborted_at_exit"])
     return counts
 
 
-def summarise(out: Path, load: int) -> str:
-    tests, launches = _outcomes(out), _launches(out)
-    reps = len(list(out.glob("rep-*.xml")))
+def _launches(out: Path) -> dict[str, collections.Counter]:
+    # one log per repetition (rep-NNN.launches.jsonl); launches.jsonl is the shared log of earlier versions
+    logs = sorted(out.glob("*launches.jsonl"))
+    return _launch_counts([line for path in logs for line in path.read_text().splitlines()])
+
+
+def record_repetition(record: Path, root: Path, report: Path, launch_lines: list[str], load: int, seconds: float,
+                      beside: str) -> None:
+    """Append one finished repetition to the cross-session record: one JSON line."""
+    entry = {
+        "exit_path": exit_path_key(root), "commit": _commit(root),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load": load, "beside": beside, "seconds": round(seconds),
+        "tests": _report_outcomes(report),
+        "launches": {name: [c["launches"], c["aborted launches"]] for name, c in _launch_counts(launch_lines).items()},
+    }
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def summarise_record(record: Path, root: Path, exit_path: str | None = None) -> str:
+    """The record's repetitions of one exit path (default: `root`'s), added up per test; the other keys listed."""
+    entries = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    key = exit_path or exit_path_key(root)
+    other = collections.Counter(e["exit_path"] for e in entries if e["exit_path"] != key)
+    entries = [e for e in entries if e["exit_path"] == key]
+    tests: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    launches: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for entry in entries:
+        for name, outcome in entry["tests"].items():
+            tests[name][outcome] += 1
+            tests[name]["runs"] += 1
+        for name, (count, aborted) in entry["launches"].items():
+            launches[name]["launches"] += count
+            launches[name]["aborted launches"] += aborted
+    commits = sorted({e["commit"] for e in entries})
+    loads = sorted({f"{e['load']} busy + {e['beside'] or 'nothing'}" for e in entries})
+    header = [
+        f"Exit path {key}: {len(entries)} repetition(s) from {record} (commits {', '.join(commits) or '-'}; "
+        f"load: {'; '.join(loads) or '-'}).",
+    ]
+    if other:
+        header.append("Left out, other exit paths: " + ", ".join(f"{k} ({n})" for k, n in sorted(other.items())) + ".")
+    fewest = min((t["runs"] for t in tests.values()), default=0)
+    header.append(f"Fewest runs of a test: {fewest}.")
+    return "\n".join(header) + "\n\n" + _table(tests, launches)
+
+
+def _table(tests, launches) -> str:
     lines = [
-        f"Multi-process tests under {load} busy process(es), {reps} repetition(s) ({out}).",
-        "",
         "| test | runs | passed | aborted at exit | other failure | 2-process launches | aborted launches |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -139,8 +231,15 @@ def summarise(out: Path, load: int) -> str:
         f"| **all** | {totals['runs']} | {totals['passed']} | {totals['aborted']} | {totals['other']} | "
         f"{totals['launches']} | {totals['aborted launches']} |"
     )
+    return "\n".join(lines)
+
+
+def summarise(out: Path, load: int) -> str:
+    tests, launches = _outcomes(out), _launches(out)
+    reps = len(list(out.glob("rep-*.xml")))
+    text = f"Multi-process tests under {load} busy process(es), {reps} repetition(s) ({out}).\n\n" + _table(
+        tests, launches)
     (out / "summary.json").write_text(json.dumps({"tests": tests, "launches": launches, "load": load}, indent=1))
-    text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
     return text
 
@@ -153,7 +252,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "exit-aborts")
     parser.add_argument("-k", dest="expression", default=DEFAULT_DESELECT, help="pytest -k selection.")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="Seconds allowed for one repetition.")
+    parser.add_argument("--record", type=Path, help="Append each finished repetition to this cross-session record.")
+    parser.add_argument("--beside", default="", help="What else loaded the machine, for the record.")
+    parser.add_argument("--summarise-record", type=Path, metavar="RECORD",
+                        help="Only add up RECORD's repetitions of --root's exit path, and print them.")
     args = parser.parse_args()
+    if args.summarise_record:
+        print(summarise_record(args.summarise_record, args.root.resolve()))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     busy = _busy_processes(args.load)
     try:
@@ -162,6 +268,11 @@ def main() -> None:
                 continue
             seconds = _repetition(args.root.resolve(), args.out, index, args.expression, args.timeout)
             print(f"repetition {index + 1}/{args.runs}: {seconds:.0f} s", flush=True)
+            if args.record:
+                launches = args.out / f"rep-{index:03d}.launches.jsonl"
+                record_repetition(args.record, args.root.resolve(), args.out / f"rep-{index:03d}.xml",
+                                  launches.read_text().splitlines() if launches.is_file() else [], args.load, seconds,
+                                  args.beside)
     finally:
         for process in busy:
             process.kill()
