@@ -141,14 +141,19 @@ def test_hub_kernels_are_an_explicit_choice_of_every_example():
 @pytest.mark.slow
 def test_train_hardneg_example_streams_its_data_on_two_processes(tmp_path):
     """--streaming: each rank reads its own shard of the stream (dispatch_batches=False) and the loss sees both
-    ranks' rows."""
+    ranks' rows. The shards are unequal (33 rows: 17 and 16), 2 batches of 4 a step: rank 0 has a fifth, 1-row batch
+    after its 2 steps where rank 1 has run out. The pass ends on both there and the third step runs in the next pass
+    (before, rank 0 went on alone with a short accumulation window and the ranks' collectives no longer paired up:
+    the run hung)."""
     out = tmp_path / "run"
     log = launching.run(
         ROOT / "examples" / "train_hardneg.py",
-        "--output_dir", out, "--streaming", "true", "--max_steps", 3, "--generated_train_size", 64,
-        "--generated_eval_size", 16, "--per_device_train_batch_size", 8, "--evaluate_before_training", "false",
-        processes=2, launcher="accelerate", cwd=tmp_path,
+        "--output_dir", out, "--streaming", "true", "--max_steps", 3, "--generated_train_size", 33,
+        "--generated_eval_size", 16, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2,
+        "--evaluate_before_training", "false", "--logging_steps", 1, processes=2, launcher="accelerate", cwd=tmp_path,
+        timeout=300,
     ).output
     assert "Training with MULTI_CPU on 2 process(es)" in log
-    assert "'num_valid_negatives': '15'" in log  # 2 x 8 targets minus the positive: rows from both ranks
+    assert "'num_valid_negatives': '7'" in log  # 2 x 4 targets minus the positive: rows from both ranks
+    assert log.count("'loss'") == 3
     assert (out / "sentence_transformers").is_dir()

@@ -242,3 +242,52 @@ def test_a_stream_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_backbone, 
     assert resumed.state.global_step == 4
     changed = [n for n, p in resumed.model.named_parameters() if not torch.equal(p.detach(), whole[n])]
     assert not changed, changed[:3]
+
+
+# ------------------------------------------------------------------------------------ the end of a pass, all ranks
+def _trained_batch_sizes(trainer):
+    """A spy on `trainer.training_step`: the list it returns fills with the rows of each micro-batch trained on."""
+    sizes, step = [], trainer.training_step
+
+    def spy(model, inputs, num_items_in_batch=None):
+        sizes.append(len(inputs["query"]["input_ids"]))
+        return step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = spy
+    return sizes
+
+
+def test_a_pass_ends_at_its_last_full_step_and_a_resumed_run_goes_on_with_the_next(
+    tiny_backbone, shapes_data, tmp_path
+):
+    """10 rows in batches of 4, 2 batches a step: each pass fills one step (8 rows); the last 2 rows cannot fill the
+    next, so the pass ends there (on every rank together: a rank that runs out would otherwise leave the others
+    waiting in a collective) and the next pass begins. Resumed from checkpoint-1, at the end of the first pass, the
+    run goes on with the second pass and ends with the uninterrupted run's weights."""
+    stream = shapes_data["train"].select(range(10)).to_iterable_dataset(num_shards=1)
+
+    def trainer(run):
+        config = _config(
+            tmp_path / run, image_root=str(shapes_data.image_root), num_negatives=2, max_steps=3,
+            gradient_accumulation_steps=2, save_strategy="steps", save_steps=1,
+        )
+        return HardNegContrastiveTrainer(model=_model(tiny_backbone), args=config, train_dataset=stream)
+
+    whole = trainer("whole")
+    sizes = _trained_batch_sizes(whole)
+    weights = _final_weights(whole)
+    assert sizes == [4, 4] * 3  # never the lone 2-row batch that would have been a short accumulation window
+    resumed = trainer("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-1"))
+    assert resumed.state.global_step == 3
+    changed = [n for n, p in resumed.model.named_parameters() if not torch.equal(p.detach(), weights[n])]
+    assert not changed, changed[:3]
+
+
+def test_a_stream_too_small_for_one_step_is_refused_naming_the_options(tiny_backbone, shapes_data, tmp_path):
+    stream = shapes_data["train"].select(range(4)).to_iterable_dataset(num_shards=1)  # 1 batch, 2 a step
+    config = _config(tmp_path, image_root=str(shapes_data.image_root), num_negatives=2, gradient_accumulation_steps=2)
+    trainer = HardNegContrastiveTrainer(model=_model(tiny_backbone), args=config, train_dataset=stream)
+    with pytest.raises(ValueError, match=r"fewer than gradient_accumulation_steps \(2\) batches of "
+                                         r"per_device_train_batch_size \(4\) rows"):
+        trainer.train()

@@ -145,7 +145,10 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                 "decide the order of the rows: leave train_sampling_strategy at 'random' (its default)."
             )
         streams = _is_stream(train_dataset) or any(_is_stream(d) for d in _eval_datasets(eval_dataset))
-        if _is_stream(train_dataset):
+        self._streamed_training = _is_stream(train_dataset)
+        # where the current pass over the stream stands (_stream_batch_samples)
+        self._stream_pass = {"iterator": None, "ended": None, "steps": 0, "resumed_rest": False}
+        if self._streamed_training:
             self._check_stream_options(train_dataset, args)
         # Check the data before any model work: a bad row found hours into training is the expensive kind. A stream
         # is checked as it streams (data.validation.check_streamed_rows).
@@ -383,9 +386,54 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples`, marking a batch that accelerate completed with repeated rows (see
         `without_repeated_rows`) as it leaves the data loader (Trainer takes a whole accumulation window ahead, so
-        the data loader's state at loss time may already be the next batch's)."""
+        the data loader's state at loss time may already be the next batch's). On a stream, a pass ends on every
+        rank together (`_stream_batch_samples`)."""
         marked = _mark_repeated_rows(epoch_iterator, self.accelerator)
-        return super().get_batch_samples(marked, num_batches, device)
+        if not self._streamed_training:
+            return super().get_batch_samples(marked, num_batches, device)
+        return self._stream_batch_samples(epoch_iterator, marked, num_batches, device)
+
+    def _stream_batch_samples(self, epoch_iterator, marked, num_batches, device):
+        """The batches of one optimizer step from a stream, or none once the pass has ended on every rank.
+
+        Each rank reads its own shards, and shards differ in size, so a rank can run out of its pass while another
+        still has batches. Under gradient accumulation Trainer would then run a short window of the last batches on
+        one rank while another begins its next pass, and the ranks' collectives (the loss's gathers, DDP's
+        all-reduce) would no longer pair up: a hang. So the ranks agree on every step (one all-reduce of a flag):
+        when any rank cannot fill the step's `num_batches` batches, the pass ends on all of them, the batches read
+        for that step are left for the next pass (reshuffled by `set_epoch`), and the next pass begins. On one
+        process this also keeps Trainer from carrying a short window's gradient into the next pass's first step.
+        """
+        if epoch_iterator is self._stream_pass["ended"]:
+            return [], None  # Trainer calls on until its nominal epoch length: nothing more in this pass
+        if epoch_iterator is not self._stream_pass["iterator"]:
+            # a resumed run's first pass is what is left of the checkpoint's pass: it may hold no full step
+            resumed_rest = self._stream_pass["iterator"] is None and self.state.global_step > 0
+            self._stream_pass.update(iterator=epoch_iterator, steps=0, resumed_rest=resumed_rest)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(marked))
+            except StopIteration:
+                break
+        if _all_ranks_true(len(batches) == num_batches, device):
+            self._stream_pass["steps"] += 1
+            # Trainer counts the items of the full window (num_items_in_batch), collectively where it averages them
+            return super().get_batch_samples(iter(batches), num_batches, device)
+        if self._stream_pass["steps"] == 0 and not self._stream_pass["resumed_rest"]:
+            raise ValueError(
+                "A pass over the training stream ended before its first optimizer step: a process's share of the "
+                f"stream holds fewer than gradient_accumulation_steps ({self.args.gradient_accumulation_steps}) "
+                f"batches of per_device_train_batch_size ({self.args.per_device_train_batch_size}) rows. Stream more "
+                "rows (or more shards, so that every process gets some), or lower gradient_accumulation_steps or "
+                "per_device_train_batch_size."
+            )
+        self._stream_pass["ended"] = epoch_iterator
+        logger.info(
+            "A pass over the training stream ended after %d optimizer steps (a process ran out of rows); the next "
+            "pass begins.", self._stream_pass["steps"],
+        )
+        return [], None
 
     def without_repeated_rows(self, inputs, *gathered):
         """The global-batch tensors ``gathered`` (every rank's rows in rank order, as `gather_with_grad` and
@@ -538,6 +586,17 @@ def _eval_datasets(eval_dataset) -> list:
     if isinstance(eval_dataset, dict):
         return list(eval_dataset.values())
     return [] if eval_dataset is None else [eval_dataset]
+
+
+def _all_ranks_true(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce when several processes run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    agreed = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return bool(agreed.item())
 
 
 def _mark(batch, accelerator) -> None:
