@@ -79,6 +79,15 @@ def test_a_stream_needs_max_steps_before_the_model_loads(shapes_data, tmp_path):
         HardNegContrastiveTrainer(model="no/such-model", args=config, train_dataset=stream)
 
 
+def test_an_eval_stream_on_several_processes_is_refused_before_the_model_loads(shapes_data, tmp_path, monkeypatch):
+    # 2 ranks crashed in accelerate's batch dispatch ("You can't use batches of different size ...")
+    monkeypatch.setattr(HardNegContrastiveConfig, "world_size", property(lambda self: 2))
+    stream = shapes_data["eval"].to_iterable_dataset(num_shards=2)
+    with pytest.raises(ValueError, match=r"An eval dataset is a stream .* and 2 processes run: evaluate on a map"):
+        HardNegContrastiveTrainer(model="no/such-model", args=_config(tmp_path), train_dataset=shapes_data["train"],
+                                  eval_dataset={"held_out": stream})
+
+
 def test_the_stream_checks_columns_at_once_and_rows_with_the_map_style_messages(shapes_data):
     renamed = _rows_with_a_bad_one(shapes_data).rename_column("pos_text", "pos_txt").to_iterable_dataset()
     with pytest.raises(ValueError, match="'pos_text' is missing but 'pos_txt' looks like it"):

@@ -150,6 +150,14 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         self._stream_pass = {"iterator": None, "ended": None, "steps": 0, "resumed_rest": False}
         if self._streamed_training:
             self._check_stream_options(train_dataset, args)
+        if args.world_size > 1 and any(_is_stream(d) for d in _eval_datasets(eval_dataset)):
+            # accelerate would read it on the main process and cut its batches along dim 0 (Qwen-VL's flattened image
+            # patches included), or, read per rank, shards of unequal size would leave ranks waiting at the end
+            raise ValueError(
+                f"An eval dataset is a stream (a datasets.IterableDataset) and {args.world_size} processes run: "
+                "evaluate on a map-style dataset instead, e.g. datasets.Dataset.from_list(list(stream.take(n))) "
+                "(an eval stream works on one process)."
+            )
         # Check the data before any model work: a bad row found hours into training is the expensive kind. A stream
         # is checked as it streams (data.validation.check_streamed_rows).
         train_dataset, eval_dataset = self.check_datasets(train_dataset, eval_dataset, args)
