@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import logging
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -146,8 +147,9 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             )
         streams = _is_stream(train_dataset) or any(_is_stream(d) for d in _eval_datasets(eval_dataset))
         self._streamed_training = _is_stream(train_dataset)
-        # where the current pass over the stream stands (_stream_batch_samples)
-        self._stream_pass = {"iterator": None, "ended": None, "steps": 0, "resumed_rest": False}
+        # where the current pass over the stream stands (_stream_batch_samples); the passes' iterators are held by
+        # weak references, so a pass's data-loader workers end with it
+        self._stream_pass = {"iterator": _dead_ref, "ended": _dead_ref, "steps": 0, "resumed_rest": False}
         if self._streamed_training:
             self._check_stream_options(train_dataset, args)
         if args.world_size > 1 and any(_is_stream(d) for d in _eval_datasets(eval_dataset)):
@@ -412,12 +414,12 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         for that step are left for the next pass (reshuffled by `set_epoch`), and the next pass begins. On one
         process this also keeps Trainer from carrying a short window's gradient into the next pass's first step.
         """
-        if epoch_iterator is self._stream_pass["ended"]:
+        if epoch_iterator is self._stream_pass["ended"]():
             return [], None  # Trainer calls on until its nominal epoch length: nothing more in this pass
-        if epoch_iterator is not self._stream_pass["iterator"]:
+        if epoch_iterator is not self._stream_pass["iterator"]():
             # a resumed run's first pass is what is left of the checkpoint's pass: it may hold no full step
-            resumed_rest = self._stream_pass["iterator"] is None and self.state.global_step > 0
-            self._stream_pass.update(iterator=epoch_iterator, steps=0, resumed_rest=resumed_rest)
+            resumed_rest = self._stream_pass["iterator"] is _dead_ref and self.state.global_step > 0
+            self._stream_pass.update(iterator=weakref.ref(epoch_iterator), steps=0, resumed_rest=resumed_rest)
         batches = []
         for _ in range(num_batches):
             try:
@@ -436,7 +438,7 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                 "rows (or more shards, so that every process gets some), or lower gradient_accumulation_steps or "
                 "per_device_train_batch_size."
             )
-        self._stream_pass["ended"] = epoch_iterator
+        self._stream_pass["ended"] = weakref.ref(epoch_iterator)
         logger.info(
             "A pass over the training stream ended after %d optimizer steps (a process ran out of rows); the next "
             "pass begins.", self._stream_pass["steps"],
@@ -594,6 +596,11 @@ def _eval_datasets(eval_dataset) -> list:
     if isinstance(eval_dataset, dict):
         return list(eval_dataset.values())
     return [] if eval_dataset is None else [eval_dataset]
+
+
+def _dead_ref() -> None:
+    """A weak reference's stand-in before the first pass: refers to nothing."""
+    return None
 
 
 def _all_ranks_true(flag: bool, device) -> bool:
