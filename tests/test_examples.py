@@ -141,10 +141,10 @@ def test_hub_kernels_are_an_explicit_choice_of_every_example():
 @pytest.mark.slow
 def test_train_hardneg_example_streams_its_data_on_two_processes(tmp_path):
     """--streaming: each rank reads its own shard of the stream (dispatch_batches=False) and the loss sees both
-    ranks' rows. The shards are unequal (33 rows: 17 and 16), 2 batches of 4 a step: rank 0 has a fifth, 1-row batch
-    after its 2 steps where rank 1 has run out. The pass ends on both there and the third step runs in the next pass
-    (before, rank 0 went on alone with a short accumulation window and the ranks' collectives no longer paired up:
-    the run hung)."""
+    ranks' rows. The shards are unequal (33 rows: 17 and 16), 2 batches of 4 a step: after 2 steps rank 1 has run
+    out where rank 0 still has a 1-row batch; its third step takes that batch and the first of its next pass, rank 1's
+    the first two of its next pass (before, rank 0 trained a short accumulation window alone while rank 1 began its
+    next pass, and the ranks' collectives no longer paired up: the run hung)."""
     out = tmp_path / "run"
     log = launching.run(
         ROOT / "examples" / "train_hardneg.py",

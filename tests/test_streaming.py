@@ -253,7 +253,7 @@ def test_a_stream_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_backbone, 
     assert not changed, changed[:3]
 
 
-# ------------------------------------------------------------------------------------ the end of a pass, all ranks
+# ------------------------------------------------------------------------------------ from pass to pass
 def _trained_batch_sizes(trainer):
     """A spy on `trainer.training_step`: the list it returns fills with the rows of each micro-batch trained on."""
     sizes, step = [], trainer.training_step
@@ -266,14 +266,16 @@ def _trained_batch_sizes(trainer):
     return sizes
 
 
-def test_a_pass_ends_at_its_last_full_step_and_a_resumed_run_goes_on_with_the_next(
-    tiny_backbone, shapes_data, tmp_path
+@pytest.mark.parametrize("checkpoint", [1, 2])
+def test_a_stream_runs_on_from_pass_to_pass_and_resumes_at_the_exact_batch(
+    checkpoint, tiny_backbone, shapes_data, tmp_path
 ):
-    """10 rows in batches of 4, 2 batches a step: each pass fills one step (8 rows); the last 2 rows cannot fill the
-    next, so the pass ends there (on every rank together: a rank that runs out would otherwise leave the others
-    waiting in a collective) and the next pass begins. Resumed from checkpoint-1, at the end of the first pass, the
-    run goes on with the second pass and ends with the uninterrupted run's weights."""
-    stream = shapes_data["train"].select(range(10)).to_iterable_dataset(num_shards=1)
+    """10 shuffled rows in batches of 4 (4, 4, 2 a pass), 2 batches a step: every step takes 2 batches, the second
+    and third across a pass's end, so no row is left out and no accumulation window is short (a short window on one
+    rank while another began its next pass hung 2-process runs). Resumed from checkpoint-2, 4 batches in, the run
+    goes on at the second pass's first batch: Trainer's own skip counted the first pass only (3 batches) and
+    restarted the second from its start."""
+    stream = shapes_data["train"].select(range(10)).to_iterable_dataset(num_shards=1).shuffle(seed=7, buffer_size=4)
 
     def trainer(run):
         config = _config(
@@ -285,18 +287,20 @@ def test_a_pass_ends_at_its_last_full_step_and_a_resumed_run_goes_on_with_the_ne
     whole = trainer("whole")
     sizes = _trained_batch_sizes(whole)
     weights = _final_weights(whole)
-    assert sizes == [4, 4] * 3  # never the lone 2-row batch that would have been a short accumulation window
+    assert sizes == [4, 4, 2, 4, 4, 2]
     resumed = trainer("resumed")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-1"))
-    assert resumed.state.global_step == 3
+    resumed_sizes = _trained_batch_sizes(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / f"checkpoint-{checkpoint}"))
+    assert resumed.state.global_step == 3 and resumed_sizes == sizes[2 * checkpoint:]
     changed = [n for n, p in resumed.model.named_parameters() if not torch.equal(p.detach(), weights[n])]
     assert not changed, changed[:3]
 
 
-def test_a_stream_too_small_for_one_step_is_refused_naming_the_options(tiny_backbone, shapes_data, tmp_path):
-    stream = shapes_data["train"].select(range(4)).to_iterable_dataset(num_shards=1)  # 1 batch, 2 a step
+def test_a_stream_smaller_than_one_step_trains_across_passes(tiny_backbone, shapes_data, tmp_path):
+    # 4 rows, one batch a pass, 2 batches a step: each step spans two passes (Trainer alone looped forever here)
+    stream = shapes_data["train"].select(range(4)).to_iterable_dataset(num_shards=1)
     config = _config(tmp_path, image_root=str(shapes_data.image_root), num_negatives=2, gradient_accumulation_steps=2)
     trainer = HardNegContrastiveTrainer(model=_model(tiny_backbone), args=config, train_dataset=stream)
-    with pytest.raises(ValueError, match=r"fewer than gradient_accumulation_steps \(2\) batches of "
-                                         r"per_device_train_batch_size \(4\) rows"):
-        trainer.train()
+    sizes = _trained_batch_sizes(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 2 and sizes == [4, 4, 4, 4]

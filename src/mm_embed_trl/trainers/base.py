@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import logging
 import warnings
-import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -147,9 +147,8 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
             )
         streams = _is_stream(train_dataset) or any(_is_stream(d) for d in _eval_datasets(eval_dataset))
         self._streamed_training = _is_stream(train_dataset)
-        # where the current pass over the stream stands (_stream_batch_samples); the passes' iterators are held by
-        # weak references, so a pass's data-loader workers end with it
-        self._stream_pass = {"iterator": _dead_ref, "ended": _dead_ref, "steps": 0, "resumed_rest": False}
+        self._stream_run: dict[str, Any] = {}  # this train() call's batches from a stream (_batches_pass_after_pass)
+        self._stream_skip = 0  # batches a resumed run skips on the stream (get_resumed_dataloader)
         if self._streamed_training:
             self._check_stream_options(train_dataset, args)
         if args.world_size > 1 and any(_is_stream(d) for d in _eval_datasets(eval_dataset)):
@@ -396,54 +395,63 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """`Trainer.get_batch_samples`, marking a batch that accelerate completed with repeated rows (see
         `without_repeated_rows`) as it leaves the data loader (Trainer takes a whole accumulation window ahead, so
-        the data loader's state at loss time may already be the next batch's). On a stream, a pass ends on every
-        rank together (`_stream_batch_samples`)."""
+        the data loader's state at loss time may already be the next batch's). On a stream the batches run on from
+        pass to pass (`_batches_pass_after_pass`)."""
+        if self._streamed_training:
+            epoch_iterator = self._batches_pass_after_pass(epoch_iterator)
         marked = _mark_repeated_rows(epoch_iterator, self.accelerator)
+        return super().get_batch_samples(marked, num_batches, device)
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        """`Trainer.get_resumed_dataloader`; on a stream the batches already trained are skipped by
+        `_batches_pass_after_pass`, which counts them across passes (Trainer's own skip counts them in the first
+        pass only, and went on with the next pass from its start)."""
         if not self._streamed_training:
-            return super().get_batch_samples(marked, num_batches, device)
-        return self._stream_batch_samples(epoch_iterator, marked, num_batches, device)
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        self._stream_skip = num_batches
+        return dataloader
 
-    def _stream_batch_samples(self, epoch_iterator, marked, num_batches, device):
-        """The batches of one optimizer step from a stream, or none once the pass has ended on every rank.
+    def _batches_pass_after_pass(self, epoch_iterator):
+        """This process's batches from a stream, without end: when its pass runs out, its next pass begins.
 
-        Each rank reads its own shards, and shards differ in size, so a rank can run out of its pass while another
-        still has batches. Under gradient accumulation Trainer would then run a short window of the last batches on
-        one rank while another begins its next pass, and the ranks' collectives (the loss's gathers, DDP's
-        all-reduce) would no longer pair up: a hang. So the ranks agree on every step (one all-reduce of a flag):
-        when any rank cannot fill the step's `num_batches` batches, the pass ends on all of them, the batches read
-        for that step are left for the next pass (reshuffled by `set_epoch`), and the next pass begins. On one
-        process this also keeps Trainer from carrying a short window's gradient into the next pass's first step.
+        A stream has no length, so for Trainer one "epoch" is the whole run (`max_steps` steps). Each rank reads its
+        own shards, and shards differ in size, so ranks run out of a pass at different batches. Left to Trainer, a
+        rank that ran out mid-way through an accumulation window trained a short window while another rank began
+        its next pass, and their collectives (the loss's gathers, DDP's all-reduce) no longer paired up: the run
+        hung. Here every window is full: a rank that runs out goes on with its next pass (`set_epoch(pass)`:
+        reshuffled), independently of the others, whose passes end where theirs do. No row is left out, and a
+        resumed run skips the batches already trained across passes, so it goes on at the exact batch.
         """
-        if epoch_iterator is self._stream_pass["ended"]():
-            return [], None  # Trainer calls on until its nominal epoch length: nothing more in this pass
-        if epoch_iterator is not self._stream_pass["iterator"]():
-            # a resumed run's first pass is what is left of the checkpoint's pass: it may hold no full step
-            resumed_rest = self._stream_pass["iterator"] is _dead_ref and self.state.global_step > 0
-            self._stream_pass.update(iterator=weakref.ref(epoch_iterator), steps=0, resumed_rest=resumed_rest)
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(marked))
-            except StopIteration:
-                break
-        if _all_ranks_true(len(batches) == num_batches, device):
-            self._stream_pass["steps"] += 1
-            # Trainer counts the items of the full window (num_items_in_batch), collectively where it averages them
-            return super().get_batch_samples(iter(batches), num_batches, device)
-        if self._stream_pass["steps"] == 0 and not self._stream_pass["resumed_rest"]:
-            raise ValueError(
-                "A pass over the training stream ended before its first optimizer step: a process's share of the "
-                f"stream holds fewer than gradient_accumulation_steps ({self.args.gradient_accumulation_steps}) "
-                f"batches of per_device_train_batch_size ({self.args.per_device_train_batch_size}) rows. Stream more "
-                "rows (or more shards, so that every process gets some), or lower gradient_accumulation_steps or "
-                "per_device_train_batch_size."
-            )
-        self._stream_pass["ended"] = weakref.ref(epoch_iterator)
-        logger.info(
-            "A pass over the training stream ended after %d optimizer steps (a process ran out of rows); the next "
-            "pass begins.", self._stream_pass["steps"],
-        )
-        return [], None
+        run = self._stream_run
+        if run.get("first_pass") is not epoch_iterator:  # a new training loop: Trainer's iterator is the first pass
+            run.update(first_pass=epoch_iterator, batches=self._stream_passes(epoch_iterator))
+        return run["batches"]
+
+    def _stream_passes(self, first_pass):
+        loader = self.callback_handler.train_dataloader  # the prepared loader, not a resumed run's skipping one
+        skip, self._stream_skip = self._stream_skip, 0
+        for number in itertools.count():
+            if number:
+                loader.set_epoch(number)
+            read = 0
+            for batch in first_pass if number == 0 else loader:
+                read += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            if not read:
+                raise ValueError(
+                    f"The training stream gave process {self.args.process_index} of {self.args.world_size} no rows in "
+                    f"pass {number + 1}: its share of the stream ({_num_shards(loader.dataset)} shard(s)) is empty. "
+                    "Stream more rows or files, or use fewer processes."
+                )
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._stream_run = {}  # the stream's open pass (and its data-loader workers) ends with the run
 
     def without_repeated_rows(self, inputs, *gathered):
         """The global-batch tensors ``gathered`` (every rank's rows in rank order, as `gather_with_grad` and
@@ -598,20 +606,8 @@ def _eval_datasets(eval_dataset) -> list:
     return [] if eval_dataset is None else [eval_dataset]
 
 
-def _dead_ref() -> None:
-    """A weak reference's stand-in before the first pass: refers to nothing."""
-    return None
-
-
-def _all_ranks_true(flag: bool, device) -> bool:
-    """Whether ``flag`` holds on every rank (one all-reduce when several processes run)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    if torch.distributed.get_world_size() == 1:
-        return flag
-    agreed = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-    return bool(agreed.item())
+def _num_shards(dataset) -> str:
+    return str(getattr(dataset, "num_shards", "?"))
 
 
 def _mark(batch, accelerator) -> None:
