@@ -254,12 +254,15 @@ def test_a_stream_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_backbone, 
 
 
 # ------------------------------------------------------------------------------------ from pass to pass
-def _trained_batch_sizes(trainer):
-    """A spy on `trainer.training_step`: the list it returns fills with the rows of each micro-batch trained on."""
+def _trained_batch_sizes(trainer, draws=None):
+    """A spy on `trainer.training_step`: the list it returns fills with the rows of each micro-batch trained on;
+    `draws` (a list) with a number drawn from torch's CPU generator at each, as CPU dropout would."""
     sizes, step = [], trainer.training_step
 
     def spy(model, inputs, num_items_in_batch=None):
         sizes.append(len(inputs["query"]["input_ids"]))
+        if draws is not None:
+            draws.append(torch.rand(()).item())
         return step(model, inputs, num_items_in_batch)
 
     trainer.training_step = spy
@@ -284,14 +287,16 @@ def test_a_stream_runs_on_from_pass_to_pass_and_resumes_at_the_exact_batch(
         )
         return HardNegContrastiveTrainer(model=_model(tiny_backbone), args=config, train_dataset=stream)
 
-    whole = trainer("whole")
-    sizes = _trained_batch_sizes(whole)
+    whole, draws = trainer("whole"), []
+    sizes = _trained_batch_sizes(whole, draws)
     weights = _final_weights(whole)
     assert sizes == [4, 4, 2, 4, 4, 2]
-    resumed = trainer("resumed")
-    resumed_sizes = _trained_batch_sizes(resumed)
+    resumed, resumed_draws = trainer("resumed"), []
+    resumed_sizes = _trained_batch_sizes(resumed, resumed_draws)
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / f"checkpoint-{checkpoint}"))
     assert resumed.state.global_step == 3 and resumed_sizes == sizes[2 * checkpoint:]
+    # the random generator too (a pass begins in the step after checkpoint-1): starting the pass drew from it
+    assert resumed_draws == draws[2 * checkpoint:]
     changed = [n for n, p in resumed.model.named_parameters() if not torch.equal(p.detach(), weights[n])]
     assert not changed, changed[:3]
 

@@ -424,17 +424,15 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
         """
         run = self._stream_run
         if run.get("first_pass") is not epoch_iterator:  # a new training loop: Trainer's iterator is the first pass
-            run.update(first_pass=epoch_iterator, batches=self._stream_passes(epoch_iterator))
+            skip, self._stream_skip = self._stream_skip, 0
+            run.update(first_pass=epoch_iterator, batches=self._stream_passes(epoch_iterator, skip))
         return run["batches"]
 
-    def _stream_passes(self, first_pass):
+    def _stream_passes(self, first_pass, skip: int):
         loader = self.callback_handler.train_dataloader  # the prepared loader, not a resumed run's skipping one
-        skip, self._stream_skip = self._stream_skip, 0
         for number in itertools.count():
-            if number:
-                loader.set_epoch(number)
             read = 0
-            for batch in first_pass if number == 0 else loader:
+            for batch in first_pass if number == 0 else self._next_pass(loader, number):
                 read += 1
                 if skip:
                     skip -= 1
@@ -447,11 +445,24 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                     "Stream more rows or files, or use fewer processes."
                 )
 
+    def _next_pass(self, loader, number: int):
+        """Pass `number` over the stream, reshuffled (`set_epoch`). Starting it draws a seed from torch's CPU generator
+        (the data loader's base seed), which a resumed run would have drawn before restoring the checkpoint's
+        generator state, and so fall one draw behind: the pass starts on a generator of its own, seeded by the pass."""
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(number)
+        batches = iter(loader)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.args.seed + number)
+            first = next(batches, _NO_BATCH)  # the loader's generator starts here
+        return iter(()) if first is _NO_BATCH else itertools.chain([first], batches)
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
         finally:
             self._stream_run = {}  # the stream's open pass (and its data-loader workers) ends with the run
+            self._stream_skip = 0
 
     def without_repeated_rows(self, inputs, *gathered):
         """The global-batch tensors ``gathered`` (every rank's rows in rank order, as `gather_with_grad` and
@@ -604,6 +615,9 @@ def _eval_datasets(eval_dataset) -> list:
     if isinstance(eval_dataset, dict):
         return list(eval_dataset.values())
     return [] if eval_dataset is None else [eval_dataset]
+
+
+_NO_BATCH = object()
 
 
 def _num_shards(dataset) -> str:
