@@ -3,7 +3,6 @@ is found through the registry and trains two steps, so the guide cannot drift fr
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 from mm_embed_trl import MultimodalEmbeddingModel
 from mm_embed_trl.trainers.identity import method_keys, trainer_for_method
@@ -27,11 +27,9 @@ def guide_method(tmp_path):
     assert len(blocks) == 3, "the guide's loss, config and trainer blocks start with '# my_method.py'"
     path = tmp_path / f"{MODULE}.py"
     path.write_text("\n".join(blocks))
-    spec = importlib.util.spec_from_file_location(MODULE, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE] = module  # dataclasses resolve annotations through sys.modules
+    module = None
     try:
-        spec.loader.exec_module(module)
+        module = load_script(path, register=True)
         yield module
     finally:
         unregister_method(module.WeightedInfoNCETrainer.method_key if hasattr(module, "WeightedInfoNCETrainer") else "")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _newest_module():
-    spec = importlib.util.spec_from_file_location("newest_releases", ROOT / ".ci" / "newest_releases.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/newest_releases.py")
 
 
 def test_pins_are_read_with_normalised_names_and_comments_ignored():

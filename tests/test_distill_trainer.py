@@ -4,7 +4,6 @@ bit-identical, save/load round trip, clear errors on bad data, learning on held-
 from __future__ import annotations
 
 import glob
-import importlib.util
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from numerics import TINY_BACKWARD, TINY_FORWARD, assert_close, assert_loss_close, rounding_rtol
+from scripts import load_script
 
 from mm_embed_trl import DistillEmbedConfig, DistillEmbedTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.data.collators import EmbeddingCollator
@@ -405,10 +405,7 @@ def test_it_learns_the_teachers_similarity_structure_on_held_out_texts(
 
 # ---------------------------------------------------------------------------------------------- recipes / example
 def _example_module():
-    spec = importlib.util.spec_from_file_location("train_distill", ROOT / "examples" / "train_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/train_distill.py")
 
 
 def test_recipes_parse_with_trl_parser():

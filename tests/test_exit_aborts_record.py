@@ -3,12 +3,12 @@ path, and an abort is counted where it happened."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,10 +22,7 @@ OTHER = '<failure message="AssertionError: weights differ">assert 1 == 2</failur
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("exit_aborts", ROOT / "benchmarks" / "exit_aborts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/exit_aborts.py")
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ marker for multi-process runs; about 10-20 s on 2 cores, mostly two ``import tor
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import launching
 import pytest
 import torch
 from numerics import assert_close, assert_loss_close, rounding_rtol
+from scripts import load_script
 
 from mm_embed_trl.distributed import (
     distributed_loss_scale,
@@ -49,10 +49,7 @@ def test_single_process_identities():
 
 
 def _load_script_module():
-    spec = importlib.util.spec_from_file_location("gather_equivalence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@ reads the state UME-R1 reads."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_qwen2vl_2b", ROOT / "benchmarks" / "gpu_qwen2vl_2b.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_qwen2vl_2b.py")
 
 
 def test_eval_twomode_index_rule(bench):

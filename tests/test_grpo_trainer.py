@@ -12,6 +12,7 @@ import pytest
 import torch
 from grpo_spies import capture_rewards
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
+from scripts import load_script
 
 from mm_embed_trl import MultimodalEmbeddingModel
 from mm_embed_trl.data.reasoning import format_reasoning
@@ -514,7 +515,6 @@ def test_full_policy_under_zero3_saves_the_model_of_the_single_process_run(tmp_p
 
 def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
     """The 2B recipe carries the preset's (UME-R1's) settings; the tiny recipe is the example's no-argument default."""
-    import importlib.util
 
     import yaml
     from trl import ModelConfig, TrlParser
@@ -539,9 +539,7 @@ def test_recipes_parse_with_trl_parser_and_hold_ume_r1s_settings(tmp_path):
             ume_r1_pool = UME_R1_GPUS * UME_R1_ROLLOUTS_PER_SIDE / UME_R1_G
             assert _pairs_per_pool_and_step(args, processes) == (ume_r1_pool, ume_r1_pool * UME_R1_GA) == (16, 32)
             assert args.per_device_train_batch_size == preset.per_device_train_batch_size
-    spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/train_grpo.py")
     recipe = yaml.safe_load((ROOT / "recipes" / "grpo_tiny_cpu.yaml").read_text())
     assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS
 

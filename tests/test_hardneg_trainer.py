@@ -17,6 +17,7 @@ from numerics import (
     assert_loss_close,
     rounding_rtol,
 )
+from scripts import load_script
 
 from mm_embed_trl import HardNegContrastiveConfig, HardNegContrastiveTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.trainers import NonFiniteLossError
@@ -279,15 +280,11 @@ def test_it_learns_on_held_out_data(tiny_backbone, tmp_path):
 
 
 def test_demo_defaults_apply_only_to_the_tiny_run(monkeypatch):
-    import importlib.util
-
     from trl import ModelConfig, TrlParser
 
     from mm_embed_trl.scripts import EmbeddingScriptArguments, parse_args
 
-    spec = importlib.util.spec_from_file_location("train_hardneg", ROOT / "examples" / "train_hardneg.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/train_hardneg.py")
 
     def parse(argv):
         monkeypatch.setattr(sys, "argv", ["train_hardneg.py", *argv])

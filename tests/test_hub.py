@@ -6,7 +6,6 @@ one upload_folder commit of exactly the validated files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from scripts import load_script
 
 from mm_embed_trl.export import export_sentence_transformers, push_to_hub, save_model_for_inference, validate_export_dir
 from mm_embed_trl.modeling import MultimodalEmbeddingModel
@@ -236,12 +236,7 @@ def test_training_state_is_skipped_not_uploaded(tiny_backbone, tmp_path, monkeyp
 
 
 def _load_cli():
-    path = Path(__file__).resolve().parents[1] / "examples" / "export.py"
-    spec = importlib.util.spec_from_file_location("mm_embed_trl_export_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/export.py", "mm_embed_trl_export_cli", register=True)
 
 
 def test_cli_exports_and_pushes(tiny_backbone, tmp_path, monkeypatch):
@@ -300,9 +295,7 @@ def test_a_bad_hub_model_id_is_refused_before_any_work(tiny_backbone, tmp_path, 
     with pytest.raises(ValueError, match=f"Invalid repo_id '{bad}'"):
         HardNegContrastiveConfig(output_dir=str(tmp_path / "run"), push_to_hub=True, hub_model_id=bad, report_to="none")
     # the training example fails while parsing its arguments, before loading any model or data
-    spec = importlib.util.spec_from_file_location("train_hardneg", ROOT / "examples" / "train_hardneg.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/train_hardneg.py")
     argv = ["train_hardneg.py", "--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", bad]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(ValueError, match="Invalid repo_id"):

@@ -7,13 +7,13 @@ at set-up (PEFT's CAUSAL_LM wrapper around a bare `Qwen2VLModel`) and nothing no
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
@@ -38,10 +38,7 @@ TINY_PER_METHOD = {
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def _tiny_recipe(recipe: str, example: str, tmp_path: Path, tiny_backbone) -> tuple[dict, str | None]:

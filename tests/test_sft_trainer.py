@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import TINY_IMAGE_BACKWARD, TINY_IMAGE_FORWARD, assert_close, assert_loss_close, rounding_rtol
+from scripts import load_script
 
 from mm_embed_trl import EmbeddingSFTConfig, EmbeddingSFTTrainer, MultimodalEmbeddingModel
 from mm_embed_trl.data.reasoning import ReasoningCollator, format_reasoning
@@ -579,7 +580,6 @@ def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
     """The 2B/7B recipes train UME-R1's objective: 256 pairs per InfoNCE (its 4 per GPU x 64 GPUs, one forward) and
     1024 per optimizer step (GA 4), on the processes of the accelerate config their launch line names; the tiny
     recipe is the example's no-argument default."""
-    import importlib.util
     import re
 
     import yaml
@@ -605,8 +605,6 @@ def test_recipes_parse_with_trl_parser_and_keep_ume_r1s_settings(tmp_path):
             global_batch = args.per_device_train_batch_size * processes
             pairs_per_infonce = args.contrastive_group_size or global_batch
             assert (pairs_per_infonce, global_batch * args.gradient_accumulation_steps) == (4 * 64, 4 * 64 * 4)
-    spec = importlib.util.spec_from_file_location("train_sft_reasoning", ROOT / "examples" / "train_sft_reasoning.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/train_sft_reasoning.py")
     recipe = yaml.safe_load((ROOT / "recipes" / "sft_reasoning_tiny_cpu.yaml").read_text())
     assert {k: recipe[k] for k in example.TINY_DEFAULTS} == example.TINY_DEFAULTS

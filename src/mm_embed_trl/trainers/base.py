@@ -145,13 +145,14 @@ class EmbeddingTrainer(EmbeddingTrainerMixin, Trainer):
                 f"train_sampling_strategy={args.train_sampling_strategy!r} contradicts dataset_mixture, whose weights "
                 "decide the order of the rows: leave train_sampling_strategy at 'random' (its default)."
             )
-        streams = _is_stream(train_dataset) or any(_is_stream(d) for d in _eval_datasets(eval_dataset))
         self._streamed_training = _is_stream(train_dataset)
+        eval_streams = any(_is_stream(d) for d in _eval_datasets(eval_dataset))
+        streams = self._streamed_training or eval_streams
         self._stream_run: dict[str, Any] = {}  # this train() call's batches from a stream (_batches_pass_after_pass)
         self._stream_skip = 0  # batches a resumed run skips on the stream (get_resumed_dataloader)
         if self._streamed_training:
             self._check_stream_options(train_dataset, args)
-        if args.world_size > 1 and any(_is_stream(d) for d in _eval_datasets(eval_dataset)):
+        if args.world_size > 1 and eval_streams:
             # accelerate would read it on the main process and cut its batches along dim 0 (Qwen-VL's flattened image
             # patches included), or, read per rank, shards of unequal size would leave ranks waiting at the end
             raise ValueError(
