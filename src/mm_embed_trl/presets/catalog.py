@@ -2,7 +2,8 @@
 
 docs/PRESETS.md holds the per-model, per-side table (chat template, system prompt, instruction, image placeholder and
 pixel budget, pooling, normalisation, dtype, special tokens) with the file:line each setting comes from, and the
-tolerance each preset's replica test reached. Video is not supported by this library yet.
+tolerance each preset's replica test reached. Video goes through `encode`; no preset's video path is checked against
+its authors' code.
 """
 
 from __future__ import annotations
