@@ -318,7 +318,7 @@ def run_dataset(name: str, args, settings: dict[str, str]) -> list[dict]:
                 # the probe's options are passed explicitly, so training samples as the probe does whatever the
                 # example's defaults become
                 pinned = [w for k in sorted(PROBE_DEFAULTS) for w in (f"--{k}", str(options[k]))]
-                grpo_args = [*grpo_data_args, *pinned, "--sft_output_dir", str(sft), "--output_dir", str(run),
+                grpo_args = [*grpo_data_args, *pinned, *_rl_start(sft, args.sft_args), "--output_dir", str(run),
                              "--overwrite_output_dir", "true", "--seed", str(seed),
                              "--evaluate_before_training", "false",
                              *shlex.split(args.grpo_args), *shlex.split(extra)]
@@ -408,6 +408,15 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         summary.append(entry)
     text = "\n".join(lines) + "\n\nRollout probe (held-out pairs, sampled as in RL) and training logs:\n\n"
     return summary, text + "\n".join(probe_lines) + "\n"
+
+
+def _rl_start(sft: Path, sft_args: str) -> list[str]:
+    """train_grpo's arguments that start RL from the SFT model `sft`. After a tiny SFT run it is the example's tiny
+    start (`--sft_output_dir`, the tiny GRPO defaults); after SFT of a named backbone (`--sft_args` holds
+    `--model_name_or_path`) it is named too, so RL takes the config's defaults (and `--grpo_args`' `--config`) rather
+    than the tiny CPU ones."""
+    named = any(a.split("=")[0] == "--model_name_or_path" for a in shlex.split(sft_args))
+    return ["--model_name_or_path" if named else "--sft_output_dir", str(sft)]
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ generated shapes data on the CPU, reporting held-out retrieval of the discrimina
 Real runs name the SFT checkpoint, a pair dataset in the MMEB-train schema and UME-R1's recipe:
 
     accelerate launch --config_file recipes/accelerate/zero3.yaml examples/train_grpo.py \
-        --config recipes/grpo_qwen2vl_2b.yaml --model_name_or_path outputs/sft-reasoning-2b \
+        --config recipes/grpo_qwen2vl_2b.yaml --model_name_or_path outputs/ume-r1-sft-qwen2vl-2b \
         --dataset_name /data/mmeb-train.jsonl --image_root /data
 
 Generation can run on vLLM through TRL's own options (`--use_vllm true --vllm_mode colocate`, vLLM installed).
