@@ -195,3 +195,56 @@ def test_missing_template_and_missing_values_are_clear_errors(trained_run, tmp_p
     broken.write_text("---\n{{ card_data }}\n---\n\n{{ not_a_field }}\n")
     with pytest.raises(ValueError, match="not_a_field"):
         render_model_card(metadata, template_path=broken)
+
+
+@pytest.mark.parametrize(
+    "template, instruction, system, user_text, user_image_text",
+    [
+        # the house default: the instruction starts the text of the one user message
+        ("unime", "Find it: ", None, "Find it: <text>\nSummary above sentence in one word:",
+         "<image>\nFind it: <text>\nSummary above image in one word:"),
+        # GME (gme_inference.py): the instruction is the system message, the user message image then text
+        ("gme", "Find an image that matches the given caption.", "Find an image that matches the given caption.",
+         "<text>", "<image><text>"),
+        # Qwen3-VL-Embedding (format_model_input): the system instruction gets a final "."
+        ("qwen3_vl_embedding", "Retrieve relevant images", "Retrieve relevant images.", "<text>", "<image><text>"),
+        # VLM2Vec / UniME-V2 on Qwen2-VL (process_input_text): no chat template, the image token, a space, the text
+        ("vlm2vec", "", None, "<text>", "<image> <text>"),
+    ],
+)
+def test_the_cards_prompts_are_the_prompts_encode_renders(
+    tiny_backbone, template, instruction, system, user_text, user_image_text
+):
+    """The card's prompt table shows where each template puts the instruction (the text, or the system message), and
+    every row it shows is what `encode` feeds the model: its system and user messages in the rendered chat prompt."""
+    from PIL import Image
+
+    from mm_embed_trl.data.schema import EmbeddingInput
+
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), prompt_template=template)
+    metadata = collect_card_metadata(model, export_info={"prompts": {"query": instruction, "document": ""}})
+    metadata.update(model_reference="/tmp/export")
+    rows = {row["input"]: row for row in metadata["prompt_examples"]}
+    assert (rows["text"]["system"], rows["text"]["content"]) == (system, user_text)
+    assert (rows["image + text"]["system"], rows["image + text"]["content"]) == (system, user_image_text)
+    card = render_model_card(metadata)
+    _assert_no_placeholders(card)
+    section = card.split("### Prompts", 1)[1].split("## Training", 1)[0]
+    placement = "the system message" if system else "prepended to the text"
+    assert (f"Instructions ({placement})" in section) == bool(instruction)
+    assert ("without a chat template" in section) == (template == "vlm2vec")
+
+    collator = model.make_collator()
+    image = Image.new("RGB", (32, 32))
+    for kind, inp in (("text", EmbeddingInput(text="a red square")),
+                      ("image + text", EmbeddingInput(text="a red square", image=image))):
+        rendered = collator._render([inp], "query", instruction)[0][0]
+        shown = rows[kind]["content"].replace("<text>", "a red square")
+        if template == "vlm2vec":
+            assert rendered == shown.replace("<image>", model.processor.image_token)
+            continue
+        shown = shown.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+        assert f"<|im_start|>user\n{shown}<|im_end|>" in rendered, rendered
+        if system is not None:
+            assert rendered.startswith(f"<|im_start|>system\n{system}<|im_end|>"), rendered
+        assert f"`{rows[kind]['content']}`".replace("\n", "\\n") in section

@@ -343,14 +343,10 @@ def collect_card_metadata(
         "hyperparameters": hyperparameters_from_args(training_args),
         "eval_results": normalize_eval_results(eval_results),
         "prompt_template": template.name,
-        "prompt_formats": {
-            "text": template.text_format,
-            "image": template.image_format,
-            "image_text": template.image_text_format,
-            "image_separator": template.image_separator,
-            "image_first": template.image_first,
-            "system_prompt": template.system_prompt,
-        },
+        "prompt_examples": _prompt_examples(template, prompts.get("query") or "", multimodal),
+        "chat_template_prompts": template.use_chat_template,
+        "instruction_in_system": template.instruction_in_system,
+        "generation_suffix": template.generation_suffix,
         "prompts": prompts,
         "text_only_image_size": template.text_only_image_size,
         "preset": preset,
@@ -401,19 +397,28 @@ def _model_ref(metadata: Mapping[str, Any]) -> str:
     return str(ref)
 
 
-def _prompt_examples(metadata: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The text item of the user message for each input kind (before the chat template), query side."""
-    formats = metadata["prompt_formats"]
-    instruction = metadata["prompts"].get("query", "")
-    rows = [{"input": "text", "content": instruction + formats["text"].replace("{text}", "<text>")}]
-    if metadata["multimodal"]:
-        image_text = instruction + formats["image"]
-        both = instruction + formats["image_text"].replace("{text}", "<text>")
-        sep = formats["image_separator"] if formats["image_first"] else ""
-        img = "<image>" if formats["image_first"] else ""
-        tail = "" if formats["image_first"] else "<image>"
-        rows.append({"input": "image", "content": img + (sep + image_text if image_text else "") + tail})
-        rows.append({"input": "image + text", "content": img + sep + both + tail})
+def _prompt_examples(template, instruction: str, multimodal: bool) -> list[dict[str, str | None]]:
+    """The query side's prompt for each kind of input, as ``template`` builds it for `encode`: its system message
+    (None: the chat template's default) and user message, or (a template without a chat template) the whole
+    prompt; ``<image>`` stands where the image goes, ``<text>`` for the input text."""
+    from PIL import Image
+
+    from ..data.schema import EmbeddingInput
+
+    kinds = [("text", EmbeddingInput(text="<text>"))]
+    if multimodal:
+        image = Image.new("RGB", (1, 1))  # a stand-in: only its place in the prompt is shown
+        kinds += [("image", EmbeddingInput(image=image)), ("image + text", EmbeddingInput(text="<text>", image=image))]
+    rows = []
+    for kind, inp in kinds:
+        if not template.use_chat_template:
+            rows.append({"input": kind, "system": None, "content": template.render_plain(inp, "<image>", "query",
+                                                                                         instruction)})
+            continue
+        messages = template.build_messages(inp, "query", instruction)
+        system = next((m["content"][0]["text"] for m in messages if m["role"] == "system"), None)
+        user = "".join(item.get("text", f"<{item['type']}>") for item in messages[-1]["content"])
+        rows.append({"input": kind, "system": system, "content": user})
     return rows
 
 
@@ -502,7 +507,6 @@ def render_model_card(metadata: Mapping[str, Any], template_path: str | os.PathL
         has_before=any(r.get("before") is not None for r in rows),
         hyperparameter_rows=[(k, _fmt(v)) for k, v in (metadata.get("hyperparameters") or {}).items()],
         model_ref=_model_ref(metadata),  # what the template's usage snippets load
-        prompt_examples=_prompt_examples(metadata),
     )
     context.setdefault("sentence_transformers_subdir", None)
     for key in ("several_images", "takes_video", "video_inputs", "video_max_frames", "video_fps"):
