@@ -25,6 +25,7 @@ from mm_embed_trl.evaluation.mmeb_v2 import (
     evaluate_mmeb_v2,
     format_table,
     load_task,
+    read_class_labels,
     select_tasks,
     with_instruction_in_text,
 )
@@ -563,6 +564,42 @@ def test_a_repeated_run_encodes_nothing_and_an_interrupted_one_only_what_was_lef
     other = KeyedEncoder()
     evaluate_mmeb_v2(other, root, tasks, cache_dir=tmp_path / "a", block_size=2, model_id="another-checkpoint")
     assert other.calls == first.calls  # another model never reads this one's embeddings
+
+
+def test_video_classification_ranks_every_class_of_its_dataset_when_given_them(fixture_data, tmp_path, caplog):
+    """VLM2Vec ranks each video against its dataset's whole class list (video_classification_datasets.py: the corpus
+    is VIDEOCLS_LABEL_MAPPING[dataset]), which a test split need not cover. Without the list a task ranks its rows'
+    classes, and the results say its score is not comparable; with it every class is a candidate."""
+    root, spec = fixture_data
+    tested = list(spec["HMDB51"]["candidates"])  # the fixture's rows hold 3 of HMDB51's 51 classes
+    every = tested + [f"class_{i}" for i in range(48)]
+    partial = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", cache_dir=tmp_path / "c")
+    assert partial.fewer_candidates == {"HMDB51": "3 of its 51 classes: the test rows' only"}
+    assert "HMDB51: 3 of its 51 classes" in partial.caveats()
+    assert json.loads(partial.to_json())["fewer_candidates"] == partial.fewer_candidates
+    assert "VLM2Vec ranks all" in caplog.text
+
+    # keyed as VLM2Vec's VIDEOCLS_LABEL_MAPPING (dataset folders; SmthSmthV2's list is not a corpus: ignored)
+    labels = tmp_path / "classes.json"
+    labels.write_text(json.dumps({"HMDB51": every[::-1], "SmthSmthV2": ["ignored"], "Kinetics-700": ["a", "b"]}))
+    assert read_class_labels(labels) == {"HMDB51": every[::-1], "K700": ["a", "b"]}
+    assert sorted(load_task("HMDB51", root, class_labels=every).candidate_keys) == sorted(every)
+    full = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", cache_dir=tmp_path / "c", class_labels=labels)
+    assert full.fewer_candidates == {} and full.caveats() == ""
+    reference = {**spec["HMDB51"], "candidates": {c: {"text": c} for c in sorted(every)}}
+    assert math.isclose(full.scores["disc"]["HMDB51"], np.mean(_reference_scores(reference, "discriminative")),
+                        abs_tol=1e-9)
+    assert full.scores["disc"]["HMDB51"] < partial.scores["disc"]["HMDB51"]  # more classes to confuse it with
+
+    short = evaluate_mmeb_v2(KeyedEncoder(), root, "HMDB51", cache_dir=tmp_path / "c",
+                             class_labels={"HMDB51": ["run", "other"]})
+    assert short.fewer_candidates == {"HMDB51": "4 of its 51 classes: the class list given is short"}
+    assert "2 classes of the test rows are not in its class list" in caplog.text
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="could not be read as JSON"):
+        read_class_labels(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="list of non-empty class names"):
+        read_class_labels({"UCF101": "Archery"})
 
 
 def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):

@@ -15,11 +15,12 @@ The layout under ``data_root`` is the one VLM2Vec's local loaders read (``datase
 * ``visdoc-tasks/<dataset>/{queries,corpus,qrels}/<split>-*.parquet``: BEIR layout (``query-id``, ``query``;
   ``corpus-id``, ``image``; ``query-id``, ``corpus-id``, ``score``), graded relevance from ``score`` (> 0 relevant);
 * ``video-tasks/<dataset>[/<subset>]/<split>-*.parquet``: video classification (``video_id``, ``pos_text``: the
-  class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``) and video retrieval (a video name and its
-  caption, in each dataset's own columns; frames in ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA
-  (Video-MME, NExTQA, EgoSchema, ActivityNetQA, MVBench: frames in ``video-tasks/frames/video_qa/<task>/``, MVBench's
-  annotations and frames one folder per subset),
-  Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video;
+  class; frames in ``video-tasks/frames/video_cls/<task>/<video_id>/``; VLM2Vec ranks each video against its
+  dataset's whole class list, which the data does not hold: give it as ``class_labels``) and video retrieval (a
+  video name and its caption, in each dataset's own columns; frames in
+  ``video-tasks/frames/video_ret/<task>/<name>/``) and video QA (Video-MME, NExTQA, EgoSchema, ActivityNetQA,
+  MVBench: frames in ``video-tasks/frames/video_qa/<task>/``, MVBench's annotations and frames one folder per
+  subset), Something-Something V2 and moment retrieval (QVHighlight, Charades-STA: clip frame folders per video;
   MomentSeeker: clip frame folders named by their path).
 
 Embeddings of each task's queries and candidates are cached under ``cache_dir`` in blocks, keyed by the model, the
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate_mmeb_v2",
     "format_table",
     "load_task",
+    "read_class_labels",
     "select_tasks",
     "task_folder",
 ]
@@ -94,6 +96,9 @@ class MMEBV2Task:
     local_dir: str
     ranking: str
     sample: int | None = None  # VLM2Vec's num_sample_per_subset: the first rows it evaluates
+    # video classification: the dataset's classes, all of which VLM2Vec ranks every video against (its
+    # VIDEOCLS_LABEL_MAPPING); a test split need not hold a video of each (Kinetics-700's does not)
+    num_classes: int | None = None
 
     @property
     def metric(self) -> str:
@@ -130,6 +135,8 @@ def _tasks() -> dict[str, MMEBV2Task]:
     video("CLS", "video_classification", "corpus", [
         ("HMDB51", "HMDB51", None, "test"), ("UCF101", "UCF101", None, "test"),
         ("K700", "Kinetics-700", None, "test"), ("Breakfast", "Breakfast", None, "test")])
+    for i, classes in zip(range(-4, 0), (51, 101, 700, 10)):
+        tasks[i] = dataclasses.replace(tasks[i], num_classes=classes)
     video("QA", "videomme", "candidates", [("Video-MME", "Video-MME", None, "test")])
     video("QA", "nextqa", "candidates", [("NExTQA", "NExTQA", "MC", "test")])
     video("QA", "egoschema", "candidates", [("EgoSchema", "EgoSchema", "Subset", "test")])
@@ -210,6 +217,8 @@ class TaskData:
     candidate_lists: list[list[int]] | None
     relevance: list[dict[int, float]]
     candidate_keys: list[str]
+    # why the candidates are fewer than VLM2Vec ranks against (None: they are not), e.g. a class list not given
+    fewer_candidates: str | None = None
 
 
 def _read_parquet(folder: Path, split: str, task: MMEBV2Task):
@@ -359,17 +368,28 @@ def _video_rows(task: MMEBV2Task, root: Path, columns: Sequence[str]):
     return rows
 
 
-def _load_video_classification(task: MMEBV2Task, root: Path) -> TaskData:
+def _load_video_classification(task: MMEBV2Task, root: Path, class_labels: Sequence[str] | None = None) -> TaskData:
     rows = _video_rows(task, root, ("video_id", "pos_text"))
     frames = root / "video-tasks" / "frames" / "video_cls" / task.name
-    labels = sorted(set(rows["pos_text"]))  # the class names are the corpus; each video's class is its answer
+    # the class names are the corpus (every class of the dataset: `class_labels`, with the test rows' own); each
+    # video's class is its answer
+    tested = set(rows["pos_text"])
+    labels = sorted(tested | set(class_labels or ()))
     candidates = _Candidates()
     for label in labels:
         candidates.add(label, {"text": label})
     instruction = _VIDEO_CLS_INSTRUCTIONS[task.local_dir]
     queries = [_instructed(instruction, video=str(frames / str(video_id))) for video_id in rows["video_id"]]
     relevance = [{candidates.index[label]: 1.0} for label in rows["pos_text"]]
-    return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys)
+    fewer = None
+    if class_labels is not None and not tested <= set(class_labels):
+        logger.warning("MMEB-V2 %s: %d classes of the test rows are not in its class list (a different spelling?), "
+                       "e.g. %r; they are ranked as well.", task.name, len(tested - set(class_labels)),
+                       sorted(tested - set(class_labels))[0])
+    if task.num_classes is not None and len(labels) < task.num_classes:
+        fewer = (f"{len(labels)} of its {task.num_classes} classes: "
+                 + ("the test rows' only" if class_labels is None else "the class list given is short"))
+    return TaskData(task, queries, candidates.inputs, None, relevance, candidates.keys, fewer)
 
 
 # VLM2Vec's video retrieval parsers: task -> (query instruction, video name column, caption column)
@@ -585,8 +605,37 @@ def _unavailable(tasks: Sequence[MMEBV2Task], data_root) -> dict[str, str]:
     return out
 
 
-def load_task(task: MMEBV2Task | str, data_root: str | os.PathLike, *, max_queries: int | None = None) -> TaskData:
-    """Read one task from the released layout under ``data_root`` (see the module docstring)."""
+def read_class_labels(class_labels: Mapping[str, Sequence[str]] | str | os.PathLike | None) -> dict[str, list[str]]:
+    """Video classification class lists by task: a mapping, or a JSON file of one, keyed by task name (``K700``) or
+    dataset folder (``Kinetics-700``, as VLM2Vec's ``VIDEOCLS_LABEL_MAPPING``); other keys are ignored."""
+    if class_labels is None:
+        return {}
+    if not isinstance(class_labels, Mapping):
+        path = Path(class_labels)
+        try:
+            class_labels = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"The class list file {path} could not be read as JSON ({err}): write a JSON object "
+                             "of task -> list of class names, e.g. {\"HMDB51\": [\"ride_bike\", ...]}.") from err
+    out = {}
+    for task in MMEB_V2_TASKS.values():
+        labels = class_labels.get(task.name, class_labels.get(task.local_dir)) if task.num_classes else None
+        if labels is not None:
+            if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+                raise ValueError(f"The class list of {task.name} must be a list of non-empty class names.")
+            out[task.name] = list(labels)
+    return out
+
+
+def load_task(
+    task: MMEBV2Task | str,
+    data_root: str | os.PathLike,
+    *,
+    max_queries: int | None = None,
+    class_labels: Sequence[str] | None = None,
+) -> TaskData:
+    """Read one task from the released layout under ``data_root`` (see the module docstring). ``class_labels``: a
+    video classification task's full class list (its candidates; without it, the classes its test rows hold)."""
     task = MMEB_V2_TASKS[task] if isinstance(task, str) else task
     loader = _reader(task)
     if loader is None:
@@ -594,7 +643,7 @@ def load_task(task: MMEBV2Task | str, data_root: str | os.PathLike, *, max_queri
             f"MMEB-V2 task {task.name} (VLM2Vec parser {task.parser!r}) has no reader in this library yet; evaluate "
             "the other tasks (e.g. --tasks image,visdoc,HMDB51) or add its reader to mm_embed_trl.evaluation.mmeb_v2."
         )
-    data = loader(task, Path(data_root))
+    data = loader(task, Path(data_root), class_labels) if task.num_classes else loader(task, Path(data_root))
     if task.sample is not None:
         max_queries = task.sample if max_queries is None else min(max_queries, task.sample)
     if max_queries is not None:
@@ -727,14 +776,24 @@ class MMEBV2Results:
     scores: dict[str, dict[str, float]]
     data_version: str = MMEB_V2_DATA_VERSION
     model_id: str = ""
+    # task -> why it ranked fewer candidates than VLM2Vec does (its score is not comparable: it can only be higher)
+    fewer_candidates: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def table(self) -> str:
         return format_table(self.scores)
 
+    def caveats(self) -> str:
+        """What makes scores not comparable with VLM2Vec's ("" when nothing does)."""
+        if not self.fewer_candidates:
+            return ""
+        listed = "; ".join(f"{name}: {why}" for name, why in self.fewer_candidates.items())
+        return (f"Ranked against fewer candidates than VLM2Vec ranks, so not comparable (higher or equal): {listed}. "
+                "Give the datasets' class lists (class_labels, --class_labels).")
+
     def to_json(self) -> str:
         summary = {mode: _summary(per_task) for mode, per_task in self.scores.items()}
         return json.dumps({"data_version": self.data_version, "model": self.model_id, "scores": self.scores,
-                           "summary": summary}, indent=2)
+                           "summary": summary, "fewer_candidates": self.fewer_candidates}, indent=2)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -805,6 +864,7 @@ def evaluate_mmeb_v2(
     skip_missing: bool = False,
     pass_at_k: int | None = None,
     sampling_kwargs: Mapping[str, Any] | None = None,
+    class_labels: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
 ) -> MMEBV2Results:
     """Evaluate ``model`` (anything with this library's ``encode``) on the selected MMEB-V2 tasks.
 
@@ -817,7 +877,10 @@ def evaluate_mmeb_v2(
     reader yet) stops the run before anything is encoded, unless ``skip_missing`` (then it is left out, with a
     warning, and the table's task counts show it). ``pass_at_k=k`` (UME-R1 models) adds ``pass@k``: each query's
     reasoning sampled k times (``sampling_kwargs``: temperature, top_p, ... for ``encode``; each block seeded from
-    the cache key), per query the best of the k against the greedy generative candidates."""
+    the cache key), per query the best of the k against the greedy generative candidates. ``class_labels``: the
+    video classification datasets' class lists (see :func:`read_class_labels`), which VLM2Vec ranks every video
+    against; without them a task ranks the classes its test rows hold, which the results flag (``fewer_candidates``).
+    """
     from tqdm.auto import tqdm
 
     from .._cache import cache_root
@@ -848,8 +911,16 @@ def evaluate_mmeb_v2(
     if pass_at_k is not None:
         scores[f"pass@{pass_at_k}"] = {}
     in_system = instruction_in_system(model)
+    labels_by_task = read_class_labels(class_labels)
+    fewer_candidates = {}
     for task in tqdm(selected, desc="MMEB-V2 tasks", disable=rank > 0 or show_progress_bar is False):
-        data = load_task(task, data_root, max_queries=max_queries)
+        data = load_task(task, data_root, max_queries=max_queries, class_labels=labels_by_task.get(task.name))
+        if data.fewer_candidates:
+            fewer_candidates[task.name] = data.fewer_candidates
+            if rank == 0:
+                logger.warning("MMEB-V2 %s ranks %s; VLM2Vec ranks all, so its Hit@1 is not comparable (higher or "
+                               "equal). Give the class list: class_labels / --class_labels.", task.name,
+                               data.fewer_candidates)
         queries, candidates = _for_model(data.queries, in_system), _for_model(data.candidates, in_system)
         embedded = {}
         for side, inputs, encode_side in (("queries", queries, "query"), ("candidates", candidates, "document")):
@@ -876,7 +947,7 @@ def evaluate_mmeb_v2(
             scores[f"pass@{pass_at_k}"][task.name] = float(torch.stack(per_sample).amax(dim=0).mean())
         logger.info("%s (%s): %s", task.name, task.metric,
                     ", ".join(f"{m} {s[task.name]:.4f}" for m, s in scores.items()))
-    return MMEBV2Results(scores, model_id=model_id)
+    return MMEBV2Results(scores, model_id=model_id, fewer_candidates=fewer_candidates)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -905,6 +976,9 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results | None:
     parser.add_argument("--skip_missing", action="store_true", help="leave out tasks without data (or reader)")
     parser.add_argument("--pass_at_k", type=int, default=None, help="UME-R1 models: also pass@k of sampled reasoning")
     parser.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature")
+    parser.add_argument("--class_labels", default=None,
+                        help="a JSON file: video classification task -> its dataset's class names (VLM2Vec ranks "
+                             "every class; without it the classes of the test rows)")
     args = parser.parse_args(argv)
     if args.list:
         for task in MMEB_V2_TASKS.values():
@@ -925,14 +999,16 @@ def main(argv: Sequence[str] | None = None) -> MMEBV2Results | None:
         block_size=args.block_size, max_queries=args.max_queries,
         encode_kwargs={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None,
         skip_missing=args.skip_missing, pass_at_k=args.pass_at_k, sampling_kwargs={"temperature": args.temperature},
+        class_labels=args.class_labels,
     )
     if rank == 0:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "mmeb_v2.json", results.to_json())
+        caveats = f"\n{results.caveats()}\n" if results.caveats() else ""
         write_text_atomic(out / "mmeb_v2.md", f"MMEB-V2 ({MMEB_V2_DATA_VERSION}), {results.model_id}\n\n"
-                          f"{results.table()}\n")
-        print(results.table())
+                          f"{results.table()}\n{caveats}")
+        print(results.table() + caveats)
     return results
 
 
