@@ -293,6 +293,70 @@ def test_planted_duplicates_of_the_positive_are_never_mined(planted, qwen2_vl_mo
     assert summary.dropped["repeated_candidate"] > 0
 
 
+def _text_rows(qry, pos, **columns):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"qry": qry, "qry_image_path": [""] * len(qry), "pos_text": pos,
+                              "pos_image_path": [""] * len(pos), **columns})
+
+
+def _canonical(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def test_a_query_is_never_its_own_negative_and_one_query_content_is_one_query(qwen2_vl_model, tmp_path):
+    """Symmetric pairs (x -> y, y -> x) hold every query among the candidates: without the rule a query could be
+    mined as its own negative. Queries that differ only in case and spacing are one query: neither row's positive is
+    the other's negative. No margin here, so nothing else stops either."""
+    texts = ["a red square", "a blue circle", "a green triangle", "a yellow star", "a purple hexagon", "an orange oval"]
+    rows = _text_rows(texts + ["A dog runs", "a  dog   RUNS"], texts[1:] + texts[:1] + ["a puppy", "a hound"])
+    mined, summary = mine_hard_negatives(rows, qwen2_vl_model, work_dir=tmp_path / "w", num_negatives=6,
+                                         false_negative_margin=None, match_modality=False, depth=1000)
+    assert summary.rows_mined == len(rows)
+    for row in mined:
+        negatives = {_canonical(t) for t in row["neg_text"]}
+        assert _canonical(row["qry"]) not in negatives and _canonical(row["pos_text"]) not in negatives, row
+        if "dog" in row["qry"]:
+            assert not negatives & {"a puppy", "a hound"}, row  # the positives of its query, in either row
+        else:
+            assert len(negatives) == 6, row  # the 8 candidates less its positive and its own text
+    # every row examined the whole pool: its positive(s) and its query dropped
+    assert summary.dropped["positive_or_duplicate"] == 6 * 2 + 2 * 2
+
+
+def test_rows_are_named_by_their_number_in_the_dataset_and_any_group_column_works(qwen2_vl_model, tmp_path):
+    """A row check with on_bad_row="skip" leaves rows out; errors still name the user's row. A group column that is
+    not text (an int source id) groups as its text."""
+    from mm_embed_trl.data.images import ImageLoadError
+
+    rows = _text_rows(["", "a", "b"], ["p0", "p1", "p2"])
+    rows = rows.remove_columns("pos_image_path").add_column("pos_image_path", ["", "", str(tmp_path / "gone.png")])
+    with pytest.raises(ImageLoadError, match="row 2, column 'pos_image_path'"):  # row 0 (empty query) was skipped
+        mine_hard_negatives(rows, qwen2_vl_model, work_dir=tmp_path / "w1", num_negatives=1, on_bad_row="skip")
+    rows = _text_rows(["a", "b", "c", "d"], ["p0", "p1", "p2", "p3"], source=[0, 1, 0, 1])
+    mined, _ = mine_hard_negatives(rows, qwen2_vl_model, work_dir=tmp_path / "w2", num_negatives=1,
+                                   group_column="source", match_modality=False, false_negative_margin=None)
+    assert mined["neg_text"] == [["p2"], ["p3"], ["p0"], ["p1"]]  # the other row of its source
+
+
+def test_the_summary_counts_do_not_depend_on_the_chunk_size(planted, qwen2_vl_model, tmp_path):
+    """A chunk retrieves as deep as its row with the most copies of its positives needs; each row's result, its
+    counts included, is what its own depth gives, whatever rows share its chunk."""
+    rows, corpus, root = planted
+    runs = [mine_hard_negatives(rows, qwen2_vl_model, corpus=corpus, image_root=root, work_dir=tmp_path / f"w{size}",
+                                num_negatives=3, depth=6, chunk_size=size, short_rows="drop") for size in (64, 5)]
+    summaries = [summary for _, summary in runs]
+    # the same negatives by content: a planted copy and its original tie up to the rounding of the batches they
+    # were embedded in (chunk_size sets those too), so either may come first
+    contents = [[[_content_of(t, i, root) for t, i in zip(row["neg_text"], row["neg_image_path"])] for row in mined]
+                for mined, _ in runs]
+    assert contents[0] == contents[1]
+    assert summaries[0].dropped == summaries[1].dropped and summaries[0].candidates == summaries[1].candidates
+    text = summaries[0].format()
+    dropped_short = summaries[0].rows_short
+    assert f"{summaries[0].rows_dropped - dropped_short} row(s) dropped (no negative left)" in text
+
+
 def test_mined_negatives_are_the_brute_force_top_k_of_encode_with_video_queries(shapes_data, qwen2_vl_model,
                                                                                 tmp_path):
     """The whole pipeline against a reference built from `encode` alone: every score of every row's query against

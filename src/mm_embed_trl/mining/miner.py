@@ -4,8 +4,10 @@ For every row: embed its query (query side) and every candidate (document side: 
 when given), retrieve the candidates most similar to the query, drop those that are no negatives, and write the
 ``num_negatives`` most similar survivors into ``neg_text`` / ``neg_image_path``. What is dropped, in this order:
 
-1. **a positive, or a duplicate of one**: a candidate whose content (text up to case and spacing, decoded pixels) is
-   that of a positive of the same query, its own or another row's: never mined, whatever the other options;
+1. **a positive or the query, or a duplicate of one**: a candidate whose content (text up to case and spacing,
+   decoded pixels) is that of a positive of the same query (its own or another row's; "the same query" is the same
+   content too) or of the query itself (symmetric data holds the queries among the positives): never mined,
+   whatever the other options;
 2. **a repeat of a better candidate**: the same content as a candidate ranked above it (one image under two paths):
    a row never gets one negative twice by way of two copies;
 3. **outside the rank window** ``[range_min, range_max)``: ranks count the candidates left after 1. and 2., from 0;
@@ -16,7 +18,8 @@ the negative columns are. Candidates of another modality than the row's positive
 value of
 ``group_column``, are never candidates. A row left with fewer survivors than ``num_negatives`` gets its survivors
 repeated (``short_rows="repeat"``, as UniME repeats its hard negatives) or is dropped (``"drop"``); a row with none
-is dropped. The summary counts each.
+is dropped. The summary counts each. A chunk of queries retrieves as deep as its deepest row needs; each row keeps
+its own depth (``depth`` plus the copies of its positives), so no result depends on the chunking.
 
 The work is done in chunks under ``work_dir``, each written once by rename: a killed run resumes where it stopped,
 and a run with other filters reuses the embeddings. Under ``torchrun`` / ``accelerate launch`` the chunks are shared
@@ -194,9 +197,10 @@ class MiningSummary:
             f"Rows: {self.rows} in, {self.rows_mined} written with negatives"
             + (f" ({self.bad_rows_skipped} bad rows skipped before mining)" if self.bad_rows_skipped else ""),
             f"  {self.rows_short} row(s) had fewer survivors than num_negatives and {fate}",
-            f"  {self.rows_dropped} row(s) dropped (no negative left)",
+            f"  {self.rows_dropped - (self.rows_short if self.short_rows == 'drop' else 0)} row(s) dropped (no "
+            "negative left)",
             f"Candidates retrieved: {self.candidates}; dropped:",
-            f"  a positive of the query, or a duplicate of one: {self.dropped['positive_or_duplicate']}",
+            f"  a positive or the query, or a duplicate of one: {self.dropped['positive_or_duplicate']}",
             f"  the same content as a better candidate:         {self.dropped['repeated_candidate']}",
             f"  outside the rank window:                        {self.dropped['outside_rank_window']}",
             f"  above the false-negative margin:                {self.dropped['above_margin']}",
@@ -215,11 +219,13 @@ def _column(table, name: str):
 
 
 def _texts(table, name: str) -> np.ndarray:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if name not in table.column_names:
         return np.full(table.num_rows, "", dtype=object)
-    return np.asarray(pc.fill_null(_column(table, name), "").to_pylist(), dtype=object)
+    column = _column(table, name)  # e.g. an integer group column: compared as its text
+    return np.asarray(pc.fill_null(column.cast(pa.string()), "").to_pylist(), dtype=object)
 
 
 def _image_values(table, name: str, what: str) -> np.ndarray:
@@ -489,7 +495,9 @@ def mine_hard_negatives(
     pool_store = _ChunkStore(embed_dir / "candidates", len(rows.pool_items), config.chunk_size)
     pool_emb, pool_keys = _embed_all(pool_store, rows.pool_items, rows.pool_labels, embedder, "document", ranks,
                                      "candidates")
-    query_emb, _ = _embed_all(query_store, rows.query_items, rows.query_labels, embedder, "query", ranks, "queries")
+    query_emb, query_keys = _embed_all(query_store, rows.query_items, rows.query_labels, embedder, "query", ranks,
+                                       "queries")
+    rows.set_search_units(query_keys)
 
     result_dir = embed_dir / f"results-{_stage_key(config.search_options())}"
     result_dir.mkdir(exist_ok=True)
@@ -537,14 +545,18 @@ class _RowTable:
 
     def __init__(self, table, config: MiningConfig, corpus):
         n = table.num_rows
+        # the user's row numbers (rows a check with on_bad_row="skip" left out shift the positions)
+        row_number = (np.asarray(_column(table, ROW_INDEX_COLUMN).to_numpy(zero_copy_only=False), dtype=np.int64)
+                      if ROW_INDEX_COLUMN in table.column_names else np.arange(n))
         query_text, query_image = _texts(table, QUERY_TEXT), _image_values(table, QUERY_IMAGE, "dataset")
         pos_text, pos_image = _texts(table, POS_TEXT), _image_values(table, POS_IMAGE, "dataset")
         with_video = np.flatnonzero(_image_values(table, POS_VIDEO, "dataset") != "")
         if len(with_video):
             raise ValueError(
-                f"Row {with_video[0]} (and {len(with_video) - 1} more) has a video positive ({POS_VIDEO!r}); mined "
-                f"negatives are written as texts and images ({NEG_TEXT!r}, {NEG_IMAGE!r}), which hold no video. Mine "
-                "rows whose positives are texts or images (video queries are fine), or leave these rows out."
+                f"Row {row_number[with_video[0]]} (and {len(with_video) - 1} more) has a video positive "
+                f"({POS_VIDEO!r}); mined negatives are written as texts and images ({NEG_TEXT!r}, {NEG_IMAGE!r}), "
+                "which hold no video. Mine rows whose positives are texts or images (video queries are fine), or "
+                "leave these rows out."
             )
         group = _texts(table, config.group_column) if config.group_column else np.full(n, "", dtype=object)
         texts, images, groups, origins = [pos_text], [pos_image], [group], [np.arange(n)]
@@ -570,15 +582,22 @@ class _RowTable:
         self.pool_text, self.pool_image, self.pool_group = all_text[first], all_image[first], group_ids[first]
         origin = np.concatenate(origins)[first]
         self.pool_items = [(text, image, "") for text, image in zip(self.pool_text.tolist(), self.pool_image.tolist())]
-        self.pool_labels = [(f"row {o}, column {POS_IMAGE!r}", "") if o >= 0 else (f"corpus row {-1 - o}", "")
-                            for o in origin]
+        self.pool_labels = [(f"row {row_number[o]}, column {POS_IMAGE!r}", "") if o >= 0
+                            else (f"corpus row {-1 - o}", "") for o in origin]
         self.row_positive = inverse[:n]
         query_video = _image_values(table, QUERY_VIDEO, "dataset")
         q_first, self.row_query = _unique(query_text, query_image, query_video)
         self.query_items = list(zip(query_text[q_first].tolist(), query_image[q_first].tolist(),
                                     query_video[q_first].tolist()))
-        self.query_labels = [(f"row {r}, column {QUERY_IMAGE!r}", f"row {r}, column {QUERY_VIDEO!r}") for r in q_first]
-        unit_first, self.row_unit = _unique(self.row_query, self.pool_group[self.row_positive])
+        self.query_labels = [(f"row {r}, column {QUERY_IMAGE!r}", f"row {r}, column {QUERY_VIDEO!r}")
+                             for r in row_number[q_first]]
+
+    def set_search_units(self, query_keys: np.ndarray) -> None:
+        """The search units, once the queries' content keys are known: one per (query content, positive group). Rows
+        whose queries show the same content (one image under two paths, texts that differ only in case or spacing)
+        are one unit, so neither's positive is mined as the other's negative."""
+        self.row_query_key = query_keys[self.row_query]
+        unit_first, self.row_unit = _unique(self.row_query_key, self.pool_group[self.row_positive])
         self.unit_query = self.row_query[unit_first]
         self.unit_group = self.pool_group[self.row_positive][unit_first]
 
@@ -596,14 +615,17 @@ class _Searcher:
         self.rows, self.config, self.device = rows, config, device
         self.query_emb, self.pool_emb, self.pool_keys = query_emb, pool_emb, pool_keys
         self.num_chunks = -(-len(rows.unit_query) // config.chunk_size)
-        positive_keys = pool_keys[rows.row_positive]
-        # (unit, content key of one of its positives): a candidate with such a pair is never its negative
-        self.excluded = np.unique(_pair_hash(rows.row_unit, positive_keys))
+        # (unit, content key of one of its positives or of its query): a candidate with such a pair is never its
+        # negative (symmetric data holds each query among the positives: it would be its own hardest negative)
+        units = np.concatenate([rows.row_unit, rows.row_unit])
+        keys = np.concatenate([pool_keys[rows.row_positive], rows.row_query_key])
+        self.excluded = np.unique(_pair_hash(units, keys))
         key_values, key_counts = np.unique(pool_keys, return_counts=True)
-        # pool items that share each unit's positive keys: retrieved beside `depth` so that depth survive them
-        unit_positive = np.unique(np.stack([rows.row_unit, positive_keys]), axis=1)
-        counts = key_counts[np.searchsorted(key_values, unit_positive[1])]
-        self.unit_excluded = np.bincount(unit_positive[0], weights=counts, minlength=len(rows.unit_query)).astype(int)
+        # pool items that share each unit's excluded keys: retrieved beside `depth` so that depth survive them
+        unit_keys = np.unique(np.stack([units, keys]), axis=1)
+        at = np.minimum(np.searchsorted(key_values, unit_keys[1]), len(key_values) - 1)
+        counts = np.where(key_values[at] == unit_keys[1], key_counts[at], 0)  # a query's content may be no candidate
+        self.unit_excluded = np.bincount(unit_keys[0], weights=counts, minlength=len(rows.unit_query)).astype(int)
         self.rows_by_unit = np.argsort(rows.row_unit, kind="stable")
         self.unit_row_bounds = np.searchsorted(rows.row_unit[self.rows_by_unit], np.arange(len(rows.unit_query) + 1))
 
@@ -619,6 +641,9 @@ class _Searcher:
         row_ids = self.rows_by_unit[self.unit_row_bounds[lo] : self.unit_row_bounds[hi]]
         local = rows.row_unit[row_ids] - lo
         indices, scores = found.indices.cpu()[local].numpy(), found.scores.cpu()[local].numpy()
+        # each row sees its own unit's depth (k is the chunk's largest): the result does not depend on the chunking
+        own_k = config.retrieval_depth + self.unit_excluded[rows.row_unit[row_ids]]
+        indices = np.where(np.arange(indices.shape[1])[None, :] < own_k[:, None], indices, -1)
         query_vectors = np.asarray(self.query_emb[rows.row_query[row_ids]])
         positive_vectors = np.asarray(self.pool_emb[rows.row_positive[row_ids]])
         positive_scores = np.einsum("nd,nd->n", query_vectors, positive_vectors)
