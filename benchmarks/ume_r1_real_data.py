@@ -413,9 +413,17 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
 def _rl_start(sft: Path, sft_args: str) -> list[str]:
     """train_grpo's arguments that start RL from the SFT model `sft`. After a tiny SFT run it is the example's tiny
     start (`--sft_output_dir`, the tiny GRPO defaults); after SFT of a named backbone (`--sft_args` holds
-    `--model_name_or_path`) it is named too, so RL takes the config's defaults (and `--grpo_args`' `--config`) rather
-    than the tiny CPU ones."""
-    named = any(a.split("=")[0] == "--model_name_or_path" for a in shlex.split(sft_args))
+    `--model_name_or_path`, or a `--config` recipe that sets it) it is named too, so RL takes the config's defaults
+    (and `--grpo_args`' `--config`) rather than the tiny CPU ones."""
+    import yaml
+
+    words = shlex.split(sft_args)
+    named = any(w.split("=")[0] == "--model_name_or_path" for w in words)
+    for i, word in enumerate(words):  # a --config recipe may name it too
+        path = word.split("=", 1)[1] if word.startswith("--config=") else (
+            words[i + 1] if word == "--config" and i + 1 < len(words) else None)
+        if path is not None:
+            named |= bool((yaml.safe_load(Path(path).read_text()) or {}).get("model_name_or_path"))
     return ["--model_name_or_path" if named else "--sft_output_dir", str(sft)]
 
 

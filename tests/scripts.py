@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(path: str | Path, name: str | None = None, *, register: bool = False) -> ModuleType:
-    """The module of the script at `path` (relative to the repository root, or absolute), executed once.
+    """The module of the script at `path` (relative to the repository root, or absolute), run afresh by each call.
 
     `register=True` also puts it in `sys.modules` under `name` (the file's stem by default): dataclasses defined in
     the script resolve their annotations through it.

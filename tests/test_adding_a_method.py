@@ -27,11 +27,10 @@ def guide_method(tmp_path):
     assert len(blocks) == 3, "the guide's loss, config and trainer blocks start with '# my_method.py'"
     path = tmp_path / f"{MODULE}.py"
     path.write_text("\n".join(blocks))
-    module = None
     try:
-        module = load_script(path, register=True)
-        yield module
+        yield load_script(path, register=True)
     finally:
+        module = sys.modules.get(MODULE)  # registered before it ran: its trainer may have registered, then failed
         unregister_method(module.WeightedInfoNCETrainer.method_key if hasattr(module, "WeightedInfoNCETrainer") else "")
         sys.modules.pop(MODULE, None)
 

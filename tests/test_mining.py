@@ -339,22 +339,51 @@ def test_rows_are_named_by_their_number_in_the_dataset_and_any_group_column_work
     assert mined["neg_text"] == [["p2"], ["p3"], ["p0"], ["p1"]]  # the other row of its source
 
 
-def test_the_summary_counts_do_not_depend_on_the_chunk_size(planted, qwen2_vl_model, tmp_path):
-    """A chunk retrieves as deep as its row with the most copies of its positives needs; each row's result, its
-    counts included, is what its own depth gives, whatever rows share its chunk."""
-    rows, corpus, root = planted
-    runs = [mine_hard_negatives(rows, qwen2_vl_model, corpus=corpus, image_root=root, work_dir=tmp_path / f"w{size}",
-                                num_negatives=3, depth=6, chunk_size=size, short_rows="drop") for size in (64, 5)]
-    summaries = [summary for _, summary in runs]
-    # the same negatives by content: a planted copy and its original tie up to the rounding of the batches they
-    # were embedded in (chunk_size sets those too), so either may come first
-    contents = [[[_content_of(t, i, root) for t, i in zip(row["neg_text"], row["neg_image_path"])] for row in mined]
-                for mined, _ in runs]
-    assert contents[0] == contents[1]
-    assert summaries[0].dropped == summaries[1].dropped and summaries[0].candidates == summaries[1].candidates
-    text = summaries[0].format()
-    dropped_short = summaries[0].rows_short
-    assert f"{summaries[0].rows_dropped - dropped_short} row(s) dropped (no negative left)" in text
+def test_a_rows_negatives_and_counts_do_not_depend_on_the_chunk_size():
+    """A chunk of search units is retrieved as deep as its unit with the most excluded copies needs; each row keeps
+    its own depth, so its negatives and the counts are the same whatever units share its chunk. Small-integer
+    embeddings: every score is exact, ties go to the lower index."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from mm_embed_trl.mining.miner import MiningSummary, _RowTable, _Searcher
+
+    rng = np.random.default_rng(0)
+    n, extra = 40, 60
+    table = pa.table({"qry": [f"q{i}" for i in range(n)], "qry_image_path": [""] * n,
+                      "pos_text": [f"p{i}" for i in range(n)], "pos_image_path": [""] * n})
+    corpus = Dataset.from_dict({"text": [f"c{i}" for i in range(extra)]})
+    config = MiningConfig(num_negatives=3, depth=5, false_negative_margin=None, match_modality=False, chunk_size=n)
+    rows = _RowTable(table, config, corpus)
+    pool_keys = np.arange(n + extra, dtype=np.int64) + 1000
+    pool_keys[n:n + 21] = pool_keys[np.arange(21) % 7]  # rows 0-6 have 3 copies of their positive in the corpus
+    pool_keys[n + 21:n + 31] = pool_keys[n + 31:n + 41]  # copies of other candidates: repeats
+    query_keys = np.arange(n, dtype=np.int64) + 5000
+    query_keys[10:20] = pool_keys[11:21]  # symmetric rows: these queries are other rows' positives
+    rows.set_search_units(query_keys)
+    query_emb = rng.integers(-3, 4, (n, 8)).astype(np.float32)
+    pool_emb = rng.integers(-3, 4, (n + extra, 8)).astype(np.float32)
+
+    def mine(chunk_size):
+        searcher = _Searcher(rows, MiningConfig(**{**config.__dict__, "chunk_size": chunk_size}), query_emb,
+                             pool_emb, pool_keys)
+        negatives, dropped, candidates = np.full((n, 3), -2), np.zeros(len(REASONS), dtype=np.int64), 0
+        for c in range(searcher.num_chunks):
+            out = searcher.chunk(c)
+            negatives[out["rows"]] = out["negatives"]
+            dropped += out["dropped"]
+            candidates += int(out["candidates"][0])
+        return searcher, negatives, dropped.tolist(), candidates
+
+    whole, *expected = mine(n)
+    assert len(set(whole.unit_excluded.tolist())) > 2  # chunks differ in how deep they retrieve
+    assert (expected[0] >= 0).all() and expected[1][0] > 0 and expected[1][1] > 0
+    for chunk_size in (7, 3, 1):
+        _, negatives, dropped, candidates = mine(chunk_size)
+        assert np.array_equal(negatives, expected[0]) and (dropped, candidates) == (expected[1], expected[2])
+    # the summary's dropped-rows line counts the rows without a negative, not the short ones dropped with them
+    summary = MiningSummary(rows=10, rows_short=2, rows_dropped=5, rows_mined=5, short_rows="drop")
+    assert "  3 row(s) dropped (no negative left)" in summary.format()
 
 
 def test_mined_negatives_are_the_brute_force_top_k_of_encode_with_video_queries(shapes_data, qwen2_vl_model,

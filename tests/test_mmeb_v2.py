@@ -598,8 +598,15 @@ def test_video_classification_ranks_every_class_of_its_dataset_when_given_them(f
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="could not be read as JSON"):
         read_class_labels(tmp_path / "bad.json")
-    with pytest.raises(ValueError, match="list of non-empty class names"):
-        read_class_labels({"UCF101": "Archery"})
+    for bad in ({"UCF101": "Archery"}, {"HMDB51": 5}):
+        with pytest.raises(ValueError, match="list of non-empty class names"):
+            read_class_labels(bad)
+    with pytest.raises(ValueError, match="two different lists"):
+        read_class_labels({"K700": ["a"], "Kinetics-700": ["b"]})
+    assert read_class_labels({"K700": ["a"], "Kinetics-700": ["a"]}) == {"K700": ["a"]}
+    for bad in (["run", "jump"], 3):
+        with pytest.raises(ValueError, match="JSON object of task -> list of class names"):
+            read_class_labels(bad)
 
 
 def test_bad_data_names_the_file_and_the_fix(fixture_data, tmp_path):

@@ -610,19 +610,28 @@ def read_class_labels(class_labels: Mapping[str, Sequence[str]] | str | os.PathL
     dataset folder (``Kinetics-700``, as VLM2Vec's ``VIDEOCLS_LABEL_MAPPING``); other keys are ignored."""
     if class_labels is None:
         return {}
-    if not isinstance(class_labels, Mapping):
+    form = 'a JSON object of task -> list of class names, e.g. {"HMDB51": ["ride_bike", ...]}'
+    if isinstance(class_labels, (str, os.PathLike)):
         path = Path(class_labels)
         try:
             class_labels = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"The class list file {path} could not be read as JSON ({err}): write a JSON object "
-                             "of task -> list of class names, e.g. {\"HMDB51\": [\"ride_bike\", ...]}.") from err
+            raise ValueError(f"The class list file {path} could not be read as JSON ({err}): write {form}.") from err
+    if not isinstance(class_labels, Mapping):
+        raise ValueError(f"class_labels must be {form} (or its file), not a {type(class_labels).__name__}.")
     out = {}
     for task in MMEB_V2_TASKS.values():
-        labels = class_labels.get(task.name, class_labels.get(task.local_dir)) if task.num_classes else None
-        if labels is not None:
-            if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
-                raise ValueError(f"The class list of {task.name} must be a list of non-empty class names.")
+        if not task.num_classes:
+            continue
+        given = [class_labels[name] for name in dict.fromkeys((task.name, task.local_dir)) if name in class_labels]
+        if len(given) > 1 and given[0] != given[1]:
+            raise ValueError(f"class_labels gives {task.name} two different lists ({task.name!r} and "
+                             f"{task.local_dir!r}): keep one.")
+        if given:
+            labels = given[0]
+            if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) and x for x in labels):
+                raise ValueError(f"The class list of {task.name} must be a list of non-empty class names; got "
+                                 f"{type(labels).__name__}.")
             out[task.name] = list(labels)
     return out
 

@@ -19,7 +19,8 @@ value of
 ``group_column``, are never candidates. A row left with fewer survivors than ``num_negatives`` gets its survivors
 repeated (``short_rows="repeat"``, as UniME repeats its hard negatives) or is dropped (``"drop"``); a row with none
 is dropped. The summary counts each. A chunk of queries retrieves as deep as its deepest row needs; each row keeps
-its own depth (``depth`` plus the copies of its positives), so no result depends on the chunking.
+its own depth (``depth`` plus the pool items that carry its excluded contents), so no result depends on the
+chunking.
 
 The work is done in chunks under ``work_dir``, each written once by rename: a killed run resumes where it stopped,
 and a run with other filters reuses the embeddings. Under ``torchrun`` / ``accelerate launch`` the chunks are shared
@@ -499,7 +500,8 @@ def mine_hard_negatives(
                                        "queries")
     rows.set_search_units(query_keys)
 
-    result_dir = embed_dir / f"results-{_stage_key(config.search_options())}"
+    # the search's own version: results of an older search (other exclusions or units) are never resumed from
+    result_dir = embed_dir / f"results-{_stage_key({'search_version': 2, **config.search_options()})}"
     result_dir.mkdir(exist_ok=True)
     searcher = _Searcher(rows, config, query_emb, pool_emb, pool_keys, device=device)
     mine = [c for c in ranks.mine(searcher.num_chunks) if not (result_dir / f"chunk-{c:06d}.npz").is_file()]
@@ -593,13 +595,17 @@ class _RowTable:
                              for r in row_number[q_first]]
 
     def set_search_units(self, query_keys: np.ndarray) -> None:
-        """The search units, once the queries' content keys are known: one per (query content, positive group). Rows
-        whose queries show the same content (one image under two paths, texts that differ only in case or spacing)
-        are one unit, so neither's positive is mined as the other's negative."""
+        """Once the queries' content keys are known: the search units, one per (query, positive group), each searched
+        with its own query's embedding; and the rows' query *contents* (content key, positive group): rows whose
+        queries show the same content (one image under two paths, texts that differ only in case or spacing) share
+        their positives and queries as exclusions, so neither's positive is mined as the other's negative."""
+        row_group = self.pool_group[self.row_positive]
         self.row_query_key = query_keys[self.row_query]
-        unit_first, self.row_unit = _unique(self.row_query_key, self.pool_group[self.row_positive])
+        unit_first, self.row_unit = _unique(self.row_query, row_group)
         self.unit_query = self.row_query[unit_first]
-        self.unit_group = self.pool_group[self.row_positive][unit_first]
+        self.unit_group = row_group[unit_first]
+        self.row_content = _unique(self.row_query_key, row_group)[1]
+        self.unit_content = self.row_content[unit_first]  # a unit's rows share one query, hence one content
 
 
 def _pair_hash(units: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -615,17 +621,18 @@ class _Searcher:
         self.rows, self.config, self.device = rows, config, device
         self.query_emb, self.pool_emb, self.pool_keys = query_emb, pool_emb, pool_keys
         self.num_chunks = -(-len(rows.unit_query) // config.chunk_size)
-        # (unit, content key of one of its positives or of its query): a candidate with such a pair is never its
-        # negative (symmetric data holds each query among the positives: it would be its own hardest negative)
-        units = np.concatenate([rows.row_unit, rows.row_unit])
+        # (query content, content key of one of its positives or of the query): a candidate with such a pair is never
+        # its negative (symmetric data holds each query among the positives: it would be its own hardest negative)
+        contents = np.concatenate([rows.row_content, rows.row_content])
         keys = np.concatenate([pool_keys[rows.row_positive], rows.row_query_key])
-        self.excluded = np.unique(_pair_hash(units, keys))
+        self.excluded = np.unique(_pair_hash(contents, keys))
         key_values, key_counts = np.unique(pool_keys, return_counts=True)
-        # pool items that share each unit's excluded keys: retrieved beside `depth` so that depth survive them
-        unit_keys = np.unique(np.stack([units, keys]), axis=1)
-        at = np.minimum(np.searchsorted(key_values, unit_keys[1]), len(key_values) - 1)
-        counts = np.where(key_values[at] == unit_keys[1], key_counts[at], 0)  # a query's content may be no candidate
-        self.unit_excluded = np.bincount(unit_keys[0], weights=counts, minlength=len(rows.unit_query)).astype(int)
+        # pool items that carry each unit's excluded keys: retrieved beside `depth` so that depth survive them
+        content_keys = np.unique(np.stack([contents, keys]), axis=1)
+        at = np.minimum(np.searchsorted(key_values, content_keys[1]), len(key_values) - 1)
+        counts = np.where(key_values[at] == content_keys[1], key_counts[at], 0)  # a query's content may be no candidate
+        excluded_per_content = np.bincount(content_keys[0], weights=counts, minlength=int(rows.row_content.max()) + 1)
+        self.unit_excluded = excluded_per_content[rows.unit_content].astype(int)
         self.rows_by_unit = np.argsort(rows.row_unit, kind="stable")
         self.unit_row_bounds = np.searchsorted(rows.row_unit[self.rows_by_unit], np.arange(len(rows.unit_query) + 1))
 
@@ -648,7 +655,7 @@ class _Searcher:
         positive_vectors = np.asarray(self.pool_emb[rows.row_positive[row_ids]])
         positive_scores = np.einsum("nd,nd->n", query_vectors, positive_vectors)
         return {"rows": row_ids, "positive_scores": positive_scores.astype(np.float32),
-                **filter_candidates(indices, scores, positive_scores, rows.row_unit[row_ids], self.pool_keys,
+                **filter_candidates(indices, scores, positive_scores, rows.row_content[row_ids], self.pool_keys,
                                     self.excluded, config)}
 
 
