@@ -204,3 +204,48 @@ def test_long_texts_are_truncated_by_default_and_the_log_says_so_once(qwen2_vl_m
     assert col.num_truncated == 6  # 3 long texts per batch, two batches
     # None keeps whole texts (what encode() does)
     assert EmbeddingCollator(qwen2_vl_model.processor, max_length=None).max_length is None
+
+
+class _StubEncodingCollator(EmbeddingCollator):
+    """The collator's row handling without a processor: `encode_inputs` only counts, or refuses the text 'bad'."""
+
+    def __init__(self, **kwargs):
+        super().__init__(object(), "plain", **kwargs)
+
+    def encode_inputs(self, inputs, side="query", instruction=None):
+        from mm_embed_trl.data.collators import InputEncodingError
+
+        for i, item in enumerate(inputs):
+            if item.text == "bad":
+                raise InputEncodingError(i, "cannot encode this one")
+        return {"n": len(inputs)}
+
+
+def test_negative_errors_name_the_column_index_the_row_holds(tmp_path):
+    """Empty (text, image) pairs are dropped before collation; errors still name the pair's index in the row."""
+    collator = _StubEncodingCollator(image_root=str(tmp_path))
+    row = {"qry": "q", "pos_text": "p", "neg_text": ["", "b"], "neg_image_path": ["", "missing.jpg"], "_row_index": 7}
+    with pytest.raises(ImageLoadError, match=r"dataset row 7 .*'neg_image_path'\[1\].*missing\.jpg"):
+        collator([row])
+    # an encoding failure names the same index: the 'bad' negative is the row's third pair, its second kept one
+    rows = [
+        {"qry": "q", "pos_text": "p", "neg_text": ["a", "c"]},
+        {"qry": "q", "pos_text": "p", "neg_text": ["", "a", "bad"], "neg_image_path": ""},
+    ]
+    with pytest.raises(ValueError, match=r"batch row 1 .*'neg_image_path'\[2\]: cannot encode this one"):
+        collator(rows)
+
+
+def test_negative_count_mismatch_blames_the_odd_row_even_when_it_is_row_0():
+    collator = _StubEncodingCollator()
+    rows = [{"qry": "q", "pos_text": "p", "neg_text": ["a", "b", "c"]}] + [
+        {"qry": "q", "pos_text": "p", "neg_text": ["a", "b"]} for _ in range(3)
+    ]
+    with pytest.raises(ValueError, match=r"same number of explicit negatives \(2 expected\)") as err:
+        collator(rows)
+    message = str(err.value)
+    assert "batch row 0 [qry='q'] has 3" in message
+    assert not any(f"batch row {i}" in message for i in (1, 2, 3)), message
+    # the odd row out later in the batch is blamed just the same
+    with pytest.raises(ValueError, match=r"\(2 expected\): batch row 3 \[qry='q'\] has 3\."):
+        collator(rows[1:] + rows[:1])

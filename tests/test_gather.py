@@ -151,3 +151,88 @@ def test_gradcache_under_ddp_matches_and_all_reduces_once(two_process_run, singl
         n = len(want_grads)
         assert_grads_close(unused["grads"][:n], want_grads, f"find_unused GradCache rank {r}")
         assert all(g is None for g in unused["grads"][n:])  # the unused parameter stays untouched
+
+
+class _ThreadRanks:
+    """A fake process group for one process: each rank is a thread, `all_gather` meets at a barrier.
+
+    Like a real backend, it refuses to all-gather tensors of different shapes (gloo errors, NCCL may hang).
+    """
+
+    def __init__(self, monkeypatch, world: int):
+        import threading
+
+        from mm_embed_trl.distributed import gather as gather_module
+
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.slots: list = [None] * world
+        monkeypatch.setattr(gather_module, "world_size", lambda group=None: world)
+        monkeypatch.setattr(gather_module, "rank", lambda group=None: self.local.rank)
+        monkeypatch.setattr(torch.distributed, "all_gather", self.all_gather)
+
+    def all_gather(self, outputs, tensor, group=None):
+        self.slots[self.local.rank] = tensor.detach().clone()
+        self.barrier.wait()
+        shapes = [tuple(s.shape) for s in self.slots]
+        try:
+            if len(set(shapes)) > 1:
+                raise RuntimeError(f"backend: all_gather of mismatched shapes {shapes}")
+            for out, piece in zip(outputs, self.slots):
+                out.copy_(piece)
+        finally:
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+
+    def run(self, fn, per_rank_inputs):
+        """`fn(input)` on every rank at once; each rank's result or exception."""
+        import threading
+
+        results: list = [None] * self.world
+
+        def target(r):
+            self.local.rank = r
+            try:
+                results[r] = fn(per_rank_inputs[r])
+            except Exception as err:  # noqa: BLE001 - handed back to the test
+                results[r] = err
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        return results
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3, 2, 8), (2, 3, 8)], [(3, 8), (2, 1, 8)]],
+    ids=["different-negative-counts", "different-ranks"],
+)
+def test_gather_refuses_ranks_whose_trailing_dims_differ_on_every_rank(monkeypatch, shapes):
+    """Streams with num_negatives=None can settle on K negatives per row on one rank and another K elsewhere: a
+    (B, K, D) gather must then fail with a clear message on every rank, not with a backend error or a hang."""
+    ranks = _ThreadRanks(monkeypatch, world=2)
+    for fn in (gather_with_grad, gather_no_grad):
+        results = ranks.run(fn, [torch.randn(*s) for s in shapes])
+        for err in results:
+            assert isinstance(err, ValueError), err
+            message = str(err)
+            assert f"rank 0: {shapes[0]}" in message and f"rank 1: {shapes[1]}" in message, message
+            assert "num_negatives" in message and "same number of negatives" in message, message
+
+
+def test_gather_on_fake_ranks_pads_uneven_rows_and_keeps_local_autograd(monkeypatch):
+    """The shape exchange leaves the ordinary path as it was: uneven rows, offsets, local autograd, bool tensors."""
+    ranks = _ThreadRanks(monkeypatch, world=2)
+    inputs = [torch.randn(3, 2, 4, requires_grad=True), torch.randn(5, 2, 4, requires_grad=True)]
+    whole = torch.cat([t.detach() for t in inputs])
+    for r, (out, offset) in enumerate(ranks.run(lambda t: gather_with_grad(t, return_offset=True), inputs)):
+        assert torch.equal(out.detach(), whole) and offset == (0, 3)[r]
+        out.sum().backward()
+        assert torch.equal(inputs[r].grad, torch.ones_like(inputs[r]))
+    for out in ranks.run(gather_no_grad, inputs):
+        assert not out.requires_grad and torch.equal(out, whole)
+    masks = [torch.tensor([True, False]), torch.tensor([False, True, True])]
+    for out in ranks.run(gather_no_grad, masks):
+        assert out.dtype == torch.bool and out.tolist() == [True, False, False, True, True]

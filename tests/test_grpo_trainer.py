@@ -149,6 +149,41 @@ def test_flattened_rows_hash_their_own_input_so_shared_queries_and_targets_are_n
     assert negatives_of[3, "query"] == {(0, "target"), (1, "target"), (2, "target")}
 
 
+def test_pairs_whose_images_are_a_datasets_image_column_roll_out_their_own_pixels(
+    tiny_backbone, shapes_data, tmp_path
+):
+    """Images embedded in the dataset (a `datasets.Image` column, as a hub dataset holds them) reach the rollouts as
+    their own pixels (flattening wrote the {"bytes", "path"} dicts into a string column and crashed), and images
+    that datasets stored under one base name are still different inputs (their identity was the name)."""
+    import datasets
+
+    from mm_embed_trl.data.images import image_identity, load_image
+
+    train = shapes_data["train"]
+    rows = train.select([i for i, path in enumerate(train["qry_image_path"]) if path][:8])
+    root = Path(shapes_data.image_root)
+    embedded = rows.cast_column("qry_image_path", datasets.Value("string")).map(
+        lambda row: {"qry_image_path": {"bytes": (root / row["qry_image_path"]).read_bytes(), "path": "image.png"}},
+        features=datasets.Features({**rows.features, "qry_image_path": datasets.Image()}),
+    )
+    flat = flatten_pairs(embedded)
+    queries = [row for row in flat if row["side"] == "query"]
+    assert len({image_identity(row["image"]) for row in queries}) == len({row["qry_image_path"] for row in rows})
+    trainer = EmbeddingGRPOTrainer(model=_model(tiny_backbone), args=_config(tmp_path, image_root=str(root)),
+                                   train_dataset=embedded)
+    _fixed_completions(trainer)
+    captured = capture_rewards(trainer)
+    trainer.train()
+    import numpy as np
+
+    for row in captured["inputs"]:
+        if row["side"] == "query":
+            pixels = np.asarray(row[ROW_INPUT].images[0])
+            want = np.asarray(load_image(root / rows[row["pair_id"]]["qry_image_path"]))
+            assert np.array_equal(pixels, want), row["pair_id"]
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
 # ------------------------------------------------------------------------------- rollout embeddings and rewards
 def test_rewards_are_the_retrieval_reward_of_independently_computed_rollout_embeddings(
     tiny_backbone, shapes_data, tmp_path

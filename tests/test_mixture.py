@@ -129,6 +129,24 @@ def test_negatives_get_the_target_instruction_where_a_negative_exists():
     assert _negative_texts("", "", "T: ") == "" and _negative_texts(None, None, "T: ") is None  # no negatives
 
 
+def test_an_empty_side_gets_no_instruction_so_the_row_check_still_names_it():
+    """A source's instruction goes in front of a side that holds something (a text, an image, a video); a side with
+    nothing stays empty and the row check refuses it (with the bare instruction in front it trained on that)."""
+    import datasets
+
+    from mm_embed_trl.data.validation import BadRowsError, check_training_rows
+
+    rows = datasets.Dataset.from_dict({
+        "qry": ["", "", "a query", ""], "qry_image_path": ["", "x.png", "", ""],
+        "qry_video_path": ["", "", "", "clip.mp4"], "pos_text": ["p0", "p1", "p2", "p3"], "pos_image_path": [""] * 4,
+    })
+    mixture = DatasetMixture.from_config([{"name_or_path": "a", "query_instruction": "Q: "}])
+    loaded = mixture.load(loader=lambda source, split: rows)
+    assert loaded["qry"] == ["", "Q: ", "Q: a query", "Q: "]
+    with pytest.raises(BadRowsError, match=r"empty 'qry' .*\(rows 0\)"):
+        check_training_rows(loaded, num_negatives=0)
+
+
 # ------------------------------------------------------------------------------------------------ loading
 @pytest.fixture(scope="module")
 def three_sources(_session_cache):

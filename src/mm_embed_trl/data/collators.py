@@ -345,9 +345,13 @@ class EmbeddingCollator:
         }
         if self.num_negatives == 0:
             return batch
-        per_row = [row_negatives(row, where=_describe_row(row, i)) for i, row in enumerate(rows)]
+        # (index, text, image) triples: the index is the pair's position in the row's neg_* lists, which the
+        # dropped empty pairs ("" text and "" image) would otherwise shift in error messages.
+        per_row = [row_negatives(row, where=_describe_row(row, i), with_index=True) for i, row in enumerate(rows)]
         counts = [len(n) for n in per_row]
-        k = self.num_negatives if self.num_negatives is not None else counts[0]
+        # Without num_negatives, the count most rows carry (the smallest of tied counts), as the dataset check
+        # (validation._negative_count_problems) reads it: the odd rows are blamed, not the rest of the batch.
+        k = self.num_negatives if self.num_negatives is not None else max(sorted(set(counts)), key=counts.count)
         bad = [i for i, c in enumerate(counts) if (c < k if self.num_negatives is not None else c != k)]
         if bad:
             detail = ", ".join(f"{_describe_row(rows[i], i)} has {counts[i]}" for i in bad[:5])
@@ -358,17 +362,15 @@ class EmbeddingCollator:
             )
         if k == 0:
             return batch
-        negatives, negative_ids = [], []
+        negatives, negative_ids, negative_names = [], [], []
         for i, (row, negs) in enumerate(zip(rows, per_row)):
-            for j, (text, image_value) in enumerate(negs[:k]):
-                image = load_image(
-                    image_value, self.image_root, where=f"{_describe_row(row, i)}, column {NEG_IMAGE!r}[{j}]"
-                )
+            for j, text, image_value in negs[:k]:
+                name = f"{_describe_row(row, i)}, column {NEG_IMAGE!r}[{j}]"
+                image = load_image(image_value, self.image_root, where=name)
                 negatives.append(EmbeddingInput(text=text, image=image))
                 negative_ids.append(_content_id(text, image_value, image))
-        batch["negative"] = self._encode_rows(
-            negatives, "document", lambda i: f"{_describe_row(rows[i // k], i // k)}, column {NEG_IMAGE!r}[{i % k}]"
-        )
+                negative_names.append(name)
+        batch["negative"] = self._encode_rows(negatives, "document", negative_names.__getitem__)
         batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
         batch["num_negatives"] = k
         return batch

@@ -388,20 +388,24 @@ def max_image_tokens(processor) -> int | None:
 def image_identity(value: Any) -> str:
     """A cheap, stable identity of an image value, for de-duplicating inputs and masking identical targets.
 
-    Paths (and ``datasets.Image`` dicts with a path) are identified by the path, without reading pixels; raw bytes
-    and PIL images by a hash of their content; missing values by ``""``.
+    Paths (and ``datasets.Image`` dicts of a path alone) are identified by the path, without reading pixels; raw
+    bytes, ``datasets.Image`` dicts holding bytes and PIL images by a hash of their content (a dict's path is then only
+    a name: datasets keeps the file's base name when it embeds images, so two images may share ``"image.jpg"``);
+    missing values by ``""``; a list (the images of one input) by its images' identities in order.
     """
     import hashlib
 
     if value is None or (isinstance(value, str) and not value.strip()):
         return ""
+    if isinstance(value, (list, tuple)):  # the images of one input, in order
+        return "images:" + "|".join(image_identity(v) for v in value)
     if isinstance(value, (str, os.PathLike)):
         return f"path:{os.fspath(value)}"
     if isinstance(value, Mapping):
-        if value.get("path"):
-            return f"path:{value['path']}"
         if value.get("bytes") is not None:
             return "bytes:" + hashlib.sha1(bytes(value["bytes"])).hexdigest()
+        if value.get("path"):
+            return f"path:{value['path']}"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "bytes:" + hashlib.sha1(bytes(value)).hexdigest()
     if isinstance(value, Image.Image):

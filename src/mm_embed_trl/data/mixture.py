@@ -313,8 +313,18 @@ def _absolute(value: Any, root: str) -> Any:
     return value
 
 
-def _prefixed(text: Any, instruction: str) -> Any:
-    return instruction + text if isinstance(text, str) else text
+def _prefixed(texts: list, instruction: str, images: list, videos: list) -> list:
+    """Each text with `instruction` in front when its side has an input (a text, an image or a video): an empty side
+    stays empty, so the row check still names it (a bare instruction would train as if it were the input)."""
+    from .images import has_image
+
+    def holds(value: Any) -> bool:
+        return any(holds(v) for v in value) if isinstance(value, (list, tuple)) else has_image(value)
+
+    return [
+        instruction + text if isinstance(text, str) and (not is_missing(text) or holds(image) or holds(video)) else text
+        for text, image, video in zip(texts, images, videos)
+    ]
 
 
 def _prepared(ds, source: MixtureSource, index: int):
@@ -327,10 +337,12 @@ def _prepared(ds, source: MixtureSource, index: int):
         n = len(next(iter(batch.values())))
         for column in path_columns:
             batch[column] = [_absolute(v, root) for v in batch[column]]
+        none = [None] * n
         if query:
-            batch[QUERY_TEXT] = [_prefixed(t, query) for t in batch[QUERY_TEXT]]
+            batch[QUERY_TEXT] = _prefixed(batch[QUERY_TEXT], query, batch.get(QUERY_IMAGE, none),
+                                          batch.get(QUERY_VIDEO, none))
         if target:
-            batch[POS_TEXT] = [_prefixed(t, target) for t in batch[POS_TEXT]]
+            batch[POS_TEXT] = _prefixed(batch[POS_TEXT], target, batch.get(POS_IMAGE, none), batch.get(POS_VIDEO, none))
             if NEG_TEXT in batch:
                 # a negative's text gets the instruction when the negative exists (text or image), as a positive's
                 texts, images = batch[NEG_TEXT], batch.get(NEG_IMAGE, [None] * n)

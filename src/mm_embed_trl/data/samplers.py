@@ -21,7 +21,16 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .schema import POS_IMAGE, POS_TEXT, POS_VIDEO, QUERY_IMAGE, QUERY_TEXT, QUERY_VIDEO, is_missing
+from .schema import (
+    POS_IMAGE,
+    POS_TEXT,
+    POS_VIDEO,
+    QUERY_IMAGE,
+    QUERY_TEXT,
+    QUERY_VIDEO,
+    ROW_INDEX_COLUMN,
+    is_missing,
+)
 
 __all__ = ["PairedRepeatSampler", "flatten_pairs"]
 
@@ -34,9 +43,12 @@ def flatten_pairs(dataset):
     targets; the duplicate mask of :func:`~mm_embed_trl.rewards.retrieval_pool` reads it so).
 
     ``image`` is a path (``""`` for none) or, when some side of the dataset holds several images, a list of paths
-    for every row (``[]`` for none). A dataset with videos adds ``video`` (a video file or frame folder, ``""`` for
-    none) and ``video_frames`` (a list of frame paths, ``[]`` for none). Rows that already carry ``side`` and
-    ``pair_id`` (flattened before) come back unchanged.
+    for every row (``[]`` for none); a dataset whose images are a ``datasets.Image`` column keeps them as undecoded
+    ``{"bytes", "path"}`` dicts (None for none). A dataset with videos adds ``video`` (a video file or frame folder,
+    ``""`` for none) and ``video_frames`` (a list of frame paths, ``[]`` for none). A dataset with
+    :data:`~mm_embed_trl.data.schema.ROW_INDEX_COLUMN` (the row check adds it) keeps it on both rows of a pair: the
+    pair's row in the user's dataset, which error messages name (``pair_id`` counts the pairs left after the check
+    skipped bad rows). Rows that already carry ``side`` and ``pair_id`` (flattened before) come back unchanged.
     """
     import datasets
 
@@ -53,14 +65,20 @@ def flatten_pairs(dataset):
     if len(dataset) < 2:
         raise ValueError(f"The dataset holds {len(dataset)} pair(s); GRPO with a retrieval reward needs at least 2.")
     image_lists = _has_several_images(dataset)
+    # `datasets.Image` columns hold {"bytes", "path"} dicts (undecoded by the row check), not paths: the flat column
+    # keeps them as images, a missing one as None
+    image_data = _holds_image_features(dataset)
+    no_image = None if image_data else ""
     videos = any(column in dataset.column_names for column in (QUERY_VIDEO, POS_VIDEO))
+    row_numbers = ROW_INDEX_COLUMN in dataset.column_names
 
     def flatten(batch, indices):
         n = len(indices)
         sides = [(side, batch[text], batch.get(image, [""] * n), batch.get(video, [""] * n))
                  for side, text, image, video in (("query", QUERY_TEXT, QUERY_IMAGE, QUERY_VIDEO),
                                                   ("target", POS_TEXT, POS_IMAGE, POS_VIDEO))]
-        out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": [], "video": [], "video_frames": []}
+        out = {"text": [], "image": [], "side": [], "pair_id": [], "content_id": [], "video": [], "video_frames": [],
+               ROW_INDEX_COLUMN: []}
         for k in range(n):
             for side, texts, images, side_videos in sides:
                 text, image, video = texts[k], images[k], side_videos[k]
@@ -68,31 +86,50 @@ def flatten_pairs(dataset):
                 frames = list(video) if isinstance(video, (list, tuple)) else []
                 video = "" if isinstance(video, (list, tuple)) or is_missing(video) else video
                 out["text"].append(text)
-                out["image"].append(paths if image_lists else (paths[0] if paths else ""))
+                out["image"].append(paths if image_lists else (paths[0] if paths else no_image))
                 out["side"].append(side)
                 out["pair_id"].append(indices[k])
                 out["content_id"].append(_content_id(text, paths, paths or None, frames or video))
                 out["video"].append(video)
                 out["video_frames"].append(frames)
+                if row_numbers:
+                    out[ROW_INDEX_COLUMN].append(batch[ROW_INDEX_COLUMN][k])
         if not videos:
             del out["video"], out["video_frames"]
+        if not row_numbers:
+            del out[ROW_INDEX_COLUMN]
         return out
 
+    image_feature = datasets.Image(decode=False) if image_data else datasets.Value("string")
     features = datasets.Features(
         {
             "text": datasets.Value("string"),
-            "image": datasets.List(datasets.Value("string")) if image_lists else datasets.Value("string"),
+            "image": datasets.List(image_feature) if image_lists else image_feature,
             "side": datasets.Value("string"),
             "pair_id": datasets.Value("int64"),
             "content_id": datasets.Value("int64"),
             **({"video": datasets.Value("string"), "video_frames": datasets.List(datasets.Value("string"))}
                if videos else {}),
+            **({ROW_INDEX_COLUMN: datasets.Value("int64")} if row_numbers else {}),
         }
     )
     return dataset.map(
         flatten, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         desc="Flattening pairs into prompt rows",
     )
+
+
+def _holds_image_features(dataset) -> bool:
+    """Whether an image column of the pairs is a ``datasets.Image`` (or a list of them) rather than paths."""
+    import datasets
+
+    def is_image(feature) -> bool:
+        if isinstance(feature, (datasets.List, datasets.LargeList)):
+            return is_image(feature.feature)
+        return isinstance(feature, datasets.Image)
+
+    features = dataset.features or {}
+    return any(is_image(features[column]) for column in (QUERY_IMAGE, POS_IMAGE) if column in features)
 
 
 def _has_several_images(dataset) -> bool:

@@ -105,12 +105,15 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def row_negatives(row: Mapping, *, where: str = "row") -> list[tuple[Any, Any]]:
+def row_negatives(row: Mapping, *, where: str = "row", with_index: bool = False) -> list[tuple]:
     """The explicit negatives of an MMEB-train row as (text, image value) pairs.
 
     ``neg_text`` / ``neg_image_path`` may each be a list or a single value; a single value next to a list applies
     to every negative (MMEB writes ``""`` for "no image"); ``""``/None mean "none", and pairs with neither a text
     nor an image are dropped, so a row with ``neg_text=""`` simply has no negatives.
+
+    ``with_index=True`` gives (index, text, image value) triples instead, ``index`` being the pair's position in
+    the row's ``neg_text``/``neg_image_path`` lists before the empty pairs were dropped (what errors should name).
     """
     texts, images = _as_list(row.get(NEG_TEXT)), _as_list(row.get(NEG_IMAGE))
     n = max(len(texts), len(images))
@@ -121,7 +124,8 @@ def row_negatives(row: Mapping, *, where: str = "row") -> list[tuple[Any, Any]]:
             f"{where}: {NEG_TEXT!r} has {len(texts)} entries but {NEG_IMAGE!r} has {len(images)}; give one image "
             "value ('' for none) per negative text."
         )
-    return [(t, im) for t, im in zip(texts, images) if not (is_missing(t) and is_missing(im))]
+    kept = [(j, t, im) for j, (t, im) in enumerate(zip(texts, images)) if not (is_missing(t) and is_missing(im))]
+    return kept if with_index else [(t, im) for _, t, im in kept]
 
 
 def split_input(value: Any, *, where: str = "input") -> tuple[str | None, Any]:

@@ -4,8 +4,9 @@ A contract is checked over the whole dataset, vectorised over its Arrow table ba
 progress bar, and a cache file keyed by the dataset's fingerprint, so a re-run on the same data is free). Problems
 with a column (missing, misspelt, the wrong type) always raise. Problems with single rows follow ``on_bad_row``:
 
-* ``"raise"`` (the default): one error naming the dataset and, per cause, the rows (positions in the dataset, and
-  the lines of the JSON Lines file they came from when known) with the fix;
+* ``"raise"`` (the default): one error naming the dataset and, per cause, the rows (numbered as in the user's
+  dataset: by :data:`~mm_embed_trl.data.schema.ROW_INDEX_COLUMN` where a dataset carries one, so rows an earlier
+  check skipped do not shift them; and the lines of the JSON Lines file they came from when known) with the fix;
 * ``"skip"``: every bad row is logged with its cause and left out, and the count is logged.
 
 The contrastive (MMEB-train) contract is :func:`check_training_rows`; with ``reasoning=True`` it adds UME-R1's
@@ -84,6 +85,9 @@ _CHECKED: set[str] = set()
 _CHECKED_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # fingerprint of a dataset enforce_on_bad_row returned -> how many bad rows it left out (reported after training)
 _LEFT_OUT: dict[str, int] = {}
+# fingerprint of a dataset whose ROW_INDEX_COLUMN holds the record numbers of the file it was loaded from (a check
+# with on_bad_row="skip" left rows of it out, so its positions are no longer the file's records) -> that file
+_INDEXED_SOURCES: dict[str, str] = {}
 
 
 class BadRowsError(ValueError):
@@ -255,21 +259,45 @@ def format_rows(rows: np.ndarray, limit: int = 10) -> str:
 @dataclass
 class BadRows:
     """Rows (positions in the dataset) that share one problem. ``cause`` is a noun phrase ("an empty 'qry' and no
-    image in 'qry_image_path'"), ``fix`` says what to do about it."""
+    image in 'qry_image_path'"), ``fix`` says what to do about it. Messages name the rows as the user's dataset
+    numbers them (:func:`_row_numbers`)."""
 
     cause: str
     rows: np.ndarray
     fix: str = ""
 
 
-def _locations(dataset, rows: np.ndarray) -> dict[int, str]:
-    """Where rows came from, for messages: ``{position: "line 2 of train.jsonl"}`` when known."""
-    path = source_file(dataset)
-    if path is None:
-        return {}
-    lines = source_lines(path, rows)
+def _row_numbers(dataset, positions: np.ndarray) -> np.ndarray:
+    """The row numbers, as the user's dataset counts them, of the rows at ``positions``: their
+    :data:`~mm_embed_trl.data.schema.ROW_INDEX_COLUMN` where the dataset has one (after a check with
+    ``on_bad_row="skip"`` left rows out, a position is no longer the row's number), else the positions."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if ROW_INDEX_COLUMN not in (getattr(dataset, "column_names", None) or ()) or not len(positions):
+        return positions
+    index = dataset.select_columns([ROW_INDEX_COLUMN]).with_format("arrow")[positions.tolist()][ROW_INDEX_COLUMN]
+    return as_array(index).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _keep_indexed_source(derived, ds):
+    """:func:`~mm_embed_trl.data.loading.keep_source`, and the file that ``ds``'s row index numbers the records of."""
+    keep_source(derived, ds)
+    path = _INDEXED_SOURCES.get(getattr(ds, "_fingerprint", None))
+    if path is not None:
+        _INDEXED_SOURCES[derived._fingerprint] = path
+    return derived
+
+
+def _locations(dataset, positions: np.ndarray, numbers: np.ndarray) -> dict[int, str]:
+    """Where rows came from, for messages: ``{row number: "line 2 of train.jsonl"}`` when known (the rows at
+    ``positions``, numbered ``numbers`` by :func:`_row_numbers`)."""
+    path, records = source_file(dataset), positions  # a dataset with a source file holds its records in order
+    if path is None:  # rows of a file that a skip left out: the row index numbers its records
+        path, records = _INDEXED_SOURCES.get(getattr(dataset, "_fingerprint", None)), numbers
+        if path is None:
+            return {}
+    lines = source_lines(path, records)
     name = path.rsplit("/", 1)[-1]
-    return {int(r): f"line {lines[int(r)]} of {name}" for r in rows if int(r) in lines}
+    return {int(n): f"line {lines[int(r)]} of {name}" for r, n in zip(records, numbers) if int(r) in lines}
 
 
 def _rows_with_lines(rows: np.ndarray, where: dict[int, str], limit: int = 10) -> str:
@@ -310,13 +338,18 @@ def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_ba
     problems = [p for p in problems if len(p.rows)]
     if not problems:
         return dataset
-    where = _locations(dataset, np.unique(np.concatenate([p.rows for p in problems])))
+    positions = np.unique(np.concatenate([p.rows for p in problems]))
+    numbers = _row_numbers(dataset, positions)
+    where = _locations(dataset, positions, numbers)
+    # the messages name the rows as the user's dataset numbers them; `problems` keeps the positions to leave out
+    number_of = dict(zip(positions.tolist(), numbers.tolist()))
+    named = [BadRows(p.cause, np.array([number_of[int(r)] for r in p.rows], dtype=np.int64), p.fix) for p in problems]
     if on_bad_row == "raise":
         raise _bad_rows_error(
-            problems, what=what, describe=lambda rows: _rows_with_lines(rows, where),
+            named, what=what, describe=lambda rows: _rows_with_lines(rows, where),
             when="found before training, nothing was trained",
         )
-    _log_skipped(problems, what=what, where=lambda row: f" ({where[row]})" if row in where else "")
+    _log_skipped(named, what=what, where=lambda row: f" ({where[row]})" if row in where else "")
     bad = np.zeros(len(dataset), dtype=bool)
     for p in problems:
         bad[p.rows] = True
@@ -332,6 +365,13 @@ def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_ba
     )
     kept = dataset.select(keep)
     _LEFT_OUT[kept._fingerprint] = rows_left_out(dataset) + len(dataset) - len(keep)  # with earlier checks' rows
+    path = _INDEXED_SOURCES.get(getattr(dataset, "_fingerprint", None))
+    if path is None and source_file(dataset) is not None and ROW_INDEX_COLUMN in dataset.column_names:
+        index = as_array(dataset.with_format("arrow")[ROW_INDEX_COLUMN]).to_numpy(zero_copy_only=False)
+        if np.array_equal(index, np.arange(len(dataset))):  # the file's records, numbered as a later check names them
+            path = source_file(dataset)
+    if path is not None and ROW_INDEX_COLUMN in dataset.column_names:
+        _INDEXED_SOURCES[kept._fingerprint] = path
     return kept
 
 
@@ -482,7 +522,7 @@ def with_undecoded_images(dataset):
         undecoded = _undecoded(feature)
         if undecoded is not None:
             cast = dataset.cast_column(name, undecoded)
-            dataset = keep_source(cast, dataset) if isinstance(dataset, datasets.Dataset) else cast
+            dataset = _keep_indexed_source(cast, dataset) if isinstance(dataset, datasets.Dataset) else cast
     return dataset
 
 

@@ -27,6 +27,7 @@ not initialised, so the same training code runs on one process.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, overload
 
 import torch
@@ -74,11 +75,49 @@ def gather_sizes(
     return torch.cat(sizes).tolist()  # one device-to-host copy, not one per rank
 
 
+# Dimensions a shape exchange carries; a tensor with more has the rest folded into the last slot as their product.
+# Fixed, so every rank all-gathers a tensor of one size whatever shape it holds.
+_SHAPE_SLOTS = 16
+
+
+def _gather_shapes(
+    shape: torch.Size, *, device: torch.device | str, group: dist.ProcessGroup | None
+) -> list[tuple[int, ...]]:
+    """All ranks' shapes, in the one all-gather that used to carry only the first-dimension sizes.
+
+    Exact shapes, but for tensors of more than ``_SHAPE_SLOTS`` dimensions, whose trailing dimensions come as one
+    product (ranks still compare their numbers of dimensions).
+    """
+    dims = [int(d) for d in shape]
+    if len(dims) > _SHAPE_SLOTS:
+        dims = dims[: _SHAPE_SLOTS - 1] + [math.prod(dims[_SHAPE_SLOTS - 1 :])]
+    local = torch.tensor([len(shape), *dims, *[0] * (_SHAPE_SLOTS - len(dims))], dtype=torch.long, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    # One device-to-host copy, not one per rank. A folded shape keeps its true length by padding the fold with 1s.
+    rows = torch.stack(gathered).tolist()
+    return [tuple(slots[: min(ndim, _SHAPE_SLOTS)] + [1] * max(ndim - _SHAPE_SLOTS, 0)) for ndim, *slots in rows]
+
+
+def _check_trailing_dims(shapes: list[tuple[int, ...]]) -> None:
+    """Raise, on every rank alike (all hold the same ``shapes``), when ranks' tensors differ beyond dim 0."""
+    if all(s[1:] == shapes[0][1:] for s in shapes):
+        return
+    per_rank = ", ".join(f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes))
+    raise ValueError(
+        f"Cannot gather across ranks: the tensors differ beyond the first (batch) dimension ({per_rank}); only "
+        "the first dimension may differ per rank. For explicit negatives ((B, K, D), K negatives per row) this "
+        "means the ranks settled on different counts K: set num_negatives so every rank uses one count, or make "
+        "every row of the dataset hold the same number of negatives."
+    )
+
+
 def _all_gather_rows(t: Tensor, group: dist.ProcessGroup | None) -> tuple[list[Tensor], list[int]]:
     """All-gather ``t`` along dim 0 (sizes may differ per rank); returns the per-rank pieces and sizes.
 
     The pieces carry no autograd history. Uneven sizes are handled by padding every rank to the largest
-    size, gathering, then trimming (``all_gather`` needs equal shapes).
+    size, gathering, then trimming (``all_gather`` needs equal shapes). Other dimensions must match on every
+    rank; a ``ValueError`` naming each rank's shape says when they do not.
     """
     if t.dim() == 0:
         raise ValueError("gather expects a tensor with a first (batch) dimension, got a 0-dim tensor.")
@@ -88,7 +127,11 @@ def _all_gather_rows(t: Tensor, group: dist.ProcessGroup | None) -> tuple[list[T
     if is_bool:
         data = data.to(torch.uint8)
     data = data.contiguous()
-    sizes = gather_sizes(data.shape[0], device=data.device, group=group)
+    # The whole shape travels in the size exchange, so ranks whose other dimensions differ fail here with a
+    # message, on every rank alike, rather than in (or hung on) the all_gather below.
+    shapes = _gather_shapes(data.shape, device=data.device, group=group)
+    _check_trailing_dims(shapes)
+    sizes = [int(s[0]) for s in shapes]
     max_rows = max(sizes)
     if data.shape[0] < max_rows:
         pad = data.new_zeros((max_rows - data.shape[0], *data.shape[1:]))

@@ -15,7 +15,7 @@ from accelerate.utils import gather, send_to_device
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from ..data.schema import EmbeddingInput, is_missing
+from ..data.schema import ROW_INDEX_COLUMN, EmbeddingInput, is_missing
 from ..data.templates import get_template
 from ..modeling import MultimodalEmbeddingModel
 from ..modeling.generative import apply_missing_token_policy, embed_completions
@@ -357,7 +357,11 @@ class EmbeddingGRPOTrainer(EmbeddingTrainerMixin, GRPOTrainer):
         from ..data.images import load_images
         from ..data.videos import load_video
 
-        where = f"pair {row['pair_id']} ({row['side']} side)"
+        # the pair's row in the user's dataset where the row check numbered it (pair_id counts the pairs left after
+        # skipped rows: it pairs the sides, it does not name the row)
+        number = row.get(ROW_INDEX_COLUMN)
+        where = f"pair {row['pair_id']}" if number is None else f"dataset row {int(number)}"
+        where += f" ({row['side']} side)"
         values = row.get("image")
         values = [v for v in (values if isinstance(values, list) else [values]) if not is_missing(v)]
         images = load_images(values, self.args.image_root, where_prefix=f"{where} image")
