@@ -337,6 +337,69 @@ def test_an_export_written_before_video_inputs_loads_back(tiny_backbone, tmp_pat
         MultimodalEmbeddingModel.from_pretrained(out)
 
 
+def _reload_inputs() -> list:
+    """A text, an image and an image with a text; the images (224x224) are above a 64x64 pixel budget, so the budget
+    decides how many image tokens they become."""
+    big = _image((255, 0, 0), 224)
+    return ["a red circle on the left", big, {"image": _image((0, 0, 255), 224), "text": "What colour is the shape?"}]
+
+
+def test_from_pretrained_on_an_export_applies_no_preset(tiny_backbone, export_dir):
+    """A run that added UME-R1's <disc_emb>/<gen_emb> (every UME-R1-style run does) was recognised by those tokens as
+    the UME-R1 release when its export was loaded back: the preset's pixel budget replaced the trained one saved with
+    the processor (max |diff| 0.25 on images), the model became generative with an LM head the export does not hold,
+    and config.preset claimed the release. The export records what the model embeds with; it is rebuilt as such.
+
+    Tolerance: the trained and the reloaded model run the same float32 forward of the tiny backbone on the same
+    inputs (an image goes through the vision tower first: TINY_IMAGE_FORWARD), so they differ by rounding at most."""
+    from mm_embed_trl.data.images import set_image_pixel_budget
+
+    path = tiny_backbone("qwen2_vl")
+    model = _with_ume_tokens(MultimodalEmbeddingModel.from_pretrained(path, prompt_template="ume_r1"))
+    model.config.pooling, model.config.pooling_token = "special_token", "<disc_emb>"
+    model.set_processor(model.processor)
+    set_image_pixel_budget(model.processor, 64 * 64, min_pixels=28 * 28)
+    trained_size = dict(model.processor.image_processor.size)
+    out = export_sentence_transformers(model, export_dir / "reload-ume-tokens")
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out)
+    assert reloaded.processor.image_processor.size == trained_size == {"longest_edge": 4096, "shortest_edge": 784}
+    assert reloaded.config.encoder_kind == "base" and reloaded.lm_head is None
+    assert reloaded.config.generative_pooling_token is None
+    assert reloaded.config.preset is None
+    for option in ("pooling", "pooling_token", "pooling_token_id", "normalize", "prompt_template"):
+        assert getattr(reloaded.config, option) == getattr(model.config, option), option
+    inputs = _reload_inputs()
+    assert_close(reloaded.encode(inputs), model.encode(inputs), rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    # the caller's pixel budget still applies; a preset is not an option of an export
+    assert MultimodalEmbeddingModel.from_pretrained(out, image_max_pixels=56 * 56).processor.image_processor.size == {
+        "longest_edge": 56 * 56, "shortest_edge": 784
+    }
+    with pytest.raises(ValueError, match=r"sentence-transformers export.*not with a preset"):
+        MultimodalEmbeddingModel.from_pretrained(out, preset="ume-r1")
+
+
+def test_from_pretrained_on_an_export_restores_sequential_positions(tiny_backbone, export_dir):
+    """GME-style sequential position ids are recorded in the export info (describe_export) and were dropped when the
+    export was loaded back: images embedded with the backbone's M-RoPE positions (max |diff| 1e-3). Same tolerance
+    as above (the same float32 forward twice)."""
+    model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"), sequential_positions=True)
+    out = export_sentence_transformers(model, export_dir / "reload-sequential")
+    info_file = out / EXPORT_INFO_FILE
+    assert json.loads(info_file.read_text())["sequential_positions"] is True
+    reloaded = MultimodalEmbeddingModel.from_pretrained(out)
+    assert reloaded.config.sequential_positions is True
+    inputs = _reload_inputs()
+    expected = model.encode(inputs)
+    assert_close(reloaded.encode(inputs), expected, rtol=rounding_rtol(**TINY_IMAGE_FORWARD))
+    reloaded.config.sequential_positions = False  # ...and the flag matters for the inputs with an image
+    assert ((reloaded.encode(inputs) - expected).abs().amax(dim=1)[1:] > 1e-4).all()
+    # an export written before the option was recorded was made without it
+    info = json.loads(info_file.read_text())
+    del info["sequential_positions"]
+    info_file.write_text(json.dumps(info))
+    assert MultimodalEmbeddingModel.from_pretrained(out).config.sequential_positions is False
+
+
 def test_lora_export_merges_a_copy(tiny_backbone, export_dir):
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)

@@ -11,15 +11,29 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["EXPORT_INFO_FILE", "LOAD_TRAINED_HINT", "read_export_info", "restore_backbone_chat_template"]
+__all__ = [
+    "EXPORT_INFO_FILE",
+    "LOAD_TRAINED_HINT",
+    "read_export_info",
+    "recorded_wrapper_options",
+    "restore_backbone_chat_template",
+]
 
 # The export's record of how it was made (format, prompts, pooling, ...), beside the sentence-transformers files.
 EXPORT_INFO_FILE = "mm_embed_trl_export.json"
 LOAD_TRAINED_HINT = (
     "Load the output_dir of the training run (the MultimodalEmbeddingModel the export was made from) instead."
 )
-# What an export records of the wrapper (`describe_export`), given back to it when it is rebuilt.
-RECORDED_WRAPPER_OPTIONS = ("prompt_template", "pooling", "pooling_token", "normalize", "embedding_dim")
+# What an export records of the wrapper (`describe_export`), given back to it when it is rebuilt. The rest of the
+# record is not a wrapper option of the rebuilt model: `encoder_kind` is the trained model's (the export holds the
+# bare backbone, rebuilt with encoder_kind="base"), `text_only_image_size` follows from the prompt template, `prompts`
+# go back into the chat template (`restore_backbone_chat_template`), and `default_prompt_name`, `takes_video`,
+# `video_inputs` describe the sentence-transformers side only.
+RECORDED_WRAPPER_OPTIONS = (
+    "prompt_template", "pooling", "pooling_token", "normalize", "embedding_dim", "sequential_positions"
+)
+# Options recorded only by later versions of the writer, with the value an export that lacks them was made with.
+_RECORDED_LATER = {"sequential_positions": False}
 
 
 def read_export_info(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any] | None:
@@ -39,6 +53,14 @@ def read_export_info(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str,
         return None
     info = json.loads(pathlib.Path(found).read_text())
     return info if str(info.get("format", "")).startswith("mm_embed_trl.sentence_transformers") else None
+
+
+def recorded_wrapper_options(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The wrapper options ``info`` (an export's :data:`EXPORT_INFO_FILE`) records, to rebuild the model with."""
+    return {
+        key: info.get(key, _RECORDED_LATER[key]) if key in _RECORDED_LATER else info[key]
+        for key in RECORDED_WRAPPER_OPTIONS
+    }
 
 
 def restore_backbone_chat_template(processor, template, info: Mapping[str, Any], where) -> None:

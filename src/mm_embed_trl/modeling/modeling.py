@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from .._tensors import iter_tensors
 from ..data.schema import BATCH_METADATA_KEYS
 from .configuration import MultimodalEmbeddingConfig
-from .export_reader import LOAD_TRAINED_HINT, RECORDED_WRAPPER_OPTIONS, read_export_info, restore_backbone_chat_template
+from .export_reader import LOAD_TRAINED_HINT, read_export_info, recorded_wrapper_options, restore_backbone_chat_template
 from .generative import UME_R1_MAX_NEW_TOKENS
 from .pooling import TokenPooling, finalize_embeddings, pool, special_token_indices
 
@@ -311,6 +311,11 @@ class MultimodalEmbeddingModel(PreTrainedModel):
         backbone's chat template back, so the model embeds as the trained one did (the export's ST prompts are the
         export's; the model keeps its template's instructions). The generative export holds the whole model.
         Wrapper options in ``kwargs`` override the recorded ones.
+
+        No preset is looked up: the export records every option the model embeds with, and its processor holds the
+        trained pixel budget. A run that added UME-R1's `<disc_emb>`/`<gen_emb>` would otherwise be recognised as the
+        UME-R1 release and get its pixel budget, a language-model head and ``config.preset``. ``image_min_pixels`` /
+        ``image_max_pixels`` in ``kwargs`` still set the processor's budget; ``preset=`` is refused.
         """
         from ..data.templates import get_template
 
@@ -329,13 +334,22 @@ class MultimodalEmbeddingModel(PreTrainedModel):
                 f"language-model head, so it cannot be loaded with encoder_kind={kwargs['encoder_kind']!r}. "
                 + LOAD_TRAINED_HINT
             )
-        options = {k: info[k] for k in RECORDED_WRAPPER_OPTIONS}
+        if kwargs.pop("preset", None) not in (None, "auto", "none"):
+            raise ValueError(
+                f"{str(name_or_path)!r} is a sentence-transformers export: it records the options of the model it "
+                "was made from and is rebuilt with them, not with a preset. Pass the options themselves "
+                "(pooling=, prompt_template=, image_max_pixels=, ...) to change them."
+            )
+        # The export holds the bare backbone (no LM head), whatever encoder_kind the trained model had.
+        options = {**recorded_wrapper_options(info), "encoder_kind": "base"}
         options.update({k: kwargs.pop(k) for k in WRAPPER_OPTIONS if k in kwargs})
         if processor is None and load_processor:
             processor = load_processor_for(name_or_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
             if processor is not None:
                 restore_backbone_chat_template(processor, get_template(options["prompt_template"]), info, name_or_path)
-        return cls.from_backbone(name_or_path, processor=processor, load_processor=False, **options, **kwargs)
+        return cls.from_backbone(
+            name_or_path, processor=processor, load_processor=False, preset=None, **options, **kwargs
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MultimodalEmbeddingModel:
