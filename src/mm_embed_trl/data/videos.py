@@ -161,6 +161,35 @@ def _file_indices(total: int, fps: float | None, sampling: VideoSampling, proces
     return evenly_spaced(total, sampling.max_frames)
 
 
+def _positions(indices: np.ndarray, total: int) -> list[int]:
+    """``indices`` as plain positions into ``total`` frames, as ``frames[i]`` of a list of them reads each (a negative
+    one from the end, one out of range an IndexError)."""
+    positions = []
+    for i in indices:
+        i = int(i)
+        if not -total <= i < total:
+            raise IndexError("list index out of range")
+        positions.append(i % total)
+    return positions
+
+
+def _decode_picked(path: Path, wanted: set[int]) -> tuple[int, dict]:
+    """Decode every frame of ``path``'s first video stream once, in order, keeping only those at ``wanted`` positions
+    (as RGB images): the number of frames decoded, and the kept frames by position. Besides the kept frames, only the
+    decoder's own working frames are alive at once."""
+    import av
+    from PIL import Image
+
+    kept = {}
+    total = 0
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            if total in wanted:
+                kept[total] = Image.fromarray(frame.to_ndarray(format="rgb24"))
+            total += 1
+    return total, kept
+
+
 def _decode_file(path: Path, sampling: VideoSampling, processor, where: str) -> Video:
     try:
         import av
@@ -169,18 +198,33 @@ def _decode_file(path: Path, sampling: VideoSampling, processor, where: str) -> 
             f"{where}: '{path}' is a video file, and decoding one needs PyAV: pip install 'mm-embed-trl[video]' "
             "(or pip install av). A folder of frame images needs nothing more."
         ) from err
-    from PIL import Image
 
     try:
+        # The sampled frames depend on the number of frames, and only decoding every frame counts them exactly
+        # (stream.frames is 0 for some containers, or off). Frames are never all held at once: one decoding pass keeps
+        # only the frames that the container's count (without one: the number of video packets, read without decoding)
+        # picks, and counts the frames; if that guess was off, a second pass keeps the frames the exact count picks.
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
-            # Decoding every frame to count them is the only exact count (stream.frames is 0 for some containers);
-            # only the sampled ones become images.
-            frames = [frame for frame in container.decode(stream)]
-            indices = _file_indices(len(frames), fps, sampling, processor)
-            images = [Image.fromarray(frames[i].to_ndarray(format="rgb24")) for i in indices]
+            guess = stream.frames or 0
+            if guess <= 0:
+                guess = sum(1 for packet in container.demux(stream) if packet.size)
+        positions = None
+        if guess > 0:
+            try:
+                positions = _positions(_file_indices(guess, fps, sampling, processor), guess)
+            except Exception:  # decided by the exact count below
+                positions = None
+        total, kept = _decode_picked(path, set(positions or ()))
+        if positions is None or total != guess:
+            positions = _positions(_file_indices(total, fps, sampling, processor), total)
+            kept = _decode_picked(path, set(positions))[1] if positions else {}
+        images, seen = [], set()
+        for i in positions:  # a frame picked twice is two images
+            images.append(kept[i].copy() if i in seen else kept[i])
+            seen.add(i)
     except VideoLoadError:
         raise
     except Exception as err:  # PyAV raises InvalidDataError, IndexError (no video stream), ...
