@@ -170,6 +170,11 @@ def test_from_rows_dedupes_targets_and_merges_repeated_queries(tmp_path):
     assert ev.relevant == [{0}, {1}, {0, 2}, {1}]
     with_negs = RetrievalEvaluator.from_rows(rows, image_root=root, include_negatives=True)
     assert len(with_negs.corpus) == 4 and with_negs.relevant == ev.relevant  # + ("bird", dog image)
+    # a negative is named by its place in the row's lists, empty pairs before it counted
+    sparse = RetrievalEvaluator.from_rows(
+        [{"qry": "puppy", "qry_image_path": "", "pos_text": "dog", "pos_image_path": "",
+          "neg_text": ["", "bird"], "neg_image_path": ["", ""]}], include_negatives=True)
+    assert sparse._corpus_labels[1] == "row 0 negative 1 (neg_text/neg_image_path)"
 
     v = _vectors(7, seed=5)
     model = FakeEncoder(
@@ -388,6 +393,36 @@ def test_callback_train_begin_end_steps_and_trainer_log():
     ]
     assert logged == [pytest.approx(expected)] * 4
     assert state.log_history == []  # logging went through trainer.log
+
+
+@pytest.mark.parametrize("evaluate_on_train_end", [True, False])
+def test_callback_drops_its_cache_when_the_best_checkpoint_is_loaded_at_train_end(evaluate_on_train_end):
+    """load_best_model_at_end: the Trainer loads the best checkpoint, then calls on_train_end at the same
+    global_step. The metrics cached for that step are the final weights': evaluate again, unless the best checkpoint
+    is that very step (the weights evaluated are the ones loaded)."""
+    cb, model, _ = _callback_setup(evaluate_on_train_end=evaluate_on_train_end)
+    control = TrainerControl()
+    args = SimpleNamespace(load_best_model_at_end=True)
+    state = TrainerState(global_step=2)
+    cb.on_evaluate(args, state, control, model=model, metrics={})
+    n_calls = len(model.calls)
+
+    state.best_model_checkpoint = os.path.join("out", "checkpoint-2")  # the last step is the best: reuse
+    cb.on_train_end(args, state, control, model=model)
+    assert len(model.calls) == n_calls and [h["event"] for h in cb.history] == ["evaluate"]
+
+    state.best_model_checkpoint = os.path.join("out", "checkpoint-1") + os.sep  # an earlier one: weights replaced
+    cb.on_train_end(args, state, control, model=model)
+    events = ["evaluate", "train_end"] if evaluate_on_train_end else ["evaluate"]
+    assert [(h["event"], h["step"]) for h in cb.history] == [(e, 2) for e in events]
+    assert (len(model.calls) > n_calls) == evaluate_on_train_end
+    # A later evaluation at this step (trainer.evaluate() after training) sees the loaded weights, not the cache.
+    n_calls = len(model.calls)
+    cb.on_evaluate(args, state, control, model=model, metrics={})
+    assert (len(model.calls) > n_calls) == (not evaluate_on_train_end)
+
+    cb.on_train_end(SimpleNamespace(load_best_model_at_end=False), state, control, model=model)  # not loaded: reuse
+    assert len(cb.history) == 2
 
 
 def test_callback_runs_only_on_main_process_and_checks_model():

@@ -6,6 +6,8 @@ an evaluator (:func:`evaluates_on_every_rank`), which the examples' before/after
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -112,7 +114,8 @@ class EmbeddingEvalCallback(TrainerCallback):
         eval_steps: also evaluate every ``eval_steps`` optimizer steps (works without an eval dataset).
         evaluate_on_evaluate: run whenever the Trainer evaluates.
         evaluate_on_train_begin: run once before training ("step 0" baseline).
-        evaluate_on_train_end: run once after training.
+        evaluate_on_train_end: run once after training, on the weights training ends with (the best checkpoint
+            under ``load_best_model_at_end``); it reuses the last evaluation only when that was of these weights.
         metric_key_prefix: prefix of logged keys (the Trainer's eval prefix).
         sync_across_processes: broadcast the main process's metrics to every rank.
     """
@@ -184,7 +187,8 @@ class EmbeddingEvalCallback(TrainerCallback):
         step = int(getattr(state, "global_step", 0) or 0)
         if self._last is not None and self._last[0] == step:
             # Already evaluated at this step (e.g. eval_steps and the Trainer's own evaluation coincide, or one
-            # on_evaluate per eval dataset): reuse, don't re-run or re-log.
+            # on_evaluate per eval dataset, or training ends right after the last evaluation): reuse, don't re-run
+            # or re-log. `on_train_end` drops this cache when the Trainer loaded its best checkpoint since.
             return self._last[1]
         is_main = bool(getattr(state, "is_world_process_zero", True))
         metrics = None
@@ -232,5 +236,19 @@ class EmbeddingEvalCallback(TrainerCallback):
             metrics.update(ours)  # the Trainer returns (and picks the best checkpoint from) this very dict
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._best_model_replaced_weights(args, state):
+            # `load_best_model_at_end`: the Trainer loaded an earlier checkpoint before this event, at the same
+            # global_step. The metrics cached for this step belong to the final weights, which are gone: evaluate
+            # again (here, or at a later `trainer.evaluate()`) rather than reuse them.
+            self._last = None
         if self.evaluate_on_train_end:
             self._run("train_end", state, model)
+
+    def _best_model_replaced_weights(self, args: Any, state: Any) -> bool:
+        """Whether the Trainer swapped in its best checkpoint (``load_best_model_at_end``) and that checkpoint is not
+        the step whose metrics are cached, so the weights now in the model are not the ones evaluated last."""
+        best = getattr(state, "best_model_checkpoint", None)
+        if self._last is None or not getattr(args, "load_best_model_at_end", False) or not best:
+            return False
+        found = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(str(best))))
+        return found is None or int(found.group(1)) != self._last[0]  # unknown step: assume the weights changed

@@ -21,8 +21,10 @@ from ..data.schema import (
     NEG_TEXT,
     POS_IMAGE,
     POS_TEXT,
+    POS_VIDEO,
     QUERY_IMAGE,
     QUERY_TEXT,
+    QUERY_VIDEO,
     row_negatives,
 )
 from ..modeling.generative import UME_R1_MAX_NEW_TOKENS
@@ -40,11 +42,19 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _row_label(row: Mapping[str, Any], i: int, what: str, *columns: str) -> str:
+    """``"row 3 query (qry/qry_image_path)"``: names the input's columns in errors (its video column when present)."""
+    names = list(columns[:2]) + [c for c in columns[2:] if c in row]
+    return f"row {i} {what} ({'/'.join(names)})"
+
+
 class RetrievalEvaluator:
     """Recall/MRR/NDCG/... of queries retrieving from one shared corpus (metrics: :func:`retrieval_metrics`).
 
     Args:
-        queries: query inputs (str, PIL image, ``(image, text)``, ``{"text", "image"}``; images may be paths).
+        queries: query inputs (str, PIL image, ``(image, text)``, ``{"text", "image", "video"}``; images may be
+            paths; a video is a video file, a frame folder or a list of frames, sampled as ``model.processor`` is set
+            to).
         corpus: document inputs, same forms.
         relevant: for each query, the set of relevant corpus indices.
         name: prefix of every metric key (``f"{name}_recall@1"``); none when empty.
@@ -55,9 +65,9 @@ class RetrievalEvaluator:
             message of GME and Qwen3-VL-Embedding, a text prefix otherwise); the corpus keeps its side's.
         show_progress_bar: passed to ``model.encode`` (None lets the model decide).
         main_metric: the key (without name) of the headline metric; ``self.primary_metric`` is its full key.
-        image_root: folder that relative image paths are resolved against.
+        image_root: folder that relative image (and video) paths are resolved against.
         chunk_size: queries scored at once (memory bound of the metric computation).
-        encode_block_size: inputs whose images are decoded and encoded per ``model.encode`` call.
+        encode_block_size: inputs whose images and videos are decoded and encoded per ``model.encode`` call.
         encode_kwargs: passed to ``model.encode``. UME-R1 models: ``{"mode": "both", "max_new_tokens": 8192}`` reports
             ``disc_*``, ``gen_*`` and the per-query ``oracle_*`` from one generation per input; ``{"mode":
             "generative", "do_sample": True, "num_samples": k}`` adds ``pass@k_*`` (queries sampled k times, the
@@ -244,11 +254,12 @@ class RetrievalEvaluator:
     ) -> RetrievalEvaluator:
         """Build from MMEB-train rows (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ...).
 
-        Queries are the distinct (``qry``, ``qry_image_path``) inputs and the corpus the distinct positives
-        (identical (text, image) targets are one document, so a query's relevant set is right even when many
-        rows share a positive, e.g. classification labels). Rows repeating a query add their positive to that
-        query's relevant set. With ``include_negatives`` the rows' ``neg_text`` / ``neg_image_path`` join the
-        corpus as distractors. Other keyword arguments go to the constructor.
+        Queries are the distinct (``qry``, ``qry_image_path``, ``qry_video_path``) inputs and the corpus the distinct
+        positives (``pos_text``, ``pos_image_path``, ``pos_video_path``; the video columns are optional). Identical
+        (text, image, video) targets are one document, so a query's relevant set is right even when many rows share
+        a positive, e.g. classification labels. Rows repeating a query add their positive to that query's relevant
+        set. With ``include_negatives`` the rows' ``neg_text`` / ``neg_image_path`` join the corpus as distractors.
+        Other keyword arguments go to the constructor.
         """
         queries, corpus = Deduper(), Deduper()
         relevant: dict[int, set[int]] = {}
@@ -259,11 +270,21 @@ class RetrievalEvaluator:
                         f"row {i} lacks column '{col}'; MMEB-train rows need "
                         f"{[QUERY_TEXT, QUERY_IMAGE, POS_TEXT, POS_IMAGE]} (got {sorted(row)})."
                     )
-            q = queries.add_row(row[QUERY_TEXT], row[QUERY_IMAGE], f"row {i} query ({QUERY_TEXT}/{QUERY_IMAGE})")
-            p = corpus.add_row(row[POS_TEXT], row[POS_IMAGE], f"row {i} positive ({POS_TEXT}/{POS_IMAGE})")
+            q = queries.add_row(
+                row[QUERY_TEXT],
+                row[QUERY_IMAGE],
+                _row_label(row, i, "query", QUERY_TEXT, QUERY_IMAGE, QUERY_VIDEO),
+                row.get(QUERY_VIDEO),
+            )
+            p = corpus.add_row(
+                row[POS_TEXT],
+                row[POS_IMAGE],
+                _row_label(row, i, "positive", POS_TEXT, POS_IMAGE, POS_VIDEO),
+                row.get(POS_VIDEO),
+            )
             relevant.setdefault(q, set()).add(p)
             if include_negatives and (NEG_TEXT in row or NEG_IMAGE in row):
-                for j, (t, im) in enumerate(row_negatives(row, where=f"row {i}")):
+                for j, t, im in row_negatives(row, where=f"row {i}", with_index=True):  # j: the row's own index
                     corpus.add_row(t, im, f"row {i} negative {j} ({NEG_TEXT}/{NEG_IMAGE})")
         if not queries.items:
             raise ValueError("from_rows got no rows.")
@@ -447,10 +468,11 @@ class ReasoningFormatEvaluator:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], image_root=None, *, limit: int = 64, **kwargs):
-        """Queries (and positives) of MMEB-train rows, the first ``limit`` of them."""
+        """The queries of the first ``limit`` MMEB-train rows (``qry``, ``qry_image_path`` and, when present,
+        ``qry_video_path``), one input per row; positives are not used."""
         inputs = []
-        for row in rows:
-            inputs.append(row_input(row[QUERY_TEXT], row.get(QUERY_IMAGE), "query"))
+        for i, row in enumerate(rows):
+            inputs.append(row_input(row[QUERY_TEXT], row.get(QUERY_IMAGE), f"row {i} query", row.get(QUERY_VIDEO)))
             if len(inputs) >= limit:
                 break
         return cls(inputs, image_root=image_root, **kwargs)
@@ -459,7 +481,10 @@ class ReasoningFormatEvaluator:
     def __call__(self, model: Any) -> dict[str, float]:
         from ..data.reasoning import follows_format
 
-        inputs = [materialize(item, self.image_root, f"input #{i}") for i, item in enumerate(self.items)]
+        processor = getattr(model, "processor", None)  # its saved video sampling, as model.encode samples a video
+        inputs = [
+            materialize(item, self.image_root, f"input #{i}", processor) for i, item in enumerate(self.items)
+        ]
         _, texts = model.encode(inputs, side=self.side, mode="generative", batch_size=self.batch_size,
                                 max_new_tokens=self.max_new_tokens, return_reasoning=True, show_progress_bar=False)
         gen_token = model.config.generative_pooling_token

@@ -1,8 +1,10 @@
-"""Evaluation inputs: parsed once (cheap, validates early), de-duplicated, images loaded lazily at encode time.
+"""Evaluation inputs: parsed once (cheap, validates early), de-duplicated, images and videos loaded lazily at encode
+time.
 
 Inputs are what ``mm_embed_trl.data.inputs.to_embedding_input`` accepts: a str, a PIL image, an ``(image, text)``
-tuple or a ``{"text", "image"}`` dict. Images given as paths (or ``datasets.Image`` values) are loaded block by block
-in :func:`encode_items`, so a large eval set never sits in memory decoded.
+tuple or a ``{"text", "image", "video"}`` dict. Images given as paths (or ``datasets.Image`` values) and videos (a
+video file, a frame folder or a list of frames) are loaded block by block in :func:`encode_items`, so a large eval set
+never sits in memory decoded; a video is sampled as the model's processor is set to (as ``model.encode`` samples it).
 """
 
 from __future__ import annotations
@@ -15,40 +17,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import image_identity
-from ..data.schema import split_input
+from ..data.schema import split_visual_input
+from ..data.videos import video_identity
 
 __all__ = ["Deduper", "EvalItem", "encode_items", "materialize", "parse_input", "row_input"]
 
 
 class EvalItem(NamedTuple):
-    """A parsed input: text (or None) and an image value not loaded yet (PIL image, path, datasets.Image dict,
-    ... or None). A distinct type so already-parsed items are never re-read with the ambiguous tuple rule."""
+    """A parsed input: text (or None), an image value and a video value, neither loaded yet (image: PIL image, path,
+    datasets.Image dict, ... or None; video: a video file, a frame folder, a list of frames, ... or None). A distinct
+    type so already-parsed items are never re-read with the ambiguous tuple rule."""
 
     text: str | None
     image: Any
+    video: Any = None
 
 
 def parse_input(value: Any, where: str) -> EvalItem:
-    """Parse a user input into (text, image value) without loading anything (``schema.split_input``)."""
+    """Parse a user input into (text, image value, video value) without loading anything
+    (``schema.split_visual_input``)."""
     if isinstance(value, EvalItem):
         return value
-    return EvalItem(*split_input(value, where=where))
+    return EvalItem(*split_visual_input(value, where=where))
 
 
-def row_input(text: Any, image: Any, where: str) -> EvalItem:
-    """(text, image) from named row columns (a dict, so no tuple-order rule is involved)."""
-    return parse_input({"text": text, "image": image}, where)
+def row_input(text: Any, image: Any, where: str, video: Any = None) -> EvalItem:
+    """(text, image, video) from named row columns (a dict, so no tuple-order rule is involved)."""
+    return parse_input({"text": text, "image": image, "video": video}, where)
 
 
-def materialize(item: EvalItem, image_root: str | None, where: str) -> Any:
-    """(text, image value) -> an input for ``model.encode`` with the image loaded as a PIL image."""
+def materialize(item: EvalItem, image_root: str | None, where: str, processor: Any = None) -> Any:
+    """(text, image value, video value) -> an input for ``model.encode`` with the image loaded as a PIL image and the
+    video sampled (:func:`mm_embed_trl.data.videos.load_video`, as ``processor`` is set to sample videos)."""
     from PIL import Image
 
-    text, image = item
+    text, image, video = item
     if image is not None and not isinstance(image, Image.Image):
-        from ..data.images import load_image  # imported lazily: keeps this module importable on its own
+        from ..data.images import load_image_values  # imported lazily: keeps this module importable on its own
 
-        image = load_image(image, image_root, where=where)
+        image = load_image_values(image, image_root, where=where)  # one image, or the list of an input's images
+    if video is not None:
+        from ..data.videos import load_video
+
+        video = load_video(video, image_root, where=f"{where}, video", processor=processor)
+        return {key: value for key, value in (("text", text), ("image", image), ("video", video)) if value is not None}
     if image is None:
         return text
     if text is None:
@@ -69,7 +81,8 @@ def encode_items(
     labels: Sequence[str] | None = None,
     encode_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor | dict[str, Tensor]:
-    """Embed ``items`` with ``model.encode`` in blocks of ``block_size`` (images decoded one block at a time).
+    """Embed ``items`` with ``model.encode`` in blocks of ``block_size`` (images and videos decoded one block at a
+    time; videos sampled as ``model.processor``, when the model has one, is set to).
 
     ``labels[i]`` names item i in image-loading errors (e.g. "row 12 query"); ``f"{what} #{i}"`` by default.
     ``encode_kwargs`` go to ``encode`` (e.g. ``mode="both"``, which returns a dict: then so does this function;
@@ -84,10 +97,13 @@ def encode_items(
         outer = tqdm(blocks, desc=f"Encoding {what} ({len(items)})")
         inner_progress = False
     chunks = []
+    processor = getattr(model, "processor", None)  # its saved video sampling, as model.encode samples a video
     for start in outer:
         block = items[start : start + block_size]
         inputs = [
-            materialize(item, image_root, labels[start + i] if labels is not None else f"{what} #{start + i}")
+            materialize(
+                item, image_root, labels[start + i] if labels is not None else f"{what} #{start + i}", processor
+            )
             for i, item in enumerate(block)
         ]
         out = model.encode(
@@ -109,7 +125,7 @@ def encode_items(
 
 
 class Deduper:
-    """Assigns one index per distinct (text, image) input, keeping the first occurrence (and its label)."""
+    """Assigns one index per distinct (text, image, video) input, keeping the first occurrence (and its label)."""
 
     def __init__(self):
         self.items: list[EvalItem] = []
@@ -118,6 +134,8 @@ class Deduper:
 
     def add(self, item: EvalItem, label: str) -> int:
         key = (item.text, image_identity(item.image))
+        if item.video is not None:  # inputs without a video keep their (text, image) key
+            key += (video_identity(item.video),)
         idx = self._index.get(key)
         if idx is None:
             idx = self._index[key] = len(self.items)
@@ -125,6 +143,6 @@ class Deduper:
             self.labels.append(label)
         return idx
 
-    def add_row(self, text: Any, image: Any, where: str) -> int:
-        """Parse named row columns (text, image) and add them; ``where`` labels the input in errors."""
-        return self.add(row_input(text, image, where), where)
+    def add_row(self, text: Any, image: Any, where: str, video: Any = None) -> int:
+        """Parse named row columns (text, image, video) and add them; ``where`` labels the input in errors."""
+        return self.add(row_input(text, image, where, video), where)

@@ -53,7 +53,7 @@ Examples:
     >>> from mm_embed_trl.evaluation import RETRIEVAL_METRIC_PATH
     >>> metric = evaluate.load(RETRIEVAL_METRIC_PATH)
     >>> metric.compute(predictions=[[0.9, 0.1, 0.3], [0.2, 0.1, 0.8]], references=[[0], [1]], k_values=[1])["mrr"]
-    0.75
+    0.6666666666666666
 """
 
 
