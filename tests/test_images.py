@@ -184,7 +184,12 @@ def test_image_identity_is_cheap_for_paths_and_content_based_otherwise():
 
     from mm_embed_trl.data.images import image_identity
 
-    assert image_identity("images/a.png") == image_identity({"path": "images/a.png", "bytes": b"ignored"})
+    assert image_identity("images/a.png") == image_identity({"path": "images/a.png", "bytes": None})
+    # embedded images: datasets keeps only the file's base name, so the bytes say which image it is
+    first, second = {"path": "image.jpg", "bytes": b"\x01"}, {"path": "image.jpg", "bytes": b"\x02"}
+    assert image_identity(first) != image_identity(second)
+    assert image_identity(first) == image_identity({"path": "a/b.jpg", "bytes": b"\x01"})
+    assert image_identity(["images/a.png", "images/b.png"]) != image_identity(["images/b.png", "images/a.png"])
     assert image_identity("images/a.png") != image_identity("images/b.png")
     assert image_identity(None) == image_identity("") == ""
     red, red2, blue = (Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (255, 0, 0), (0, 0, 255)))
