@@ -318,16 +318,17 @@ def test_bad_configurations_and_data_are_clear_errors(tiny_backbone, shapes_data
     with pytest.raises(ValueError, match="retrieval_pool"):
         _config(tmp_path, retrieval_pool="everything")
     model = _model(tiny_backbone)
+    args = _config(tmp_path, image_root=str(shapes_data.image_root))
     with pytest.raises(ValueError, match="lacks"):
-        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"].select_columns(
+        EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select_columns(
             ["qry", "qry_image_path"]))
     with pytest.raises(ValueError, match="at least 2"):
-        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"].select(range(1)))
+        EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(1)))
     with pytest.raises(ValueError, match="does not take tools"):
-        EmbeddingGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=shapes_data["train"], tools=[print])
+        EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"], tools=[print])
     base = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     with pytest.raises(ValueError, match="generative MultimodalEmbeddingModel"):
-        EmbeddingGRPOTrainer(model=base, args=_config(tmp_path), train_dataset=shapes_data["train"])
+        EmbeddingGRPOTrainer(model=base, args=args, train_dataset=shapes_data["train"])
 
 
 @pytest.mark.parametrize(
@@ -434,7 +435,8 @@ def test_rollouts_sample_as_ume_r1_whatever_the_policys_generation_config(
     model = _model(tiny_backbone)
     model.backbone.generation_config = instruct_generation_config(model.processor.tokenizer)
     preset = EmbeddingGRPOConfig.ume_r1(output_dir=str(tmp_path), use_cpu=True)
-    args = _config(tmp_path, temperature=preset.temperature, top_k=preset.top_k, top_p=preset.top_p)
+    args = _config(tmp_path, temperature=preset.temperature, top_k=preset.top_k, top_p=preset.top_p,
+                   image_root=str(shapes_data.image_root))
     trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"].select(range(8)))
     resolved, _ = trainer.model._prepare_generation_config(trainer.generation_config)
     assert (resolved.do_sample, resolved.temperature, resolved.top_k, resolved.top_p) == (True, 1.0, 50, 1.0)
@@ -584,7 +586,8 @@ def test_text_only_backbone_forwards_run_the_vision_tower_under_sharding(tiny_ba
     vision tower that another rank runs on images. With the hook, direct backbone calls (TRL's policy and reference
     forwards) run it on a blank image in prefill only; outputs are unchanged and the vision tower gets a zero grad."""
     model = _model(tiny_backbone)
-    trainer = EmbeddingGRPOTrainer(model=model, args=_config(tmp_path, beta=0.04), train_dataset=shapes_data["train"])
+    args = _config(tmp_path, beta=0.04, image_root=str(shapes_data.image_root))
+    trainer = EmbeddingGRPOTrainer(model=model, args=args, train_dataset=shapes_data["train"])
     backbone = model.backbone
     calls = []
     backbone.model.visual.register_forward_hook(lambda *a: calls.append(1))

@@ -327,10 +327,18 @@ def test_a_query_is_never_its_own_negative_and_one_query_content_is_one_query(qw
 def test_rows_are_named_by_their_number_in_the_dataset_and_any_group_column_works(qwen2_vl_model, tmp_path):
     """A row check with on_bad_row="skip" leaves rows out; errors still name the user's row. A group column that is
     not text (an int source id) groups as its text."""
+    import io
+
+    from PIL import Image
+
     from mm_embed_trl.data.images import ImageLoadError
 
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(buffer.getvalue()[:1000])  # there, but its pixels do not decode
     rows = _text_rows(["", "a", "b"], ["p0", "p1", "p2"])
-    rows = rows.remove_columns("pos_image_path").add_column("pos_image_path", ["", "", str(tmp_path / "gone.png")])
+    rows = rows.remove_columns("pos_image_path").add_column("pos_image_path", ["", "", str(tmp_path / "truncated.png")])
     with pytest.raises(ImageLoadError, match="row 2, column 'pos_image_path'"):  # row 0 (empty query) was skipped
         mine_hard_negatives(rows, qwen2_vl_model, work_dir=tmp_path / "w1", num_negatives=1, on_bad_row="skip")
     rows = _text_rows(["a", "b", "c", "d"], ["p0", "p1", "p2", "p3"], source=[0, 1, 0, 1])
@@ -456,7 +464,7 @@ def test_mining_writes_each_schema_and_the_output_passes_the_row_check(planted, 
     written = load_rows_dataset(str(tmp_path / "mined.jsonl"))
     assert written["neg_text"] == mined["neg_text"] and written["neg_image_path"] == mined["neg_image_path"]
     assert all(len(n) == 3 for n in written["neg_text"])
-    check_training_rows(written, num_negatives=3)  # trains as it is
+    check_training_rows(written, num_negatives=3, image_root=root)  # trains as it is (its images are there)
     saved = json.loads((tmp_path / "mined.mining.json").read_text())
     assert saved["rows_mined"] == summary.rows_mined and set(saved["dropped"]) == set(REASONS)
     # modalities match the positive's by default: captions for image queries, images for caption queries

@@ -60,11 +60,16 @@ def test_the_length_check_after_a_skip_names_the_lines_of_the_file(tmp_path, cap
 
 
 def test_grpo_rollouts_after_a_skip_name_the_users_row(tmp_path):
+    from PIL import Image
+
     from mm_embed_trl.data.images import ImageLoadError
     from mm_embed_trl.trainers.grpo_trainer import EmbeddingGRPOTrainer
 
-    rows = {**_rows(), "pos_image_path": ["", "", "missing.jpg", ""]}  # the user's row 2 names a missing image
+    image = tmp_path / "vanishes.png"
+    Image.new("RGB", (8, 8)).save(image)  # there when the rows are checked, gone when row 2 is rolled out
+    rows = {**_rows(), "pos_image_path": ["", "", str(image), ""]}
     checked = check_training_rows(datasets.Dataset.from_dict(rows), on_bad_row="skip", num_negatives=0)
+    image.unlink()
     flat = flatten_pairs(checked)
     assert flat["pair_id"][:] == [0, 0, 1, 1, 2, 2]  # the reward pairs the sides by pair_id: unchanged
     assert flat[ROW_INDEX_COLUMN][:] == [0, 0, 2, 2, 3, 3]

@@ -43,6 +43,7 @@ def _trainer(tiny_backbone, shapes_data, config, *, perturb: float | None = None
             for p in model.parameters():
                 p.add_(perturb)
     train = shapes_data["train"].select(range(16))
+    config.image_root = config.image_root or str(shapes_data.image_root)  # the row check looks for the images
     return HardNegContrastiveTrainer(model=model, args=config, train_dataset=train)
 
 

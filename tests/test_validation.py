@@ -81,7 +81,7 @@ def test_misspelt_columns_are_errors_naming_the_column_and_the_fix(rename, named
 def test_metadata_columns_next_to_the_schema_columns_are_fine(shapes_data):
     """The generated data carries image_path / caption / task metadata besides the schema's image columns."""
     assert {"image_path", "caption", "task"} <= set(shapes_data["train"].column_names)
-    checked = check_training_rows(shapes_data["train"].select(range(16)))
+    checked = check_training_rows(shapes_data["train"].select(range(16)), image_root=shapes_data.image_root)
     assert len(checked) == 16 and checked[3][ROW_INDEX_COLUMN] == 3
 
 
@@ -128,7 +128,8 @@ def test_an_empty_file_is_a_clear_error(tmp_path):
 
 def test_a_side_with_neither_text_nor_image_and_skip_policy(tmp_path, caplog, no_model_loading):
     rows = [_row(pos=f"t{i}") for i in range(10)]
-    rows[0] = _row(qry="<|image_1|> What is shown?", qry_image="a.png")
+    rows[0] = _row(qry="<|image_1|> What is shown?", qry_image=str(tmp_path / "a.png"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows[2] = _row(qry="   ")
     rows[5] = _row(pos="")
     rows[7] = _row(qry="<|image_1|>", pos="y")  # a placeholder is no text
@@ -231,9 +232,10 @@ def test_the_check_is_cached_by_fingerprint(tmp_path, monkeypatch):
 
 def test_a_checked_dataset_is_not_checked_again(shapes_data, monkeypatch):
     """The example checks before the model loads, the trainer again: the second costs nothing."""
-    checked = check_training_rows(shapes_data["train"].select(range(8)))
+    checked = check_training_rows(shapes_data["train"].select(range(8)), image_root=shapes_data.image_root)
     monkeypatch.setattr(validation, "row_facts", mock.Mock(side_effect=AssertionError("checked twice")))
-    assert check_training_rows(checked) is checked
+    monkeypatch.setattr(validation, "missing_file_problems", mock.Mock(side_effect=AssertionError("looked twice")))
+    assert check_training_rows(checked, image_root=shapes_data.image_root) is checked
 
 
 def test_negatives_that_are_not_texts_are_refused_before_training(tmp_path, no_model_loading):
@@ -488,7 +490,7 @@ def test_the_length_check_counts_the_tokens_the_collator_makes(tiny_backbone, tm
     over = (actual["query"] > limit) | (actual["positive"] > limit)
     assert 5 < over.sum() < 35
     collator = _sft_collator(tiny_backbone, tmp_path, limit, template)
-    data = check_training_rows(datasets.Dataset.from_list(rows), reasoning=True)
+    data = check_training_rows(datasets.Dataset.from_list(rows), reasoning=True, image_root=tmp_path)
     opened = []
     image_size = reasoning.image_size
     monkeypatch.setattr(reasoning, "image_size", lambda *a, **k: opened.append(a[0]) or image_size(*a, **k))
@@ -585,17 +587,20 @@ def test_skipped_rows_are_reported_at_the_end_of_training(tiny_backbone, tmp_pat
 
 # ------------------------------------------------------------------------ dataset row in errors (issue #10, 8)
 def test_collator_errors_name_the_dataset_row_not_the_batch_position(tiny_backbone, tmp_path):
-    """A missing image surfaces mid-training in the collator: the error names the dataset row (line 2 of the
-    file), not the row's position in the shuffled batch."""
+    """An image that goes missing after the pre-training check (deleted while the run goes on) surfaces in the
+    collator: the error names the dataset row (line 2 of the file), not the row's position in the shuffled batch."""
     from mm_embed_trl.data.images import ImageLoadError
 
     rows = [_row(qry=f"query {i}", pos=f"target {i}") for i in range(8)]
     rows[1] = _row(qry="<|image_1|> find", qry_image="images/missing.png")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "missing.png")  # there when the rows are checked
     data = load_rows_dataset(_jsonl(tmp_path / "train.jsonl", rows))
     model = MultimodalEmbeddingModel.from_pretrained(tiny_backbone("qwen2_vl"))
     trainer = HardNegContrastiveTrainer(
         model=model, args=_config(tmp_path, image_root=str(tmp_path), max_steps=1, seed=3), train_dataset=data
     )
+    (tmp_path / "images" / "missing.png").unlink()
     with pytest.raises(ImageLoadError, match=r"dataset row 1 \(batch row \d\).*qry_image_path.*missing\.png"):
         trainer.train()
 

@@ -233,7 +233,8 @@ def resolve_datasets(script_args, training_args) -> tuple[Any, Any, str | None]:
     # Checked here, before the model loads (a stream: its columns; its rows as they stream in); the trainer's own
     # check of the same datasets is then free.
     with training_args.main_process_first(desc="checking the dataset rows"):
-        policy = dict(on_bad_row=training_args.on_bad_row, **training_args.row_contract)
+        # the image_root the run will use (the generated demo's folder when none was given): its files are looked for
+        policy = {**training_args.row_contract, "on_bad_row": training_args.on_bad_row, "image_root": image_root}
         train = check_training_rows(train, what="training dataset", **policy)
         if evaluation is not None:
             evaluation = check_training_rows(evaluation, what="held-out dataset", **policy)

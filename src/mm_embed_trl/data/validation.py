@@ -9,12 +9,14 @@ with a column (missing, misspelt, the wrong type) always raise. Problems with si
   check skipped do not shift them; and the lines of the JSON Lines file they came from when known) with the fix;
 * ``"skip"``: every bad row is logged with its cause and left out, and the count is logged.
 
-The contrastive (MMEB-train) contract is :func:`check_training_rows`; with ``reasoning=True`` it adds UME-R1's
-reasoning SFT contract (a target per side in UME-R1's format, without vision tokens), whose last clause, the length
-of prompt + target in tokens, needs the collator and runs once the trainer has one (:func:`check_reasoning_lengths`,
-still before training). The stage-1 distillation contract (:mod:`.distill_rows`) is built from the same pieces.
-A stream (``datasets.IterableDataset``) is checked as it streams in: the same contract, row by row batch by
-batch, bad rows raising or skipped (and counted) under the same policy (:func:`lazily_checked`).
+The contrastive (MMEB-train) contract is :func:`check_training_rows`, which also looks for every image and video
+file the rows name (:func:`missing_file_problems`; not cached: files come and go); with ``reasoning=True`` it adds
+UME-R1's reasoning SFT contract (a target per side in UME-R1's format, without vision tokens), whose last clause,
+the length of prompt + target in tokens, needs the collator and runs once the trainer has one
+(:func:`check_reasoning_lengths`, still before training). The stage-1 distillation contract (:mod:`.distill_rows`)
+is built from the same pieces. A stream (``datasets.IterableDataset``) is checked as it streams in: the same
+contract, row by row batch by batch, bad rows raising or skipped (and counted) under the same policy
+(:func:`lazily_checked`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ __all__ = [
     "format_rows",
     "invalid_utf8_mask",
     "lazily_checked",
+    "missing_file_problems",
     "present_mask",
     "require_column",
     "row_facts",
@@ -324,10 +328,13 @@ def _bad_rows_error(problems: Sequence[BadRows], *, what: str, describe: Callabl
 
 
 def _log_skipped(problems: Sequence[BadRows], *, what: str, where: Callable[[int], str]) -> None:
-    """Under ``on_bad_row="skip"``: one warning per bad row, with its cause (``where(row)``: where it came from)."""
+    """Under ``on_bad_row="skip"``: one warning per bad row, with its cause (``where(row)``: where it came from), and
+    one per cause with its fix."""
     for p in problems:
         for row in p.rows:
             logger.warning("Skipping row %d%s of the %s: %s.", int(row), where(int(row)), what, p.cause)
+        if p.fix:
+            logger.warning("Rows of the %s with %s: %s", what, p.cause, p.fix)
 
 
 def enforce_on_bad_row(dataset, problems: Sequence[BadRows], *, what: str, on_bad_row: str):
@@ -703,6 +710,291 @@ def _contrastive_facts(batch, *, what: str, with_negatives: bool, reasoning: boo
     return facts
 
 
+# ------------------------------------------------------------------------------------------- the files rows name
+# Columns whose values name files, and what each value must be: an image file, or a video (a video file or a frame
+# folder; a list of frames is a list of files, judged by the same rule).
+_FILE_COLUMNS = {
+    SIDES["query"][1]: "image",
+    SIDES["positive"][1]: "image",
+    NEG_IMAGE: "image",
+    VIDEO_COLUMNS["query"]: "video",
+    VIDEO_COLUMNS["positive"]: "video",
+}
+# Paths one thread looks up in a row: a shared file system's latency (NFS, Lustre) hides behind 32 threads.
+_LOOKUP_CHUNK = 512
+# Paths whose answer a whole-dataset check remembers (targets and negatives repeat across rows); forgotten past this.
+_REMEMBERED_PATHS = 1_000_000
+
+
+def _struct_paths(values, *, bytes_win: bool):
+    """The ``path`` of each struct of ``values`` (``datasets.Image`` / ``Video`` values); with ``bytes_win``, null
+    where the struct holds bytes (the image loader reads those, not the file)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = values.type
+    paths = pc.struct_field(values, "path")
+    data_index = t.get_field_index("bytes")
+    if bytes_win and data_index >= 0 and (
+        pa.types.is_binary(t.field(data_index).type) or pa.types.is_large_binary(t.field(data_index).type)
+    ):
+        holds = pc.greater(pc.binary_length(pc.struct_field(values, "bytes")), 0).fill_null(False)
+        paths = pc.if_else(holds, pa.scalar(None, paths.type), paths)
+    return paths
+
+
+def _json_named_paths(array, kind: str):
+    """:func:`_named_paths` of a ``datasets.Json`` column (a JSON field whose rows mix strings, lists and dicts)."""
+    import pyarrow as pa
+
+    from .schema import _as_list
+
+    def path_of(value, frame: bool):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            holds = isinstance(value.get("bytes"), (str, bytes)) and len(value["bytes"]) > 0
+            return None if holds and (kind == "image" or frame) else value["path"]
+        return None  # a number, a list in a list: another cause reports it, or the loader names it
+
+    rows, frames = [], []
+    for value in _json_values(array):
+        listed = isinstance(value, (list, tuple))
+        elements = _as_list(value) if not isinstance(value, dict) else [value]
+        rows.append([path_of(v, listed and kind == "video") for v in elements])
+        frames += [listed and kind == "video"] * len(elements)
+    lists = pa.array(rows, pa.list_(pa.string()))
+    return lists, lists.flatten(), np.array(frames, dtype=bool)
+
+
+def _named_paths(array, kind: str):
+    """``(lists, paths, frames)``: an image or video column's values per row (:func:`value_lists`); per value, the
+    path of the file it names (a path string, or a ``datasets.Image`` struct's path when it holds no bytes; a video
+    struct's path always: the video loader reads the file) or null for a value that names none (bytes, a blank,
+    invalid UTF-8: other causes report those); and per value whether it is a frame of a video given as a list of
+    frames (an image file, not a video or a folder). ``paths`` is None when the column holds no paths at all."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if _is_json(array):
+        lists, paths, frames = _json_named_paths(array, kind)
+    else:
+        t = array.type
+        listed = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        lists = value_lists(array)
+        flat = lists.flatten()
+        frames = np.full(len(flat), listed and kind == "video")
+        if pa.types.is_struct(flat.type) and flat.type.get_field_index("path") >= 0:
+            paths = _struct_paths(flat, bytes_win=kind == "image" or listed)
+        else:
+            paths = flat
+    if not (pa.types.is_string(paths.type) or pa.types.is_large_string(paths.type)):
+        return lists, None, frames
+    unusable = invalid_utf8_mask(paths)
+    if unusable.any():
+        paths = pc.if_else(pa.array(unusable), pa.scalar(None, paths.type), paths)
+    unusable |= ~present_mask(paths)
+    if unusable.any():
+        paths = pc.if_else(pa.array(unusable), pa.scalar(None, paths.type), paths)
+    return lists, paths, frames
+
+
+class _FileLookup:
+    """Which paths name no file, as the loaders resolve them (:func:`~mm_embed_trl.data.images.resolve_image_path`:
+    ``image_root``, then the working directory; a video may also be a frame folder, a frame of a list may not). Each
+    path is looked up once, many at a time on threads (a file system's answer is I/O, not Python work)."""
+
+    def __init__(self, image_root):
+        from .images import resolve_image_path
+        from .videos import find_video
+
+        self.image_root = image_root
+        self.exists = {
+            "image": lambda text: resolve_image_path(text, image_root)[0].is_file(),
+            "video": lambda text: find_video(text, image_root)[0] is not None,
+        }
+        self.known: dict[tuple[str, str], bool] = {}
+
+    def missing(self, paths: list[str], kind: str) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(self.known) > _REMEMBERED_PATHS:
+            self.known.clear()
+        new = [p for p in paths if (kind, p) not in self.known]
+        exists = self.exists[kind]
+        chunks = [new[i:i + _LOOKUP_CHUNK] for i in range(0, len(new), _LOOKUP_CHUNK)]
+        if len(chunks) > 1:
+            with ThreadPoolExecutor(max_workers=min(32, len(chunks))) as pool:
+                found = list(pool.map(lambda chunk: [exists(p) for p in chunk], chunks))
+        else:
+            found = [[exists(p) for p in chunk] for chunk in chunks]
+        for chunk, answers in zip(chunks, found):
+            self.known.update(zip(((kind, p) for p in chunk), answers))
+        return [p for p in paths if not self.known[(kind, p)]]
+
+    def hint(self, example: str, kind: str) -> str:
+        """The fix of a missing file: the first one, where it was looked for, and which option moves that."""
+        from .images import resolve_image_path
+
+        tried = resolve_image_path(example, self.image_root)[1]
+        thing = "video file or frame folder" if kind == "video" else "file"
+        if os.path.isabs(os.path.expanduser(example)):
+            where = f"An absolute path: the {thing} is not there. Put it there, or drop these rows."
+        elif self.image_root is None:
+            where = (
+                "No image_root was given, so relative paths are looked for in the working directory: pass "
+                f"--image_root (image_root=...) naming the folder the dataset's paths are relative to, or put each "
+                f"{thing} there."
+            )
+        else:
+            where = (
+                f"Check that image_root ('{self.image_root}', --image_root) is the folder the dataset's paths are "
+                f"relative to, and that each {thing} exists."
+            )
+        return f"The first: {example!r} (looked for as {', '.join(repr(str(t)) for t in tried)}). {where}"
+
+
+def _negatives_in_use(batch, lists, k: int) -> np.ndarray:
+    """Per element of ``lists`` (the rows' ``neg_image_path`` values): is it one of the first ``k`` negatives the
+    collator takes (:func:`~mm_embed_trl.data.schema.row_negatives`: a single text applies to every image, a single
+    image to every text, and pairs with neither a text nor an image do not count)? Every element of a row whose
+    texts and images differ in number otherwise (a bad row: another cause) counts."""
+    import pyarrow.compute as pc
+
+    flat = lists.flatten()
+    lengths = _list_lengths(lists)
+    parents = pc.list_parent_indices(lists).to_numpy()
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    position = np.arange(len(flat)) - starts[parents]
+    image_lengths = lengths[parents]
+    if NEG_TEXT in batch.column_names:
+        texts = value_lists(as_array(batch[NEG_TEXT]))
+        text_lengths = _list_lengths(texts)[parents]
+        text_starts = np.concatenate([[0], np.cumsum(_list_lengths(texts))])[parents]
+        text_present = np.concatenate([present_mask(texts.flatten()), [False]])  # a last slot: "no text"
+    else:
+        text_lengths = np.zeros(len(flat), dtype=np.int64)
+        text_starts = np.zeros(len(flat), dtype=np.int64)
+        text_present = np.zeros(1, dtype=bool)
+    no_text = len(text_present) - 1
+    beside = np.select(  # the text paired with each image, by row_negatives' rules
+        [text_lengths == image_lengths, text_lengths == 1], [text_starts + position, text_starts], default=no_text
+    )
+    nonempty = present_mask(flat) | text_present[beside]
+    counted = np.cumsum(nonempty) - nonempty  # non-empty pairs before each element, over the whole batch
+    rank = counted - np.concatenate([[0], np.cumsum(nonempty)])[starts[:-1]][parents]
+    shared_image = (image_lengths == 1) & (text_lengths > 1)  # one image for every text: the first pair's
+    mismatched = (text_lengths != image_lengths) & (text_lengths > 1) & (image_lengths > 1)
+    return mismatched | np.where(shared_image, k > 0, rank < k)
+
+
+def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> tuple[list[BadRows], dict[str, bool]]:
+    """Rows (positions in ``batch``, a ``pyarrow.Table``) naming an image or video that is not there, or a URL,
+    per column: the loader would stop the run when their batch came; and, per column whose files were looked for,
+    whether any was there (see :func:`_refuse_a_wrong_root`). ``negatives``: how many explicit negatives a row's
+    batch takes (None: all; 0: none, their images are not looked for)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    problems, found = [], {}
+    for column, kind in _FILE_COLUMNS.items():
+        if column not in batch.column_names or (column == NEG_IMAGE and negatives == 0):
+            continue
+        lists, paths, frames = _named_paths(as_array(batch[column]), kind)
+        if paths is None or paths.null_count == len(paths):
+            continue
+        if column == NEG_IMAGE and negatives is not None:
+            unused = ~_negatives_in_use(batch, lists, negatives)
+            if unused.any():
+                paths = pc.if_else(pa.array(unused), pa.scalar(None, paths.type), paths)
+        url = _matches(paths, "^https?://")
+        if url.any():
+            problems.append(BadRows(
+                f"a URL in {column!r}",
+                np.flatnonzero(_per_element_to_rows(lists, url)),
+                f"mm-embed-trl does not download {kind}s: download them and name the local files (relative to "
+                "--image_root) in the rows.",
+            ))
+            paths = pc.if_else(pa.array(url), pa.scalar(None, paths.type), paths)
+        gone = np.zeros(len(paths), dtype=bool)
+        looked = missed = 0
+        for rule, elements in ((kind, ~frames), ("image", frames)):  # a frame of a list is an image file
+            if not elements.any():
+                continue
+            these = pc.if_else(pa.array(elements), paths, pa.scalar(None, paths.type))
+            unique = pc.unique(these.drop_null()).to_pylist()
+            missing = lookup.missing(unique, rule)
+            looked, missed = looked + len(unique), missed + len(missing)
+            if missing:
+                gone |= pc.is_in(these, value_set=pa.array(missing, paths.type)).fill_null(False).to_numpy(
+                    zero_copy_only=False
+                )
+        if looked:
+            found[column] = missed < looked
+        if not gone.any():
+            continue
+        first = int(np.flatnonzero(gone)[0])
+        problems.append(BadRows(
+            f"{'a video' if kind == 'video' else 'an image file'} in {column!r} that is not there",
+            np.flatnonzero(_per_element_to_rows(lists, gone)),
+            lookup.hint(paths[first].as_py(), "image" if frames[first] else kind),
+        ))
+    return problems, found
+
+
+def _refuse_a_wrong_root(
+    problems: Sequence[BadRows], found: dict[str, bool], *, what: str, rows: str, on_bad_row: str
+) -> None:
+    """Under ``on_bad_row="skip"``, raise when none of the files a column names is there: an ``image_root`` that
+    points elsewhere, not bad rows; skipping them would train on the rows without images and call it done. (Under
+    "raise" the rows are named with the rest, with the same fix.)"""
+    if on_bad_row != "skip":
+        return
+    for column, any_there in found.items():
+        if any_there:
+            continue
+        fix = next((p.fix for p in problems if f"in {column!r} that is not there" in p.cause), "")
+        raise BadRowsError(
+            f"None of the files that {column!r} names in {rows} of the {what} is there, so image_root (or the "
+            f"working directory) is likely not where they are: nothing was trained. {fix}"
+        )
+
+
+def missing_file_problems(
+    dataset, image_root=None, *, what: str = "training dataset", negatives: int | None = None,
+    on_bad_row: str = "raise",
+) -> list[BadRows]:
+    """:func:`_file_problems` of a whole ``datasets.Dataset`` (rows: positions in it), batch by batch, reading only
+    its image and video columns (and the negatives' texts, which say which negatives count). Not cached with the row
+    facts: files come and go between runs."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    columns = [c for c in _FILE_COLUMNS if c in dataset.column_names and not (c == NEG_IMAGE and negatives == 0)]
+    if not columns or len(dataset) == 0:
+        return []
+    columns += [NEG_TEXT] if NEG_IMAGE in columns and NEG_TEXT in dataset.column_names else []
+    view = dataset.select_columns(columns).with_format("arrow")
+    lookup = _FileLookup(image_root)
+    found: dict[str, tuple[BadRows, list[np.ndarray]]] = {}  # cause -> (its first BadRows, rows per batch)
+    starts = range(0, len(dataset), _BATCH_ROWS)
+    progress = tqdm(
+        starts, desc=f"Looking for the files the {what} names", unit="batch",
+        disable=len(starts) < 2 or not datasets.utils.logging.is_progress_bar_enabled(),
+    )
+    any_there: dict[str, bool] = {}
+    for start in progress:
+        problems, there = _file_problems(view[start:start + _BATCH_ROWS], lookup, negatives)
+        for column, yes in there.items():
+            any_there[column] = any_there.get(column, False) or yes
+        for problem in problems:
+            first, rows = found.setdefault(problem.cause, (problem, []))
+            rows.append(problem.rows + start)
+    problems = [BadRows(first.cause, np.concatenate(rows), first.fix) for first, rows in found.values()]
+    _refuse_a_wrong_root(problems, any_there, what=what, rows="any row", on_bad_row=on_bad_row)
+    return problems
+
+
 def _invalid_utf8_paths(array) -> np.ndarray:
     import pyarrow as pa
 
@@ -858,6 +1150,25 @@ def _negative_count_problems(
     ]
 
 
+def _missing_files_of_every_rank(
+    dataset, image_root, *, what: str, negatives: int | None, on_bad_row: str
+) -> list[BadRows]:
+    """:func:`missing_file_problems`, looked up by the main process and read from it by the other ranks
+    (:func:`~mm_embed_trl.distributed.shared_answer.main_process_answer`): every rank leaves the same rows out, and
+    a shared file system answers once, not once per rank."""
+    from ..distributed.shared_answer import main_process_answer
+
+    key = hashlib.blake2b(
+        json.dumps([dataset._fingerprint, image_root, negatives, os.getcwd()]).encode(), digest_size=16
+    ).hexdigest()
+    return main_process_answer(
+        f"missing_files/{key}",
+        lambda: missing_file_problems(dataset, image_root, what=what, negatives=negatives, on_bad_row=on_bad_row),
+        encode=lambda problems: json.dumps([[p.cause, p.rows.tolist(), p.fix] for p in problems]).encode(),
+        decode=lambda data: [BadRows(c, np.asarray(r, dtype=np.int64), f) for c, r, f in json.loads(data)],
+    )
+
+
 def check_training_rows(
     dataset,
     *,
@@ -865,6 +1176,7 @@ def check_training_rows(
     num_negatives: int | None = None,
     on_bad_row: str = "raise",
     reasoning: bool = False,
+    image_root: str | os.PathLike | None = None,
 ):
     """Check an MMEB-train-schema dataset before training; return it ready for the collator.
 
@@ -874,7 +1186,9 @@ def check_training_rows(
     text, an image nor a video, negatives that do not pair up or differ in number) follow
     ``on_bad_row`` (see :func:`enforce_on_bad_row`). With ``reasoning`` (UME-R1's reasoning SFT, whose batches carry
     no explicit negatives) both reasoning columns must exist, and a row must have a target per side that is a text in
-    UME-R1's format ending with ``<gen_emb>``, without image or video tokens. The returned dataset carries a row
+    UME-R1's format ending with ``<gen_emb>``, without image or video tokens. Every image and video file a row names
+    must be there, looked for as the loaders look (``image_root``, then the working directory; a URL is refused): a
+    missing one found only when its batch came would stop the run there. The returned dataset carries a row
     index column for the collator's error messages. An ``IterableDataset`` is checked as it streams
     (:func:`check_streamed_rows`); plain lists are returned unchanged (the collator checks each batch).
     """
@@ -882,12 +1196,17 @@ def check_training_rows(
 
     if isinstance(dataset, datasets.IterableDataset):
         return check_streamed_rows(
-            dataset, what=what, num_negatives=num_negatives, on_bad_row=on_bad_row, reasoning=reasoning
+            dataset, what=what, num_negatives=num_negatives, on_bad_row=on_bad_row, reasoning=reasoning,
+            image_root=image_root,
         )
     if not isinstance(dataset, datasets.Dataset):
         return dataset
     with_negatives = num_negatives != 0 and not reasoning
-    options = {"with_negatives": with_negatives, "reasoning": reasoning, "num_negatives": num_negatives}
+    image_root = None if image_root is None else os.fspath(image_root)
+    options = {
+        "with_negatives": with_negatives, "reasoning": reasoning, "num_negatives": num_negatives,
+        "image_root": image_root,
+    }
     if _checked_key(dataset, options) in _CHECKED:
         return dataset
     check_training_columns(dataset, name=f"the {what}")
@@ -905,6 +1224,8 @@ def check_training_rows(
     _placeholder_problems(facts, dataset.column_names, what=what)
     problems = _contrastive_problems(
         facts, reasoning=reasoning, with_negatives=with_negatives, num_negatives=num_negatives
+    ) + _missing_files_of_every_rank(
+        dataset, image_root, what=what, negatives=num_negatives if with_negatives else 0, on_bad_row=on_bad_row
     )
     dataset = enforce_on_bad_row(with_row_index(dataset), problems, what=what, on_bad_row=on_bad_row)
     dataset = with_undecoded_images(dataset)
@@ -996,7 +1317,7 @@ _STREAM_BATCH_ROWS = 1_000
 
 def check_streamed_rows(
     dataset, *, what: str = "training dataset", num_negatives: int | None = None, on_bad_row: str = "raise",
-    reasoning: bool = False,
+    reasoning: bool = False, image_root: str | os.PathLike | None = None,
 ):
     """:func:`check_training_rows` for a ``datasets.IterableDataset`` (a stream): the column problems raise now;
     the row contract runs on each batch of rows as they stream in (:func:`lazily_checked`), with the same causes,
@@ -1005,7 +1326,10 @@ def check_streamed_rows(
     an image column "empty in every row" is not detected (an absent one is)."""
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}.")
-    options = json.dumps({"num_negatives": num_negatives, "reasoning": reasoning, "what": what, "on": on_bad_row})
+    image_root = None if image_root is None else os.fspath(image_root)
+    options = json.dumps(
+        {"num_negatives": num_negatives, "reasoning": reasoning, "what": what, "on": on_bad_row, "root": image_root}
+    )
     if _CHECKED_STREAMS.get(dataset) == options:
         return dataset
     if dataset.column_names is None:  # a stream whose features are unknown until read: datasets reads its first row
@@ -1013,7 +1337,9 @@ def check_streamed_rows(
     check_training_columns(dataset, name=f"the {what}")
     if reasoning:
         _require_reasoning_columns(dataset.column_names, what=what)
-    contract = _StreamedContract(what=what, num_negatives=num_negatives, reasoning=reasoning)
+    contract = _StreamedContract(
+        what=what, num_negatives=num_negatives, reasoning=reasoning, image_root=image_root, on_bad_row=on_bad_row
+    )
     checked = lazily_checked(with_undecoded_images(dataset), contract, what=what, on_bad_row=on_bad_row)
     _CHECKED_STREAMS[checked] = options
     return checked
@@ -1022,10 +1348,15 @@ def check_streamed_rows(
 class _StreamedContract:
     """The contrastive contract of one batch of a stream, as :func:`check_training_rows` judges a whole dataset."""
 
-    def __init__(self, *, what: str, num_negatives: int | None, reasoning: bool):
-        self.what, self.num_negatives, self.reasoning = what, num_negatives, reasoning
+    def __init__(
+        self, *, what: str, num_negatives: int | None, reasoning: bool, image_root: str | None = None,
+        on_bad_row: str = "raise",
+    ):
+        self.what, self.num_negatives, self.reasoning, self.image_root = what, num_negatives, reasoning, image_root
+        self.on_bad_row = on_bad_row
         self.with_negatives = num_negatives != 0 and not reasoning
         self.common: int | None = None  # the negatives' count of the first usable rows (num_negatives=None)
+        self.looked_for: set[str] = set()  # columns whose files a batch has looked for
 
     def __call__(self, batch) -> list[BadRows]:
         import pyarrow as pa
@@ -1040,10 +1371,18 @@ class _StreamedContract:
             if len(counts):
                 values, seen = np.unique(counts, return_counts=True)
                 self.common = int(values[np.argmax(seen)])
+        files, there = _file_problems(
+            batch, _FileLookup(self.image_root), self.num_negatives if self.with_negatives else 0
+        )
+        first_looks = {column: yes for column, yes in there.items() if column not in self.looked_for}
+        self.looked_for.update(first_looks)
+        _refuse_a_wrong_root(
+            files, first_looks, what=self.what, rows="the first rows of the stream", on_bad_row=self.on_bad_row
+        )
         return _contrastive_problems(
             facts, reasoning=self.reasoning, with_negatives=self.with_negatives, num_negatives=self.num_negatives,
             common=self.common, carried_by="the first rows of the stream",
-        )
+        ) + files
 
 
 def lazily_checked(dataset, problems_of: Callable, *, what: str, on_bad_row: str):
@@ -1079,6 +1418,7 @@ class _LazyCheck:
         self.problems_of, self.what, self.on_bad_row = problems_of, what, on_bad_row
         self.position = 0
         self.carried = 0
+        self.explained: set[str] = set()
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -1111,6 +1451,9 @@ class _LazyCheck:
             for p in problems:
                 for row in p.rows:
                     logger.warning("Skipping %s of the %s: %s.", name(int(row)), self.what, p.cause)
+                if p.fix and p.cause not in self.explained:  # a cause's fix once per reader, not per batch
+                    self.explained.add(p.cause)
+                    logger.warning("Rows of the %s with %s: %s", self.what, p.cause, p.fix)
         bad = np.zeros(n, dtype=bool)
         for p in problems:
             bad[p.rows] = True

@@ -41,6 +41,7 @@ __all__ = [
     "Video",
     "VideoLoadError",
     "VideoSampling",
+    "find_video",
     "load_video",
     "set_video_options",
     "video_sampling",
@@ -247,15 +248,22 @@ def _frame_folder(path: Path, where: str) -> list[Path]:
     return [path / n for n in names]
 
 
+def find_video(value: str | os.PathLike, image_root=None) -> tuple[Path | None, list[Path]]:
+    """``(found, tried)``: the video file or frame folder a path names, resolved as image paths are
+    (:func:`~mm_embed_trl.data.images.resolve_image_path`), or None when none exists; and every candidate tried."""
+    resolved, tried = resolve_image_path(os.fspath(value), image_root)
+    for candidate in tried:  # folders are not files: resolve_image_path only looks for files
+        if candidate.is_dir():
+            return candidate, tried
+    return (resolved if resolved.exists() else None), tried
+
+
 def _resolve(value: str | os.PathLike, image_root, where: str) -> Path:
     text = os.fspath(value)
     if text.startswith(("http://", "https://")):
         raise VideoLoadError(f"{where}: video value {text!r} is a URL; download videos first and pass local paths.")
-    resolved, tried = resolve_image_path(text, image_root)
-    for candidate in tried:  # folders are not files: resolve_image_path only looks for files
-        if candidate.is_dir():
-            return candidate
-    if not resolved.exists():
+    resolved, tried = find_video(text, image_root)
+    if resolved is None:
         tried_text = ", ".join(f"'{t}'" for t in tried)
         raise VideoLoadError(
             f"{where}: video not found: {text!r} (tried {tried_text}). Check that image_root (--image_root) is the "

@@ -474,7 +474,9 @@ def mine_hard_negatives(
         )
     if isinstance(corpus, (str, os.PathLike)):
         corpus = load_rows_dataset(str(corpus))
-    checked = check_training_rows(dataset, what="dataset to mine", num_negatives=0, on_bad_row=config.on_bad_row)
+    checked = check_training_rows(
+        dataset, what="dataset to mine", num_negatives=0, on_bad_row=config.on_bad_row, image_root=image_root
+    )
     if config.group_column is not None and config.group_column not in checked.column_names:
         raise KeyError(f"group_column {config.group_column!r} is not a column of the dataset ({checked.column_names}).")
 

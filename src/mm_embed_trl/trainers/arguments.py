@@ -151,7 +151,7 @@ class EmbeddingRunArguments:
     def row_contract(self) -> dict[str, Any]:
         """What this run asks of its rows: the options of the pre-training row check
         (:func:`~mm_embed_trl.data.validation.check_training_rows`) that the trainer and the examples run."""
-        return {"num_negatives": getattr(self, "num_negatives", None)}
+        return {"num_negatives": getattr(self, "num_negatives", None), "image_root": self.image_root}
 
 
 _SCALAR_TYPES = (bool, int, float, str)

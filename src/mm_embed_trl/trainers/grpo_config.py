@@ -160,7 +160,7 @@ class EmbeddingGRPOConfig(EmbeddingRunArguments, GRPOConfig):
     @property
     def row_contract(self) -> dict:
         """GRPO rolls out both sides of each pair; explicit negatives are not used."""
-        return {"num_negatives": 0}
+        return {"num_negatives": 0, "image_root": self.image_root}
 
     @cached_property
     def _setup_devices(self) -> torch.device:

@@ -166,7 +166,7 @@ class EmbeddingSFTConfig(EmbeddingTrainingArguments):
     def row_contract(self) -> dict:
         """Reasoning batches need UME-R1's reasoning rows (and carry no explicit negatives)."""
         if self.needs_reasoning:
-            return {"num_negatives": 0, "reasoning": True}
+            return {"num_negatives": 0, "reasoning": True, "image_root": self.image_root}
         return super().row_contract
 
     @property
