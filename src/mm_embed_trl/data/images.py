@@ -45,6 +45,7 @@ __all__ = [
     "load_image",
     "load_images",
     "max_image_tokens",
+    "path_candidates",
     "resolve_image_path",
 ]
 
@@ -53,21 +54,25 @@ class ImageLoadError(ValueError):
     """An image value could not be turned into a ``PIL.Image``. The message names the row/column and the fix."""
 
 
-def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
-    """Return ``(resolved, tried)``: the first existing candidate for ``path`` and every candidate tried.
+def path_candidates(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[str]:
+    """Where a file path of the data is looked for, in order: ``path`` itself when absolute; otherwise
+    ``image_root / path`` (when an ``image_root`` is given) and then ``path`` relative to the working directory.
+    Plain strings: the pre-training check asks this of every path of a dataset."""
+    p = os.path.expanduser(os.fspath(path))
+    if os.path.isabs(p):
+        return [p]
+    tried = []
+    if image_root is not None and os.fspath(image_root) != "":
+        tried.append(os.path.join(os.path.expanduser(os.fspath(image_root)), p))
+    tried.append(os.path.join(os.getcwd(), p))
+    return tried
 
-    Candidates, in order: ``path`` itself when absolute; otherwise ``image_root / path`` (when an
-    ``image_root`` is given) and then ``path`` relative to the working directory. When nothing exists,
-    ``resolved`` is the first candidate (the one an error message should name).
+
+def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """Return ``(resolved, tried)``: the first existing candidate for ``path`` (:func:`path_candidates`) and every
+    candidate tried. When nothing exists, ``resolved`` is the first candidate (the one an error message should name).
     """
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if p.is_absolute():
-        tried = [p]
-    else:
-        tried = []
-        if image_root is not None and os.fspath(image_root) != "":
-            tried.append(Path(os.path.expanduser(os.fspath(image_root))) / p)
-        tried.append(Path.cwd() / p)
+    tried = [Path(candidate) for candidate in path_candidates(path, image_root)]
     for candidate in tried:
         if candidate.is_file():
             return candidate, tried

@@ -805,14 +805,17 @@ class _FileLookup:
     path is looked up once, many at a time on threads (a file system's answer is I/O, not Python work)."""
 
     def __init__(self, image_root):
-        from .images import resolve_image_path
-        from .videos import find_video
+        from .images import path_candidates
+
+        def image(text: str) -> bool:  # os.path on strings: a Path per candidate costs more than the look-up
+            return any(os.path.isfile(c) for c in path_candidates(text, image_root))
+
+        def video(text: str) -> bool:  # as videos.find_video: a folder anywhere, else a file, else the first path
+            candidates = path_candidates(text, image_root)
+            return any(os.path.isdir(c) or os.path.isfile(c) for c in candidates) or os.path.exists(candidates[0])
 
         self.image_root = image_root
-        self.exists = {
-            "image": lambda text: resolve_image_path(text, image_root)[0].is_file(),
-            "video": lambda text: find_video(text, image_root)[0] is not None,
-        }
+        self.exists = {"image": image, "video": video}
         self.known: dict[tuple[str, str], bool] = {}
 
     def missing(self, paths: list[str], kind: str) -> list[str]:
