@@ -816,14 +816,15 @@ class _FileLookup:
 
         self.image_root = image_root
         self.exists = {"image": image, "video": video}
-        self.known: dict[tuple[str, str], bool] = {}
+        self.known: dict[str, dict[str, bool]] = {"image": {}, "video": {}}  # kind -> path -> there?
 
     def missing(self, paths: list[str], kind: str) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
-        if len(self.known) > _REMEMBERED_PATHS:
-            self.known.clear()
-        new = [p for p in paths if (kind, p) not in self.known]
+        known = self.known[kind]
+        if len(known) > _REMEMBERED_PATHS:
+            known.clear()
+        new = [p for p in paths if p not in known]
         exists = self.exists[kind]
         chunks = [new[i:i + _LOOKUP_CHUNK] for i in range(0, len(new), _LOOKUP_CHUNK)]
         if len(chunks) > 1:
@@ -832,8 +833,8 @@ class _FileLookup:
         else:
             found = [[exists(p) for p in chunk] for chunk in chunks]
         for chunk, answers in zip(chunks, found):
-            self.known.update(zip(((kind, p) for p in chunk), answers))
-        return [p for p in paths if not self.known[(kind, p)]]
+            known.update(zip(chunk, answers))
+        return [p for p in paths if not known[p]]
 
     def hint(self, example: str, kind: str) -> str:
         """The fix of a missing file: the first one, where it was looked for, and which option moves that."""
