@@ -105,7 +105,7 @@ def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
     (root / "empty_frames").mkdir()  # there (the loader stops on it for another cause: it holds no frames)
     png = (root / "in_root.png").read_bytes()
     images = ["in_root.png", "in_cwd.png", absolute, "missing.png", str(tmp_path / "missing_abs.png"), "",
-              "sub/in_root.png", "http://host/x.png"]
+              "sub/in_root.png", "http://host/x.png", "in_root.png/", "~/no_such_file.png"]
     structs = [{"bytes": None, "path": "in_root.png"}, {"bytes": None, "path": "missing.png"},
                {"bytes": png, "path": "missing.png"}, None]
     videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", ""]
@@ -126,7 +126,7 @@ def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
             flagged[problem.rows] = True
         expected = [_reference_misses(kind, v, str(root)) for v in values]
         assert flagged.tolist() == expected, (kind, values)
-    assert sum(_reference_misses("image", v, str(root)) for v in images) == 4  # the test covers both outcomes
+    assert sum(_reference_misses("image", v, str(root)) for v in images) == 5  # the test covers both outcomes
 
 
 def test_a_json_field_that_mixes_paths_lists_and_image_dicts(tmp_path):
@@ -148,15 +148,21 @@ def test_a_json_field_that_mixes_paths_lists_and_image_dicts(tmp_path):
 
 
 def test_an_image_root_that_points_elsewhere_is_refused_under_skip_too(tmp_path, shapes_data, caplog):
-    """When none of a column's files is there, the rows are not bad, the image_root is: skipping them would train
-    on the rows without images. A skip logs each cause's fix once."""
+    """When none of the files the rows name is there, the rows are not bad, the image_root is: skipping them would
+    train on the rows without images. One file that is not there (a typo) is a bad row, whatever the other columns
+    name. A skip logs each cause's fix once."""
     rows = shapes_data["train"].select(range(12))
-    with pytest.raises(BadRowsError, match=r"None of the files that 'qry_image_path' names in any row.*is there"):
+    with pytest.raises(BadRowsError, match=r"None of the 12 files that the rows of the training dataset name is there"):
         check_training_rows(rows, image_root=str(tmp_path), on_bad_row="skip", num_negatives=0)
     stream = rows.to_iterable_dataset(num_shards=1)
     checked = check_training_rows(stream, image_root=str(tmp_path), on_bad_row="skip", num_negatives=0)
-    with pytest.raises(BadRowsError, match=r"names in the first rows of the stream"):
+    with pytest.raises(BadRowsError, match=r"files that the first rows of the stream of the training dataset name"):
         next(iter(checked))
+    _png(tmp_path / "a.png")
+    for qry_image in ("a.png", ""):  # other files there, or none named but the typo: a bad row either way
+        typo = datasets.Dataset.from_list([_row(qry_image=qry_image)] * 5 + [_row(pos_image="typo.png")])
+        kept = check_training_rows(typo, image_root=str(tmp_path), on_bad_row="skip", num_negatives=0)
+        assert len(kept) == 5, qry_image
     # some files there: the rows that name the others are left out, the fix logged once
     gone = [i for i in range(12) if rows[i]["qry_image_path"]][:2]
     renamed = rows.map(lambda row, i: {"qry_image_path": "lost.png" if i in gone else row["qry_image_path"]},
@@ -264,7 +270,7 @@ def test_a_stream_looks_for_its_files_as_its_rows_stream_in(tiny_backbone, shape
 
 
 _RANKS_SCRIPT = """
-import json, sys
+import json, sys, time
 
 import datasets
 from accelerate import PartialState
@@ -283,15 +289,25 @@ rows = {"qry": [f"q{i}" for i in range(6)], "pos_text": ["p"] * 6,
 with state.main_process_first():
     kept = validation.check_training_rows(datasets.Dataset.from_dict(rows), image_root=root, on_bad_row="skip",
                                           num_negatives=0)
+state.wait_for_everyone()
+if state.is_main_process:  # a file appears; the same rows are checked again, every rank at once (as the miner does)
+    open(f"{root}/gone.png", "wb").write(open(f"{root}/a.png", "rb").read())
+state.wait_for_everyone()
+validation._CHECKED.clear()
+if state.is_main_process:
+    time.sleep(3)  # the other rank asks first: it must wait for this answer, not take the first check's
+again = validation.check_training_rows(datasets.Dataset.from_dict(rows), image_root=root, on_bad_row="skip",
+                                       num_negatives=0)
 with open(f"{out}/rank{state.process_index}.json", "w") as handle:
-    json.dump(kept["_row_index"][:], handle)
+    json.dump([kept["_row_index"][:], again["_row_index"][:]], handle)
 """
 
 
 @pytest.mark.slow
 def test_every_rank_leaves_out_the_rows_the_main_process_found(tmp_path):
     """Two processes: the main process looks the files up, the other rank reads its answer from the process group's
-    store (it may not look a file up) and keeps the same rows."""
+    store (it may not look a file up) and keeps the same rows; a second check of the same rows after a file appeared,
+    with both ranks asking at once, reads the main process's second answer, not the first."""
     import launching
 
     _png(tmp_path / "a.png")
@@ -299,4 +315,4 @@ def test_every_rank_leaves_out_the_rows_the_main_process_found(tmp_path):
     script.write_text(_RANKS_SCRIPT)
     launching.run(script, str(tmp_path), str(tmp_path), processes=2, launcher="torchrun", timeout=300)
     kept = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert kept[0] == kept[1] == [0, 2, 3, 5]
+    assert kept[0] == kept[1] == [[0, 2, 3, 5], [0, 1, 2, 3, 5]]

@@ -59,6 +59,8 @@ def path_candidates(path: str | os.PathLike, image_root: str | os.PathLike | Non
     ``image_root / path`` (when an ``image_root`` is given) and then ``path`` relative to the working directory.
     Plain strings: the pre-training check asks this of every path of a dataset."""
     p = os.path.expanduser(os.fspath(path))
+    if len(p) > 1:
+        p = p.rstrip("/" + os.sep) or p  # "a.png/" is a.png, as pathlib reads it
     if os.path.isabs(p):
         return [p]
     tried = []

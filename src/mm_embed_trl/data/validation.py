@@ -892,15 +892,15 @@ def _negatives_in_use(batch, lists, k: int) -> np.ndarray:
     return mismatched | np.where(shared_image, k > 0, rank < k)
 
 
-def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> tuple[list[BadRows], dict[str, bool]]:
+def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> tuple[list[BadRows], np.ndarray]:
     """Rows (positions in ``batch``, a ``pyarrow.Table``) naming an image or video that is not there, or a URL,
-    per column: the loader would stop the run when their batch came; and, per column whose files were looked for,
-    whether any was there (see :func:`_refuse_a_wrong_root`). ``negatives``: how many explicit negatives a row's
-    batch takes (None: all; 0: none, their images are not looked for)."""
+    per column: the loader would stop the run when their batch came; and how many distinct paths were looked for and
+    how many of them are not there (see :func:`_refuse_a_wrong_root`). ``negatives``: how many explicit negatives a
+    row's batch takes (None: all; 0: none, their images are not looked for)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    problems, found = [], {}
+    problems, counts = [], np.zeros(2, dtype=np.int64)
     for column, kind in _FILE_COLUMNS.items():
         if column not in batch.column_names or (column == NEG_IMAGE and negatives == 0):
             continue
@@ -921,20 +921,17 @@ def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> 
             ))
             paths = pc.if_else(pa.array(url), pa.scalar(None, paths.type), paths)
         gone = np.zeros(len(paths), dtype=bool)
-        looked = missed = 0
         for rule, elements in ((kind, ~frames), ("image", frames)):  # a frame of a list is an image file
             if not elements.any():
                 continue
             these = pc.if_else(pa.array(elements), paths, pa.scalar(None, paths.type))
             unique = pc.unique(these.drop_null()).to_pylist()
             missing = lookup.missing(unique, rule)
-            looked, missed = looked + len(unique), missed + len(missing)
+            counts += (len(unique), len(missing))
             if missing:
                 gone |= pc.is_in(these, value_set=pa.array(missing, paths.type)).fill_null(False).to_numpy(
                     zero_copy_only=False
                 )
-        if looked:
-            found[column] = missed < looked
         if not gone.any():
             continue
         first = int(np.flatnonzero(gone)[0])
@@ -943,25 +940,23 @@ def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> 
             np.flatnonzero(_per_element_to_rows(lists, gone)),
             lookup.hint(paths[first].as_py(), "image" if frames[first] else kind),
         ))
-    return problems, found
+    return problems, counts
 
 
-def _refuse_a_wrong_root(
-    problems: Sequence[BadRows], found: dict[str, bool], *, what: str, rows: str, on_bad_row: str
-) -> None:
-    """Under ``on_bad_row="skip"``, raise when none of the files a column names is there: an ``image_root`` that
-    points elsewhere, not bad rows; skipping them would train on the rows without images and call it done. (Under
-    "raise" the rows are named with the rest, with the same fix.)"""
-    if on_bad_row != "skip":
+def _refuse_a_wrong_root(problems: Sequence[BadRows], counts: np.ndarray, *, what: str, rows: str,
+                         on_bad_row: str) -> None:
+    """Under ``on_bad_row="skip"``, raise when none of the files the rows name is there (and they name several):
+    the paths or ``image_root`` point elsewhere, the rows are not bad; skipping them all would train on the rows
+    without files and call it done. (Under "raise" the rows are named with the rest, with the same fix.)"""
+    looked, missed = (int(c) for c in counts)
+    if on_bad_row != "skip" or missed < 2 or missed < looked:
         return
-    for column, any_there in found.items():
-        if any_there:
-            continue
-        fix = next((p.fix for p in problems if f"in {column!r} that is not there" in p.cause), "")
-        raise BadRowsError(
-            f"None of the files that {column!r} names in {rows} of the {what} is there, so image_root (or the "
-            f"working directory) is likely not where they are: nothing was trained. {fix}"
-        )
+    fix = next((p.fix for p in problems if p.cause.endswith("that is not there")), "")
+    raise BadRowsError(
+        f"None of the {missed} files that {rows} of the {what} name is there: the paths, or image_root (or the "
+        f"working directory, without one), point elsewhere; skipping every row that names a file would leave only "
+        f"the rest. Nothing was left out. {fix}"
+    )
 
 
 def missing_file_problems(
@@ -986,16 +981,15 @@ def missing_file_problems(
         starts, desc=f"Looking for the files the {what} names", unit="batch",
         disable=len(starts) < 2 or not datasets.utils.logging.is_progress_bar_enabled(),
     )
-    any_there: dict[str, bool] = {}
+    counts = np.zeros(2, dtype=np.int64)  # paths looked for, paths not there (distinct within each batch)
     for start in progress:
-        problems, there = _file_problems(view[start:start + _BATCH_ROWS], lookup, negatives)
-        for column, yes in there.items():
-            any_there[column] = any_there.get(column, False) or yes
+        problems, batch_counts = _file_problems(view[start:start + _BATCH_ROWS], lookup, negatives)
+        counts += batch_counts
         for problem in problems:
             first, rows = found.setdefault(problem.cause, (problem, []))
             rows.append(problem.rows + start)
     problems = [BadRows(first.cause, np.concatenate(rows), first.fix) for first, rows in found.values()]
-    _refuse_a_wrong_root(problems, any_there, what=what, rows="any row", on_bad_row=on_bad_row)
+    _refuse_a_wrong_root(problems, counts, what=what, rows="the rows", on_bad_row=on_bad_row)
     return problems
 
 
@@ -1162,14 +1156,24 @@ def _missing_files_of_every_rank(
     a shared file system answers once, not once per rank."""
     from ..distributed.shared_answer import main_process_answer
 
-    key = hashlib.blake2b(
-        json.dumps([dataset._fingerprint, image_root, negatives, os.getcwd()]).encode(), digest_size=16
-    ).hexdigest()
+    # Not the fingerprint: a dataset whose fingerprint is random (an unhashable map) has another on every rank. The
+    # n-th ask of this key is one question on every rank; the answer carries its dataset's length as a check.
+    key = hashlib.blake2b(json.dumps([image_root, negatives, on_bad_row, what]).encode(), digest_size=16).hexdigest()
+
+    def encode(problems):
+        return json.dumps({"rows": len(dataset), "problems": [[p.cause, p.rows.tolist(), p.fix] for p in problems]})
+
+    def decode(data):
+        answer = json.loads(data)
+        if answer["rows"] != len(dataset):
+            return None
+        return [BadRows(c, np.asarray(r, dtype=np.int64), f) for c, r, f in answer["problems"]]
+
     return main_process_answer(
         f"missing_files/{key}",
         lambda: missing_file_problems(dataset, image_root, what=what, negatives=negatives, on_bad_row=on_bad_row),
-        encode=lambda problems: json.dumps([[p.cause, p.rows.tolist(), p.fix] for p in problems]).encode(),
-        decode=lambda data: [BadRows(c, np.asarray(r, dtype=np.int64), f) for c, r, f in json.loads(data)],
+        encode=lambda problems: encode(problems).encode(),
+        decode=decode,
     )
 
 
@@ -1360,7 +1364,7 @@ class _StreamedContract:
         self.on_bad_row = on_bad_row
         self.with_negatives = num_negatives != 0 and not reasoning
         self.common: int | None = None  # the negatives' count of the first usable rows (num_negatives=None)
-        self.looked_for: set[str] = set()  # columns whose files a batch has looked for
+        self.judged_root = False  # whether the first batch was looked at for a wrong image_root
 
     def __call__(self, batch) -> list[BadRows]:
         import pyarrow as pa
@@ -1375,14 +1379,14 @@ class _StreamedContract:
             if len(counts):
                 values, seen = np.unique(counts, return_counts=True)
                 self.common = int(values[np.argmax(seen)])
-        files, there = _file_problems(
+        files, counts = _file_problems(
             batch, _FileLookup(self.image_root), self.num_negatives if self.with_negatives else 0
         )
-        first_looks = {column: yes for column, yes in there.items() if column not in self.looked_for}
-        self.looked_for.update(first_looks)
-        _refuse_a_wrong_root(
-            files, first_looks, what=self.what, rows="the first rows of the stream", on_bad_row=self.on_bad_row
-        )
+        if not self.judged_root:  # on the first batch only, before anything trained: later ones leave rows out
+            self.judged_root = True
+            _refuse_a_wrong_root(
+                files, counts, what=self.what, rows="the first rows of the stream", on_bad_row=self.on_bad_row
+            )
         return _contrastive_problems(
             facts, reasoning=self.reasoning, with_negatives=self.with_negatives, num_negatives=self.num_negatives,
             common=self.common, carried_by="the first rows of the stream",
