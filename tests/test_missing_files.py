@@ -81,34 +81,36 @@ def test_missing_files_and_urls_are_bad_rows_named_with_the_file_and_the_fix(tmp
 
 
 def _reference_misses(kind: str, value, root) -> bool:
-    """Does the library's loader stop on ``value`` because its file is not there (or is a URL)?"""
+    """Does the library's loader stop on ``value`` because its file is not there (or is a URL, or a frame folder
+    with no frame in it)?"""
     try:
         if kind == "image":
             load_image_values(value, root, where="value")
         else:
             load_video(value, root, where="value", sampling=VideoSampling(max_frames=64))
     except (ImageLoadError, VideoLoadError) as error:
-        return "not found" in str(error) or "URL" in str(error)
+        return any(sign in str(error) for sign in ("not found", "URL", "holds no frame image"))
     return False
 
 
 def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
     """Per value: flagged by the check exactly when the loader (the reference) stops on a file that is not there.
     Relative paths: image_root first, then the working directory; absolute paths; datasets.Image structs (bytes win
-    over their path); a video's file, frame folder or list of frames."""
+    over their path); a video's file, frame folder (one with no frame in it too) or list of frames."""
     root, cwd = tmp_path / "root", tmp_path / "cwd"
     monkeypatch.chdir(_png(cwd / "in_cwd.png").rsplit("/", 1)[0])
     _png(root / "in_root.png")
     absolute = _png(tmp_path / "elsewhere" / "abs.png")
     (root / "frames").mkdir()
     _png(root / "frames" / "1.png")
-    (root / "empty_frames").mkdir()  # there (the loader stops on it for another cause: it holds no frames)
+    (root / "empty_frames").mkdir()  # there, but the loader stops on it: it holds no frame
+    (root / "empty_frames" / "notes.txt").write_text("not a frame")
     png = (root / "in_root.png").read_bytes()
     images = ["in_root.png", "in_cwd.png", absolute, "missing.png", str(tmp_path / "missing_abs.png"), "",
               "sub/in_root.png", "http://host/x.png", "in_root.png/", "~/no_such_file.png"]
     structs = [{"bytes": None, "path": "in_root.png"}, {"bytes": None, "path": "missing.png"},
                {"bytes": png, "path": "missing.png"}, None]
-    videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", ""]
+    videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", "", "empty_frames/"]
     frame_lists = [["frames/1.png", "frames/1.png"], ["frames/1.png", "gone.png"], [], ["frames/1.png", "frames"]]
     # a video value with bytes and a path: the video loader reads the file, whatever the bytes
     video_structs = [{"bytes": b"xx", "path": "gone.mp4"}, {"bytes": None, "path": "frames"}, None]
@@ -127,6 +129,38 @@ def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
         expected = [_reference_misses(kind, v, str(root)) for v in values]
         assert flagged.tolist() == expected, (kind, values)
     assert sum(_reference_misses("image", v, str(root)) for v in images) == 5  # the test covers both outcomes
+
+
+def test_a_frame_folder_with_no_frame_is_a_bad_row_of_its_own_cause(tmp_path, caplog):
+    """A frame folder that holds no frame image (an extraction that failed) stops the loader when its batch comes, as a
+    missing file does: the check names it with its own cause and fix, and under skip leaves its rows out without
+    calling the image_root wrong (the folders are there)."""
+    root = tmp_path / "videos"
+    for name in ("empty_a", "empty_b"):
+        (root / name).mkdir(parents=True)
+    (root / "empty_b" / "frames.txt").write_text("a list, not a frame")
+    _png(root / "full" / "frame_1.png")
+    rows = [_row(qry_video_path=v) for v in ("full", "empty_a", "empty_b", "gone")]
+    data = load_rows_dataset(_jsonl(tmp_path / "train.jsonl", rows))
+    with pytest.raises(BadRowsError) as info:
+        check_training_rows(data, image_root=str(root))
+    message = str(info.value)
+    assert "a frame folder in 'qry_video_path' that holds no frame image (rows 1, 2; lines 2, 3 of train.jsonl)" in (
+        message
+    )
+    assert f"The first: 'empty_a' ('{root / 'empty_a'}'). Extract the video's frames into it" in message
+    assert "a video in 'qry_video_path' that is not there (rows 3; lines 4 of train.jsonl)" in message
+    with pytest.raises(VideoLoadError, match="holds no frame image"):  # the loader agrees
+        load_video("empty_b", str(root), where="row 2")
+
+    only_empty = data.select([1, 2])  # every video is an empty folder: the rows are bad, the root is right
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
+        with pytest.raises(BadRowsError, match="is bad .*holds no frame image.*nothing left to train on"):
+            check_training_rows(only_empty, image_root=str(root), on_bad_row="skip")
+    assert "point elsewhere" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
+        kept = check_training_rows(data, image_root=str(root), on_bad_row="skip")
+    assert kept["_row_index"][:] == [0]
 
 
 def test_a_json_field_that_mixes_paths_lists_and_image_dicts(tmp_path):

@@ -43,8 +43,10 @@ __all__ = [
     "has_image",
     "image_size",
     "load_image",
+    "find_file",
     "load_images",
     "max_image_tokens",
+    "missing_file_fix",
     "path_candidates",
     "resolve_image_path",
 ]
@@ -70,15 +72,34 @@ def path_candidates(path: str | os.PathLike, image_root: str | os.PathLike | Non
     return tried
 
 
+def find_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> str | None:
+    """The first of :func:`path_candidates` that is a file, or None: where the loader reads an image file from. Plain
+    strings, as the pre-training check asks this of every path of a dataset."""
+    return next((c for c in path_candidates(path, image_root) if os.path.isfile(c)), None)
+
+
 def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
-    """Return ``(resolved, tried)``: the first existing candidate for ``path`` (:func:`path_candidates`) and every
-    candidate tried. When nothing exists, ``resolved`` is the first candidate (the one an error message should name).
-    """
-    tried = [Path(candidate) for candidate in path_candidates(path, image_root)]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate, tried
-    return tried[0], tried
+    """Return ``(resolved, tried)``: the file :func:`find_file` finds and every candidate tried. When there is none,
+    ``resolved`` is the first candidate (the one an error message should name)."""
+    tried = path_candidates(path, image_root)
+    return Path(find_file(path, image_root) or tried[0]), [Path(candidate) for candidate in tried]
+
+
+def missing_file_fix(path: str | os.PathLike, image_root: str | os.PathLike | None, thing: str = "image file") -> str:
+    """What to do about a ``thing`` that ``path`` names and that is not there: one wording for the loaders' errors and
+    the pre-training check (:mod:`mm_embed_trl.data.validation`)."""
+    if os.path.isabs(os.path.expanduser(os.fspath(path))):
+        return f"An absolute path: the {thing} is not there. Put it there, or drop the row."
+    if image_root is None or os.fspath(image_root) == "":
+        return (
+            f"No image_root was given, so relative paths are looked for in the working directory ('{os.getcwd()}'): "
+            f"pass --image_root (image_root=...) naming the folder the dataset's paths are relative to, or put the "
+            f"{thing} there."
+        )
+    return (
+        f"Check that image_root ('{image_root}', --image_root) is the folder the dataset's paths are relative to, "
+        f"and that the {thing} exists."
+    )
 
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -243,18 +264,9 @@ def _resolve_file(value: str | os.PathLike, image_root: str | os.PathLike | None
     resolved, tried = resolve_image_path(text, image_root)
     if not resolved.is_file():
         tried_text = ", ".join(f"'{t}'" for t in tried)
-        if image_root is None:
-            hint = (
-                "No image_root was given, so relative paths are resolved against the working directory "
-                f"('{Path.cwd()}'); pass --image_root (image_root=...) pointing at the folder the dataset's "
-                "image paths are relative to."
-            )
-        else:
-            hint = (
-                f"Check that image_root ('{image_root}', set by --image_root) is the folder the dataset's image "
-                "paths are relative to, and that the file exists."
-            )
-        raise ImageLoadError(f"{where}: image file not found: {text!r} (tried {tried_text}). {hint}")
+        raise ImageLoadError(
+            f"{where}: image file not found: {text!r} (tried {tried_text}). {missing_file_fix(text, image_root)}"
+        )
     return resolved
 
 

@@ -800,25 +800,25 @@ def _named_paths(array, kind: str):
 
 
 class _FileLookup:
-    """Which paths name no file, as the loaders resolve them (:func:`~mm_embed_trl.data.images.resolve_image_path`:
-    ``image_root``, then the working directory; a video may also be a frame folder, a frame of a list may not). Each
-    path is looked up once, many at a time on threads (a file system's answer is I/O, not Python work)."""
+    """Which paths name no file, as the loaders look for them (:func:`~mm_embed_trl.data.images.find_file` for an
+    image, :func:`~mm_embed_trl.data.videos.find_video` for a video: a frame folder or a file), and which frame
+    folders hold no frame. Each path is looked up once, many at a time on threads (a file system's answer is I/O, not
+    Python work)."""
 
     def __init__(self, image_root):
-        from .images import path_candidates
+        from .images import find_file
+        from .videos import find_video, holds_frames
 
-        def image(text: str) -> bool:  # os.path on strings: a Path per candidate costs more than the look-up
-            return any(os.path.isfile(c) for c in path_candidates(text, image_root))
-
-        def video(text: str) -> bool:  # as videos.find_video: a folder anywhere, else a file, else the first path
-            candidates = path_candidates(text, image_root)
-            return any(os.path.isdir(c) or os.path.isfile(c) for c in candidates) or os.path.exists(candidates[0])
+        def video(text: str) -> bool | None:  # None: a frame folder with no frame in it
+            found = find_video(text, image_root)
+            return found is not None and (not os.path.isdir(found) or holds_frames(found) or None)
 
         self.image_root = image_root
-        self.exists = {"image": image, "video": video}
-        self.known: dict[str, dict[str, bool]] = {"image": {}, "video": {}}  # kind -> path -> there?
+        self.exists = {"image": lambda text: find_file(text, image_root) is not None, "video": video}
+        self.known: dict[str, dict[str, bool | None]] = {"image": {}, "video": {}}  # kind -> path -> there?
 
-    def missing(self, paths: list[str], kind: str) -> list[str]:
+    def missing(self, paths: list[str], kind: str) -> tuple[list[str], list[str]]:
+        """``(not there, empty frame folders)`` among ``paths``."""
         from concurrent.futures import ThreadPoolExecutor
 
         known = self.known[kind]
@@ -834,28 +834,20 @@ class _FileLookup:
             found = [[exists(p) for p in chunk] for chunk in chunks]
         for chunk, answers in zip(chunks, found):
             known.update(zip(chunk, answers))
-        return [p for p in paths if not known[p]]
+        return [p for p in paths if known[p] is False], [p for p in paths if known[p] is None]
 
     def hint(self, example: str, kind: str) -> str:
         """The fix of a missing file: the first one, where it was looked for, and which option moves that."""
-        from .images import resolve_image_path
+        from .images import missing_file_fix, path_candidates
 
-        tried = resolve_image_path(example, self.image_root)[1]
+        tried = ", ".join(repr(c) for c in path_candidates(example, self.image_root))
         thing = "video file or frame folder" if kind == "video" else "file"
-        if os.path.isabs(os.path.expanduser(example)):
-            where = f"An absolute path: the {thing} is not there. Put it there, or drop these rows."
-        elif self.image_root is None:
-            where = (
-                "No image_root was given, so relative paths are looked for in the working directory: pass "
-                f"--image_root (image_root=...) naming the folder the dataset's paths are relative to, or put each "
-                f"{thing} there."
-            )
-        else:
-            where = (
-                f"Check that image_root ('{self.image_root}', --image_root) is the folder the dataset's paths are "
-                f"relative to, and that each {thing} exists."
-            )
-        return f"The first: {example!r} (looked for as {', '.join(repr(str(t)) for t in tried)}). {where}"
+        return f"The first: {example!r} (looked for as {tried}). {missing_file_fix(example, self.image_root, thing)}"
+
+    def empty_folder_hint(self, example: str) -> str:
+        from .videos import EMPTY_FRAME_FOLDER_FIX, find_video
+
+        return f"The first: {example!r} ('{find_video(example, self.image_root)}'). {EMPTY_FRAME_FOLDER_FIX}"
 
 
 def _negatives_in_use(batch, lists, k: int) -> np.ndarray:
@@ -920,26 +912,32 @@ def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> 
                 "--image_root) in the rows.",
             ))
             paths = pc.if_else(pa.array(url), pa.scalar(None, paths.type), paths)
-        gone = np.zeros(len(paths), dtype=bool)
+        gone, empty = np.zeros(len(paths), dtype=bool), np.zeros(len(paths), dtype=bool)
         for rule, elements in ((kind, ~frames), ("image", frames)):  # a frame of a list is an image file
             if not elements.any():
                 continue
             these = pc.if_else(pa.array(elements), paths, pa.scalar(None, paths.type))
             unique = pc.unique(these.drop_null()).to_pylist()
-            missing = lookup.missing(unique, rule)
+            missing, empty_folders = lookup.missing(unique, rule)
             counts += (len(unique), len(missing))
-            if missing:
-                gone |= pc.is_in(these, value_set=pa.array(missing, paths.type)).fill_null(False).to_numpy(
-                    zero_copy_only=False
-                )
-        if not gone.any():
-            continue
-        first = int(np.flatnonzero(gone)[0])
-        problems.append(BadRows(
-            f"{'a video' if kind == 'video' else 'an image file'} in {column!r} that is not there",
-            np.flatnonzero(_per_element_to_rows(lists, gone)),
-            lookup.hint(paths[first].as_py(), "image" if frames[first] else kind),
-        ))
+            for found, mask in ((missing, gone), (empty_folders, empty)):
+                if found:
+                    mask |= pc.is_in(these, value_set=pa.array(found, paths.type)).fill_null(False).to_numpy(
+                        zero_copy_only=False
+                    )
+        if gone.any():
+            first = int(np.flatnonzero(gone)[0])
+            problems.append(BadRows(
+                f"{'a video' if kind == 'video' else 'an image file'} in {column!r} that is not there",
+                np.flatnonzero(_per_element_to_rows(lists, gone)),
+                lookup.hint(paths[first].as_py(), "image" if frames[first] else kind),
+            ))
+        if empty.any():  # the loader stops on it as on a missing file
+            problems.append(BadRows(
+                f"a frame folder in {column!r} that holds no frame image",
+                np.flatnonzero(_per_element_to_rows(lists, empty)),
+                lookup.empty_folder_hint(paths[int(np.flatnonzero(empty)[0])].as_py()),
+            ))
     return problems, counts
 
 

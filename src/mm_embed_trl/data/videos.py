@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageLoadError, load_image, resolve_image_path
+from .images import ImageLoadError, load_image, missing_file_fix, path_candidates
 from .schema import is_missing
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "VideoLoadError",
     "VideoSampling",
     "find_video",
+    "holds_frames",
     "load_video",
     "set_video_options",
     "video_sampling",
@@ -238,38 +239,49 @@ def _decode_file(path: Path, sampling: VideoSampling, processor, where: str) -> 
     return Video(images, fps, str(path))
 
 
+EMPTY_FRAME_FOLDER_FIX = "Extract the video's frames into it, point the row at the video file instead, or drop the row."
+
+
+def _is_frame(name: str) -> bool:
+    return name.lower().endswith(FRAME_EXTENSIONS)
+
+
+def holds_frames(folder: str | os.PathLike) -> bool:
+    """Does a frame folder hold a frame image (anything else in it is not read)?"""
+    with os.scandir(folder) as entries:
+        return any(_is_frame(entry.name) for entry in entries)
+
+
 def _frame_folder(path: Path, where: str) -> list[Path]:
-    names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)), key=_natural_key)
+    names = sorted((n for n in os.listdir(path) if _is_frame(n)), key=_natural_key)
     if not names:
         raise VideoLoadError(
-            f"{where}: the frame folder '{path}' holds no frame image ({', '.join(FRAME_EXTENSIONS)}). Extract the "
-            "video's frames into it, point the row at the video file instead, or drop the row."
+            f"{where}: the frame folder '{path}' holds no frame image ({', '.join(FRAME_EXTENSIONS)}). "
+            + EMPTY_FRAME_FOLDER_FIX
         )
     return [path / n for n in names]
 
 
-def find_video(value: str | os.PathLike, image_root=None) -> tuple[Path | None, list[Path]]:
-    """``(found, tried)``: the video file or frame folder a path names, resolved as image paths are
-    (:func:`~mm_embed_trl.data.images.resolve_image_path`), or None when none exists; and every candidate tried."""
-    resolved, tried = resolve_image_path(os.fspath(value), image_root)
-    for candidate in tried:  # folders are not files: resolve_image_path only looks for files
-        if candidate.is_dir():
-            return candidate, tried
-    return (resolved if resolved.exists() else None), tried
+def find_video(path: str | os.PathLike, image_root=None) -> str | None:
+    """The frame folder or video file ``path`` names, looked for where image files are
+    (:func:`~mm_embed_trl.data.images.path_candidates`): a folder among the candidates first, then a file; None when
+    neither is there. Plain strings: the pre-training check asks this of every video path of a dataset."""
+    candidates = path_candidates(path, image_root)
+    return next((c for c in candidates if os.path.isdir(c)), None) or next(
+        (c for c in candidates if os.path.isfile(c)), None
+    )
 
 
 def _resolve(value: str | os.PathLike, image_root, where: str) -> Path:
     text = os.fspath(value)
     if text.startswith(("http://", "https://")):
         raise VideoLoadError(f"{where}: video value {text!r} is a URL; download videos first and pass local paths.")
-    resolved, tried = find_video(text, image_root)
-    if resolved is None:
-        tried_text = ", ".join(f"'{t}'" for t in tried)
-        raise VideoLoadError(
-            f"{where}: video not found: {text!r} (tried {tried_text}). Check that image_root (--image_root) is the "
-            "folder the dataset's video paths are relative to, and that the video file or frame folder exists."
-        )
-    return resolved
+    found = find_video(text, image_root)
+    if found is None:
+        tried = ", ".join(f"'{t}'" for t in path_candidates(text, image_root))
+        fix = missing_file_fix(text, image_root, "video file or frame folder")
+        raise VideoLoadError(f"{where}: video not found: {text!r} (tried {tried}). {fix}")
+    return Path(found)
 
 
 def load_video(
