@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from numerics import TINY_IMAGE_FORWARD, assert_close, rounding_rtol
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_embed_trl.mining import MiningConfig, content_key, mine_hard_negatives, search_top_k
@@ -448,7 +449,9 @@ def test_mined_negatives_are_the_brute_force_top_k_of_encode_with_video_queries(
 
 def test_a_video_positive_is_refused_by_row(shapes_data, qwen2_vl_model, tmp_path):
     rows = shapes_data["train"].select(range(4)).remove_columns(["neg_text", "neg_image_path"])
-    rows = rows.add_column("pos_video_path", ["", "", str(tmp_path), ""])
+    (tmp_path / "clip").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "clip" / "0001.png")  # a frame folder that is there
+    rows = rows.add_column("pos_video_path", ["", "", str(tmp_path / "clip"), ""])
     with pytest.raises(ValueError, match=r"Row 2 \(and 0 more\) has a video positive"):
         mine_hard_negatives(rows, qwen2_vl_model, image_root=shapes_data.image_root, work_dir=tmp_path / "work")
 

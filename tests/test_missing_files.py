@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -19,7 +20,7 @@ from mm_embed_trl.data import validation
 from mm_embed_trl.data.images import ImageLoadError, load_image_values
 from mm_embed_trl.data.loading import load_rows_dataset
 from mm_embed_trl.data.validation import BadRowsError, check_training_rows
-from mm_embed_trl.data.videos import VideoLoadError, VideoSampling, load_video
+from mm_embed_trl.data.videos import VideoLoadError, VideoSampling, find_video, load_video
 
 
 def _png(path: Path) -> str:
@@ -105,12 +106,17 @@ def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
     _png(root / "frames" / "1.png")
     (root / "empty_frames").mkdir()  # there, but the loader stops on it: it holds no frame
     (root / "empty_frames" / "notes.txt").write_text("not a frame")
+    (root / "no_frame_files" / "0001.png").mkdir(parents=True)  # named like frames, but not files
+    (root / "no_frame_files" / "0002.png").symlink_to(root / "lost.png")
+    (root / "linked_frames").mkdir()
+    (root / "linked_frames" / "0001.png").symlink_to(root / "in_root.png")
     png = (root / "in_root.png").read_bytes()
     images = ["in_root.png", "in_cwd.png", absolute, "missing.png", str(tmp_path / "missing_abs.png"), "",
               "sub/in_root.png", "http://host/x.png", "in_root.png/", "~/no_such_file.png"]
     structs = [{"bytes": None, "path": "in_root.png"}, {"bytes": None, "path": "missing.png"},
                {"bytes": png, "path": "missing.png"}, None]
-    videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", "", "empty_frames/"]
+    videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", "", "empty_frames/", "no_frame_files",
+              "linked_frames"]
     frame_lists = [["frames/1.png", "frames/1.png"], ["frames/1.png", "gone.png"], [], ["frames/1.png", "frames"]]
     # a video value with bytes and a path: the video loader reads the file, whatever the bytes
     video_structs = [{"bytes": b"xx", "path": "gone.mp4"}, {"bytes": None, "path": "frames"}, None]
@@ -161,6 +167,44 @@ def test_a_frame_folder_with_no_frame_is_a_bad_row_of_its_own_cause(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="mm_embed_trl.data.validation"):
         kept = check_training_rows(data, image_root=str(root), on_bad_row="skip")
     assert kept["_row_index"][:] == [0]
+
+
+def test_a_video_is_looked_for_in_the_order_images_are(tmp_path, monkeypatch):
+    """image_root first, then the working directory: the first candidate that is a folder or a file (a folder in the
+    working directory does not win over a file under image_root)."""
+    root, cwd = tmp_path / "root", tmp_path / "cwd"
+    root.mkdir()
+    (root / "clip").write_bytes(b"a video file")
+    _png(cwd / "clip" / "0001.png")
+    monkeypatch.chdir(cwd)
+    assert find_video("clip", str(root)) == str(root / "clip")
+    assert find_video("clip") == str(cwd / "clip")
+    assert find_video("clip/", str(tmp_path / "elsewhere")) == str(cwd / "clip")
+    assert find_video("gone", str(root)) is None
+
+
+def test_a_frame_folder_that_cannot_be_read_is_a_bad_row_not_a_crash(tmp_path, monkeypatch):
+    """A frame folder the user running training may not list (its permissions) stopped the loader with a bare
+    PermissionError hours in; the check names it, and the loader's error names the row and the folder."""
+    root = tmp_path / "videos"
+    _png(root / "locked" / "0001.png")
+    _png(root / "open" / "0001.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for a folder with mode 0311 (root may read any folder, so the test cannot chmod it)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    data = datasets.Dataset.from_list([_row(qry_video_path=v) for v in ("open", "locked")])
+    with pytest.raises(BadRowsError) as info:
+        check_training_rows(data, image_root=str(root))
+    assert "a frame folder in 'qry_video_path' that cannot be read (rows 1)" in str(info.value)
+    assert "its permissions" in str(info.value)
+    assert check_training_rows(data, image_root=str(root), on_bad_row="skip")["_row_index"][:] == [0]
+    with pytest.raises(VideoLoadError, match=r"row 1: the frame folder '.*locked' cannot be read \(.*Permission"):
+        load_video("locked", str(root), where="row 1")
 
 
 def test_a_json_field_that_mixes_paths_lists_and_image_dicts(tmp_path):
@@ -245,8 +289,8 @@ def test_paths_shared_by_rows_are_looked_up_once(tmp_path, monkeypatch):
 
     def counting(self, image_root):
         real(self, image_root)
-        image = self.exists["image"]
-        self.exists["image"] = lambda text: looked.append(text) or image(text)
+        image = self.status_of["image"]
+        self.status_of["image"] = lambda text: looked.append(text) or image(text)
 
     monkeypatch.setattr(validation._FileLookup, "__init__", counting)
     monkeypatch.setattr(validation, "_BATCH_ROWS", 10)  # three batches
@@ -317,7 +361,7 @@ state = PartialState(cpu=True)
 if state.process_index > 0:  # the other ranks must take the main process's answer, not ask the file system
     def refuse(self, paths, kind):
         raise AssertionError("a rank other than the main process looked files up")
-    validation._FileLookup.missing = refuse
+    validation._FileLookup.problems = refuse
 rows = {"qry": [f"q{i}" for i in range(6)], "pos_text": ["p"] * 6,
         "qry_image_path": ["a.png", "gone.png", "", "a.png", "lost.png", "a.png"]}
 with state.main_process_first():

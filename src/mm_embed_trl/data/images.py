@@ -261,13 +261,12 @@ def _resolve_file(value: str | os.PathLike, image_root: str | os.PathLike | None
             f"{where}: image value {text!r} is a URL; mm-embed-trl does not download images. "
             "Download the images first and pass local paths (relative to --image_root)."
         )
-    resolved, tried = resolve_image_path(text, image_root)
-    if not resolved.is_file():
-        tried_text = ", ".join(f"'{t}'" for t in tried)
-        raise ImageLoadError(
-            f"{where}: image file not found: {text!r} (tried {tried_text}). {missing_file_fix(text, image_root)}"
-        )
-    return resolved
+    found = find_file(text, image_root)  # the check's look-up (os.path: a name too long is not there, not an OSError)
+    if found is None:
+        tried = ", ".join(f"'{t}'" for t in path_candidates(text, image_root))
+        fix = missing_file_fix(text, image_root)
+        raise ImageLoadError(f"{where}: image file not found: {text!r} (tried {tried}). {fix}")
+    return Path(found)
 
 
 def load_image(

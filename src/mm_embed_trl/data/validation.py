@@ -799,55 +799,79 @@ def _named_paths(array, kind: str):
     return lists, paths, frames
 
 
+_THERE, _GONE, _NO_FRAME, _UNREADABLE = "there", "not there", "no frame", "unreadable"  # a path's look-up
+
+
 class _FileLookup:
-    """Which paths name no file, as the loaders look for them (:func:`~mm_embed_trl.data.images.find_file` for an
-    image, :func:`~mm_embed_trl.data.videos.find_video` for a video: a frame folder or a file), and which frame
-    folders hold no frame. Each path is looked up once, many at a time on threads (a file system's answer is I/O, not
-    Python work)."""
+    """What each path names, as the loaders look for it (:func:`~mm_embed_trl.data.images.find_file` for an image,
+    :func:`~mm_embed_trl.data.videos.find_video` for a video: a frame folder, which must hold a frame it can read, or
+    a file). Each path is looked up once, many at a time on threads (a file system's answer is I/O, not Python work).
+    """
 
     def __init__(self, image_root):
         from .images import find_file
         from .videos import find_video, holds_frames
 
-        def video(text: str) -> bool | None:  # None: a frame folder with no frame in it
+        def image(text: str) -> str:
+            return _THERE if find_file(text, image_root) is not None else _GONE
+
+        def video(text: str) -> str:
             found = find_video(text, image_root)
-            return found is not None and (not os.path.isdir(found) or holds_frames(found) or None)
+            if found is None:
+                return _GONE
+            try:
+                return _THERE if not os.path.isdir(found) or holds_frames(found) else _NO_FRAME
+            except OSError:  # the loader cannot list it either
+                return _UNREADABLE
 
         self.image_root = image_root
-        self.exists = {"image": lambda text: find_file(text, image_root) is not None, "video": video}
-        self.known: dict[str, dict[str, bool | None]] = {"image": {}, "video": {}}  # kind -> path -> there?
+        self.status_of = {"image": image, "video": video}
+        self.known: dict[str, dict[str, str]] = {"image": {}, "video": {}}  # kind -> path -> status
 
-    def missing(self, paths: list[str], kind: str) -> tuple[list[str], list[str]]:
-        """``(not there, empty frame folders)`` among ``paths``."""
+    def problems(self, paths: list[str], kind: str) -> dict[str, list[str]]:
+        """The paths among ``paths`` that the loader would stop on, by status (:data:`_GONE`, ...)."""
         from concurrent.futures import ThreadPoolExecutor
 
         known = self.known[kind]
         if len(known) > _REMEMBERED_PATHS:
             known.clear()
         new = [p for p in paths if p not in known]
-        exists = self.exists[kind]
+        status_of = self.status_of[kind]
         chunks = [new[i:i + _LOOKUP_CHUNK] for i in range(0, len(new), _LOOKUP_CHUNK)]
         if len(chunks) > 1:
             with ThreadPoolExecutor(max_workers=min(32, len(chunks))) as pool:
-                found = list(pool.map(lambda chunk: [exists(p) for p in chunk], chunks))
+                found = list(pool.map(lambda chunk: [status_of(p) for p in chunk], chunks))
         else:
-            found = [[exists(p) for p in chunk] for chunk in chunks]
+            found = [[status_of(p) for p in chunk] for chunk in chunks]
         for chunk, answers in zip(chunks, found):
             known.update(zip(chunk, answers))
-        return [p for p in paths if known[p] is False], [p for p in paths if known[p] is None]
+        by_status: dict[str, list[str]] = {}
+        for path in paths:
+            if known[path] != _THERE:
+                by_status.setdefault(known[path], []).append(path)
+        return by_status
 
-    def hint(self, example: str, kind: str) -> str:
-        """The fix of a missing file: the first one, where it was looked for, and which option moves that."""
+    def cause_and_fix(self, status: str, column: str, kind: str, example: str, frame: bool) -> tuple[str, str]:
+        """A bad row's cause in ``column`` (of ``kind``), and the fix, for ``status``; the first path with it:
+        ``example``, a frame of a frame list when ``frame``."""
         from .images import missing_file_fix, path_candidates
+        from .videos import EMPTY_FRAME_FOLDER_FIX, UNREADABLE_FRAME_FOLDER_FIX, find_video
 
-        tried = ", ".join(repr(c) for c in path_candidates(example, self.image_root))
-        thing = "video file or frame folder" if kind == "video" else "file"
-        return f"The first: {example!r} (looked for as {tried}). {missing_file_fix(example, self.image_root, thing)}"
-
-    def empty_folder_hint(self, example: str) -> str:
-        from .videos import EMPTY_FRAME_FOLDER_FIX, find_video
-
-        return f"The first: {example!r} ('{find_video(example, self.image_root)}'). {EMPTY_FRAME_FOLDER_FIX}"
+        if status == _GONE:
+            tried = ", ".join(repr(c) for c in path_candidates(example, self.image_root))
+            thing = "video file or frame folder" if kind == "video" and not frame else "file"
+            return (
+                f"{'a video' if kind == 'video' else 'an image file'} in {column!r} that is not there",
+                f"The first: {example!r} (looked for as {tried}). {missing_file_fix(example, self.image_root, thing)}",
+            )
+        cause, fix = {
+            _NO_FRAME: ("holds no frame image", EMPTY_FRAME_FOLDER_FIX),
+            _UNREADABLE: ("cannot be read", UNREADABLE_FRAME_FOLDER_FIX),
+        }[status]
+        return (
+            f"a frame folder in {column!r} that {cause}",
+            f"The first: {example!r} ('{find_video(example, self.image_root)}'). {fix}",
+        )
 
 
 def _negatives_in_use(batch, lists, k: int) -> np.ndarray:
@@ -912,32 +936,23 @@ def _file_problems(batch, lookup: _FileLookup, negatives: int | None = None) -> 
                 "--image_root) in the rows.",
             ))
             paths = pc.if_else(pa.array(url), pa.scalar(None, paths.type), paths)
-        gone, empty = np.zeros(len(paths), dtype=bool), np.zeros(len(paths), dtype=bool)
+        stopped: dict[str, np.ndarray] = {}  # status -> per element: does the loader stop on it for that?
         for rule, elements in ((kind, ~frames), ("image", frames)):  # a frame of a list is an image file
             if not elements.any():
                 continue
             these = pc.if_else(pa.array(elements), paths, pa.scalar(None, paths.type))
             unique = pc.unique(these.drop_null()).to_pylist()
-            missing, empty_folders = lookup.missing(unique, rule)
-            counts += (len(unique), len(missing))
-            for found, mask in ((missing, gone), (empty_folders, empty)):
-                if found:
-                    mask |= pc.is_in(these, value_set=pa.array(found, paths.type)).fill_null(False).to_numpy(
-                        zero_copy_only=False
-                    )
-        if gone.any():
-            first = int(np.flatnonzero(gone)[0])
-            problems.append(BadRows(
-                f"{'a video' if kind == 'video' else 'an image file'} in {column!r} that is not there",
-                np.flatnonzero(_per_element_to_rows(lists, gone)),
-                lookup.hint(paths[first].as_py(), "image" if frames[first] else kind),
-            ))
-        if empty.any():  # the loader stops on it as on a missing file
-            problems.append(BadRows(
-                f"a frame folder in {column!r} that holds no frame image",
-                np.flatnonzero(_per_element_to_rows(lists, empty)),
-                lookup.empty_folder_hint(paths[int(np.flatnonzero(empty)[0])].as_py()),
-            ))
+            by_status = lookup.problems(unique, rule)
+            counts += (len(unique), len(by_status.get(_GONE, ())))
+            for status, found in by_status.items():
+                mask = stopped.setdefault(status, np.zeros(len(paths), dtype=bool))
+                mask |= pc.is_in(these, value_set=pa.array(found, paths.type)).fill_null(False).to_numpy(
+                    zero_copy_only=False
+                )
+        for status, mask in stopped.items():
+            first = int(np.flatnonzero(mask)[0])
+            cause, fix = lookup.cause_and_fix(status, column, kind, paths[first].as_py(), bool(frames[first]))
+            problems.append(BadRows(cause, np.flatnonzero(_per_element_to_rows(lists, mask)), fix))
     return problems, counts
 
 

@@ -240,20 +240,34 @@ def _decode_file(path: Path, sampling: VideoSampling, processor, where: str) -> 
 
 
 EMPTY_FRAME_FOLDER_FIX = "Extract the video's frames into it, point the row at the video file instead, or drop the row."
+UNREADABLE_FRAME_FOLDER_FIX = "Let the user who runs training read it (its permissions), or drop the row."
 
 
-def _is_frame(name: str) -> bool:
-    return name.lower().endswith(FRAME_EXTENSIONS)
+def _frames_in(folder: str | os.PathLike, first_only: bool = False) -> list[str]:
+    """The frame images' names in a frame folder: files (a link to one too) named with a frame extension; a subfolder
+    or a dangling link named like one is not a frame. Raises ``OSError`` for a folder that cannot be read."""
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.lower().endswith(FRAME_EXTENSIONS) and entry.is_file():
+                names.append(entry.name)
+                if first_only:
+                    break
+    return names
 
 
 def holds_frames(folder: str | os.PathLike) -> bool:
-    """Does a frame folder hold a frame image (anything else in it is not read)?"""
-    with os.scandir(folder) as entries:
-        return any(_is_frame(entry.name) for entry in entries)
+    """Does a frame folder hold a frame image (as the loader reads it)? Raises ``OSError`` when it cannot be read."""
+    return bool(_frames_in(folder, first_only=True))
 
 
 def _frame_folder(path: Path, where: str) -> list[Path]:
-    names = sorted((n for n in os.listdir(path) if _is_frame(n)), key=_natural_key)
+    try:
+        names = sorted(_frames_in(path), key=_natural_key)
+    except OSError as err:
+        raise VideoLoadError(
+            f"{where}: the frame folder '{path}' cannot be read ({err}). {UNREADABLE_FRAME_FOLDER_FIX}"
+        ) from err
     if not names:
         raise VideoLoadError(
             f"{where}: the frame folder '{path}' holds no frame image ({', '.join(FRAME_EXTENSIONS)}). "
@@ -263,13 +277,10 @@ def _frame_folder(path: Path, where: str) -> list[Path]:
 
 
 def find_video(path: str | os.PathLike, image_root=None) -> str | None:
-    """The frame folder or video file ``path`` names, looked for where image files are
-    (:func:`~mm_embed_trl.data.images.path_candidates`): a folder among the candidates first, then a file; None when
-    neither is there. Plain strings: the pre-training check asks this of every video path of a dataset."""
-    candidates = path_candidates(path, image_root)
-    return next((c for c in candidates if os.path.isdir(c)), None) or next(
-        (c for c in candidates if os.path.isfile(c)), None
-    )
+    """The frame folder or video file ``path`` names: the first of
+    :func:`~mm_embed_trl.data.images.path_candidates` (``image_root``, then the working directory) that is a folder or
+    a file; None when none is. Plain strings: the pre-training check asks this of every video path of a dataset."""
+    return next((c for c in path_candidates(path, image_root) if os.path.isdir(c) or os.path.isfile(c)), None)
 
 
 def _resolve(value: str | os.PathLike, image_root, where: str) -> Path:
