@@ -90,7 +90,7 @@ def _reference_misses(kind: str, value, root) -> bool:
         else:
             load_video(value, root, where="value", sampling=VideoSampling(max_frames=64))
     except (ImageLoadError, VideoLoadError) as error:
-        return any(sign in str(error) for sign in ("not found", "URL", "holds no frame image"))
+        return any(sign in str(error) for sign in ("not found", "URL", "holds no frame image", "cannot be read"))
     return False
 
 
@@ -110,13 +110,17 @@ def test_the_check_looks_for_files_as_the_loaders_do(tmp_path, monkeypatch):
     (root / "no_frame_files" / "0002.png").symlink_to(root / "lost.png")
     (root / "linked_frames").mkdir()
     (root / "linked_frames" / "0001.png").symlink_to(root / "in_root.png")
+    _png(root / "looped_frames" / "0001.png")
+    (root / "looped_frames" / "0002.png").symlink_to("0002.png")  # a link that never ends: not a frame
+    (root / "loop_only").mkdir()
+    (root / "loop_only" / "0001.png").symlink_to("0001.png")
     png = (root / "in_root.png").read_bytes()
     images = ["in_root.png", "in_cwd.png", absolute, "missing.png", str(tmp_path / "missing_abs.png"), "",
               "sub/in_root.png", "http://host/x.png", "in_root.png/", "~/no_such_file.png"]
     structs = [{"bytes": None, "path": "in_root.png"}, {"bytes": None, "path": "missing.png"},
                {"bytes": png, "path": "missing.png"}, None]
     videos = ["frames", "empty_frames", "no_frames", "in_cwd.png", "", "empty_frames/", "no_frame_files",
-              "linked_frames"]
+              "linked_frames", "looped_frames", "loop_only"]
     frame_lists = [["frames/1.png", "frames/1.png"], ["frames/1.png", "gone.png"], [], ["frames/1.png", "frames"]]
     # a video value with bytes and a path: the video loader reads the file, whatever the bytes
     video_structs = [{"bytes": b"xx", "path": "gone.mp4"}, {"bytes": None, "path": "frames"}, None]
@@ -187,24 +191,33 @@ def test_a_frame_folder_that_cannot_be_read_is_a_bad_row_not_a_crash(tmp_path, m
     """A frame folder the user running training may not list (its permissions) stopped the loader with a bare
     PermissionError hours in; the check names it, and the loader's error names the row and the folder."""
     root = tmp_path / "videos"
-    _png(root / "locked" / "0001.png")
-    _png(root / "open" / "0001.png")
-    real_scandir = os.scandir
+    for name in ("open", "locked", "listed_only"):
+        _png(root / name / "0001.png")
+    real_scandir, real_stat = os.scandir, os.stat
 
-    def scandir(path="."):  # as for a folder with mode 0311 (root may read any folder, so the test cannot chmod it)
+    # Root may read any folder, so the test cannot chmod them: as for a folder with mode 0311 (entered, not listed)
+    # and one with mode 0444 (listed, with each entry's type, but not entered: nothing in it can be looked at).
+    def scandir(path="."):
         if os.fspath(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
+    def stat(path, *args, **kwargs):
+        if f"{os.sep}listed_only{os.sep}" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "scandir", scandir)
-    data = datasets.Dataset.from_list([_row(qry_video_path=v) for v in ("open", "locked")])
+    monkeypatch.setattr(os, "stat", stat)
+    data = datasets.Dataset.from_list([_row(qry_video_path=v) for v in ("open", "locked", "listed_only")])
     with pytest.raises(BadRowsError) as info:
         check_training_rows(data, image_root=str(root))
-    assert "a frame folder in 'qry_video_path' that cannot be read (rows 1)" in str(info.value)
+    assert "a frame folder in 'qry_video_path' that cannot be read (rows 1, 2)" in str(info.value)
     assert "its permissions" in str(info.value)
     assert check_training_rows(data, image_root=str(root), on_bad_row="skip")["_row_index"][:] == [0]
-    with pytest.raises(VideoLoadError, match=r"row 1: the frame folder '.*locked' cannot be read \(.*Permission"):
-        load_video("locked", str(root), where="row 1")
+    for name in ("locked", "listed_only"):
+        with pytest.raises(VideoLoadError, match=rf"row 1: the frame folder '.*{name}' cannot be read \(.*Permission"):
+            load_video(name, str(root), where="row 1")
 
 
 def test_a_json_field_that_mixes_paths_lists_and_image_dicts(tmp_path):

@@ -40,10 +40,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageLoadError",
+    "find_file",
     "has_image",
     "image_size",
     "load_image",
-    "find_file",
     "load_images",
     "max_image_tokens",
     "missing_file_fix",
@@ -89,7 +89,7 @@ def missing_file_fix(path: str | os.PathLike, image_root: str | os.PathLike | No
     """What to do about a ``thing`` that ``path`` names and that is not there: one wording for the loaders' errors and
     the pre-training check (:mod:`mm_embed_trl.data.validation`)."""
     if os.path.isabs(os.path.expanduser(os.fspath(path))):
-        return f"An absolute path: the {thing} is not there. Put it there, or drop the row."
+        return f"An absolute path: the {thing} is not there. Put it there, or drop the rows that name it."
     if image_root is None or os.fspath(image_root) == "":
         return (
             f"No image_root was given, so relative paths are looked for in the working directory ('{os.getcwd()}'): "

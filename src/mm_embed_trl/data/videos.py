@@ -239,20 +239,33 @@ def _decode_file(path: Path, sampling: VideoSampling, processor, where: str) -> 
     return Video(images, fps, str(path))
 
 
-EMPTY_FRAME_FOLDER_FIX = "Extract the video's frames into it, point the row at the video file instead, or drop the row."
-UNREADABLE_FRAME_FOLDER_FIX = "Let the user who runs training read it (its permissions), or drop the row."
+EMPTY_FRAME_FOLDER_FIX = (
+    "Extract the video's frames into it, point the rows at the video file instead, or drop the rows that name it."
+)
+UNREADABLE_FRAME_FOLDER_FIX = (
+    "Let the user who runs training list and enter it (its permissions), or drop the rows that name it."
+)
 
 
 def _frames_in(folder: str | os.PathLike, first_only: bool = False) -> list[str]:
-    """The frame images' names in a frame folder: files (a link to one too) named with a frame extension; a subfolder
-    or a dangling link named like one is not a frame. Raises ``OSError`` for a folder that cannot be read."""
+    """The frame images' names in a frame folder: files (a link to one too) named with a frame extension; a subfolder,
+    or a link named like one whose target is gone or out of reach, is not a frame. Raises ``OSError`` for a folder that
+    cannot be read: not listed, or listed but not entered (its first frame cannot be looked at)."""
     names = []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.name.lower().endswith(FRAME_EXTENSIONS) and entry.is_file():
+            if not entry.name.lower().endswith(FRAME_EXTENSIONS):
+                continue
+            try:
+                is_file = entry.is_file()
+            except OSError:  # a link into a folder that cannot be entered
+                is_file = False
+            if is_file:
                 names.append(entry.name)
                 if first_only:
                     break
+    if names:  # the listing's file types need no permission to enter the folder; opening a frame does
+        os.stat(os.path.join(folder, names[0]))
     return names
 
 
